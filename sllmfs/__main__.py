@@ -1,0 +1,3 @@
+from sllmfs.cli import main
+
+main()

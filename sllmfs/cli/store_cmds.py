@@ -1,0 +1,157 @@
+"""Store commands: save, import-sllm-store, ls, rm, verify."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sllmfs import names, sources
+from sllmfs.cli import app
+from sllmfs.cli.progress import byte_bar, console, human
+from sllmfs.config import open_store
+from sllmfs.errors import BadInput, Corrupt
+from sllmfs.reader import VariantReader, verify_variant
+from sllmfs.save import save_adapter, save_model
+
+StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
+
+
+@app.command(help="Convert a checkpoint (local dir or HF cache, offline) into the store.")
+def save(
+    model: str = typer.Option(..., "--model", help="Model name, kept as given (org/name)."),
+    local_model_path: Optional[str] = typer.Option(None, "--local-model-path", help="Checkpoint folder; default: the HF cache entry."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers | sglang | vllm"),
+    adapter_name: Optional[str] = typer.Option(None, "--adapter-name", help="Save a LoRA adapter beside the model."),
+    adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help="The adapter's folder."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+    storage_path: Optional[str] = StorageOpt,
+    force: bool = typer.Option(False, "--force", help="Replace what is stored under this name."),
+) -> None:
+    names.check_model_name(model)
+    if backend not in ("transformers", "sglang", "vllm"):
+        raise BadInput(f"--backend {backend!r} is not one of transformers, sglang, vllm")
+    if (adapter_name is None) != (adapter_path is None):
+        raise BadInput("--adapter-name and --adapter-path go together; give both or neither")
+    store = open_store(storage_path)
+    if adapter_name and adapter_path:
+        src = Path(adapter_path).expanduser()
+        if not src.is_dir():
+            raise BadInput(f"--adapter-path {src} is not a directory")
+        total = sources.scan(src).total_bytes
+        t0 = time.perf_counter()
+        with byte_bar(f"save adapter {adapter_name}", total) as advance:
+            m = save_adapter(store, model, adapter_name, src, force=force, progress=advance)
+        _report(f"{model} + adapter {adapter_name}", m.total_bytes, time.perf_counter() - t0)
+        return
+    if backend == "sglang":
+        _save_sglang(model, local_model_path, tensor_parallel_size, store, force)
+        return
+    src = sources.resolve(model, local_model_path)
+    total = sources.scan(src).total_bytes
+    t0 = time.perf_counter()
+    with byte_bar(f"save {model}", total) as advance:
+        m = save_model(store, model, src, force=force, progress=advance)
+    _report(model, m.total_bytes, time.perf_counter() - t0)
+
+
+def _save_sglang(model: str, local_model_path: str | None, tp: int, store, force: bool) -> None:  # type: ignore[no-untyped-def]
+    try:
+        from sllmfs.sglang.save import save_sglang  # type: ignore[import-not-found]
+    except ImportError:
+        raise BadInput(
+            "--backend sglang runs SGLang on a GPU per rank to build its per-rank state; "
+            "this build has no SGLang support yet: save with --backend transformers (SGLang "
+            "loads that any-TP variant and writes its per-rank state back on first load)"
+        ) from None
+    save_sglang(store, model, local_model_path, tp, force=force)
+
+
+def _report(what: str, nbytes: int, seconds: float) -> None:
+    rate = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+    console.print(f"saved {what}: {human(nbytes)} in {seconds:.2f} s ({rate:.2f} GB/s)")
+
+
+@app.command("import-sllm-store", help="Import a ServerlessLLM sllm-store model folder (tensor.data_N + tensor_index.json).")
+def import_sllm_store(
+    directory: str = typer.Argument(..., help="The sllm-store model folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Name in sllmfs (default: the folder's name)."),
+    storage_path: Optional[str] = StorageOpt,
+    force: bool = typer.Option(False, "--force"),
+) -> None:
+    src = Path(directory).expanduser()
+    if not (src / "tensor_index.json").is_file():
+        raise BadInput(f"{src} has no tensor_index.json; it is not an sllm-store model folder")
+    name = model or src.name
+    store = open_store(storage_path)
+    total = sources.scan(src).total_bytes
+    t0 = time.perf_counter()
+    with byte_bar(f"import {name}", total) as advance:
+        m = save_model(store, name, src, force=force, progress=advance)
+    _report(name, m.total_bytes, time.perf_counter() - t0)
+
+
+@app.command("ls", help="List stored models and their variants.")
+def ls(
+    storage_path: Optional[str] = StorageOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    store = open_store(storage_path)
+    rows = []
+    for info in store.list():
+        rows.append({"name": info.name, "variants": info.variants, "bytes": info.bytes_on_disk(),
+                     "created": info.created})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        console.print(f"no models in {store.root}")
+        return
+    from rich.table import Table
+
+    table = Table("model", "variants", "size", "saved")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["variants"]), human(r["bytes"]),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
+    console.print(table)
+
+
+@app.command(help="Remove a model (all its variants) from the store.")
+def rm(
+    model: str = typer.Option(..., "--model"),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask."),
+    storage_path: Optional[str] = StorageOpt,
+) -> None:
+    store = open_store(storage_path)
+    info = store.get(model)
+    if not yes and not typer.confirm(f"remove {model} ({human(info.bytes_on_disk())})?"):
+        raise typer.Exit(1)
+    store.remove(model)
+    console.print(f"removed {model}")
+
+
+@app.command(help="Re-read every stored byte and check it against its checksum.")
+def verify(
+    model: str = typer.Option(..., "--model"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Only this variant (default: all)."),
+    storage_path: Optional[str] = StorageOpt,
+) -> None:
+    store = open_store(storage_path)
+    info = store.get(model)
+    for key in [variant] if variant else info.variants:
+        m = info.manifest(key)
+        with VariantReader(info.variant_dir(key), m) as reader:
+            t0 = time.perf_counter()
+            with byte_bar(f"verify {model} [{key}]", m.total_bytes) as advance:
+                bad = verify_variant(reader, advance)
+            if bad:
+                raise Corrupt(
+                    f"model {model!r} variant {key!r}: tensor {bad.name!r} is corrupt "
+                    f"(checksum {bad.actual}, expected {bad.expected}); "
+                    f"run `sllmfs save --model {model} --force` to store it again"
+                )
+        console.print(f"ok {model} [{key}]: {len(m.tensors)} tensors, {human(m.total_bytes)} "
+                      f"in {time.perf_counter() - t0:.2f} s")

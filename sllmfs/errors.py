@@ -1,0 +1,21 @@
+"""Errors that reach users as one clear line (what, where, what to do)."""
+
+
+class SllmfsError(Exception):
+    """Base class: the message is the whole story, printed without a traceback."""
+
+
+class BadInput(SllmfsError):
+    """The user gave something we cannot use (a path, a name, a checkpoint)."""
+
+
+class NotFound(SllmfsError):
+    """A model, variant or file that is not in the store."""
+
+
+class Corrupt(SllmfsError):
+    """Stored bytes or metadata fail their checks."""
+
+
+class FormatVersionError(SllmfsError):
+    """A manifest written by a newer (or unknown) sllmfs."""
