@@ -48,9 +48,10 @@ class VariantReader:
 
         t = self.manifest.entry(name)
         dt = dtypes.by_code(t.dtype)
+        if not t.nbytes:
+            return torch.empty(t.shape, dtype=dtypes.to_torch(dt))
         buf = bytearray(self.read_tensor(name))
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtypes.to_torch(dt)).reshape(t.shape) \
-            if t.nbytes else torch.empty(t.shape, dtype=dtypes.to_torch(dt))
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtypes.to_torch(dt)).reshape(t.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

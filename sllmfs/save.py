@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sllmfs import names
 from sllmfs.errors import BadInput
-from sllmfs.format import Manifest
+from sllmfs.format import PARTITION_TARGET, Manifest
 from sllmfs.sources import Checkpoint, fd_ranges, scan
 from sllmfs.store import Store, write_model_json
 from sllmfs.writer import VariantWriter
@@ -20,7 +20,8 @@ HF_VARIANT = "hf"
 
 def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
-               on_scan: Callable[[Checkpoint], None] | None = None) -> Manifest:
+               on_scan: Callable[[Checkpoint], None] | None = None,
+               partition_target: int = PARTITION_TARGET) -> Manifest:
     """Store ``source`` as model ``name`` with its ``hf`` variant."""
     names.check_model_name(name)
     if store.has(name) and not force:
@@ -33,7 +34,8 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
         (model_dir / "files").mkdir(parents=True)
         for rel in ckpt.files:
             shutil.copyfile(source / rel, model_dir / "files" / rel)
-        manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress)
+        manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
+                                 partition_target)
         write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
         store.commit_model(model_dir, name, force=force)
     return manifest
@@ -60,8 +62,9 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
 
 
 def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
-                  progress: Callable[[int], None] | None = None) -> Manifest:
-    writer = VariantWriter(out_dir, variant, progress=progress)
+                  progress: Callable[[int], None] | None = None,
+                  partition_target: int = PARTITION_TARGET) -> Manifest:
+    writer = VariantWriter(out_dir, variant, progress=progress, partition_target=partition_target)
     writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
     fds: dict[Path, int] = {}
     try:

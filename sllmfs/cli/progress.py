@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False, highlight=False)
 
 
 @contextmanager
