@@ -94,8 +94,7 @@ class _disk_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise BadInput(f"disk full under {self.store.root}: the save was rolled back and nothing was "
                            "stored; free space or pick another --storage-path") from None
-        return False

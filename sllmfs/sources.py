@@ -186,7 +186,7 @@ def _scan_bin(root: Path, files: list[Path]) -> Checkpoint:
             if not isinstance(t, torch.Tensor):
                 continue
             dt = dtypes.from_torch(t.dtype)
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), dt.code)
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), dt.code)
             st = SourceTensor(name, dt.code, list(t.shape), t.numel() * dt.itemsize,
                               load=_tensor_bytes(t))
             if st.nbytes and key in seen:

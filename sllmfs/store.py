@@ -15,6 +15,7 @@ leftover and is removed when any sllmfs command opens the store.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import os
@@ -138,6 +139,19 @@ class Store:
             source=dict(meta.get("source", {})),
         )
 
+    def touch(self, name: str) -> None:
+        """Record a use of ``name`` (model.json's mtime), for the sidecar's SSD-tier LRU."""
+        try:
+            os.utime(self.model_path(name) / MODEL_JSON)
+        except OSError:
+            pass  # removed meanwhile, or a read-only store: LRU order is only advice
+
+    def last_used(self, name: str) -> float:
+        try:
+            return (self.model_path(name) / MODEL_JSON).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def list(self) -> list[ModelInfo]:
         out = []
         for d in sorted(self.models_dir.iterdir()):
@@ -202,7 +216,7 @@ class Store:
         os.rename(path, trash)  # gone from listings at once; bytes freed after
         shutil.rmtree(trash, ignore_errors=True)
 
-    def remove_leftovers(self) -> list[str]:
+    def remove_leftovers(self) -> builtins.list[str]:
         """Delete tmp/ entries whose writer is gone (its lock is free)."""
         removed = []
         for entry in self.tmp_dir.iterdir():

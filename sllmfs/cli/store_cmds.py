@@ -23,7 +23,8 @@ StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default
 @app.command(help="Convert a checkpoint (local dir or HF cache, offline) into the store.")
 def save(
     model: str = typer.Option(..., "--model", help="Model name, kept as given (org/name)."),
-    local_model_path: Optional[str] = typer.Option(None, "--local-model-path", help="Checkpoint folder; default: the HF cache entry."),
+    local_model_path: Optional[str] = typer.Option(
+        None, "--local-model-path", help="Checkpoint folder; default: the HF cache entry."),
     backend: str = typer.Option("transformers", "--backend", help="transformers | sglang | vllm"),
     adapter_name: Optional[str] = typer.Option(None, "--adapter-name", help="Save a LoRA adapter beside the model."),
     adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help="The adapter's folder."),
@@ -75,7 +76,8 @@ def _report(what: str, nbytes: int, seconds: float) -> None:
     console.print(f"saved {what}: {human(nbytes)} in {seconds:.2f} s ({rate:.2f} GB/s)")
 
 
-@app.command("import-sllm-store", help="Import a ServerlessLLM sllm-store model folder (tensor.data_N + tensor_index.json).")
+@app.command("import-sllm-store",
+             help="Import a ServerlessLLM sllm-store model folder (tensor.data_N + tensor_index.json).")
 def import_sllm_store(
     directory: str = typer.Argument(..., help="The sllm-store model folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Name in sllmfs (default: the folder's name)."),
