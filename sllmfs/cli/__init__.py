@@ -17,7 +17,9 @@ app = typer.Typer(
 )
 
 # Registration happens on import; keep this list in help order.
-from sllmfs.cli import store_cmds, sidecar_cmds  # noqa: E402,F401
+from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
+from sllmfs.cli import sidecar_cmds  # noqa: E402,F401
+from sllmfs.cli import ops_cmds  # noqa: E402,F401
 
 
 def main() -> None:

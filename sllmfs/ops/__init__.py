@@ -1,0 +1,1 @@
+"""Operating sllmfs: systemd integration, health checks."""
