@@ -24,7 +24,7 @@ def _fuse() -> list[Check]:
     out = []
     dev = Path("/dev/fuse")
     if not dev.exists():
-        out.append(Check("/dev/fuse", "fail", "missing", "load the module (`modprobe fuse`) or pass --device /dev/fuse"))
+        out.append(Check("/dev/fuse", "fail", "missing", "`modprobe fuse`, or give the container /dev/fuse"))
     elif not os.access(dev, os.R_OK | os.W_OK):
         out.append(Check("/dev/fuse", "fail", "not readable/writable by this user", "run the sidecar as root"))
     else:
