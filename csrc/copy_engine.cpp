@@ -1,7 +1,276 @@
-// Placeholder until the copy engine lands: the module must exist for the build.
+// Python binding of the copy engine (plain CPython API): sllmfs._native.
+//
+// Engine(target, device, mode, streams, threads, register_threads,
+//        chunk_bytes, slot_bytes, slots_per_thread, cudart)
+// Engine.copy(segments, pieces, timeout, progress, mode) -> dict
+// Engine.release(base, length) -> int;  Engine.registered_bytes() -> int;  Engine.close()
+// Errors raise _native.EngineError(kind, message); sllmfs.copy_engine maps kinds to classes.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "sllmfs native code", -1, nullptr};
+#include <cstring>
+#include <string>
+#include <vector>
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&moduledef); }
+#include "engine.h"
+#include "errors.h"
+
+namespace {
+
+PyObject* g_error = nullptr;
+
+const char* kind_name(sllm::ErrorKind k) {
+  switch (k) {
+    case sllm::ErrorKind::Cuda: return "cuda";
+    case sllm::ErrorKind::ChunkFailed: return "chunk_failed";
+    case sllm::ErrorKind::Timeout: return "timeout";
+    case sllm::ErrorKind::BadPlan: return "bad_plan";
+    case sllm::ErrorKind::Aborted: return "aborted";
+    default: return "runtime";
+  }
+}
+
+void raise(const sllm::EngineError& e) {
+  PyObject* args = Py_BuildValue("(ss)", kind_name(e.kind), e.what());
+  if (args) {
+    PyErr_SetObject(g_error, args);
+    Py_DECREF(args);
+  }
+}
+
+bool parse_mode(const std::string& m, sllm::Mode* out) {
+  if (m == "register") *out = sllm::Mode::Register;
+  else if (m == "stage") *out = sllm::Mode::Stage;
+  else if (m == "hybrid") *out = sllm::Mode::Hybrid;
+  else {
+    PyErr_SetString(PyExc_ValueError, "mode must be 'register', 'stage' or 'hybrid'");
+    return false;
+  }
+  return true;
+}
+
+struct EngineObject {
+  PyObject_HEAD
+  sllm::Engine* engine;
+};
+
+int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
+  static const char* kw[] = {"target", "device", "mode", "streams", "threads", "register_threads",
+                             "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", nullptr};
+  const char* target = "host";
+  const char* mode = "hybrid";
+  const char* cudart = "";
+  sllm::EngineConfig cfg;
+  unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKis", const_cast<char**>(kw), &target, &cfg.device, &mode,
+                                   &cfg.streams, &cfg.stage_threads, &cfg.register_threads, &chunk, &slot,
+                                   &cfg.slots_per_thread, &cudart))
+    return -1;
+  std::string t(target), m(mode);
+  if (t != "host" && t != "cuda") {
+    PyErr_SetString(PyExc_ValueError, "target must be 'cuda' or 'host'");
+    return -1;
+  }
+  if (!parse_mode(mode, &cfg.mode)) return -1;
+  cfg.cuda = t == "cuda";
+  cfg.cudart = cudart;
+  cfg.chunk_bytes = chunk;
+  cfg.slot_bytes = slot;
+  delete self->engine;
+  self->engine = nullptr;
+  sllm::Engine* eng = nullptr;
+  bool failed = false;
+  sllm::EngineError err(sllm::ErrorKind::Runtime, "");
+  Py_BEGIN_ALLOW_THREADS;  // loading CUDA and creating streams can take a while
+  try {
+    eng = new sllm::Engine(cfg);
+  } catch (const sllm::EngineError& e) {
+    err = e;
+    failed = true;
+  } catch (const std::exception& e) {
+    err = sllm::EngineError(sllm::ErrorKind::Runtime, e.what());
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS;
+  if (failed) {
+    raise(err);
+    return -1;
+  }
+  self->engine = eng;
+  return 0;
+}
+
+void engine_dealloc(EngineObject* self) {
+  if (self->engine) {
+    Py_BEGIN_ALLOW_THREADS;
+    delete self->engine;
+    Py_END_ALLOW_THREADS;
+  }
+  Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+}
+
+bool need_engine(EngineObject* self) {
+  if (self->engine) return true;
+  PyErr_SetString(PyExc_RuntimeError, "engine is not initialized");
+  return false;
+}
+
+bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
+  PyObject* seq = PySequence_Fast(obj, "segments must be a sequence of (base, length, ready, chunk_size)");
+  if (!seq) return false;
+  Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    unsigned long long base, len, ready, chunk;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKK", &base, &len, &ready, &chunk)) {
+      Py_DECREF(seq);
+      return false;
+    }
+    out->push_back({reinterpret_cast<const uint8_t*>(base), len, reinterpret_cast<const uint8_t*>(ready), chunk});
+  }
+  Py_DECREF(seq);
+  return true;
+}
+
+PyObject* stats_dict(const sllm::CopyStats& s) {
+  double gbps = s.seconds > 0 ? s.bytes / s.seconds / 1e9 : 0.0;
+  return Py_BuildValue(
+      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:K,s:K,s:s}", "bytes", (unsigned long long)s.bytes, "seconds",
+      s.seconds, "gbps", gbps, "staged_bytes", (unsigned long long)s.staged_bytes, "registered_bytes",
+      (unsigned long long)s.registered_bytes, "newly_registered_bytes", (unsigned long long)s.newly_registered_bytes,
+      "register_seconds", s.register_seconds, "register_calls", (unsigned long long)s.register_calls,
+      "ring_alloc_seconds", s.ring_alloc_seconds, "first_ready_seconds", s.first_ready_seconds, "blocks",
+      (unsigned long long)s.blocks, "units", (unsigned long long)s.units, "register_fallback",
+      s.register_fallback.c_str());
+}
+
+PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
+  static const char* kw[] = {"segments", "pieces", "timeout", "progress", "mode", nullptr};
+  PyObject *segs_obj, *pieces_obj, *progress = Py_None;
+  double timeout = -1;
+  const char* mode_name = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj, &timeout,
+                                   &progress, &mode_name))
+    return nullptr;
+  if (!need_engine(self)) return nullptr;
+  sllm::Mode mode = self->engine->mode();
+  if (mode_name && !parse_mode(mode_name, &mode)) return nullptr;
+  std::vector<sllm::SegmentDesc> segs;
+  if (!parse_segments(segs_obj, &segs)) return nullptr;
+  Py_buffer view;
+  if (PyObject_GetBuffer(pieces_obj, &view, PyBUF_C_CONTIGUOUS) < 0) return nullptr;
+  if (view.len % 32 != 0) {
+    PyBuffer_Release(&view);
+    PyErr_SetString(PyExc_ValueError, "pieces must be rows of 4 uint64 (segment, offset, dst, nbytes)");
+    return nullptr;
+  }
+  size_t n = static_cast<size_t>(view.len / 32);
+  std::vector<uint64_t> rows(n * 4);  // own copy: the caller's array may be freed or changed meanwhile
+  if (n) std::memcpy(rows.data(), view.buf, view.len);
+  PyBuffer_Release(&view);
+
+  PyThreadState* ts = nullptr;
+  PyObject* cb_exc_type = nullptr;
+  PyObject* cb_exc = nullptr;
+  PyObject* cb_tb = nullptr;
+  // Runs in this thread with the GIL released; takes it back briefly for the
+  // callback and for Ctrl-C.
+  sllm::Tick tick = [&](uint64_t done, uint64_t total) -> bool {
+    PyEval_RestoreThread(ts);
+    bool ok = PyErr_CheckSignals() == 0;
+    if (ok && progress != Py_None) {
+      PyObject* r = PyObject_CallFunction(progress, "KK", (unsigned long long)done, (unsigned long long)total);
+      ok = r != nullptr;
+      Py_XDECREF(r);
+    }
+    if (!ok && !cb_exc_type) PyErr_Fetch(&cb_exc_type, &cb_exc, &cb_tb);
+    ts = PyEval_SaveThread();
+    return ok;
+  };
+  sllm::CopyStats st;
+  bool failed = false;
+  sllm::EngineError err(sllm::ErrorKind::Runtime, "");
+  ts = PyEval_SaveThread();
+  try {
+    st = self->engine->copy(segs, rows.data(), n, timeout, tick, mode);
+  } catch (const sllm::EngineError& e) {
+    err = e;
+    failed = true;
+  } catch (const std::exception& e) {
+    err = sllm::EngineError(sllm::ErrorKind::Runtime, e.what());
+    failed = true;
+  }
+  PyEval_RestoreThread(ts);
+  if (cb_exc_type) {
+    PyErr_Restore(cb_exc_type, cb_exc, cb_tb);
+    return nullptr;
+  }
+  if (failed) {
+    raise(err);
+    return nullptr;
+  }
+  return stats_dict(st);
+}
+
+PyObject* engine_release(EngineObject* self, PyObject* args) {
+  unsigned long long base, len;
+  if (!PyArg_ParseTuple(args, "KK", &base, &len)) return nullptr;
+  if (!need_engine(self)) return nullptr;
+  size_t n;
+  Py_BEGIN_ALLOW_THREADS;
+  n = self->engine->release(base, len);
+  Py_END_ALLOW_THREADS;
+  return PyLong_FromSize_t(n);
+}
+
+PyObject* engine_registered_bytes(EngineObject* self, PyObject*) {
+  if (!need_engine(self)) return nullptr;
+  return PyLong_FromUnsignedLongLong(self->engine->registered_bytes());
+}
+
+PyObject* engine_close(EngineObject* self, PyObject*) {
+  if (self->engine) {
+    Py_BEGIN_ALLOW_THREADS;
+    self->engine->close();
+    Py_END_ALLOW_THREADS;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef engine_methods[] = {
+    {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_copy)),
+     METH_VARARGS | METH_KEYWORDS, "copy(segments, pieces, timeout=-1, progress=None, mode=None) -> stats dict"},
+    {"release", reinterpret_cast<PyCFunction>(engine_release), METH_VARARGS,
+     "release(base, length) -> number of cached registrations dropped"},
+    {"registered_bytes", reinterpret_cast<PyCFunction>(engine_registered_bytes), METH_NOARGS,
+     "bytes currently pinned in place (cached registrations)"},
+    {"close", reinterpret_cast<PyCFunction>(engine_close), METH_NOARGS, "synchronize, unpin, free the ring"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyTypeObject EngineType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "sllmfs native copy engine", -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__native(void) {
+  EngineType.tp_name = "sllmfs._native.Engine";
+  EngineType.tp_basicsize = sizeof(EngineObject);
+  EngineType.tp_flags = Py_TPFLAGS_DEFAULT;
+  EngineType.tp_doc = "Native copy engine (see sllmfs.copy_engine.CopyEngine)";
+  EngineType.tp_new = PyType_GenericNew;
+  EngineType.tp_init = reinterpret_cast<initproc>(engine_init);
+  EngineType.tp_dealloc = reinterpret_cast<destructor>(engine_dealloc);
+  EngineType.tp_methods = engine_methods;
+  if (PyType_Ready(&EngineType) < 0) return nullptr;
+  PyObject* m = PyModule_Create(&moduledef);
+  if (!m) return nullptr;
+  g_error = PyErr_NewException("sllmfs._native.EngineError", nullptr, nullptr);
+  Py_INCREF(&EngineType);
+  if (!g_error || PyModule_AddObject(m, "Engine", reinterpret_cast<PyObject*>(&EngineType)) < 0 ||
+      PyModule_AddObject(m, "EngineError", g_error) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  Py_INCREF(g_error);
+  return m;
+}

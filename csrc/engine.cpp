@@ -1,0 +1,439 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <thread>
+
+#include "errors.h"
+
+namespace sllm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+constexpr uintptr_t kPage = 4096;
+constexpr uintptr_t kHuge = 2u << 20;
+
+uintptr_t down(uintptr_t x, uintptr_t a) { return x / a * a; }
+uintptr_t up(uintptr_t x, uintptr_t a) { return (x + a - 1) / a * a; }
+
+std::string range_text(uint64_t off, uint64_t n) {
+  return "bytes " + std::to_string(off) + "..+" + std::to_string(n);
+}
+
+}  // namespace
+
+// One copy() call: the plan, the queues workers claim from, and the outcome.
+struct Engine::Job {
+  const std::vector<SegmentDesc>& segs;
+  const Plan& plan;
+  int stage_threads;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<uint32_t> queue;   // ready blocks, in the order they became ready
+  std::deque<uint32_t> pinned;  // ready blocks whose range is already registered
+  bool all_dispatched = false;
+  int workers_left = 0;
+  int registrars_left = 0;
+  std::atomic<bool> abort{false};
+  std::atomic<uint64_t> done{0}, staged{0}, registered{0}, newly_registered{0}, register_calls{0};
+  std::atomic<uint64_t> register_ns{0};
+  double ring_alloc_seconds = 0;  // max over stagers: they allocate in parallel
+  std::string fallback;
+  std::unique_ptr<EngineError> error;
+
+  Job(const std::vector<SegmentDesc>& s, const Plan& p, int st) : segs(s), plan(p), stage_threads(st) {}
+
+  void fail(const EngineError& e) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (!error) error = std::make_unique<EngineError>(e);
+    abort = true;
+    cv.notify_all();
+  }
+
+  // Next block for a worker, or -1 when there is no more work. Stagers take
+  // from the front, registrars from the back, so in hybrid mode the two
+  // paths meet wherever their measured speeds put them.
+  int64_t claim(bool registrar) {
+    std::unique_lock<std::mutex> lk(mu);
+    for (;;) {
+      if (abort) return -1;
+      std::deque<uint32_t>& own = pinned;
+      if (!own.empty() && (registrar || registrars_left == 0)) {
+        uint32_t id = own.front();
+        own.pop_front();
+        return id;
+      }
+      if (!queue.empty()) {
+        uint32_t id;
+        if (registrar) {
+          id = queue.back();
+          queue.pop_back();
+        } else {
+          id = queue.front();
+          queue.pop_front();
+        }
+        return id;
+      }
+      if (all_dispatched && pinned.empty()) return -1;
+      cv.wait(lk);
+    }
+  }
+
+  void worker_exit(bool registrar) {
+    std::lock_guard<std::mutex> lk(mu);
+    --workers_left;
+    if (registrar) --registrars_left;
+    cv.notify_all();
+  }
+};
+
+Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
+  if (cfg_.chunk_bytes == 0 || cfg_.chunk_bytes % kHuge != 0)
+    throw EngineError(ErrorKind::BadPlan, "chunk_bytes must be a positive multiple of 2 MiB");
+  if (cfg_.slot_bytes == 0 || cfg_.slots_per_thread < 2)
+    throw EngineError(ErrorKind::BadPlan, "the staging ring needs slot_bytes > 0 and at least 2 slots per thread");
+  if (cfg_.streams < 1) throw EngineError(ErrorKind::BadPlan, "streams must be at least 1");
+  check_threads(cfg_.mode);
+  target_ = cfg_.cuda ? make_cuda_target(cfg_.device, cfg_.cudart) : make_host_target();
+  for (int i = 0; i < cfg_.streams; ++i) streams_.push_back(target_->create_stream());
+  lanes_.resize(std::max(cfg_.stage_threads, 0));  // rings are allocated on first use
+}
+
+void Engine::check_threads(Mode mode) const {
+  if (mode != Mode::Register && cfg_.stage_threads < 1)
+    throw EngineError(ErrorKind::BadPlan, "stage and hybrid modes need at least one staging thread");
+  if (mode != Mode::Stage && cfg_.register_threads < 1)
+    throw EngineError(ErrorKind::BadPlan, "register and hybrid modes need at least one registering thread");
+}
+
+Engine::~Engine() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void Engine::close() {
+  std::lock_guard<std::mutex> lk(copy_mu_);
+  if (closed_) return;
+  closed_ = true;
+  target_->bind_thread();
+  for (void* s : streams_) {
+    try {
+      target_->sync(s);
+    } catch (...) {
+    }
+  }
+  {
+    std::lock_guard<std::mutex> rl(reg_mu_);
+    for (auto& [a, r] : regs_)
+      if (r.owned) target_->unregister_range(reinterpret_cast<void*>(a));
+    regs_.clear();
+  }
+  for (Lane& l : lanes_) {
+    for (void* e : l.events) target_->destroy_event(e);
+    for (uint8_t* s : l.slots) target_->free_pinned(s);
+  }
+  lanes_.clear();
+  for (void* s : streams_) target_->destroy_stream(s);
+  streams_.clear();
+}
+
+size_t Engine::release(uintptr_t base, uint64_t len) {
+  std::lock_guard<std::mutex> lk(copy_mu_);  // never while a copy reads from it
+  std::lock_guard<std::mutex> rl(reg_mu_);
+  size_t n = 0;
+  for (auto it = regs_.lower_bound(down(base, kPage)); it != regs_.end() && it->first < base + len;) {
+    if (it->second.owned) target_->unregister_range(reinterpret_cast<void*>(it->first));
+    it = regs_.erase(it);
+    ++n;
+  }
+  return n;
+}
+
+uint64_t Engine::registered_bytes() {
+  std::lock_guard<std::mutex> rl(reg_mu_);
+  uint64_t n = 0;
+  for (auto& [a, r] : regs_) n += r.end - a;
+  return n;
+}
+
+bool Engine::is_registered(uintptr_t a, uintptr_t e) {
+  std::lock_guard<std::mutex> rl(reg_mu_);
+  auto it = regs_.upper_bound(a);
+  if (it == regs_.begin()) return false;
+  --it;
+  return it->first <= a && it->second.end >= e;
+}
+
+// The page range a block pins: its bytes widened to 2 MiB (huge pages pin
+// whole) but never past its window or the mapping, so blocks never overlap.
+std::pair<uintptr_t, uintptr_t> Engine::reg_range(const Job& job, const Block& b) const {
+  const SegmentDesc& sd = job.segs[b.seg];
+  uint64_t win = b.lo / cfg_.chunk_bytes * cfg_.chunk_bytes;
+  uint64_t lo = std::max<uint64_t>(down(b.lo, kHuge), win);
+  uint64_t hi = std::min<uint64_t>({up(b.hi, kHuge), win + cfg_.chunk_bytes, up(sd.len, kPage)});
+  auto base = reinterpret_cast<uintptr_t>(sd.base);
+  return {down(base + lo, kPage), up(base + hi, kPage)};
+}
+
+// Adds one slot to a lane's ring. Slots come one at a time as the ring fills,
+// so a fresh engine starts copying after one small cudaHostAlloc, not all of them.
+void Engine::grow_lane(Lane& lane, double* seconds) {
+  auto t = Clock::now();
+  lane.slots.push_back(static_cast<uint8_t*>(target_->alloc_pinned(cfg_.slot_bytes)));
+  lane.events.push_back(target_->create_event());
+  *seconds += since(t);
+}
+
+void Engine::stage_worker(Job& job, int lane_id) {
+  try {
+    target_->bind_thread();
+    Lane& lane = lanes_[lane_id];
+    double alloc = 0;
+    void* stream = streams_[lane_id % streams_.size()];
+    const size_t nslots = static_cast<size_t>(cfg_.slots_per_thread);
+    uint64_t fill = 0;
+    bool fresh = true;
+    int64_t id;
+    while ((id = job.claim(false)) >= 0) {
+      if (lane.slots.empty()) {
+        grow_lane(lane, &alloc);
+        lane.cur = 0;
+      } else if (fresh) {
+        // First block of this copy: a fresh slot (the last copy synchronized every stream).
+        lane.cur = (lane.cur + 1) % lane.slots.size();
+      }
+      fresh = false;
+      const Block& b = job.plan.blocks[id];
+      const uint8_t* base = job.segs[b.seg].base;
+      for (size_t u = b.u0; u < b.u1 && !job.abort; ++u) {
+        const Unit& unit = job.plan.units[u];
+        uint64_t off = 0;
+        while (off < unit.n) {
+          if (fill == cfg_.slot_bytes) {
+            // Hand this slot to the GPU; reuse the oldest once its copies are done.
+            target_->record(lane.events[lane.cur], stream);
+            lane.cur = (lane.cur + 1) % nslots;
+            if (lane.cur == lane.slots.size())
+              grow_lane(lane, &alloc);
+            else
+              target_->wait(lane.events[lane.cur]);
+            fill = 0;
+          }
+          uint64_t k = std::min(unit.n - off, cfg_.slot_bytes - fill);
+          uint8_t* slot = lane.slots[lane.cur] + fill;
+          std::memcpy(slot, base + unit.off + off, k);
+          target_->copy(unit.dst + off, slot, k, stream);
+          fill += k;
+          off += k;
+        }
+      }
+      job.staged += b.bytes;
+      job.done += b.bytes;
+    }
+    std::lock_guard<std::mutex> lk(job.mu);
+    job.ring_alloc_seconds = std::max(job.ring_alloc_seconds, alloc);
+  } catch (const EngineError& e) {
+    job.fail(e);
+  } catch (const std::exception& e) {
+    job.fail(EngineError(ErrorKind::Runtime, e.what()));
+  }
+  job.worker_exit(false);
+}
+
+void Engine::register_worker(Job& job, int index) {
+  try {
+    target_->bind_thread();
+    size_t turn = index;
+    int64_t id;
+    while ((id = job.claim(true)) >= 0) {
+      const Block& b = job.plan.blocks[id];
+      auto [a, e] = reg_range(job, b);
+      if (!is_registered(a, e)) {
+        auto t = Clock::now();
+        bool owned;
+        try {
+          owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
+        } catch (const EngineError& err) {
+          if (job.stage_threads == 0) throw;
+          // Pinning refused (limits, odd mapping): leave this and the rest to the stagers.
+          std::lock_guard<std::mutex> lk(job.mu);
+          job.queue.push_front(static_cast<uint32_t>(id));
+          if (job.fallback.empty()) job.fallback = err.what();
+          job.cv.notify_all();
+          break;
+        }
+        job.register_ns += static_cast<uint64_t>(since(t) * 1e9);
+        ++job.register_calls;
+        if (owned) job.newly_registered += e - a;
+        std::lock_guard<std::mutex> rl(reg_mu_);
+        regs_[a] = Reg{e, owned};
+      }
+      void* stream = streams_[turn++ % streams_.size()];
+      const uint8_t* base = job.segs[b.seg].base;
+      for (size_t u = b.u0; u < b.u1; ++u) {
+        const Unit& unit = job.plan.units[u];
+        target_->copy(unit.dst, base + unit.off, unit.n, stream);
+      }
+      job.registered += b.bytes;
+      job.done += b.bytes;
+    }
+  } catch (const EngineError& e) {
+    job.fail(e);
+  } catch (const std::exception& e) {
+    job.fail(EngineError(ErrorKind::Runtime, e.what()));
+  }
+  job.worker_exit(true);
+}
+
+CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
+                       const Tick& tick, Mode mode) {
+  std::lock_guard<std::mutex> guard(copy_mu_);
+  check_threads(mode);
+  if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
+  auto t0 = Clock::now();
+  Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes);
+  target_->bind_thread();
+  // The framework may still be writing the target tensors on its own stream.
+  target_->sync_device();
+
+  const int nstage = mode == Mode::Register ? 0 : cfg_.stage_threads;
+  const int nreg = mode == Mode::Stage ? 0 : cfg_.register_threads;
+  Job job(segs, plan, nstage);
+  job.workers_left = nstage + nreg;
+  job.registrars_left = nreg;
+
+  std::vector<uint32_t> pending(plan.blocks.size());
+  std::vector<uint64_t> next_rc(plan.blocks.size());
+  for (size_t i = 0; i < pending.size(); ++i) {
+    pending[i] = static_cast<uint32_t>(i);
+    next_rc[i] = plan.blocks[i].rc0;
+  }
+  if (pending.empty()) job.all_dispatched = true;
+
+  std::vector<std::thread> threads;
+  for (int i = 0; i < nstage; ++i) threads.emplace_back([this, &job, i] { stage_worker(job, i); });
+  for (int i = 0; i < nreg; ++i) threads.emplace_back([this, &job, i] { register_worker(job, i); });
+
+  CopyStats st;
+  auto last_ready = Clock::now();
+  auto last_tick = Clock::now();
+  bool first = true;
+  std::vector<uint32_t> ready;
+  const auto poll = std::chrono::duration<double>(cfg_.poll_seconds);
+  const double timeout = timeout_s > 0 ? timeout_s : std::numeric_limits<double>::infinity();
+
+  for (;;) {
+    if (!pending.empty()) {
+      // Poll readiness: a block goes when every chunk it reads is ready.
+      ready.clear();
+      size_t w = 0;
+      for (uint32_t id : pending) {
+        const Block& b = plan.blocks[id];
+        const SegmentDesc& sd = segs[b.seg];
+        int state = 1;
+        if (sd.ready) {
+          while (next_rc[id] <= b.rc1) {
+            uint8_t v = __atomic_load_n(sd.ready + next_rc[id], __ATOMIC_ACQUIRE);
+            if (v == 1) {
+              ++next_rc[id];
+              continue;
+            }
+            state = v == 0 ? 0 : 2;
+            break;
+          }
+        }
+        if (state == 2) {
+          uint64_t c = next_rc[id];
+          job.fail(EngineError(ErrorKind::ChunkFailed,
+                               "segment " + std::to_string(b.seg) + ": chunk " + std::to_string(c) + " (" +
+                                   range_text(c * sd.chunk, sd.chunk) + ") was marked failed by the cache"));
+          break;
+        }
+        if (state == 1)
+          ready.push_back(id);
+        else
+          pending[w++] = id;
+      }
+      if (job.abort) break;
+      pending.resize(w);
+      if (!ready.empty()) {
+        if (first) {
+          st.first_ready_seconds = since(t0);
+          first = false;
+        }
+        last_ready = Clock::now();
+        std::lock_guard<std::mutex> lk(job.mu);
+        for (uint32_t id : ready) {
+          auto [a, e] = reg_range(job, plan.blocks[id]);
+          bool direct = job.registrars_left > 0 && is_registered(a, e);
+          (direct ? job.pinned : job.queue).push_back(id);
+        }
+        if (pending.empty()) job.all_dispatched = true;
+        job.cv.notify_all();
+      }
+    }
+    if (pending.empty()) {
+      std::unique_lock<std::mutex> lk(job.mu);
+      job.cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return job.workers_left == 0 || job.abort; });
+      if (job.workers_left == 0 || job.abort) break;
+    } else {
+      if (since(last_ready) > timeout) {
+        const Block& b = plan.blocks[pending.front()];
+        const SegmentDesc& sd = segs[b.seg];
+        uint64_t c = next_rc[pending.front()];
+        job.fail(EngineError(ErrorKind::Timeout, "segment " + std::to_string(b.seg) + ": chunk " + std::to_string(c) +
+                                                     " (" + range_text(c * sd.chunk, sd.chunk) +
+                                                     ") not ready after waiting " + std::to_string(timeout_s) +
+                                                     " s with no chunk arriving"));
+        break;
+      }
+      std::this_thread::sleep_for(poll);
+    }
+    if (tick && since(last_tick) > 0.05) {
+      last_tick = Clock::now();
+      if (!tick(job.done.load(), plan.total)) job.fail(EngineError(ErrorKind::Aborted, "copy aborted"));
+    }
+  }
+
+  {
+    std::lock_guard<std::mutex> lk(job.mu);
+    job.abort = job.abort || job.error != nullptr;
+    job.cv.notify_all();
+  }
+  for (auto& t : threads) t.join();
+  // Nothing may stay in flight: the caller may free tensors or unmap after we return.
+  for (void* s : streams_) {
+    try {
+      target_->sync(s);
+    } catch (const EngineError& e) {
+      if (!job.error) job.error = std::make_unique<EngineError>(e);
+    }
+  }
+  if (job.error) throw *job.error;
+  if (tick && !tick(plan.total, plan.total)) throw EngineError(ErrorKind::Aborted, "copy aborted");
+
+  st.seconds = since(t0);
+  st.bytes = plan.total;
+  st.staged_bytes = job.staged;
+  st.registered_bytes = job.registered;
+  st.newly_registered_bytes = job.newly_registered;
+  st.blocks = plan.blocks.size();
+  st.units = plan.units.size();
+  st.register_calls = job.register_calls;
+  st.register_seconds = job.register_ns / 1e9;
+  st.ring_alloc_seconds = job.ring_alloc_seconds;
+  st.register_fallback = job.fallback;
+  return st;
+}
+
+}  // namespace sllm

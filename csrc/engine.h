@@ -1,0 +1,95 @@
+// The copy pipeline: readiness polling, block claiming, staging ring, in-place
+// registration. See DESIGN.md "GPU copy engine" and bench/NOTES-copy-engine.md.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "plan.h"
+#include "target.h"
+
+namespace sllm {
+
+// register: pin each block of the mapping in place (cached), copy straight from it.
+// stage:    native threads memcpy into a pinned ring, the ring feeds the copies.
+// hybrid:   both at once: stagers take blocks from the front, registrars from the back.
+enum class Mode { Register, Stage, Hybrid };
+
+struct EngineConfig {
+  bool cuda = false;
+  int device = 0;
+  std::string cudart;  // path of the runtime torch loaded; empty = search
+  Mode mode = Mode::Hybrid;
+  int streams = 4;
+  int stage_threads = 4;
+  int register_threads = 1;
+  uint64_t chunk_bytes = 64ull << 20;
+  uint64_t slot_bytes = 8ull << 20;
+  int slots_per_thread = 3;
+  double poll_seconds = 100e-6;
+};
+
+struct CopyStats {
+  uint64_t bytes = 0, staged_bytes = 0, registered_bytes = 0, newly_registered_bytes = 0;
+  uint64_t blocks = 0, units = 0, register_calls = 0;
+  double seconds = 0, register_seconds = 0, ring_alloc_seconds = 0, first_ready_seconds = 0;
+  std::string register_fallback;  // why the register path stopped part way, if it did
+};
+
+// Called now and then from the copying thread; returning false aborts the copy.
+using Tick = std::function<bool(uint64_t done, uint64_t total)>;
+
+class Engine {
+ public:
+  explicit Engine(const EngineConfig& cfg);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Blocks until every byte has landed (all streams synchronized) or throws
+  // EngineError; on error too, nothing is left in flight.
+  // `mode` overrides the configured one for this copy (threads stay as configured).
+  CopyStats copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
+                 const Tick& tick, Mode mode);
+  Mode mode() const { return cfg_.mode; }
+  // Drops cached registrations inside [base, base+len): call before unmapping.
+  size_t release(uintptr_t base, uint64_t len);
+  uint64_t registered_bytes();
+  void close();
+  const char* target_name() const { return target_->name(); }
+
+ private:
+  struct Lane {
+    std::vector<uint8_t*> slots;
+    std::vector<void*> events;
+    size_t cur = 0;
+  };
+  struct Reg {
+    uintptr_t end;
+    bool owned;
+  };
+  struct Job;
+
+  void check_threads(Mode mode) const;
+  void stage_worker(Job& job, int lane);
+  void register_worker(Job& job, int index);
+  void grow_lane(Lane& lane, double* seconds);
+  std::pair<uintptr_t, uintptr_t> reg_range(const Job& job, const Block& b) const;
+  bool is_registered(uintptr_t a, uintptr_t e);
+
+  EngineConfig cfg_;
+  std::unique_ptr<Target> target_;
+  std::vector<void*> streams_;
+  std::vector<Lane> lanes_;
+  std::mutex copy_mu_;
+  std::mutex reg_mu_;
+  std::map<uintptr_t, Reg> regs_;
+  bool closed_ = false;
+};
+
+}  // namespace sllm

@@ -1,0 +1,16 @@
+// Errors the engine raises; the binding maps each kind to a Python exception.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace sllm {
+
+enum class ErrorKind { Cuda, ChunkFailed, Timeout, BadPlan, Aborted, Runtime };
+
+struct EngineError : std::runtime_error {
+  ErrorKind kind;
+  EngineError(ErrorKind k, const std::string& msg) : std::runtime_error(msg), kind(k) {}
+};
+
+}  // namespace sllm

@@ -1,0 +1,46 @@
+// Turning (segment, offset, dst, nbytes) pieces into blocks the workers claim.
+//
+// A block is the work that lies in one chunk_bytes-aligned window of one
+// segment: the unit of readiness waiting, registration and claiming. Pieces
+// are split at window edges, so a big tensor becomes several blocks and many
+// small tensors share one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace sllm {
+
+struct SegmentDesc {
+  const uint8_t* base;
+  uint64_t len;
+  const uint8_t* ready;  // one byte per readiness chunk (0 pending, 1 ready, 2 failed); null = all ready
+  uint64_t chunk;        // readiness chunk size in bytes
+};
+
+struct Unit {
+  uint8_t* dst;
+  uint64_t off;  // in its segment
+  uint64_t n;
+};
+
+struct Block {
+  uint32_t seg;
+  uint64_t lo, hi;  // byte range of the segment its units read
+  uint64_t bytes;   // sum of unit sizes (pieces may overlap in the source)
+  size_t u0, u1;    // units [u0, u1)
+  uint64_t rc0, rc1;  // readiness chunks [rc0, rc1] it waits for
+};
+
+struct Plan {
+  std::vector<Unit> units;
+  std::vector<Block> blocks;
+  uint64_t total = 0;
+};
+
+// pieces: n rows of (segment, src offset, dst address, nbytes). Throws
+// EngineError(BadPlan) naming the first bad piece.
+Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes);
+
+}  // namespace sllm

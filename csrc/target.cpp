@@ -1,0 +1,127 @@
+#include "target.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda_api.h"
+#include "errors.h"
+
+namespace sllm {
+namespace {
+
+class HostTarget final : public Target {
+ public:
+  const char* name() const override { return "host"; }
+  void* create_stream() override { return this; }  // any non-null token
+  void destroy_stream(void*) override {}
+  void* create_event() override { return this; }
+  void destroy_event(void*) override {}
+  void record(void*, void*) override {}
+  void wait(void*) override {}
+  void copy(void* dst, const void* src, size_t n, void*) override { std::memcpy(dst, src, n); }
+  void sync(void*) override {}
+  void sync_device() override {}
+  void* alloc_pinned(size_t n) override {
+    void* p = std::aligned_alloc(4096, (n + 4095) / 4096 * 4096);
+    if (!p) throw EngineError(ErrorKind::Runtime, "out of host memory for the staging ring");
+    return p;
+  }
+  void free_pinned(void* p) override { std::free(p); }
+  bool register_range(void*, size_t) override { return true; }
+  void unregister_range(void*) override {}
+};
+
+class CudaTarget final : public Target {
+ public:
+  CudaTarget(int device, const std::string& path) : device_(device) {
+    try {
+      api_ = &load_cuda(path);
+    } catch (const std::exception& e) {
+      throw EngineError(ErrorKind::Cuda, e.what());
+    }
+    int count = 0;
+    check("cudaGetDeviceCount", api_->GetDeviceCount(&count));
+    if (device < 0 || device >= count)
+      throw EngineError(ErrorKind::Cuda, "CUDA device " + std::to_string(device) + " does not exist (" +
+                                             std::to_string(count) + " visible)");
+    bind_thread();
+  }
+  const char* name() const override { return "cuda"; }
+  void bind_thread() override { check("cudaSetDevice", api_->SetDevice(device_)); }
+  void* create_stream() override {
+    void* s = nullptr;
+    check("cudaStreamCreateWithFlags", api_->StreamCreateWithFlags(&s, kStreamNonBlocking));
+    return s;
+  }
+  void destroy_stream(void* s) override { api_->StreamDestroy(s); }
+  void* create_event() override {
+    void* e = nullptr;
+    check("cudaEventCreateWithFlags", api_->EventCreateWithFlags(&e, kEventDisableTiming));
+    return e;
+  }
+  void destroy_event(void* e) override { api_->EventDestroy(e); }
+  void record(void* ev, void* stream) override { check("cudaEventRecord", api_->EventRecord(ev, stream)); }
+  void wait(void* ev) override { check("cudaEventSynchronize", api_->EventSynchronize(ev)); }
+  void copy(void* dst, const void* src, size_t n, void* stream) override {
+    check("cudaMemcpyAsync", api_->MemcpyAsync(dst, src, n, kMemcpyHostToDevice, stream));
+  }
+  void sync(void* stream) override { check("cudaStreamSynchronize", api_->StreamSynchronize(stream)); }
+  void sync_device() override { check("cudaDeviceSynchronize", api_->DeviceSynchronize()); }
+  void* alloc_pinned(size_t n) override {
+    void* p = nullptr;
+    check("cudaHostAlloc", api_->HostAlloc(&p, n, kHostAllocPortable));
+    return p;
+  }
+  void free_pinned(void* p) override { api_->FreeHost(p); }
+  bool register_range(void* p, size_t n) override {
+    // Segments are mapped read-only; ReadOnly lets the driver pin them as such.
+    unsigned flags = read_only_ok_ ? kHostRegisterReadOnly : 0;
+    cudaError_t rc = api_->HostRegister(p, n, flags);
+    if (rc != kCudaSuccess && rc != kCudaErrorHostMemoryAlreadyRegistered && read_only_ok_) {
+      api_->GetLastError();
+      read_only_ok_ = false;
+      rc = api_->HostRegister(p, n, 0);
+    }
+    if (rc == kCudaErrorHostMemoryAlreadyRegistered || (rc != kCudaSuccess && is_pinned(p))) {
+      api_->GetLastError();  // already page-locked (cudaHostAlloc memory is refused with InvalidValue)
+      return false;
+    }
+    check("cudaHostRegister", rc);
+    return true;
+  }
+  void unregister_range(void* p) override {
+    if (api_->HostUnregister(p) != kCudaSuccess) api_->GetLastError();
+  }
+
+ private:
+  bool is_pinned(const void* p) {
+    // cudaHostAlloc and VMM host memory refuse registration but need none.
+    // cudaPointerAttributes starts with the memory type; 128 bytes covers it on CUDA 12/13.
+    alignas(8) unsigned char attr[128] = {};
+    if (api_->PointerGetAttributes(attr, p) != kCudaSuccess) {
+      api_->GetLastError();
+      return false;
+    }
+    int type;
+    std::memcpy(&type, attr, sizeof type);
+    return type != 0;  // known to CUDA (pinned, VMM-mapped, managed): copy from it as it is
+  }
+  void check(const char* call, cudaError_t rc) {
+    if (rc == kCudaSuccess) return;
+    api_->GetLastError();  // clear the non-sticky error so later calls are judged on their own
+    throw EngineError(ErrorKind::Cuda, cuda_error_text(*api_, call, rc));
+  }
+  const CudaApi* api_ = nullptr;
+  int device_;
+  std::atomic<bool> read_only_ok_{true};
+};
+
+}  // namespace
+
+std::unique_ptr<Target> make_host_target() { return std::make_unique<HostTarget>(); }
+std::unique_ptr<Target> make_cuda_target(int device, const std::string& path) {
+  return std::make_unique<CudaTarget>(device, path);
+}
+
+}  // namespace sllm

@@ -1,0 +1,39 @@
+// Where the bytes go: a CUDA device, or plain host memory for GPU-free tests.
+//
+// Both targets expose the same stream/event/pinned-memory vocabulary, so the
+// pipeline in engine.cpp (chunking, readiness, claiming, the pinned ring) runs
+// unchanged in CI; the host target just does each copy at once with memcpy.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+namespace sllm {
+
+class Target {
+ public:
+  virtual ~Target() = default;
+  virtual const char* name() const = 0;
+  virtual void bind_thread() {}
+  virtual void* create_stream() = 0;
+  virtual void destroy_stream(void* s) = 0;
+  virtual void* create_event() = 0;
+  virtual void destroy_event(void* e) = 0;
+  virtual void record(void* ev, void* stream) = 0;
+  virtual void wait(void* ev) = 0;
+  virtual void copy(void* dst, const void* src, size_t n, void* stream) = 0;
+  virtual void sync(void* stream) = 0;
+  virtual void sync_device() = 0;
+  virtual void* alloc_pinned(size_t n) = 0;
+  virtual void free_pinned(void* p) = 0;
+  // Pins [p, p+n) in place. Returns false when it was already pinned by someone
+  // else (nothing to undo). Throws EngineError(Cuda) on failure.
+  virtual bool register_range(void* p, size_t n) = 0;
+  virtual void unregister_range(void* p) = 0;
+};
+
+std::unique_ptr<Target> make_host_target();
+std::unique_ptr<Target> make_cuda_target(int device, const std::string& cudart_path);
+
+}  // namespace sllm
