@@ -1,0 +1,198 @@
+"""End-to-end GPU load through the sidecar, next to the machine's limits, in one run.
+
+    python bench/bench_gpu_load.py --workdir /tmp/sllmfs-bench [--layers 32] [--modes auto,register,stage]
+
+1. builds a Llama-2-7B-shaped bf16 checkpoint (random weights, ~13.5 GB) and `sllmfs save`s it;
+2. starts the sidecar;
+3. measures the limits: pinned (cudaHostAlloc) H2D peak, and the disk's parallel read bandwidth
+   (page cache dropped) over the stored partition files;
+4. for a FRESH client process each time: (b) cold → GPU (page cache dropped, memory tier empty:
+   the fill and the GPU copies overlap) and (a) memory-tier hit → GPU, end to end from
+   `connect()` to the last byte on the GPU (mapping and registration included);
+5. checks every tensor: destinations poisoned first, then compared on the GPU with the stored bytes.
+Prints GB/s and ratios; writes JSON to --out (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+MODEL = "bench/llama-2-7b-shaped"
+
+
+def sh(*args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def pinned_peak(gib: int = 4, reps: int = 5) -> float:
+    """Best-case H2D: a cudaHostAlloc buffer copied to the GPU, median of reps."""
+    import torch
+
+    n = gib << 30
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    src.fill_(7)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return n / sorted(times)[len(times) // 2] / 1e9
+
+
+def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) -> float:
+    """Parallel pread of the whole store data, page cache dropped first."""
+    drop_caches()
+    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
+    lock = threading.Lock()
+    total = [0]
+
+    def worker() -> None:
+        buf = bytearray(block)
+        fds: dict[Path, int] = {}
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                f, off = jobs.pop()
+            fd = fds.setdefault(f, os.open(f, os.O_RDONLY))
+            n = os.preadv(fd, [buf], off)
+            with lock:
+                total[0] += n
+        for fd in fds.values():
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    return total[0] / (time.perf_counter() - t0) / 1e9
+
+
+def client_run(socket: str, mode: str) -> dict[str, object]:
+    """One fresh-process load: allocate + poison GPU tensors, then time connect → last byte."""
+    import torch
+
+    from sllmfs.client import connect
+    from sllmfs.transfer import copy_into
+
+    with connect(socket) as c:  # a first connection only to learn the manifest for allocation
+        with c.acquire(MODEL, "hf") as lease:
+            shapes = {n: (r.shape, r.dtype) for n, r in lease.entries.items()}
+    dst = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, (s, _d) in shapes.items()}
+    for t in dst.values():
+        t.view(torch.int16).fill_(-1)  # poison: 0xFFFF is a NaN in bf16, never a stored random weight
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with connect(socket) as c, c.acquire(MODEL, "hf") as lease:
+        stats = copy_into(lease, dst, mode=mode, timeout=600)
+        t1 = time.perf_counter()
+        views = lease.tensors()
+        bad = [n for n, v in views.items() if not torch.equal(dst[n], v.to("cuda", non_blocking=False))]
+    nbytes = sum(t.numel() * 2 for t in dst.values())
+    return {"seconds": t1 - t0, "bytes": nbytes, "gbps": nbytes / (t1 - t0) / 1e9, "mismatches": len(bad),
+            "first_bad": bad[:3], "engine": stats.engine}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--modes", default="auto")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--client", nargs=2, metavar=("SOCKET", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        print("RESULT " + json.dumps(client_run(*args.client)))
+        return
+    import torch
+    from llama_shapes import write_checkpoint
+
+    work = Path(args.workdir)
+    src, store, sock = work / "src", work / "store", str(work / "sllmfs.sock")
+    t0 = time.perf_counter()
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=args.layers)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
+       "--storage-path", str(store), "--force")
+    save_s = time.perf_counter() - t0
+    files = sorted(p for p in store.rglob("data_*.bin"))
+    stored = sum(f.stat().st_size for f in files)
+    result: dict[str, object] = {"bench": "gpu-load", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
+                                 "torch": torch.__version__, "stored_bytes": stored, "build_s": build_s,
+                                 "save_s": save_s, "save_gbps": stored / save_s / 1e9,
+                                 "command": "python bench/bench_gpu_load.py " + " ".join(sys.argv[1:])}
+    result["pinned_h2d_peak_gbps"] = pinned_peak()
+    result["disk_read_gbps"] = disk_read_bw(files)
+    daemon = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store), "--socket",
+                               sock, "--mem-pool-size", "48GB", "--num-thread", "16", "--chunk-size", "64MiB"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        runs: dict[str, object] = {}
+        for mode in args.modes.split(","):
+            sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
+            result["dropped_caches"] = drop_caches()
+            for label in ("cold", "warm"):
+                out = sh(sys.executable, __file__, "--client", sock, mode)
+                run = json.loads(out.split("RESULT ", 1)[1])
+                runs[f"{label}.{mode}"] = run
+        result["runs"] = runs
+    finally:
+        daemon.terminate()
+        try:
+            log, _ = daemon.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            log, _ = daemon.communicate()
+        result["daemon_log_tail"] = log.splitlines()[-20:]
+    peak, disk = result["pinned_h2d_peak_gbps"], result["disk_read_gbps"]
+    assert isinstance(peak, float) and isinstance(disk, float)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"gpu-load-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(result, indent=1))
+    print(f"\nstored {stored / 1e9:.2f} GB; pinned H2D peak {peak:.1f} GB/s; disk parallel read {disk:.2f} GB/s")
+    print(f"{'run':<16}{'s':>8}{'GB/s':>8}{'/peak':>8}{'/disk':>8}{'bad':>6}")
+    for name, r in runs.items():
+        assert isinstance(r, dict)
+        g = r["gbps"]
+        print(f"{name:<16}{r['seconds']:>8.3f}{g:>8.2f}{g / peak:>8.2f}{g / disk:>8.2f}{r['mismatches']:>6}")
+    print(f"-> {dest}")
+
+
+if __name__ == "__main__":
+    main()

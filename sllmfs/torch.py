@@ -1,0 +1,84 @@
+"""PyTorch load API: fill pre-allocated tensors, or allocate and fill a state dict.
+
+    from sllmfs.torch import load_dict, load_into
+    sd = load_dict("org/model", device_map={"": 0})        # whole model on cuda:0
+    load_into(model.state_dict(), "org/model")              # tensors the framework allocated
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sllmfs import dtypes
+from sllmfs.client import connect
+from sllmfs.errors import BadInput
+from sllmfs.transfer import LoadStats, copy_into
+
+DeviceMap = dict[str, Any] | str | int | torch.device
+
+
+def load_into(tensors_by_name: dict[str, torch.Tensor], model: str, variant: str = "hf", *,
+              socket: str | None = None, strict: bool = True, timeout: float = 120.0) -> LoadStats:
+    """Copy the stored tensors of ``model`` into ``tensors_by_name`` (same names, shapes; dtype may differ)."""
+    by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+    for name, t in tensors_by_name.items():
+        by_device.setdefault(t.device, {})[name] = t
+    total = LoadStats()
+    with connect(socket) as client, client.acquire(model, variant) as lease:
+        if strict:
+            extra = [n for n in lease.entries if n not in tensors_by_name]
+            if extra:
+                raise BadInput(f"model {model!r} [{variant}] has tensor {extra[0]!r} that the target lacks; "
+                               "pass strict=False to ignore it")
+        for group in by_device.values():
+            s = copy_into(lease, group, timeout=timeout, strict=False)
+            total.bytes += s.bytes
+            total.seconds += s.seconds
+            total.tensors += s.tensors
+            total.cast_tensors += s.cast_tensors
+            total.engine = s.engine
+    return total
+
+
+def _device_for(name: str, device_map: DeviceMap) -> torch.device:
+    """sllm-store style maps: {"": 0}, {"model.layers.0": 0, "lm_head": "cpu"}; the longest prefix wins."""
+    if not isinstance(device_map, dict):
+        return _as_device(device_map)
+    best, dev = -1, None
+    for prefix, d in device_map.items():
+        if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, dev = len(prefix), d
+    if dev is None:
+        raise BadInput(f"device_map places no device for tensor {name!r}; add a \"\" entry for the rest")
+    return _as_device(dev)
+
+
+def _as_device(d: Any) -> torch.device:
+    if isinstance(d, int):
+        return torch.device("cuda", d)
+    return torch.device(d)
+
+
+def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *, socket: str | None = None,
+              dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
+    """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory."""
+    with connect(socket) as client, client.acquire(model, variant) as lease:
+        out: dict[str, torch.Tensor] = {}
+        by_place: dict[tuple[int, int], torch.Tensor] = {}
+        for name, ref in lease.entries.items():
+            key = (ref.partition, ref.offset)
+            if ref.nbytes and key in by_place:  # an alias (tied weights): share, as in the checkpoint
+                out[name] = by_place[key]
+                continue
+            stored = dtypes.to_torch(dtypes.by_code(ref.dtype))
+            out[name] = torch.empty(ref.shape, dtype=dtype or stored, device=_device_for(name, device_map))
+            if ref.nbytes:  # empty tensors may share an offset with a real one
+                by_place[key] = out[name]
+        groups: dict[torch.device, dict[str, torch.Tensor]] = {}
+        for name, t in out.items():
+            groups.setdefault(t.device, {})[name] = t
+        for group in groups.values():
+            copy_into(lease, group, timeout=timeout, strict=False)
+    return out

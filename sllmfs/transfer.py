@@ -1,0 +1,113 @@
+"""From a lease to filled tensors: plan the copy pieces and run the copy engine.
+
+One place decides how bytes reach a framework's pre-allocated tensors:
+same dtype and shape → the native engine copies straight from the mapped
+segments (CUDA or host target); a dtype cast → torch casts from the zero-copy
+view. Nothing here knows about a particular framework.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sllmfs import dtypes
+from sllmfs.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+    from sllmfs.client import Lease
+
+
+@dataclass
+class LoadStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    tensors: int = 0
+    cast_tensors: int = 0
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def segments_of(lease: Lease) -> list[Any]:
+    """The lease's mapped partitions as copy-engine segments, with their readiness bytes."""
+    from sllmfs.copy_engine import Segment, address_of
+
+    ready_base = address_of(lease._ready)
+    out = []
+    for i, m in enumerate(lease.maps):
+        size = lease.sizes[i]
+        out.append(Segment(address_of(m) if size else 0, size, ready_base + lease._base[i], lease._unit, (m,)))
+    return out
+
+
+def _device_of(targets: dict[str, torch.Tensor]) -> tuple[str, int]:
+    kinds = {(t.device.type, t.device.index or 0) for t in targets.values()}
+    if len(kinds) > 1:
+        raise BadInput(f"load_into needs tensors on one device per call, got {sorted(kinds)}")
+    kind, index = kinds.pop() if kinds else ("cpu", 0)
+    return ("host" if kind == "cpu" else kind), index
+
+
+def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float = 120.0,
+              strict: bool = True, mode: str = "auto") -> LoadStats:
+    """Fill ``targets`` (name → pre-allocated tensor) from ``lease``'s mapped segments."""
+    from sllmfs.copy_engine import CopyEngine
+
+    missing = [n for n in targets if n not in lease.entries]
+    if missing:
+        raise BadInput(f"model {lease.model!r} [{lease.variant}] has no tensor {missing[0]!r} "
+                       f"({len(missing)} missing); is it the right model and variant?")
+    if strict:
+        extra = [n for n in lease.entries if n not in targets]
+        if extra:
+            raise BadInput(f"model {lease.model!r} [{lease.variant}] has tensor {extra[0]!r} that the target lacks "
+                           f"({len(extra)} unused); pass strict=False to ignore them")
+    t0 = time.perf_counter()
+    stats = LoadStats()
+    rows: list[tuple[int, int, int, int]] = []
+    casts: list[str] = []
+    seen: set[int] = set()
+    for name, dst in targets.items():
+        ref = lease.entries[name]
+        if tuple(dst.shape) != ref.shape:
+            raise BadInput(f"tensor {name!r}: stored shape {list(ref.shape)}, target {list(dst.shape)}")
+        if dtypes.from_torch(dst.dtype).code != dtypes.by_code(ref.dtype).code:
+            casts.append(name)
+            continue
+        if not dst.is_contiguous():
+            raise BadInput(f"tensor {name!r}: the target is not contiguous")
+        if ref.nbytes and dst.data_ptr() not in seen:  # tied targets share memory: copy once
+            seen.add(dst.data_ptr())
+            rows.append((ref.partition, ref.offset, dst.data_ptr(), ref.nbytes))
+            stats.bytes += ref.nbytes
+    rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
+    target, device = _device_of(targets)
+    if rows:
+        with CopyEngine(target=target, device=device, mode=mode) as engine:
+            segs = segments_of(lease)
+            try:
+                stats.engine = engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
+            finally:
+                for s in segs:
+                    engine.release(s)
+    if casts:
+        views = lease.tensors(timeout=timeout)
+        for name in casts:
+            targets[name].copy_(views[name])
+            stats.bytes += lease.entries[name].nbytes
+        stats.cast_tensors = len(casts)
+    if target == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    stats.tensors = len(targets)
+    stats.seconds = time.perf_counter() - t0
+    return stats

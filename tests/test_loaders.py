@@ -1,0 +1,99 @@
+"""sllmfs.torch and sllmfs.transformers against a real sidecar, on the host target (no GPU here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_sidecar import sidecar
+
+from sllmfs.errors import BadInput
+from sllmfs.save import save_adapter, save_model
+from sllmfs.store import Store
+from tests.helpers import sllmfs
+
+
+def _ref(src: Path) -> dict[str, torch.Tensor]:
+    return load_file(src / "model.safetensors")
+
+
+def test_load_dict_and_load_into_fill_exact_bytes(tmp_path: Path, llama_dir: Path) -> None:
+    from sllmfs.torch import load_dict, load_into
+
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/llama", llama_dir)
+        ref = _ref(llama_dir)
+        out = load_dict("org/llama", device_map={"": "cpu"}, socket=str(sd.socket))
+        assert out.keys() == ref.keys() and all(torch.equal(out[k], v) for k, v in ref.items())
+        targets = {k: torch.full_like(v, float("nan")) for k, v in ref.items()}  # poisoned
+        stats = load_into(targets, "org/llama", socket=str(sd.socket))
+        assert all(torch.equal(targets[k], v) for k, v in ref.items())
+        assert stats.bytes == sum(v.numel() * v.element_size() for v in ref.values())
+        cast = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in ref.items()}
+        load_into(cast, "org/llama", socket=str(sd.socket))
+        assert all(torch.equal(cast[k], v.float()) for k, v in ref.items())  # dtype cast on load
+        with pytest.raises(BadInput, match="that the target lacks"):
+            load_into({k: targets[k] for k in list(targets)[:3]}, "org/llama", socket=str(sd.socket))
+        wrong = dict(targets)
+        first = next(iter(wrong))
+        wrong[first] = torch.empty(3, 3, dtype=ref[first].dtype)
+        with pytest.raises(BadInput, match="stored shape"):
+            load_into(wrong, "org/llama", socket=str(sd.socket))
+
+
+def test_device_map_prefixes_choose_devices() -> None:
+    from sllmfs.torch import _device_for
+
+    dm = {"": "cpu", "model.layers.1": "meta"}
+    assert _device_for("model.layers.1.mlp.up_proj.weight", dm).type == "meta"
+    assert _device_for("model.layers.10.mlp.up_proj.weight", dm).type == "cpu"
+    with pytest.raises(BadInput, match="places no device"):
+        _device_for("lm_head.weight", {"model": "cpu"})
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "qwen_tied_dir"])
+def test_load_model_matches_from_pretrained(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from sllmfs.transformers import load_model
+
+    src: Path = request.getfixturevalue(fixture)
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/m", src)
+        model = load_model("org/m", device_map="cpu", socket=str(sd.socket))
+        ref = AutoModelForCausalLM.from_pretrained(src)
+        for k, v in ref.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        ids = torch.tensor([[3, 17, 42, 5]])
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False),
+                           ref.generate(ids, max_new_tokens=6, do_sample=False))
+        half = load_model("org/m", device_map="cpu", torch_dtype="float32", socket=str(sd.socket))
+        assert next(half.parameters()).dtype == torch.float32
+
+
+def test_load_lora_matches_peft(tmp_path: Path, llama_dir: Path, lora_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sllmfs.transformers import load_lora, load_model
+
+    with sidecar(tmp_path) as sd:
+        store = Store(sd.store)
+        save_model(store, "base", llama_dir)
+        save_adapter(store, "base", "chat", lora_dir)
+        ours = load_lora(load_model("base", device_map="cpu", socket=str(sd.socket)), "base", "chat",
+                         socket=str(sd.socket))
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), lora_dir)
+        ids = torch.tensor([[3, 17, 42, 5]])
+        assert torch.allclose(ours(ids).logits, ref(ids).logits)
+
+
+def test_load_command_on_the_host_target(tmp_path: Path, llama_dir: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/llama", llama_dir)
+        out = sllmfs("load", "--model", "org/llama", "--backend", "transformers", "--device", "cpu",
+                     "--socket", str(sd.socket), "--storage-path", str(sd.store))
+        text = out.stdout + out.stderr
+        assert "GB/s" in text and "generated" in text
