@@ -20,6 +20,8 @@ app = typer.Typer(
 from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
 from sllmfs.cli import sidecar_cmds  # noqa: E402,F401
 from sllmfs.cli import ops_cmds  # noqa: E402,F401
+from sllmfs.cli import sglang_cmds  # noqa: E402,F401
+from sllmfs.cli import demo_cmd  # noqa: E402,F401
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def save(
 
 def _save_sglang(model: str, local_model_path: str | None, tp: int, store, force: bool) -> None:  # type: ignore[no-untyped-def]
     try:
-        from sllmfs.sglang.save import save_sglang  # type: ignore[import-not-found]
+        from sllmfs.sglang.save import save_sglang
     except ImportError:
         raise BadInput(
             "--backend sglang runs SGLang on a GPU per rank to build its per-rank state; "

@@ -1,0 +1,258 @@
+"""pyfuse3 operations: answer the kernel from the tree, the memory tier and the store.
+
+Reads of synthesized files resolve to header bytes and partition ranges. A
+variant that is resident in the memory tier is served by slicing its segments
+(no copy on our side); otherwise the ranges are read from the store's data
+files in a worker thread (``storeio``), while the kernel's read-ahead keeps many
+such requests in flight. Contents never change for a given inode, so the kernel
+may keep its page cache across opens (``keep_cache``): re-reads never reach us.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from sllmfs.fuse.storeio import PartitionFiles
+from sllmfs.fuse.tree import Node, Tree
+from sllmfs.synth import Piece
+
+log = logging.getLogger(__name__)
+
+ResidentView = Callable[[str, str], "list[memoryview] | None"]
+
+SOCKET_XATTR = b"user.sllmfs.socket"
+NAMESPACE_TIMEOUT = 0.0  # root, org and model folders: saves and removals show at once
+CONTENT_TIMEOUT = 3600.0  # a model's files never change under a given inode
+BLKSIZE = 1 << 20  # st_blksize: tells cp and stdio to read in large blocks
+POOL_BUFFER = 1 << 20  # the kernel's largest read request (fuse max_pages 256)
+POOL_SIZE = 64  # as many as requests in flight (max_background)
+
+
+@dataclass
+class _Open:
+    node: Node
+    fds: list[int] = field(default_factory=list)  # a metadata file: [fd]
+    parts: PartitionFiles | None = None  # a synthesized file: its variant's data files
+
+
+class Ops(pyfuse3.Operations):
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, resident_view: ResidentView | None):
+        super().__init__()
+        self.tree = tree
+        self.resident_view = resident_view
+        self._open: dict[int, _Open] = {}
+        self._dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._next_fh = 1
+        self._buffers: list[bytearray] = []  # reply buffers for store reads, reused
+
+    # -- attributes -------------------------------------------------------------
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(node.inode)
+        a.generation = 0
+        timeout = NAMESPACE_TIMEOUT if node.dynamic else CONTENT_TIMEOUT
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_nlink = 2 if node.is_dir else 1
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_size = node.size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = (node.size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _get(self, inode: int) -> Node:
+        node = self.tree.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _children(self, node: Node) -> dict[str, Node]:
+        # an unexpected error here would end pyfuse3's main loop (and the mount): answer EIO instead
+        try:
+            return self.tree.children(node)
+        except Exception:
+            log.exception("listing inode %d failed", node.inode)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._get(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        try:
+            node = self.tree.child(parent, os.fsdecode(name))
+        except Exception:
+            log.exception("lookup of %r in inode %d failed", name, parent.inode)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self._get(inode))
+
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        self._get(inode)
+        if name != SOCKET_XATTR:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return os.fsencode(self.tree.socket_path)
+
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[pyfuse3.XAttrNameT]:
+        self._get(inode)
+        return [pyfuse3.XAttrNameT(SOCKET_XATTR)]
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.tree.store.root)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = s.f_bavail = 0  # read-only: nothing to give
+        s.f_files = self.tree.inode_count
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories ------------------------------------------------------------
+
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        node = self._get(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        # one snapshot per open, so paged readdir stays consistent while the store changes
+        self._dirs[fh] = sorted(self._children(node).items())
+        return pyfuse3.FileHandleT(fh)
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), i + 1):
+                break
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ------------------------------------------------------------------
+
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._get(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        h = _Open(node)
+        # open now: the bytes stay readable if the model is removed while a reader holds it
+        if node.synth is not None:
+            try:
+                h.parts = PartitionFiles(node.partitions)
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        elif node.path is not None:
+            try:
+                h.fds = [os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)]
+            except OSError as e:
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open[fh] = h
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True, direct_io=False)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        h = self._open.pop(fh, None)
+        if h:
+            for fd in h.fds:
+                os.close(fd)
+            if h.parts is not None:
+                h.parts.close()
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        h = self._open.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = h.node
+        if off >= node.size or size <= 0:
+            return b""
+        try:
+            if node.data is not None:
+                return node.data[off:off + size]
+            if node.synth is None:
+                return await trio.to_thread.run_sync(os.pread, h.fds[0], size, off)
+            return await self._read_synth(h, off, size)  # type: ignore[return-value]  # any buffer works
+        except (OSError, ValueError, IndexError) as e:  # a short, vanished or evicted source
+            log.warning("read of %s at %d failed: %s", node.synth.name if node.synth else node.path, off, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _resident(self, node: Node) -> list[memoryview] | None:
+        if self.resident_view is None:
+            return None
+        views = self.resident_view(node.model, node.variant)
+        if views is None or len(views) != len(node.partitions):
+            return None
+        return views
+
+    async def _read_synth(self, h: _Open, off: int, size: int) -> bytes | bytearray | memoryview:
+        synth = h.node.synth
+        assert synth is not None
+        pieces = synth.resolve(off, size)
+        views = self._resident(h.node)
+        if len(pieces) == 1:
+            p = pieces[0]
+            end = p.source_offset + p.length
+            if p.partition < 0:
+                return synth.header[p.source_offset:end]
+            if views is not None:
+                return views[p.partition][p.source_offset:end]  # zero-copy: the kernel copies from the segment
+        total = sum(p.length for p in pieces)
+        buf = self._buffers.pop() if self._buffers else bytearray(POOL_BUFFER)
+        if len(buf) < total:
+            buf = bytearray(total)
+        out = memoryview(buf)[:total]
+        try:
+            await self._fill(h, pieces, views, out)
+        finally:
+            # pyfuse3 copies the reply to the kernel as soon as we return, before any other task
+            # runs, so the buffer is free again for the next read
+            if len(buf) == POOL_BUFFER and len(self._buffers) < POOL_SIZE:
+                self._buffers.append(buf)
+        return out
+
+    async def _fill(self, h: _Open, pieces: list[Piece], views: list[memoryview] | None, out: memoryview) -> None:
+        synth = h.node.synth
+        assert synth is not None
+        disk: list[tuple[int, memoryview, int]] = []
+        pos = 0
+        for p in pieces:
+            dst = out[pos:pos + p.length]
+            if p.partition < 0:
+                dst[:] = synth.header[p.source_offset:p.source_offset + p.length]
+            elif views is not None:
+                dst[:] = views[p.partition][p.source_offset:p.source_offset + p.length]
+            else:
+                disk.append((p.partition, dst, p.source_offset))
+            pos += p.length
+        if disk:
+            await trio.to_thread.run_sync(_pread_all, h, disk)
+
+
+def _pread_all(h: _Open, ranges: list[tuple[int, memoryview, int]]) -> None:
+    assert h.parts is not None
+    for part, dst, offset in ranges:
+        h.parts.read_into(part, dst, offset)

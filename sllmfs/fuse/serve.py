@@ -1,0 +1,52 @@
+"""``serve``: mount the view, answer the kernel until cancelled, always unmount."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from sllmfs.errors import BadInput
+from sllmfs.fuse import mount
+from sllmfs.fuse.ops import Ops, ResidentView
+from sllmfs.fuse.tree import Tree
+from sllmfs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def mount_options() -> set[str]:
+    # no max_read option: pyfuse3 leaves conn.max_read at 0, which libfuse then rejects; the
+    # kernel's own cap (max_pages, 1 MiB) already bounds requests, and read-ahead feeds them.
+    opts = {"fsname=sllmfs", "subtype=sllmfs", "ro", "default_permissions"}
+    if os.geteuid() == 0:
+        opts.add("allow_other")  # the service runs as root; inference pods run as anyone
+    return opts
+
+
+async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside)."""
+    mountpoint = Path(mountpoint).absolute()
+    mount.prepare(mountpoint)
+    ops = Ops(Tree(store, socket_path), resident_view)
+    try:
+        pyfuse3.init(ops, str(mountpoint), mount_options())
+    except RuntimeError as e:
+        raise BadInput(f"cannot mount FUSE at {mountpoint} ({e}); is /dev/fuse there and fuse3 installed?") from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            # a stat completes only once the kernel's INIT is answered; tuning before that is undone
+            try:
+                await trio.to_thread.run_sync(os.stat, mountpoint, cancellable=True)
+            except OSError as e:
+                raise BadInput(f"the FUSE mount at {mountpoint} did not come up ({e.strerror})") from None
+            mount.tune(mountpoint)
+            log.info("serving %s at %s", store.root, mountpoint)
+            task_status.started()
+    finally:
+        pyfuse3.close(unmount=True)

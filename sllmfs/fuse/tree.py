@@ -1,0 +1,260 @@
+"""The mount's namespace: store models as directories, files as inodes.
+
+Layout::
+
+    <mount>/.sllmfs.json                       {"socket": ..., "version": 1}
+    <mount>/<org>/<name>/config.json ...        metadata files copied at save time
+    <mount>/<org>/<name>/model.safetensors      synthesized from the ``hf`` variant
+    <mount>/<org>/<name>/adapters/<a>/...       LoRA variants ``lora.<a>``
+
+Namespace directories (the root, org folders, model folders) are recomputed
+from the store on every lookup, so saves and removals show at once. A model's
+contents are immutable for a given *stamp* (identity of model.json and of the
+variants folder); every file inode is keyed by what backs it, so a replaced
+model gets new inodes and the kernel's page cache never serves stale bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sllmfs import names
+from sllmfs.errors import SllmfsError
+from sllmfs.format import MANIFEST
+from sllmfs.store import MODEL_JSON, Store
+from sllmfs.synth import SynthFile, layout
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+MARKER_NAME = ".sllmfs.json"
+MARKER_VERSION = 1
+HF_VARIANT = "hf"
+LORA_PREFIX = "lora."
+
+Stamp = tuple[int, ...]
+
+
+@dataclass
+class Node:
+    inode: int
+    is_dir: bool
+    mtime_ns: int = 0
+    size: int = 0
+    # what backs a file: exactly one of these
+    data: bytes | None = None  # small generated content (marker, index JSON)
+    path: Path | None = None  # a metadata file in the store
+    synth: SynthFile | None = None  # a synthesized safetensors file
+    partitions: list[Path] = field(default_factory=list)  # synth: the variant's data files
+    model: str = ""  # synth: whose bytes (for the memory tier)
+    variant: str = ""
+    # directories: fixed children, or a namespace prefix whose children come from the store
+    children: dict[str, Node] | None = None
+    prefix: tuple[str, ...] | None = None
+    model_stamp: Stamp | None = None  # namespace dir that is also a model, as of this stamp
+
+    @property
+    def dynamic(self) -> bool:
+        return self.prefix is not None
+
+    @property
+    def mode(self) -> int:
+        return (stat.S_IFDIR | 0o555) if self.is_dir else (stat.S_IFREG | 0o444)
+
+
+def _stat_key(st: os.stat_result) -> Stamp:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+class Tree:
+    def __init__(self, store: Store, socket_path: str):
+        self.store = store
+        self.socket_path = socket_path
+        self._inodes: dict[tuple[Any, ...], int] = {}
+        self._nodes: dict[int, Node] = {}
+        self._next = ROOT_INODE
+        self._content: dict[str, tuple[Stamp, dict[str, Node]]] = {}  # model -> (stamp, its files)
+        self.started_ns = time.time_ns()
+        self.root = self._node(("ns", ()), is_dir=True, prefix=(), mtime_ns=self.started_ns)
+        marker = json.dumps({"socket": socket_path, "version": MARKER_VERSION}).encode() + b"\n"
+        self.marker = self._node(("marker",), is_dir=False, data=marker, size=len(marker), mtime_ns=self.started_ns)
+
+    # -- inode table -----------------------------------------------------------
+
+    def _node(self, key: tuple[Any, ...], **kw: Any) -> Node:
+        """The node for ``key``; the same key always gets the same inode while mounted."""
+        ino = self._inodes.get(key)
+        if ino is None:
+            ino = self._inodes[key] = self._next
+            self._next += 1
+        node = self._nodes.get(ino)
+        if node is None:
+            node = self._nodes[ino] = Node(ino, **kw)
+        return node
+
+    def get(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
+    @property
+    def inode_count(self) -> int:
+        return len(self._nodes)
+
+    # -- namespace -------------------------------------------------------------
+
+    def _names(self) -> list[tuple[str, ...]]:
+        """Name parts of every entry under models/ (one listing, no stats)."""
+        try:
+            entries = os.listdir(self.store.models_dir)
+        except OSError as e:
+            log.warning("cannot list %s: %s", self.store.models_dir, e.strerror)
+            return []
+        out = []
+        for d in entries:
+            name = names.model_name_from_dirname(d)
+            try:
+                names.check_model_name(name)
+            except SllmfsError:
+                continue  # tmp leftovers, stray files: not models
+            out.append(tuple(name.split("/")))
+        return out
+
+    def _stamp(self, parts: tuple[str, ...]) -> Stamp | None:
+        """Identity of a stored model's current contents, or None when it is not (or no longer) there."""
+        path = self.store.model_path("/".join(parts))
+        try:
+            mj = os.stat(path / MODEL_JSON)
+        except OSError:
+            return None
+        try:
+            vmt = os.stat(path / "variants").st_mtime_ns
+        except OSError:
+            vmt = 0
+        return (*_stat_key(mj), vmt)
+
+    def scan(self) -> dict[tuple[str, ...], Stamp]:
+        """Every model in the store (name parts -> stamp), read afresh."""
+        out = {}
+        for parts in self._names():
+            stamp = self._stamp(parts)
+            if stamp is not None:
+                out[parts] = stamp
+        return out
+
+    def child(self, node: Node, name: str) -> Node | None:
+        """One entry of a directory; in a namespace folder this costs one listing and a few stats."""
+        if node.children is not None:
+            return node.children.get(name)
+        assert node.prefix is not None
+        prefix = node.prefix
+        if not prefix and name == MARKER_NAME:
+            return self.marker
+        if node.model_stamp is not None and self._stamp(prefix) == node.model_stamp:
+            found = self._model_files("/".join(prefix), node.model_stamp).get(name)
+            if found is not None:
+                return found  # files win over sub-models, as in children()
+        sub = (*prefix, name)
+        depth = len(sub)
+        stored = self._names()
+        stamp = self._stamp(sub) if sub in stored else None
+        if stamp is None and not any(len(p) > depth and p[:depth] == sub and self._stamp(p) for p in stored):
+            return None
+        return self._namespace(sub, stamp)
+
+    def children(self, node: Node) -> dict[str, Node]:
+        if node.children is not None:
+            return node.children
+        assert node.prefix is not None
+        prefix = node.prefix
+        models = self.scan()
+        for gone in [n for n in self._content if tuple(n.split("/")) not in models]:
+            del self._content[gone]  # removed models: drop their parsed manifests
+        out: dict[str, Node] = {}
+        depth = len(prefix)
+        for parts in models:
+            if len(parts) > depth and parts[:depth] == prefix:
+                sub = parts[: depth + 1]
+                out[sub[-1]] = self._namespace(sub, models.get(sub))
+        if node.model_stamp is not None and models.get(prefix) == node.model_stamp:
+            out.update(self._model_files("/".join(prefix), node.model_stamp))  # files win over sub-models
+        if not prefix:
+            out[MARKER_NAME] = self.marker
+        return out
+
+    def _namespace(self, prefix: tuple[str, ...], stamp: Stamp | None) -> Node:
+        mtime = stamp[2] if stamp else self.started_ns
+        return self._node(("ns", prefix, stamp), is_dir=True, prefix=prefix, model_stamp=stamp, mtime_ns=mtime)
+
+    # -- one model's files -----------------------------------------------------
+
+    def _model_files(self, name: str, stamp: Stamp) -> dict[str, Node]:
+        cached = self._content.get(name)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        try:
+            files = self._build_model(name, stamp)
+        except (SllmfsError, OSError, KeyError, TypeError, ValueError) as e:  # a damaged model hides, others stay
+            log.warning("model %s is not shown complete: %s", name, e)
+            files = {}
+        self._content[name] = (stamp, files)
+        return files
+
+    def _build_model(self, name: str, stamp: Stamp) -> dict[str, Node]:
+        info = self.store.get(name)
+        mtime = int(info.created * 1e9)
+        out: dict[str, Node] = {}
+        for rel in info.files:
+            if "/" in rel or rel.startswith("."):
+                continue  # metadata files are top-level by construction; never follow odd names
+            path = info.path / "files" / rel
+            out[rel] = self._node(("file", name, stamp[:3], rel), is_dir=False, path=path,
+                                  size=path.stat().st_size, mtime_ns=mtime)
+        if HF_VARIANT in info.variants:
+            out.update(self._variant_files(name, info.variant_dir(HF_VARIANT), HF_VARIANT, "model", mtime))
+        adapters: dict[str, Node] = {}
+        for key in info.variants:
+            if not key.startswith(LORA_PREFIX):
+                continue
+            vdir = info.variant_dir(key)
+            afiles = self._adapter_meta(name, key, vdir, mtime)
+            afiles.update(self._variant_files(name, vdir, key, "adapter_model", mtime))
+            adapter = key[len(LORA_PREFIX):]
+            adapters[adapter] = self._node(("adir", name, key, _stat_key(os.stat(vdir / MANIFEST))),
+                                           is_dir=True, children=afiles, mtime_ns=mtime)
+        if adapters:
+            out["adapters"] = self._node(("adirs", name, stamp), is_dir=True, children=adapters, mtime_ns=mtime)
+        return out
+
+    def _variant_files(self, name: str, vdir: Path, variant: str, stem: str, mtime: int) -> dict[str, Node]:
+        from sllmfs.format import load_manifest
+
+        vkey = _stat_key(os.stat(vdir / MANIFEST))
+        manifest = load_manifest(vdir)
+        lay = layout(manifest, stem=stem)
+        parts = [vdir / p.file for p in manifest.partitions]
+        out: dict[str, Node] = {}
+        for f in lay.files:
+            out[f.name] = self._node(("synth", name, variant, vkey, f.name), is_dir=False, synth=f, size=f.size,
+                                     partitions=parts, model=name, variant=variant, mtime_ns=mtime)
+        if lay.index is not None:
+            out[lay.index_name] = self._node(("index", name, variant, vkey), is_dir=False, data=lay.index,
+                                             size=len(lay.index), mtime_ns=mtime)
+        return out
+
+    def _adapter_meta(self, name: str, variant: str, vdir: Path, mtime: int) -> dict[str, Node]:
+        out: dict[str, Node] = {}
+        fdir = vdir / "files"
+        if not fdir.is_dir():
+            return out
+        vkey = _stat_key(os.stat(vdir / MANIFEST))
+        for p in sorted(fdir.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                out[p.name] = self._node(("file", name, variant, vkey, p.name), is_dir=False, path=p,
+                                         size=p.stat().st_size, mtime_ns=mtime)
+        return out

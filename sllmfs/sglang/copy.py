@@ -1,0 +1,34 @@
+"""The one place the fast path moves bytes host → device.
+
+A sidecar lease goes through the native copy engine (sllmfs.transfer: pipelined
+cudaMemcpyAsync from the mapped segments, starting while the sidecar still
+fills later chunks); tensors the engine cannot take (non-contiguous ones) and
+leases without mapped segments (the store read directly) are copied by torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def copy_into(lease: Any, targets: dict[str, Any]) -> int:
+    """Fill ``targets`` (name → pre-allocated tensor) from ``lease``; return bytes moved."""
+    import torch
+
+    rest = targets
+    moved = 0
+    if getattr(lease, "maps", None) is not None:  # an sllmfs.client.Lease
+        from sllmfs.transfer import copy_into as engine_copy
+
+        plain = {n: t for n, t in targets.items() if t.is_contiguous()}
+        rest = {n: t for n, t in targets.items() if n not in plain}
+        if plain:
+            moved += engine_copy(lease, plain, strict=False).bytes
+    if rest:
+        views = lease.tensors()
+        for name, dst in rest.items():
+            dst.copy_(views[name], non_blocking=True)
+            moved += dst.numel() * dst.element_size()
+        for dev in {t.device for t in rest.values() if t.device.type == "cuda"}:
+            torch.cuda.synchronize(dev)  # the views may be unmapped once we return
+    return moved

@@ -1,0 +1,257 @@
+"""``--load-format sllm``: SGLang model loader backed by the sllmfs sidecar.
+
+Fast path: this rank's post-processed state (variant ``sglang.tp…``, the state
+SGLang's ShardedStateLoader keeps) is copied straight into the tensors of a
+freshly built model, then SGLang's post-load hook runs. Any-TP path: the ``hf``
+variant, mapped zero-copy, feeds ``model.load_weights`` and the quantization
+post-processing, like SGLang's default loader; afterwards this rank's state is
+written back so the next start is fast. A per-rank variant that does not fit
+(missing, other layout, damaged) means the any-TP path with a warning, never
+a wrongly filled model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from sglang.srt.configs.device_config import DeviceConfig
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_loader.loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    ShardedStateLoader,
+    _get_quantization_config,
+    _initialize_model,
+    _post_load_weights,
+)
+from sglang.srt.model_loader.utils import set_default_torch_dtype
+from torch import nn
+
+from sllmfs import dtypes, names
+from sllmfs.config import load_settings
+from sllmfs.copy_engine import CopyError
+from sllmfs.errors import BadInput, Corrupt, NotFound
+from sllmfs.sglang import variants, writeback
+from sllmfs.sglang.copy import copy_into
+from sllmfs.sglang.locate import Located, locate
+from sllmfs.sglang.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.sglang.variants import RankVariant
+
+log = logging.getLogger("sllmfs.sglang")
+
+HF = "hf"
+# --model-loader-extra-config keys this loader reads
+EXTRA_KEYS = {
+    "sllm_write_back",  # true (default, in the background) | false | "sync"
+    "sllm_socket",  # sidecar socket, else the mount's or $SLLMFS_SOCKET
+    "sllm_model",  # store model name, when --model-path is not under the mount
+    "sllm_storage_path",  # read this store directly, no sidecar (sllmfs save --backend sglang)
+}
+
+SourceFactory = Callable[[Located], WeightSource]
+
+
+def current_variant(model_config: ModelConfig, draft_model_idx: int | None = None) -> RankVariant:
+    """The per-rank variant this process would use (from SGLang's parallel state)."""
+    from sglang.srt.runtime_context import get_parallel
+    from sglang.version import __version__
+
+    ps = get_parallel()
+    return variants.make(tp_size=ps.tp_size, tp_rank=ps.tp_rank, pp_size=ps.pp_size, pp_rank=ps.pp_rank,
+                         ep_size=ps.moe_ep_size, dtype=model_config.dtype, quant=model_config.quantization,
+                         sglang_version=__version__,
+                         draft=(draft_model_idx or 0) if getattr(model_config, "is_draft_model", False) else None)
+
+
+def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
+    """Why a stored per-rank variant (its manifest metadata) cannot serve this process, or None."""
+    if meta.get("kind") != writeback.KIND:
+        return "it was not written by the SGLang loader"
+    if meta.get("sglang") != want.layout():
+        return f"it was written for {meta.get('sglang')}, this process is {want.layout()}"
+    return None
+
+
+def state_problem(state: dict[str, torch.Tensor], entries: Mapping[str, Any]) -> str | None:
+    """Why the stored tensors (name → dtype code, shape) do not match the model's own state, or None."""
+    missing, extra = sorted(set(state) - set(entries)), sorted(set(entries) - set(state))
+    if missing or extra:
+        return f"tensor names differ (model lacks {extra[:3]}, store lacks {missing[:3]})"
+    for name, t in state.items():
+        e = entries[name]
+        if list(t.shape) != list(e.shape) or dtypes.from_torch(t.dtype).code != dtypes.by_code(e.dtype).code:
+            return f"{name} is {e.dtype}{list(e.shape)} in the store, {t.dtype}{list(t.shape)} in the model"
+    return None
+
+
+def rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state the fast path fills and write-back stores (shared storage kept once)."""
+    return ShardedStateLoader._filter_subtensors(model.state_dict())
+
+
+def hf_weights(lease: Lease, draft_model_idx: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU view) pairs in file order, as ``model.load_weights`` expects them."""
+    pairs = iter(lease.tensors().items())  # file order, tied names included; waits for the whole variant
+    if draft_model_idx is not None:  # multi-layer MTP draft: SGLang's own filter
+        return DefaultModelLoader._filter_mtp_weights(pairs, "", draft_model_idx)
+    return pairs
+
+
+def load_any_tp(model: nn.Module, lease: Lease, target_device: torch.device,
+                draft_model_idx: int | None = None) -> None:
+    """Feed the hf tensors to the model's loader, then the quant post-processing."""
+    if getattr(model, "secondary_weights", ()):
+        raise BadInput(f"{type(model).__name__} loads weights from a second checkpoint; "
+                       "--load-format sllm does not serve those yet, use the default loader")
+    DefaultModelLoader.load_weights_and_postprocess(model, hf_weights(lease, draft_model_idx), target_device)
+
+
+def fill_rank_state(model: nn.Module, lease: Lease) -> int:
+    """Copy stored per-rank state into a model whose quant post-processing already ran."""
+    state = rank_state(model)
+    problem = state_problem(state, lease.entries)
+    if problem:
+        raise _Unfit(problem)
+    moved = copy_into(lease, {name: t.data for name, t in state.items()})
+    _post_load_weights(model)
+    return moved
+
+
+class _Unfit(Exception):
+    """The per-rank variant cannot serve this model; take the any-TP path."""
+
+
+class SllmModelLoader(BaseModelLoader):
+    def __init__(self, load_config: LoadConfig, *, source_factory: SourceFactory | None = None):
+        super().__init__(load_config)
+        extra = dict(load_config.model_loader_extra_config or {})
+        unknown = sorted(set(extra) - EXTRA_KEYS)
+        if unknown:
+            raise BadInput(f"--model-loader-extra-config key {unknown[0]!r} is unknown to --load-format sllm "
+                           f"(known: {', '.join(sorted(EXTRA_KEYS))})")
+        self.extra = extra
+        self.write_back_mode = writeback.mode(extra.get("sllm_write_back"))
+        self.source_factory = source_factory or self._default_source
+        self.write_back: writeback.WriteBack | None = None  # the last one started (tests, save)
+        self.path_taken: str | None = None  # "fast" | "any-tp"
+
+    # -- where the weights are ------------------------------------------------
+
+    def _locate(self, model_config: ModelConfig) -> Located:
+        name, socket = self.extra.get("sllm_model"), self.extra.get("sllm_socket")
+        if name:  # named outright: no path lookup (the --model-path may be the store's files/ folder)
+            settings = load_settings()
+            located = Located(names.check_model_name(str(name)), socket or settings.socket, None,
+                              settings.storage_path)
+        else:
+            located = locate(model_config.model_path, socket=socket)
+        storage = self.extra.get("sllm_storage_path")
+        if storage:
+            located = Located(located.model, located.socket, located.mount, str(storage))
+        return located
+
+    def _default_source(self, located: Located) -> WeightSource:
+        if self.extra.get("sllm_storage_path"):
+            return StoreSource(located.model, located.storage_path)
+        return SidecarSource(located.model, located.socket)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        located = self._locate(model_config)
+        with self.source_factory(located).open(HF):
+            pass  # present and resident: nothing to download
+
+    # -- loading ----------------------------------------------------------------
+
+    def load_model(self, *, model_config: ModelConfig, device_config: DeviceConfig) -> nn.Module:
+        if getattr(model_config, "modelopt_quant", None):
+            raise BadInput("--load-format sllm does not run ModelOpt quantization; quantize and save the "
+                           "checkpoint first, or use the default loader")
+        t0 = time.perf_counter()
+        located = self._locate(model_config)
+        source = self.source_factory(located)
+        want = current_variant(model_config, self.load_config.draft_model_idx)
+        target = torch.device(device_config.device)
+        quant_config = _get_quantization_config(model_config, self.load_config)
+
+        def new_model() -> nn.Module:
+            with target:
+                return _initialize_model(model_config, self.load_config, quant_config)
+
+        with set_default_torch_dtype(model_config.dtype):
+            model, replace = self._fast_path(source, want, new_model)
+            if model is None:
+                model = self._any_tp_path(source, want, new_model, target)
+                if self.write_back_mode != writeback.OFF:
+                    self._write_back(located, want, model, replace)
+        _free_staging(target)
+        log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.2f s", located.model, want.tp_rank,
+                 want.tp_size, self.path_taken, time.perf_counter() - t0)
+        return model.eval()
+
+    def _fast_path(self, source: WeightSource, want: RankVariant,
+                   new_model: Callable[[], nn.Module]) -> tuple[nn.Module | None, bool]:
+        """(model, None) on success; (None, replace-the-stored-variant?) when it cannot serve."""
+        key = want.key
+        try:
+            with source.open(key) as lease:
+                problem = layout_problem(lease.metadata, want)
+                if problem:
+                    raise _Unfit(problem)
+                model = new_model()
+                # as ShardedStateLoader: post-process first, so the tensors have their final shapes
+                for module in model.modules():
+                    quant_method = getattr(module, "quant_method", None)
+                    if quant_method is not None:
+                        quant_method.process_weights_after_loading(module)
+                try:
+                    fill_rank_state(model, lease)
+                except BaseException:
+                    del model
+                    raise
+        except NotFound:
+            log.info("sllmfs: %r has no %s yet; loading the hf variant (any TP size)%s", source.model, key,
+                     "" if self.write_back_mode == writeback.OFF else " and writing it back")
+            return None, False
+        except (_Unfit, Corrupt, CopyError) as e:
+            log.warning("sllmfs: stored %s of %r is not usable (%s); loading the hf variant instead%s",
+                        key, source.model, e, "" if self.write_back_mode == writeback.OFF else " and replacing it")
+            return None, True
+        self.path_taken = "fast"
+        return model, False
+
+    def _any_tp_path(self, source: WeightSource, want: RankVariant, new_model: Callable[[], nn.Module],
+                     target: torch.device) -> nn.Module:
+        try:
+            with source.open(HF) as lease:
+                model = new_model()
+                load_any_tp(model, lease, target, self.load_config.draft_model_idx)
+        except NotFound:
+            raise NotFound(f"model {source.model!r} has no hf variant in the sllmfs store; "
+                           f"run `sllmfs save --model {source.model} --local-model-path <checkpoint>`") from None
+        except Corrupt as e:
+            raise Corrupt(f"model {source.model!r}: {e}; run `sllmfs verify {source.model}` and "
+                          f"`sllmfs save --model {source.model} --force ...`") from None
+        self.path_taken = "any-tp"
+        return model
+
+    def _write_back(self, located: Located, want: RankVariant, model: nn.Module, replace: bool) -> None:
+        state = writeback.snapshot(rank_state(model))  # GPU → host now, before SGLang goes on
+        wb = writeback.WriteBack(located.storage_path, located.model, want, state, replace=replace)
+        self.write_back = wb
+        if self.write_back_mode == writeback.SYNC:
+            wb.run()
+        else:
+            wb.start()
+
+
+def _free_staging(target: torch.device) -> None:
+    """SGLang sizes the KV cache from free GPU memory right after us: leave nothing cached."""
+    gc.collect()
+    if target.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,130 @@
+"""Store a rank's post-processed state as a variant, so the next start takes the fast path.
+
+The bytes leave the GPU before load_model returns (a copy running later could
+meet SGLang's CUDA-graph capture); the disk write runs in a thread afterwards.
+A crash mid-write leaves only a tmp/ entry, which the store removes later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from sllmfs import dtypes
+from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.format import Manifest
+from sllmfs.sglang.variants import RankVariant
+from sllmfs.writer import VariantWriter
+
+log = logging.getLogger("sllmfs.sglang")
+
+KIND = "sglang-rank-state"
+OFF, ASYNC, SYNC = "off", "async", "sync"
+ENV = "SLLMFS_WRITE_BACK"
+
+
+def mode(extra_value: Any = None) -> str:
+    """``sllm_write_back`` from --model-loader-extra-config, else $SLLMFS_WRITE_BACK, else async."""
+    value = extra_value if extra_value is not None else os.environ.get(ENV)
+    if value is None:
+        return ASYNC
+    text = str(value).strip().lower()
+    if text in ("0", "false", "no", "off"):
+        return OFF
+    if text in ("1", "true", "yes", "on", "async"):
+        return ASYNC
+    if text == "sync":
+        return SYNC
+    raise BadInput(f"sllm_write_back / {ENV} is {value!r}: use true, false or sync")
+
+
+def snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """CPU copies of a (filtered) state dict: the only GPU work write-back does."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
+
+
+def _bytes(t: Any) -> memoryview:
+    import torch
+
+    flat = t.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[str, Any], *,
+                     replace: bool = False, metadata: dict[str, Any] | None = None) -> Manifest | None:
+    """Write ``state`` (CPU tensors; consumed) as variant ``variant.key`` of ``model``.
+
+    Returns None when another process committed the same key first (same bytes).
+    """
+    key = variant.key
+    with store.staging() as work:
+        vdir = work / key
+        writer = VariantWriter(vdir, key)
+        writer.metadata = {"kind": KIND, "sglang": variant.layout(), **(metadata or {})}
+        try:
+            for name in list(state):
+                t = state.pop(name)  # free host memory as we go
+                writer.add_bytes(name, dtypes.from_torch(t.dtype).code, list(t.shape), _bytes(t))
+            manifest = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        try:
+            store.commit_variant(vdir, model, key, force=replace)
+        except BadInput:
+            if replace:
+                raise
+            return None  # a peer won the race
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return None
+            raise
+    return manifest
+
+
+class WriteBack:
+    """One rank's write-back, in the background or inline."""
+
+    def __init__(self, storage_path: str, model: str, variant: RankVariant, state: dict[str, Any], *,
+                 replace: bool, metadata: dict[str, Any] | None = None):
+        self.storage_path = storage_path
+        self.model = model
+        self.variant = variant
+        self.state = state
+        self.replace = replace
+        self.metadata = metadata
+        self.result: Manifest | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        from sllmfs.store import Store
+
+        t0 = time.perf_counter()
+        try:
+            store = Store(self.storage_path, create=False, cleanup=False)
+            self.result = write_rank_state(store, self.model, self.variant, self.state,
+                                           replace=self.replace, metadata=self.metadata)
+        except (SllmfsError, OSError) as e:
+            self.error = e
+            log.warning("sllmfs: could not write %s of %r back to the store at %s (%s); the next start "
+                        "loads the hf variant again", self.variant.key, self.model, self.storage_path, e)
+            return
+        if self.result is not None:
+            log.info("sllmfs: wrote %s of %r (%.2f GB) in %.1f s; the next start takes the fast path",
+                     self.variant.key, self.model, self.result.total_bytes / 1e9, time.perf_counter() - t0)
+
+    def start(self) -> WriteBack:
+        # daemon: a server that exits mid-write leaves a tmp/ entry, never half a variant
+        self._thread = threading.Thread(target=self.run, name=f"sllmfs-write-back-{self.variant.key}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,157 @@
+"""``--load-format sllm`` end to end on CPU: SGLang's own ServerArgs, plugin loading, ModelConfig,
+LoadConfig, get_model_loader, parallel state (gloo, TP 1) and model registry build a real torch
+model; the first load takes the any-TP path and writes rank state back, the second the fast path.
+
+Runs in a child process (torch.distributed and SGLang's globals are per process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+if __name__ != "__main__":
+    from sllmfs.sglang.testing import import_sglang
+
+    try:
+        import_sglang()
+    except Exception as e:
+        if os.environ.get("SLLMFS_REQUIRE_SGLANG") == "1":
+            raise
+        pytest.skip(f"SGLang 0.5.17 is not importable here ({type(e).__name__}: {e}); "
+                    "run .ci/install-sglang.sh and use .venv-sglang/bin/python", allow_module_level=True)
+
+
+class SllmTinyForCausalLM(nn.Module):
+    """Llama-shaped, with SGLang-style fused qkv_proj / gate_up_proj parameters and a tied head."""
+
+    def __init__(self, config: object, quant_config: object = None, **kw: object) -> None:
+        super().__init__()
+        c: Any = config
+        hidden, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
+        kv = c.num_key_value_heads * (hidden // c.num_attention_heads)
+        self.hidden, self.kv, self.inter = hidden, kv, inter
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList()
+        for _ in range(c.num_hidden_layers):
+            layer = nn.Module()
+            layer.qkv_proj = nn.Linear(hidden, hidden + 2 * kv, bias=False)
+            layer.o_proj = nn.Linear(hidden, hidden, bias=False)
+            layer.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+            layer.down_proj = nn.Linear(inter, hidden, bias=False)
+            layer.input_layernorm = nn.Parameter(torch.empty(hidden))
+            layer.post_attention_layernorm = nn.Parameter(torch.empty(hidden))
+            self.layers.append(layer)
+        self.norm = nn.Parameter(torch.empty(hidden))
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        if getattr(c, "tie_word_embeddings", False):
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        offsets = {"q_proj": 0, "k_proj": self.hidden, "v_proj": self.hidden + self.kv,
+                   "gate_proj": 0, "up_proj": self.inter}
+        for name, w in weights:
+            p = name.removeprefix("model.").split(".")
+            if p[0] != "layers":
+                target = {"embed_tokens": self.embed_tokens.weight, "norm": self.norm,
+                          "lm_head": self.lm_head.weight}[p[0]]
+                target.data.copy_(w)
+                continue
+            layer = self.layers[int(p[1])]
+            leaf = p[3] if p[2] in ("self_attn", "mlp") else p[2]
+            if leaf in offsets:
+                fused = layer.qkv_proj if leaf.endswith(("q_proj", "k_proj", "v_proj")) else layer.gate_up_proj
+                fused.weight.data[offsets[leaf] : offsets[leaf] + w.shape[0]].copy_(w)
+            elif leaf.endswith("layernorm"):
+                getattr(layer, leaf).data.copy_(w)
+            else:
+                getattr(layer, leaf).weight.data.copy_(w)
+
+
+def main(tmp: Path, port: int) -> None:
+    from safetensors.torch import load_file
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.model_loader.loader import get_model_loader
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    from sllmfs.demo import build_model
+    from sllmfs.save import save_model
+    from sllmfs.store import Store
+
+    ModelRegistry.models["SllmTinyForCausalLM"] = SllmTinyForCausalLM
+    src = build_model(tmp / "src", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["SllmTinyForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    store = Store(tmp / "store")
+    save_model(store, "org/tiny", src)
+    mnt = tmp / "mnt"  # what the FUSE view shows: marker at the root, the model's files below
+    (mnt / "org").mkdir(parents=True)
+    (mnt / ".sllmfs.json").write_text(json.dumps({"socket": "/nonexistent.sock", "version": 1}))
+    shutil.copytree(store.get("org/tiny").path / "files", mnt / "org" / "tiny")
+
+    load_plugins()  # as every SGLang process does
+    extra = json.dumps({"sllm_storage_path": str(store.root), "sllm_write_back": "sync"})
+    sa = ServerArgs(model_path=str(mnt / "org" / "tiny"), device="cpu", load_format="sllm",
+                    model_loader_extra_config=extra)
+    set_global_server_args_for_scheduler(sa)
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(1, backend="gloo")
+    mc = ModelConfig.from_server_args(sa)
+
+    def load() -> tuple[Any, nn.Module]:
+        lc = LoadConfig(load_format=sa.load_format, model_loader_extra_config=sa.model_loader_extra_config)
+        loader = get_model_loader(lc, mc)
+        return loader, loader.load_model(model_config=mc, device_config=DeviceConfig("cpu"))
+
+    first_loader, first = load()
+    print("first", first_loader.path_taken, sorted(store.get("org/tiny").variants))
+    second_loader, second = load()
+    print("second", second_loader.path_taken)
+    s1, s2 = first.state_dict(), second.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    ref = load_file(src / "model.safetensors")
+    got: Any = second
+    assert torch.equal(got.layers[1].qkv_proj.weight[: got.hidden], ref["model.layers.1.self_attn.q_proj.weight"])
+    print("E2E OK", mc.dtype)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_load_model_any_tp_then_fast(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, str(tmp_path / "run"), str(_free_port())],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout.splitlines()
+    assert "first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v0.5.17']" in out
+    assert "second fast" in out and "E2E OK torch.bfloat16" in out
+
+
+if __name__ == "__main__":
+    from sllmfs.sglang.testing import import_sglang
+
+    import_sglang()
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True)
+    main(out, int(sys.argv[2]))
