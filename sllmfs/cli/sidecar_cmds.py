@@ -1,42 +1,122 @@
-"""Sidecar commands: placeholders until the sidecar lands (issue 3)."""
+"""Sidecar commands: start, status, pin, unpin, evict, register, load."""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import typer
 
+from sllmfs import client as sidecar_client
 from sllmfs.cli import app
-from sllmfs.errors import SllmfsError
+from sllmfs.cli.progress import byte_bar, console, human
+from sllmfs.config import load_settings
+from sllmfs.errors import BadInput
+
+SocketOpt = typer.Option(None, "--socket", help="Sidecar socket (default: $SLLMFS_SOCKET or config).")
+VariantOpt = typer.Option("hf", "--variant", help="Variant key (hf, or a framework variant).")
 
 
-def _not_yet(what: str) -> None:
-    raise SllmfsError(f"`sllmfs {what}` needs the sidecar, which this build does not have yet")
+@app.command(help="Run the sidecar in the foreground: store, memory tier, socket and FUSE mount. "
+             "Each flag falls back to $SLLMFS_<FLAG>, then the TOML file $SLLMFS_CONFIG "
+             "(default /etc/sllmfs/config.toml); see docs/protocol.md.")
+def start(
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Store directory."),
+    socket: Optional[str] = typer.Option(None, "--socket", help="Unix socket to serve."),
+    mount: Optional[str] = typer.Option(None, "--mount", help="Mount the read-only FUSE view here."),
+    num_thread: Optional[int] = typer.Option(None, "--num-thread", help="Parallel reads per fill."),
+    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="Fill read size, e.g. 32MiB (4 MiB units)."),
+    mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="Store budget, e.g. 1TB (0: unbounded)."),
+    registration_required: Optional[bool] = typer.Option(
+        None, "--registration-required/--no-registration-required", help="Serve only registered models."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error"),
+) -> None:
+    from sllmfs.sidecar.daemon import run
 
-
-@app.command(help="Run the sidecar: store, memory tier, socket and FUSE mount.")
-def start() -> None:
-    _not_yet("start")
+    settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
+                             chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
+                             registration_required=registration_required, log_level=log_level)
+    if settings.num_thread < 1:
+        raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
+    run(settings)
 
 
 @app.command(help="Show tiers, models, leases and hit rates.")
-def status() -> None:
-    _not_yet("status")
+def status(socket: Optional[str] = SocketOpt,
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    with sidecar_client.connect(socket) as c:
+        st = c.status()
+    if as_json:
+        print(json.dumps(st, indent=1))
+        return
+    mem, disk, n = st["memory"], st["disk"], st["counters"]
+    console.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}")
+    console.print(f"disk tier:   {human(disk['used'])} of {human(disk['budget']) if disk['budget'] else 'unbounded'}")
+    console.print(f"hits {n['hits']}  misses {n['misses']}  filled {human(n['bytes_filled'])}  "
+                  f"evictions {n['evictions']}  leases {len(st['leases'])}")
+    from rich.table import Table
+
+    table = Table("model", "tier", "variant", "state", "memory", "leases", "pinned")
+    for m in st["models"]:
+        if not m["variants"]:
+            table.add_row(m["name"], "disk", "", "", "", "", "")
+        for v in m["variants"]:
+            table.add_row(m["name"], "memory", v["variant"], v["state"], human(v["bytes"]), str(v["leases"]),
+                          "yes" if v["pinned"] else "")
+    console.print(table)
 
 
-@app.command(help="Keep a model in memory: never evicted.")
-def pin(model: str = typer.Option(..., "--model")) -> None:
-    _not_yet("pin")
+@app.command(help="Keep a model in memory (fills it if needed): never evicted.")
+def pin(model: str = typer.Option(..., "--model"), variant: str = VariantOpt,
+        socket: Optional[str] = SocketOpt) -> None:
+    with sidecar_client.connect(socket) as c:
+        state = c.pin(model, variant)
+    console.print(f"pinned {model} [{variant}] ({state})")
 
 
 @app.command(help="Let a pinned model be evicted again.")
-def unpin(model: str = typer.Option(..., "--model")) -> None:
-    _not_yet("unpin")
+def unpin(model: str = typer.Option(..., "--model"), variant: str = VariantOpt,
+          socket: Optional[str] = SocketOpt) -> None:
+    with sidecar_client.connect(socket) as c:
+        was = c.unpin(model, variant)
+    console.print(f"unpinned {model} [{variant}]" if was else f"{model} [{variant}] was not pinned")
 
 
-@app.command(help="Drop a model from the memory tier.")
-def evict(model: str = typer.Option(..., "--model")) -> None:
-    _not_yet("evict")
+@app.command(help="Drop a model from the memory tier (it stays in the store).")
+def evict(model: str = typer.Option(..., "--model"),
+          variant: Optional[str] = typer.Option(None, "--variant", help="Only this variant (default: all)."),
+          socket: Optional[str] = SocketOpt) -> None:
+    with sidecar_client.connect(socket) as c:
+        gone = c.evict(model, variant)
+    console.print(f"evicted {model} [{', '.join(gone)}]" if gone else f"{model} was not in memory")
 
 
-@app.command(help="Load a model through the sidecar (warm the memory tier, or into a framework).")
-def load(model: str = typer.Option(..., "--model")) -> None:
-    _not_yet("load")
+@app.command(help="Allow a model on a sidecar started with --registration-required.")
+def register(model: str = typer.Option(..., "--model"), socket: Optional[str] = SocketOpt) -> None:
+    with sidecar_client.connect(socket) as c:
+        c.register(model)
+    console.print(f"registered {model}")
+
+
+@app.command(help="Load a model through the sidecar (--warm: prefetch it into the memory tier).")
+def load(
+    model: str = typer.Option(..., "--model"),
+    variant: str = VariantOpt,
+    warm: bool = typer.Option(False, "--warm", help="Prefetch into host memory and return."),
+    socket: Optional[str] = SocketOpt,
+) -> None:
+    if not warm:
+        raise BadInput("`sllmfs load` needs --warm (framework loading comes with the loaders)")
+    _warm(model, variant, socket)
+
+
+def _warm(model: str, variant: str, socket: str | None) -> None:
+    state = {"total": 0, "done": 0}
+    with byte_bar(f"warm {model}", 0) as advance:
+        def progress(done: int, total: int) -> None:
+            advance(done - state["done"])
+            state["done"], state["total"] = done, total
+
+        total = sidecar_client.warm(model, variant, socket=socket, progress=progress)
+    console.print(f"{model} [{variant}] is in memory: {human(total)}")

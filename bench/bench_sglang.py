@@ -1,0 +1,201 @@
+"""A real SGLang engine loading through sllmfs, next to SGLang's default loader, in one run.
+
+    source .gpu/sglang-env.sh && source .gpu/fuse-env.sh
+    python bench/bench_sglang.py --workdir /tmp/sgl [--tiny] [--big] [--layers 32]
+
+--tiny: a tiny Llama (built offline) served from a real FUSE mount; greedy tokens with the
+        default loader (from the source folder and from the mount) and with load_format="sllm"
+        (first start: any-TP path + write-back; second start: per-rank fast path) must be identical.
+--big:  a Llama-2-7B-shaped bf16 checkpoint (~13.5 GB): SGLang's "Load weight end" time for the
+        default loader (warm page cache), sllm cold (page cache dropped, memory tier empty) and sllm
+        from the memory tier, next to the pinned H2D peak measured in the same run.
+Each engine runs in a fresh process; results go to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+PROMPTS = [[1, 10, 11, 12, 13], [1, 5, 6, 7]]
+LOAD_END = re.compile(r"Load weight end\. elapsed=([0-9.]+) s")
+
+
+def engine_child(model_path: str, load_format: str, extra: str, generate: bool) -> None:
+    """Runs in a fresh process: start an Engine, report load time (from its log) and greedy ids."""
+    import sglang
+
+    t0 = time.perf_counter()
+    kw = dict(model_path=model_path, load_format=load_format, disable_cuda_graph=True, mem_fraction_static=0.5,
+              sampling_backend="pytorch", attention_backend="triton", log_level="info", random_seed=0)
+    if extra:
+        kw["model_loader_extra_config"] = extra
+    llm = sglang.Engine(**kw)
+    ready = time.perf_counter() - t0
+    ids = None
+    if generate:
+        out = llm.generate(input_ids=PROMPTS, sampling_params={"max_new_tokens": 8, "temperature": 0.0,
+                                                               "ignore_eos": True})
+        ids = [o["output_ids"] for o in out]
+    llm.shutdown()
+    print("RESULT " + json.dumps({"ready_s": ready, "ids": ids}), flush=True)
+
+
+def run_engine(label: str, model_path: str, load_format: str, log_dir: Path, *, extra: str = "",
+               generate: bool = True) -> dict[str, object]:
+    args = [sys.executable, __file__, "--child", model_path, load_format, extra, "1" if generate else "0"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=540)
+    wall = time.perf_counter() - t0
+    log = proc.stdout + proc.stderr
+    (log_dir / f"{label}.log").write_text(log)
+    res: dict[str, object] = {"label": label, "wall_s": wall, "rc": proc.returncode}
+    m = LOAD_END.findall(log)
+    res["load_weight_s"] = float(m[-1]) if m else None
+    sllm = re.findall(r"sllmfs: loaded .* by the ([a-z-]+) path in ([0-9.]+) s", log)
+    if sllm:
+        res["sllm_path"], res["sllm_load_s"] = sllm[-1][0], float(sllm[-1][1])
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            res.update(json.loads(line[7:]))
+    if proc.returncode:
+        res["error_tail"] = log.splitlines()[-15:]
+    print(f"  {label:<28} rc={proc.returncode} load_weight_s={res['load_weight_s']} "
+          f"path={res.get('sllm_path')} wall={wall:.1f}s", flush=True)
+    return res
+
+
+class Sidecar:
+    def __init__(self, store: Path, sock: Path, mnt: Path, log: Path):
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.sock, self.mnt = sock, mnt
+        self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store),
+                                      "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", "48GB",
+                                      "--num-thread", "16", "--chunk-size", "64MiB"],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not (mnt / ".sllmfs.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"sidecar did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def cli(self, *args: str) -> None:
+        subprocess.run([sys.executable, "-m", "sllmfs", *args, "--socket", str(self.sock)], check=True,
+                       capture_output=True)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def tiny(work: Path, logs: Path) -> dict[str, object]:
+    from sllmfs.demo import build_model
+
+    src, store = work / "tiny-src", work / "store"
+    build_model(src, "llama", hidden=256, layers=2)
+    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "demo/tiny-llama", "--local-model-path",
+                    str(src), "--storage-path", str(store), "--force"], check=True)
+    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-tiny.log")
+    view = str(side.mnt / "demo" / "tiny-llama")
+    try:
+        runs = [run_engine("default (source folder)", str(src), "auto", logs),
+                run_engine("default (FUSE mount)", view, "auto", logs),
+                run_engine("sllm first (any-TP)", view, "sllm", logs, extra='{"sllm_write_back": "sync"}'),
+                run_engine("sllm second (fast path)", view, "sllm", logs)]
+    finally:
+        side.stop()
+    ref = runs[0].get("ids")
+    return {"runs": runs, "identical": bool(ref) and all(r.get("ids") == ref for r in runs)}
+
+
+def big(work: Path, logs: Path, layers: int) -> dict[str, object]:
+    from bench_gpu_load import pinned_peak
+    from llama_shapes import write_checkpoint
+
+    src, store = work / "big-src", work / "store"
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=layers)
+    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
+                    str(src), "--storage-path", str(store), "--force"], check=True)
+    nbytes = (src / "model.safetensors").stat().st_size
+    peak = pinned_peak()
+    subprocess.run(["cat", str(src / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # warm
+    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-big.log")
+    view = str(side.mnt / "bench" / "llama-7b")
+    runs = {}
+    try:
+        runs["default_warm_page_cache"] = run_engine("default (page cache)", str(src), "auto", logs, generate=False)
+        runs["sllm_any_tp_first"] = run_engine("sllm any-TP + write-back", view, "sllm", logs,
+                                               extra='{"sllm_write_back": "sync"}', generate=False)
+        side.cli("evict", "--model", "bench/llama-7b")
+        drop_caches()
+        runs["sllm_fast_cold"] = run_engine("sllm fast, cold", view, "sllm", logs, generate=False)
+        runs["sllm_fast_memory_tier"] = run_engine("sllm fast, memory tier", view, "sllm", logs, generate=False)
+    finally:
+        side.stop()
+    return {"bytes": nbytes, "pinned_h2d_peak_gbps": peak, "runs": runs}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        engine_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/sllmfs-sglang")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--big", action="store_true")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    logs = Path(args.out) / "sglang-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    import sglang
+    import torch
+
+    result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
+                                 "sglang": sglang.__version__, "torch": torch.__version__,
+                                 "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:])}
+    if args.tiny:
+        result["tiny"] = tiny(work, logs)
+    if args.big:
+        result["big"] = big(work, logs, args.layers)
+    dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(result, indent=1))
+    if "tiny" in result:
+        t = result["tiny"]
+        assert isinstance(t, dict)
+        print(f"\ntiny: greedy ids identical across loaders = {t['identical']}")
+    if "big" in result:
+        b = result["big"]
+        assert isinstance(b, dict)
+        peak, nb = b["pinned_h2d_peak_gbps"], b["bytes"]
+        assert isinstance(peak, float) and isinstance(nb, int)
+        base = b["runs"]["default_warm_page_cache"]["load_weight_s"]  # type: ignore[index]
+        print(f"\n{nb / 1e9:.2f} GB; pinned H2D peak {peak:.1f} GB/s")
+        print(f"{'run':<26}{'load s':>8}{'GB/s':>8}{'/peak':>7}{'speedup':>9}")
+        for name, r in b["runs"].items():  # type: ignore[union-attr]
+            s = r["load_weight_s"]
+            if s:
+                g = nb / s / 1e9
+                print(f"{name:<26}{s:>8.2f}{g:>8.1f}{g / peak:>7.2f}{(base or 0) / s:>9.2f}")
+    print(f"-> {dest}")
+
+
+if __name__ == "__main__":
+    main()

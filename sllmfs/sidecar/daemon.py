@@ -1,0 +1,148 @@
+"""`sllmfs start`: settings, logging, the socket, the mount, signals and a clean exit."""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import signal
+import socket as pysocket
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sllmfs.config import Settings
+from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.sidecar.fill import round_chunk
+from sllmfs.sidecar.memtier import MemoryTier
+from sllmfs.sidecar.server import Server
+from sllmfs.store import Store
+
+log = logging.getLogger("sllmfs.sidecar")
+
+
+def run(settings: Settings) -> None:
+    """Serve in the foreground until SIGTERM/SIGINT; raises SllmfsError on a bad start."""
+    _setup_logging(settings.log_level)
+    settings.chunk_size = round_chunk(settings.chunk_size)
+    fuse_serve = _fuse_view() if settings.mount else None
+    store = Store(settings.storage_path)
+    budget = settings.mem_pool_size or _half_of_memory()
+    tier = MemoryTier(budget)
+    _raise_fd_limit()
+    listener = _bind(Path(settings.socket), settings.group)
+    try:
+        trio.run(_main, settings, store, tier, listener, fuse_serve)
+    finally:
+        listener.close()
+        try:
+            os.unlink(settings.socket)
+        except OSError:
+            pass
+        tier.close_all()
+    log.info("stopped")
+
+
+async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocket.socket, fuse_serve: Any) -> None:
+    server = Server(settings, store, tier)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            listener = trio.socket.from_stdlib_socket(raw)
+            await nursery.start(server.serve, listener)
+            if fuse_serve is not None:
+                await nursery.start(fuse_serve, Path(settings.mount), store, tier.view, settings.socket)
+                log.info("mounted %s", settings.mount)
+            log.info("serving socket=%s store=%s memory budget=%d disk budget=%d threads=%d chunk=%d",
+                     settings.socket, store.root, tier.budget, settings.disk_size, settings.num_thread,
+                     settings.chunk_size)
+            _notify_systemd(b"READY=1")
+            async for signum in signals:
+                log.info("got %s: draining", signal.Signals(signum).name)
+                _notify_systemd(b"STOPPING=1")
+                server.stop_fills()  # fill threads stop after their current piece
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _fuse_view() -> Any:
+    try:
+        from sllmfs import fuse_view  # type: ignore[attr-defined]
+    except ModuleNotFoundError as e:
+        if e.name != "sllmfs.fuse_view":
+            raise
+        raise SllmfsError("--mount needs the FUSE view (sllmfs.fuse_view), which this build lacks; "
+                          "start without --mount") from None
+    return fuse_view.serve
+
+
+def _bind(path: Path, group: str) -> pysocket.socket:
+    """The listening socket: directory 0750, socket 0660, a stale socket replaced, a live one refused."""
+    try:
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot create socket directory {path.parent}: {e.strerror}") from None
+    if path.exists() or path.is_symlink():
+        probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+            raise BadInput(f"a sidecar already serves {path}; stop it first or pass another --socket")
+        except OSError:
+            path.unlink()  # stale: its daemon is gone
+        finally:
+            probe.close()
+    sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    old = os.umask(0o117)  # no window where the socket is open to others
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise BadInput(f"cannot listen on {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            raise BadInput(f"--group {group!r} is not a group on this machine") from None
+        os.chown(path, -1, gid)
+        os.chown(path.parent, -1, gid)
+    sock.listen(256)
+    return sock
+
+
+def _raise_fd_limit() -> None:
+    """Each segment and connection holds an fd: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _half_of_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise BadInput(f"--log-level {level!r} is not one of debug, info, warning, error")
+    logging.basicConfig(stream=sys.stderr, level=numeric, format="%(asctime)s sllmfs %(levelname)s %(message)s")
+
+
+def _notify_systemd(state: bytes) -> None:
+    """Type=notify support without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(state, addr)
+        except OSError:
+            pass

@@ -1,0 +1,108 @@
+"""Filling a resident variant from the store: parallel reads straight into the segments.
+
+``num_thread`` workers take ``chunk_size`` pieces in file order (so the first
+tensors are ready first), read them with ``preadv`` into the segment map, verify
+each 4 MiB window against the manifest's checksums and publish its readiness byte.
+A short file or a checksum mismatch marks the window failed and fails the fill.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import xxhash
+
+from sllmfs.errors import Corrupt
+from sllmfs.format import CHUNK_SIZE
+from sllmfs.sidecar.memtier import FAILED, READY, Resident
+
+
+def round_chunk(chunk_size: int) -> int:
+    """Fill pieces are whole checksum windows."""
+    return max(1, -(-chunk_size // CHUNK_SIZE)) * CHUNK_SIZE
+
+
+class Fill:
+    def __init__(self, res: Resident, variant_dir: Path, chunk_size: int):
+        self.res = res
+        self.dir = variant_dir
+        self.stop = False
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        step = round_chunk(chunk_size)
+        self._jobs = [(i, off, min(step, p.size - off))
+                      for i, p in enumerate(res.manifest.partitions) for off in range(0, p.size, step)]
+        self._next = 0
+        self._fds: list[int] = []
+        try:
+            for p in res.manifest.partitions:
+                self._fds.append(os.open(variant_dir / p.file, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            self.close()
+            raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
+                          f"({e.strerror}); run `sllmfs verify --model {res.model}`") from None
+
+    @property
+    def total(self) -> int:
+        return self.res.manifest.total_bytes
+
+    def _take(self) -> tuple[int, int, int] | None:
+        with self._lock:
+            if self.stop or self.error or self._next >= len(self._jobs):
+                return None
+            job = self._jobs[self._next]
+            self._next += 1
+            return job
+
+    def worker(self) -> None:
+        """Run in a thread until no pieces are left (or the fill stops/fails)."""
+        while (job := self._take()) is not None:
+            part, off, n = job
+            view = memoryview(self.res.segments[part].mm)
+            try:
+                self._read(part, view[off:off + n], off)
+                self._verify(part, view, off, n)
+            except OSError as e:  # EIO from a failing disk: this fill fails, the daemon goes on
+                self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}")
+            finally:
+                view.release()
+
+    def _read(self, part: int, dest: memoryview, off: int) -> None:
+        # preadv into the map: threads fault pages in parallel. (sendfile into the memfd was
+        # faster for one thread but serializes all writers on the inode lock; hugetlb takes no write.)
+        done = 0
+        while done < len(dest):
+            got = os.preadv(self._fds[part], [dest[done:]], off + done)
+            if got <= 0:
+                self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
+                return
+            done += got
+
+    def _verify(self, part: int, view: memoryview, off: int, n: int) -> None:
+        p = self.res.manifest.partitions[part]
+        base = self.res.chunk_base[part]
+        ready = self.res.ready.mm
+        for w in range(off, off + n, CHUNK_SIZE):
+            k = w // CHUNK_SIZE
+            if ready[base + k] == FAILED:
+                continue
+            digest = f"{xxhash.xxh3_64_intdigest(view[w:min(w + CHUNK_SIZE, p.size)]):016x}"
+            if k >= len(p.chunks) or digest != p.chunks[k]:
+                self._fail(part, w, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum")
+                continue
+            with self._lock:  # count before publishing: whoever sees the byte sees the count
+                self.res.filled += min(CHUNK_SIZE, p.size - w)
+            ready[base + k] = READY
+
+    def _fail(self, part: int, off: int, why: str) -> None:
+        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = FAILED
+        with self._lock:
+            self.error = self.error or why
+            self.res.error = self.error
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

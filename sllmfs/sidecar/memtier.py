@@ -1,0 +1,221 @@
+"""The memory tier: memfd segments that clients map, under a byte budget with LRU eviction.
+
+One segment per stored partition, with the partition file's exact byte layout, so
+a manifest entry's (partition, offset, nbytes) is directly (segment, offset, nbytes).
+Each resident variant also has a small readiness segment: one byte per 4 MiB
+window of each partition (0 pending, 1 ready and verified, 2 failed).
+
+Only the trio thread mutates this state; fill threads write bytes into the maps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllmfs.errors import BadInput
+from sllmfs.format import CHUNK_SIZE, Manifest
+
+log = logging.getLogger("sllmfs.sidecar")
+
+PAGE = mmap.PAGESIZE
+HUGE_PAGE = 2 << 20
+HUGE_MIN = 64 << 20
+PENDING, READY, FAILED = 0, 1, 2
+
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+class Segment:
+    """A sealed-size memfd and the daemon's read-write mapping of it."""
+
+    def __init__(self, name: str, size: int, *, huge: bool = True):
+        self.size = size
+        self.huge = False
+        # hugetlb halves GPU registration cost; big segments round up (<2 MiB waste), small ones must fit
+        if huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN):
+            self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB)
+        if not self.huge:
+            self._open(name, _round_up(max(size, 1), PAGE), 0)
+            try:  # transparent huge pages where shmem allows them: fewer pages to register
+                self.mm.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, AttributeError):
+                pass
+
+    def _open(self, name: str, length: int, flag: int) -> None:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flag)
+        try:
+            os.ftruncate(fd, length)
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            if flag:  # no huge pages reserved: caller falls back to normal pages
+                return
+            raise
+        try:  # clients can never shrink a segment under us (SIGBUS)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except (OSError, AttributeError):
+            pass
+        self.fd, self.mm, self.length, self.huge = fd, mm, length, bool(flag)
+
+    def readonly_fd(self) -> int:
+        """A fresh read-only open of the same memfd: what a client gets (it cannot write)."""
+        return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a FUSE read still holds a view; the map goes when that view does
+        os.close(self.fd)
+
+
+@dataclass(eq=False)
+class Resident:
+    model: str
+    variant: str
+    manifest: Manifest
+    identity: tuple[int, int]  # (inode, mtime_ns) of the manifest it was filled from
+    segments: list[Segment]
+    ready: Segment
+    chunk_base: list[int]  # index of each partition's first readiness byte
+    state: str = "filling"  # filling | ready | failed
+    leases: int = 0
+    pinned: bool = False
+    retired: bool = False  # replaced or evicted while leased: freed when its leases end
+    last_used: float = field(default_factory=time.monotonic)
+    filled: int = 0  # bytes verified so far
+    error: str | None = None  # set by a fill thread on the first bad window; the fill then winds down
+    wire_tensors: list[list[Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.segments) + self.ready.length
+
+    @property
+    def data_bytes(self) -> int:
+        return self.manifest.total_bytes
+
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0 or self.pinned or self.state == "filling"
+
+    def close(self) -> None:
+        for s in self.segments:
+            s.close()
+        self.ready.close()
+
+
+class MemoryTier:
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.entries: dict[tuple[str, str], Resident] = {}
+        self.retired: list[Resident] = []
+        self.evictions = 0
+
+    @property
+    def used(self) -> int:
+        return sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
+
+    def get(self, model: str, variant: str) -> Resident | None:
+        res = self.entries.get((model, variant))
+        if res is not None:
+            res.last_used = time.monotonic()
+        return res
+
+    def view(self, model: str, variant: str) -> list[memoryview] | None:
+        """One memoryview per partition when fully resident and verified, else None (FUSE reads)."""
+        res = self.get(model, variant)
+        if res is None or res.state != "ready":
+            return None
+        return [memoryview(s.mm)[: s.size] for s in res.segments]
+
+    def reserve(self, model: str, variant: str, manifest: Manifest, identity: tuple[int, int]) -> Resident:
+        """Allocate segments for a variant, evicting LRU entries to fit the budget."""
+        need = sum(_round_up(max(p.size, 1), PAGE) for p in manifest.partitions)
+        nchunks = [max(1, -(-p.size // CHUNK_SIZE)) for p in manifest.partitions]
+        need += _round_up(sum(nchunks), PAGE)
+        if need > self.budget:
+            raise BadInput(
+                f"model {model!r} [{variant}] needs {need} bytes but the memory pool is {self.budget}; "
+                "raise --mem-pool-size (or read it through the FUSE view, which streams from the store)"
+            )
+        self._make_room(need, model)
+        base, acc = [], 0
+        for n in nchunks:
+            base.append(acc)
+            acc += n
+        tag = f"sllmfs:{model}:{variant}"[:200]  # memfd names are at most 249 bytes; this is only a label
+        made: list[Segment] = []
+        try:
+            for p in manifest.partitions:
+                made.append(Segment(f"{tag}:{p.file}", p.size))
+            ready = Segment(f"{tag}:ready", acc, huge=False)
+        except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
+            for seg in made:
+                seg.close()
+            raise BadInput(f"cannot allocate memory for model {model!r} [{variant}]: {e.strerror}") from None
+        segments = made
+        for i, p in enumerate(manifest.partitions):  # empty partitions have nothing to wait for
+            if p.size == 0:
+                ready.mm[base[i]] = READY
+        res = Resident(model, variant, manifest, identity, segments, ready, base)
+        res.wire_tensors = [[n, t.dtype, t.shape, t.partition, t.offset, t.nbytes] for n, t in manifest.tensors.items()]
+        self.entries[(model, variant)] = res
+        return res
+
+    def _make_room(self, need: int, model: str) -> None:
+        while self.used + need > self.budget:
+            idle = [r for r in self.entries.values() if not r.busy]
+            if not idle:
+                raise BadInput(
+                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free "
+                    "and every resident model is leased, pinned or filling; release leases, "
+                    "`sllmfs unpin`, or raise --mem-pool-size"
+                )
+            self.drop(min(idle, key=lambda r: r.last_used), why="lru")
+
+    def drop(self, res: Resident, *, why: str) -> None:
+        """Remove from the tier now, or once its leases and fill end."""
+        if self.entries.get((res.model, res.variant)) is res:
+            del self.entries[(res.model, res.variant)]
+        self.evictions += 1
+        log.info("evicted model=%s variant=%s bytes=%d reason=%s%s", res.model, res.variant, res.nbytes, why,
+                 " (freed when its leases end)" if res.leases or res.state == "filling" else "")
+        if res.leases or res.state == "filling":
+            res.retired = True
+            self.retired.append(res)
+        else:
+            res.close()
+
+    def settle(self, res: Resident) -> None:
+        """Free a retired entry whose last lease or fill just ended."""
+        if res.retired and not res.leases and res.state != "filling" and res in self.retired:
+            self.retired.remove(res)
+            res.close()
+
+    def evict(self, model: str, variant: str | None = None) -> list[Resident]:
+        found = [r for (m, v), r in self.entries.items() if m == model and variant in (None, v)]
+        for r in found:
+            if r.pinned:
+                raise BadInput(f"model {model!r} [{r.variant}] is pinned; run `sllmfs unpin --model {model}` first")
+            if r.leases:
+                raise BadInput(f"model {model!r} [{r.variant}] is leased by {r.leases} client(s); it stays")
+        for r in found:
+            self.drop(r, why="asked")
+        return found
+
+    def close_all(self) -> None:
+        for r in list(self.entries.values()) + self.retired:
+            r.close()
+        self.entries.clear()
+        self.retired.clear()

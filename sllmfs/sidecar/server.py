@@ -1,0 +1,502 @@
+"""The socket server: one trio task per connection, one method per protocol op.
+
+Protocol reference: docs/protocol.md. Every request gets one reply; a request
+that breaks the framing gets an error reply and the connection is closed.
+Errors from one client never reach the nursery, so everyone else keeps going.
+"""
+
+from __future__ import annotations
+
+import array
+import grp
+import itertools
+import logging
+import os
+import pwd
+import socket as pysocket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sllmfs import names
+from sllmfs.config import Settings
+from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
+from sllmfs.format import CHUNK_SIZE, MANIFEST, load_manifest
+from sllmfs.sidecar import disktier, wire
+from sllmfs.sidecar.fill import Fill
+from sllmfs.sidecar.memtier import FAILED, PENDING, MemoryTier, Resident
+from sllmfs.store import Store
+
+log = logging.getLogger("sllmfs.sidecar")
+
+BODY_TIMEOUT = 60.0  # seconds for a message body to arrive once its length is known
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(eq=False)
+class Conn:
+    id: int
+    pid: int
+    uid: int
+    leases: dict[int, Resident] = field(default_factory=dict)
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    bytes_filled: int = 0
+    client_errors: int = 0
+
+
+class Server:
+    def __init__(self, settings: Settings, store: Store, tier: MemoryTier):
+        self.settings = settings
+        self.store = store
+        self.tier = tier
+        self.counters = Counters()
+        self.registered: set[str] = set()
+        self.refused: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
+        self.fills: set[Fill] = set()
+        self.conns: set[Conn] = set()
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._allowed_uids = {0, os.geteuid()} | {int(u) for u in settings.allow_uids.split(",") if u.strip()}
+        self._group_gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
+        self.ops: dict[str, Callable[[Conn, dict[str, Any]], Awaitable[tuple[dict[str, Any], list[int]]]]] = {
+            "list": self.op_list, "acquire": self.op_acquire, "release": self.op_release,
+            "status": self.op_status, "pin": self.op_pin, "unpin": self.op_unpin, "evict": self.op_evict,
+            "refresh": self.op_refresh, "register": self.op_register, "files": self.op_files,
+        }
+
+    # -- serving -------------------------------------------------------------
+
+    async def serve(self, listener: trio.socket.SocketType, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._disk_loop)
+            task_status.started()
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as e:  # EMFILE/ENFILE: keep serving the connections we have, retry soon
+                    log.warning("accept failed: %s", e.strerror or e)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._connection, sock)
+
+    def stop_fills(self) -> None:
+        for f in self.fills:
+            f.stop = True
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            try:
+                pid, uid, gid = _CRED.unpack(sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, _CRED.size))
+            except OSError:
+                return
+            conn = Conn(next(self._ids), pid, uid)
+            if not self._allowed(pid, uid, gid):
+                log.warning("client error conn=%d pid=%d uid=%d: not allowed to use this sidecar", conn.id, pid, uid)
+                await self._send(sock, wire.error_reply(BadInput(f"uid {uid} may not use this sidecar")))
+                return
+            self.conns.add(conn)
+            try:
+                await self._talk(sock, conn)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # peer went away: its leases end below
+            except Exception:  # a bug must cost one connection, never the daemon
+                log.exception("internal error on conn=%d pid=%d", conn.id, pid)
+            finally:
+                self.conns.discard(conn)
+                for lease_id in list(conn.leases):
+                    self._end_lease(conn, lease_id, why="connection closed")
+
+    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in self._allowed_uids:
+            return True
+        g = self._group_gid
+        if g is None:
+            return False
+        if gid == g:
+            return True
+        try:
+            if pwd.getpwuid(uid).pw_name in grp.getgrgid(g).gr_mem:
+                return True
+        except KeyError:
+            pass
+        return g in _supplementary_groups(pid)
+
+    async def _talk(self, sock: trio.socket.SocketType, conn: Conn) -> None:
+        greeted = False
+        while True:
+            header = await _recv_exact(sock, wire.HEADER.size)
+            if header is None:
+                return
+            try:
+                n = wire.body_length(header)
+            except wire.ProtocolError as e:  # cannot resync after a bad prefix
+                await self._reject(sock, conn, e)
+                return
+            body = None
+            with trio.move_on_after(BODY_TIMEOUT):  # a stalled half message must not hold a task forever
+                body = await _recv_exact(sock, n)
+            if body is None:
+                return
+            fds: list[int] = []
+            try:
+                msg = wire.unpack(body)
+                op = msg.get("op")
+                if not greeted:
+                    if op != "hello":
+                        raise wire.ProtocolError("say hello first: {'op': 'hello', 'version': 1}")
+                    if msg.get("version") != wire.VERSION:
+                        raise wire.ProtocolError(
+                            f"protocol version {msg.get('version')!r} not served; this sidecar speaks {wire.VERSION}")
+                    greeted = True
+                    reply: dict[str, Any] = {"ok": True, "version": wire.VERSION, "pid": os.getpid()}
+                else:
+                    handler = self.ops.get(op) if isinstance(op, str) else None
+                    if handler is None:
+                        raise wire.ProtocolError(f"unknown op {str(op)[:40]!r}")
+                    reply, fds = await handler(conn, msg)
+            except SllmfsError as e:
+                self.counters.client_errors += 1
+                log.info("client error conn=%d pid=%d: %s", conn.id, conn.pid, e)
+                await self._send(sock, wire.error_reply(e))
+                if not greeted:
+                    return
+                continue
+            except Exception as e:  # a bug costs one request, never the connection or the daemon
+                log.exception("internal error on conn=%d pid=%d", conn.id, conn.pid)
+                await self._send(sock, wire.error_reply(wire.SidecarError(f"internal error: {type(e).__name__}: {e}")))
+                continue
+            try:
+                await self._send(sock, reply, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    async def _reject(self, sock: trio.socket.SocketType, conn: Conn, e: SllmfsError) -> None:
+        self.counters.client_errors += 1
+        log.info("client error conn=%d pid=%d: %s", conn.id, conn.pid, e)
+        await self._send(sock, wire.error_reply(e))
+
+    async def _send(self, sock: trio.socket.SocketType, obj: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = memoryview(wire.pack(obj))
+        try:
+            if fds:  # the fds ride on the first bytes of the reply
+                sent = await sock.sendmsg([data], [(pysocket.SOL_SOCKET, pysocket.SCM_RIGHTS, array.array("i", fds))])
+                data = data[sent:]
+            while data:
+                sent = await sock.send(data)
+                data = data[sent:]
+        except OSError:
+            pass  # the peer left; the receive side notices and ends its leases
+
+    # -- ops -----------------------------------------------------------------
+
+    async def op_list(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        infos = await trio.to_thread.run_sync(self.store.list)
+        models = [{"name": i.name, "variants": i.variants,
+                   "resident": [v for v in i.variants if (i.name, v) in self.tier.entries],
+                   "registered": i.name in self.registered} for i in infos]
+        return {"ok": True, "models": models}, []
+
+    async def op_acquire(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        model, variant = _model_arg(msg), _variant_arg(msg)
+        res = await self._resident(model, variant)
+        lease_id = next(self._ids)
+        res.leases += 1
+        conn.leases[lease_id] = res
+        self.store.touch(model)
+        log.info("lease taken id=%d model=%s variant=%s pid=%d uid=%d state=%s",
+                 lease_id, model, variant, conn.pid, conn.uid, res.state)
+        fds = []
+        try:
+            for seg in [*res.segments, res.ready]:
+                fds.append(seg.readonly_fd())
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            self._end_lease(conn, lease_id, why="fd error")
+            raise
+        m = res.manifest
+        reply = {
+            "ok": True, "lease": lease_id, "model": model, "variant": variant, "state": res.state,
+            "tensors": res.wire_tensors, "aliases": m.aliases, "metadata": m.metadata,
+            "partitions": [{"file": p.file, "size": p.size, "length": s.length, "huge": s.huge}
+                           for p, s in zip(m.partitions, res.segments, strict=True)],
+            "ready": {"unit": CHUNK_SIZE, "base": res.chunk_base, "length": res.ready.size},
+        }
+        return reply, fds
+
+    async def op_files(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """The model's metadata files (config, tokenizer, ...; an adapter variant's own files) as read-only fds."""
+        model, variant = _model_arg(msg), _variant_arg(msg)
+        if self.settings.registration_required and model not in self.registered:
+            raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
+        found = await trio.to_thread.run_sync(_metadata_files, self.store, model, variant)
+        fds: list[int] = []
+        listing = []
+        try:
+            for rel, path in found:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fds.append(fd)
+                listing.append([rel, os.fstat(fd).st_size])
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise NotFound(f"model {model!r}: cannot open {Path(str(e.filename)).name} ({e.strerror})") from None
+        return {"ok": True, "files": listing}, fds
+
+    async def op_release(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        lease_id = msg.get("lease")
+        if not isinstance(lease_id, int) or lease_id not in conn.leases:
+            raise BadInput(f"no lease {str(lease_id)[:40]!r} on this connection")
+        self._end_lease(conn, lease_id, why="released")
+        return {"ok": True}, []
+
+    async def op_pin(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        model, variant = _model_arg(msg), _variant_arg(msg)
+        res = await self._resident(model, variant)
+        res.pinned = True
+        log.info("pinned model=%s variant=%s", model, variant)
+        return {"ok": True, "state": res.state}, []
+
+    async def op_unpin(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        model, variant = _model_arg(msg), _variant_arg(msg)
+        res = self.tier.entries.get((model, variant))
+        if res is None or not res.pinned:
+            return {"ok": True, "was_pinned": False}, []
+        res.pinned = False
+        log.info("unpinned model=%s variant=%s", model, variant)
+        return {"ok": True, "was_pinned": True}, []
+
+    async def op_evict(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        model = _model_arg(msg)
+        variant = _variant_arg(msg) if msg.get("variant") is not None else None
+        gone = self.tier.evict(model, variant)
+        return {"ok": True, "evicted": [r.variant for r in gone]}, []
+
+    async def op_register(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        model = _model_arg(msg)
+        if not await trio.to_thread.run_sync(self.store.has, model):
+            raise NotFound(f"model {model!r} is not in the store at {self.store.root}; `sllmfs save` it first")
+        self.registered.add(model)
+        log.info("registered model=%s", model)
+        return {"ok": True}, []
+
+    async def op_refresh(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        dropped = []
+        for (model, variant), res in list(self.tier.entries.items()):
+            ident = await trio.to_thread.run_sync(self._identity, model, variant)
+            if ident != res.identity:
+                self.tier.drop(res, why="store changed")
+                dropped.append({"model": model, "variant": variant})
+        self.refused.clear()
+        removed = await self._enforce_disk()
+        models = await trio.to_thread.run_sync(self.store.list)
+        return {"ok": True, "models": len(models), "dropped": dropped, "removed": removed}, []
+
+    async def op_status(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        sizes = await trio.to_thread.run_sync(disktier.disk_usage, self.store)
+        leased = {(r.model, r.variant) for c in self.conns for r in c.leases.values()}
+        models = []
+        for name, size in sorted(sizes.items()):
+            resident = [r for (m, _), r in self.tier.entries.items() if m == name]
+            models.append({
+                "name": name, "disk_bytes": size, "tier": "memory" if resident else "disk",
+                "registered": name in self.registered,
+                "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
+                              "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
+                              "huge_pages": all(s.huge for s in r.segments)} for r in resident],
+                "leased": any(m == name for m, _ in leased),
+            })
+        leases = [{"id": i, "model": r.model, "variant": r.variant, "pid": c.pid, "uid": c.uid}
+                  for c in self.conns for i, r in c.leases.items()]
+        c = self.counters
+        filled = c.bytes_filled + sum(f.res.filled for f in self.fills)  # fills in progress count as they go
+        return {"ok": True, "pid": os.getpid(), "storage_path": str(self.store.root),
+                "memory": {"used": self.tier.used, "budget": self.tier.budget, "retired": len(self.tier.retired)},
+                "disk": {"used": sum(sizes.values()), "budget": self.settings.disk_size},
+                "models": models, "leases": leases, "connections": len(self.conns),
+                "counters": {"hits": c.hits, "misses": c.misses, "fills": c.fills, "bytes_filled": filled,
+                             "evictions": self.tier.evictions, "client_errors": c.client_errors}}, []
+
+    # -- tiers ---------------------------------------------------------------
+
+    def _identity(self, model: str, variant: str) -> tuple[int, int] | None:
+        try:
+            st = (self.store.model_path(model) / "variants" / variant / MANIFEST).stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    async def _resident(self, model: str, variant: str) -> Resident:
+        """The resident copy of a variant: a hit, or a new fill started from the store (a miss)."""
+        if self.settings.registration_required and model not in self.registered:
+            raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
+        res = self.tier.get(model, variant)
+        ident = self._identity(model, variant)  # one stat: notices `sllmfs save --force` and `rm`
+        if res is not None and res.identity == ident and res.error:  # its fill is failing right now
+            raise Corrupt(self._refusal(res.model, res.variant, res.error))
+        if res is not None and res.identity == ident and res.state != "failed":
+            self.counters.hits += 1
+            return res
+        if res is not None:
+            self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
+        if ident is None:
+            info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
+            raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
+        refused = self.refused.get((model, variant))
+        if refused and refused[0] == ident:
+            raise Corrupt(refused[1])
+        variant_dir = self.store.model_path(model) / "variants" / variant
+        manifest = await trio.to_thread.run_sync(load_manifest, variant_dir)
+        if self.tier.get(model, variant) is not None:  # another task filled it while we read
+            return await self._resident(model, variant)
+        self.counters.misses += 1
+        res = self.tier.reserve(model, variant, manifest, ident)
+        try:
+            fill = Fill(res, variant_dir, self.settings.chunk_size)
+        except SllmfsError:
+            res.state = "failed"
+            self.tier.drop(res, why="fill failed")
+            raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._fill, fill)
+        return res
+
+    async def _fill(self, fill: Fill) -> None:
+        res = fill.res
+        self.fills.add(fill)
+        t0 = time.perf_counter()
+        log.info("fill started model=%s variant=%s bytes=%d threads=%d", res.model, res.variant, fill.total,
+                 self.settings.num_thread)
+        try:
+            async with trio.open_nursery() as n:
+                for _ in range(max(1, self.settings.num_thread)):
+                    n.start_soon(trio.to_thread.run_sync, fill.worker)
+        except Exception as e:  # a bug fails this fill, never the daemon
+            log.exception("fill crashed model=%s variant=%s", res.model, res.variant)
+            fill.error = fill.error or f"internal error: {type(e).__name__}"
+        finally:
+            fill.close()
+            self.fills.discard(fill)
+        seconds = time.perf_counter() - t0
+        self.counters.bytes_filled += res.filled
+        if fill.error or fill.stop:
+            res.state = "failed"
+            ready = res.ready.mm
+            for i in range(res.ready.size):  # clients waiting on unread windows learn at once
+                if ready[i] == PENDING:
+                    ready[i] = FAILED
+            if fill.error:
+                self.refused[(res.model, res.variant)] = (res.identity,
+                                                          self._refusal(res.model, res.variant, fill.error))
+                log.error("fill failed model=%s variant=%s: %s; refusing the model", res.model, res.variant, fill.error)
+        else:
+            res.state = "ready"
+            self.counters.fills += 1
+            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
+                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
+        if res.state == "failed" and not res.retired:
+            self.tier.drop(res, why="fill failed")
+        self.tier.settle(res)
+
+    @staticmethod
+    def _refusal(model: str, variant: str, why: str) -> str:
+        return (f"model {model!r} [{variant}] failed verification: {why}; "
+                f"run `sllmfs verify --model {model}` and save it again")
+
+    def _end_lease(self, conn: Conn, lease_id: int, *, why: str) -> None:
+        res = conn.leases.pop(lease_id)
+        res.leases -= 1
+        res.last_used = time.monotonic()
+        log.info("lease ended id=%d model=%s variant=%s pid=%d (%s)", lease_id, res.model, res.variant, conn.pid, why)
+        self.tier.settle(res)
+
+    async def _enforce_disk(self) -> list[str]:
+        protected = {r.model for r in self.tier.entries.values() if r.busy}
+        protected |= {r.model for r in self.tier.retired}
+        removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
+                                                protected)
+        for name in removed:
+            for (m, _), res in list(self.tier.entries.items()):
+                if m == name:
+                    self.tier.drop(res, why="removed from disk")
+        return removed
+
+    async def _disk_loop(self) -> None:
+        while True:
+            if self.settings.disk_size:
+                try:
+                    await self._enforce_disk()
+                except Exception as e:  # a damaged store entry must not stop the daemon
+                    log.warning("disk tier: %s", e)
+            await trio.sleep(30)
+
+
+async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes | None:
+    """n bytes, or None when the peer closes (or a deadline cancels) first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def _model_arg(msg: dict[str, Any]) -> str:
+    model = msg.get("model")
+    if not isinstance(model, str):
+        raise BadInput("request needs 'model' (a string)")
+    return names.check_model_name(model)
+
+
+def _variant_arg(msg: dict[str, Any]) -> str:
+    variant = msg.get("variant", "hf")
+    if not isinstance(variant, str):
+        raise BadInput("'variant' must be a string")
+    return names.check_variant(variant)
+
+
+def _metadata_files(store: Store, model: str, variant: str) -> list[tuple[str, Path]]:
+    info = store.get(model)
+    vfiles = info.variant_dir(variant) / "files"  # adapters keep their own config beside their weights
+    if variant != "hf" and vfiles.is_dir():
+        rels = sorted(str(p.relative_to(vfiles)) for p in vfiles.rglob("*") if p.is_file())
+        base = vfiles
+    else:
+        if variant not in info.variants:
+            raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
+        rels, base = info.files, info.path / "files"
+    out = []
+    for rel in rels:
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts:  # model.json is data: never follow it out of the store
+            raise Corrupt(f"model {model!r} lists a bad file name {rel!r}; save it again")
+        out.append((rel, base / rel))
+    if len(out) > wire.MAX_FDS:
+        raise BadInput(f"model {model!r} has {len(out)} metadata files; at most {wire.MAX_FDS} go in one reply")
+    return out
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
