@@ -40,11 +40,12 @@ def segments_of(lease: Lease) -> list[Any]:
     """The lease's mapped partitions as copy-engine segments, with their readiness bytes."""
     from sllmfs.copy_engine import Segment, address_of
 
-    ready_base = address_of(lease._ready)
+    ready_base = address_of(lease.readiness)
     out = []
     for i, m in enumerate(lease.maps):
         size = lease.sizes[i]
-        out.append(Segment(address_of(m) if size else 0, size, ready_base + lease._base[i], lease._unit, (m,)))
+        out.append(Segment(address_of(m) if size else 0, size, ready_base + lease.ready_base[i],
+                           lease.ready_unit, (m, lease.readiness)))
     return out
 
 

@@ -31,12 +31,15 @@ def start(
     registration_required: Optional[bool] = typer.Option(
         None, "--registration-required/--no-registration-required", help="Serve only registered models."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
+                                               "127.0.0.1:PORT (0: off)."),
 ) -> None:
     from sllmfs.sidecar.daemon import run
 
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
-                             registration_required=registration_required, log_level=log_level)
+                             registration_required=registration_required, log_level=log_level,
+                             metrics_port=metrics_port)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
     run(settings)
@@ -104,11 +107,23 @@ def load(
     model: str = typer.Option(..., "--model"),
     variant: str = VariantOpt,
     warm: bool = typer.Option(False, "--warm", help="Prefetch into host memory and return."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="transformers: load, time, generate."),
+    adapter_name: Optional[str] = typer.Option(None, "--adapter-name", help="Also load this LoRA adapter."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Cast on load, e.g. float16."),
+    device: str = typer.Option("cuda", "--device", help="cuda, cuda:N or cpu (the host target)."),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Unused by loads; accepted "
+                                               "for sllm-store compatibility."),
     socket: Optional[str] = SocketOpt,
 ) -> None:
-    if not warm:
-        raise BadInput("`sllmfs load` needs --warm (framework loading comes with the loaders)")
-    _warm(model, variant, socket)
+    if warm:
+        _warm(model, variant, socket)
+        return
+    if backend != "transformers":
+        raise BadInput("`sllmfs load` needs --warm, or --backend transformers (SGLang loads with "
+                       "--load-format sllm)")
+    from sllmfs.cli.load_framework import load_transformers
+
+    load_transformers(model, adapter=adapter_name, precision=precision, device=device, socket=socket)
 
 
 def _warm(model: str, variant: str, socket: str | None) -> None:

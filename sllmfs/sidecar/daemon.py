@@ -15,6 +15,7 @@ import trio
 
 from sllmfs.config import Settings
 from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.ops.systemd import notify
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.sidecar.memtier import MemoryTier
 from sllmfs.sidecar.server import Server
@@ -25,6 +26,14 @@ log = logging.getLogger("sllmfs.sidecar")
 
 def run(settings: Settings) -> None:
     """Serve in the foreground until SIGTERM/SIGINT; raises SllmfsError on a bad start."""
+    try:
+        _run(settings)
+    except SllmfsError as e:
+        notify(f"STATUS=failed to start: {e}")
+        raise
+
+
+def _run(settings: Settings) -> None:
     _setup_logging(settings.log_level)
     settings.chunk_size = round_chunk(settings.chunk_size)
     fuse_serve = _fuse_view() if settings.mount else None
@@ -54,16 +63,38 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             if fuse_serve is not None:
                 await nursery.start(fuse_serve, Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
+            if settings.metrics_port:
+                await nursery.start(_metrics, server, settings.metrics_port)
             log.info("serving socket=%s store=%s memory budget=%d disk budget=%d threads=%d chunk=%d",
                      settings.socket, store.root, tier.budget, settings.disk_size, settings.num_thread,
                      settings.chunk_size)
-            _notify_systemd(b"READY=1")
+            notify("READY=1", f"STATUS=serving {settings.socket}" + (f", mounted {settings.mount}"
+                                                                      if settings.mount else ""))
             async for signum in signals:
                 log.info("got %s: draining", signal.Signals(signum).name)
-                _notify_systemd(b"STOPPING=1")
+                notify("STOPPING=1", "STATUS=draining")
                 server.stop_fills()  # fill threads stop after their current piece
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _metrics(server: Server, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve Prometheus metrics from a status snapshot refreshed every 2 s (scrapes never touch the loop)."""
+    from sllmfs.ops.metrics import serve_metrics
+
+    latest: dict[str, Any] = {}
+
+    async def refresh() -> None:
+        reply, _fds = await server.op_status(None, {})  # type: ignore[arg-type]
+        latest["status"] = reply
+
+    await refresh()
+    serve_metrics(port, lambda: latest.get("status"))
+    log.info("metrics on 127.0.0.1:%d", port)
+    task_status.started()
+    while True:
+        await trio.sleep(2)
+        await refresh()
 
 
 def _fuse_view() -> Any:
@@ -132,17 +163,3 @@ def _setup_logging(level: str) -> None:
     if not isinstance(numeric, int):
         raise BadInput(f"--log-level {level!r} is not one of debug, info, warning, error")
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(asctime)s sllmfs %(levelname)s %(message)s")
-
-
-def _notify_systemd(state: bytes) -> None:
-    """Type=notify support without libsystemd: one datagram to $NOTIFY_SOCKET."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(state, addr)
-        except OSError:
-            pass
