@@ -4,6 +4,10 @@
 //        chunk_bytes, slot_bytes, slots_per_thread, cudart)
 // Engine.copy(segments, pieces, timeout, progress, mode) -> dict
 // Engine.release(base, length) -> int;  Engine.registered_bytes() -> int;  Engine.close()
+// Engine.register(base, length) -> dict;  Engine.open_ipc(handle, bus) -> int;  Engine.close_ipc(addr)
+// Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
+// runtime_path(cudart, fallback) -> str;  device_by_bus(bus, cudart, fallback) -> int
+// ipc_export(ptr, cudart, fallback) -> (handle, base, size, device, bus)
 // Errors raise _native.EngineError(kind, message); sllmfs.copy_engine maps kinds to classes.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -14,6 +18,7 @@
 
 #include "engine.h"
 #include "errors.h"
+#include "ipc.h"
 
 namespace {
 
@@ -38,6 +43,26 @@ void raise(const sllm::EngineError& e) {
   }
 }
 
+// Runs `fn` without the GIL; EngineError and std::exception become _native.EngineError.
+template <typename F>
+bool run_nogil(F&& fn) {
+  bool failed = false;
+  sllm::EngineError err(sllm::ErrorKind::Runtime, "");
+  Py_BEGIN_ALLOW_THREADS;
+  try {
+    fn();
+  } catch (const sllm::EngineError& e) {
+    err = e;
+    failed = true;
+  } catch (const std::exception& e) {
+    err = sllm::EngineError(sllm::ErrorKind::Runtime, e.what());
+    failed = true;
+  }
+  Py_END_ALLOW_THREADS;
+  if (failed) raise(err);
+  return !failed;
+}
+
 bool parse_mode(const std::string& m, sllm::Mode* out) {
   if (m == "register") *out = sllm::Mode::Register;
   else if (m == "stage") *out = sllm::Mode::Stage;
@@ -56,15 +81,16 @@ struct EngineObject {
 
 int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   static const char* kw[] = {"target", "device", "mode", "streams", "threads", "register_threads",
-                             "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", nullptr};
+                             "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", "cudart_fallback", nullptr};
   const char* target = "host";
   const char* mode = "hybrid";
   const char* cudart = "";
+  const char* fallback = "";
   sllm::EngineConfig cfg;
   unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKis", const_cast<char**>(kw), &target, &cfg.device, &mode,
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKiss", const_cast<char**>(kw), &target, &cfg.device, &mode,
                                    &cfg.streams, &cfg.stage_threads, &cfg.register_threads, &chunk, &slot,
-                                   &cfg.slots_per_thread, &cudart))
+                                   &cfg.slots_per_thread, &cudart, &fallback))
     return -1;
   std::string t(target), m(mode);
   if (t != "host" && t != "cuda") {
@@ -74,6 +100,7 @@ int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   if (!parse_mode(mode, &cfg.mode)) return -1;
   cfg.cuda = t == "cuda";
   cfg.cudart = cudart;
+  cfg.cudart_fallback = fallback;
   cfg.chunk_bytes = chunk;
   cfg.slot_bytes = slot;
   delete self->engine;
@@ -236,6 +263,88 @@ PyObject* engine_close(EngineObject* self, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* engine_register(EngineObject* self, PyObject* args) {
+  unsigned long long base, len;
+  if (!PyArg_ParseTuple(args, "KK", &base, &len)) return nullptr;
+  if (!need_engine(self)) return nullptr;
+  sllm::Registered r;
+  if (!run_nogil([&] { r = self->engine->register_segment(base, len); })) return nullptr;
+  return Py_BuildValue("{s:K,s:d,s:O}", "bytes", (unsigned long long)r.bytes, "seconds", r.seconds, "cached",
+                       r.cached ? Py_True : Py_False);
+}
+
+PyObject* engine_open_ipc(EngineObject* self, PyObject* args) {
+  Py_buffer h;
+  const char* bus;
+  if (!PyArg_ParseTuple(args, "y*s", &h, &bus)) return nullptr;
+  std::string handle(static_cast<const char*>(h.buf), static_cast<size_t>(h.len));
+  PyBuffer_Release(&h);
+  if (handle.size() != 64) {
+    PyErr_SetString(PyExc_ValueError, "a CUDA IPC handle is 64 bytes");
+    return nullptr;
+  }
+  if (!need_engine(self)) return nullptr;
+  std::string b(bus);
+  uintptr_t addr = 0;
+  if (!run_nogil([&] { addr = self->engine->open_ipc(handle.data(), b); })) return nullptr;
+  return PyLong_FromUnsignedLongLong(addr);
+}
+
+PyObject* engine_close_ipc(EngineObject* self, PyObject* args) {
+  unsigned long long addr;
+  if (!PyArg_ParseTuple(args, "K", &addr)) return nullptr;
+  if (!need_engine(self)) return nullptr;
+  if (!run_nogil([&] { self->engine->close_ipc(addr); })) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyObject* engine_open_ipc_count(EngineObject* self, PyObject*) {
+  if (!need_engine(self)) return nullptr;
+  return PyLong_FromSize_t(self->engine->open_ipc_count());
+}
+
+PyObject* engine_bus_id(EngineObject* self, PyObject*) {
+  if (!need_engine(self)) return nullptr;
+  std::string bus;
+  if (!run_nogil([&] { bus = self->engine->bus_id(); })) return nullptr;
+  return PyUnicode_FromString(bus.c_str());
+}
+
+PyObject* mod_runtime_path(PyObject*, PyObject* args) {
+  const char *cudart = "", *fallback = "";
+  if (!PyArg_ParseTuple(args, "|ss", &cudart, &fallback)) return nullptr;
+  std::string c(cudart), f(fallback), path;
+  if (!run_nogil([&] { path = sllm::runtime_path(c, f); })) return nullptr;
+  return PyUnicode_FromString(path.c_str());
+}
+
+PyObject* mod_device_by_bus(PyObject*, PyObject* args) {
+  const char *bus, *cudart = "", *fallback = "";
+  if (!PyArg_ParseTuple(args, "s|ss", &bus, &cudart, &fallback)) return nullptr;
+  std::string b(bus), c(cudart), f(fallback);
+  int dev = -1;
+  if (!run_nogil([&] { dev = sllm::device_by_bus(b, c, f); })) return nullptr;
+  return PyLong_FromLong(dev);
+}
+
+PyObject* mod_ipc_export(PyObject*, PyObject* args) {
+  unsigned long long ptr;
+  const char *cudart = "", *fallback = "";
+  if (!PyArg_ParseTuple(args, "K|ss", &ptr, &cudart, &fallback)) return nullptr;
+  std::string c(cudart), f(fallback);
+  sllm::IpcExport e;
+  if (!run_nogil([&] { e = sllm::ipc_export(ptr, c, f); })) return nullptr;
+  return Py_BuildValue("(y#KKis)", e.handle.data(), (Py_ssize_t)e.handle.size(), (unsigned long long)e.base,
+                       (unsigned long long)e.size, e.device, e.bus.c_str());
+}
+
+PyMethodDef module_methods[] = {
+    {"runtime_path", mod_runtime_path, METH_VARARGS, "runtime_path(cudart='', fallback='') -> path of the runtime"},
+    {"device_by_bus", mod_device_by_bus, METH_VARARGS, "device_by_bus(bus, cudart='', fallback='') -> ordinal"},
+    {"ipc_export", mod_ipc_export, METH_VARARGS,
+     "ipc_export(ptr, cudart='', fallback='') -> (handle, base, size, device, bus) of ptr's allocation"},
+    {nullptr, nullptr, 0, nullptr}};
+
 PyMethodDef engine_methods[] = {
     {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_copy)),
      METH_VARARGS | METH_KEYWORDS, "copy(segments, pieces, timeout=-1, progress=None, mode=None) -> stats dict"},
@@ -244,11 +353,18 @@ PyMethodDef engine_methods[] = {
     {"registered_bytes", reinterpret_cast<PyCFunction>(engine_registered_bytes), METH_NOARGS,
      "bytes currently pinned in place (cached registrations)"},
     {"close", reinterpret_cast<PyCFunction>(engine_close), METH_NOARGS, "synchronize, unpin, free the ring"},
+    {"register", reinterpret_cast<PyCFunction>(engine_register), METH_VARARGS,
+     "register(base, length) -> {bytes, seconds, cached}: pin a whole segment now, cached"},
+    {"open_ipc", reinterpret_cast<PyCFunction>(engine_open_ipc), METH_VARARGS,
+     "open_ipc(handle, bus) -> device address of another process's allocation"},
+    {"close_ipc", reinterpret_cast<PyCFunction>(engine_close_ipc), METH_VARARGS, "close_ipc(addr)"},
+    {"open_ipc_count", reinterpret_cast<PyCFunction>(engine_open_ipc_count), METH_NOARGS, "IPC handles open"},
+    {"bus_id", reinterpret_cast<PyCFunction>(engine_bus_id), METH_NOARGS, "PCI bus id of the engine's device"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyTypeObject EngineType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "sllmfs native copy engine", -1, nullptr};
+struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_native", "sllmfs native copy engine", -1, module_methods};
 
 }  // namespace
 

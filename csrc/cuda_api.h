@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <stdexcept>
 #include <string>
 
 namespace sllm {
@@ -26,6 +28,14 @@ constexpr unsigned kEventDisableTiming = 0x02;
 constexpr unsigned kHostRegisterPortable = 0x01;
 constexpr unsigned kHostRegisterReadOnly = 0x08;
 constexpr unsigned kHostAllocPortable = 0x01;
+constexpr unsigned kIpcMemLazyEnablePeerAccess = 0x01;
+constexpr int kMemoryTypeDevice = 2;
+constexpr size_t kIpcHandleBytes = 64;
+
+// cudaIpcMemHandle_t: opaque, passed by value (same layout, so the same ABI).
+struct IpcMemHandle {
+  char reserved[kIpcHandleBytes];
+};
 
 struct CudaApi {
   cudaError_t (*SetDevice)(int);
@@ -49,15 +59,34 @@ struct CudaApi {
   const char* (*GetErrorString)(cudaError_t);
   int (*RuntimeGetVersion)(int*);
   cudaError_t (*PointerGetAttributes)(void*, const void*);  // cudaPointerAttributes*, read as raw bytes
+  cudaError_t (*GetDevice)(int*);
+  cudaError_t (*IpcGetMemHandle)(IpcMemHandle*, void*);
+  cudaError_t (*IpcOpenMemHandle)(void**, IpcMemHandle, unsigned);
+  cudaError_t (*IpcCloseMemHandle)(void*);
+  cudaError_t (*DeviceGetByPCIBusId)(int*, const char*);
+  cudaError_t (*DeviceGetPCIBusId)(char*, int, int);
 
   void* handle = nullptr;
   std::string path;
 };
 
 // Opens the runtime: `path` first (the one torch loaded), then the sonames
-// already present in the process, then any on the loader path. Throws
+// already present in the process, then any on the loader path, then
+// `fallback` (a wheel's copy found by Python without importing torch).
+// The first successful load is kept for the process. Throws
 // std::runtime_error with one line saying what was tried.
-const CudaApi& load_cuda(const std::string& path);
+const CudaApi& load_cuda(const std::string& path, const std::string& fallback = "");
+
+// cuMemGetAddressRange_v2 from the driver (libcuda.so.1, already loaded by
+// the runtime): the cudaMalloc allocation holding `ptr`. Returns the CUresult.
+int driver_address_range(uint64_t ptr, uint64_t* base, size_t* size);
+
+// An optional entry point, or a one-line error naming it.
+template <typename F>
+F need(F fn, const char* name) {
+  if (!fn) throw std::runtime_error(std::string("the CUDA runtime lacks ") + name);
+  return fn;
+}
 
 // "cudaMemcpyAsync: cudaErrorInvalidValue (1): invalid argument"
 std::string cuda_error_text(const CudaApi& api, const char* call, cudaError_t rc);

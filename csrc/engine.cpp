@@ -102,7 +102,7 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     throw EngineError(ErrorKind::BadPlan, "the staging ring needs slot_bytes > 0 and at least 2 slots per thread");
   if (cfg_.streams < 1) throw EngineError(ErrorKind::BadPlan, "streams must be at least 1");
   check_threads(cfg_.mode);
-  target_ = cfg_.cuda ? make_cuda_target(cfg_.device, cfg_.cudart) : make_host_target();
+  target_ = cfg_.cuda ? make_cuda_target(cfg_.device, cfg_.cudart, cfg_.cudart_fallback) : make_host_target();
   for (int i = 0; i < cfg_.streams; ++i) streams_.push_back(target_->create_stream());
   lanes_.resize(std::max(cfg_.stage_threads, 0));  // rings are allocated on first use
 }
@@ -138,6 +138,17 @@ void Engine::close() {
       if (r.owned) target_->unregister_range(reinterpret_cast<void*>(a));
     regs_.clear();
   }
+  {
+    std::lock_guard<std::mutex> il(ipc_mu_);
+    for (auto& [a, n] : ipc_)
+      for (int i = 0; i < n; ++i) {
+        try {
+          target_->ipc_close(reinterpret_cast<void*>(a));
+        } catch (...) {
+        }
+      }
+    ipc_.clear();
+  }
   for (Lane& l : lanes_) {
     for (void* e : l.events) target_->destroy_event(e);
     for (uint8_t* s : l.slots) target_->free_pinned(s);
@@ -163,6 +174,68 @@ uint64_t Engine::registered_bytes() {
   std::lock_guard<std::mutex> rl(reg_mu_);
   uint64_t n = 0;
   for (auto& [a, r] : regs_) n += r.end - a;
+  return n;
+}
+
+Registered Engine::register_segment(uintptr_t base, uint64_t len) {
+  Registered r;
+  if (len == 0) return r;
+  if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
+  auto t = Clock::now();
+  uintptr_t a = down(base, kPage), e = up(base + len, kPage);
+  if (is_registered(a, e)) {
+    r.cached = true;
+    return r;
+  }
+  bool overlap;
+  {
+    std::lock_guard<std::mutex> rl(reg_mu_);
+    auto it = regs_.lower_bound(a);
+    overlap = it != regs_.end() && it->first < e;
+  }
+  // Blocks an earlier copy pinned one by one: unpin them, pin the whole once.
+  if (overlap) release(a, e - a);
+  target_->bind_thread();
+  bool owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
+  {
+    std::lock_guard<std::mutex> rl(reg_mu_);
+    regs_[a] = Reg{e, owned};
+  }
+  r.bytes = owned ? e - a : 0;
+  r.seconds = since(t);
+  return r;
+}
+
+uintptr_t Engine::open_ipc(const void* handle, const std::string& bus) {
+  if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
+  target_->bind_thread();
+  int dev = target_->device_of_bus(bus);
+  if (dev != cfg_.device)
+    throw EngineError(ErrorKind::Cuda, "the allocation is on GPU " + bus + " (device " + std::to_string(dev) +
+                                           " here) but this engine copies to device " + std::to_string(cfg_.device) +
+                                           "; use one engine per GPU");
+  auto a = reinterpret_cast<uintptr_t>(target_->ipc_open(handle));
+  std::lock_guard<std::mutex> il(ipc_mu_);
+  ++ipc_[a];
+  return a;
+}
+
+void Engine::close_ipc(uintptr_t addr) {
+  {
+    std::lock_guard<std::mutex> il(ipc_mu_);
+    auto it = ipc_.find(addr);
+    if (it == ipc_.end())
+      throw EngineError(ErrorKind::Runtime, "address " + std::to_string(addr) + " was not opened by open_ipc");
+    if (--it->second == 0) ipc_.erase(it);
+  }
+  target_->bind_thread();
+  target_->ipc_close(reinterpret_cast<void*>(addr));
+}
+
+size_t Engine::open_ipc_count() {
+  std::lock_guard<std::mutex> il(ipc_mu_);
+  size_t n = 0;
+  for (auto& [a, k] : ipc_) n += k;
   return n;
 }
 

@@ -24,6 +24,7 @@ struct EngineConfig {
   bool cuda = false;
   int device = 0;
   std::string cudart;  // path of the runtime torch loaded; empty = search
+  std::string cudart_fallback;  // tried after the loader's search (a wheel's copy)
   Mode mode = Mode::Hybrid;
   int streams = 4;
   int stage_threads = 4;
@@ -39,6 +40,12 @@ struct CopyStats {
   uint64_t blocks = 0, units = 0, register_calls = 0;
   double seconds = 0, register_seconds = 0, ring_alloc_seconds = 0, first_ready_seconds = 0;
   std::string register_fallback;  // why the register path stopped part way, if it did
+};
+
+struct Registered {
+  uint64_t bytes = 0;    // newly pinned by this call (0: cached, or pinned by someone else)
+  double seconds = 0;
+  bool cached = false;   // the range was already registered with this engine
 };
 
 // Called now and then from the copying thread; returning false aborts the copy.
@@ -60,6 +67,16 @@ class Engine {
   // Drops cached registrations inside [base, base+len): call before unmapping.
   size_t release(uintptr_t base, uint64_t len);
   uint64_t registered_bytes();
+  // Pins a whole segment now (off the load path) and caches it like the
+  // blocks a copy pins; later copies from it go straight to the GPU.
+  Registered register_segment(uintptr_t base, uint64_t len);
+  // Opens another process's device allocation (CUDA IPC) on this engine's
+  // device; `bus` is the PCI bus id the client saw. The address is an
+  // ordinary destination for copy() until close_ipc.
+  uintptr_t open_ipc(const void* handle, const std::string& bus);
+  void close_ipc(uintptr_t addr);
+  size_t open_ipc_count();
+  std::string bus_id() { return target_->bus_id(); }
   void close();
   const char* target_name() const { return target_->name(); }
 
@@ -89,6 +106,8 @@ class Engine {
   std::mutex copy_mu_;
   std::mutex reg_mu_;
   std::map<uintptr_t, Reg> regs_;
+  std::mutex ipc_mu_;
+  std::map<uintptr_t, int> ipc_;  // opened address -> times opened
   bool closed_ = false;
 };
 

@@ -30,13 +30,22 @@ class HostTarget final : public Target {
   void free_pinned(void* p) override { std::free(p); }
   bool register_range(void*, size_t) override { return true; }
   void unregister_range(void*) override {}
+  void* ipc_open(const void*) override { throw no_ipc(); }
+  void ipc_close(void*) override { throw no_ipc(); }
+  int device_of_bus(const std::string&) override { throw no_ipc(); }
+  std::string bus_id() override { return "host"; }
+
+ private:
+  static EngineError no_ipc() {
+    return EngineError(ErrorKind::Runtime, "CUDA IPC needs a CUDA engine (target='cuda'), not the host target");
+  }
 };
 
 class CudaTarget final : public Target {
  public:
-  CudaTarget(int device, const std::string& path) : device_(device) {
+  CudaTarget(int device, const std::string& path, const std::string& fallback) : device_(device) {
     try {
-      api_ = &load_cuda(path);
+      api_ = &load_cuda(path, fallback);
     } catch (const std::exception& e) {
       throw EngineError(ErrorKind::Cuda, e.what());
     }
@@ -76,12 +85,13 @@ class CudaTarget final : public Target {
   void free_pinned(void* p) override { api_->FreeHost(p); }
   bool register_range(void* p, size_t n) override {
     // Segments are mapped read-only; ReadOnly lets the driver pin them as such.
-    unsigned flags = read_only_ok_ ? kHostRegisterReadOnly : 0;
+    // Portable: a sidecar with one engine per GPU pins a segment once for all of them.
+    unsigned flags = kHostRegisterPortable | (read_only_ok_ ? kHostRegisterReadOnly : 0);
     cudaError_t rc = api_->HostRegister(p, n, flags);
     if (rc != kCudaSuccess && rc != kCudaErrorHostMemoryAlreadyRegistered && read_only_ok_) {
       api_->GetLastError();
       read_only_ok_ = false;
-      rc = api_->HostRegister(p, n, 0);
+      rc = api_->HostRegister(p, n, kHostRegisterPortable);
     }
     if (rc == kCudaErrorHostMemoryAlreadyRegistered || (rc != kCudaSuccess && is_pinned(p))) {
       api_->GetLastError();  // already page-locked (cudaHostAlloc memory is refused with InvalidValue)
@@ -92,6 +102,24 @@ class CudaTarget final : public Target {
   }
   void unregister_range(void* p) override {
     if (api_->HostUnregister(p) != kCudaSuccess) api_->GetLastError();
+  }
+  void* ipc_open(const void* handle) override {
+    IpcMemHandle h;
+    std::memcpy(h.reserved, handle, kIpcHandleBytes);
+    void* p = nullptr;
+    check("cudaIpcOpenMemHandle", need(api_->IpcOpenMemHandle, "cudaIpcOpenMemHandle")(&p, h, kIpcMemLazyEnablePeerAccess));
+    return p;
+  }
+  void ipc_close(void* p) override { check("cudaIpcCloseMemHandle", need(api_->IpcCloseMemHandle, "cudaIpcCloseMemHandle")(p)); }
+  int device_of_bus(const std::string& bus) override {
+    int dev = -1;
+    check("cudaDeviceGetByPCIBusId", need(api_->DeviceGetByPCIBusId, "cudaDeviceGetByPCIBusId")(&dev, bus.c_str()));
+    return dev;
+  }
+  std::string bus_id() override {
+    char buf[32] = {};
+    check("cudaDeviceGetPCIBusId", need(api_->DeviceGetPCIBusId, "cudaDeviceGetPCIBusId")(buf, sizeof buf, device_));
+    return buf;
   }
 
  private:
@@ -120,8 +148,8 @@ class CudaTarget final : public Target {
 }  // namespace
 
 std::unique_ptr<Target> make_host_target() { return std::make_unique<HostTarget>(); }
-std::unique_ptr<Target> make_cuda_target(int device, const std::string& path) {
-  return std::make_unique<CudaTarget>(device, path);
+std::unique_ptr<Target> make_cuda_target(int device, const std::string& path, const std::string& fallback) {
+  return std::make_unique<CudaTarget>(device, path, fallback);
 }
 
 }  // namespace sllm

@@ -31,9 +31,16 @@ class Target {
   // else (nothing to undo). Throws EngineError(Cuda) on failure.
   virtual bool register_range(void* p, size_t n) = 0;
   virtual void unregister_range(void* p) = 0;
+  // CUDA IPC (destinations in another process's allocations). `handle` is the
+  // 64-byte cudaIpcMemHandle_t. The host target refuses these.
+  virtual void* ipc_open(const void* handle) = 0;
+  virtual void ipc_close(void* p) = 0;
+  // Device ordinal of a PCI bus id ("0000:41:00.0"), and this target's own.
+  virtual int device_of_bus(const std::string& bus) = 0;
+  virtual std::string bus_id() = 0;
 };
 
 std::unique_ptr<Target> make_host_target();
-std::unique_ptr<Target> make_cuda_target(int device, const std::string& cudart_path);
+std::unique_ptr<Target> make_cuda_target(int device, const std::string& cudart_path, const std::string& fallback);
 
 }  // namespace sllm
