@@ -97,17 +97,31 @@ def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) ->
     return total[0] / (time.perf_counter() - t0) / 1e9
 
 
-def client_run(socket: str, mode: str) -> dict[str, object]:
+# label -> (who copies, engine mode, one slab or a tensor each)
+PATHS = {"sidecar": ("sidecar", "auto", False), "sidecar-slab": ("sidecar", "auto", True),
+         "client": ("client", "auto", False)}
+
+
+def client_run(socket: str, label: str) -> dict[str, object]:
     """One fresh-process load: allocate + poison GPU tensors, then time connect → last byte."""
     import torch
 
     from sllmfs.client import connect
     from sllmfs.transfer import copy_into
 
+    who, mode, slab = PATHS[label]
+    os.environ["SLLMFS_GPU_COPY"] = who
     with connect(socket) as c:  # a first connection only to learn the manifest for allocation
         with c.acquire(MODEL, "hf") as lease:
-            shapes = {n: (r.shape, r.dtype) for n, r in lease.entries.items()}
-    dst = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, (s, _d) in shapes.items()}
+            shapes = {n: (r.shape, r.nbytes) for n, r in lease.entries.items()}
+    if slab:  # as a framework that allocates its weights in one block would
+        buf = torch.empty(sum(-(-n // 256) * 256 for _s, n in shapes.values()), dtype=torch.uint8, device="cuda")
+        dst, at = {}, 0
+        for name, (shape, n) in shapes.items():
+            dst[name] = buf[at:at + n].view(torch.bfloat16).view(shape)
+            at += -(-n // 256) * 256
+    else:
+        dst = {n: torch.empty(s, dtype=torch.bfloat16, device="cuda") for n, (s, _b) in shapes.items()}
     for t in dst.values():
         t.view(torch.int16).fill_(-1)  # poison: 0xFFFF is a NaN in bf16, never a stored random weight
     torch.cuda.synchronize()
@@ -126,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--modes", default="auto")
+    ap.add_argument("--paths", default="sidecar,sidecar-slab,client")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--client", nargs=2, metavar=("SOCKET", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,13 +177,13 @@ def main() -> None:
                 break
             time.sleep(0.1)
         runs: dict[str, object] = {}
-        for mode in args.modes.split(","):
+        for path in args.paths.split(","):
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
             result["dropped_caches"] = drop_caches()
             for label in ("cold", "warm"):
-                out = sh(sys.executable, __file__, "--client", sock, mode)
+                out = sh(sys.executable, __file__, "--client", sock, path)
                 run = json.loads(out.split("RESULT ", 1)[1])
-                runs[f"{label}.{mode}"] = run
+                runs[f"{label}.{path}"] = run
         result["runs"] = runs
     finally:
         daemon.terminate()

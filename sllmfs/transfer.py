@@ -8,6 +8,8 @@ view. Nothing here knows about a particular framework.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sllmfs import dtypes
-from sllmfs.errors import BadInput
+from sllmfs.errors import BadInput, SllmfsError
+
+_log = logging.getLogger("sllmfs")
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +61,35 @@ def _device_of(targets: dict[str, torch.Tensor]) -> tuple[str, int]:
     return ("host" if kind == "cpu" else kind), index
 
 
+def _sidecar_copy_wanted() -> bool:
+    """SLLMFS_GPU_COPY: ``auto`` (default: the sidecar copies when it can), ``sidecar``, ``client``."""
+    return os.environ.get("SLLMFS_GPU_COPY", "auto") != "client"
+
+
+def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
+                  timeout: float) -> dict[str, Any] | None:
+    """Ask the sidecar, which keeps its segments pinned, to copy into our tensors; None: copy here."""
+    from sllmfs.gpu_ipc import export_targets
+
+    by_ptr = {t.data_ptr(): t for t in targets.values() if t.numel()}
+    wanted = {f"{r[2]:x}": by_ptr[r[2]] for r in rows}  # one entry per destination, ties copied once
+    blocks, places = export_targets(wanted)
+    pieces = []
+    for part, offset, ptr, nbytes in rows:
+        block, at = places[f"{ptr:x}"]
+        pieces.append([part, offset, block, at, nbytes])
+    try:
+        reply = lease.client._op("load_ipc", lease=lease.id, blocks=blocks, pieces=pieces, timeout=timeout)
+    except SllmfsError as e:
+        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar" or "cannot copy to GPUs" not in str(e):
+            raise
+        _log.info("sllmfs: %s", e)
+        return None
+    reply.pop("ok", None)
+    reply["path"] = "sidecar"
+    return reply
+
+
 def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float = 120.0,
               strict: bool = True, mode: str = "auto") -> LoadStats:
     """Fill ``targets`` (name → pre-allocated tensor) from ``lease``'s mapped segments."""
@@ -91,6 +124,11 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
             stats.bytes += ref.nbytes
     rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
     target, device = _device_of(targets)
+    if rows and target == "cuda" and _sidecar_copy_wanted():
+        copied = _sidecar_copy(lease, targets, rows, timeout)
+        if copied is not None:
+            stats.engine = copied
+            rows = []
     if rows:
         with CopyEngine(target=target, device=device, mode=mode) as engine:
             segs = segments_of(lease)

@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,7 @@ class Resident:
     filled: int = 0  # bytes verified so far
     error: str | None = None  # set by a fill thread on the first bad window; the fill then winds down
     wire_tensors: list[list[Any]] = field(default_factory=list)
+    unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
 
     @property
     def nbytes(self) -> int:
@@ -110,6 +112,9 @@ class Resident:
         return self.leases > 0 or self.pinned or self.state == "filling"
 
     def close(self) -> None:
+        if self.unpin is not None:  # a pinned mapping must be unregistered before it is unmapped
+            self.unpin()
+            self.unpin = None
         for s in self.segments:
             s.close()
         self.ready.close()

@@ -29,6 +29,7 @@ from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
 from sllmfs.format import CHUNK_SIZE, MANIFEST, load_manifest
 from sllmfs.sidecar import disktier, wire
 from sllmfs.sidecar.fill import Fill
+from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import FAILED, PENDING, MemoryTier, Resident
 from sllmfs.store import Store
 
@@ -73,7 +74,9 @@ class Server:
             "list": self.op_list, "acquire": self.op_acquire, "release": self.op_release,
             "status": self.op_status, "pin": self.op_pin, "unpin": self.op_unpin, "evict": self.op_evict,
             "refresh": self.op_refresh, "register": self.op_register, "files": self.op_files,
+            "load_ipc": self.op_load_ipc,
         }
+        self.gpu = GpuCopier()
 
     # -- serving -------------------------------------------------------------
 
@@ -304,6 +307,21 @@ class Server:
         removed = await self._enforce_disk()
         models = await trio.to_thread.run_sync(self.store.list)
         return {"ok": True, "models": len(models), "dropped": dropped, "removed": removed}, []
+
+    async def op_load_ipc(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+        """Copy a leased variant's bytes into the client's GPU tensors (CUDA IPC handles it exported)."""
+        res = conn.leases.get(msg.get("lease"))  # type: ignore[arg-type]
+        if res is None:
+            raise BadInput(f"lease {msg.get('lease')!r} is not held on this connection")
+        blocks, pieces = msg.get("blocks"), msg.get("pieces")
+        if not isinstance(blocks, list) or not isinstance(pieces, list):
+            raise BadInput("load_ipc needs 'blocks' and 'pieces' lists")
+        timeout = float(msg.get("timeout", 120.0))
+        stats = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, timeout)
+        log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f rate=%.2fGB/s opens=%d", res.model,
+                 res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0), stats.get("gbps", 0.0),
+                 stats.get("ipc_opens", 0))
+        return {"ok": True, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}}, []
 
     async def op_status(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         sizes = await trio.to_thread.run_sync(disktier.disk_usage, self.store)

@@ -1,0 +1,88 @@
+"""Sidecar-side GPU copies: the sidecar keeps its segments pinned and copies into clients' tensors.
+
+A fresh client would pay 26-93 ms/GiB to pin the shared segments before it
+could copy at link speed (bench/NOTES-copy-engine.md). The sidecar lives
+long: it pins each segment once (cached per mapping, released before the
+segment is freed) and writes into the client's GPU allocations, which the
+client exports as CUDA IPC handles (sllmfs.gpu_ipc). One engine per GPU,
+made on first use; one copy at a time per engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from sllmfs.errors import BadInput
+from sllmfs.format import CHUNK_SIZE
+from sllmfs.sidecar.memtier import Resident
+
+log = logging.getLogger("sllmfs.sidecar")
+
+
+class GpuCopier:
+    def __init__(self) -> None:
+        self._engines: dict[str, Any] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._make = threading.Lock()
+        self.unavailable: str | None = None  # why this sidecar cannot copy to GPUs (then clients copy)
+
+    def _engine(self, bus: str) -> tuple[Any, threading.Lock]:
+        from sllmfs.copy_engine import CopyEngine, CopyError
+
+        with self._make:
+            if self.unavailable:
+                raise BadInput(self.unavailable)
+            if bus not in self._engines:
+                try:
+                    self._engines[bus] = CopyEngine(target="cuda", device=bus, mode="auto")
+                except CopyError as e:
+                    self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
+                    raise BadInput(self.unavailable) from None
+                self._locks[bus] = threading.Lock()
+                log.info("gpu copy engine ready device=%s", bus)
+            return self._engines[bus], self._locks[bus]
+
+    @staticmethod
+    def _segments(res: Resident) -> list[Any]:
+        from sllmfs.copy_engine import Segment, address_of
+
+        ready = address_of(res.ready.mm)
+        return [Segment(address_of(s.mm) if s.size else 0, s.size, ready + res.chunk_base[i], CHUNK_SIZE, (s.mm,))
+                for i, s in enumerate(res.segments)]
+
+    def copy(self, res: Resident, blocks: list[dict[str, Any]], pieces: list[list[int]],
+             timeout: float) -> dict[str, Any]:
+        """Run in a worker thread: copy ``pieces`` (partition, offset, block, block offset, nbytes)."""
+        if not blocks:
+            return {"bytes": 0, "seconds": 0.0, "gbps": 0.0}
+        buses = {str(b.get("device", "")) for b in blocks}
+        if len(buses) != 1:
+            raise BadInput(f"one load_ipc request per GPU, got devices {sorted(buses)}")
+        engine, lock = self._engine(buses.pop())
+        segs = self._segments(res)
+        with lock:
+            if res.unpin is None:  # the engine may pin these mappings: unpin before they are unmapped
+                res.unpin = lambda: self.release(res)
+            if res.state == "ready":  # pin once, off every later load's path
+                for s in segs:
+                    if s.length:
+                        engine.register(s)
+            rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
+            stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True)
+        addrs = stats.pop("ipc_addrs", [])
+        for a in addrs:  # every byte has landed; handles close after the copy, not on the client's clock
+            engine.close_ipc(a)
+        return stats
+
+    def release(self, res: Resident) -> None:
+        """Unpin a resident's segments in every engine (before they are unmapped)."""
+        segs = self._segments(res)
+        for bus, engine in self._engines.items():
+            with self._locks[bus]:
+                for s in segs:
+                    if s.length:
+                        engine.release(s)
