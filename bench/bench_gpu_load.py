@@ -102,7 +102,7 @@ PATHS = {"sidecar": ("sidecar", "auto", False), "sidecar-slab": ("sidecar", "aut
          "client": ("client", "auto", False)}
 
 
-def client_run(socket: str, label: str) -> dict[str, object]:
+def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     """One fresh-process load: allocate + poison GPU tensors, then time connect → last byte."""
     import torch
 
@@ -111,9 +111,10 @@ def client_run(socket: str, label: str) -> dict[str, object]:
 
     who, mode, slab = PATHS[label]
     os.environ["SLLMFS_GPU_COPY"] = who
-    with connect(socket) as c:  # a first connection only to learn the manifest for allocation
-        with c.acquire(MODEL, "hf") as lease:
-            shapes = {n: (r.shape, r.nbytes) for n, r in lease.entries.items()}
+    from sllmfs.store import Store
+
+    m = Store(store, cleanup=False).get(MODEL).manifest("hf")  # shapes, without starting a fill
+    shapes = {n: (tuple(m.entry(n).shape), m.entry(n).nbytes) for n in m.names()}
     if slab:  # as a framework that allocates its weights in one block would
         buf = torch.empty(sum(-(-n // 256) * 256 for _s, n in shapes.values()), dtype=torch.uint8, device="cuda")
         dst, at = {}, 0
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--paths", default="sidecar,sidecar-slab,client")
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--client", nargs=2, metavar=("SOCKET", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs=3, metavar=("SOCKET", "PATH", "STORE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         print("RESULT " + json.dumps(client_run(*args.client)))
@@ -181,7 +182,7 @@ def main() -> None:
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
             result["dropped_caches"] = drop_caches()
             for label in ("cold", "warm"):
-                out = sh(sys.executable, __file__, "--client", sock, path)
+                out = sh(sys.executable, __file__, "--client", sock, path, str(store))
                 run = json.loads(out.split("RESULT ", 1)[1])
                 runs[f"{label}.{path}"] = run
         result["runs"] = runs

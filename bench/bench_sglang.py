@@ -123,11 +123,11 @@ def tiny(work: Path, logs: Path) -> dict[str, object]:
     return {"runs": runs, "identical": bool(ref) and all(r.get("ids") == ref for r in runs)}
 
 
-def big(work: Path, logs: Path, layers: int) -> dict[str, object]:
+def big(work: Path, logs: Path, layers: int, src: Path | None) -> dict[str, object]:
     from bench_gpu_load import pinned_peak
     from llama_shapes import write_checkpoint
 
-    src, store = work / "big-src", work / "store"
+    src, store = src or work / "big-src", work / "store"
     if not (src / "model.safetensors").exists():
         write_checkpoint(src, layers=layers)
     subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -174,7 +175,7 @@ def main() -> None:
     if args.tiny:
         result["tiny"] = tiny(work, logs)
     if args.big:
-        result["big"] = big(work, logs, args.layers)
+        result["big"] = big(work, logs, args.layers, Path(args.big_src) if args.big_src else None)
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
     dest.write_text(json.dumps(result, indent=1))
     if "tiny" in result:
