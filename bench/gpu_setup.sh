@@ -4,7 +4,7 @@
 # (../shared/gpu/README.md), our native extension is compiled here, our other deps are in its image.
 set -e
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-[ -f .gpu/sglang-env.sh ] && source .gpu/sglang-env.sh
+[ -z "${NO_SGLANG:-}" ] && [ -f .gpu/sglang-env.sh ] && source .gpu/sglang-env.sh
 [ -f .gpu/fuse-env.sh ] && source .gpu/fuse-env.sh
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -i warning || true
 python3 -c "import sllmfs._native, trio, pyfuse3; print('sllmfs ready')"
