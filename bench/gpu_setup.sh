@@ -2,7 +2,6 @@
 #   source bench/gpu_setup.sh [HUGEPAGES]     (HUGEPAGES: 2 MiB pages to reserve, default 8192 = 16 GiB)
 # The machine has no package registry: SGLang and FUSE come from the carried .gpu/ folder
 # (../shared/gpu/README.md), our native extension is compiled here, our other deps are in its image.
-set -e
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 [ -z "${NO_SGLANG:-}" ] && [ -f .gpu/sglang-env.sh ] && source .gpu/sglang-env.sh
 [ -f .gpu/fuse-env.sh ] && source .gpu/fuse-env.sh
@@ -11,4 +10,3 @@ python3 -c "import sllmfs._native, trio, pyfuse3; print('sllmfs ready')"
 # The memory tier uses hugetlb memfds when pages are reserved: GPU registration is ~2x cheaper.
 echo "${1:-8192}" > /proc/sys/vm/nr_hugepages || true
 grep -E "HugePages_(Total|Free)" /proc/meminfo
-set +e
