@@ -158,8 +158,9 @@ def main() -> None:
         write_checkpoint(src, layers=args.layers)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
-       "--storage-path", str(store), "--force")
+    if not list(store.glob("models/*/variants/hf/manifest.json")):
+        sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
+           "--storage-path", str(store), "--force")
     save_s = time.perf_counter() - t0
     files = sorted(p for p in store.rglob("data_*.bin"))
     stored = sum(f.stat().st_size for f in files)
@@ -171,11 +172,12 @@ def main() -> None:
     result["disk_read_gbps"] = disk_read_bw(files)
     daemon = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store), "--socket",
                                sock, "--mem-pool-size", "48GB", "--num-thread", "16", "--chunk-size", "64MiB"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=open(work / "sidecar.log", "w"), stderr=subprocess.STDOUT)
     try:
-        for _ in range(300):
-            if os.path.exists(sock):
-                break
+        deadline = time.monotonic() + 120
+        while not os.path.exists(sock):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"sidecar did not start:\n{(work / 'sidecar.log').read_text()[-3000:]}")
             time.sleep(0.1)
         runs: dict[str, object] = {}
         for path in args.paths.split(","):
@@ -189,11 +191,11 @@ def main() -> None:
     finally:
         daemon.terminate()
         try:
-            log, _ = daemon.communicate(timeout=30)
+            daemon.wait(timeout=30)
         except subprocess.TimeoutExpired:
             daemon.kill()
-            log, _ = daemon.communicate()
-        result["daemon_log_tail"] = log.splitlines()[-20:]
+            daemon.wait()
+        result["daemon_log_tail"] = (work / "sidecar.log").read_text().splitlines()[-20:]
     peak, disk = result["pinned_h2d_peak_gbps"], result["disk_read_gbps"]
     assert isinstance(peak, float) and isinstance(disk, float)
     out_dir = Path(args.out)
