@@ -128,8 +128,10 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with connect(socket) as c, c.acquire(MODEL, "hf") as lease:
+        t_acq = time.perf_counter()
         stats = copy_into(lease, dst, mode=mode, timeout=600)
         t1 = time.perf_counter()
+        stats.engine["acquire_s"] = t_acq - t0
         views = lease.tensors()
         bad = [n for n, v in views.items() if not torch.equal(dst[n], v.to("cuda", non_blocking=False))]
     nbytes = sum(t.numel() * 2 for t in dst.values())

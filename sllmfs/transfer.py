@@ -73,7 +73,9 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
 
     by_ptr = {t.data_ptr(): t for t in targets.values() if t.numel()}
     wanted = {f"{r[2]:x}": by_ptr[r[2]] for r in rows}  # one entry per destination, ties copied once
+    t0 = time.perf_counter()
     blocks, places = export_targets(wanted)
+    t1 = time.perf_counter()
     pieces = []
     for part, offset, ptr, nbytes in rows:
         block, at = places[f"{ptr:x}"]
@@ -86,7 +88,7 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
         _log.info("sllmfs: %s", e)
         return None
     reply.pop("ok", None)
-    reply["path"] = "sidecar"
+    reply.update(path="sidecar", export_s=t1 - t0, request_s=time.perf_counter() - t1)
     return reply
 
 

@@ -65,18 +65,31 @@ class GpuCopier:
         engine, lock = self._engine(buses.pop())
         segs = self._segments(res)
         with lock:
-            if res.unpin is None:  # the engine may pin these mappings: unpin before they are unmapped
+            if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
                 res.unpin = lambda: self.release(res)
-            if res.state == "ready":  # pin once, off every later load's path
-                for s in segs:
-                    if s.length:
-                        engine.register(s)
             rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
             stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True)
         addrs = stats.pop("ipc_addrs", [])
         for a in addrs:  # every byte has landed; handles close after the copy, not on the client's clock
             engine.close_ipc(a)
         return stats
+
+    @property
+    def active(self) -> bool:
+        return bool(self._engines)
+
+    def pin(self, res: Resident) -> None:
+        """Worker thread, right after a fill no copy has touched: pin it now so the first load needs not."""
+        if res.unpin is not None or res.state != "ready":
+            return
+        res.unpin = lambda: self.release(res)
+        segs = self._segments(res)
+        for bus, engine in list(self._engines.items()):
+            with self._locks[bus]:
+                for s in segs:
+                    if s.length:
+                        engine.register(s)
+        log.info("pinned model=%s variant=%s for GPU copies", res.model, res.variant)
 
     def release(self, res: Resident) -> None:
         """Unpin a resident's segments in every engine (before they are unmapped)."""

@@ -317,10 +317,12 @@ class Server:
         if not isinstance(blocks, list) or not isinstance(pieces, list):
             raise BadInput("load_ipc needs 'blocks' and 'pieces' lists")
         timeout = float(msg.get("timeout", 120.0))
+        t0 = time.perf_counter()
         stats = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, timeout)
-        log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f rate=%.2fGB/s opens=%d", res.model,
-                 res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0), stats.get("gbps", 0.0),
-                 stats.get("ipc_opens", 0))
+        stats["wall_s"] = time.perf_counter() - t0
+        log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d",
+                 res.model, res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0),
+                 stats["wall_s"], stats.get("gbps", 0.0), stats.get("ipc_opens", 0))
         return {"ok": True, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}}, []
 
     async def op_status(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -425,6 +427,8 @@ class Server:
             self.counters.fills += 1
             log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
                      res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
+            if self.gpu.active and res.unpin is None and self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, self.gpu.pin, res)
         if res.state == "failed" and not res.retired:
             self.tier.drop(res, why="fill failed")
         self.tier.settle(res)
