@@ -318,8 +318,10 @@ class Server:
             raise BadInput("load_ipc needs 'blocks' and 'pieces' lists")
         timeout = float(msg.get("timeout", 120.0))
         t0 = time.perf_counter()
-        stats = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, timeout)
+        stats, close = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, timeout)
         stats["wall_s"] = time.perf_counter() - t0
+        assert self._nursery is not None
+        self._nursery.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
         log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d",
                  res.model, res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0),
                  stats["wall_s"], stats.get("gbps", 0.0), stats.get("ipc_opens", 0))
