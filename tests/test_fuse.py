@@ -194,7 +194,9 @@ def test_socket_is_advertised_by_xattr_and_marker_file(shared: tuple[Path, Path]
               mnt / "org" / "tiny" / "config.json", mnt / "org" / "tiny" / "adapters" / "mine"]:
         assert os.getxattr(p, "user.sllmfs.socket") == SOCKET.encode(), p
         assert "user.sllmfs.socket" in os.listxattr(p)
-    assert json.loads((mnt / ".sllmfs.json").read_bytes()) == {"socket": SOCKET, "version": 1}
+    marker = json.loads((mnt / ".sllmfs.json").read_bytes())
+    assert marker["socket"] == SOCKET and marker["version"] == 1
+    assert (Path(marker["storage_path"]) / "store.json").is_file()  # where SGLang writes its per-rank state
 
 
 def test_stat_sizes_inodes_and_statfs(shared: tuple[Path, Path]) -> None:

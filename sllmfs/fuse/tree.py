@@ -2,7 +2,7 @@
 
 Layout::
 
-    <mount>/.sllmfs.json                       {"socket": ..., "version": 1}
+    <mount>/.sllmfs.json                       {"socket": ..., "storage_path": ..., "version": 1}
     <mount>/<org>/<name>/config.json ...        metadata files copied at save time
     <mount>/<org>/<name>/model.safetensors      synthesized from the ``hf`` variant
     <mount>/<org>/<name>/adapters/<a>/...       LoRA variants ``lora.<a>``
@@ -83,7 +83,9 @@ class Tree:
         self._content: dict[str, tuple[Stamp, dict[str, Node]]] = {}  # model -> (stamp, its files)
         self.started_ns = time.time_ns()
         self.root = self._node(("ns", ()), is_dir=True, prefix=(), mtime_ns=self.started_ns)
-        marker = json.dumps({"socket": socket_path, "version": MARKER_VERSION}).encode() + b"\n"
+        # the store path lets SGLang's loader write its per-rank state back beside the model
+        marker = json.dumps({"socket": socket_path, "storage_path": str(store.root),
+                             "version": MARKER_VERSION}).encode() + b"\n"
         self.marker = self._node(("marker",), is_dir=False, data=marker, size=len(marker), mtime_ns=self.started_ns)
 
     # -- inode table -----------------------------------------------------------
