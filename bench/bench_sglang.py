@@ -40,6 +40,8 @@ def engine_child(model_path: str, load_format: str, extra: str, generate: bool) 
               sampling_backend="pytorch", attention_backend="triton", log_level="info", random_seed=0)
     if extra:
         kw["model_loader_extra_config"] = extra
+    if not generate:  # the 7B-shaped checkpoint is weights + config only
+        kw["skip_tokenizer_init"] = True
     llm = sglang.Engine(**kw)
     ready = time.perf_counter() - t0
     ids = None
