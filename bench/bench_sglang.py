@@ -60,11 +60,12 @@ def run_engine(label: str, model_path: str, load_format: str, log_dir: Path, *, 
     proc = subprocess.run(args, capture_output=True, text=True, timeout=540)
     wall = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
-    (log_dir / f"{label}.log").write_text(log)
+    (log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".log")).write_text(log)
     res: dict[str, object] = {"label": label, "wall_s": wall, "rc": proc.returncode}
     m = LOAD_END.findall(log)
     res["load_weight_s"] = float(m[-1]) if m else None
     sllm = re.findall(r"sllmfs: loaded .* by the ([a-z-]+) path in ([0-9.]+) s", log)
+    res["sllm_log"] = [line[-240:] for line in log.splitlines() if "sllmfs:" in line][-6:]
     if sllm:
         res["sllm_path"], res["sllm_load_s"] = sllm[-1][0], float(sllm[-1][1])
     for line in log.splitlines():

@@ -183,15 +183,20 @@ class SllmModelLoader(BaseModelLoader):
             with target:
                 return _initialize_model(model_config, self.load_config, quant_config)
 
+        t_located = time.perf_counter()
         with set_default_torch_dtype(model_config.dtype):
             model, replace = self._fast_path(source, want, new_model)
+            t_fast = time.perf_counter()
             if model is None:
                 model = self._any_tp_path(source, want, new_model, target)
                 if self.write_back_mode != writeback.OFF:
                     self._write_back(located, want, model, replace)
-        _free_staging(target)
-        log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.2f s", located.model, want.tp_rank,
-                 want.tp_size, self.path_taken, time.perf_counter() - t0)
+        t_loaded = time.perf_counter()
+        _free_staging(target, collect=self.path_taken != "fast")  # the fast path stages nothing
+        log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.2f s (locate %.3f, fast path %.3f, "
+                 "any-TP %.3f, free %.3f)", located.model, want.tp_rank, want.tp_size, self.path_taken,
+                 time.perf_counter() - t0, t_located - t0, t_fast - t_located, t_loaded - t_fast,
+                 time.perf_counter() - t_loaded)
         return model.eval()
 
     def _fast_path(self, source: WeightSource, want: RankVariant,
@@ -203,14 +208,19 @@ class SllmModelLoader(BaseModelLoader):
                 problem = layout_problem(lease.metadata, want)
                 if problem:
                     raise _Unfit(problem)
+                t0 = time.perf_counter()
                 model = new_model()
+                t1 = time.perf_counter()
                 # as ShardedStateLoader: post-process first, so the tensors have their final shapes
                 for module in model.modules():
                     quant_method = getattr(module, "quant_method", None)
                     if quant_method is not None:
                         quant_method.process_weights_after_loading(module)
+                t2 = time.perf_counter()
                 try:
                     fill_rank_state(model, lease)
+                    log.info("sllmfs: fast path: model init %.3f s, post-process %.3f s, fill %.3f s",
+                             t1 - t0, t2 - t1, time.perf_counter() - t2)
                 except BaseException:
                     del model
                     raise
@@ -250,8 +260,9 @@ class SllmModelLoader(BaseModelLoader):
             wb.start()
 
 
-def _free_staging(target: torch.device) -> None:
+def _free_staging(target: torch.device, *, collect: bool = True) -> None:
     """SGLang sizes the KV cache from free GPU memory right after us: leave nothing cached."""
-    gc.collect()
+    if collect:  # a full collection in SGLang's big heap costs a noticeable part of a fast load
+        gc.collect()
     if target.type == "cuda":
         torch.cuda.empty_cache()
