@@ -178,29 +178,22 @@ class Store:
 
     def commit_model(self, staged: Path, name: str, *, force: bool) -> None:
         """Publish a fully written model directory under its name, atomically."""
-        fsync_tree(staged)
-        dest = self.model_path(name)
-        old = None
-        if dest.exists():
-            if not force:
-                raise BadInput(f"model {name!r} is already in the store; pass --force to replace it")
-            old = self.tmp_dir / (uuid.uuid4().hex + ".old")
-            os.rename(dest, old)
-        os.rename(staged, dest)
-        fsync_dir(self.models_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self._publish(staged, self.model_path(name), force=force,
+                      exists=f"model {name!r} is already in the store")
 
     def commit_variant(self, staged: Path, name: str, key: str, *, force: bool) -> None:
         """Publish one variant directory into an existing model, atomically."""
-        info = self.get(name)
-        fsync_tree(staged)
-        dest = info.variant_dir(key)
+        dest = self.get(name).variant_dir(key)
         dest.parent.mkdir(exist_ok=True)
+        self._publish(staged, dest, force=force, exists=f"model {name!r} already has variant {key!r}")
+
+    def _publish(self, staged: Path, dest: Path, *, force: bool, exists: str) -> None:
+        """fsync, then rename into place; a replaced directory goes to tmp/ first and is deleted after."""
+        fsync_tree(staged)
         old = None
         if dest.exists():
             if not force:
-                raise BadInput(f"model {name!r} already has variant {key!r}; pass --force to replace it")
+                raise BadInput(f"{exists}; pass --force to replace it")
             old = self.tmp_dir / (uuid.uuid4().hex + ".old")
             os.rename(dest, old)
         os.rename(staged, dest)
