@@ -286,6 +286,11 @@ class Lease:
 
     # -- lifetime ------------------------------------------------------------
 
+    def copy_to_gpu(self, blocks: builtins.list[dict[str, Any]], pieces: builtins.list[builtins.list[int]],
+                    timeout: float = 120.0) -> dict[str, Any]:
+        """Have the sidecar copy these bytes into our GPU tensors (``load_ipc``; see sllmfs.transfer)."""
+        return self.client._op("load_ipc", lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
+
     def release(self) -> None:
         """End the lease. Views already made stay valid until dropped (the map lives on with them)."""
         if self.released:

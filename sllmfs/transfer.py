@@ -81,7 +81,7 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
         block, at = places[f"{ptr:x}"]
         pieces.append([part, offset, block, at, nbytes])
     try:
-        reply = lease.client._op("load_ipc", lease=lease.id, blocks=blocks, pieces=pieces, timeout=timeout)
+        reply = lease.copy_to_gpu(blocks, pieces, timeout)
     except SllmfsError as e:
         if os.environ.get("SLLMFS_GPU_COPY") == "sidecar" or "cannot copy to GPUs" not in str(e):
             raise

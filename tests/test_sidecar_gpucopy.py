@@ -20,7 +20,7 @@ def test_load_ipc_without_cuda_is_a_clear_refusal(tmp_path: Path) -> None:
             pieces = [[ref.partition, ref.offset, 0, 0, ref.nbytes]]
             for _ in range(2):  # the second answer comes from the remembered reason
                 with pytest.raises(BadInput, match="cannot copy to GPUs"):
-                    c._op("load_ipc", lease=lease.id, blocks=blocks, pieces=pieces)
+                    lease.copy_to_gpu(blocks, pieces)
             with pytest.raises(BadInput, match="not held on this connection"):
                 c._op("load_ipc", lease=lease.id + 99, blocks=blocks, pieces=pieces)
             with pytest.raises(BadInput, match="needs 'blocks' and 'pieces'"):
