@@ -31,6 +31,9 @@ def check_model_name(name: str) -> str:
                 f"bad model name {name!r}: part {part!r} must start with a letter or digit "
                 "and hold only letters, digits and . _ + - (no '..')"
             )
+    if len(quote(name, safe="")) > MAX_DIRNAME:
+        raise BadInput(f"model name {name[:40]!r}... is too long: at most {MAX_DIRNAME} bytes once its '/' "
+                       "are encoded; use a shorter name")
     return name
 
 
@@ -43,6 +46,9 @@ def check_variant(key: str) -> str:
 def model_dirname(name: str) -> str:
     """The single directory component that stores model ``name``."""
     return quote(check_model_name(name), safe="")
+
+
+MAX_DIRNAME = 255  # one path component on Linux file systems
 
 
 def model_name_from_dirname(dirname: str) -> str:

@@ -151,3 +151,12 @@ def test_shape_and_size_disagreeing_is_refused(tmp_path: Path) -> None:
         w.add_bytes("a", "F32", [2], memoryview(b"\0\0\x80?"))
     with pytest.raises(BadInput, match="unknown dtype"):
         w.add_bytes("b", "F12", [1], memoryview(b"\0"))
+
+
+def test_model_names_map_inside_the_store() -> None:
+    from sllmfs.names import check_model_name, model_dirname
+
+    assert model_dirname("Qwen/Qwen2.5-7B") == "Qwen%2FQwen2.5-7B"
+    for bad in ["../x", "/a", "a/../b", "a//b", "", "a/b/c/d/e", "x" * 100 + "/" + "y" * 100 + "/" + "z" * 100]:
+        with pytest.raises(BadInput):
+            check_model_name(bad)
