@@ -141,6 +141,15 @@ class Client:
     def register(self, model: str) -> None:
         self._op("register", model=model)
 
+    def closed_by_peer(self) -> bool:
+        """True once the sidecar has closed our connection (it died, or dropped us)."""
+        try:
+            return self._sock.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def close(self) -> None:
         self._sock.close()
 
@@ -225,9 +234,16 @@ class Lease:
         """Block until ``ready(...)``; raises SidecarError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 50e-6
+        next_check = time.monotonic() + 0.1
         while not self.ready(partition, offset, nbytes):
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise SidecarError(f"model {self.model!r} [{self.variant}] not ready after {timeout} s")
+            if now >= next_check:  # a dead sidecar never marks the rest ready: notice its closed socket
+                next_check = now + 0.1
+                if self.client.closed_by_peer():
+                    raise SidecarError(f"the sidecar went away while filling model {self.model!r} "
+                                       f"[{self.variant}]; restart it (`sllmfs start`) and load again")
             time.sleep(pause)
             pause = min(pause * 2, 2e-3)
 

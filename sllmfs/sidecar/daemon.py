@@ -41,7 +41,7 @@ def _run(settings: Settings) -> None:
     budget = settings.mem_pool_size or _half_of_memory()
     tier = MemoryTier(budget)
     _raise_fd_limit()
-    listener = _bind(Path(settings.socket), settings.group)
+    listener = _bind(Path(settings.socket), settings.group, bool(settings.allow_uids.strip()))
     try:
         trio.run(_main, settings, store, tier, listener, fuse_serve)
     finally:
@@ -108,10 +108,12 @@ def _fuse_view() -> Any:
     return fuse_view.serve
 
 
-def _bind(path: Path, group: str) -> pysocket.socket:
+def _bind(path: Path, group: str, allow_others: bool = False) -> pysocket.socket:
     """The listening socket: directory 0750, socket 0660, a stale socket replaced, a live one refused."""
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if allow_others:  # --allow-uids: the path must be reachable; peer credentials decide who is served
+            os.chmod(path.parent, 0o755)
     except OSError as e:
         raise BadInput(f"cannot create socket directory {path.parent}: {e.strerror}") from None
     if path.exists() or path.is_symlink():
@@ -132,7 +134,7 @@ def _bind(path: Path, group: str) -> pysocket.socket:
         raise BadInput(f"cannot listen on {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    os.chmod(path, 0o660)
+    os.chmod(path, 0o666 if allow_others else 0o660)
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid

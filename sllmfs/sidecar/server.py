@@ -310,15 +310,18 @@ class Server:
 
     async def op_load_ipc(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         """Copy a leased variant's bytes into the client's GPU tensors (CUDA IPC handles it exported)."""
-        res = conn.leases.get(msg.get("lease"))  # type: ignore[arg-type]
+        lease_id = msg.get("lease")
+        res = conn.leases.get(lease_id) if isinstance(lease_id, int) else None
         if res is None:
-            raise BadInput(f"lease {msg.get('lease')!r} is not held on this connection")
+            raise BadInput(f"lease {str(lease_id)[:40]!r} is not held on this connection")
         blocks, pieces = msg.get("blocks"), msg.get("pieces")
         if not isinstance(blocks, list) or not isinstance(pieces, list):
             raise BadInput("load_ipc needs 'blocks' and 'pieces' lists")
-        timeout = float(msg.get("timeout", 120.0))
+        timeout = msg.get("timeout", 120.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+            raise BadInput("load_ipc 'timeout' must be a number of seconds in (0, 3600]")
         t0 = time.perf_counter()
-        stats, close = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, timeout)
+        stats, close = await trio.to_thread.run_sync(self.gpu.copy, res, blocks, pieces, float(timeout))
         stats["wall_s"] = time.perf_counter() - t0
         assert self._nursery is not None
         self._nursery.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
