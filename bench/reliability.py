@@ -718,8 +718,9 @@ def findings(results: dict[str, Any]) -> list[str]:
         if fuse.startswith("read"):
             out.append(f"The FUSE view is readable by any local user (`{sec.get('fuse_mount_options')}`, files "
                        f"{sec.get('fuse_file_mode')}): the socket's peer-credential check does not protect the model "
-                       "bytes served through the mount. Restrict the mount point's parent directory, or serve "
-                       "files without world read bits, if that matters.")
+                       "bytes served through the mount when no group is configured. Setting `group` (SLLMFS_GROUP) "
+                       "serves files root:group 0440 and keeps other users out "
+                       "(tests/test_fuse_e2e.py::test_a_group_keeps_other_users_out_of_the_mount).")
     f, ld = results["fuzz"], results["load"]
     if f["internal_error_samples"]:
         out.append(f"Fuzzing hit {f['internal_errors_logged']} internal errors in the daemon "

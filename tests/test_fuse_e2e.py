@@ -63,3 +63,43 @@ def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path
             proc.wait()
         if _is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def _read_as(path: Path, uid: int, gid: int) -> str:
+    """Try to read ``path`` as another uid/gid (no supplementary groups); 'ok' or the errno name."""
+    code = ("import os, sys, errno\n"
+            f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+            "try:\n    open(sys.argv[1], 'rb').read(16); print('ok')\n"
+            "except OSError as e:\n    print(errno.errorcode[e.errno])\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def test_a_group_keeps_other_users_out_of_the_mount(tmp_path: Path, llama_dir: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(65534).gr_name  # nogroup: present on Debian and Ubuntu
+    store = Store(tmp_path / "store")
+    save_model(store, "org/tiny", llama_dir)
+    import tempfile
+
+    mnt = Path(tempfile.mkdtemp(prefix="sllmfs-grp-"))  # pytest's tmp dirs are private: the mount's modes must decide
+    os.chmod(mnt, 0o755)
+    sock = tmp_path / "run" / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store.root),
+                             "--socket", str(sock), "--mount", str(mnt)], env={**os.environ, "SLLMFS_GROUP": group},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_is_mounted(mnt) and sock.exists()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        weights = mnt / "org" / "tiny" / "model.safetensors"
+        st = weights.stat()
+        assert (st.st_mode & 0o777, st.st_gid) == (0o440, 65534)
+        assert _read_as(weights, 65534, 65534) == "ok"  # in the group
+        assert _read_as(weights, 65534, 12345) == "EACCES"  # not in it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        os.rmdir(mnt)

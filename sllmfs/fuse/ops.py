@@ -46,9 +46,10 @@ class Ops(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, resident_view: ResidentView | None):
+    def __init__(self, tree: Tree, resident_view: ResidentView | None, gid: int | None = None):
         super().__init__()
         self.tree = tree
+        self.gid = gid  # with a group: root:group and no bits for others (the kernel checks, default_permissions)
         self.resident_view = resident_view
         self._open: dict[int, _Open] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
@@ -64,10 +65,10 @@ class Ops(pyfuse3.Operations):
         timeout = NAMESPACE_TIMEOUT if node.dynamic else CONTENT_TIMEOUT
         a.entry_timeout = timeout
         a.attr_timeout = timeout
-        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_mode = pyfuse3.ModeT(node.mode if self.gid is None else node.mode & ~0o007)
         a.st_nlink = 2 if node.is_dir else 1
         a.st_uid = 0
-        a.st_gid = 0
+        a.st_gid = self.gid or 0
         a.st_size = node.size
         a.st_blksize = BLKSIZE
         a.st_blocks = (node.size + 511) // 512

@@ -32,11 +32,14 @@ def mount_options() -> set[str]:
 
 
 async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside)."""
+                gid: int | None = None, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
+
+    ``gid``: only root and this group may read (as the socket); None: every local user may.
+    """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
-    ops = Ops(Tree(store, socket_path), resident_view)
+    ops = Ops(Tree(store, socket_path), resident_view, gid)
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
     except RuntimeError as e:

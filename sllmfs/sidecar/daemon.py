@@ -8,6 +8,7 @@ import os
 import signal
 import socket as pysocket
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             listener = trio.socket.from_stdlib_socket(raw)
             await nursery.start(server.serve, listener)
             if fuse_serve is not None:
-                await nursery.start(fuse_serve, Path(settings.mount), store, tier.view, settings.socket)
+                gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
+                await nursery.start(partial(fuse_serve, gid=gid), Path(settings.mount), store, tier.view,
+                                    settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
