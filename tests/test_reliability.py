@@ -89,3 +89,24 @@ def test_load_ipc_with_wrong_types_is_bad_input(tmp_path: Path) -> None:
         s.close()
         assert kinds == ["BadInput"] * 4, kinds
         assert "internal error" not in sd.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_another_user_cannot_map_the_segments(tmp_path: Path) -> None:
+    """memfds have no path; the only other way in, /proc/<daemon>/fd, is closed to other users."""
+    import subprocess
+    import sys
+
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "m")
+        with sd.connect() as c, c.acquire("m") as lease:
+            lease.wait(timeout=30)
+            fd_dir = Path(f"/proc/{sd.proc.pid}/fd")
+            memfds = [p for p in fd_dir.iterdir() if os.readlink(p).startswith("/memfd:")]
+            assert memfds, "the resident model's segments are memfds in the daemon"
+            code = ("import os, sys, errno\nos.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+                    "out = []\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb').read(1); out.append('ok')\n"
+                    "    except OSError as e:\n        out.append(errno.errorcode[e.errno])\nprint(' '.join(out))\n")
+            res = subprocess.run([sys.executable, "-c", code, *map(str, memfds)], capture_output=True, text=True,
+                                 timeout=60).stdout.split()
+            assert res and all(r in ("EACCES", "EPERM") for r in res), res
