@@ -5,7 +5,6 @@ Used by the README's demo, the tests and the benchmarks; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,3 @@ def build_lora(base: Path, out: Path, seed: int = 1) -> Path:
                                                   init_lora_weights=False))
     peft_model.save_pretrained(str(out))
     return out
-
-
-def describe(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())

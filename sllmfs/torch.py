@@ -22,24 +22,8 @@ DeviceMap = dict[str, Any] | str | int | torch.device
 def load_into(tensors_by_name: dict[str, torch.Tensor], model: str, variant: str = "hf", *,
               socket: str | None = None, strict: bool = True, timeout: float = 120.0) -> LoadStats:
     """Copy the stored tensors of ``model`` into ``tensors_by_name`` (same names, shapes; dtype may differ)."""
-    by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
-    for name, t in tensors_by_name.items():
-        by_device.setdefault(t.device, {})[name] = t
-    total = LoadStats()
     with connect(socket) as client, client.acquire(model, variant) as lease:
-        if strict:
-            extra = [n for n in lease.entries if n not in tensors_by_name]
-            if extra:
-                raise BadInput(f"model {model!r} [{variant}] has tensor {extra[0]!r} that the target lacks; "
-                               "pass strict=False to ignore it")
-        for group in by_device.values():
-            s = copy_into(lease, group, timeout=timeout, strict=False)
-            total.bytes += s.bytes
-            total.seconds += s.seconds
-            total.tensors += s.tensors
-            total.cast_tensors += s.cast_tensors
-            total.engine = s.engine
-    return total
+        return copy_into(lease, tensors_by_name, timeout=timeout, strict=strict)
 
 
 def _device_for(name: str, device_map: DeviceMap) -> torch.device:
@@ -76,9 +60,5 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *,
             out[name] = torch.empty(ref.shape, dtype=dtype or stored, device=_device_for(name, device_map))
             if ref.nbytes:  # empty tensors may share an offset with a real one
                 by_place[key] = out[name]
-        groups: dict[torch.device, dict[str, torch.Tensor]] = {}
-        for name, t in out.items():
-            groups.setdefault(t.device, {})[name] = t
-        for group in groups.values():
-            copy_into(lease, group, timeout=timeout, strict=False)
+        copy_into(lease, out, timeout=timeout, strict=False)
     return out

@@ -53,14 +53,6 @@ def segments_of(lease: Lease) -> list[Any]:
     return out
 
 
-def _device_of(targets: dict[str, torch.Tensor]) -> tuple[str, int]:
-    kinds = {(t.device.type, t.device.index or 0) for t in targets.values()}
-    if len(kinds) > 1:
-        raise BadInput(f"load_into needs tensors on one device per call, got {sorted(kinds)}")
-    kind, index = kinds.pop() if kinds else ("cpu", 0)
-    return ("host" if kind == "cpu" else kind), index
-
-
 def _sidecar_copy_wanted() -> bool:
     """SLLMFS_GPU_COPY: ``auto`` (default: the sidecar copies when it can), ``sidecar``, ``client``."""
     return os.environ.get("SLLMFS_GPU_COPY", "auto") != "client"
@@ -94,9 +86,7 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
 
 def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float = 120.0,
               strict: bool = True, mode: str = "auto") -> LoadStats:
-    """Fill ``targets`` (name → pre-allocated tensor) from ``lease``'s mapped segments."""
-    from sllmfs.copy_engine import CopyEngine
-
+    """Fill ``targets`` (name → pre-allocated tensor, on any devices) from ``lease``'s mapped segments."""
     missing = [n for n in targets if n not in lease.entries]
     if missing:
         raise BadInput(f"model {lease.model!r} [{lease.variant}] has no tensor {missing[0]!r} "
@@ -107,6 +97,24 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
             raise BadInput(f"model {lease.model!r} [{lease.variant}] has tensor {extra[0]!r} that the target lacks "
                            f"({len(extra)} unused); pass strict=False to ignore them")
     t0 = time.perf_counter()
+    by_device: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for name, t in targets.items():
+        by_device.setdefault((t.device.type, t.device.index or 0), {})[name] = t
+    stats = LoadStats()
+    for (kind, index), group in by_device.items():
+        s = _copy_to_device(lease, group, "host" if kind == "cpu" else kind, index, timeout, mode)
+        stats.bytes += s.bytes
+        stats.cast_tensors += s.cast_tensors
+        stats.engine = s.engine
+    stats.tensors = len(targets)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str, device: int, timeout: float,
+                    mode: str) -> LoadStats:
+    from sllmfs.copy_engine import CopyEngine
+
     stats = LoadStats()
     rows: list[tuple[int, int, int, int]] = []
     casts: list[str] = []
@@ -125,7 +133,6 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
             rows.append((ref.partition, ref.offset, dst.data_ptr(), ref.nbytes))
             stats.bytes += ref.nbytes
     rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
-    target, device = _device_of(targets)
     if rows and target == "cuda" and _sidecar_copy_wanted():
         copied = _sidecar_copy(lease, targets, rows, timeout)
         if copied is not None:
@@ -149,6 +156,4 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
         import torch
 
         torch.cuda.synchronize(device)
-    stats.tensors = len(targets)
-    stats.seconds = time.perf_counter() - t0
     return stats

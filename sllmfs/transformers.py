@@ -22,7 +22,7 @@ from sllmfs.errors import BadInput
 from sllmfs.save import save_adapter
 from sllmfs.save import save_model as save_checkpoint
 from sllmfs.torch import DeviceMap, _device_for
-from sllmfs.transfer import LoadStats, copy_into
+from sllmfs.transfer import copy_into
 
 
 def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: str | None = None,
@@ -91,7 +91,8 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
             if really_missing:
                 raise BadInput(f"model {name!r} has no stored tensor {really_missing[0]!r} that "
                                f"{type(model).__name__} needs; was it saved from another architecture?")
-            stats = _copy_grouped(lease, {n: t for n, t in targets.items() if n in stored}, timeout)
+            stats = copy_into(lease, {n: t for n, t in targets.items() if n in stored}, timeout=timeout,
+                              strict=False)
     model.tie_weights()
     model.eval()
     stats.seconds = time.perf_counter() - t0
@@ -99,23 +100,7 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
 
 
 def _tied_names(model: Any) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    if isinstance(keys, dict):
-        return set(keys)
-    return set(keys)
-
-
-def _copy_grouped(lease: Any, targets: dict[str, torch.Tensor], timeout: float) -> LoadStats:
-    groups: dict[torch.device, dict[str, torch.Tensor]] = {}
-    for n, t in targets.items():
-        groups.setdefault(t.device, {})[n] = t
-    total = LoadStats()
-    for g in groups.values():
-        s = copy_into(lease, g, timeout=timeout, strict=False)
-        total.bytes += s.bytes
-        total.tensors += s.tensors
-        total.engine = s.engine
-    return total
+    return set(getattr(model, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by the tied name
 
 
 def load_lora(model: Any, base: str, adapter_name: str, *, socket: str | None = None,

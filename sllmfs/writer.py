@@ -8,7 +8,6 @@ sidecar's fill check) and written once; all-zero blocks become holes.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -183,7 +182,3 @@ class VariantWriter:
                 os.close(p.fd)
             except OSError:
                 pass
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1))

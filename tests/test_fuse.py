@@ -16,7 +16,7 @@ import pytest
 import torch
 import trio
 from safetensors import safe_open
-from test_synth import odd_checkpoint, odd_tensors, raw
+from test_synth import assert_odd_file, odd_checkpoint, raw
 
 from sllmfs.errors import BadInput
 from sllmfs.fuse_view import serve
@@ -123,15 +123,8 @@ def test_metadata_files_are_byte_identical(shared: tuple[Path, Path], llama_dir:
 
 def test_safe_open_gives_every_odd_dtype_byte_identical(shared: tuple[Path, Path]) -> None:
     _, mnt = shared
-    want = odd_tensors()
     path = mnt / "odd" / "dtypes" / "model.safetensors"
-    with safe_open(path, "pt") as sf:
-        assert sf.metadata() == {"format": "pt", "note": "odd"}
-        assert sorted(sf.keys()) == sorted(want)
-        for name, t in want.items():
-            got = sf.get_tensor(name)
-            assert got.dtype == t.dtype and list(got.shape) == list(t.shape), name
-            assert raw(got) == raw(t), name
+    assert_odd_file(path)
     assert path.stat().st_size == len(path.read_bytes())
 
 

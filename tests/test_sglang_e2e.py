@@ -17,20 +17,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 
 if __name__ != "__main__":
-    from sllmfs.sglang.testing import import_sglang
+    from sllmfs.sglang.testing import require_sglang
 
-    try:
-        import_sglang()
-    except Exception as e:
-        if os.environ.get("SLLMFS_REQUIRE_SGLANG") == "1":
-            raise
-        pytest.skip(f"SGLang 0.5.17 is not importable here ({type(e).__name__}: {e}); "
-                    "run .ci/install-sglang.sh and use .venv-sglang/bin/python", allow_module_level=True)
+    require_sglang()
 
 
 class SllmTinyForCausalLM(nn.Module):

@@ -19,15 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sllmfs.sglang.testing import import_sglang
+from sllmfs.sglang.testing import require_sglang
 
-try:
-    import_sglang()
-except Exception as e:
-    if os.environ.get("SLLMFS_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"SGLang 0.5.17 is not importable here ({type(e).__name__}: {e}); "
-                "run .ci/install-sglang.sh and use .venv-sglang/bin/python", allow_module_level=True)
+require_sglang()
 
 from sglang.srt.configs.load_config import LoadConfig  # noqa: E402
 

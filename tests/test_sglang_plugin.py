@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sllmfs.sglang.testing import import_sglang
+from sllmfs.sglang.testing import require_sglang
 
-try:
-    import_sglang()
-except Exception as e:  # ImportError, or a transformers that SGLang does not accept
-    if os.environ.get("SLLMFS_REQUIRE_SGLANG") == "1":
-        raise
-    pytest.skip(f"SGLang 0.5.17 is not importable here ({type(e).__name__}: {e}); "
-                "run .ci/install-sglang.sh and use .venv-sglang/bin/python", allow_module_level=True)
+require_sglang()
 
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat  # noqa: E402
 from sglang.srt.model_loader.loader import get_model_loader  # noqa: E402

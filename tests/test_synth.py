@@ -86,14 +86,7 @@ def test_single_file_layout_has_every_tensor_byte_identical(odd_store: tuple[Sto
     assert (8 + n) % 8 == 0 and len(f.header) == 8 + n
     dest = tmp_path / "model.safetensors"
     materialize(f, vdir, [p.file for p in m.partitions], dest)
-    want = odd_tensors()
-    with safe_open(dest, "pt") as sf:
-        assert sf.metadata() == {"format": "pt", "note": "odd"}
-        assert sorted(sf.keys()) == sorted(want)
-        for name, t in want.items():
-            got = sf.get_tensor(name)
-            assert got.dtype == t.dtype and list(got.shape) == list(t.shape), name
-            assert raw(got) == raw(t), name
+    assert_odd_file(dest)
 
 
 def test_sharded_layout_with_index_loads_every_tensor(odd_store: tuple[Store, Path], tmp_path: Path) -> None:
@@ -140,3 +133,15 @@ def test_resolve_covers_reads_across_extent_edges(odd_store: tuple[Store, Path])
             pieces = f.resolve(off, size)
             assert sum(p.length for p in pieces) == min(size, f.size - off)
     assert f.resolve(f.size, 10) == [] and f.resolve(f.size + 5, 10) == []
+
+
+def assert_odd_file(path: Path) -> None:
+    """``path`` is a safetensors file holding exactly odd_tensors(), byte for byte, with its metadata."""
+    want = odd_tensors()
+    with safe_open(path, "pt") as sf:
+        assert sf.metadata() == {"format": "pt", "note": "odd"}
+        assert sorted(sf.keys()) == sorted(want)
+        for name, t in want.items():
+            got = sf.get_tensor(name)
+            assert got.dtype == t.dtype and list(got.shape) == list(t.shape), name
+            assert raw(got) == raw(t), name

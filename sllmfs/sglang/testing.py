@@ -52,3 +52,18 @@ def import_sglang() -> ModuleType:
     import sglang
 
     return sglang
+
+
+def require_sglang() -> None:
+    """For test modules: skip unless SGLang imports (fail instead when SLLMFS_REQUIRE_SGLANG=1, as in CI)."""
+    import os
+
+    import pytest
+
+    try:
+        import_sglang()
+    except Exception as e:  # ImportError, or a transformers that SGLang does not accept
+        if os.environ.get("SLLMFS_REQUIRE_SGLANG") == "1":
+            raise
+        pytest.skip(f"SGLang 0.5.17 is not importable here ({type(e).__name__}: {e}); "
+                    "run .ci/install-sglang.sh and use .venv-sglang/bin/python", allow_module_level=True)
