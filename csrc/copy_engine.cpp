@@ -3,6 +3,7 @@
 // Engine(target, device, mode, streams, threads, register_threads,
 //        chunk_bytes, slot_bytes, slots_per_thread, cudart)
 // Engine.copy(segments, pieces, timeout, progress, mode) -> dict
+// Engine.copy_ipc(segments, pieces, handles, buses, timeout, progress, mode) -> (dict, [addr])
 // Engine.release(base, length) -> int;  Engine.registered_bytes() -> int;  Engine.close()
 // Engine.register(base, length) -> dict;  Engine.open_ipc(handle, bus) -> int;  Engine.close_ipc(addr)
 // Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
@@ -170,29 +171,42 @@ PyObject* stats_dict(const sllm::CopyStats& s) {
       s.register_fallback.c_str());
 }
 
-PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
-  static const char* kw[] = {"segments", "pieces", "timeout", "progress", "mode", nullptr};
-  PyObject *segs_obj, *pieces_obj, *progress = Py_None;
-  double timeout = -1;
-  const char* mode_name = nullptr;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj, &timeout,
-                                   &progress, &mode_name))
-    return nullptr;
+// Shared by copy and copy_ipc: pieces are rows of 4 uint64, or of 5 with an
+// IPC destination (segment, offset, block, offset in block, nbytes).
+PyObject* run_copy(EngineObject* self, PyObject* segs_obj, PyObject* pieces_obj, double timeout, PyObject* progress,
+                   const char* mode_name, sllm::IpcDests* ipc) {
   if (!need_engine(self)) return nullptr;
   sllm::Mode mode = self->engine->mode();
   if (mode_name && !parse_mode(mode_name, &mode)) return nullptr;
   std::vector<sllm::SegmentDesc> segs;
   if (!parse_segments(segs_obj, &segs)) return nullptr;
+  const Py_ssize_t row = ipc ? 40 : 32;
   Py_buffer view;
   if (PyObject_GetBuffer(pieces_obj, &view, PyBUF_C_CONTIGUOUS) < 0) return nullptr;
-  if (view.len % 32 != 0) {
+  if (view.len % row != 0) {
     PyBuffer_Release(&view);
-    PyErr_SetString(PyExc_ValueError, "pieces must be rows of 4 uint64 (segment, offset, dst, nbytes)");
+    PyErr_SetString(PyExc_ValueError, ipc ? "pieces must be rows of 5 uint64 (segment, offset, block, offset, nbytes)"
+                                          : "pieces must be rows of 4 uint64 (segment, offset, dst, nbytes)");
     return nullptr;
   }
-  size_t n = static_cast<size_t>(view.len / 32);
-  std::vector<uint64_t> rows(n * 4);  // own copy: the caller's array may be freed or changed meanwhile
-  if (n) std::memcpy(rows.data(), view.buf, view.len);
+  size_t n = static_cast<size_t>(view.len / row);
+  // Own copies: the caller's array may be freed or changed meanwhile.
+  std::vector<uint64_t> rows(n * 4);
+  std::vector<uint32_t> dest_blocks;
+  const auto* in = static_cast<const uint64_t*>(view.buf);
+  if (!ipc) {
+    if (n) std::memcpy(rows.data(), view.buf, view.len);
+  } else {
+    dest_blocks.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t* r = in + 5 * i;
+      rows[4 * i] = r[0];
+      rows[4 * i + 1] = r[1];
+      rows[4 * i + 2] = r[3];
+      rows[4 * i + 3] = r[4];
+      dest_blocks[i] = r[2] >= sllm::kNoDestBlock ? sllm::kNoDestBlock - 1 : static_cast<uint32_t>(r[2]);
+    }
+  }
   PyBuffer_Release(&view);
 
   PyThreadState* ts = nullptr;
@@ -218,7 +232,7 @@ PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
   sllm::EngineError err(sllm::ErrorKind::Runtime, "");
   ts = PyEval_SaveThread();
   try {
-    st = self->engine->copy(segs, rows.data(), n, timeout, tick, mode);
+    st = self->engine->copy(segs, rows.data(), n, timeout, tick, mode, ipc, ipc ? dest_blocks.data() : nullptr);
   } catch (const sllm::EngineError& e) {
     err = e;
     failed = true;
@@ -236,6 +250,65 @@ PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
     return nullptr;
   }
   return stats_dict(st);
+}
+
+PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
+  static const char* kw[] = {"segments", "pieces", "timeout", "progress", "mode", nullptr};
+  PyObject *segs_obj, *pieces_obj, *progress = Py_None;
+  double timeout = -1;
+  const char* mode_name = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj, &timeout,
+                                   &progress, &mode_name))
+    return nullptr;
+  return run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, nullptr);
+}
+
+PyObject* engine_copy_ipc(EngineObject* self, PyObject* args, PyObject* kwds) {
+  static const char* kw[] = {"segments", "pieces", "handles", "buses", "timeout", "progress", "mode", nullptr};
+  PyObject *segs_obj, *pieces_obj, *handles_obj, *buses_obj, *progress = Py_None;
+  double timeout = -1;
+  const char* mode_name = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj,
+                                   &handles_obj, &buses_obj, &timeout, &progress, &mode_name))
+    return nullptr;
+  sllm::IpcDests ipc;
+  PyObject* hs = PySequence_Fast(handles_obj, "handles must be a sequence of 64-byte bytes");
+  if (!hs) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(hs); ++i) {
+    char* buf;
+    Py_ssize_t len;
+    if (PyBytes_AsStringAndSize(PySequence_Fast_GET_ITEM(hs, i), &buf, &len) < 0 || len != 64) {
+      Py_DECREF(hs);
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a CUDA IPC handle is 64 bytes");
+      return nullptr;
+    }
+    ipc.handles.emplace_back(buf, static_cast<size_t>(len));
+  }
+  Py_DECREF(hs);
+  PyObject* bs = PySequence_Fast(buses_obj, "buses must be a sequence of str");
+  if (!bs) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(bs); ++i) {
+    const char* b = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(bs, i));
+    if (!b) {
+      Py_DECREF(bs);
+      return nullptr;
+    }
+    ipc.buses.emplace_back(b);
+  }
+  Py_DECREF(bs);
+  PyObject* stats = run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, &ipc);
+  if (!stats) return nullptr;
+  PyObject* addrs = PyList_New(0);
+  for (uintptr_t a : ipc.opened) {
+    if (!a) continue;
+    PyObject* v = PyLong_FromUnsignedLongLong(a);
+    PyList_Append(addrs, v);
+    Py_DECREF(v);
+  }
+  PyObject* secs = PyFloat_FromDouble(ipc.open_seconds);
+  PyDict_SetItemString(stats, "ipc_open_s", secs);
+  Py_DECREF(secs);
+  return Py_BuildValue("(NN)", stats, addrs);
 }
 
 PyObject* engine_release(EngineObject* self, PyObject* args) {
@@ -355,6 +428,10 @@ PyMethodDef engine_methods[] = {
     {"close", reinterpret_cast<PyCFunction>(engine_close), METH_NOARGS, "synchronize, unpin, free the ring"},
     {"register", reinterpret_cast<PyCFunction>(engine_register), METH_VARARGS,
      "register(base, length) -> {bytes, seconds, cached}: pin a whole segment now, cached"},
+    {"copy_ipc", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_copy_ipc)),
+     METH_VARARGS | METH_KEYWORDS,
+     "copy_ipc(segments, pieces, handles, buses, timeout, progress, mode) -> (stats, opened addresses):"
+     " pieces are (segment, offset, block, offset in block, nbytes) rows; handles open while the copy runs"},
     {"open_ipc", reinterpret_cast<PyCFunction>(engine_open_ipc), METH_VARARGS,
      "open_ipc(handle, bus) -> device address of another process's allocation"},
     {"close_ipc", reinterpret_cast<PyCFunction>(engine_close_ipc), METH_VARARGS, "close_ipc(addr)"},

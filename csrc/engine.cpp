@@ -48,8 +48,22 @@ struct Engine::Job {
   double ring_alloc_seconds = 0;  // max over stagers: they allocate in parallel
   std::string fallback;
   std::unique_ptr<EngineError> error;
+  std::unique_ptr<std::atomic<uintptr_t>[]> dest;  // IPC destination block -> address (0 until opened)
+  std::vector<uint32_t> open_order;                // blocks in the order the plan first writes them
 
   Job(const std::vector<SegmentDesc>& s, const Plan& p, int st) : segs(s), plan(p), stage_threads(st) {}
+
+  // Where a unit's bytes go: its address, or its offset in an IPC block once
+  // the opener has it (the opener runs ahead: one open is ~50 us, a block's copy ~1 ms).
+  uint8_t* dst(const Unit& u) {
+    if (u.dblk == kNoDestBlock) return u.dst;
+    uintptr_t a;
+    while ((a = dest[u.dblk].load(std::memory_order_acquire)) == 0) {
+      if (abort) throw EngineError(ErrorKind::Aborted, "copy aborted");
+      std::this_thread::sleep_for(std::chrono::microseconds(10));
+    }
+    return reinterpret_cast<uint8_t*>(a + reinterpret_cast<uintptr_t>(u.dst));
+  }
 
   void fail(const EngineError& e) {
     std::lock_guard<std::mutex> lk(mu);
@@ -305,7 +319,7 @@ void Engine::stage_worker(Job& job, int lane_id) {
           uint64_t k = std::min(unit.n - off, cfg_.slot_bytes - fill);
           uint8_t* slot = lane.slots[lane.cur] + fill;
           std::memcpy(slot, base + unit.off + off, k);
-          target_->copy(unit.dst + off, slot, k, stream);
+          target_->copy(job.dst(unit) + off, slot, k, stream);
           fill += k;
           off += k;
         }
@@ -355,7 +369,7 @@ void Engine::register_worker(Job& job, int index) {
       const uint8_t* base = job.segs[b.seg].base;
       for (size_t u = b.u0; u < b.u1; ++u) {
         const Unit& unit = job.plan.units[u];
-        target_->copy(unit.dst, base + unit.off, unit.n, stream);
+        target_->copy(job.dst(unit), base + unit.off, unit.n, stream);
       }
       job.registered += b.bytes;
       job.done += b.bytes;
@@ -368,13 +382,52 @@ void Engine::register_worker(Job& job, int index) {
   job.worker_exit(true);
 }
 
+void Engine::ipc_opener(Job& job, IpcDests& ipc) {
+  auto t = Clock::now();
+  try {
+    for (uint32_t b : job.open_order) {
+      if (job.abort) break;
+      uintptr_t a = open_ipc(ipc.handles[b].data(), ipc.buses[b]);
+      ipc.opened[b] = a;
+      job.dest[b].store(a, std::memory_order_release);
+    }
+  } catch (const EngineError& e) {
+    job.fail(e);
+  } catch (const std::exception& e) {
+    job.fail(EngineError(ErrorKind::Runtime, e.what()));
+  }
+  ipc.open_seconds = since(t);
+}
+
+// After a failed copy: no handle stays open (the first close error loses to the copy's).
+void Engine::close_opened(IpcDests& ipc) {
+  for (uintptr_t& a : ipc.opened) {
+    if (!a) continue;
+    try {
+      close_ipc(a);
+    } catch (const EngineError&) {
+    }
+    a = 0;
+  }
+}
+
 CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
-                       const Tick& tick, Mode mode) {
+                       const Tick& tick, Mode mode, IpcDests* ipc, const uint32_t* dest_blocks) {
   std::lock_guard<std::mutex> guard(copy_mu_);
   check_threads(mode);
   if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
+  if (ipc) {
+    if (!dest_blocks || ipc->buses.size() != ipc->handles.size())
+      throw EngineError(ErrorKind::BadPlan, "IPC destinations need a block per piece and a bus per handle");
+    for (size_t i = 0; i < n; ++i)
+      if (dest_blocks[i] >= ipc->handles.size())
+        throw EngineError(ErrorKind::BadPlan, "piece " + std::to_string(i) + " names destination block " +
+                                                  std::to_string(dest_blocks[i]) + " of " +
+                                                  std::to_string(ipc->handles.size()));
+    ipc->opened.assign(ipc->handles.size(), 0);
+  }
   auto t0 = Clock::now();
-  Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes);
+  Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, ipc ? dest_blocks : nullptr);
   target_->bind_thread();
   // The framework may still be writing the target tensors on its own stream.
   target_->sync_device();
@@ -384,6 +437,19 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   Job job(segs, plan, nstage);
   job.workers_left = nstage + nreg;
   job.registrars_left = nreg;
+  std::thread opener;
+  if (ipc) {
+    const size_t nb = ipc->handles.size();
+    job.dest.reset(new std::atomic<uintptr_t>[nb]);
+    std::vector<bool> seen(nb, false);
+    for (size_t i = 0; i < nb; ++i) job.dest[i].store(0);
+    for (const Unit& u : plan.units)
+      if (!seen[u.dblk]) {
+        seen[u.dblk] = true;
+        job.open_order.push_back(u.dblk);
+      }
+    opener = std::thread([this, &job, ipc] { ipc_opener(job, *ipc); });
+  }
 
   std::vector<uint32_t> pending(plan.blocks.size());
   std::vector<uint64_t> next_rc(plan.blocks.size());
@@ -484,6 +550,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
     job.cv.notify_all();
   }
   for (auto& t : threads) t.join();
+  if (opener.joinable()) opener.join();
   // Nothing may stay in flight: the caller may free tensors or unmap after we return.
   for (void* s : streams_) {
     try {
@@ -492,8 +559,14 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
       if (!job.error) job.error = std::make_unique<EngineError>(e);
     }
   }
-  if (job.error) throw *job.error;
-  if (tick && !tick(plan.total, plan.total)) throw EngineError(ErrorKind::Aborted, "copy aborted");
+  if (job.error) {
+    if (ipc) close_opened(*ipc);
+    throw *job.error;
+  }
+  if (tick && !tick(plan.total, plan.total)) {
+    if (ipc) close_opened(*ipc);
+    throw EngineError(ErrorKind::Aborted, "copy aborted");
+  }
 
   st.seconds = since(t0);
   st.bytes = plan.total;

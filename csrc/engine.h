@@ -48,6 +48,16 @@ struct Registered {
   bool cached = false;   // the range was already registered with this engine
 };
 
+// Destinations in other processes' GPU allocations (CUDA IPC handles). copy()
+// opens them on a side thread in the order the plan first writes them, so the
+// first bytes move after one open rather than after all of them (~50 us each).
+struct IpcDests {
+  std::vector<std::string> handles;  // 64 bytes each
+  std::vector<std::string> buses;    // PCI bus id the client saw, one per handle
+  std::vector<uintptr_t> opened;     // out: address of each handle opened (0: not opened)
+  double open_seconds = 0;           // out: from the copy's start to the last open
+};
+
 // Called now and then from the copying thread; returning false aborts the copy.
 using Tick = std::function<bool(uint64_t done, uint64_t total)>;
 
@@ -61,8 +71,10 @@ class Engine {
   // Blocks until every byte has landed (all streams synchronized) or throws
   // EngineError; on error too, nothing is left in flight.
   // `mode` overrides the configured one for this copy (threads stay as configured).
+  // With `ipc`, piece i writes at offset dst into handle dest_blocks[i]; on
+  // success the opened handles stay open (close_ipc each), on error none do.
   CopyStats copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
-                 const Tick& tick, Mode mode);
+                 const Tick& tick, Mode mode, IpcDests* ipc = nullptr, const uint32_t* dest_blocks = nullptr);
   Mode mode() const { return cfg_.mode; }
   // Drops cached registrations inside [base, base+len): call before unmapping.
   size_t release(uintptr_t base, uint64_t len);
@@ -95,6 +107,8 @@ class Engine {
   void check_threads(Mode mode) const;
   void stage_worker(Job& job, int lane);
   void register_worker(Job& job, int index);
+  void ipc_opener(Job& job, IpcDests& ipc);
+  void close_opened(IpcDests& ipc);
   void grow_lane(Lane& lane, double* seconds);
   std::pair<uintptr_t, uintptr_t> reg_range(const Job& job, const Block& b) const;
   bool is_registered(uintptr_t a, uintptr_t e);

@@ -20,7 +20,8 @@ struct Keyed {
 
 }  // namespace
 
-Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes) {
+Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes,
+               const uint32_t* dest_blocks) {
   for (size_t s = 0; s < segs.size(); ++s) {
     if (segs[s].ready && segs[s].chunk == 0)
       throw EngineError(ErrorKind::BadPlan, "segment " + std::to_string(s) + ": readiness given with chunk size 0");
@@ -37,7 +38,8 @@ Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, siz
     if (off > sd.len || nb > sd.len - off)
       bad(i, "bytes [" + std::to_string(off) + ", +" + std::to_string(nb) + ") lie outside segment " + std::to_string(s) +
                  " of " + std::to_string(sd.len) + " bytes");
-    if (dst == 0 || dst + nb < dst) bad(i, "bad destination address");
+    uint32_t dblk = dest_blocks ? dest_blocks[i] : kNoDestBlock;
+    if ((dst == 0 && !dest_blocks) || dst + nb < dst) bad(i, "bad destination address");
     plan.total += nb;
     // Split at window edges so no unit straddles two blocks.
     uint64_t done = 0;
@@ -45,7 +47,7 @@ Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, siz
       uint64_t o = off + done;
       uint64_t w = o / chunk_bytes;
       uint64_t k = std::min(nb - done, (w + 1) * chunk_bytes - o);
-      keyed.push_back({static_cast<uint32_t>(s), w, Unit{reinterpret_cast<uint8_t*>(dst + done), o, k}});
+      keyed.push_back({static_cast<uint32_t>(s), w, Unit{reinterpret_cast<uint8_t*>(dst + done), o, k, dblk}});
       done += k;
     }
   }

@@ -19,10 +19,13 @@ struct SegmentDesc {
   uint64_t chunk;        // readiness chunk size in bytes
 };
 
+constexpr uint32_t kNoDestBlock = UINT32_MAX;
+
 struct Unit {
-  uint8_t* dst;
+  uint8_t* dst;  // an address, or an offset in destination block `dblk`
   uint64_t off;  // in its segment
   uint64_t n;
+  uint32_t dblk = kNoDestBlock;  // an IPC destination block opened while the copy runs
 };
 
 struct Block {
@@ -39,8 +42,10 @@ struct Plan {
   uint64_t total = 0;
 };
 
-// pieces: n rows of (segment, src offset, dst address, nbytes). Throws
-// EngineError(BadPlan) naming the first bad piece.
-Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes);
+// pieces: n rows of (segment, src offset, dst address, nbytes). With `dest_blocks`
+// (n entries), dst is an offset into that destination block instead of an
+// address. Throws EngineError(BadPlan) naming the first bad piece.
+Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes,
+               const uint32_t* dest_blocks = nullptr);
 
 }  // namespace sllm

@@ -174,7 +174,8 @@ class Lease:
         self.metadata: dict[str, Any] = reply.get("metadata", {})
         self.sizes: list[int] = [p["size"] for p in parts]
         self.files: list[str] = [p["file"] for p in parts]
-        self.huge_pages: bool = bool(parts) and all(p.get("huge") for p in parts)
+        self.huge: list[bool] = [bool(p.get("huge")) for p in parts]  # hugetlb-backed, per partition
+        self.huge_pages: bool = bool(parts) and all(self.huge)
         # MAP_SHARED + PROT_READ: shares the one copy; hugetlb memfds cannot be mapped private anyway
         self.maps = [mmap.mmap(fd, p["length"], mmap.MAP_SHARED, mmap.PROT_READ)
                      for fd, p in zip(fds, parts, strict=False)]  # the last fd is readiness

@@ -100,6 +100,9 @@ class Segment:
     ``ready`` is the address of one byte per ``chunk_size`` bytes of the
     segment (0 pending, 1 ready, 2 failed); 0 means every chunk is ready.
     ``owners`` keeps the mappings alive while the segment is in use.
+    ``page_size`` is the backing page size when the caller knows it (the cache
+    says whether a segment is hugetlb); 0 asks the kernel (/proc/self/smaps,
+    ~10 ms in a process with many large mappings).
     """
 
     base: int
@@ -107,6 +110,7 @@ class Segment:
     ready: int = 0
     chunk_size: int = 0
     owners: tuple[Any, ...] = ()
+    page_size: int = 0
 
     @classmethod
     def from_buffer(cls, data: Any, ready: Any = None, chunk_size: int = 0) -> Segment:
@@ -131,8 +135,14 @@ def map_segment(fd: int, length: int) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 
 
+_torch_cudart = ""  # found once per process: torch never loads another runtime
+
+
 def _cuda_runtime_path() -> str:
     """Path of the CUDA runtime torch loaded, so the engine shares its contexts."""
+    global _torch_cudart
+    if _torch_cudart:
+        return _torch_cudart
     torch: Any = sys.modules.get("torch")
     if torch is None:
         return ""  # no torch in this process (a sidecar): see cuda_runtime()
@@ -144,6 +154,7 @@ def _cuda_runtime_path() -> str:
             for line in f:
                 path = line.rsplit(None, 1)[-1]
                 if "libcudart.so" in os.path.basename(path):
+                    _torch_cudart = path
                     return path
     except OSError:
         pass
@@ -201,31 +212,56 @@ def _default_threads() -> int:
     return max(1, min(12, cores - 2))
 
 
-def kernel_page_size(addr: int) -> int:
-    """Page size backing the mapping that holds ``addr`` (4096 unless hugetlb), from /proc/self/smaps."""
+def kernel_page_sizes(addrs: Sequence[int]) -> list[int]:
+    """Page size backing each address's mapping (4096 unless hugetlb), from one pass over /proc/self/smaps."""
+    found: dict[int, int] = {}
+    want = sorted(set(addrs))
     try:
         with open("/proc/self/smaps") as f:
-            inside = False
+            inside: list[int] = []
             for line in f:
                 if not inside:
                     head = line.split(" ", 1)[0]
                     if "-" in head and ":" not in head:
                         lo, _, hi = head.partition("-")
-                        inside = int(lo, 16) <= addr < int(hi, 16)
+                        a, b = int(lo, 16), int(hi, 16)
+                        inside = [x for x in want if a <= x < b]
                 elif line.startswith("KernelPageSize:"):
-                    return int(line.split()[1]) * 1024
+                    for x in inside:
+                        found[x] = int(line.split()[1]) * 1024
+                    inside = []
+                    if len(found) == len(want):
+                        break
     except (OSError, ValueError):
         pass
-    return 4096
+    return [found.get(a, 4096) for a in addrs]
 
 
-def choose_mode(segments: Sequence[tuple[int, int, int, int]]) -> str:
+def kernel_page_size(addr: int) -> int:
+    """Page size backing the mapping that holds ``addr`` (4096 unless hugetlb)."""
+    return kernel_page_sizes([addr])[0]
+
+
+def choose_mode(segments: Sequence[Segment | tuple[int, int, int, int]]) -> str:
     """auto: pin huge-page segments in place (cheap, then copies run at link speed),
     stage 4 KiB-page ones (pinning them costs more than the copy; measured in NOTES)."""
-    live = [s for s in segments if s[1] > 0]
-    if live and all(kernel_page_size(s[0]) >= 2 * MiB for s in live):
+    live = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
+    live = [s for s in live if s.length > 0]
+    if not live:
+        return "stage"
+    unknown = [s.base for s in live if not s.page_size]
+    sizes = iter(kernel_page_sizes(unknown) if unknown else [])
+    if all((s.page_size or next(sizes)) >= 2 * MiB for s in live):
         return "register"
     return "stage"
+
+
+def _segment_tuples(segments: Sequence[Segment | tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    out = []
+    for s in segments:
+        base, length, ready, chunk = s.as_tuple() if isinstance(s, Segment) else s
+        out.append((int(base), int(length), int(ready), int(chunk)))
+    return out
 
 
 class CopyEngine:
@@ -310,27 +346,27 @@ class CopyEngine:
             rows = rows.reshape(0, 4)
         if rows.ndim != 2 or rows.shape[1] != 4:
             raise BadPieces(f"pieces must have shape (n, 4), got {rows.shape}")
-        segs: list[tuple[int, int, int, int]] = []
-        for s in segments:
-            base, length, ready, chunk = s.as_tuple() if isinstance(s, Segment) else s
-            segs.append((int(base), int(length), int(ready), int(chunk)))
-        mode = self._auto_mode(segs) if self.mode == "auto" else self.mode
+        segs = _segment_tuples(segments)
+        mode = self._auto_mode(segments) if self.mode == "auto" else self.mode
         wait = -1.0 if timeout is None else float(timeout)
         try:
             stats: dict[str, Any] = self._engine.copy(segs, rows, wait, progress, mode)
         except _native.EngineError as e:
             raise _translate(e) from None
+        return self._with_mode(stats, mode)
+
+    def _with_mode(self, stats: dict[str, Any], mode: str) -> dict[str, Any]:
         stats["mode"] = mode
         stats["threads"] = self.threads if mode != "register" else 0
         stats["register_threads"] = self.register_threads if mode != "stage" else 0
         return stats
 
-    def _auto_mode(self, segs: list[tuple[int, int, int, int]]) -> str:
+    def _auto_mode(self, segments: Sequence[Segment | tuple[int, int, int, int]]) -> str:
         # Segments pinned by register() copy at link speed whatever their page size.
-        live = [s for s in segs if s[1] > 0]
-        if live and all(self._pinned.get(b, 0) >= b + n for b, n, _, _ in live):
+        live = [(int(b), int(n)) for b, n, _, _ in _segment_tuples(segments) if n > 0]
+        if live and all(self._pinned.get(b, 0) >= b + n for b, n in live):
             return "register"
-        return choose_mode(segs)
+        return choose_mode(segments)
 
     def release(self, segment: Segment | tuple[int, int, int, int]) -> int:
         """Unpin a segment's cached registrations (before it is unmapped)."""
@@ -395,12 +431,14 @@ class CopyEngine:
 
         ``blocks`` are :func:`sllmfs.gpu_ipc.export_targets` blocks ({"handle",
         "size", "device"}); ``pieces`` is an (n, 5) uint64 array of rows
-        (segment, source offset, block index, offset in block, nbytes). Stats
-        add ipc_opens, ipc_open_s, ipc_close_s. Every handle is closed before
-        this returns, also on error, unless ``keep_open``: then, after a
-        successful copy, stats["ipc_addrs"] lists them and the caller closes
-        them with :meth:`close_ipc` after replying (every byte has landed;
-        closing costs ~35 us per handle, 8 ms for 227 in the NOTES).
+        (segment, source offset, block index, offset in block, nbytes). The
+        handles open on a native thread while the copy runs, in the order the
+        copy first needs them (opening 227 serially cost 11 ms before the first
+        byte moved). Stats add ipc_opens, ipc_open_s, ipc_close_s. Every handle
+        is closed before this returns, also on error, unless ``keep_open``:
+        then, after a successful copy, stats["ipc_addrs"] lists them and the
+        caller closes them with :meth:`close_ipc` after replying (every byte
+        has landed; closing costs ~35 us per handle, 8 ms for 227 in the NOTES).
         """
         rows = np.ascontiguousarray(pieces, dtype=np.uint64).reshape(-1, 5)
         sizes = np.array([int(b["size"]) for b in blocks], dtype=np.uint64)
@@ -412,21 +450,19 @@ class CopyEngine:
             if bad.size:
                 i, blk = int(bad[0]), int(rows[int(bad[0]), 2])
                 raise BadPieces(f"piece {i} writes past the end of block {blk} ({int(sizes[blk])} bytes)")
-        addrs: list[int] = []
-        t0 = time.perf_counter()
-        try:
-            for b in blocks:
-                addrs.append(self.open_ipc(b["handle"], str(b["device"])))
-            t1 = time.perf_counter()
-            flat = np.empty((rows.shape[0], 4), dtype=np.uint64)
-            flat[:, 0], flat[:, 1], flat[:, 3] = rows[:, 0], rows[:, 1], rows[:, 4]
-            flat[:, 2] = np.array(addrs, dtype=np.uint64)[rows[:, 2].astype(np.int64)] + rows[:, 3]
-            stats = self.copy(segments, flat, timeout)
-        except BaseException:
-            self._close_all(addrs)
-            raise
+        handles = [bytes(b["handle"]) for b in blocks]
+        if any(len(h) != IPC_HANDLE_BYTES for h in handles):
+            raise BadPieces(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes")
+        mode = self._auto_mode(segments) if self.mode == "auto" else self.mode
+        wait = -1.0 if timeout is None else float(timeout)
+        try:  # on error the native side has closed whatever it opened
+            stats, addrs = self._engine.copy_ipc(_segment_tuples(segments), rows, handles,
+                                                 [str(b["device"]) for b in blocks], wait, None, mode)
+        except _native.EngineError as e:
+            raise _translate(e) from None
         t2 = time.perf_counter()
-        stats.update(ipc_opens=len(addrs), ipc_open_s=t1 - t0)
+        stats = self._with_mode(stats, mode)
+        stats["ipc_opens"] = len(addrs)
         if keep_open:
             stats.update(ipc_addrs=addrs, ipc_close_s=0.0)
             return stats

@@ -17,6 +17,7 @@ from sllmfs.errors import Corrupt, FormatVersionError
 FORMAT_VERSION = 1
 ALIGNMENT = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and page mapping work
 CHUNK_SIZE = 4 << 20  # partitions are checksummed in 4 MiB windows (fill verification)
+HUGE_PAGE = 2 << 20  # the memory tier's hugetlb page; ALIGNMENT-sized pages otherwise
 PARTITION_TARGET = 4 << 30  # start a new data file past this size (parallel reads, sane files)
 CHECKSUM = "xxh3_64"
 MANIFEST = "manifest.json"

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sllmfs import dtypes
+from sllmfs.copy_engine import CopyEngine, Segment, address_of
 from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.format import ALIGNMENT, HUGE_PAGE
+from sllmfs.gpu_ipc import export_targets  # imported up front: a first import inside a timed load costs ms
 
 _log = logging.getLogger("sllmfs")
 
@@ -42,14 +45,12 @@ class LoadStats:
 
 def segments_of(lease: Lease) -> list[Any]:
     """The lease's mapped partitions as copy-engine segments, with their readiness bytes."""
-    from sllmfs.copy_engine import Segment, address_of
-
     ready_base = address_of(lease.readiness)
     out = []
     for i, m in enumerate(lease.maps):
         size = lease.sizes[i]
         out.append(Segment(address_of(m) if size else 0, size, ready_base + lease.ready_base[i],
-                           lease.ready_unit, (m, lease.readiness)))
+                           lease.ready_unit, (m, lease.readiness), page_size=HUGE_PAGE if lease.huge[i] else ALIGNMENT))
     return out
 
 
@@ -61,8 +62,6 @@ def _sidecar_copy_wanted() -> bool:
 def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
                   timeout: float) -> dict[str, Any] | None:
     """Ask the sidecar, which keeps its segments pinned, to copy into our tensors; None: copy here."""
-    from sllmfs.gpu_ipc import export_targets
-
     by_ptr = {t.data_ptr(): t for t in targets.values() if t.numel()}
     wanted = {f"{r[2]:x}": by_ptr[r[2]] for r in rows}  # one entry per destination, ties copied once
     t0 = time.perf_counter()
@@ -113,8 +112,7 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
 
 def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str, device: int, timeout: float,
                     mode: str) -> LoadStats:
-    from sllmfs.copy_engine import CopyEngine
-
+    t0 = time.perf_counter()
     stats = LoadStats()
     rows: list[tuple[int, int, int, int]] = []
     casts: list[str] = []
@@ -133,6 +131,7 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
             rows.append((ref.partition, ref.offset, dst.data_ptr(), ref.nbytes))
             stats.bytes += ref.nbytes
     rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
+    plan_s = time.perf_counter() - t0
     if rows and target == "cuda" and _sidecar_copy_wanted():
         copied = _sidecar_copy(lease, targets, rows, timeout)
         if copied is not None:
@@ -156,4 +155,5 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
         import torch
 
         torch.cuda.synchronize(device)
+    stats.engine["plan_s"] = plan_s  # client-side bookkeeping before the copy starts
     return stats

@@ -156,12 +156,15 @@ E cudaHostUnregister(void* p) { return 0; }
 E cudaHostAlloc(void** p, size_t n, unsigned f) { *p = malloc(n); return 0; }
 E cudaFreeHost(void* p) { free(p); return 0; }
 E cudaGetLastError(void) { return 0; }
-const char* cudaGetErrorName(E e) { return e == 101 ? "cudaErrorInvalidDevice" : "cudaErrorUnknown"; }
+const char* cudaGetErrorName(E e) {
+  return e == 101 ? "cudaErrorInvalidDevice" : e == 400 ? "cudaErrorInvalidResourceHandle" : "cudaErrorUnknown";
+}
 const char* cudaGetErrorString(E e) { return "fake"; }
 E cudaRuntimeGetVersion(int* v) { *v = 13000; return 0; }
 E cudaPointerGetAttributes(void* a, const void* p) { memset(a, 0, 16); return 0; }
 E cudaIpcOpenMemHandle(void** p, H h, unsigned f) {
   if (f != 1) return 1;  /* cudaIpcMemLazyEnablePeerAccess */
+  if (h.r[63] == 1) return 400;  /* a handle marked bad: cudaErrorInvalidResourceHandle */
   memcpy(p, h.r, sizeof(void*));
   ++opened;
   return 0;
@@ -208,6 +211,21 @@ def test_sidecar_flow_against_a_fake_runtime(tmp_path):
             eng.copy_ipc([seg], [dict(blocks[0], device="0000:00:07.0")], [[0, 0, 0, 0, 8]])
         except ce.CudaError as e:
             r["wrong_gpu"] = str(e)
+        # Handles open while the copy runs: one that fails to open fails the copy, and the
+        # ones already open are closed again. Many small blocks, the bad one last in copy order.
+        many = [np.zeros(4096, np.uint8) for _ in range(64)]
+        mblocks = [{{"handle": int(x.ctypes.data).to_bytes(8, "little") + bytes(56), "size": x.size,
+                    "device": "0000:00:06.0"}} for x in many]
+        mblocks[-1]["handle"] = mblocks[-1]["handle"][:63] + b"\x01"
+        mpieces = [[0, i * 4096, i, 0, 4096] for i in range(64)][::-1]  # given backwards: order comes from the plan
+        try:
+            eng.copy_ipc([seg], mblocks, mpieces)
+        except ce.CudaError as e:
+            r["bad_handle"] = str(e)
+        r["after_bad"] = fake.fake_open_handles()
+        st = eng.copy_ipc([seg], mblocks[:-1], mpieces[1:])
+        r["many_ok"] = all((m == src[i * 4096:(i + 1) * 4096]).all() for i, m in enumerate(many[:-1]))
+        r.update(many_opens=st["ipc_opens"], many_open_s=st["ipc_open_s"])
         r.update(device=eng.device, left=eng.open_ipc_count)
         eng.close()
         print(json.dumps(r))
@@ -219,3 +237,6 @@ def test_sidecar_flow_against_a_fake_runtime(tmp_path):
     assert out["ok"] and out["mode"] == "register" and out["opens"] == 2 and out["open_now"] == 0
     assert out["kept"] == 2 and out["after_close"] == 0 and out["left"] == 0
     assert "use one engine per GPU" in out["wrong_gpu"] and "\n" not in out["wrong_gpu"]
+    assert "cudaIpcOpenMemHandle" in out["bad_handle"] and "\n" not in out["bad_handle"]
+    assert out["after_bad"] == 0
+    assert out["many_ok"] and out["many_opens"] == 63 and out["many_open_s"] >= 0

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sllmfs.errors import BadInput
-from sllmfs.format import CHUNK_SIZE
+from sllmfs.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 from sllmfs.sidecar.memtier import Resident
 
 log = logging.getLogger("sllmfs.sidecar")
@@ -52,7 +52,8 @@ class GpuCopier:
         from sllmfs.copy_engine import Segment, address_of
 
         ready = address_of(res.ready.mm)
-        return [Segment(address_of(s.mm) if s.size else 0, s.size, ready + res.chunk_base[i], CHUNK_SIZE, (s.mm,))
+        return [Segment(address_of(s.mm) if s.size else 0, s.size, ready + res.chunk_base[i], CHUNK_SIZE, (s.mm,),
+                        page_size=HUGE_PAGE if s.huge else ALIGNMENT)
                 for i, s in enumerate(res.segments)]
 
     def copy(self, res: Resident, blocks: list[dict[str, Any]], pieces: list[list[int]],

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmfs.errors import BadInput
-from sllmfs.format import CHUNK_SIZE, Manifest
+from sllmfs.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 
 log = logging.getLogger("sllmfs.sidecar")
 
 PAGE = mmap.PAGESIZE
-HUGE_PAGE = 2 << 20
 HUGE_MIN = 64 << 20
 PENDING, READY, FAILED = 0, 1, 2
 
