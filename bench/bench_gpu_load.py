@@ -97,9 +97,10 @@ def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) ->
     return total[0] / (time.perf_counter() - t0) / 1e9
 
 
-# label -> (who copies, engine mode, one slab or a tensor each)
-PATHS = {"sidecar": ("sidecar", "auto", False), "sidecar-slab": ("sidecar", "auto", True),
-         "client": ("client", "auto", False)}
+# label -> (who copies, engine mode, allocation: "slab" (one block), "tensor" (one each), "reserved"
+# (one each, after sllmfs.gpu_ipc.reserve_segment, as sllmfs's own loaders allocate))
+PATHS = {"sidecar": ("sidecar", "auto", "tensor"), "sidecar-slab": ("sidecar", "auto", "slab"),
+         "sidecar-reserved": ("sidecar", "auto", "reserved"), "client": ("client", "auto", "tensor")}
 
 
 def client_run(socket: str, label: str, store: str) -> dict[str, object]:
@@ -109,13 +110,17 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     from sllmfs.client import connect
     from sllmfs.transfer import copy_into
 
-    who, mode, slab = PATHS[label]
+    who, mode, alloc = PATHS[label]
     os.environ["SLLMFS_GPU_COPY"] = who
     from sllmfs.store import Store
 
     m = Store(store, cleanup=False).get(MODEL).manifest("hf")  # shapes, without starting a fill
     shapes = {n: (tuple(m.entry(n).shape), m.entry(n).nbytes) for n in m.names()}
-    if slab:  # as a framework that allocates its weights in one block would
+    if alloc == "reserved":
+        from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment
+
+        reserve_segment("cuda", large_pool_bytes(n for _s, n in shapes.values()))
+    if alloc == "slab":  # as a framework that allocates its weights in one block would
         buf = torch.empty(sum(-(-n // 256) * 256 for _s, n in shapes.values()), dtype=torch.uint8, device="cuda")
         dst, at = {}, 0
         for name, (shape, n) in shapes.items():
@@ -143,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--paths", default="sidecar,sidecar-slab,client")
+    ap.add_argument("--paths", default="sidecar,sidecar-slab,sidecar-reserved,client")
     ap.add_argument("--warm-reps", type=int, default=3, help="fresh processes per memory-tier hit (median reported)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--client", nargs=3, metavar=("SOCKET", "PATH", "STORE"), help=argparse.SUPPRESS)

@@ -14,6 +14,7 @@ non-torch receiver never releases, so those blocks would never be freed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sllmfs.copy_engine import CopyError, CudaUnavailable, _native, _translate, cuda_runtime
@@ -73,3 +74,35 @@ def export_targets(tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any
         places[name] = (hit[2], ptr - hit[0])
     return blocks, places
 
+
+
+SMALL_ALLOC = 1 << 20  # torch serves requests up to 1 MiB from its small pool (2 MiB segments), not from ours
+
+
+def large_pool_bytes(sizes: Iterable[int]) -> int:
+    """Bytes tensors of these sizes take from torch's large pool (512-byte rounding)."""
+    return sum(-(-n // 512) * 512 for n in sizes if n > SMALL_ALLOC)
+
+
+def weight_bytes(entries: Iterable[Any]) -> int:
+    """:func:`large_pool_bytes` of stored tensors (manifest or lease entries), tied names once."""
+    return large_pool_bytes({(e.partition, e.offset): e.nbytes for e in entries}.values())
+
+
+def reserve_segment(device: Any, nbytes: int) -> int:
+    """Leave one free cudaMalloc of ``nbytes`` in torch's caching allocator, for the weights allocated next.
+
+    torch splits a cached free block for later requests, so a model built right
+    after this gets its weights from one allocation: the sidecar opens one IPC
+    handle instead of one per weight (opens cost copy time even when overlapped:
+    48.8 vs 52.3 GB/s for 227 allocations vs one, bench/results), and the model
+    build pays one cudaMalloc instead of hundreds. Sized to the weights, so
+    nothing stays reserved unused. Returns the bytes reserved (0 off CUDA).
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or nbytes <= 0:
+        return 0
+    torch.empty(nbytes, dtype=torch.uint8, device=dev)  # freed at once; the allocator keeps the block
+    return nbytes

@@ -14,6 +14,7 @@ import torch
 from sllmfs import dtypes
 from sllmfs.client import connect
 from sllmfs.errors import BadInput
+from sllmfs.gpu_ipc import reserve_segment, weight_bytes
 from sllmfs.transfer import LoadStats, copy_into
 
 DeviceMap = dict[str, Any] | str | int | torch.device
@@ -49,6 +50,10 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *,
               dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
     """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory."""
     with connect(socket) as client, client.acquire(model, variant) as lease:
+        places = {name: _device_for(name, device_map) for name in lease.entries}
+        if dtype is None:  # each GPU's tensors in one allocation: one IPC handle, one cudaMalloc
+            for dev in set(places.values()):
+                reserve_segment(dev, weight_bytes(lease.entries[n] for n, d in places.items() if d == dev))
         out: dict[str, torch.Tensor] = {}
         by_place: dict[tuple[int, int], torch.Tensor] = {}
         for name, ref in lease.entries.items():
@@ -57,7 +62,7 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *,
                 out[name] = by_place[key]
                 continue
             stored = dtypes.to_torch(dtypes.by_code(ref.dtype))
-            out[name] = torch.empty(ref.shape, dtype=dtype or stored, device=_device_for(name, device_map))
+            out[name] = torch.empty(ref.shape, dtype=dtype or stored, device=places[name])
             if ref.nbytes:  # empty tensors may share an offset with a real one
                 by_place[key] = out[name]
         copy_into(lease, out, timeout=timeout, strict=False)

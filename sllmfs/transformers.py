@@ -19,6 +19,7 @@ from sllmfs import names
 from sllmfs.client import Client, connect
 from sllmfs.config import open_store
 from sllmfs.errors import BadInput
+from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment
 from sllmfs.save import save_adapter
 from sllmfs.save import save_model as save_checkpoint
 from sllmfs.torch import DeviceMap, _device_for
@@ -56,6 +57,12 @@ def fetch_files(client: Client, model: str, variant: str, into: Path) -> Path:
 def _materialize(model: torch.nn.Module, device_map: DeviceMap, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Give every meta parameter real (uninitialized) memory on its device; return name → tensor."""
     targets: dict[str, torch.Tensor] = {}
+    sizes: dict[torch.device, list[int]] = {}  # each GPU's parameters in one allocation: one IPC handle
+    for name, p in model.named_parameters():
+        dev = torch.device(_device_for(name, device_map))
+        sizes.setdefault(dev, []).append(p.numel() * (dtype or p.dtype).itemsize)
+    for dev, ns in sizes.items():
+        reserve_segment(dev, large_pool_bytes(ns))
     for mod_name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             full = f"{mod_name}.{pname}" if mod_name else pname

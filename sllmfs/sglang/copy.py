@@ -8,7 +8,10 @@ leases without mapped segments (the store read directly) are copied by torch.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger("sllmfs.sglang")
 
 
 def copy_into(lease: Any, targets: dict[str, Any]) -> int:
@@ -23,7 +26,11 @@ def copy_into(lease: Any, targets: dict[str, Any]) -> int:
         plain = {n: t for n, t in targets.items() if t.is_contiguous()}
         rest = {n: t for n, t in targets.items() if n not in plain}
         if plain:
-            moved += engine_copy(lease, plain, strict=False).bytes
+            stats = engine_copy(lease, plain, strict=False)
+            moved += stats.bytes
+            e = stats.engine
+            log.info("sllmfs: copied %d tensors (%.2f GB) in %.3f s by the %s, %s GPU allocation(s) opened",
+                     stats.tensors, stats.bytes / 1e9, stats.seconds, e.get("path", "client"), e.get("ipc_opens", "-"))
     if rest:
         views = lease.tensors()
         for name, dst in rest.items():

@@ -37,6 +37,7 @@ from sllmfs import dtypes, names
 from sllmfs.config import load_settings
 from sllmfs.copy_engine import CopyError
 from sllmfs.errors import BadInput, Corrupt, NotFound
+from sllmfs.gpu_ipc import reserve_segment, weight_bytes
 from sllmfs.sglang import variants, writeback
 from sllmfs.sglang.copy import copy_into
 from sllmfs.sglang.locate import Located, locate
@@ -185,7 +186,7 @@ class SllmModelLoader(BaseModelLoader):
 
         t_located = time.perf_counter()
         with set_default_torch_dtype(model_config.dtype):
-            model, replace = self._fast_path(source, want, new_model)
+            model, replace = self._fast_path(source, want, new_model, target)
             t_fast = time.perf_counter()
             if model is None:
                 model = self._any_tp_path(source, want, new_model, target)
@@ -199,8 +200,8 @@ class SllmModelLoader(BaseModelLoader):
                  time.perf_counter() - t_loaded)
         return model.eval()
 
-    def _fast_path(self, source: WeightSource, want: RankVariant,
-                   new_model: Callable[[], nn.Module]) -> tuple[nn.Module | None, bool]:
+    def _fast_path(self, source: WeightSource, want: RankVariant, new_model: Callable[[], nn.Module],
+                   target: torch.device | None = None) -> tuple[nn.Module | None, bool]:
         """(model, None) on success; (None, replace-the-stored-variant?) when it cannot serve."""
         key = want.key
         try:
@@ -209,6 +210,9 @@ class SllmModelLoader(BaseModelLoader):
                 if problem:
                     raise _Unfit(problem)
                 t0 = time.perf_counter()
+                # the weights in one allocation: one IPC handle for the sidecar, one cudaMalloc
+                if target is not None:
+                    reserve_segment(target, weight_bytes(lease.entries.values()))
                 model = new_model()
                 t1 = time.perf_counter()
                 # as ShardedStateLoader: post-process first, so the tensors have their final shapes
