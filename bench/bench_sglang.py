@@ -115,15 +115,27 @@ def tiny(work: Path, logs: Path) -> dict[str, object]:
                     str(src), "--storage-path", str(store), "--force"], check=True)
     side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-tiny.log")
     view = str(side.mnt / "demo" / "tiny-llama")
+    saved: dict[str, object] = {}
     try:
         runs = [run_engine("default (source folder)", str(src), "auto", logs),
                 run_engine("default (FUSE mount)", view, "auto", logs),
                 run_engine("sllm first (any-TP)", view, "sllm", logs, extra='{"sllm_write_back": "sync"}'),
                 run_engine("sllm second (fast path)", view, "sllm", logs)]
+        # the per-rank variant made ahead of time by the CLI, then served by the fast path
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "sllmfs", "save", "--backend", "sglang", "--model",
+                               "demo/tiny-llama-cli", "--local-model-path", str(src), "--storage-path", str(store),
+                               "--tensor-parallel-size", "1"], capture_output=True, text=True, timeout=400)
+        saved = {"rc": proc.returncode, "seconds": time.perf_counter() - t0,
+                 "stored": [x for x in proc.stdout.splitlines() if x.startswith("stored ")],
+                 "tail": (proc.stdout + proc.stderr).splitlines()[-8:]}
+        runs.append(run_engine("sllm after save --backend sglang", str(side.mnt / "demo" / "tiny-llama-cli"),
+                               "sllm", logs))
     finally:
         side.stop()
     ref = runs[0].get("ids")
-    return {"runs": runs, "identical": bool(ref) and all(r.get("ids") == ref for r in runs)}
+    return {"runs": runs, "identical": bool(ref) and all(r.get("ids") == ref for r in runs),
+            "save_backend_sglang": saved, "cli_variant_fast": runs[-1].get("sllm_path") == "fast"}
 
 
 def big(work: Path, logs: Path, layers: int, src: Path | None) -> dict[str, object]:
@@ -184,7 +196,8 @@ def main() -> None:
     if "tiny" in result:
         t = result["tiny"]
         assert isinstance(t, dict)
-        print(f"\ntiny: greedy ids identical across loaders = {t['identical']}")
+        print(f"\ntiny: greedy ids identical across loaders = {t['identical']}; save --backend sglang "
+              f"{t['save_backend_sglang']}; its variant served by the fast path = {t['cli_variant_fast']}")
     if "big" in result:
         b = result["big"]
         assert isinstance(b, dict)

@@ -1,0 +1,131 @@
+"""What the benchmarks measure themselves against, and the sidecar they start.
+
+Shared by the GPU benchmarks: the pinned host-to-device peak, the disk's parallel read
+bandwidth, dropping the page cache, running a command, and starting/stopping `sllmfs start`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def sh(*args: str, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def pinned_peak(gib: int = 4, reps: int = 5) -> float:
+    """Best-case H2D: a cudaHostAlloc buffer copied to the GPU, median of reps."""
+    import torch
+
+    n = gib << 30
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    src.fill_(7)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return n / sorted(times)[len(times) // 2] / 1e9
+
+
+def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) -> float:
+    """Parallel pread of the whole store data, page cache dropped first."""
+    drop_caches()
+    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
+    lock = threading.Lock()
+    total = [0]
+
+    def worker() -> None:
+        buf = bytearray(block)
+        fds: dict[Path, int] = {}
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                f, off = jobs.pop()
+            fd = fds.setdefault(f, os.open(f, os.O_RDONLY))
+            n = os.preadv(fd, [buf], off)
+            with lock:
+                total[0] += n
+        for fd in fds.values():
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return total[0] / (time.perf_counter() - t0) / 1e9
+
+
+def start_sidecar(store: Path, sock: Path, log: Path, extra_args: list[str] | tuple[str, ...] = (),
+                  timeout: float = 120.0) -> subprocess.Popen[bytes]:
+    """`sllmfs start` in the background; returns once its socket (and its mount, with --mount) is up."""
+    extra = list(extra_args)
+    mount = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
+    if mount is not None:
+        mount.mkdir(parents=True, exist_ok=True)
+    _remove_stale_socket(sock)
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store),
+                                 "--socket", str(sock), *extra], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    # the mount's marker file shows once the FUSE view answers, which is after the socket listens
+    while not (sock.exists() and (mount is None or (mount / ".sllmfs.json").exists())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit(f"sidecar did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def _remove_stale_socket(sock: Path) -> None:
+    """A socket file left by a killed sidecar would look ready at once: remove it, refuse a live one."""
+    if not sock.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(sock))
+    except OSError:
+        sock.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise SystemExit(f"a sidecar already serves {sock}; stop it first")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """SIGTERM (the sidecar unmounts and removes its socket), then SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
