@@ -196,6 +196,25 @@ def prep_safetensors(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[st
         "call": f'safetensors.torch.load_file(path, device="{a.device}")'}
 
 
+def prep_fuse_view(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[str, Any]]:
+    """The FUSE view is an ordinary HF folder: one file, or shards + index when the store has several
+    partitions (a 13.5 GB model has four); safetensors loads each file."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise Skip(f"no .safetensors file under {path}")
+
+    def load() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in files:
+            out.update(load_file(str(f), device=a.device))
+        return out
+
+    return load, {"call": f'for each *.safetensors in the view: safetensors.torch.load_file(f, device="{a.device}")',
+                  "files": [f.name for f in files]}
+
+
 def prep_transformers(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[str, Any]]:
     import torch
     import transformers
@@ -307,7 +326,7 @@ def prep_sllmfs(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[str, An
 PREPARE: dict[str, Callable[[Path, argparse.Namespace], tuple[LoadFn, dict[str, Any]]]] = {
     "safetensors": prep_safetensors, "transformers": prep_transformers, "fastsafetensors": prep_fastsafetensors,
     "runai": prep_runai, "instanttensor": prep_instanttensor, "sllmfs": prep_sllmfs,
-    "sllmfs-fuse": prep_safetensors}  # the FUSE view is an ordinary file to safetensors
+    "sllmfs-fuse": prep_fuse_view}
 
 
 def sync(device: str) -> None:
@@ -693,7 +712,7 @@ def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
         with b.sidecar(fuse=b.wants("sllmfs-fuse")) as fuse_why:
             b.load("main", ck, "sllmfs", "cold", ck.file, extra=handle, before=partial(b.cold, ck))
             b.load("main", ck, "sllmfs", "hit", ck.file, extra=handle, before=partial(warm_model, b, ck))
-            view = b.mount / ck.model / "model.safetensors"
+            view = b.mount / ck.model
             for placement in ("hit", "cold"):
                 if fuse_why:
                     b.skip("main", ck, "sllmfs-fuse", placement, fuse_why)

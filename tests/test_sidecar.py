@@ -467,3 +467,42 @@ def test_cli_commands(tmp_path: Path) -> None:
         assert human.returncode == 0 and "memory tier" in human.stderr
         out = _cli(sd, "load", "--model", "org/none", "--warm")
         assert out.returncode == 2 and "'org/none'" in out.stderr and "Traceback" not in out.stderr
+
+
+def _drop_from_page_cache(variant_dir: Path) -> None:
+    os.sync()
+    for f in variant_dir.glob("data_*.bin"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_fill_reads_the_page_cache_when_it_can_and_the_disk_direct_otherwise(tmp_path: Path) -> None:
+    """A just-saved model comes from the page cache; one the kernel dropped is read with O_DIRECT
+    (on file systems that take it), and both verify byte for byte."""
+    with sidecar(tmp_path) as sd, sd.connect() as c:
+        # tensors (and the partition's end) off page boundaries
+        hot = make_model(sd.store, "org/hot", tensors=5, nbytes=3 * 4096 + 256)
+        cold = make_model(sd.store, "org/cold", tensors=5, nbytes=(1 << 20) + 3 * 256, seed=3)
+        _drop_from_page_cache(sd.store / "models" / "org%2Fcold" / "variants" / "hf")
+        for name, want in (("org/hot", hot), ("org/cold", cold)):
+            with c.acquire(name) as lease:
+                got = {k: v.tobytes() for k, v in lease.numpy(timeout=30).items()}
+                assert got == want
+        log = wait_log(sd, "filled model=org/cold")
+    hot_line = next(x for x in log.splitlines() if "filled model=org/hot" in x)
+    cold_line = next(x for x in log.splitlines() if "filled model=org/cold" in x)
+    assert "page cache 0," not in hot_line  # written a moment ago: still cached
+    probe = sd.store / "probe"
+    probe.write_bytes(b"\0" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        direct_ok = True
+    except OSError:
+        direct_ok = False
+    if direct_ok:
+        assert "direct 0," not in cold_line, cold_line
+    else:
+        assert "buffered 0)" not in cold_line, cold_line
