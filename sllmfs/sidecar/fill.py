@@ -9,6 +9,7 @@ A piece already in the page cache (a model just saved) is copied from it
 (``RWF_NOWAIT`` says so without waiting on the disk); any other piece is read
 with ``O_DIRECT``: faster from disk (1.74 vs 1.40 GB/s buffered on the H100
 machine, bench/results/peers-main-*) and no second copy in the page cache.
+SLLMFS_FILL_DIRECT=0 turns O_DIRECT off (buffered reads), to compare.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
 def _open_direct(path: Path) -> int | None:
+    if os.environ.get("SLLMFS_FILL_DIRECT", "1") == "0":  # measuring buffered reads against direct ones
+        return None
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
     except OSError:  # tmpfs and some overlays refuse O_DIRECT: buffered reads only
