@@ -4,17 +4,10 @@
 tensors are ready first), read them with ``preadv`` into the segment map, verify
 each 4 MiB window against the manifest's checksums and publish its readiness byte.
 A short file or a checksum mismatch marks the window failed and fails the fill.
-
-A piece already in the page cache (a model just saved) is copied from it
-(``RWF_NOWAIT`` says so without waiting on the disk); any other piece is read
-with ``O_DIRECT``: faster from disk (1.74 vs 1.40 GB/s buffered on the H100
-machine, bench/results/peers-main-*) and no second copy in the page cache.
-SLLMFS_FILL_DIRECT=0 turns O_DIRECT off (buffered reads), to compare.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from pathlib import Path
@@ -22,7 +15,7 @@ from pathlib import Path
 import xxhash
 
 from sllmfs.errors import Corrupt
-from sllmfs.format import ALIGNMENT, CHUNK_SIZE
+from sllmfs.format import CHUNK_SIZE
 from sllmfs.sidecar.memtier import FAILED, READY, Resident
 
 
@@ -43,12 +36,9 @@ class Fill:
                       for i, p in enumerate(res.manifest.partitions) for off in range(0, p.size, step)]
         self._next = 0
         self._fds: list[int] = []
-        self._direct: list[int | None] = []  # O_DIRECT fds; None where the file system refuses them
-        self._how = [0, 0, 0]  # bytes read from the page cache, with O_DIRECT, buffered from disk
         try:
             for p in res.manifest.partitions:
                 self._fds.append(os.open(variant_dir / p.file, os.O_RDONLY | os.O_CLOEXEC))
-                self._direct.append(_open_direct(variant_dir / p.file))
         except OSError as e:
             self.close()
             raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
@@ -57,15 +47,6 @@ class Fill:
     @property
     def total(self) -> int:
         return self.res.manifest.total_bytes
-
-    @property
-    def read_bytes(self) -> tuple[int, int, int]:
-        """Bytes that came (from the page cache, with O_DIRECT, buffered from disk)."""
-        return (self._how[0], self._how[1], self._how[2])
-
-    def _count(self, how: int, n: int) -> None:
-        with self._lock:
-            self._how[how] += n
 
     def _take(self) -> tuple[int, int, int] | None:
         with self._lock:
@@ -91,46 +72,13 @@ class Fill:
     def _read(self, part: int, dest: memoryview, off: int) -> None:
         # preadv into the map: threads fault pages in parallel. (sendfile into the memfd was
         # faster for one thread but serializes all writers on the inode lock; hugetlb takes no write.)
-        if self._cached(part, dest, off):
-            self._count(0, len(dest))
-            return
-        direct = self._direct[part]
-        if direct is not None:
-            # The map is page aligned and pieces start on 4 MiB: whole pages, rounded up past
-            # the file's end (the segment is rounded to pages too, and a read stops at EOF).
-            n = -(-len(dest) // ALIGNMENT) * ALIGNMENT
-            whole = memoryview(self.res.segments[part].mm)[off:off + n]
-            try:
-                if self._read_all(part, direct, whole, off, len(dest)):
-                    self._count(1, len(dest))
-                return  # read, or the file is short (the piece is marked failed)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._direct[part] = None  # this file system takes O_DIRECT opens but not reads: buffered
-            finally:
-                whole.release()
-        if self._read_all(part, self._fds[part], dest, off, len(dest)):
-            self._count(2, len(dest))
-
-    def _cached(self, part: int, dest: memoryview, off: int) -> bool:
-        """Copy the piece from the page cache if all of it is there, without waiting for the disk."""
-        if _NOWAIT is None:
-            return False
-        try:
-            return os.preadv(self._fds[part], [dest], off, _NOWAIT) == len(dest)
-        except (BlockingIOError, OSError):
-            return False
-
-    def _read_all(self, part: int, fd: int, dest: memoryview, off: int, need: int) -> bool:
         done = 0
-        while done < need:
-            got = os.preadv(fd, [dest[done:]], off + done)
+        while done < len(dest):
+            got = os.preadv(self._fds[part], [dest[done:]], off + done)
             if got <= 0:
                 self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
-                return False
+                return
             done += got
-        return True
 
     def _verify(self, part: int, view: memoryview, off: int, n: int) -> None:
         p = self.res.manifest.partitions[part]
@@ -155,18 +103,6 @@ class Fill:
             self.res.error = self.error
 
     def close(self) -> None:
-        for fd in [*self._fds, *(d for d in self._direct if d is not None)]:
+        for fd in self._fds:
             os.close(fd)
-        self._fds, self._direct = [], []
-
-
-_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-
-
-def _open_direct(path: Path) -> int | None:
-    if os.environ.get("SLLMFS_FILL_DIRECT", "1") == "0":  # measuring buffered reads against direct ones
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-    except OSError:  # tmpfs and some overlays refuse O_DIRECT: buffered reads only
-        return None
+        self._fds = []

@@ -430,9 +430,8 @@ class Server:
         else:
             res.state = "ready"
             self.counters.fills += 1
-            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s (page cache %d, direct %d, "
-                     "buffered %d)", res.model, res.variant, res.filled, seconds,
-                     res.filled / seconds / 1e9 if seconds else 0, *fill.read_bytes)
+            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
+                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
             if self.gpu.active and res.unpin is None and self._nursery is not None:
                 self._nursery.start_soon(trio.to_thread.run_sync, self.gpu.pin, res)
         if res.state == "failed" and not res.retired:
