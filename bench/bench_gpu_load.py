@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,72 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 MODEL = "bench/llama-2-7b-shaped"
 
-
-def sh(*args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def pinned_peak(gib: int = 4, reps: int = 5) -> float:
-    """Best-case H2D: a cudaHostAlloc buffer copied to the GPU, median of reps."""
-    import torch
-
-    n = gib << 30
-    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    src.fill_(7)
-    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return n / sorted(times)[len(times) // 2] / 1e9
-
-
-def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) -> float:
-    """Parallel pread of the whole store data, page cache dropped first."""
-    drop_caches()
-    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
-    lock = threading.Lock()
-    total = [0]
-
-    def worker() -> None:
-        buf = bytearray(block)
-        fds: dict[Path, int] = {}
-        while True:
-            with lock:
-                if not jobs:
-                    break
-                f, off = jobs.pop()
-            fd = fds.setdefault(f, os.open(f, os.O_RDONLY))
-            n = os.preadv(fd, [buf], off)
-            with lock:
-                total[0] += n
-        for fd in fds.values():
-            os.close(fd)
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    return total[0] / (time.perf_counter() - t0) / 1e9
-
+from limits import disk_read_bw, drop_caches, pinned_peak, sh  # noqa: E402
 
 # label -> (who copies, engine mode, allocation: "slab" (one block), "tensor" (one each), "reserved"
 # (one each, after sllmfs.gpu_ipc.reserve_segment, as sllmfs's own loaders allocate))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import subprocess
@@ -28,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 PROMPTS = [[1, 10, 11, 12, 13], [1, 5, 6, 7]]
+from limits import drop_caches  # noqa: E402
+
 LOAD_END = re.compile(r"Load weight end\. elapsed=([0-9.]+) s")
 
 
@@ -101,12 +102,7 @@ class Sidecar:
         self.proc.wait(timeout=60)
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def tiny(work: Path, logs: Path) -> dict[str, object]:
+def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
     from sllmfs.demo import build_model
 
     src, store = work / "tiny-src", work / "store"
@@ -117,10 +113,11 @@ def tiny(work: Path, logs: Path) -> dict[str, object]:
     view = str(side.mnt / "demo" / "tiny-llama")
     saved: dict[str, object] = {}
     try:
-        runs = [run_engine("default (source folder)", str(src), "auto", logs),
-                run_engine("default (FUSE mount)", view, "auto", logs),
-                run_engine("sllm first (any-TP)", view, "sllm", logs, extra='{"sllm_write_back": "sync"}'),
-                run_engine("sllm second (fast path)", view, "sllm", logs)]
+        runs = [run_engine("default (source folder)", str(src), "auto", logs)]
+        if not save_only:
+            runs += [run_engine("default (FUSE mount)", view, "auto", logs),
+                     run_engine("sllm first (any-TP)", view, "sllm", logs, extra='{"sllm_write_back": "sync"}'),
+                     run_engine("sllm second (fast path)", view, "sllm", logs)]
         # the per-rank variant made ahead of time by the CLI, then served by the fast path
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "sllmfs", "save", "--backend", "sglang", "--model",
@@ -139,7 +136,7 @@ def tiny(work: Path, logs: Path) -> dict[str, object]:
 
 
 def big(work: Path, logs: Path, layers: int, src: Path | None) -> dict[str, object]:
-    from bench_gpu_load import pinned_peak
+    from limits import pinned_peak
     from llama_shapes import write_checkpoint
 
     src, store = src or work / "big-src", work / "store"
@@ -174,6 +171,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-sglang")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--tiny-save-only", action="store_true", help="--tiny with only default vs save --backend sglang")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -187,8 +185,8 @@ def main() -> None:
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
                                  "sglang": sglang.__version__, "torch": torch.__version__,
                                  "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:])}
-    if args.tiny:
-        result["tiny"] = tiny(work, logs)
+    if args.tiny or args.tiny_save_only:
+        result["tiny"] = tiny(work, logs, save_only=args.tiny_save_only)
     if args.big:
         result["big"] = big(work, logs, args.layers, Path(args.big_src) if args.big_src else None)
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"

@@ -148,8 +148,8 @@ def test_first_start_takes_any_tp_and_writes_back_then_fast_path(store: Store) -
     assert loader.write_back is not None and loader.write_back.error is None
     assert WANT.key in store.get(MODEL).variants
 
-    second = _loader(store)
-    fast, _ = second._fast_path(_source(store), WANT, new_model)
+    second = _loader(store, sllm_one_allocation=True)  # accepted; reserves nothing off CUDA
+    fast, _ = second._fast_path(_source(store), WANT, new_model, CPU)
     assert fast is not None and second.path_taken == "fast"
     assert fast.post_loaded == 1  # SGLang's post-load hook ran after the copy
     ref = _reference(store)

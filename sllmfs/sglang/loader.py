@@ -53,6 +53,7 @@ EXTRA_KEYS = {
     "sllm_socket",  # sidecar socket, else the mount's or $SLLMFS_SOCKET
     "sllm_model",  # store model name, when --model-path is not under the mount
     "sllm_storage_path",  # read this store directly, no sidecar (sllmfs save --backend sglang)
+    "sllm_one_allocation",  # true: reserve one cudaMalloc for the weights before building the model
 }
 
 SourceFactory = Callable[[Located], WeightSource]
@@ -210,8 +211,10 @@ class SllmModelLoader(BaseModelLoader):
                 if problem:
                     raise _Unfit(problem)
                 t0 = time.perf_counter()
-                # the weights in one allocation: one IPC handle for the sidecar, one cudaMalloc
-                if target is not None:
+                # Opt-in until measured side by side: the weights in one allocation (one IPC handle
+                # for the sidecar) made the copy no faster here and SGLang's model build 0.1 s slower
+                # (bench/results/sglang-big-h100-20261124-0107-reserve.json vs -0007, other machines).
+                if target is not None and _truthy(self.extra.get("sllm_one_allocation")):
                     reserve_segment(target, weight_bytes(lease.entries.values()))
                 model = new_model()
                 t1 = time.perf_counter()
@@ -262,6 +265,10 @@ class SllmModelLoader(BaseModelLoader):
             wb.run()
         else:
             wb.start()
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
 
 def _free_staging(target: torch.device, *, collect: bool = True) -> None:

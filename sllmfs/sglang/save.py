@@ -36,6 +36,10 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
             "sllm_model": model, "sllm_storage_path": str(store.root), "sllm_write_back": "sync"}),
         "disable_cuda_graph": True,  # nothing is served: skip capture
         "skip_server_warmup": True,
+        # after the weights, SGLang sets up attention and sampling; the portable backends keep a
+        # save from needing kernels the machine may lack (FA3 was missing on the H100 image)
+        "attention_backend": "triton",
+        "sampling_backend": "pytorch",
         "log_level": "warning",
     }
     if dtype:
