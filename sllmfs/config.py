@@ -59,6 +59,7 @@ class Settings:
     metrics_port: int = 0
     allow_uids: str = ""  # comma-separated uids besides the owner allowed on the socket
     group: str = ""  # group given access to socket, segments and mount
+    gpu_warmup: bool = True  # start the GPU copy engines (and pin fills) at start, not at the first load
 
     def __post_init__(self) -> None:
         self.storage_path = self.storage_path or str(_default_storage())

@@ -33,13 +33,15 @@ def start(
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error"),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
                                                "127.0.0.1:PORT (0: off)."),
+    gpu_warmup: Optional[bool] = typer.Option(
+        None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start (default) or at first load."),
 ) -> None:
     from sllmfs.sidecar.daemon import run
 
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
-                             metrics_port=metrics_port)
+                             metrics_port=metrics_port, gpu_warmup=gpu_warmup)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
     run(settings)

@@ -83,6 +83,35 @@ class GpuCopier:
 
         return stats, close
 
+    def warm_up(self, max_gpus: int = 64) -> list[str]:
+        """Worker thread, at start: an engine for every GPU this process sees, so the first load on a
+        node pays neither the CUDA start (0.1-3.7 s seen on the H100 machine) nor pinning: fills made
+        once an engine exists are pinned as soon as they are ready. Returns the bus ids; no GPU: []."""
+        from sllmfs.copy_engine import CopyEngine, CopyError
+
+        for ordinal in range(max_gpus):
+            try:
+                engine = CopyEngine(target="cuda", device=ordinal, mode="auto")
+            except CopyError as e:
+                if ordinal == 0:
+                    with self._make:
+                        self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
+                    log.info("no GPU copies from this sidecar: %s", e)
+                break  # past the last GPU
+            bus = engine.bus_id
+            with self._make:
+                if bus in self._engines:  # a load made it meanwhile
+                    engine.close()
+                    continue
+                self._engines[bus] = engine
+                self._locks[bus] = threading.Lock()
+            log.info("gpu copy engine ready device=%s (at start)", bus)
+        return sorted(self._engines)
+
+    @property
+    def buses(self) -> list[str]:
+        return sorted(self._engines)
+
     @property
     def active(self) -> bool:
         return bool(self._engines)

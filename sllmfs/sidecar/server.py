@@ -84,6 +84,8 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._disk_loop)
+            if self.settings.gpu_warmup:
+                nursery.start_soon(self._warm_gpus)
             task_status.started()
             while True:
                 try:
@@ -93,6 +95,13 @@ class Server:
                     await trio.sleep(0.1)
                     continue
                 nursery.start_soon(self._connection, sock)
+
+    async def _warm_gpus(self) -> None:
+        """Start the GPU copy engines now, then pin what was filled before they existed."""
+        await trio.to_thread.run_sync(self.gpu.warm_up)
+        for res in list(self.tier.entries.values()):
+            if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
+                await trio.to_thread.run_sync(self.gpu.pin, res)
 
     def stop_fills(self) -> None:
         for f in self.fills:
@@ -348,7 +357,7 @@ class Server:
                   for c in self.conns for i, r in c.leases.items()]
         c = self.counters
         filled = c.bytes_filled + sum(f.res.filled for f in self.fills)  # fills in progress count as they go
-        return {"ok": True, "pid": os.getpid(), "storage_path": str(self.store.root),
+        return {"ok": True, "pid": os.getpid(), "storage_path": str(self.store.root), "gpus": self.gpu.buses,
                 "memory": {"used": self.tier.used, "budget": self.tier.budget, "retired": len(self.tier.retired)},
                 "disk": {"used": sum(sizes.values()), "budget": self.settings.disk_size},
                 "models": models, "leases": leases, "connections": len(self.conns),
