@@ -14,6 +14,7 @@ non-torch receiver never releases, so those blocks would never be freed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,7 @@ def large_pool_bytes(sizes: Iterable[int]) -> int:
 
 def weight_bytes(entries: Iterable[Any]) -> int:
     """:func:`large_pool_bytes` of stored tensors (manifest or lease entries), tied names once."""
-    return large_pool_bytes({(e.partition, e.offset): e.nbytes for e in entries}.values())
+    return large_pool_bytes({(e.partition, e.offset): e.nbytes for e in entries if e.nbytes}.values())
 
 
 def reserve_segment(device: Any, nbytes: int) -> int:
@@ -102,7 +103,8 @@ def reserve_segment(device: Any, nbytes: int) -> int:
     import torch
 
     dev = torch.device(device)
-    if dev.type != "cuda" or nbytes <= 0:
-        return 0
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if dev.type != "cuda" or nbytes <= 0 or "max_split_size" in conf or "expandable_segments:True" in conf:
+        return 0  # such allocators would not split the block (or need no help): it would sit unused
     torch.empty(nbytes, dtype=torch.uint8, device=dev)  # freed at once; the allocator keeps the block
     return nbytes

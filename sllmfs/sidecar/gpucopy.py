@@ -35,17 +35,26 @@ class GpuCopier:
         from sllmfs.copy_engine import CopyEngine, CopyError
 
         with self._make:
+            if bus in self._engines:
+                return self._engines[bus], self._locks[bus]
             if self.unavailable:
                 raise BadInput(self.unavailable)
-            if bus not in self._engines:
-                try:
-                    self._engines[bus] = CopyEngine(target="cuda", device=bus, mode="auto")
-                except CopyError as e:
-                    self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
-                    raise BadInput(self.unavailable) from None
-                self._locks[bus] = threading.Lock()
-                log.info("gpu copy engine ready device=%s", bus)
-            return self._engines[bus], self._locks[bus]
+            try:
+                engine = CopyEngine(target="cuda", device=bus, mode="auto")
+            except CopyError as e:
+                self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
+                raise BadInput(self.unavailable) from None
+            self._add(bus, engine)
+            log.info("gpu copy engine ready device=%s", bus)
+            return engine, self._locks[bus]
+
+    def _add(self, bus: str, engine: Any) -> None:
+        self._locks[bus] = threading.Lock()  # the lock first: readers take (engine, lock) pairs
+        self._engines[bus] = engine
+
+    def _pairs(self) -> list[tuple[Any, threading.Lock]]:
+        with self._make:
+            return [(e, self._locks[b]) for b, e in self._engines.items()]
 
     @staticmethod
     def _segments(res: Resident) -> list[Any]:
@@ -92,48 +101,58 @@ class GpuCopier:
         for ordinal in range(max_gpus):
             try:
                 engine = CopyEngine(target="cuda", device=ordinal, mode="auto")
+                bus = engine.bus_id
             except CopyError as e:
-                if ordinal == 0:
-                    with self._make:
-                        self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
-                    log.info("no GPU copies from this sidecar: %s", e)
+                if ordinal == 0:  # a load still tries (and then remembers why not): only log here
+                    log.info("no GPU copies from this sidecar at start: %s", e)
                 break  # past the last GPU
-            bus = engine.bus_id
             with self._make:
                 if bus in self._engines:  # a load made it meanwhile
                     engine.close()
                     continue
-                self._engines[bus] = engine
-                self._locks[bus] = threading.Lock()
+                self._add(bus, engine)
             log.info("gpu copy engine ready device=%s (at start)", bus)
-        return sorted(self._engines)
+        return self.buses
 
     @property
     def buses(self) -> list[str]:
-        return sorted(self._engines)
+        with self._make:
+            return sorted(self._engines)
 
     @property
     def active(self) -> bool:
         return bool(self._engines)
 
     def pin(self, res: Resident) -> None:
-        """Worker thread, right after a fill no copy has touched: pin it now so the first load needs not."""
-        if res.unpin is not None or res.state != "ready":
+        """Worker thread, right after a fill no copy has touched: pin it now so the first load needs not.
+
+        Never raises: a pin that fails (limits, the resident dropped meanwhile) leaves the first
+        copy to pin what it reads, as without warm-up."""
+        from sllmfs.copy_engine import CopyError
+
+        pairs = self._pairs()
+        if res.unpin is not None or res.state != "ready" or res.closed or not pairs:
             return
         res.unpin = lambda: self.release(res)
-        segs = self._segments(res)
-        for bus, engine in list(self._engines.items()):
-            with self._locks[bus]:
-                for s in segs:
-                    if s.length:
-                        engine.register(s)
+        try:
+            segs = self._segments(res)
+            for engine, lock in pairs:
+                with lock:
+                    if res.closed:
+                        return
+                    for s in segs:
+                        if s.length:
+                            engine.register(s)
+        except (CopyError, ValueError) as e:
+            log.warning("could not pin model=%s variant=%s for GPU copies: %s", res.model, res.variant, e)
+            return
         log.info("pinned model=%s variant=%s for GPU copies", res.model, res.variant)
 
     def release(self, res: Resident) -> None:
         """Unpin a resident's segments in every engine (before they are unmapped)."""
         segs = self._segments(res)
-        for bus, engine in self._engines.items():
-            with self._locks[bus]:
+        for engine, lock in self._pairs():
+            with lock:
                 for s in segs:
                     if s.length:
                         engine.release(s)

@@ -97,6 +97,7 @@ class Resident:
     error: str | None = None  # set by a fill thread on the first bad window; the fill then winds down
     wire_tensors: list[list[Any]] = field(default_factory=list)
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
+    closed: bool = False  # segments unmapped: nothing may touch them
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +112,7 @@ class Resident:
         return self.leases > 0 or self.pinned or self.state == "filling"
 
     def close(self) -> None:
+        self.closed = True
         if self.unpin is not None:  # a pinned mapping must be unregistered before it is unmapped
             self.unpin()
             self.unpin = None

@@ -98,10 +98,19 @@ class Server:
 
     async def _warm_gpus(self) -> None:
         """Start the GPU copy engines now, then pin what was filled before they existed."""
-        await trio.to_thread.run_sync(self.gpu.warm_up)
-        for res in list(self.tier.entries.values()):
-            if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
-                await trio.to_thread.run_sync(self.gpu.pin, res)
+        try:
+            await trio.to_thread.run_sync(self.gpu.warm_up)
+            for res in list(self.tier.entries.values()):
+                if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
+                    await self._pin(res)
+        except Exception:  # never the daemon: loads start their engines themselves
+            log.exception("GPU warm-up failed")
+
+    async def _pin(self, res: Resident) -> None:
+        try:
+            await trio.to_thread.run_sync(self.gpu.pin, res)
+        except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
+            log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
 
     def stop_fills(self) -> None:
         for f in self.fills:
@@ -442,7 +451,7 @@ class Server:
             log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
                      res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
             if self.gpu.active and res.unpin is None and self._nursery is not None:
-                self._nursery.start_soon(trio.to_thread.run_sync, self.gpu.pin, res)
+                self._nursery.start_soon(self._pin, res)
         if res.state == "failed" and not res.retired:
             self.tier.drop(res, why="fill failed")
         self.tier.settle(res)
