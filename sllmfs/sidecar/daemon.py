@@ -68,6 +68,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
+            if settings.gpu_warmup:  # once up: a start that fails says one line, not CUDA's news
+                nursery.start_soon(server.warm_gpus)
             log.info("serving socket=%s store=%s memory budget=%d disk budget=%d threads=%d chunk=%d",
                      settings.socket, store.root, tier.budget, settings.disk_size, settings.num_thread,
                      settings.chunk_size)

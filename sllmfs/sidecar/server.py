@@ -84,8 +84,6 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._disk_loop)
-            if self.settings.gpu_warmup:
-                nursery.start_soon(self._warm_gpus)
             task_status.started()
             while True:
                 try:
@@ -96,8 +94,9 @@ class Server:
                     continue
                 nursery.start_soon(self._connection, sock)
 
-    async def _warm_gpus(self) -> None:
-        """Start the GPU copy engines now, then pin what was filled before they existed."""
+    async def warm_gpus(self) -> None:
+        """Start the GPU copy engines now (the daemon calls this once it is up), then pin what was
+        filled before they existed."""
         try:
             await trio.to_thread.run_sync(self.gpu.warm_up)
             for res in list(self.tier.entries.values()):
