@@ -51,3 +51,18 @@ def test_doctor_reports_each_check(tmp_path: Path) -> None:
     proc = sllmfs("doctor", "--storage-path", str(tmp_path / "s"), "--socket", str(tmp_path / "x.sock"), check=False)
     for name in ("/dev/fuse", "fusermount3", "hugetlb pages", "GPU", "store", "socket"):
         assert name in proc.stdout + proc.stderr
+
+
+def test_the_unit_travels_in_wheels_and_is_found_under_the_prefix(tmp_path: Path) -> None:
+    """A wheel install has no source tree: the unit and env file go to <prefix>/share/sllmfs."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert sorted(data["share/sllmfs"]) == ["systemd/sllmfs.env", "systemd/sllmfs.service"]
+    assert all((ROOT / f).is_file() for f in data["share/sllmfs"])
+    share = tmp_path / "share" / "sllmfs"
+    share.mkdir(parents=True)
+    shutil.copy(ROOT / "systemd" / "sllmfs.service", share)
+    assert systemd.unit_template([tmp_path / "no-source-tree", share]) == share / "sllmfs.service"
+    with pytest.raises(systemd.BadInput, match="cannot find sllmfs.service in .*no-source-tree"):
+        systemd.unit_template([tmp_path / "no-source-tree"])

@@ -10,6 +10,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 from sllmfs.errors import BadInput
@@ -32,13 +34,20 @@ def notify(*lines: str) -> bool:
     return True
 
 
-def unit_template() -> Path:
-    """The unit shipped in the source tree (``systemd/sllmfs.service``)."""
-    here = Path(__file__).resolve().parents[2] / "systemd" / UNIT_NAME
-    if not here.is_file():
-        raise BadInput(f"cannot find {UNIT_NAME} beside this sllmfs ({here}); install from a source checkout "
-                       "or copy systemd/sllmfs.service by hand")
-    return here
+def unit_dirs() -> list[Path]:
+    """Where the unit may be: the source tree (editable installs), then <prefix>/share/sllmfs (wheels)."""
+    return [Path(__file__).resolve().parents[2] / "systemd", Path(sys.prefix) / "share" / "sllmfs",
+            Path(sysconfig.get_path("data")) / "share" / "sllmfs"]
+
+
+def unit_template(dirs: list[Path] | None = None) -> Path:
+    """The unit shipped with this sllmfs (``systemd/sllmfs.service`` in the source tree)."""
+    dirs = unit_dirs() if dirs is None else dirs
+    for d in dirs:
+        if (d / UNIT_NAME).is_file():
+            return d / UNIT_NAME
+    raise BadInput(f"cannot find {UNIT_NAME} in {', '.join(map(str, dirs))}; reinstall sllmfs "
+                   "or copy systemd/sllmfs.service from its source by hand")
 
 
 def render_unit(sllmfs_bin: str | None = None) -> str:
