@@ -297,17 +297,29 @@ PyObject* engine_copy_ipc(EngineObject* self, PyObject* args, PyObject* kwds) {
   }
   Py_DECREF(bs);
   PyObject* stats = run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, &ipc);
-  if (!stats) return nullptr;
-  PyObject* addrs = PyList_New(0);
+  PyObject* addrs = stats ? PyList_New(0) : nullptr;
+  bool ok = addrs != nullptr;
   for (uintptr_t a : ipc.opened) {
-    if (!a) continue;
+    if (!a || !ok) continue;
     PyObject* v = PyLong_FromUnsignedLongLong(a);
-    PyList_Append(addrs, v);
-    Py_DECREF(v);
+    ok = v && PyList_Append(addrs, v) == 0;
+    Py_XDECREF(v);
   }
-  PyObject* secs = PyFloat_FromDouble(ipc.open_seconds);
-  PyDict_SetItemString(stats, "ipc_open_s", secs);
-  Py_DECREF(secs);
+  PyObject* secs = ok ? PyFloat_FromDouble(ipc.open_seconds) : nullptr;
+  ok = ok && secs && PyDict_SetItemString(stats, "ipc_open_s", secs) == 0;
+  Py_XDECREF(secs);
+  if (!ok) {  // the copy landed but we cannot hand the handles back: close them here
+    if (stats) {
+      PyObject *t, *v, *tb;
+      PyErr_Fetch(&t, &v, &tb);
+      for (uintptr_t a : ipc.opened)
+        if (a) run_nogil([&] { self->engine->close_ipc(a); });
+      PyErr_Restore(t, v, tb);
+    }
+    Py_XDECREF(stats);
+    Py_XDECREF(addrs);
+    return nullptr;
+  }
   return Py_BuildValue("(NN)", stats, addrs);
 }
 

@@ -460,8 +460,17 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   if (pending.empty()) job.all_dispatched = true;
 
   std::vector<std::thread> threads;
-  for (int i = 0; i < nstage; ++i) threads.emplace_back([this, &job, i] { stage_worker(job, i); });
-  for (int i = 0; i < nreg; ++i) threads.emplace_back([this, &job, i] { register_worker(job, i); });
+  try {
+    for (int i = 0; i < nstage; ++i) threads.emplace_back([this, &job, i] { stage_worker(job, i); });
+    for (int i = 0; i < nreg; ++i) threads.emplace_back([this, &job, i] { register_worker(job, i); });
+  } catch (const std::exception& e) {  // no thread may outlive this frame (std::terminate)
+    EngineError err(ErrorKind::Runtime, std::string("could not start the copy threads: ") + e.what());
+    job.fail(err);
+    for (auto& t : threads) t.join();
+    if (opener.joinable()) opener.join();
+    if (ipc) close_opened(*ipc);
+    throw err;
+  }
 
   CopyStats st;
   auto last_ready = Clock::now();
