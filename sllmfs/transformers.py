@@ -77,8 +77,11 @@ def _materialize(model: torch.nn.Module, device_map: DeviceMap, dtype: torch.dty
 
 
 def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dtype | str | None = None, *,
-               socket: str | None = None, timeout: float = 120.0, return_stats: bool = False) -> Any:
-    """Build ``name``'s architecture on the meta device and fill it through the copy engine."""
+               socket: str | None = None, timeout: float = 120.0, return_stats: bool = False,
+               files_dir: Path | None = None) -> Any:
+    """Build ``name``'s architecture on the meta device and fill it through the copy engine.
+
+    ``files_dir``: the model's metadata files already fetched (:func:`fetch_files`); else fetched here."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,7 +89,7 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     t0 = time.perf_counter()
     with connect(socket) as client, tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
-        config = AutoConfig.from_pretrained(fetch_files(client, name, "hf", Path(tmp)))
+        config = AutoConfig.from_pretrained(files_dir or fetch_files(client, name, "hf", Path(tmp)))
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
         targets = _materialize(model, device_map, dtype)

@@ -28,20 +28,23 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
         dtype = getattr(torch, precision, None)
         if not isinstance(dtype, torch.dtype):
             raise BadInput(f"--precision {precision!r} is not a torch dtype (try bfloat16, float16, float32)")
-    t0 = time.perf_counter()
-    m, stats = load_model(model, device_map=device, torch_dtype=dtype, socket=socket, return_stats=True)
-    if adapter:
-        m = load_lora(m, model, adapter, socket=socket)
-    seconds = time.perf_counter() - t0
-    console.print(f"loaded {model}{' + ' + adapter if adapter else ''} to {device}: {human(stats.bytes)} in "
-                  f"{seconds:.3f} s ({stats.bytes / seconds / 1e9:.2f} GB/s end to end; "
-                  f"weights moved at {stats.engine.get('gbps', 0.0):.2f} GB/s)")
     from transformers import AutoTokenizer
 
     from sllmfs.client import connect
 
-    with connect(socket) as c, tempfile.TemporaryDirectory(prefix="sllmfs-tok-") as tmp:
-        tok = AutoTokenizer.from_pretrained(fetch_files(c, model, "hf", Path(tmp)))
+    with tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
+        t0 = time.perf_counter()
+        with connect(socket) as c:  # config and tokenizer files, fetched once for both
+            meta = fetch_files(c, model, "hf", Path(tmp))
+        m, stats = load_model(model, device_map=device, torch_dtype=dtype, socket=socket, return_stats=True,
+                              files_dir=meta)
+        if adapter:
+            m = load_lora(m, model, adapter, socket=socket)
+        seconds = time.perf_counter() - t0
+        console.print(f"loaded {model}{' + ' + adapter if adapter else ''} to {device}: {human(stats.bytes)} in "
+                      f"{seconds:.3f} s ({stats.bytes / seconds / 1e9:.2f} GB/s end to end; "
+                      f"weights moved at {stats.engine.get('gbps', 0.0):.2f} GB/s)")
+        tok = AutoTokenizer.from_pretrained(meta)
     ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
         out = m.generate(ids, max_new_tokens=8, do_sample=False)
