@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -14,7 +15,6 @@ import torch
 from sllmfs import dtypes
 from sllmfs.client import connect
 from sllmfs.errors import BadInput
-from sllmfs.gpu_ipc import reserve_segment, weight_bytes
 from sllmfs.transfer import LoadStats, copy_into
 
 DeviceMap = dict[str, Any] | str | int | torch.device
@@ -46,24 +46,39 @@ def _as_device(d: Any) -> torch.device:
     return torch.device(d)
 
 
+_ALIGN = 512  # each tensor's offset in its device's block: torch's own allocation granularity
+
+
 def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *, socket: str | None = None,
               dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
-    """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory."""
+    """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory.
+
+    Each device's tensors are views of one block, in file order (as sllm-store's load_dict): one
+    allocation, and one IPC handle for the sidecar's GPU copy however many tensors there are (each
+    handle it opens costs copy time; small tensors would otherwise each land in their own).
+    """
     with connect(socket) as client, client.acquire(model, variant) as lease:
-        places = {name: _device_for(name, device_map) for name in lease.entries}
-        if dtype is None:  # each GPU's tensors in one allocation: one IPC handle, one cudaMalloc
-            for dev in set(places.values()):
-                reserve_segment(dev, weight_bytes(lease.entries[n] for n, d in places.items() if d == dev))
-        out: dict[str, torch.Tensor] = {}
-        by_place: dict[tuple[int, int], torch.Tensor] = {}
+        first: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
+        layout: dict[torch.device, list[tuple[str, torch.dtype, int]]] = {}  # device -> (name, dtype, offset)
+        ends: dict[torch.device, int] = {}
         for name, ref in lease.entries.items():
-            key = (ref.partition, ref.offset)
-            if ref.nbytes and key in by_place:  # an alias (tied weights): share, as in the checkpoint
-                out[name] = by_place[key]
-                continue
-            stored = dtypes.to_torch(dtypes.by_code(ref.dtype))
-            out[name] = torch.empty(ref.shape, dtype=dtype or stored, device=places[name])
-            if ref.nbytes:  # empty tensors may share an offset with a real one
-                by_place[key] = out[name]
+            if ref.nbytes and (ref.partition, ref.offset) in first:
+                continue  # an alias (tied weights): shares its target, as in the checkpoint
+            if ref.nbytes:
+                first[(ref.partition, ref.offset)] = name
+            kind = dtype or dtypes.to_torch(dtypes.by_code(ref.dtype))
+            dev = _device_for(name, device_map)
+            at = ends.get(dev, 0)
+            layout.setdefault(dev, []).append((name, kind, at))
+            ends[dev] = at + -(-math.prod(ref.shape) * kind.itemsize // _ALIGN) * _ALIGN
+        out: dict[str, torch.Tensor] = {}
+        for dev, items in layout.items():
+            block = torch.empty(ends[dev], dtype=torch.uint8, device=dev)
+            for name, kind, at in items:
+                shape = lease.entries[name].shape
+                out[name] = block[at:at + math.prod(shape) * kind.itemsize].view(kind).view(shape)
+        for name, ref in lease.entries.items():
+            if name not in out:
+                out[name] = out[first[(ref.partition, ref.offset)]]
         copy_into(lease, out, timeout=timeout, strict=False)
     return out

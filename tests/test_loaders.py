@@ -27,6 +27,12 @@ def test_load_dict_and_load_into_fill_exact_bytes(tmp_path: Path, llama_dir: Pat
         ref = _ref(llama_dir)
         out = load_dict("org/llama", device_map={"": "cpu"}, socket=str(sd.socket))
         assert out.keys() == ref.keys() and all(torch.equal(out[k], v) for k, v in ref.items())
+        # one block per device, each tensor aligned in it: one allocation, one IPC handle on a GPU
+        blocks = {t.untyped_storage().data_ptr() for t in out.values()}
+        base = blocks.pop() if len(blocks) == 1 else -1
+        assert base >= 0 and all((t.data_ptr() - base) % 512 == 0 for t in out.values())
+        cast = load_dict("org/llama", device_map={"": "cpu"}, socket=str(sd.socket), dtype=torch.float32)
+        assert all(cast[k].dtype == torch.float32 and torch.equal(cast[k], v.float()) for k, v in ref.items())
         targets = {k: torch.full_like(v, float("nan")) for k, v in ref.items()}  # poisoned
         stats = load_into(targets, "org/llama", socket=str(sd.socket))
         assert all(torch.equal(targets[k], v) for k, v in ref.items())
