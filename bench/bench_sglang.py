@@ -135,7 +135,7 @@ def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
             "save_backend_sglang": saved, "cli_variant_fast": runs[-1].get("sllm_path") == "fast"}
 
 
-def big(work: Path, logs: Path, layers: int, src: Path | None) -> dict[str, object]:
+def big(work: Path, logs: Path, layers: int, src: Path | None, ab_one_allocation: bool = False) -> dict[str, object]:
     from limits import pinned_peak
     from llama_shapes import write_checkpoint
 
@@ -158,6 +158,10 @@ def big(work: Path, logs: Path, layers: int, src: Path | None) -> dict[str, obje
         drop_caches()
         runs["sllm_fast_cold"] = run_engine("sllm fast, cold", view, "sllm", logs, generate=False)
         runs["sllm_fast_memory_tier"] = run_engine("sllm fast, memory tier", view, "sllm", logs, generate=False)
+        if ab_one_allocation:  # the same start with the weights reserved as one allocation (opt-in)
+            runs["sllm_fast_memory_tier_one_allocation"] = run_engine(
+                "sllm fast, memory tier, one allocation", view, "sllm", logs, generate=False,
+                extra='{"sllm_one_allocation": true}')
     finally:
         side.stop()
     return {"bytes": nbytes, "pinned_h2d_peak_gbps": peak, "runs": runs}
@@ -172,6 +176,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--tiny-save-only", action="store_true", help="--tiny with only default vs save --backend sglang")
+    ap.add_argument("--ab-one-allocation", action="store_true",
+                    help="--big also starts from the memory tier with sllm_one_allocation on")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -188,7 +194,8 @@ def main() -> None:
     if args.tiny or args.tiny_save_only:
         result["tiny"] = tiny(work, logs, save_only=args.tiny_save_only)
     if args.big:
-        result["big"] = big(work, logs, args.layers, Path(args.big_src) if args.big_src else None)
+        result["big"] = big(work, logs, args.layers, Path(args.big_src) if args.big_src else None,
+                            ab_one_allocation=args.ab_one_allocation)
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
     dest.write_text(json.dumps(result, indent=1))
     if "tiny" in result:
