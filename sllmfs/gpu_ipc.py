@@ -76,7 +76,6 @@ def export_targets(tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any
     return blocks, places
 
 
-
 SMALL_ALLOC = 1 << 20  # torch serves requests up to 1 MiB from its small pool (2 MiB segments), not from ours
 
 
