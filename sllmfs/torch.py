@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,7 +16,8 @@ import torch
 from sllmfs import dtypes
 from sllmfs.client import connect
 from sllmfs.errors import BadInput
-from sllmfs.transfer import LoadStats, copy_into
+from sllmfs.format import ALIGNMENT
+from sllmfs.transfer import LoadStats, copy_into, copy_spans
 
 DeviceMap = dict[str, Any] | str | int | torch.device
 
@@ -46,39 +48,94 @@ def _as_device(d: Any) -> torch.device:
     return torch.device(d)
 
 
-_ALIGN = 512  # each tensor's offset in its device's block: torch's own allocation granularity
+_ALIGN = 512  # each tensor's offset in its device's block when packed: torch's own allocation granularity
+_GAP = 64 << 10  # store padding up to this is copied along with a run; a longer gap starts a new run
 
 
 def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *, socket: str | None = None,
               dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
     """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory.
 
-    Each device's tensors are views of one block, in file order (as sllm-store's load_dict): one
-    allocation, and one IPC handle for the sidecar's GPU copy however many tensors there are (each
-    handle it opens costs copy time; small tensors would otherwise each land in their own).
+    Each device's tensors are views of one block (as sllm-store's load_dict): one allocation, and one
+    IPC handle for the sidecar's GPU copy however many tensors (each handle costs copy time). Without
+    a dtype cast the block mirrors the store's layout, so whole runs of tensors are copied as one
+    piece (no per-tensor work in the copy); with one, tensors are packed and cast one by one.
     """
     with connect(socket) as client, client.acquire(model, variant) as lease:
-        first: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
-        layout: dict[torch.device, list[tuple[str, torch.dtype, int]]] = {}  # device -> (name, dtype, offset)
-        ends: dict[torch.device, int] = {}
+        owners: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
+        placed: list[tuple[str, torch.device]] = []
         for name, ref in lease.entries.items():
-            if ref.nbytes and (ref.partition, ref.offset) in first:
+            if ref.nbytes and (ref.partition, ref.offset) in owners:
                 continue  # an alias (tied weights): shares its target, as in the checkpoint
             if ref.nbytes:
-                first[(ref.partition, ref.offset)] = name
-            kind = dtype or dtypes.to_torch(dtypes.by_code(ref.dtype))
-            dev = _device_for(name, device_map)
-            at = ends.get(dev, 0)
-            layout.setdefault(dev, []).append((name, kind, at))
-            ends[dev] = at + -(-math.prod(ref.shape) * kind.itemsize // _ALIGN) * _ALIGN
-        out: dict[str, torch.Tensor] = {}
-        for dev, items in layout.items():
-            block = torch.empty(ends[dev], dtype=torch.uint8, device=dev)
-            for name, kind, at in items:
-                shape = lease.entries[name].shape
-                out[name] = block[at:at + math.prod(shape) * kind.itemsize].view(kind).view(shape)
+                owners[(ref.partition, ref.offset)] = name
+            placed.append((name, _device_for(name, device_map)))
+        out = None if dtype is not None else _mirrored(lease, placed, timeout)
+        if out is None:
+            out = _packed(lease, placed, dtype)
+            copy_into(lease, out, timeout=timeout, strict=False)
         for name, ref in lease.entries.items():
             if name not in out:
-                out[name] = out[first[(ref.partition, ref.offset)]]
-        copy_into(lease, out, timeout=timeout, strict=False)
+                out[name] = out[owners[(ref.partition, ref.offset)]]
+    return out
+
+
+def _stored(ref: Any) -> torch.dtype:
+    return _torch_dtype(ref.dtype)
+
+
+@functools.cache
+def _torch_dtype(code: str) -> torch.dtype:
+    return dtypes.to_torch(dtypes.by_code(code))  # type: ignore[no-any-return]
+
+
+def _mirrored(lease: Any, placed: list[tuple[str, torch.device]], timeout: float) -> dict[str, torch.Tensor] | None:
+    """Views laid out as the store lays the bytes, filled by whole runs; None if a tensor sits unaligned."""
+    runs: dict[torch.device, list[list[tuple[str, Any, torch.dtype]]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, dev in placed:
+        ref = lease.entries[name]
+        kind = _stored(ref)
+        if not ref.nbytes:
+            out[name] = torch.empty(ref.shape, dtype=kind, device=dev)
+            continue
+        if ref.offset % kind.itemsize:
+            return None
+        mine = runs.setdefault(dev, [])
+        last = mine[-1][-1][1] if mine else None
+        if last is None or last.partition != ref.partition or not 0 <= ref.offset - last.offset - last.nbytes <= _GAP:
+            mine.append([])
+        mine[-1].append((name, ref, kind))
+    spans = []
+    for dev, dev_runs in runs.items():
+        lengths = [run[-1][1].offset + run[-1][1].nbytes - run[0][1].offset for run in dev_runs]
+        block = torch.empty(sum(-(-n // ALIGNMENT) * ALIGNMENT for n in lengths), dtype=torch.uint8, device=dev)
+        at = 0
+        for run, n in zip(dev_runs, lengths, strict=True):
+            first = run[0][1].offset
+            spans.append((run[0][1].partition, first, block[at:at + n]))
+            for name, ref, kind in run:
+                lo = at + ref.offset - first
+                out[name] = block[lo:lo + ref.nbytes].view(kind).view(ref.shape)
+            at += -(-n // ALIGNMENT) * ALIGNMENT
+    copy_spans(lease, spans, timeout=timeout)
+    return out
+
+
+def _packed(lease: Any, placed: list[tuple[str, torch.device]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Views packed in file order (a dtype cast changes every size)."""
+    layout: dict[torch.device, list[tuple[str, torch.dtype, int]]] = {}
+    ends: dict[torch.device, int] = {}
+    for name, dev in placed:
+        ref = lease.entries[name]
+        kind = dtype or _stored(ref)
+        at = ends.get(dev, 0)
+        layout.setdefault(dev, []).append((name, kind, at))
+        ends[dev] = at + -(-math.prod(ref.shape) * kind.itemsize // _ALIGN) * _ALIGN
+    out: dict[str, torch.Tensor] = {}
+    for dev, items in layout.items():
+        block = torch.empty(ends[dev], dtype=torch.uint8, device=dev)
+        for name, kind, at in items:
+            shape = lease.entries[name].shape
+            out[name] = block[at:at + math.prod(shape) * kind.itemsize].view(kind).view(shape)
     return out

@@ -130,21 +130,8 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
             seen.add(dst.data_ptr())
             rows.append((ref.partition, ref.offset, dst.data_ptr(), ref.nbytes))
             stats.bytes += ref.nbytes
-    rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
     plan_s = time.perf_counter() - t0
-    if rows and target == "cuda" and _sidecar_copy_wanted():
-        copied = _sidecar_copy(lease, targets, rows, timeout)
-        if copied is not None:
-            stats.engine = copied
-            rows = []
-    if rows:
-        with CopyEngine(target=target, device=device, mode=mode) as engine:
-            segs = segments_of(lease)
-            try:
-                stats.engine = engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
-            finally:
-                for s in segs:
-                    engine.release(s)
+    stats.engine = _copy_rows(lease, targets, rows, target, device, timeout, mode)
     if casts:
         views = lease.tensors(timeout=timeout)
         for name in casts:
@@ -156,4 +143,50 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
 
         torch.cuda.synchronize(device)
     stats.engine["plan_s"] = plan_s  # client-side bookkeeping before the copy starts
+    return stats
+
+
+def _copy_rows(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
+               target: str, device: int, timeout: float, mode: str) -> dict[str, Any]:
+    """Copy (partition, offset, destination address, nbytes) rows into ``targets``' memory; engine stats."""
+    if not rows:
+        return {}
+    rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
+    if target == "cuda" and _sidecar_copy_wanted():
+        copied = _sidecar_copy(lease, targets, rows, timeout)
+        if copied is not None:
+            return copied
+    with CopyEngine(target=target, device=device, mode=mode) as engine:
+        segs = segments_of(lease)
+        try:
+            return engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
+        finally:
+            for s in segs:
+                engine.release(s)
+
+
+def copy_spans(lease: Lease, spans: list[tuple[int, int, torch.Tensor]], *, timeout: float = 120.0,
+               mode: str = "auto") -> LoadStats:
+    """Copy whole byte ranges: (partition, offset, destination) with a contiguous uint8 destination as long
+    as the range. One piece per range however many tensors it holds: for a caller that lays its
+    tensors out as the store does (sllmfs.torch.load_dict), so no per-tensor work is left to do."""
+    t0 = time.perf_counter()
+    stats = LoadStats()
+    by_device: dict[tuple[str, int], list[tuple[int, int, torch.Tensor]]] = {}
+    for span in spans:
+        dst = span[2]
+        if not dst.is_contiguous() or dst.element_size() != 1:
+            raise BadInput(f"span at partition {span[0]} offset {span[1]}: the destination must be contiguous bytes")
+        by_device.setdefault((dst.device.type, dst.device.index or 0), []).append(span)
+    for (kind, index), group in by_device.items():
+        rows = [(p, off, dst.data_ptr(), dst.numel()) for p, off, dst in group if dst.numel()]
+        targets = {f"span{i}": dst for i, (_p, _o, dst) in enumerate(group)}
+        stats.engine = _copy_rows(lease, targets, rows, "host" if kind == "cpu" else kind, index, timeout, mode)
+        stats.bytes += sum(r[3] for r in rows)
+        if kind == "cuda":
+            import torch
+
+            torch.cuda.synchronize(index)
+    stats.tensors = len(spans)
+    stats.seconds = time.perf_counter() - t0
     return stats

@@ -103,3 +103,27 @@ def test_load_command_on_the_host_target(tmp_path: Path, llama_dir: Path) -> Non
                      "--socket", str(sd.socket), "--storage-path", str(sd.store))
         text = out.stdout + out.stderr
         assert "GB/s" in text and "generated" in text
+
+
+def test_load_dict_mirrors_the_store_for_odd_tensors(tmp_path: Path) -> None:
+    """Mixed dtypes, odd sizes, an empty tensor and a tied pair: whole runs copied as one piece each
+    (the store's layout mirrored), byte for byte; with a dtype cast, packed and cast one by one."""
+    from safetensors.torch import save_file
+
+    from sllmfs.torch import load_dict
+
+    g = torch.Generator().manual_seed(7)
+    ref = {f"f.{i}": torch.randn(i * 37 + 1, generator=g) for i in range(40)}
+    ref.update({"b": torch.rand(999, generator=g) > 0.5, "i8": torch.randint(-9, 9, (4097,), dtype=torch.int8),
+                "h": torch.randn(3, 5, generator=g).to(torch.bfloat16), "empty": torch.empty(0, 7)})
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(ref, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/odd", src)
+        out = load_dict("org/odd", socket=str(sd.socket))
+        assert out.keys() == ref.keys()
+        assert all(out[k].dtype == v.dtype and torch.equal(out[k], v) for k, v in ref.items())
+        cast = load_dict("org/odd", socket=str(sd.socket), dtype=torch.float64)
+        assert all(torch.equal(cast[k], v.to(torch.float64)) for k, v in ref.items())
