@@ -237,11 +237,6 @@ def kernel_page_sizes(addrs: Sequence[int]) -> list[int]:
     return [found.get(a, 4096) for a in addrs]
 
 
-def kernel_page_size(addr: int) -> int:
-    """Page size backing the mapping that holds ``addr`` (4096 unless hugetlb)."""
-    return kernel_page_sizes([addr])[0]
-
-
 def choose_mode(segments: Sequence[Segment | tuple[int, int, int, int]]) -> str:
     """auto: pin huge-page segments in place (cheap, then copies run at link speed),
     stage 4 KiB-page ones (pinning them costs more than the copy; measured in NOTES)."""

@@ -176,7 +176,8 @@ def copy_spans(lease: Lease, spans: list[tuple[int, int, torch.Tensor]], *, time
     for span in spans:
         dst = span[2]
         if not dst.is_contiguous() or dst.element_size() != 1:
-            raise BadInput(f"span at partition {span[0]} offset {span[1]}: the destination must be contiguous bytes")
+            raise BadInput(f"model {lease.model!r} [{lease.variant}]: the destination of the bytes at partition "
+                           f"{span[0]} offset {span[1]} must be a contiguous uint8 tensor")
         by_device.setdefault((dst.device.type, dst.device.index or 0), []).append(span)
     for (kind, index), group in by_device.items():
         rows = [(p, off, dst.data_ptr(), dst.numel()) for p, off, dst in group if dst.numel()]

@@ -127,3 +127,14 @@ def test_load_dict_mirrors_the_store_for_odd_tensors(tmp_path: Path) -> None:
         assert all(out[k].dtype == v.dtype and torch.equal(out[k], v) for k, v in ref.items())
         cast = load_dict("org/odd", socket=str(sd.socket), dtype=torch.float64)
         assert all(torch.equal(cast[k], v.to(torch.float64)) for k, v in ref.items())
+
+
+def test_copy_spans_refuses_a_destination_that_is_not_bytes(tmp_path: Path, llama_dir: Path) -> None:
+    from sllmfs.client import connect
+    from sllmfs.transfer import copy_spans
+
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/llama", llama_dir)
+        with connect(str(sd.socket)) as c, c.acquire("org/llama") as lease:
+            with pytest.raises(BadInput, match=r"'org/llama' \[hf\].*partition 0 offset 0 must be a contiguous uint8"):
+                copy_spans(lease, [(0, 0, torch.empty(16, dtype=torch.float32))])
