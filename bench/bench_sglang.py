@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,10 +57,10 @@ def engine_child(model_path: str, load_format: str, extra: str, generate: bool) 
 
 
 def run_engine(label: str, model_path: str, load_format: str, log_dir: Path, *, extra: str = "",
-               generate: bool = True) -> dict[str, object]:
+               generate: bool = True, env: dict[str, str] | None = None) -> dict[str, object]:
     args = [sys.executable, __file__, "--child", model_path, load_format, extra, "1" if generate else "0"]
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=540, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
     (log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".log")).write_text(log)
@@ -135,7 +137,8 @@ def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
             "save_backend_sglang": saved, "cli_variant_fast": runs[-1].get("sllm_path") == "fast"}
 
 
-def big(work: Path, logs: Path, layers: int, src: Path | None, ab_one_allocation: bool = False) -> dict[str, object]:
+def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool = False, only_fast: bool = False,
+        profile: bool = False, saved: Callable[[dict[str, object]], None] = lambda part: None) -> dict[str, object]:
     from limits import pinned_peak
     from llama_shapes import write_checkpoint
 
@@ -149,22 +152,33 @@ def big(work: Path, logs: Path, layers: int, src: Path | None, ab_one_allocation
     subprocess.run(["cat", str(src / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # warm
     side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-big.log")
     view = str(side.mnt / "bench" / "llama-7b")
-    runs = {}
+    runs: dict[str, object] = {}
+    part = {"bytes": nbytes, "pinned_h2d_peak_gbps": peak, "runs": runs}
     try:
-        runs["default_warm_page_cache"] = run_engine("default (page cache)", str(src), "auto", logs, generate=False)
+        if not only_fast:
+            runs["default_warm_page_cache"] = run_engine("default (page cache)", str(src), "auto", logs,
+                                                         generate=False)
         runs["sllm_any_tp_first"] = run_engine("sllm any-TP + write-back", view, "sllm", logs,
                                                extra='{"sllm_write_back": "sync"}', generate=False)
-        side.cli("evict", "--model", "bench/llama-7b")
-        drop_caches()
-        runs["sllm_fast_cold"] = run_engine("sllm fast, cold", view, "sllm", logs, generate=False)
+        if not only_fast:
+            side.cli("evict", "--model", "bench/llama-7b")
+            drop_caches()
+            runs["sllm_fast_cold"] = run_engine("sllm fast, cold", view, "sllm", logs, generate=False)
+        saved(part)
         runs["sllm_fast_memory_tier"] = run_engine("sllm fast, memory tier", view, "sllm", logs, generate=False)
-        if ab_one_allocation:  # the same start with the weights reserved as one allocation (opt-in)
-            runs["sllm_fast_memory_tier_one_allocation"] = run_engine(
-                "sllm fast, memory tier, one allocation", view, "sllm", logs, generate=False,
-                extra='{"sllm_one_allocation": true}')
+        saved(part)
+        if ab_overlap:  # the same start with the copy after the model build (the one change)
+            runs["sllm_fast_memory_tier_no_overlap"] = run_engine(
+                "sllm fast, memory tier, copy after build", view, "sllm", logs, generate=False,
+                extra='{"sllm_overlap": false}')
+            saved(part)
+        if profile:  # where the load phase goes (cProfile inflates Python-heavy parts)
+            runs["sllm_fast_memory_tier_profiled"] = run_engine(
+                "sllm fast, memory tier, profiled", view, "sllm", logs, generate=False,
+                env={"SLLMFS_PROFILE_LOAD": str(logs / "profile")})
     finally:
         side.stop()
-    return {"bytes": nbytes, "pinned_h2d_peak_gbps": peak, "runs": runs}
+    return part
 
 
 def main() -> None:
@@ -176,8 +190,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--tiny-save-only", action="store_true", help="--tiny with only default vs save --backend sglang")
-    ap.add_argument("--ab-one-allocation", action="store_true",
-                    help="--big also starts from the memory tier with sllm_one_allocation on")
+    ap.add_argument("--ab-overlap", action="store_true",
+                    help="--big also starts from the memory tier with the copy after the model build")
+    ap.add_argument("--only-fast", action="store_true", help="--big without the default loader and the cold start")
+    ap.add_argument("--profile", action="store_true", help="--big also profiles a memory-tier start")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -191,13 +207,21 @@ def main() -> None:
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
                                  "sglang": sglang.__version__, "torch": torch.__version__,
                                  "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:])}
+    dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
+
+    def saved(key: str) -> Callable[[dict[str, object]], None]:
+        def write(part: dict[str, object]) -> None:  # after each engine: a run cut short keeps what it measured
+            result[key] = part
+            dest.write_text(json.dumps(result, indent=1))
+        return write
+
     if args.tiny or args.tiny_save_only:
         result["tiny"] = tiny(work, logs, save_only=args.tiny_save_only)
+        saved("tiny")(result["tiny"])  # type: ignore[arg-type]
     if args.big:
-        result["big"] = big(work, logs, args.layers, Path(args.big_src) if args.big_src else None,
-                            ab_one_allocation=args.ab_one_allocation)
-    dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
-    dest.write_text(json.dumps(result, indent=1))
+        saved("big")(big(work, logs, args.layers, Path(args.big_src) if args.big_src else None,
+                         ab_overlap=args.ab_overlap, only_fast=args.only_fast, profile=args.profile,
+                         saved=saved("big")))
     if "tiny" in result:
         t = result["tiny"]
         assert isinstance(t, dict)
@@ -208,7 +232,7 @@ def main() -> None:
         assert isinstance(b, dict)
         peak, nb = b["pinned_h2d_peak_gbps"], b["bytes"]
         assert isinstance(peak, float) and isinstance(nb, int)
-        base = b["runs"]["default_warm_page_cache"]["load_weight_s"]  # type: ignore[index]
+        base = b["runs"].get("default_warm_page_cache", {}).get("load_weight_s")  # type: ignore[union-attr]
         print(f"\n{nb / 1e9:.2f} GB; pinned H2D peak {peak:.1f} GB/s")
         print(f"{'run':<26}{'load s':>8}{'GB/s':>8}{'/peak':>7}{'speedup':>9}")
         for name, r in b["runs"].items():  # type: ignore[union-attr]

@@ -91,9 +91,26 @@ def _torch_dtype(code: str) -> torch.dtype:
 
 def _mirrored(lease: Any, placed: list[tuple[str, torch.device]], timeout: float) -> dict[str, torch.Tensor] | None:
     """Views laid out as the store lays the bytes, filled by whole runs; None if a tensor sits unaligned."""
+    laid = mirror_layout(lease, placed)
+    if laid is None:
+        return None
+    out, spans = laid
+    copy_spans(lease, spans, timeout=timeout)
+    return out
+
+
+Span = tuple[int, int, torch.Tensor]  # (partition, offset, uint8 destination as long as the range)
+
+
+Mirror = tuple[dict[str, torch.Tensor], list[Span]]
+
+
+def mirror_layout(lease: Any, placed: list[tuple[str, torch.device]]) -> Mirror | None:
+    """Allocate one block per device holding ``placed`` as the store lays their bytes: the views by name
+    and the spans that fill them (nothing copied yet); None if a tensor sits unaligned for its dtype."""
     runs: dict[torch.device, list[list[tuple[str, Any, torch.dtype]]]] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, dev in placed:
+    for name, dev in sorted(placed, key=lambda p: (lease.entries[p[0]].partition, lease.entries[p[0]].offset)):
         ref = lease.entries[name]
         kind = _stored(ref)
         if not ref.nbytes:
@@ -106,7 +123,7 @@ def _mirrored(lease: Any, placed: list[tuple[str, torch.device]], timeout: float
         if last is None or last.partition != ref.partition or not 0 <= ref.offset - last.offset - last.nbytes <= _GAP:
             mine.append([])
         mine[-1].append((name, ref, kind))
-    spans = []
+    spans: list[Span] = []
     for dev, dev_runs in runs.items():
         lengths = [run[-1][1].offset + run[-1][1].nbytes - run[0][1].offset for run in dev_runs]
         block = torch.empty(sum(-(-n // ALIGNMENT) * ALIGNMENT for n in lengths), dtype=torch.uint8, device=dev)
@@ -118,8 +135,7 @@ def _mirrored(lease: Any, placed: list[tuple[str, torch.device]], timeout: float
                 lo = at + ref.offset - first
                 out[name] = block[lo:lo + ref.nbytes].view(kind).view(ref.shape)
             at += -(-n // ALIGNMENT) * ALIGNMENT
-    copy_spans(lease, spans, timeout=timeout)
-    return out
+    return out, spans
 
 
 def _packed(lease: Any, placed: list[tuple[str, torch.device]], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -26,6 +26,14 @@ if __name__ != "__main__":
     require_sglang()
 
 
+class _Linear(nn.Module):
+    """As SGLang's linear layers: the weight is a bare torch.empty (nn.Linear would initialise it)."""
+
+    def __init__(self, cols: int, rows: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+
+
 class SllmTinyForCausalLM(nn.Module):
     """Llama-shaped, with SGLang-style fused qkv_proj / gate_up_proj parameters and a tied head."""
 
@@ -39,15 +47,15 @@ class SllmTinyForCausalLM(nn.Module):
         self.layers = nn.ModuleList()
         for _ in range(c.num_hidden_layers):
             layer = nn.Module()
-            layer.qkv_proj = nn.Linear(hidden, hidden + 2 * kv, bias=False)
-            layer.o_proj = nn.Linear(hidden, hidden, bias=False)
-            layer.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-            layer.down_proj = nn.Linear(inter, hidden, bias=False)
+            layer.qkv_proj = _Linear(hidden, hidden + 2 * kv)
+            layer.o_proj = _Linear(hidden, hidden)
+            layer.gate_up_proj = _Linear(hidden, 2 * inter)
+            layer.down_proj = _Linear(inter, hidden)
             layer.input_layernorm = nn.Parameter(torch.empty(hidden))
             layer.post_attention_layernorm = nn.Parameter(torch.empty(hidden))
             self.layers.append(layer)
         self.norm = nn.Parameter(torch.empty(hidden))
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head = _Linear(hidden, vocab)
         if getattr(c, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -117,7 +125,7 @@ def main(tmp: Path, port: int) -> None:
     first_loader, first = load()
     print("first", first_loader.path_taken, sorted(store.get("org/tiny").variants))
     second_loader, second = load()
-    print("second", second_loader.path_taken)
+    print("second", second_loader.path_taken, second_loader.copy_ran)
     s1, s2 = first.state_dict(), second.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     ref = load_file(src / "model.safetensors")
@@ -138,7 +146,7 @@ def test_load_model_any_tp_then_fast(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout.splitlines()
     assert "first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v0.5.17']" in out
-    assert "second fast" in out and "E2E OK torch.bfloat16" in out
+    assert "second fast beside the build" in out and "E2E OK torch.bfloat16" in out
 
 
 if __name__ == "__main__":

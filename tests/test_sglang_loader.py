@@ -141,14 +141,14 @@ def test_rank_state_keeps_tied_storage_once(store: Store) -> None:
 
 def test_first_start_takes_any_tp_and_writes_back_then_fast_path(store: Store) -> None:
     loader = _loader(store, sllm_write_back="sync")
-    model, replace = loader._fast_path(_source(store), WANT, new_model)
+    model, replace = loader._fast_path(_source(store), WANT, new_model, CPU)
     assert model is None and replace is False  # nothing stored for this rank yet
     model = loader._any_tp_path(_source(store), WANT, new_model, CPU)
     loader._write_back(_located(store), WANT, model, replace)
     assert loader.write_back is not None and loader.write_back.error is None
     assert WANT.key in store.get(MODEL).variants
 
-    second = _loader(store, sllm_one_allocation=True)  # accepted; reserves nothing off CUDA
+    second = _loader(store)
     fast, _ = second._fast_path(_source(store), WANT, new_model, CPU)
     assert fast is not None and second.path_taken == "fast"
     assert fast.post_loaded == 1  # SGLang's post-load hook ran after the copy
@@ -182,7 +182,7 @@ def test_variant_for_another_layout_falls_back(store: Store, caplog: pytest.LogC
     writeback.write_rank_state(store, MODEL, other, writeback.snapshot(state))
     vdir = store.get(MODEL).variant_dir(other.key)
     os.rename(vdir, vdir.with_name(WANT.key))
-    model, replace = _loader(store)._fast_path(_source(store), WANT, new_model)
+    model, replace = _loader(store)._fast_path(_source(store), WANT, new_model, CPU)
     assert model is None and replace is True
     assert "not usable" in caplog.text and "0.5.16" in caplog.text
 
@@ -191,7 +191,7 @@ def test_variant_with_other_shapes_falls_back(store: Store, caplog: pytest.LogCa
     state = rank_state(_loader(store)._any_tp_path(_source(store), WANT, new_model, CPU))
     state["qkv_proj.weight"] = state["qkv_proj.weight"][:H]
     _store_rank_state(store, WANT, state)
-    model, replace = _loader(store)._fast_path(_source(store), WANT, new_model)
+    model, replace = _loader(store)._fast_path(_source(store), WANT, new_model, CPU)
     assert model is None and replace is True and "qkv_proj.weight" in caplog.text
 
 
@@ -203,7 +203,7 @@ def test_corrupt_per_rank_variant_falls_back(store: Store) -> None:
             return super().open(variant)
 
     _store_rank_state(store, WANT, rank_state(_loader(store)._any_tp_path(_source(store), WANT, new_model, CPU)))
-    model, replace = _loader(store)._fast_path(Damaged(MODEL, str(store.root)), WANT, new_model)
+    model, replace = _loader(store)._fast_path(Damaged(MODEL, str(store.root)), WANT, new_model, CPU)
     assert model is None and replace is True
 
 
@@ -242,14 +242,14 @@ def test_through_the_sidecar_any_tp_write_back_then_fast(store: Store, tmp_path:
     with sidecar(tmp_path, store=store.root) as sd:
         src = SidecarSource(MODEL, str(sd.socket))
         loader = _loader(store, sllm_write_back="sync")
-        model, replace = loader._fast_path(src, WANT, new_model)
+        model, replace = loader._fast_path(src, WANT, new_model, CPU)
         assert model is None and replace is False
         model = loader._any_tp_path(src, WANT, new_model, CPU)
         loader._write_back(_located(store), WANT, model, replace)
         assert loader.write_back is not None and loader.write_back.error is None
 
         again = _loader(store)
-        fast, _ = again._fast_path(SidecarSource(MODEL, str(sd.socket)), WANT, new_model)
+        fast, _ = again._fast_path(SidecarSource(MODEL, str(sd.socket)), WANT, new_model, CPU)
         assert fast is not None and again.path_taken == "fast"
         ref = _reference(store)
         for k, v in fast.state_dict().items():
@@ -262,4 +262,4 @@ def test_no_sidecar_is_one_clear_error(store: Store, tmp_path: Path) -> None:
 
     src = SidecarSource(MODEL, str(tmp_path / "absent.sock"))
     with pytest.raises(SllmfsError, match=r"cannot reach the sllmfs sidecar .* to load 'org/tiny'.*sllmfs start"):
-        _loader(store)._fast_path(src, WANT, new_model)
+        _loader(store)._fast_path(src, WANT, new_model, CPU)

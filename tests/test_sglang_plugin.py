@@ -186,3 +186,19 @@ def test_patched_sglang_needs_no_plugin(tmp_path: Path) -> None:
     """.replace("ROOT", repr(str(root)))
     out = _python(code, env={"PYTHONPATH": f"{root}{os.pathsep}{REPO}", "SGLANG_PLUGINS": "someone-else"})
     assert out.split() == ["True", "SllmModelLoader", "1", "True"]
+
+
+def test_profile_env_wraps_the_load_phase(tmp_path: Path) -> None:
+    out = _python(f"""
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.model_executor.model_runner import ModelRunner
+        try:
+            ModelRunner.load_model(object())  # not a runner: fails inside SGLang, after the profiler started
+        except AttributeError:
+            pass
+        import os, pathlib
+        text = pathlib.Path({str(tmp_path)!r}, f"load-{{os.getpid()}}.txt").read_text()
+        print("load_model" in text, pathlib.Path({str(tmp_path)!r}, f"load-{{os.getpid()}}.prof").stat().st_size > 0)
+    """, env={"SLLMFS_PROFILE_LOAD": str(tmp_path)})
+    assert out.split() == ["True", "True"]

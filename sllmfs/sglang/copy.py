@@ -4,6 +4,7 @@ A sidecar lease goes through the native copy engine (sllmfs.transfer: pipelined
 cudaMemcpyAsync from the mapped segments, starting while the sidecar still
 fills later chunks); tensors the engine cannot take (non-contiguous ones) and
 leases without mapped segments (the store read directly) are copied by torch.
+Whole byte ranges (``copy_spans``) go the same two ways.
 """
 
 from __future__ import annotations
@@ -38,4 +39,25 @@ def copy_into(lease: Any, targets: dict[str, Any]) -> int:
             moved += dst.numel() * dst.element_size()
         for dev in {t.device for t in rest.values() if t.device.type == "cuda"}:
             torch.cuda.synchronize(dev)  # the views may be unmapped once we return
+    return moved
+
+
+def copy_spans(lease: Any, spans: list[tuple[int, int, Any]]) -> int:
+    """Copy whole stored byte ranges: (partition, offset, contiguous uint8 destination); bytes moved."""
+    import torch
+
+    if getattr(lease, "maps", None) is not None:
+        from sllmfs.transfer import copy_spans as engine_spans
+
+        stats = engine_spans(lease, spans)
+        e = stats.engine
+        log.info("sllmfs: copied %d ranges (%.2f GB) in %.3f s by the %s, %s GPU allocation(s) opened",
+                 stats.tensors, stats.bytes / 1e9, stats.seconds, e.get("path", "client"), e.get("ipc_opens", "-"))
+        return stats.bytes
+    moved = 0
+    for partition, offset, dst in spans:
+        dst.copy_(lease.raw(partition, offset, dst.numel()), non_blocking=True)
+        moved += dst.numel()
+    for dev in {dst.device for _p, _o, dst in spans if dst.device.type == "cuda"}:
+        torch.cuda.synchronize(dev)  # the store's pages may be unmapped once we return
     return moved

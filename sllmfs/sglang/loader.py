@@ -15,7 +15,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,21 +26,18 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_loader.loader import (
     BaseModelLoader,
     DefaultModelLoader,
-    ShardedStateLoader,
     _get_quantization_config,
     _initialize_model,
-    _post_load_weights,
 )
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
-from sllmfs import dtypes, names
+from sllmfs import names
 from sllmfs.config import load_settings
 from sllmfs.copy_engine import CopyError
 from sllmfs.errors import BadInput, Corrupt, NotFound
-from sllmfs.gpu_ipc import reserve_segment, weight_bytes
-from sllmfs.sglang import variants, writeback
-from sllmfs.sglang.copy import copy_into
+from sllmfs.sglang import fastpath, overlap, variants, writeback
+from sllmfs.sglang.fastpath import Unfit, rank_state
 from sllmfs.sglang.locate import Located, locate
 from sllmfs.sglang.source import Lease, SidecarSource, StoreSource, WeightSource
 from sllmfs.sglang.variants import RankVariant
@@ -53,7 +51,7 @@ EXTRA_KEYS = {
     "sllm_socket",  # sidecar socket, else the mount's or $SLLMFS_SOCKET
     "sllm_model",  # store model name, when --model-path is not under the mount
     "sllm_storage_path",  # read this store directly, no sidecar (sllmfs save --backend sglang)
-    "sllm_one_allocation",  # true: reserve one cudaMalloc for the weights before building the model
+    "sllm_overlap",  # true (default): the fast path copies beside the model build when the variant has a plan
 }
 
 SourceFactory = Callable[[Located], WeightSource]
@@ -80,23 +78,6 @@ def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
     return None
 
 
-def state_problem(state: dict[str, torch.Tensor], entries: Mapping[str, Any]) -> str | None:
-    """Why the stored tensors (name → dtype code, shape) do not match the model's own state, or None."""
-    missing, extra = sorted(set(state) - set(entries)), sorted(set(entries) - set(state))
-    if missing or extra:
-        return f"tensor names differ (model lacks {extra[:3]}, store lacks {missing[:3]})"
-    for name, t in state.items():
-        e = entries[name]
-        if list(t.shape) != list(e.shape) or dtypes.from_torch(t.dtype).code != dtypes.by_code(e.dtype).code:
-            return f"{name} is {e.dtype}{list(e.shape)} in the store, {t.dtype}{list(t.shape)} in the model"
-    return None
-
-
-def rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state the fast path fills and write-back stores (shared storage kept once)."""
-    return ShardedStateLoader._filter_subtensors(model.state_dict())
-
-
 def hf_weights(lease: Lease, draft_model_idx: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU view) pairs in file order, as ``model.load_weights`` expects them."""
     pairs = iter(lease.tensors().items())  # file order, tied names included; waits for the whole variant
@@ -114,21 +95,6 @@ def load_any_tp(model: nn.Module, lease: Lease, target_device: torch.device,
     DefaultModelLoader.load_weights_and_postprocess(model, hf_weights(lease, draft_model_idx), target_device)
 
 
-def fill_rank_state(model: nn.Module, lease: Lease) -> int:
-    """Copy stored per-rank state into a model whose quant post-processing already ran."""
-    state = rank_state(model)
-    problem = state_problem(state, lease.entries)
-    if problem:
-        raise _Unfit(problem)
-    moved = copy_into(lease, {name: t.data for name, t in state.items()})
-    _post_load_weights(model)
-    return moved
-
-
-class _Unfit(Exception):
-    """The per-rank variant cannot serve this model; take the any-TP path."""
-
-
 class SllmModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig, *, source_factory: SourceFactory | None = None):
         super().__init__(load_config)
@@ -142,6 +108,9 @@ class SllmModelLoader(BaseModelLoader):
         self.source_factory = source_factory or self._default_source
         self.write_back: writeback.WriteBack | None = None  # the last one started (tests, save)
         self.path_taken: str | None = None  # "fast" | "any-tp"
+        self.overlap = _truthy(extra.get("sllm_overlap", True))
+        self.copy_ran: str | None = None  # fast path: fastpath.AFTER or BESIDE the model build
+        self._candidates: overlap.Candidates | None = None  # from the any-TP build, for write-back's plan
 
     # -- where the weights are ------------------------------------------------
 
@@ -195,47 +164,28 @@ class SllmModelLoader(BaseModelLoader):
                     self._write_back(located, want, model, replace)
         t_loaded = time.perf_counter()
         _free_staging(target, collect=self.path_taken != "fast")  # the fast path stages nothing
-        log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.2f s (locate %.3f, fast path %.3f, "
+        log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.3f s (locate %.3f, fast path %.3f, "
                  "any-TP %.3f, free %.3f)", located.model, want.tp_rank, want.tp_size, self.path_taken,
                  time.perf_counter() - t0, t_located - t0, t_fast - t_located, t_loaded - t_fast,
                  time.perf_counter() - t_loaded)
         return model.eval()
 
     def _fast_path(self, source: WeightSource, want: RankVariant, new_model: Callable[[], nn.Module],
-                   target: torch.device | None = None) -> tuple[nn.Module | None, bool]:
+                   target: torch.device) -> tuple[nn.Module | None, bool]:
         """(model, None) on success; (None, replace-the-stored-variant?) when it cannot serve."""
         key = want.key
         try:
             with source.open(key) as lease:
                 problem = layout_problem(lease.metadata, want)
                 if problem:
-                    raise _Unfit(problem)
-                t0 = time.perf_counter()
-                # Opt-in until measured side by side: the weights in one allocation (one IPC handle
-                # for the sidecar) made the copy no faster here and SGLang's model build 0.1 s slower
-                # (bench/results/sglang-big-h100-20261124-0107-reserve.json vs -0007, other machines).
-                if target is not None and _truthy(self.extra.get("sllm_one_allocation")):
-                    reserve_segment(target, weight_bytes(lease.entries.values()))
-                model = new_model()
-                t1 = time.perf_counter()
-                # as ShardedStateLoader: post-process first, so the tensors have their final shapes
-                for module in model.modules():
-                    quant_method = getattr(module, "quant_method", None)
-                    if quant_method is not None:
-                        quant_method.process_weights_after_loading(module)
-                t2 = time.perf_counter()
-                try:
-                    fill_rank_state(model, lease)
-                    log.info("sllmfs: fast path: model init %.3f s, post-process %.3f s, fill %.3f s",
-                             t1 - t0, t2 - t1, time.perf_counter() - t2)
-                except BaseException:
-                    del model
-                    raise
+                    raise Unfit(problem)
+                plan = overlap.read_plan(lease.metadata, lease.entries) if self.overlap else {}
+                model, self.copy_ran = fastpath.load(lease, new_model, target, plan)
         except NotFound:
             log.info("sllmfs: %r has no %s yet; loading the hf variant (any TP size)%s", source.model, key,
                      "" if self.write_back_mode == writeback.OFF else " and writing it back")
             return None, False
-        except (_Unfit, Corrupt, CopyError) as e:
+        except (Unfit, Corrupt, CopyError) as e:
             log.warning("sllmfs: stored %s of %r is not usable (%s); loading the hf variant instead%s",
                         key, source.model, e, "" if self.write_back_mode == writeback.OFF else " and replacing it")
             return None, True
@@ -244,9 +194,13 @@ class SllmModelLoader(BaseModelLoader):
 
     def _any_tp_path(self, source: WeightSource, want: RankVariant, new_model: Callable[[], nn.Module],
                      target: torch.device) -> nn.Module:
+        # a start that writes back also logs the build's allocations, for the next start's overlap
+        allocations = overlap.AllocationLog(target) if self.write_back_mode != writeback.OFF else None
         try:
             with source.open(HF) as lease:
-                model = new_model()
+                with allocations or nullcontext():
+                    model = new_model()
+                self._candidates = overlap.candidates(model, allocations) if allocations else None
                 load_any_tp(model, lease, target, self.load_config.draft_model_idx)
         except NotFound:
             raise NotFound(f"model {source.model!r} has no hf variant in the sllmfs store; "
@@ -258,8 +212,12 @@ class SllmModelLoader(BaseModelLoader):
         return model
 
     def _write_back(self, located: Located, want: RankVariant, model: nn.Module, replace: bool) -> None:
-        state = writeback.snapshot(rank_state(model))  # GPU → host now, before SGLang goes on
-        wb = writeback.WriteBack(located.storage_path, located.model, want, state, replace=replace)
+        state = rank_state(model)
+        metadata = {overlap.PLAN_KEY: overlap.make_plan(self._candidates, model, state)} if self._candidates else None
+        self._candidates = None  # holds the build's tensors
+        wb = writeback.WriteBack(located.storage_path, located.model, want,
+                                 writeback.snapshot(state),  # GPU → host now, before SGLang goes on
+                                 replace=replace, metadata=metadata)
         self.write_back = wb
         if self.write_back_mode == writeback.SYNC:
             wb.run()

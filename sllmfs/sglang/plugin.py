@@ -11,15 +11,21 @@ process (CLI before argument parsing, Engine before ServerArgs, every scheduler
 
 With patches/sglang-0.5.17-sllm.patch applied, ``LoadFormat.SLLM`` exists and
 the patched ``get_model_loader`` builds the loader; the hook then steps aside.
+
+Diagnostics: with ``SLLMFS_PROFILE_LOAD=<folder>`` each process profiles SGLang's
+whole ``ModelRunner.load_model`` (the "Load weight" phase) into that folder.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sllmfs.sglang import LOAD_FORMAT
 
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
+LOAD_PHASE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+PROFILE_ENV = "SLLMFS_PROFILE_LOAD"
 _registered = False
 
 
@@ -34,7 +40,29 @@ def register() -> None:
     if LOAD_FORMAT not in server_args.LOAD_FORMAT_CHOICES:
         server_args.add_load_format_choices([LOAD_FORMAT])
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
+    if os.environ.get(PROFILE_ENV):
+        HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
     _registered = True
+
+
+def _profiled(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    """SGLang's load phase under cProfile: <folder>/load-<pid>.prof and a cumulative-time summary .txt."""
+    import cProfile
+    import io
+    import pstats
+    from pathlib import Path
+
+    folder = Path(os.environ[PROFILE_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(original, self, *args, **kwargs)
+    finally:
+        base = folder / f"load-{os.getpid()}"
+        prof.dump_stats(f"{base}.prof")
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+        Path(f"{base}.txt").write_text(text.getvalue())
 
 
 def _verify_load_format(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:

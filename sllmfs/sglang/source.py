@@ -101,6 +101,16 @@ class _StoreLease:
             out[name] = raw.view(dt).reshape(t.shape)
         return out
 
+    def raw(self, partition: int, offset: int, nbytes: int) -> Any:
+        """The stored bytes of a partition range as a CPU uint8 tensor (no copy)."""
+        import torch
+
+        if not self._maps and self.manifest.partitions:
+            self._open_maps()
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._maps[partition], dtype=torch.uint8, offset=offset, count=nbytes)
+
     def close(self) -> None:
         # views handed out keep their pages alive (torch holds the buffer); drop ours
         self._maps.clear()
