@@ -138,7 +138,8 @@ def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
 
 
 def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool = False, only_fast: bool = False,
-        profile: bool = False, saved: Callable[[dict[str, object]], None] = lambda part: None) -> dict[str, object]:
+        profile: bool = False, reps: int = 1,
+        saved: Callable[[dict[str, object]], None] = lambda part: None) -> dict[str, object]:
     from limits import pinned_peak
     from llama_shapes import write_checkpoint
 
@@ -160,13 +161,21 @@ def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool 
                                                          generate=False)
         runs["sllm_any_tp_first"] = run_engine("sllm any-TP + write-back", view, "sllm", logs,
                                                extra='{"sllm_write_back": "sync"}', generate=False)
-        if not only_fast:
+        if only_fast:  # the memory-tier runs below must find the per-rank variant resident
+            from sllmfs.store import Store
+
+            for key in Store(store).get("bench/llama-7b").variants:
+                if key.startswith("sglang."):
+                    side.cli("load", "--model", "bench/llama-7b", "--variant", key, "--warm")
+        else:
             side.cli("evict", "--model", "bench/llama-7b")
             drop_caches()
             runs["sllm_fast_cold"] = run_engine("sllm fast, cold", view, "sllm", logs, generate=False)
         saved(part)
-        runs["sllm_fast_memory_tier"] = run_engine("sllm fast, memory tier", view, "sllm", logs, generate=False)
-        saved(part)
+        for rep in range(reps):  # fresh processes vary: repeat the headline run
+            key = "sllm_fast_memory_tier" + (f"_{rep + 1}" if rep else "")
+            runs[key] = run_engine(f"sllm fast, memory tier {rep + 1}", view, "sllm", logs, generate=False)
+            saved(part)
         if ab_overlap:  # the same start with the copy after the model build (the one change)
             runs["sllm_fast_memory_tier_no_overlap"] = run_engine(
                 "sllm fast, memory tier, copy after build", view, "sllm", logs, generate=False,
@@ -194,6 +203,7 @@ def main() -> None:
                     help="--big also starts from the memory tier with the copy after the model build")
     ap.add_argument("--only-fast", action="store_true", help="--big without the default loader and the cold start")
     ap.add_argument("--profile", action="store_true", help="--big also profiles a memory-tier start")
+    ap.add_argument("--reps", type=int, default=1, help="--big: memory-tier starts with the defaults")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -221,6 +231,7 @@ def main() -> None:
     if args.big:
         saved("big")(big(work, logs, args.layers, Path(args.big_src) if args.big_src else None,
                          ab_overlap=args.ab_overlap, only_fast=args.only_fast, profile=args.profile,
+                         reps=args.reps,
                          saved=saved("big")))
     if "tiny" in result:
         t = result["tiny"]

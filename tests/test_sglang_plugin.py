@@ -202,3 +202,20 @@ def test_profile_env_wraps_the_load_phase(tmp_path: Path) -> None:
         print("load_model" in text, pathlib.Path({str(tmp_path)!r}, f"load-{{os.getpid()}}.prof").stat().st_size > 0)
     """, env={"SLLMFS_PROFILE_LOAD": str(tmp_path)})
     assert out.split() == ["True", "True"]
+
+
+def test_loader_is_imported_before_the_load_phase_clock() -> None:
+    out = _python("""
+        import sys, types
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.model_executor.model_runner import ModelRunner
+        for fmt in ("auto", "sllm"):
+            runner = types.SimpleNamespace(server_args=types.SimpleNamespace(load_format=fmt))
+            try:
+                ModelRunner.load_model(runner)  # a stand-in runner: SGLang's body fails at once
+            except AttributeError:
+                pass
+            print(fmt, "sllmfs.sglang.loader" in sys.modules)
+    """)
+    assert out.split() == ["auto", "False", "sllm", "True"]

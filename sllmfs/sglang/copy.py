@@ -51,8 +51,9 @@ def copy_spans(lease: Any, spans: list[tuple[int, int, Any]]) -> int:
 
         stats = engine_spans(lease, spans)
         e = stats.engine
-        log.info("sllmfs: copied %d ranges (%.2f GB) in %.3f s by the %s, %s GPU allocation(s) opened",
-                 stats.tensors, stats.bytes / 1e9, stats.seconds, e.get("path", "client"), e.get("ipc_opens", "-"))
+        log.info("sllmfs: copied %d ranges (%.2f GB) in %.3f s by the %s, %s GPU allocation(s) opened "
+                 "(export %.4f s, handles opened in %.4f s)", stats.tensors, stats.bytes / 1e9, stats.seconds,
+                 e.get("path", "client"), e.get("ipc_opens", "-"), e.get("export_s", 0.0), e.get("ipc_open_s", 0.0))
         return stats.bytes
     moved = 0
     for partition, offset, dst in spans:

@@ -120,6 +120,8 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
         t1 = time.perf_counter()
         touched = _post_process(model)
         t2 = time.perf_counter()
+        from_block, rest = _left_to_copy(_checked_state(model, lease), lease, views, spans, touched)
+        model.eval()  # what SGLang's loaders return; done here while the copy still runs
     except BaseException:
         try:
             copy.join()  # the block must outlive the copy writing into it
@@ -128,8 +130,24 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
         raise
     copy.join()
     t3 = time.perf_counter()
-    state = _checked_state(model, lease)
-    rest, on_device = {}, 0
+    for dst, stored in from_block:
+        dst.copy_(stored)  # copied along in a run: no second trip over PCIe
+    copy_into(lease, rest)
+    _post_load_weights(model)
+    if redirect.refused or redirect.given < len(plan):
+        log.warning("sllmfs: the allocation plan fits %d of %d planned tensors; the rest were copied after the build",
+                    redirect.given, len(plan))
+    log.info("sllmfs: fast path beside the build: model init %.3f s (copy running), post-process %.3f s, "
+             "copy done %.3f s after start, then %d tensors from the block and %d from the host in %.3f s",
+             t1 - t0, t2 - t1, t3 - t0, len(from_block), len(rest), time.perf_counter() - t3)
+    return model
+
+
+def _left_to_copy(state: dict[str, torch.Tensor], lease: Any, views: dict[str, torch.Tensor], spans: list[Any],
+                  touched: list[str]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """What the block copy does not fill: (destination bytes, block bytes) pairs, and tensors to copy from
+    the host. Raises Unfit if a tensor lies in the block at another tensor's place."""
+    from_block, rest = [], {}
     for name, t in state.items():
         view = views.get(name)
         own = view is not None and t.data_ptr() == view.data_ptr()
@@ -140,19 +158,10 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
                         "does not fit this build)")
         stored = None if view is not None else _block_bytes(lease.entries[name], spans)
         if stored is not None and t.is_contiguous() and t.device == stored.device:
-            t.detach().reshape(-1).view(torch.uint8).copy_(stored)  # copied along in a run: no second trip
-            on_device += 1
+            from_block.append((t.detach().reshape(-1).view(torch.uint8), stored))
         else:
             rest[name] = t.data
-    copy_into(lease, rest)
-    _post_load_weights(model)
-    if redirect.refused or redirect.given < len(plan):
-        log.warning("sllmfs: the allocation plan fits %d of %d planned tensors; the rest were copied after the build",
-                    redirect.given, len(plan))
-    log.info("sllmfs: fast path beside the build: model init %.3f s (copy running), post-process %.3f s, "
-             "copy done %.3f s after start, then %d tensors from the block and %d from the host in %.3f s",
-             t1 - t0, t2 - t1, t3 - t0, on_device, len(rest), time.perf_counter() - t3)
-    return model
+    return from_block, rest
 
 
 def _block_bytes(ref: Any, spans: list[Any]) -> torch.Tensor | None:
