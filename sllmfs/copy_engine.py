@@ -21,13 +21,14 @@ imports torch unless the caller already has (see :func:`cuda_runtime`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import mmap
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,16 +152,27 @@ def _cuda_runtime_path() -> str:
     torch.cuda.init()
     try:
         with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(None, 1)[-1]
-                if "libcudart.so" in os.path.basename(path):
-                    _torch_cudart = path
-                    return path
+            maps = f.read()  # one read and a find: an SGLang process maps thousands of files (ms per line loop)
+        for at in _find_all(maps, "/libcudart.so"):
+            end = maps.find("\n", at)
+            line = maps[maps.rfind("\n", 0, at) + 1 : end if end >= 0 else None]
+            path = line.rsplit(None, 1)[-1]
+            if "libcudart.so" in os.path.basename(path):
+                _torch_cudart = path
+                return path
     except OSError:
         pass
     return ""
 
 
+def _find_all(text: str, needle: str) -> Iterator[int]:
+    at = text.find(needle)
+    while at >= 0:
+        yield at
+        at = text.find(needle, at + 1)
+
+
+@functools.cache
 def wheel_cudart() -> str:
     """libcudart from an installed nvidia-* wheel (cu13 layout, then cuda_runtime), found without importing torch."""
     try:
