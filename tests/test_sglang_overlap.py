@@ -256,3 +256,12 @@ def test_filter_subtensors_matches_sglang() -> None:
     assert set(got) == set(want)
     pieces = {k: v for k, v in cases.items() if k not in ("whole", "rows", "strided", "col")}
     assert set(filter_subtensors(pieces)) == set(ShardedStateLoader._filter_subtensors(pieces))
+
+
+def test_recording_keeps_no_replaced_weight_alive(store: Store) -> None:
+    loader = _loader(sllm_write_back="sync")
+    model = loader._any_tp_path(_source(store), WANT, PlannedLM, CPU)
+    assert loader._candidates is not None
+    ref = loader._candidates.by_name["o_proj.weight"][1]
+    assert ref() is None  # post-processing replaced it: freed, as without the recording
+    assert loader._candidates.by_name["doubled.weight"][1]() is model.doubled.weight

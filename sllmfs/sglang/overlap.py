@@ -21,6 +21,7 @@ What keeps this from ever filling a model wrongly:
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -85,9 +86,11 @@ class AllocationLog(TorchFunctionMode):
 
 @dataclass
 class Candidates:
-    """Right after a logged build: tensor name -> (call number, the tensor object, its address)."""
+    """Right after a logged build: tensor name -> (call number, the tensor object, its address).
 
-    by_name: dict[str, tuple[int, torch.Tensor, int]] = field(default_factory=dict)
+    Weak references: a weight that post-processing replaces must be freed as it would be without us."""
+
+    by_name: dict[str, tuple[int, weakref.ref[torch.Tensor], int]] = field(default_factory=dict)
 
 
 def _named_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -106,7 +109,7 @@ def candidates(model: nn.Module, log: AllocationLog) -> Candidates:
         if i < 0 or log.calls[i][1] != t.numel() * t.element_size() or not t.is_contiguous():
             continue
         if bool((_as_bytes(t) == SENTINEL).all()):
-            out.by_name[name] = (i, t, t.data_ptr())
+            out.by_name[name] = (i, weakref.ref(t), t.data_ptr())
     return out
 
 
@@ -116,7 +119,7 @@ def make_plan(cands: Candidates, model: nn.Module, state: dict[str, torch.Tensor
     plan = []
     for name, t in state.items():
         c = cands.by_name.get(name)
-        if c is not None and now.get(name) is c[1] and t.data_ptr() == c[2]:
+        if c is not None and c[1]() is not None and now.get(name) is c[1]() and t.data_ptr() == c[2]:
             plan.append([c[0], name])
     return {"version": PLAN_VERSION, "plan": sorted(plan)}
 
