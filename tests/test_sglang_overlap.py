@@ -62,6 +62,8 @@ class EmptyLinear(nn.Module):
 
 class PlannedLM(nn.Module):
     swap = False  # allocate gate/up in the other order (same shapes): a build that no longer fits the plan
+    scratch_first = False  # allocate the scratch buffer before `doubled` (same shape) instead of after
+    alias_doubled = False  # `doubled` also registered as `a_alias` (the stored state keeps the smaller name)
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +72,13 @@ class PlannedLM(nn.Module):
         for name in ("up_proj", "gate_proj") if PlannedLM.swap else ("gate_proj", "up_proj"):
             setattr(self, name, EmptyLinear(H, H))
         self.o_proj = EmptyLinear(H, H, Repack())
+        if PlannedLM.scratch_first:
+            self.register_buffer("scratch", torch.empty(H, H, dtype=BF), persistent=False)
         self.doubled = EmptyLinear(H, H, DoubleInPlace())
+        if not PlannedLM.scratch_first:
+            self.register_buffer("scratch", torch.empty(H, H, dtype=BF), persistent=False)
+        if PlannedLM.alias_doubled:
+            self.a_alias = self.doubled
         self.scale = nn.Parameter(torch.empty(H, dtype=BF), requires_grad=False)
         self.scale.data.fill_(0.5)  # written by the build itself
         self.norm = nn.Parameter(torch.ones(H, dtype=BF), requires_grad=False)
@@ -97,7 +105,7 @@ class PlannedLM(nn.Module):
 @pytest.fixture(autouse=True)
 def _unswapped() -> Iterable[None]:
     yield
-    PlannedLM.swap = False
+    PlannedLM.swap = PlannedLM.scratch_first = PlannedLM.alias_doubled = False
 
 
 @pytest.fixture
@@ -198,12 +206,12 @@ def test_plan_entry_with_other_shape_is_refused(store: Store, caplog: pytest.Log
     wrong = [[by_name["qkv_proj.weight"], "gate_proj.weight"], [by_name["doubled.weight"], "doubled.weight"]]
     with _source(store).open(WANT.key) as lease:
         state = {k: v.clone() for k, v in lease.tensors().items()}
-    writeback.write_rank_state(store, MODEL, WANT, state, replace=True,
-                               metadata={overlap.PLAN_KEY: {"version": overlap.PLAN_VERSION, "plan": wrong}})
+    meta = {overlap.PLAN_KEY: {"version": overlap.PLAN_VERSION, "plan": wrong, "build": plan["build"]}}  # type: ignore[index]
+    writeback.write_rank_state(store, MODEL, WANT, state, replace=True, metadata=meta)
     loader = _loader()
     model, _ = loader._fast_path(_source(store), WANT, PlannedLM, CPU)
     assert model is not None and loader.copy_ran == BESIDE
-    assert "fits 1 of 2" in caplog.text
+    assert "1 of 2 planned tensors were not its views" in caplog.text
     _assert_same(model, _reference(store))
 
 
@@ -215,10 +223,62 @@ def test_build_in_another_order_falls_back(store: Store, caplog: pytest.LogCaptu
     assert "another tensor's place" in caplog.text
 
 
-def test_unknown_plan_version_is_ignored(store: Store) -> None:
-    assert overlap.read_plan({overlap.PLAN_KEY: {"version": 99, "plan": [[0, "x"]]}}, {"x": 1}) == {}
-    assert overlap.read_plan({overlap.PLAN_KEY: {"version": 1, "plan": [[0, "x"], ["a", "x"], [1, "y"]]}},
-                             {"x": 1}) == {0: "x"}
+def test_read_plan_rejects_what_it_cannot_use() -> None:
+    build = [["bfloat16", 2, 2], ["bfloat16", 4]]
+    entries = {"x": 1, "y": 1}
+
+    def meta(**kw: object) -> dict[str, object]:
+        return {overlap.PLAN_KEY: {"version": overlap.PLAN_VERSION, "plan": [[0, "x"]], "build": build, **kw}}
+
+    assert overlap.read_plan({}, entries) is None
+    assert overlap.read_plan(meta(version=99), entries) is None
+    assert overlap.read_plan(meta(build=None), entries) is None  # an older plan without the build record
+    got = overlap.read_plan(meta(plan=[[0, "x"], ["a", "y"], [1, "x"], [-1, "y"], [5, "y"], [1, "z"]]), entries)
+    assert got is not None and got.views == {0: "x"} and got.build == build  # duplicates, bad calls, unknown names
+
+
+def test_sizes_not_planned_for_get_their_own_memory() -> None:
+    import numpy as np
+
+    assert overlap._shape((2, 3), {}) == (2, 3)
+    assert overlap._shape(((2, 3),), {}) == (2, 3)
+    assert overlap._shape((torch.Size([4]),), {}) == (4,)
+    assert overlap._shape((), {"size": [5, 6]}) == (5, 6)
+    assert overlap._shape((np.int64(3),), {}) is None
+    assert overlap._shape((torch.tensor(3),), {}) is None
+
+
+def test_in_place_post_processing_of_a_module_shared_under_two_names(store: Store) -> None:
+    PlannedLM.alias_doubled = True  # the stored state names it a_alias.weight, named_modules() says doubled
+    _first_start(store)
+    loader = _loader()
+    model, _ = loader._fast_path(_source(store), WANT, PlannedLM, CPU)
+    assert model is not None and loader.copy_ran == BESIDE
+    _assert_same(model, _reference(store))
+
+
+def test_view_that_lands_in_a_non_persistent_buffer_falls_back(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    _first_start(store)
+    PlannedLM.scratch_first = True  # the call planned for doubled now allocates the scratch buffer (same shape)
+    model, replace = _loader()._fast_path(_source(store), WANT, PlannedLM, CPU)
+    assert model is None and replace is True
+    assert "scratch lies inside the copied block" in caplog.text
+
+
+def test_build_error_waits_for_the_copy(store: Store) -> None:
+    import threading
+
+    from sllmfs.sglang import fastpath
+
+    _first_start(store)
+
+    def broken() -> nn.Module:
+        PlannedLM()
+        raise RuntimeError("the build failed")
+
+    with _source(store).open(WANT.key) as lease, pytest.raises(RuntimeError, match="the build failed"):
+        fastpath.load(lease, broken, CPU, overlap.read_plan(lease.metadata, lease.entries))
+    assert not any(t.name == "sllmfs-overlap-copy" for t in threading.enumerate())
 
 
 def test_through_the_sidecar(store: Store, tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ class SllmModelLoader(BaseModelLoader):
                 problem = layout_problem(lease.metadata, want)
                 if problem:
                     raise Unfit(problem)
-                plan = overlap.read_plan(lease.metadata, lease.entries) if self.overlap else {}
+                plan = overlap.read_plan(lease.metadata, lease.entries) if self.overlap else None
                 model, self.copy_ran = fastpath.load(lease, new_model, target, plan)
         except NotFound:
             log.info("sllmfs: %r has no %s yet; loading the hf variant (any TP size)%s", source.model, key,
