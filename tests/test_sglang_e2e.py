@@ -1,8 +1,9 @@
 """``--load-format sllm`` end to end on CPU: SGLang's own ServerArgs, plugin loading, ModelConfig,
 LoadConfig, get_model_loader, parallel state (gloo, TP 1) and model registry build a real torch
 model; the first load takes the any-TP path and writes rank state back, the second the fast path.
+With TP=2 two processes (gloo) each load their own shard and write and read their own variant.
 
-Runs in a child process (torch.distributed and SGLang's globals are per process).
+Runs in child processes (torch.distributed and SGLang's globals are per process).
 """
 
 from __future__ import annotations
@@ -35,22 +36,26 @@ class _Linear(nn.Module):
 
 
 class SllmTinyForCausalLM(nn.Module):
-    """Llama-shaped, with SGLang-style fused qkv_proj / gate_up_proj parameters and a tied head."""
+    """Llama-shaped, with SGLang-style fused qkv_proj / gate_up_proj parameters sharded by TP rank as
+    SGLang's column- and row-parallel layers shard them (rows of qkv/gate_up, columns of o/down)."""
 
     def __init__(self, config: object, quant_config: object = None, **kw: object) -> None:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         super().__init__()
         c: Any = config
+        self.tp, self.rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         hidden, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
         kv = c.num_key_value_heads * (hidden // c.num_attention_heads)
-        self.hidden, self.kv, self.inter = hidden, kv, inter
+        self.hidden, self.kv, self.inter = hidden // self.tp, kv // self.tp, inter // self.tp  # this rank's rows
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = nn.ModuleList()
         for _ in range(c.num_hidden_layers):
             layer = nn.Module()
-            layer.qkv_proj = _Linear(hidden, hidden + 2 * kv)
-            layer.o_proj = _Linear(hidden, hidden)
-            layer.gate_up_proj = _Linear(hidden, 2 * inter)
-            layer.down_proj = _Linear(inter, hidden)
+            layer.qkv_proj = _Linear(hidden, self.hidden + 2 * self.kv)
+            layer.o_proj = _Linear(self.hidden, hidden)
+            layer.gate_up_proj = _Linear(hidden, 2 * self.inter)
+            layer.down_proj = _Linear(self.inter, hidden)
             layer.input_layernorm = nn.Parameter(torch.empty(hidden))
             layer.post_attention_layernorm = nn.Parameter(torch.empty(hidden))
             self.layers.append(layer)
@@ -71,16 +76,35 @@ class SllmTinyForCausalLM(nn.Module):
                 continue
             layer = self.layers[int(p[1])]
             leaf = p[3] if p[2] in ("self_attn", "mlp") else p[2]
-            if leaf in offsets:
+            if leaf in offsets:  # column parallel: this rank's rows
                 fused = layer.qkv_proj if leaf.endswith(("q_proj", "k_proj", "v_proj")) else layer.gate_up_proj
-                fused.weight.data[offsets[leaf] : offsets[leaf] + w.shape[0]].copy_(w)
+                mine = w.chunk(self.tp)[self.rank]
+                fused.weight.data[offsets[leaf] : offsets[leaf] + mine.shape[0]].copy_(mine)
             elif leaf.endswith("layernorm"):
                 getattr(layer, leaf).data.copy_(w)
-            else:
-                getattr(layer, leaf).weight.data.copy_(w)
+            else:  # row parallel: this rank's columns
+                getattr(layer, leaf).weight.data.copy_(w.chunk(self.tp, dim=1)[self.rank])
 
 
-def main(tmp: Path, port: int) -> None:
+def prepare(tmp: Path) -> None:
+    """The checkpoint, the store and what the FUSE view would show (marker at the root, files below)."""
+    from sllmfs.demo import build_model
+    from sllmfs.save import save_model
+    from sllmfs.store import Store
+
+    src = build_model(tmp / "src", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["SllmTinyForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    store = Store(tmp / "store")
+    save_model(store, "org/tiny", src)
+    mnt = tmp / "mnt"
+    (mnt / "org").mkdir(parents=True)
+    (mnt / ".sllmfs.json").write_text(json.dumps({"socket": "/nonexistent.sock", "version": 1}))
+    shutil.copytree(store.get("org/tiny").path / "files", mnt / "org" / "tiny")
+
+
+def main(tmp: Path, port: int, rank: int, world: int) -> None:
     from safetensors.torch import load_file
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
@@ -91,30 +115,18 @@ def main(tmp: Path, port: int) -> None:
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    from sllmfs.demo import build_model
-    from sllmfs.save import save_model
     from sllmfs.store import Store
 
     ModelRegistry.models["SllmTinyForCausalLM"] = SllmTinyForCausalLM
-    src = build_model(tmp / "src", "llama")
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["architectures"] = ["SllmTinyForCausalLM"]
-    (src / "config.json").write_text(json.dumps(cfg))
     store = Store(tmp / "store")
-    save_model(store, "org/tiny", src)
-    mnt = tmp / "mnt"  # what the FUSE view shows: marker at the root, the model's files below
-    (mnt / "org").mkdir(parents=True)
-    (mnt / ".sllmfs.json").write_text(json.dumps({"socket": "/nonexistent.sock", "version": 1}))
-    shutil.copytree(store.get("org/tiny").path / "files", mnt / "org" / "tiny")
-
     load_plugins()  # as every SGLang process does
     extra = json.dumps({"sllm_storage_path": str(store.root), "sllm_write_back": "sync"})
-    sa = ServerArgs(model_path=str(mnt / "org" / "tiny"), device="cpu", load_format="sllm",
-                    model_loader_extra_config=extra)
+    sa = ServerArgs(model_path=str(tmp / "mnt" / "org" / "tiny"), device="cpu", load_format="sllm",
+                    model_loader_extra_config=extra, tp_size=world)
     set_global_server_args_for_scheduler(sa)
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
                                  distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(1, backend="gloo")
+    initialize_model_parallel(world, backend="gloo")
     mc = ModelConfig.from_server_args(sa)
 
     def load() -> tuple[Any, nn.Module]:
@@ -123,15 +135,20 @@ def main(tmp: Path, port: int) -> None:
         return loader, loader.load_model(model_config=mc, device_config=DeviceConfig("cpu"))
 
     first_loader, first = load()
-    print("first", first_loader.path_taken, sorted(store.get("org/tiny").variants))
+    torch.distributed.barrier()  # every rank has written its variant back
+    print(f"r{rank} first", first_loader.path_taken, sorted(store.get("org/tiny").variants))
     second_loader, second = load()
-    print("second", second_loader.path_taken, second_loader.copy_ran)
+    print(f"r{rank} second", second_loader.path_taken, second_loader.copy_ran)
     s1, s2 = first.state_dict(), second.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
-    ref = load_file(src / "model.safetensors")
+    ref = load_file(tmp / "src" / "model.safetensors")
     got: Any = second
-    assert torch.equal(got.layers[1].qkv_proj.weight[: got.hidden], ref["model.layers.1.self_attn.q_proj.weight"])
-    print("E2E OK", mc.dtype)
+    q = ref["model.layers.1.self_attn.q_proj.weight"].chunk(world)[rank]
+    assert torch.equal(got.layers[1].qkv_proj.weight[: got.hidden], q)
+    o = ref["model.layers.0.self_attn.o_proj.weight"].chunk(world, dim=1)[rank]
+    assert torch.equal(got.layers[0].o_proj.weight, o)
+    print(f"r{rank} E2E OK", mc.dtype)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -139,20 +156,38 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _ranks(tmp: Path, world: int) -> list[str]:
+    """Run ``world`` ranks of ``main`` at once; their output lines."""
+    prepare(tmp)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-W", "ignore", __file__, str(tmp), str(port), str(r), str(world)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(world)]
+    lines = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+        lines += out.splitlines()
+    return lines
+
+
 def test_load_model_any_tp_then_fast(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, str(tmp_path / "run"), str(_free_port())],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout.splitlines()
-    assert "first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v0.5.17']" in out
-    assert "second fast beside the build" in out and "E2E OK torch.bfloat16" in out
+    out = _ranks(tmp_path, 1)
+    assert "r0 first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v0.5.17']" in out
+    assert "r0 second fast beside the build" in out and "r0 E2E OK torch.bfloat16" in out
+
+
+def test_two_ranks_write_and_read_their_own_variants(tmp_path: Path) -> None:
+    out = _ranks(tmp_path, 2)
+    both = "['hf', 'sglang.tp2.r0.bfloat16.none.v0.5.17', 'sglang.tp2.r1.bfloat16.none.v0.5.17']"
+    for r in (0, 1):
+        assert f"r{r} first any-tp {both}" in out
+        assert f"r{r} second fast beside the build" in out and f"r{r} E2E OK torch.bfloat16" in out
 
 
 if __name__ == "__main__":
     from sllmfs.sglang.testing import import_sglang
 
     import_sglang()
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True)
-    main(out, int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
