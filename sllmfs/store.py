@@ -209,6 +209,17 @@ class Store:
         os.rename(path, trash)  # gone from listings at once; bytes freed after
         shutil.rmtree(trash, ignore_errors=True)
 
+    def remove_variant(self, name: str, key: str) -> None:
+        """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""
+        info = self.get(name)
+        if key == "hf":
+            raise BadInput(f"variant 'hf' is model {name!r} itself; remove the model with `sllmfs rm --model {name}`")
+        if key not in info.variants:
+            raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
+        trash = self.tmp_dir / (uuid.uuid4().hex + ".old")
+        os.rename(info.variant_dir(key), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def remove_leftovers(self) -> builtins.list[str]:
         """Delete tmp/ entries whose writer is gone (its lock is free)."""
         removed = []

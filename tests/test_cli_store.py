@@ -217,3 +217,21 @@ def test_killed_save_leaves_no_model_and_next_command_cleans_up(tmp_path: Path, 
         if listed:  # the save finished before the kill: then it must be whole
             sllmfs("verify", "--model", "big", store=store_path)
         assert not list((store_path / "tmp").iterdir())  # `ls` removed the leftovers
+
+
+def test_rm_one_variant_keeps_the_model(llama_dir: Path, store_path: Path) -> None:
+    from sllmfs.sglang import variants, writeback
+
+    sllmfs("save", "--model", "m", "--local-model-path", str(llama_dir), store=store_path)
+    key = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")
+    writeback.write_rank_state(Store(store_path), "m", key, {"w": torch.ones(4)})
+    assert sorted(Store(store_path).get("m").variants) == ["hf", key.key]
+    done = sllmfs("rm", "--model", "m", "--variant", key.key, "-y", store=store_path)
+    out = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
+    assert f"removed m [{key.key}]" in out and "sllmfs evict --model m" in out
+    assert Store(store_path).get("m").variants == ["hf"]
+    err = one_line_error(sllmfs("rm", "--model", "m", "--variant", key.key, "-y", store=store_path, check=False))
+    assert f"has no variant {key.key!r}" in err
+    err = one_line_error(sllmfs("rm", "--model", "m", "--variant", "hf", "-y", store=store_path, check=False))
+    assert "is model 'm' itself" in err and "sllmfs rm --model m" in err
+    assert Store(store_path).has("m")

@@ -121,18 +121,26 @@ def ls(
     console.print(table)
 
 
-@app.command(help="Remove a model (all its variants) from the store.")
+@app.command(help="Remove a model (all its variants), or one framework variant, from the store.")
 def rm(
     model: str = typer.Option(..., "--model"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Only this framework variant, e.g. a stale "
+                                          "sglang.tp… state (the next start writes it again)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask."),
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
     store = open_store(storage_path)
     info = store.get(model)
-    if not yes and not typer.confirm(f"remove {model} ({human(info.bytes_on_disk())})?"):
+    what = f"{model} [{variant}]" if variant else model
+    size = info.manifest(variant).total_bytes if variant and variant in info.variants else info.bytes_on_disk()
+    if not yes and not typer.confirm(f"remove {what} ({human(size)})?"):
         raise typer.Exit(1)
-    store.remove(model)
-    console.print(f"removed {model}")
+    if variant:
+        store.remove_variant(model, variant)
+    else:
+        store.remove(model)
+    console.print(f"removed {what}; a running sidecar keeps serving what it holds in memory until "
+                  f"`sllmfs evict --model {model}`")
 
 
 @app.command(help="Re-read every stored byte and check it against its checksum.")
