@@ -9,6 +9,8 @@
 --big:  a Llama-2-7B-shaped bf16 checkpoint (~13.5 GB): SGLang's "Load weight end" time for the
         default loader (warm page cache), sllm cold (page cache dropped, memory tier empty) and sllm
         from the memory tier, next to the pinned H2D peak measured in the same run.
+--tp N: every engine (and save --backend sglang) with tensor parallelism N (N GPUs; for a
+        two-GPU machine: the per-rank fast path and write-back with TP=2).
 Each engine runs in a fresh process; results go to --out as JSON.
 """
 
@@ -34,12 +36,18 @@ from limits import drop_caches  # noqa: E402
 LOAD_END = re.compile(r"Load weight end\. elapsed=([0-9.]+) s")
 
 
+def _tp() -> int:
+    """--tp, handed to the engine children through the environment."""
+    return int(os.environ.get("SLLMFS_BENCH_TP", "1"))
+
+
 def engine_child(model_path: str, load_format: str, extra: str, generate: bool) -> None:
     """Runs in a fresh process: start an Engine, report load time (from its log) and greedy ids."""
     import sglang
 
     t0 = time.perf_counter()
-    kw = dict(model_path=model_path, load_format=load_format, disable_cuda_graph=True, mem_fraction_static=0.5,
+    kw = dict(model_path=model_path, load_format=load_format, tp_size=_tp(), disable_cuda_graph=True,
+              mem_fraction_static=0.5,
               sampling_backend="pytorch", attention_backend="triton", log_level="info", random_seed=0)
     if extra:
         kw["model_loader_extra_config"] = extra
@@ -124,7 +132,7 @@ def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "sllmfs", "save", "--backend", "sglang", "--model",
                                "demo/tiny-llama-cli", "--local-model-path", str(src), "--storage-path", str(store),
-                               "--tensor-parallel-size", "1"], capture_output=True, text=True, timeout=400)
+                               "--tensor-parallel-size", str(_tp())], capture_output=True, text=True, timeout=400)
         saved = {"rc": proc.returncode, "seconds": time.perf_counter() - t0,
                  "stored": [x for x in proc.stdout.splitlines() if x.startswith("stored ")],
                  "tail": (proc.stdout + proc.stderr).splitlines()[-8:]}
@@ -204,10 +212,12 @@ def main() -> None:
     ap.add_argument("--only-fast", action="store_true", help="--big without the default loader and the cold start")
     ap.add_argument("--profile", action="store_true", help="--big also profiles a memory-tier start")
     ap.add_argument("--reps", type=int, default=1, help="--big: memory-tier starts with the defaults")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size of every engine (one GPU per rank)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
+    os.environ["SLLMFS_BENCH_TP"] = str(args.tp)
     work = Path(args.workdir)
     logs = Path(args.out) / "sglang-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -215,7 +225,7 @@ def main() -> None:
     import torch
 
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
-                                 "sglang": sglang.__version__, "torch": torch.__version__,
+                                 "sglang": sglang.__version__, "torch": torch.__version__, "tp": args.tp,
                                  "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:])}
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
 
