@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from limits import drop_caches
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -296,13 +297,6 @@ def run_disk(a: argparse.Namespace) -> dict[str, Any]:
     dst_ptr = dst.ctypes.data if torch is None else dst.data_ptr()
     import mmap
 
-    def drop() -> bool:
-        try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("3")
-            return True
-        except OSError:
-            return False
 
     def fill(fd: int, mm: mmap.mmap, ready: np.ndarray, threads: int = 8) -> float:
         src = os.open(path, os.O_RDONLY)
@@ -328,12 +322,12 @@ def run_disk(a: argparse.Namespace) -> dict[str, Any]:
         os.close(src)
         return time.perf_counter() - t
 
-    res: dict[str, Any] = {"case": "cold-disk", "bytes": size, "dropped_caches": drop()}
+    res: dict[str, Any] = {"case": "cold-disk", "bytes": size, "dropped_caches": drop_caches()}
     fd = make_memfd(size, False)
     mm = mmap.mmap(fd, size)
     ready = np.zeros(size // cs, np.uint8)
     res["disk_only_gbps"] = size / fill(fd, mm, ready) / 1e9
-    res["dropped_caches"] = res["dropped_caches"] and drop()
+    res["dropped_caches"] = res["dropped_caches"] and drop_caches()
     os.close(fd)
     fd = make_memfd(size, False)
     mm = mmap.mmap(fd, size)

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from limits import timed_threads
 
 import sllmfs.client as sc
 from sllmfs.config import parse_size
@@ -88,13 +89,7 @@ def raw_pread(files: list[Path], threads: int, chunk: int) -> float:
                 done += os.preadv(fds[i], [view[done:]], off + done)
             view.release()
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = timed_threads(worker, threads)
     for fd in fds:
         os.close(fd)
     for b in bufs:

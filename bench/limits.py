@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -74,13 +75,18 @@ def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) ->
         for fd in fds.values():
             os.close(fd)
 
+    return total[0] / timed_threads(worker, threads) / 1e9
+
+
+def timed_threads(worker: Callable[[], None], threads: int) -> float:
+    """Seconds for ``threads`` threads running ``worker`` to all finish."""
     t0 = time.perf_counter()
     ts = [threading.Thread(target=worker) for _ in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    return total[0] / (time.perf_counter() - t0) / 1e9
+    return time.perf_counter() - t0
 
 
 def start_sidecar(store: Path, sock: Path, log: Path, extra_args: list[str] | tuple[str, ...] = (),

@@ -84,11 +84,6 @@ def large_pool_bytes(sizes: Iterable[int]) -> int:
     return sum(-(-n // 512) * 512 for n in sizes if n > SMALL_ALLOC)
 
 
-def weight_bytes(entries: Iterable[Any]) -> int:
-    """:func:`large_pool_bytes` of stored tensors (manifest or lease entries), tied names once."""
-    return large_pool_bytes({(e.partition, e.offset): e.nbytes for e in entries if e.nbytes}.values())
-
-
 def reserve_segment(device: Any, nbytes: int) -> int:
     """Leave one free cudaMalloc of ``nbytes`` in torch's caching allocator, for the weights allocated next.
 

@@ -242,16 +242,11 @@ def test_sidecar_flow_against_a_fake_runtime(tmp_path):
     assert out["many_ok"] and out["many_opens"] == 63 and out["many_open_s"] >= 0
 
 
-def test_weight_bytes_counts_large_pool_tensors_once():
-    """The reservation matches what torch's large pool gives the weights: tied names once, small ones not."""
-    from types import SimpleNamespace as E
+def test_reservation_counts_large_pool_tensors_only():
+    """The reservation matches what torch's large pool gives the weights: small ones not, 512-byte rounding."""
+    from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment
 
-    from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment, weight_bytes
-
-    big, odd = 4 << 20, (3 << 20) + 1
-    entries = [E(partition=0, offset=0, nbytes=big), E(partition=0, offset=0, nbytes=big),  # tied: one tensor
-               E(partition=0, offset=big, nbytes=odd), E(partition=1, offset=0, nbytes=8192)]  # small pool
-    assert weight_bytes(entries) == big + (odd + 511) // 512 * 512
+    big = 4 << 20
     assert large_pool_bytes([1 << 20, (1 << 20) + 1]) == (1 << 20) + 512
     torch = pytest.importorskip("torch")
     assert reserve_segment(torch.device("cpu"), big) == 0  # CPU tensors need no reservation
