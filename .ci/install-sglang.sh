@@ -3,7 +3,9 @@
 #
 # SGLang pins transformers==5.12.1 (its configs clash with newer ones) and torch==2.11;
 # we keep the project's torch and everything else, so SGLang goes into its own venv
-# that sees the main environment's packages (--system-site-packages):
+# that sees the main environment's packages after its own (a .pth file naming the main
+# environment's site-packages; `venv --system-site-packages` would point at the base
+# interpreter, not at a venv the main environment may itself be):
 #
 #     .ci/install-sglang.sh                      # creates/updates .venv-sglang
 #     .venv-sglang/bin/python -m pytest tests/test_sglang*.py
@@ -37,7 +39,11 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -W ignore -c "$PROBE" 2>/dev/
 fi
 
 TORCH=$("$PYTHON" -c 'import torch; print(torch.__version__)')
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+MAIN_SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+VENV_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir (not a bare path) so the main environment's own .pth files (editable installs) apply too
+echo "import site; site.addsitedir('$MAIN_SITE')" >"$VENV_SITE/zz-sllmfs-main-env.pth"
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH" >"$CONSTRAINTS"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -108,7 +109,21 @@ def load_settings(**flags: Any) -> Settings:
     return Settings(**out)
 
 
-def open_store(storage_path: str | None = None):  # type: ignore[no-untyped-def]
+def hint_flags(**given: Any) -> str:
+    """Flags to append to a command we suggest, so it acts on the same store or sidecar when pasted:
+    each given setting (``storage_path=...``, ``socket=...``) that differs from the built-in default."""
+    defaults = Settings()
+    out = ""
+    for name, value in given.items():
+        if value is not None and str(value) != str(getattr(defaults, name)):
+            out += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+    return out
+
+
+def open_store(storage_path: str | None = None, *, write: bool = False):  # type: ignore[no-untyped-def]
+    """The store for a command. Read-only commands (``write=False``) never create or tidy one:
+    a mistyped path is an error, and a path that is not a store is left as it is."""
     from sllmfs.store import Store
 
-    return Store(load_settings(storage_path=storage_path).storage_path)
+    path = load_settings(storage_path=storage_path).storage_path
+    return Store(path) if write else Store(path, create=False, cleanup=False)

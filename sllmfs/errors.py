@@ -19,3 +19,16 @@ class Corrupt(SllmfsError):
 
 class FormatVersionError(SllmfsError):
     """A manifest written by a newer (or unknown) sllmfs."""
+
+
+def user_error(exc: BaseException) -> SllmfsError | None:
+    """The SllmfsError inside ``exc``, looking through exception groups (trio >= 0.25 wraps every
+    error leaving a nursery in one), so a bad start still reaches the user as one line."""
+    if isinstance(exc, SllmfsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error(inner)
+            if found is not None:
+                return found
+    return None

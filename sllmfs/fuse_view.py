@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from sllmfs.errors import SllmfsError
+from sllmfs.errors import SllmfsError, user_error
 from sllmfs.fuse.serve import serve
 from sllmfs.store import Store
 
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_run, store, args.mount, args.socket)
     except SllmfsError as e:
         print(f"sllmfs: {e}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        err = user_error(group)
+        if err is None:
+            raise
+        print(f"sllmfs: {err}", file=sys.stderr)
         return 1
     return 0
 

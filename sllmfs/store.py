@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sllmfs import names
+from sllmfs.config import hint_flags
 from sllmfs.errors import BadInput, Corrupt, NotFound
 from sllmfs.format import Manifest, load_manifest
 
@@ -92,11 +93,12 @@ class Store:
         self.root = Path(root).expanduser().absolute()
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
+        marker = self.root / STORE_MARKER
         if create:
+            _refuse_foreign_dir(self.root)
             try:
                 self.models_dir.mkdir(parents=True, exist_ok=True)
                 self.tmp_dir.mkdir(exist_ok=True)
-                marker = self.root / STORE_MARKER
                 if not marker.exists():
                     marker.write_text(json.dumps({"format": "sllmfs-store", "version": STORE_VERSION}))
             except OSError as e:
@@ -104,10 +106,16 @@ class Store:
                     f"cannot use storage path {self.root}: {e.strerror}; "
                     "pick a writable directory with --storage-path"
                 ) from None
-        elif not self.models_dir.is_dir():
-            raise NotFound(f"no sllmfs store at {self.root}; run `sllmfs save` first or pass --storage-path")
+        elif not (marker.is_file() and self.models_dir.is_dir()):
+            raise NotFound(f"no sllmfs store at {self.root}; check --storage-path (or $SLLMFS_STORAGE_PATH), "
+                           "or run `sllmfs save` to create one there")
         if cleanup:
             self.remove_leftovers()
+
+    @property
+    def hint(self) -> str:
+        """Flags that make a suggested command act on this store when pasted."""
+        return hint_flags(storage_path=str(self.root))
 
     # -- reading -------------------------------------------------------------
 
@@ -124,7 +132,7 @@ class Store:
         except FileNotFoundError:
             raise NotFound(
                 f"model {name!r} is not in the store at {self.root}; "
-                f"run `sllmfs save --model {name}` first"
+                f"run `sllmfs save --model {name} --local-model-path <checkpoint>{self.hint}` first"
             ) from None
         except ValueError as e:
             raise Corrupt(f"{path / MODEL_JSON} is not valid JSON ({e})") from None
@@ -213,7 +221,8 @@ class Store:
         """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""
         info = self.get(name)
         if key == "hf":
-            raise BadInput(f"variant 'hf' is model {name!r} itself; remove the model with `sllmfs rm --model {name}`")
+            raise BadInput(f"variant 'hf' is model {name!r} itself; remove the model with "
+                           f"`sllmfs rm --model {name}{self.hint}`")
         if key not in info.variants:
             raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
         trash = self.tmp_dir / (uuid.uuid4().hex + ".old")
@@ -253,6 +262,20 @@ class Store:
                 except (BlockingIOError, FileNotFoundError):
                     pass
         return removed
+
+
+def _refuse_foreign_dir(root: Path) -> None:
+    """A store goes into a new or empty directory, or one that already is a store: pointing
+    --storage-path at a checkpoint or a home folder must not scatter models/ and tmp/ into it."""
+    try:
+        entries = {p.name for p in root.iterdir()}
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise BadInput(f"cannot use storage path {root}: {e.strerror}; pick another with --storage-path") from None
+    if entries and STORE_MARKER not in entries:
+        raise BadInput(f"storage path {root} is not empty and not an sllmfs store (no {STORE_MARKER}); "
+                       "pass a new or empty directory with --storage-path")
 
 
 def write_model_json(model_dir: Path, name: str, files: list[str], source: dict[str, Any]) -> None:

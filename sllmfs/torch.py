@@ -43,9 +43,17 @@ def _device_for(name: str, device_map: DeviceMap) -> torch.device:
 
 
 def _as_device(d: Any) -> torch.device:
-    if isinstance(d, int):
-        return torch.device("cuda", d)
-    return torch.device(d)
+    try:
+        dev = torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"device_map: {d!r} is not a device (try \"cpu\", \"cuda\", \"cuda:1\" or 0)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"device_map asks for {dev}, but torch {torch.__version__} sees no GPU here; "
+                           "use device_map=\"cpu\"")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInput(f"device_map asks for {dev}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 _ALIGN = 512  # each tensor's offset in its device's block when packed: torch's own allocation granularity

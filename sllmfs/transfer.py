@@ -37,6 +37,8 @@ class LoadStats:
     tensors: int = 0
     cast_tensors: int = 0
     engine: dict[str, Any] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)  # targets the store lacks but that share a filled tensor's memory
+    missing: list[str] = field(default_factory=list)  # targets left as they were (strict=False only)
 
     @property
     def gbps(self) -> float:
@@ -85,11 +87,18 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
 
 def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float = 120.0,
               strict: bool = True, mode: str = "auto") -> LoadStats:
-    """Fill ``targets`` (name → pre-allocated tensor, on any devices) from ``lease``'s mapped segments."""
-    missing = [n for n in targets if n not in lease.entries]
-    if missing:
+    """Fill ``targets`` (name → pre-allocated tensor, on any devices) from ``lease``'s mapped segments.
+
+    A target the store lacks is fine when it shares memory with one it has (tied embeddings:
+    ``lm_head.weight`` is ``embed_tokens.weight``); others fail unless ``strict=False``, which
+    leaves them as they are and names them in ``LoadStats.missing`` (as torch's load_state_dict)."""
+    tied, missing = _split_absent(lease, targets)
+    if missing and strict:
         raise BadInput(f"model {lease.model!r} [{lease.variant}] has no tensor {missing[0]!r} "
-                       f"({len(missing)} missing); is it the right model and variant?")
+                       f"({len(missing)} missing); is it the right model and variant? "
+                       "(strict=False leaves missing tensors as they are)")
+    if tied or missing:
+        targets = {n: t for n, t in targets.items() if n in lease.entries}
     if strict:
         extra = [n for n in lease.entries if n not in targets]
         if extra:
@@ -106,8 +115,23 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
         stats.cast_tensors += s.cast_tensors
         stats.engine = s.engine
     stats.tensors = len(targets)
+    stats.tied, stats.missing = tied, missing
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _split_absent(lease: Lease, targets: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Targets the store lacks: (tied to a stored target's memory, truly missing)."""
+    absent = [n for n in targets if n not in lease.entries]
+    if not absent:
+        return [], []
+    filled = {_place(t) for n, t in targets.items() if n in lease.entries and t.numel()}
+    tied = [n for n in absent if targets[n].numel() and _place(targets[n]) in filled]
+    return tied, [n for n in absent if n not in tied]
+
+
+def _place(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.device, t.data_ptr(), tuple(t.shape), t.dtype)
 
 
 def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str, device: int, timeout: float,

@@ -35,14 +35,14 @@ def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: st
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_checkpoint(open_store(storage_path), name, Path(tmp), force=force)
+        save_checkpoint(open_store(storage_path, write=True), name, Path(tmp), force=force)
 
 
 def save_lora(peft_model: Any, base: str, adapter_name: str, *, storage_path: str | None = None,
               force: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="sllmfs-lora-") as tmp:
         peft_model.save_pretrained(tmp)
-        save_adapter(open_store(storage_path), base, adapter_name, Path(tmp), force=force)
+        save_adapter(open_store(storage_path, write=True), base, adapter_name, Path(tmp), force=force)
 
 
 def fetch_files(client: Client, model: str, variant: str, into: Path) -> Path:

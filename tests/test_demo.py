@@ -12,7 +12,8 @@ from tests.helpers import sllmfs
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists() or os.geteuid() != 0, reason="needs root and /dev/fuse")
 def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
-    out = sllmfs("demo", "--workdir", str(tmp_path), timeout=300)
+    out = sllmfs("demo", timeout=300, env={"TMPDIR": str(tmp_path)})
+    assert not list(tmp_path.iterdir())  # its scratch dir is gone: nothing left in /tmp
     text = out.stdout + out.stderr
     assert "tensors identical = True" in text
     assert "same by both paths: True" in text

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Optional
 
 import typer
 
-from sllmfs.errors import SllmfsError
+from sllmfs.errors import SllmfsError, user_error
 
 app = typer.Typer(
     name="sllmfs",
@@ -15,6 +17,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"sllmfs {version('sllmfs')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(
+        None, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
+    pass
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temp dirs, leases, children
+
 
 # Registration happens on import; keep this list in help order.
 from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
@@ -25,6 +47,7 @@ from sllmfs.cli import demo_cmd  # noqa: E402,F401
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except SllmfsError as e:
@@ -33,3 +56,9 @@ def main() -> None:
     except KeyboardInterrupt:
         print("sllmfs: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseExceptionGroup as group:  # an error raised inside a trio nursery
+        err = user_error(group)
+        if err is None:
+            raise
+        print(f"sllmfs: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,17 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: flo
 
 
 @app.command(help="Build a tiny model offline, save it, serve it, read it back by mount and by handles.")
-def demo(workdir: Optional[str] = typer.Option(None, "--workdir", help="Scratch dir (default: a temp dir).")) -> None:
+def demo(workdir: Optional[str] = typer.Option(
+        None, "--workdir", help="Scratch dir, kept (default: a temp dir, removed at the end).")) -> None:
+    work = Path(workdir or tempfile.mkdtemp(prefix="sllmfs-demo-"))
+    try:
+        _demo(work)
+    finally:
+        if workdir is None:  # our scratch dir: the mount is gone once the daemon has exited
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _demo(work: Path) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,13 +49,12 @@ def demo(workdir: Optional[str] = typer.Option(None, "--workdir", help="Scratch 
     from sllmfs.save import save_model
     from sllmfs.transformers import load_model
 
-    work = Path(workdir or tempfile.mkdtemp(prefix="sllmfs-demo-"))
     src, store, sock, mnt = work / "src", work / "store", work / "sllmfs.sock", work / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     console.print(f"1. building a tiny Llama with a tokenizer in {src} (offline, random weights)")
     build_model(src, "llama")
     console.print(f"2. sllmfs save --model demo/tiny-llama  (store: {store})")
-    save_model(open_store(str(store)), "demo/tiny-llama", src, force=True)
+    save_model(open_store(str(store), write=True), "demo/tiny-llama", src, force=True)
     console.print(f"3. sllmfs start --mount {mnt} --socket {sock}")
     env = {**os.environ, "SLLMFS_STORAGE_PATH": str(store)}
     daemon = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store),

@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sllmfs.cli.progress import console, human
+from sllmfs.cli.progress import human, out
 from sllmfs.errors import BadInput
 
 PROMPT = "sllmfs makes cold starts"
@@ -41,12 +41,23 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
         if adapter:
             m = load_lora(m, model, adapter, socket=socket)
         seconds = time.perf_counter() - t0
-        console.print(f"loaded {model}{' + ' + adapter if adapter else ''} to {device}: {human(stats.bytes)} in "
+        out.print(f"loaded {model}{' + ' + adapter if adapter else ''} to {device}: {human(stats.bytes)} in "
                       f"{seconds:.3f} s ({stats.bytes / seconds / 1e9:.2f} GB/s end to end; "
                       f"weights moved at {stats.engine.get('gbps', 0.0):.2f} GB/s)")
+        if not _has_tokenizer(meta):
+            out.print(f"generation skipped: model {model!r} has no tokenizer files (tokenizer.json, "
+                      "tokenizer.model, vocab.json, ...); save them beside the weights to try a prompt")
+            return
         tok = AutoTokenizer.from_pretrained(meta)
     ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
-        out = m.generate(ids, max_new_tokens=8, do_sample=False)
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    console.print(f"generated {out.shape[1] - ids.shape[1]} tokens: {PROMPT!r} -> {text!r}")
+        generated = m.generate(ids, max_new_tokens=8, do_sample=False)
+    text = tok.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    out.print(f"generated {generated.shape[1] - ids.shape[1]} tokens: {PROMPT!r} -> {text!r}")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)

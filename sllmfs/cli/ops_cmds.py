@@ -9,14 +9,14 @@ import typer
 from rich.table import Table
 
 from sllmfs.cli import app
-from sllmfs.cli.progress import console
+from sllmfs.cli.progress import out
 from sllmfs.config import load_settings
 
 
 @app.command(help="Check FUSE, big pages, the GPU, the store and the socket; say what to fix.")
 def doctor(
-    storage_path: Optional[str] = typer.Option(None, "--storage-path"),
-    socket: Optional[str] = typer.Option(None, "--socket"),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Store to check (default: as `start`)."),
+    socket: Optional[str] = typer.Option(None, "--socket", help="Sidecar socket to check (default: as `start`)."),
 ) -> None:
     from sllmfs.ops.doctor import run_checks
 
@@ -25,7 +25,7 @@ def doctor(
     marks = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
     for c in checks:
         table.add_row(c.name, marks[c.level], c.detail, c.fix)
-    console.print(table)
+    out.print(table)
     if any(c.level == "fail" for c in checks):
         raise typer.Exit(1)
 
@@ -41,6 +41,6 @@ def install_service(
         print(systemd.render_unit(), end="")
         return
     for path in systemd.install(Path(root)):
-        console.print(f"wrote {path}")
+        out.print(f"wrote {path}")
     if root == "/":
-        console.print("next: systemctl enable --now sllmfs")
+        out.print("next: systemctl enable --now sllmfs")

@@ -1,4 +1,8 @@
-"""One progress bar style for every long command: bytes, GB/s, time left."""
+"""Where command output goes, and one progress bar style for every long command.
+
+``out`` (stdout) carries data: tables, summaries, what a script pipes into grep. ``console``
+(stderr) carries logs and progress. Off a terminal neither wraps at 80 columns.
+"""
 
 from __future__ import annotations
 
@@ -16,18 +20,32 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-console = Console(stderr=True, markup=False, highlight=False)
+
+def _console(*, stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # a pipe or file gets whole lines: rich would otherwise wrap (and truncate tables) at 80 columns
+    width = None if stream.isatty() else 100_000
+    return Console(stderr=stderr, markup=False, highlight=False, width=width, soft_wrap=width is not None)
+
+
+out = _console(stderr=False)
+console = _console(stderr=True)
 
 
 @contextmanager
-def byte_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(nbytes)`` callback; the bar hides itself off a terminal."""
+def byte_bar(label: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Yield an ``advance(nbytes, total=None)`` callback (a total learnt later is passed along);
+    the bar hides itself off a terminal."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TimeRemainingColumn(), console=console, disable=not sys.stderr.isatty(), transient=False,
     ) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(nbytes: int, total: int | None = None) -> None:
+            bar.update(task, advance=nbytes, total=total)
+
+        yield advance
 
 
 def human(nbytes: float) -> str:

@@ -9,35 +9,56 @@ import typer
 
 from sllmfs import client as sidecar_client
 from sllmfs.cli import app
-from sllmfs.cli.progress import byte_bar, console, human
-from sllmfs.config import load_settings
+from sllmfs.cli.progress import byte_bar, human, out
+from sllmfs.config import Settings, load_settings
 from sllmfs.errors import BadInput
 
 SocketOpt = typer.Option(None, "--socket", help="Sidecar socket (default: $SLLMFS_SOCKET or config).")
 VariantOpt = typer.Option("hf", "--variant", help="Variant key (hf, or a framework variant).")
 
 
+_D = Settings()  # the built-in defaults, shown in `start --help`
+
+
+def _default(value: object) -> str:
+    return f" (default: {value})"  # not [..]: rich would take it for markup
+
+
 @app.command(help="Run the sidecar in the foreground: store, memory tier, socket and FUSE mount. "
              "Each flag falls back to $SLLMFS_<FLAG>, then the TOML file $SLLMFS_CONFIG "
-             "(default /etc/sllmfs/config.toml); see docs/protocol.md.")
+             "(default /etc/sllmfs/config.toml), then the default shown; see docs/protocol.md.")
 def start(
-    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Store directory."),
-    socket: Optional[str] = typer.Option(None, "--socket", help="Unix socket to serve."),
-    mount: Optional[str] = typer.Option(None, "--mount", help="Mount the read-only FUSE view here."),
-    num_thread: Optional[int] = typer.Option(None, "--num-thread", help="Parallel reads per fill."),
-    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="Fill read size, e.g. 32MiB (4 MiB units)."),
-    mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."),
-    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="Store budget, e.g. 1TB (0: unbounded)."),
+    storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Store directory."
+                                               + _default(_D.storage_path)),
+    socket: Optional[str] = typer.Option(None, "--socket", help="Unix socket to serve." + _default(_D.socket)),
+    mount: Optional[str] = typer.Option(None, "--mount", help="Mount the read-only FUSE view here."
+                                        + _default("no mount")),
+    num_thread: Optional[int] = typer.Option(None, "--num-thread", help="Parallel reads per fill."
+                                             + _default(_D.num_thread)),
+    chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="Fill read size, e.g. 32MiB (4 MiB units)."
+                                             + _default("32MiB")),
+    mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."
+                                                + _default("half of the machine's memory")),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="Store budget, e.g. 1TB (0: unbounded)."
+                                            + _default("0")),
     registration_required: Optional[bool] = typer.Option(
-        None, "--registration-required/--no-registration-required", help="Serve only registered models."),
-    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error"),
+        None, "--registration-required/--no-registration-required", help="Serve only registered models."
+        + _default("--no-registration-required")),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error"
+                                            + _default(_D.log_level)),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on "
-                                               "127.0.0.1:PORT (0: off)."),
+                                               "127.0.0.1:PORT (0: off)." + _default(0)),
     gpu_warmup: Optional[bool] = typer.Option(
-        None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start (default) or at first load."),
+        None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start or at the first load."
+        + _default("--gpu-warmup")),
+    host: Optional[str] = typer.Option(None, "--host", hidden=True, help="sllm-store's gRPC host: refused."),
+    port: Optional[int] = typer.Option(None, "--port", hidden=True, help="sllm-store's gRPC port: refused."),
 ) -> None:
     from sllmfs.sidecar.daemon import run
 
+    if host is not None or port is not None:
+        raise BadInput("--host/--port were sllm-store's gRPC address; sllmfs serves a Unix socket: use "
+                       "--socket PATH (and --metrics-port PORT for Prometheus)")
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
@@ -56,9 +77,9 @@ def status(socket: Optional[str] = SocketOpt,
         print(json.dumps(st, indent=1))
         return
     mem, disk, n = st["memory"], st["disk"], st["counters"]
-    console.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}")
-    console.print(f"disk tier:   {human(disk['used'])} of {human(disk['budget']) if disk['budget'] else 'unbounded'}")
-    console.print(f"hits {n['hits']}  misses {n['misses']}  filled {human(n['bytes_filled'])}  "
+    out.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}")
+    out.print(f"disk tier:   {human(disk['used'])} of {human(disk['budget']) if disk['budget'] else 'unbounded'}")
+    out.print(f"hits {n['hits']}  misses {n['misses']}  filled {human(n['bytes_filled'])}  "
                   f"evictions {n['evictions']}  leases {len(st['leases'])}")
     from rich.table import Table
 
@@ -69,44 +90,47 @@ def status(socket: Optional[str] = SocketOpt,
         for v in m["variants"]:
             table.add_row(m["name"], "memory", v["variant"], v["state"], human(v["bytes"]), str(v["leases"]),
                           "yes" if v["pinned"] else "")
-    console.print(table)
+    out.print(table)
+
+
+ModelOpt = typer.Option(..., "--model", help="Model name as stored (see `sllmfs ls`).")
 
 
 @app.command(help="Keep a model in memory (fills it if needed): never evicted.")
-def pin(model: str = typer.Option(..., "--model"), variant: str = VariantOpt,
+def pin(model: str = ModelOpt, variant: str = VariantOpt,
         socket: Optional[str] = SocketOpt) -> None:
     with sidecar_client.connect(socket) as c:
         state = c.pin(model, variant)
-    console.print(f"pinned {model} [{variant}] ({state})")
+    out.print(f"pinned {model} [{variant}] ({state})")
 
 
 @app.command(help="Let a pinned model be evicted again.")
-def unpin(model: str = typer.Option(..., "--model"), variant: str = VariantOpt,
+def unpin(model: str = ModelOpt, variant: str = VariantOpt,
           socket: Optional[str] = SocketOpt) -> None:
     with sidecar_client.connect(socket) as c:
         was = c.unpin(model, variant)
-    console.print(f"unpinned {model} [{variant}]" if was else f"{model} [{variant}] was not pinned")
+    out.print(f"unpinned {model} [{variant}]" if was else f"{model} [{variant}] was not pinned")
 
 
 @app.command(help="Drop a model from the memory tier (it stays in the store).")
-def evict(model: str = typer.Option(..., "--model"),
+def evict(model: str = ModelOpt,
           variant: Optional[str] = typer.Option(None, "--variant", help="Only this variant (default: all)."),
           socket: Optional[str] = SocketOpt) -> None:
     with sidecar_client.connect(socket) as c:
         gone = c.evict(model, variant)
-    console.print(f"evicted {model} [{', '.join(gone)}]" if gone else f"{model} was not in memory")
+    out.print(f"evicted {model} [{', '.join(gone)}]" if gone else f"{model} was not in memory")
 
 
 @app.command(help="Allow a model on a sidecar started with --registration-required.")
-def register(model: str = typer.Option(..., "--model"), socket: Optional[str] = SocketOpt) -> None:
+def register(model: str = ModelOpt, socket: Optional[str] = SocketOpt) -> None:
     with sidecar_client.connect(socket) as c:
         c.register(model)
-    console.print(f"registered {model}")
+    out.print(f"registered {model}")
 
 
 @app.command(help="Load a model through the sidecar (--warm: prefetch it into the memory tier).")
 def load(
-    model: str = typer.Option(..., "--model"),
+    model: str = ModelOpt,
     variant: str = VariantOpt,
     warm: bool = typer.Option(False, "--warm", help="Prefetch into host memory and return."),
     backend: Optional[str] = typer.Option(None, "--backend", help="transformers: load, time, generate."),
@@ -115,8 +139,13 @@ def load(
     device: str = typer.Option("cuda", "--device", help="cuda, cuda:N or cpu (the host target)."),
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Unused by loads; accepted "
                                                "for sllm-store compatibility."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", hidden=True,
+                                                       help="sllm-store's per-rank load: refused."),
     socket: Optional[str] = SocketOpt,
 ) -> None:
+    if tensor_parallel_size is not None:
+        raise BadInput("`sllmfs load --tensor-parallel-size`: per-rank loads happen inside the serving engine; "
+                       "start SGLang with --load-format sllm --tp N (each rank loads its own variant)")
     if warm:
         _warm(model, variant, socket)
         return
@@ -129,11 +158,11 @@ def load(
 
 
 def _warm(model: str, variant: str, socket: str | None) -> None:
-    state = {"total": 0, "done": 0}
-    with byte_bar(f"warm {model}", 0) as advance:
+    state = {"done": 0}
+    with byte_bar(f"warm {model}", None) as advance:  # the sidecar tells the total with its first answer
         def progress(done: int, total: int) -> None:
-            advance(done - state["done"])
-            state["done"], state["total"] = done, total
+            advance(done - state["done"], total or None)
+            state["done"] = done
 
         total = sidecar_client.warm(model, variant, socket=socket, progress=progress)
-    console.print(f"{model} [{variant}] is in memory: {human(total)}")
+    out.print(f"{model} [{variant}] is in memory: {human(total)}")

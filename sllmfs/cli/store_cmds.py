@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -11,8 +12,8 @@ import typer
 
 from sllmfs import names, sources
 from sllmfs.cli import app
-from sllmfs.cli.progress import byte_bar, console, human
-from sllmfs.config import open_store
+from sllmfs.cli.progress import byte_bar, human, out
+from sllmfs.config import hint_flags, open_store
 from sllmfs.errors import BadInput, Corrupt
 from sllmfs.reader import VariantReader, verify_variant
 from sllmfs.save import save_adapter, save_model
@@ -25,19 +26,27 @@ def save(
     model: str = typer.Option(..., "--model", help="Model name, kept as given (org/name)."),
     local_model_path: Optional[str] = typer.Option(
         None, "--local-model-path", help="Checkpoint folder; default: the HF cache entry."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers | sglang | vllm"),
+    backend: str = typer.Option("transformers", "--backend",
+                                help="transformers (any framework, any TP size) | sglang (also its per-rank state)"),
     adapter_name: Optional[str] = typer.Option(None, "--adapter-name", help="Save a LoRA adapter beside the model."),
     adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help="The adapter's folder."),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1,
+                                             help="With --backend sglang: the TP size whose per-rank state to store."),
     storage_path: Optional[str] = StorageOpt,
     force: bool = typer.Option(False, "--force", help="Replace what is stored under this name."),
 ) -> None:
     names.check_model_name(model)
-    if backend not in ("transformers", "sglang", "vllm"):
-        raise BadInput(f"--backend {backend!r} is not one of transformers, sglang, vllm")
+    if backend == "vllm":
+        raise BadInput("--backend vllm is not supported yet; save with --backend transformers "
+                       "(the hf variant that any framework can read through the mount)")
+    if backend not in ("transformers", "sglang"):
+        raise BadInput(f"--backend {backend!r} is not one of transformers, sglang")
+    if tensor_parallel_size != 1 and backend != "sglang":
+        raise BadInput(f"--tensor-parallel-size {tensor_parallel_size} needs --backend sglang (per-rank state); "
+                       "the transformers variant serves every TP size: drop the flag")
     if (adapter_name is None) != (adapter_path is None):
         raise BadInput("--adapter-name and --adapter-path go together; give both or neither")
-    store = open_store(storage_path)
+    store = open_store(storage_path, write=True)
     if adapter_name and adapter_path:
         src = Path(adapter_path).expanduser()
         if not src.is_dir():
@@ -71,9 +80,17 @@ def _save_sglang(model: str, local_model_path: str | None, tp: int, store, force
     save_sglang(store, model, local_model_path, tp, force=force)
 
 
-def _report(what: str, nbytes: int, seconds: float) -> None:
+def _report(what: str, nbytes: int, seconds: float) -> None:  # the save summary is data: stdout
     rate = nbytes / seconds / 1e9 if seconds > 0 else 0.0
-    console.print(f"saved {what}: {human(nbytes)} in {seconds:.2f} s ({rate:.2f} GB/s)")
+    out.print(f"saved {what}: {human(nbytes)} in {seconds:.2f} s ({rate:.2f} GB/s)")
+
+
+def _resave_command(info, storage_path: str | None) -> str:  # type: ignore[no-untyped-def]
+    """The save that stores ``info`` again, with the flags the user needs to paste it as it is."""
+    cmd = f"sllmfs save --model {shlex.quote(info.name)} --force"
+    source = info.source.get("path")
+    cmd += f" --local-model-path {shlex.quote(source)}" if source else " --local-model-path <checkpoint>"
+    return cmd + hint_flags(storage_path=storage_path)
 
 
 @app.command("import-sllm-store",
@@ -82,13 +99,13 @@ def import_sllm_store(
     directory: str = typer.Argument(..., help="The sllm-store model folder."),
     model: Optional[str] = typer.Option(None, "--model", help="Name in sllmfs (default: the folder's name)."),
     storage_path: Optional[str] = StorageOpt,
-    force: bool = typer.Option(False, "--force"),
+    force: bool = typer.Option(False, "--force", help="Replace what is stored under this name."),
 ) -> None:
     src = Path(directory).expanduser()
     if not (src / "tensor_index.json").is_file():
         raise BadInput(f"{src} has no tensor_index.json; it is not an sllm-store model folder")
     name = model or src.name
-    store = open_store(storage_path)
+    store = open_store(storage_path, write=True)
     total = sources.scan(src).total_bytes
     t0 = time.perf_counter()
     with byte_bar(f"import {name}", total) as advance:
@@ -110,7 +127,7 @@ def ls(
         print(json.dumps(rows, indent=1))
         return
     if not rows:
-        console.print(f"no models in {store.root}")
+        out.print(f"no models in {store.root}")
         return
     from rich.table import Table
 
@@ -118,18 +135,18 @@ def ls(
     for r in rows:
         table.add_row(r["name"], ", ".join(r["variants"]), human(r["bytes"]),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
-    console.print(table)
+    out.print(table)
 
 
 @app.command(help="Remove a model (all its variants), or one framework variant, from the store.")
 def rm(
-    model: str = typer.Option(..., "--model"),
+    model: str = typer.Option(..., "--model", help="Model name as stored (see `sllmfs ls`)."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Only this framework variant, e.g. a stale "
                                           "sglang.tp… state (the next start writes it again)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask."),
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
-    store = open_store(storage_path)
+    store = open_store(storage_path, write=True)
     info = store.get(model)
     what = f"{model} [{variant}]" if variant else model
     size = info.manifest(variant).total_bytes if variant and variant in info.variants else info.bytes_on_disk()
@@ -139,13 +156,12 @@ def rm(
         store.remove_variant(model, variant)
     else:
         store.remove(model)
-    console.print(f"removed {what}; a running sidecar keeps serving what it holds in memory until "
-                  f"`sllmfs evict --model {model}`")
+    out.print(f"removed {what}; a running sidecar frees its memory copy as soon as no client holds it")
 
 
 @app.command(help="Re-read every stored byte and check it against its checksum.")
 def verify(
-    model: str = typer.Option(..., "--model"),
+    model: str = typer.Option(..., "--model", help="Model name as stored (see `sllmfs ls`)."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Only this variant (default: all)."),
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
@@ -161,7 +177,7 @@ def verify(
                 raise Corrupt(
                     f"model {model!r} variant {key!r}: tensor {bad.name!r} is corrupt "
                     f"(checksum {bad.actual}, expected {bad.expected}); "
-                    f"run `sllmfs save --model {model} --force` to store it again"
+                    f"run `{_resave_command(info, storage_path)}` to store it again"
                 )
-        console.print(f"ok {model} [{key}]: {len(m.tensors)} tensors, {human(m.total_bytes)} "
+        out.print(f"ok {model} [{key}]: {len(m.tensors)} tensors, {human(m.total_bytes)} "
                       f"in {time.perf_counter() - t0:.2f} s")

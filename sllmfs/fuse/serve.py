@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -16,9 +15,6 @@ from sllmfs.fuse.ops import Ops, ResidentView
 from sllmfs.fuse.tree import Tree
 from sllmfs.store import Store
 
-# trio 0.23 renamed `cancellable` to `abandon_on_cancel` (and later dropped the old name)
-_ABANDON = "abandon_on_cancel" if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters \
-    else "cancellable"
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +45,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
             nursery.start_soon(pyfuse3.main)
             # a stat completes only once the kernel's INIT is answered; tuning before that is undone
             try:
-                await trio.to_thread.run_sync(os.stat, mountpoint, **{_ABANDON: True})
+                await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
             except OSError as e:
                 raise BadInput(f"the FUSE mount at {mountpoint} did not come up ({e.strerror})") from None
             mount.tune(mountpoint)

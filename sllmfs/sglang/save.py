@@ -90,13 +90,25 @@ def _ours(key: str, tp_size: int, version: str) -> bool:
 
 def save_sglang(store: Store, model: str, local_model_path: str | None, tp_size: int, *,
                 force: bool = False) -> list[str]:
-    """The CLI's ``save --backend sglang``: store the checkpoint (if needed), then its per-rank state."""
+    """The CLI's ``save --backend sglang``: store the checkpoint (if needed), then its per-rank state.
+
+    Says what it stored as it goes (stdout), so a failure after the hf variant is never silent."""
+    import importlib.util
+
     from sllmfs import sources
     from sllmfs.save import save_model
 
+    if importlib.util.find_spec("sglang") is None:  # before anything is stored
+        raise BadInput("--backend sglang needs SGLang (pip install 'sllmfs[sglang]'); nothing was stored. "
+                       "Without it, save with --backend transformers: SGLang loads that variant at any TP size")
     if force or not store.has(model):
         save_model(store, model, sources.resolve(model, local_model_path), force=force)
-    keys = save_rank_variants(store, model, tp_size)
+        print(f"stored {model} [hf]", flush=True)
+    try:
+        keys = save_rank_variants(store, model, tp_size)
+    except SllmfsError as e:
+        raise type(e)(f"{e} (model {model!r} [hf] is stored; run the same command again to retry the "
+                      "per-rank state)") from None
     for key in keys:
         print(f"stored {model} [{key}]")
     return keys

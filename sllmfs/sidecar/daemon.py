@@ -14,8 +14,8 @@ from typing import Any
 
 import trio
 
-from sllmfs.config import Settings
-from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.config import Settings, hint_flags
+from sllmfs.errors import BadInput, SllmfsError, user_error
 from sllmfs.ops.systemd import notify
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.sidecar.memtier import MemoryTier
@@ -32,6 +32,12 @@ def run(settings: Settings) -> None:
     except SllmfsError as e:
         notify(f"STATUS=failed to start: {e}")
         raise
+    except BaseExceptionGroup as group:  # trio groups what leaves a nursery: the user gets the one line
+        err = user_error(group)
+        if err is None:
+            raise
+        notify(f"STATUS=failed to start: {err}")
+        raise err from None
 
 
 def _run(settings: Settings) -> None:
@@ -40,7 +46,7 @@ def _run(settings: Settings) -> None:
     fuse_serve = _fuse_view() if settings.mount else None
     store = Store(settings.storage_path)
     budget = settings.mem_pool_size or _half_of_memory()
-    tier = MemoryTier(budget)
+    tier = MemoryTier(budget, hint=hint_flags(socket=settings.socket))
     _raise_fd_limit()
     listener = _bind(Path(settings.socket), settings.group, bool(settings.allow_uids.strip()))
     try:

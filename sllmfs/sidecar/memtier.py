@@ -122,8 +122,9 @@ class Resident:
 
 
 class MemoryTier:
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, *, hint: str = ""):
         self.budget = budget
+        self.hint = hint  # flags (e.g. --socket) that make a command we suggest reach this sidecar
         self.entries: dict[tuple[str, str], Resident] = {}
         self.retired: list[Resident] = []
         self.evictions = 0
@@ -213,7 +214,8 @@ class MemoryTier:
         found = [r for (m, v), r in self.entries.items() if m == model and variant in (None, v)]
         for r in found:
             if r.pinned:
-                raise BadInput(f"model {model!r} [{r.variant}] is pinned; run `sllmfs unpin --model {model}` first")
+                raise BadInput(f"model {model!r} [{r.variant}] is pinned; run "
+                               f"`sllmfs unpin --model {model}{self.hint}` first")
             if r.leases:
                 raise BadInput(f"model {model!r} [{r.variant}] is leased by {r.leases} client(s); it stays")
         for r in found:

@@ -36,6 +36,7 @@ from sllmfs.store import Store
 log = logging.getLogger("sllmfs.sidecar")
 
 BODY_TIMEOUT = 60.0  # seconds for a message body to arrive once its length is known
+STORE_WATCH_S = 1.0  # how often resident copies are checked against the store (one stat each)
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -84,6 +85,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._disk_loop)
+            nursery.start_soon(self._watch_store)
             task_status.started()
             while True:
                 try:
@@ -303,6 +305,9 @@ class Server:
         model = _model_arg(msg)
         variant = _variant_arg(msg) if msg.get("variant") is not None else None
         gone = self.tier.evict(model, variant)
+        if not gone and not await trio.to_thread.run_sync(self.store.has, model):
+            raise NotFound(f"model {model!r} is neither in memory nor in the store at {self.store.root}; "
+                           "see `sllmfs ls` for the names")
         return {"ok": True, "evicted": [r.variant for r in gone]}, []
 
     async def op_register(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -477,6 +482,18 @@ class Server:
                 if m == name:
                     self.tier.drop(res, why="removed from disk")
         return removed
+
+    async def _watch_store(self) -> None:
+        """Drop resident copies whose stored variant was replaced or removed (`save --force`, `rm`),
+        so their memory comes back once no lease holds them, without a manual evict."""
+        while True:
+            await trio.sleep(STORE_WATCH_S)
+            for (model, variant), res in list(self.tier.entries.items()):
+                if res.state == "filling":
+                    continue
+                ident = await trio.to_thread.run_sync(self._identity, model, variant)
+                if ident != res.identity and self.tier.entries.get((model, variant)) is res:
+                    self.tier.drop(res, why="store changed")
 
     async def _disk_loop(self) -> None:
         while True:
