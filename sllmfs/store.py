@@ -31,11 +31,26 @@ from typing import Any
 from sllmfs import names
 from sllmfs.config import hint_flags
 from sllmfs.errors import BadInput, Corrupt, NotFound
-from sllmfs.format import Manifest, load_manifest
+from sllmfs.format import MANIFEST, Manifest, load_manifest
 
 STORE_MARKER = "store.json"
 MODEL_JSON = "model.json"
 STORE_VERSION = 1
+
+
+Identity = tuple[int, int]
+"""What a committed variant *is*: (inode, mtime_ns) of its manifest. Every commit writes a new
+manifest file, so a replaced or re-saved variant never has its predecessor's identity; residency,
+mount inodes and open handles are keyed by it, never by the model's name alone."""
+
+
+def variant_identity(variant_dir: Path, *, dir_fd: int | None = None) -> Identity | None:
+    """The identity of the variant committed at ``variant_dir`` now (None: there is none)."""
+    try:
+        st = os.stat(MANIFEST if dir_fd is not None else variant_dir / MANIFEST, dir_fd=dir_fd)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
 
 
 def fsync_tree(root: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from sllmfs.errors import BadInput
 from sllmfs.format import CHUNK_SIZE, HUGE_PAGE, Manifest
+from sllmfs.store import Identity
 
 log = logging.getLogger("sllmfs.sidecar")
 
@@ -28,7 +29,11 @@ PAGE = mmap.PAGESIZE
 HUGE_MIN = 64 << 20
 PENDING, READY, FAILED = 0, 1, 2
 
-_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+_SIZE_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+# Linux >= 5.1: no write(), no new writable shared map and (>= 6.7) no mprotect to writable, for any
+# process and any open of the memfd, root's included; the daemon's own map, made before, stays writable
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x0001)
 
 
 def _round_up(n: int, unit: int) -> int:
@@ -36,7 +41,8 @@ def _round_up(n: int, unit: int) -> int:
 
 
 class Segment:
-    """A sealed-size memfd and the daemon's read-write mapping of it."""
+    """A memfd that only the daemon's own mapping can write: sealed against writes before any
+    client sees it (clients share the bytes; one must never change what the others read)."""
 
     def __init__(self, name: str, size: int, *, huge: bool = True):
         self.size = size
@@ -61,10 +67,17 @@ class Segment:
             if flag:  # no huge pages reserved: caller falls back to normal pages
                 return
             raise
-        try:  # clients can never shrink a segment under us (SIGBUS)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-        except (OSError, AttributeError):
-            pass
+        try:
+            os.fchmod(fd, 0o400)  # no other uid may reopen it (/proc/<pid>/fd) at all
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)  # never shrunk under a reader (SIGBUS)
+        except OSError:
+            mm.close()
+            os.close(fd)
+            raise
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
+        except OSError as e:  # a kernel before 5.1: other uids are still kept out by the mode
+            log.warning("cannot seal memory segments against writes (%s); Linux >= 5.1 can", e.strerror)
         self.fd, self.mm, self.length, self.huge = fd, mm, length, bool(flag)
 
     def readonly_fd(self) -> int:
@@ -84,7 +97,7 @@ class Resident:
     model: str
     variant: str
     manifest: Manifest
-    identity: tuple[int, int]  # (inode, mtime_ns) of the manifest it was filled from
+    identity: Identity  # of the committed variant it was filled from (store.variant_identity)
     segments: list[Segment]
     ready: Segment
     chunk_base: list[int]  # index of each partition's first readiness byte
@@ -139,14 +152,15 @@ class MemoryTier:
             res.last_used = time.monotonic()
         return res
 
-    def view(self, model: str, variant: str) -> list[memoryview] | None:
-        """One memoryview per partition when fully resident and verified, else None (FUSE reads)."""
+    def view(self, model: str, variant: str, identity: Identity) -> list[memoryview] | None:
+        """One memoryview per partition when this very version (``identity``) is fully resident and
+        verified, else None (FUSE reads: a replaced model's old copy is never served for the new one)."""
         res = self.get(model, variant)
-        if res is None or res.state != "ready":
+        if res is None or res.state != "ready" or res.identity != identity:
             return None
         return [memoryview(s.mm)[: s.size] for s in res.segments]
 
-    def reserve(self, model: str, variant: str, manifest: Manifest, identity: tuple[int, int]) -> Resident:
+    def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
         need = sum(_round_up(max(p.size, 1), PAGE) for p in manifest.partitions)
         nchunks = [max(1, -(-p.size // CHUNK_SIZE)) for p in manifest.partitions]

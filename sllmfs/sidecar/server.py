@@ -26,12 +26,12 @@ import trio
 from sllmfs import names
 from sllmfs.config import Settings
 from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
-from sllmfs.format import CHUNK_SIZE, MANIFEST, load_manifest
+from sllmfs.format import CHUNK_SIZE, load_manifest
 from sllmfs.sidecar import disktier, wire
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import FAILED, PENDING, MemoryTier, Resident
-from sllmfs.store import Store
+from sllmfs.store import Identity, Store, variant_identity
 
 log = logging.getLogger("sllmfs.sidecar")
 
@@ -379,12 +379,8 @@ class Server:
 
     # -- tiers ---------------------------------------------------------------
 
-    def _identity(self, model: str, variant: str) -> tuple[int, int] | None:
-        try:
-            st = (self.store.model_path(model) / "variants" / variant / MANIFEST).stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns)
+    def _identity(self, model: str, variant: str) -> Identity | None:
+        return variant_identity(self.store.model_path(model) / "variants" / variant)
 
     async def _resident(self, model: str, variant: str) -> Resident:
         """The resident copy of a variant: a hit, or a new fill started from the store (a miss)."""
