@@ -30,6 +30,9 @@ DEPS=(
   "openai==3.54.0" "httpx==0.28.1" "httpcore==1.0.9" "jiter==0.19.0" "partial_json_parser==0.2.1.1.post7"
   "xgrammar==0.2.8" "apache-tvm-ffi==0.1.15.post2" "sentencepiece==0.2.3" "einops==0.8.2"
   "compressed-tensors==0.20.0" "loguru==0.7.3" "gguf==0.19.0"
+  # imported at module level by sglang.srt.utils and found missing in a fresh venv
+  "orjson==3.13.0" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1"
+  "ipython==9.18.1" "traitlets==5.16.1"
 )
 PROBE='import sllmfs.sglang.testing as t; t.import_sglang(); import sglang; assert sglang.__version__ == "'$SGLANG_VERSION'", sglang.__version__'
 

@@ -55,6 +55,9 @@ def model_name_from_dirname(dirname: str) -> str:
     return unquote(dirname)
 
 
+ADAPTER_PREFIX = "lora."
+
+
 def adapter_variant(adapter_name: str) -> str:
     """LoRA adapters live beside their base model as variants ``lora.<name>``."""
-    return check_variant("lora." + adapter_name.lower())
+    return check_variant(ADAPTER_PREFIX + adapter_name.lower())

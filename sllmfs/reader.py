@@ -12,9 +12,7 @@ import xxhash
 
 from sllmfs import dtypes
 from sllmfs.errors import Corrupt
-from sllmfs.format import Manifest, load_manifest
-
-BLOCK = 8 << 20
+from sllmfs.format import CHUNK_SIZE, Manifest, load_manifest
 
 
 class VariantReader:
@@ -67,32 +65,76 @@ class VariantReader:
 
 @dataclass
 class BadTensor:
-    name: str
+    name: str  # the tensor, or for a window the first tensor in it ("" where it holds none)
     expected: str
     actual: str
+    window: str = ""  # "data_0.bin window 3" when a checksum window failed
+
+    def describe(self) -> str:
+        what = f"tensor {self.name!r}" if self.name else "padding between tensors"
+        where = f"{self.window} ({what})" if self.window else what
+        return f"{where} is corrupt (checksum {self.actual}, expected {self.expected})"
 
 
 def verify_variant(reader: VariantReader, progress: Callable[[int], None] | None = None) -> BadTensor | None:
-    """Re-read every stored tensor and check its checksum; return the first bad one."""
+    """Re-read every stored byte once and check exactly what the sidecar's fill checks (every
+    partition's 4 MiB windows, padding included) plus every tensor's own checksum; return the
+    first failure."""
     progress = progress or (lambda n: None)
-    buf = bytearray(BLOCK)
+    buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
-    for name, t in _in_disk_order(reader.manifest):
-        h = xxhash.xxh3_64()
-        fd = reader._fd(t.partition)
-        pos, left = t.offset, t.nbytes
-        while left:
-            n = os.preadv(fd, [view[: min(left, BLOCK)]], pos)
-            if n <= 0:
-                return BadTensor(name, t.checksum, "file truncated")
-            h.update(view[:n])
+    m = reader.manifest
+    by_part: dict[int, list[tuple[str, Any]]] = {}
+    for name, t in _in_disk_order(m):
+        by_part.setdefault(t.partition, []).append((name, t))
+    for index, p in enumerate(m.partitions):
+        fd = reader._fd(index)
+        tensors = by_part.get(index, [])
+        hashers = [xxhash.xxh3_64() for _ in tensors]
+        first = 0  # tensors before this one end before the current window
+        for k, start in enumerate(range(0, p.size, CHUNK_SIZE)):
+            n = min(CHUNK_SIZE, p.size - start)
+            got = _read_full(fd, view[:n], start)
+            actual = f"{xxhash.xxh3_64_intdigest(view[:got]):016x}" if got == n else "file truncated"
+            expected = p.chunks[k] if k < len(p.chunks) else "none"
+            if actual != expected:
+                inside = [(nm, t) for nm, t in tensors if t.offset < start + n and t.offset + t.nbytes > start]
+                return BadTensor(_culprit(reader, inside), expected, actual, window=f"{p.file} window {k}")
+            while first < len(tensors) and tensors[first][1].offset + tensors[first][1].nbytes <= start:
+                first += 1
+            for i in range(first, len(tensors)):
+                t = tensors[i][1]
+                if t.offset >= start + n:
+                    break
+                lo, hi = max(t.offset, start), min(t.offset + t.nbytes, start + n)
+                hashers[i].update(view[lo - start:hi - start])
             progress(n)
-            pos += n
-            left -= n
-        actual = f"{h.intdigest():016x}"
-        if actual != t.checksum:
-            return BadTensor(name, t.checksum, actual)
+        for (name, t), h in zip(tensors, hashers, strict=True):
+            if f"{h.intdigest():016x}" != t.checksum:
+                return BadTensor(name, t.checksum, f"{h.intdigest():016x}")
     return None
+
+
+def _culprit(reader: VariantReader, inside: list[tuple[str, Any]]) -> str:
+    """The first tensor of a failed window whose own checksum fails ("" : only padding changed)."""
+    for name, t in inside:
+        try:
+            data = reader.read_range(t.partition, t.offset, t.nbytes)
+        except Corrupt:
+            return name
+        if f"{xxhash.xxh3_64_intdigest(data):016x}" != t.checksum:
+            return name
+    return ""
+
+
+def _read_full(fd: int, dst: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(dst):
+        n = os.preadv(fd, [dst[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def _in_disk_order(m: Manifest) -> Iterator[tuple[str, Any]]:

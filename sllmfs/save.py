@@ -22,43 +22,67 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
                on_scan: Callable[[Checkpoint], None] | None = None,
                partition_target: int = PARTITION_TARGET) -> Manifest:
-    """Store ``source`` as model ``name`` with its ``hf`` variant."""
+    """Store ``source`` as model ``name`` with its ``hf`` variant.
+
+    Replacing a model (``force``) keeps its LoRA adapters (they are the user's, saved on their
+    own) and drops its framework variants (post-processed from the old weights: stale)."""
     names.check_model_name(name)
-    if store.has(name) and not force:
-        raise BadInput(f"model {name!r} is already in the store; pass --force to replace it")
-    ckpt = scan(source)
-    if on_scan:
-        on_scan(ckpt)
-    with store.staging() as work, _disk_errors(store):
-        model_dir = work / "model"
-        (model_dir / "files").mkdir(parents=True)
-        for rel in ckpt.files:
-            shutil.copyfile(source / rel, model_dir / "files" / rel)
-        manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
-                                 partition_target)
-        write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
-        store.commit_model(model_dir, name, force=force)
+    with store.writing(name):
+        if store.has(name) and not force:
+            raise BadInput(f"model {name!r} is already in the store; pass --force to replace it")
+        ckpt = scan(source)
+        if on_scan:
+            on_scan(ckpt)
+        with store.staging() as work, _disk_errors(store):
+            model_dir = work / "model"
+            (model_dir / "files").mkdir(parents=True)
+            for rel in ckpt.files:
+                shutil.copyfile(source / rel, model_dir / "files" / rel)
+            manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
+                                     partition_target)
+            write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
+            if store.has(name):
+                _keep_adapters(store, name, model_dir / "variants")
+            store.commit_model(model_dir, name, force=force)
     return manifest
+
+
+def _keep_adapters(store: Store, name: str, variants_dir: Path) -> None:
+    """Hard-link the stored model's adapters into its replacement (same filesystem: no copy)."""
+    old = store.get(name)
+    for key in old.variants:
+        if not key.startswith(names.ADAPTER_PREFIX):
+            continue
+        src = old.variant_dir(key)
+        shutil.copytree(src, variants_dir / key, copy_function=_link_or_copy)
 
 
 def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, force: bool = False,
                  progress: Callable[[int], None] | None = None) -> Manifest:
     """Store a LoRA adapter beside its base model as variant ``lora.<name>``."""
     key = names.adapter_variant(adapter_name)
-    info = store.get(base)
-    if key in info.variants and not force:
-        raise BadInput(f"model {base!r} already has adapter {adapter_name!r}; pass --force to replace it")
     if not (source / "adapter_config.json").is_file():
         raise BadInput(f"--adapter-path {source} has no adapter_config.json; point it at a PEFT adapter folder")
-    ckpt = scan(source)
-    with store.staging() as work, _disk_errors(store):
-        vdir = work / key
-        manifest = write_variant(ckpt, vdir, key, progress)
-        (vdir / "files").mkdir()
-        for rel in ckpt.files:
-            shutil.copyfile(source / rel, vdir / "files" / rel)
-        store.commit_variant(vdir, base, key, force=force)
+    with store.writing(base):
+        info = store.get(base)
+        if key in info.variants and not force:
+            raise BadInput(f"model {base!r} already has adapter {adapter_name!r}; pass --force to replace it")
+        ckpt = scan(source)
+        with store.staging() as work, _disk_errors(store):
+            vdir = work / key
+            manifest = write_variant(ckpt, vdir, key, progress)
+            (vdir / "files").mkdir()
+            for rel in ckpt.files:
+                shutil.copyfile(source / rel, vdir / "files" / rel)
+            store.commit_variant(vdir, base, key, force=force)
     return manifest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,

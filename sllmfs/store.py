@@ -7,15 +7,22 @@ Layout (docs/format.md)::
     <root>/models/<quoted name>/files/...     config, tokenizer, ... copied verbatim
     <root>/models/<quoted name>/variants/<key>/manifest.json + data_N.bin
     <root>/tmp/<id>/                         work in progress, locked by its writer
+    <root>/locks/<quoted name>.lock           held by the one command writing that model
+    <root>/locks/tmp.gate                     shared by writers creating work dirs, exclusive for cleanup
+    <root>/used/<quoted name>                 its mtime: the model's last use (the SSD tier's LRU)
 
-Every change is built under ``tmp/`` and renamed into place, so a reader never
-sees half a model. A ``tmp/`` entry whose writer died (its lock is free) is a
-leftover and is removed when any sllmfs command opens the store.
+Every change is built under ``tmp/`` and swapped into place in one step
+(``renameat2(RENAME_EXCHANGE)``), so a reader never sees half a model and a crash
+at any instant leaves the old or the new one, complete. A ``tmp/`` entry whose
+writer died (its lock is free) is a leftover, removed by the next command that
+writes to the store. Read-only commands change nothing.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -108,12 +115,15 @@ class Store:
         self.root = Path(root).expanduser().absolute()
         self.models_dir = self.root / "models"
         self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+        self.used_dir = self.root / "used"
         marker = self.root / STORE_MARKER
         if create:
             _refuse_foreign_dir(self.root)
             try:
                 self.models_dir.mkdir(parents=True, exist_ok=True)
                 self.tmp_dir.mkdir(exist_ok=True)
+                self.locks_dir.mkdir(exist_ok=True)
                 if not marker.exists():
                     marker.write_text(json.dumps({"format": "sllmfs-store", "version": STORE_VERSION}))
             except OSError as e:
@@ -163,17 +173,27 @@ class Store:
         )
 
     def touch(self, name: str) -> None:
-        """Record a use of ``name`` (model.json's mtime), for the sidecar's SSD-tier LRU."""
+        """Record a use of ``name``, for the sidecar's SSD-tier LRU. Outside the model's folder:
+        what the mount shows (and its inodes) must not change because a client loaded it."""
+        mark = self.used_dir / names.model_dirname(name)
         try:
-            os.utime(self.model_path(name) / MODEL_JSON)
+            os.utime(mark)
+        except FileNotFoundError:
+            try:
+                self.used_dir.mkdir(exist_ok=True)
+                mark.touch()
+            except OSError:
+                pass
         except OSError:
-            pass  # removed meanwhile, or a read-only store: LRU order is only advice
+            pass  # a read-only store: LRU order is only advice
 
     def last_used(self, name: str) -> float:
-        try:
-            return (self.model_path(name) / MODEL_JSON).stat().st_mtime
-        except OSError:
-            return 0.0
+        for path in (self.used_dir / names.model_dirname(name), self.model_path(name) / MODEL_JSON):
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                continue
+        return 0.0
 
     def list(self) -> list[ModelInfo]:
         out = []
@@ -185,13 +205,44 @@ class Store:
     # -- writing -------------------------------------------------------------
 
     @contextmanager
+    def writing(self, name: str, *, wait: bool = False) -> Iterator[None]:
+        """Hold the right to change model ``name`` (save, replace, remove, add a variant).
+
+        ``wait=False``: a second writer gets one clear line at once (concurrent saves of one name:
+        one wins). ``wait=True``: queue behind it (framework ranks writing back their variants)."""
+        self.locks_dir.mkdir(exist_ok=True)
+        fd = os.open(self.locks_dir / (names.model_dirname(name) + ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
+                     0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise BadInput(f"model {name!r} is being written by another command (save, rm or a "
+                               "write-back) right now; wait for it to finish and run this again") from None
+            yield
+        finally:
+            os.close(fd)  # the lock file stays: unlinking it would let two writers hold two locks
+
+    @contextmanager
+    def _gate(self, mode: int) -> Iterator[None]:
+        """Writers creating a work dir hold it shared, a cleanup exclusive: a cleanup never sees a
+        work dir (or its lock file) in the instant before its writer locked it."""
+        self.locks_dir.mkdir(exist_ok=True)
+        fd = os.open(self.locks_dir / "tmp.gate", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private directory under tmp/, locked while we live, removed unless renamed away."""
         work = self.tmp_dir / uuid.uuid4().hex
-        # lock before the directory exists, so a concurrent cleanup never takes it for a leftover
-        lock = os.open(work.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        work.mkdir()
+        with self._gate(fcntl.LOCK_SH):
+            lock = os.open(work.with_suffix(".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            work.mkdir()
         try:
             yield work
         finally:
@@ -200,37 +251,45 @@ class Store:
             os.close(lock)
 
     def commit_model(self, staged: Path, name: str, *, force: bool) -> None:
-        """Publish a fully written model directory under its name, atomically."""
+        """Publish a fully written model directory under its name, atomically (hold ``writing``)."""
         self._publish(staged, self.model_path(name), force=force,
                       exists=f"model {name!r} is already in the store")
 
     def commit_variant(self, staged: Path, name: str, key: str, *, force: bool) -> None:
-        """Publish one variant directory into an existing model, atomically."""
+        """Publish one variant directory into an existing model, atomically (hold ``writing``)."""
         dest = self.get(name).variant_dir(key)
         dest.parent.mkdir(exist_ok=True)
         self._publish(staged, dest, force=force, exists=f"model {name!r} already has variant {key!r}")
 
     def _publish(self, staged: Path, dest: Path, *, force: bool, exists: str) -> None:
-        """fsync, then rename into place; a replaced directory goes to tmp/ first and is deleted after."""
+        """fsync, then put ``staged`` in place in one step: a new name is a rename, a replacement an
+        exchange (the old copy lands where ``staged`` was, inside the writer's locked work dir, and
+        goes with it). A crash at any instant leaves the old or the new directory, complete."""
         fsync_tree(staged)
-        old = None
         if dest.exists():
             if not force:
                 raise BadInput(f"{exists}; pass --force to replace it")
-            old = self.tmp_dir / (uuid.uuid4().hex + ".old")
-            os.rename(dest, old)
-        os.rename(staged, dest)
+            exchange(staged, dest)
+        else:
+            try:
+                os.rename(staged, dest)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise BadInput(f"{exists} (saved meanwhile by another command); pass --force to replace it") from None
         fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def remove(self, name: str) -> None:
         path = self.model_path(name)
         if not (path / MODEL_JSON).is_file():
             raise NotFound(f"model {name!r} is not in the store at {self.root}")
-        trash = self.tmp_dir / (uuid.uuid4().hex + ".old")
-        os.rename(path, trash)  # gone from listings at once; bytes freed after
-        shutil.rmtree(trash, ignore_errors=True)
+        with self.writing(name), self.staging() as work:
+            os.rename(path, work / "old")  # gone from listings at once; bytes freed after (or by cleanup)
+            fsync_dir(path.parent)
+        try:
+            (self.used_dir / names.model_dirname(name)).unlink()
+        except OSError:
+            pass
 
     def remove_variant(self, name: str, key: str) -> None:
         """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""
@@ -240,12 +299,15 @@ class Store:
                            f"`sllmfs rm --model {name}{self.hint}`")
         if key not in info.variants:
             raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
-        trash = self.tmp_dir / (uuid.uuid4().hex + ".old")
-        os.rename(info.variant_dir(key), trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        with self.writing(name), self.staging() as work:
+            os.rename(info.variant_dir(key), work / "old")
 
     def remove_leftovers(self) -> builtins.list[str]:
         """Delete tmp/ entries whose writer is gone (its lock is free)."""
+        with self._gate(fcntl.LOCK_EX):
+            return self._remove_leftovers()
+
+    def _remove_leftovers(self) -> builtins.list[str]:
         removed = []
         for entry in self.tmp_dir.iterdir():
             if entry.suffix == ".lock":
@@ -277,6 +339,23 @@ class Store:
                 except (BlockingIOError, FileNotFoundError):
                     pass
         return removed
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two directory entries in one step (renameat2 RENAME_EXCHANGE, Linux >= 3.15)."""
+    rc = _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise BadInput(f"the filesystem under {b.parent} cannot swap directories atomically "
+                           f"(renameat2 RENAME_EXCHANGE: {os.strerror(err)}); put the store on ext4, xfs, "
+                           "btrfs or tmpfs") from None
+        raise OSError(err, os.strerror(err), str(b))
 
 
 def _refuse_foreign_dir(root: Path) -> None:

@@ -126,7 +126,7 @@ def test_verify_names_the_first_corrupt_tensor(llama_dir: Path, store_path: Path
         f.seek(victim[1].offset + 5)
         f.write(bytes([byte[0] ^ 0x40]))
     err = one_line_error(sllmfs("verify", "--model", "flip", store=store_path, check=False))
-    assert f"tensor {victim[0]!r} is corrupt" in err
+    assert f"(tensor {victim[0]!r}) is corrupt" in err
 
 
 def _corrupt_header(tmp_path: Path) -> Path:
@@ -206,6 +206,7 @@ def test_killed_save_leaves_no_model_and_next_save_cleans_up(tmp_path: Path, sto
     save_file({f"w{i}": torch.randn(1 << 20) for i in range(48)}, src / "model.safetensors")
     (src / "config.json").write_text("{}")
     env = {**os.environ, "SLLMFS_STORAGE_PATH": str(store_path)}
+    Store(store_path)  # `ls` of a store that was never created is an error, not an empty list
     for delay in (0.3, 0.8, 1.5):
         proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "save", "--model", "big", "--force",
                                  "--local-model-path", str(src)], env=env,

@@ -174,10 +174,7 @@ def verify(
             with byte_bar(f"verify {model} [{key}]", m.total_bytes) as advance:
                 bad = verify_variant(reader, advance)
             if bad:
-                raise Corrupt(
-                    f"model {model!r} variant {key!r}: tensor {bad.name!r} is corrupt "
-                    f"(checksum {bad.actual}, expected {bad.expected}); "
-                    f"run `{_resave_command(info, storage_path)}` to store it again"
-                )
+                raise Corrupt(f"model {model!r} variant {key!r}: {bad.describe()}; "
+                              f"run `{_resave_command(info, storage_path)}` to store it again")
         out.print(f"ok {model} [{key}]: {len(m.tensors)} tensors, {human(m.total_bytes)} "
                       f"in {time.perf_counter() - t0:.2f} s")

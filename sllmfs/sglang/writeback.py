@@ -74,7 +74,8 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
             writer.abort()
             raise
         try:
-            store.commit_variant(vdir, model, key, force=replace)
+            with store.writing(model, wait=True):  # ranks queue; a save or rm of the model goes first
+                store.commit_variant(vdir, model, key, force=replace)
         except BadInput:
             if replace:
                 raise

@@ -1,6 +1,6 @@
 """The SSD tier's budget: remove least recently used models past --disk-size.
 
-"Used" is model.json's mtime, which the sidecar touches on each acquire. Models
+"Used" is `Store.last_used` (used/<name>, touched by the sidecar on each acquire). Models
 that are leased or pinned (any variant) are never removed.
 """
 
