@@ -84,7 +84,7 @@ def serve_main(store_root: str, mnt: str, name: str, resident: bool) -> None:
                 f.readinto(m)  # type: ignore[attr-defined]
             segments.append(memoryview(m))
 
-    def resident_view(model: str, variant: str) -> list[memoryview] | None:
+    def resident_view(model: str, variant: str, identity: object) -> list[memoryview] | None:
         return segments if (model, variant) == (name, "hf") else None
 
     async def main() -> None:

@@ -34,7 +34,10 @@ from limits import disk_read_bw, drop_caches, pinned_peak, sh  # noqa: E402
 # label -> (who copies, engine mode, allocation: "slab" (one block), "tensor" (one each), "reserved"
 # (one each, after sllmfs.gpu_ipc.reserve_segment, as sllmfs's own loaders allocate))
 PATHS = {"sidecar": ("sidecar", "auto", "tensor"), "sidecar-slab": ("sidecar", "auto", "slab"),
-         "sidecar-reserved": ("sidecar", "auto", "reserved"), "client": ("client", "auto", "tensor")}
+         "sidecar-reserved": ("sidecar", "auto", "reserved"), "client": ("client", "auto", "tensor"),
+         # PyTorch's VMM allocator (no legacy IPC handles): load_into's path and load_dict
+         "vmm": ("auto", "auto", "tensor"), "vmm-dict": ("auto", "auto", "load_dict")}
+VMM_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 def client_run(socket: str, label: str, store: str) -> dict[str, object]:
@@ -45,7 +48,10 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     from sllmfs.transfer import copy_into
 
     who, mode, alloc = PATHS[label]
-    os.environ["SLLMFS_GPU_COPY"] = who
+    if who != "auto":
+        os.environ["SLLMFS_GPU_COPY"] = who
+    if alloc == "load_dict":
+        return _load_dict_run(socket)
     from sllmfs.store import Store
 
     m = Store(store, cleanup=False).get(MODEL).manifest("hf")  # shapes, without starting a fill
@@ -76,6 +82,25 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     nbytes = sum(t.numel() * 2 for t in dst.values())
     return {"seconds": t1 - t0, "bytes": nbytes, "gbps": nbytes / (t1 - t0) / 1e9, "mismatches": len(bad),
             "first_bad": bad[:3], "engine": stats.engine}
+
+
+def _load_dict_run(socket: str) -> dict[str, object]:
+    import torch
+
+    from sllmfs.client import connect
+    from sllmfs.torch import load_dict
+
+    torch.cuda.init()
+    t0 = time.perf_counter()
+    out = load_dict(MODEL, device_map={"": 0}, socket=socket, timeout=600)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    with connect(socket) as c, c.acquire(MODEL, "hf") as lease:
+        views = lease.tensors()
+        bad = [n for n, v in views.items() if not torch.equal(out[n], v.to("cuda", non_blocking=False))]
+    nbytes = sum(t.numel() * t.element_size() for t in out.values())
+    return {"seconds": t1 - t0, "bytes": nbytes, "gbps": nbytes / (t1 - t0) / 1e9, "mismatches": len(bad),
+            "first_bad": bad[:3], "engine": {}, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
 
 
 def main() -> None:
@@ -126,7 +151,8 @@ def main() -> None:
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
             result["dropped_caches"] = drop_caches()
             for label in ["cold"] + ["warm"] * args.warm_reps:
-                out = sh(sys.executable, __file__, "--client", sock, path, str(store))
+                out = sh(sys.executable, __file__, "--client", sock, path, str(store),
+                         env=VMM_ENV if path.startswith("vmm") else None)
                 run = json.loads(out.split("RESULT ", 1)[1])
                 if label == "warm":  # several fresh processes: report the median, keep each
                     prev = runs.get(f"warm.{path}", {"each": []})

@@ -23,6 +23,15 @@ def sh(*args: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def measured(what: str, gbps: float) -> float:
+    """A limit or a rate that failed to measure ends the run with one line: never a 0.00 GB/s limit."""
+    import math
+
+    if not math.isfinite(gbps) or gbps <= 0:
+        raise SystemExit(f"bench: could not measure {what} (got {gbps!r}); not reporting ratios against it")
+    return gbps
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -50,12 +59,15 @@ def pinned_peak(gib: int = 4, reps: int = 5) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return n / sorted(times)[len(times) // 2] / 1e9
+    return measured("the pinned H2D peak", n / sorted(times)[len(times) // 2] / 1e9)
 
 
 def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) -> float:
     """Parallel pread of the whole store data, page cache dropped first."""
-    drop_caches()
+    if not files:
+        raise SystemExit("bench: no stored partition files to measure the disk with")
+    if not drop_caches():
+        raise SystemExit("bench: cannot drop the page cache (need root): the disk limit cannot be measured")
     jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
     lock = threading.Lock()
     total = [0]
@@ -75,7 +87,8 @@ def disk_read_bw(files: list[Path], threads: int = 16, block: int = 64 << 20) ->
         for fd in fds.values():
             os.close(fd)
 
-    return total[0] / timed_threads(worker, threads) / 1e9
+    seconds = timed_threads(worker, threads)  # first: `total[0] / timed_threads(...)` read 0 before the run
+    return measured("the disk's read bandwidth", total[0] / seconds / 1e9)
 
 
 def timed_threads(worker: Callable[[], None], threads: int) -> float:

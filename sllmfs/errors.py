@@ -21,6 +21,11 @@ class FormatVersionError(SllmfsError):
     """A manifest written by a newer (or unknown) sllmfs."""
 
 
+class SidecarCannotCopy(SllmfsError):
+    """The sidecar cannot copy into this client's GPU memory (no GPU or CUDA on its side):
+    the client copies from the mapped segments itself."""
+
+
 def user_error(exc: BaseException) -> SllmfsError | None:
     """The SllmfsError inside ``exc``, looking through exception groups (trio >= 0.25 wraps every
     error leaving a nursery in one), so a bad start still reaches the user as one line."""

@@ -121,11 +121,13 @@ class Store:
         if create:
             _refuse_foreign_dir(self.root)
             try:
-                self.models_dir.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir(parents=True, exist_ok=True)
+                # the marker first: a store being created by another command is never "a foreign dir"
+                if not marker.exists():
+                    _write_marker(marker)
+                self.models_dir.mkdir(exist_ok=True)
                 self.tmp_dir.mkdir(exist_ok=True)
                 self.locks_dir.mkdir(exist_ok=True)
-                if not marker.exists():
-                    marker.write_text(json.dumps({"format": "sllmfs-store", "version": STORE_VERSION}))
             except OSError as e:
                 raise BadInput(
                     f"cannot use storage path {self.root}: {e.strerror}; "
@@ -358,6 +360,13 @@ def exchange(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(b))
 
 
+def _write_marker(marker: Path) -> None:
+    """Create store.json whole, in one rename: a reader never sees it empty or half written."""
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"format": "sllmfs-store", "version": STORE_VERSION}))
+    os.replace(tmp, marker)
+
+
 def _refuse_foreign_dir(root: Path) -> None:
     """A store goes into a new or empty directory, or one that already is a store: pointing
     --storage-path at a checkpoint or a home folder must not scatter models/ and tmp/ into it."""
@@ -367,6 +376,7 @@ def _refuse_foreign_dir(root: Path) -> None:
         return
     except OSError as e:
         raise BadInput(f"cannot use storage path {root}: {e.strerror}; pick another with --storage-path") from None
+    entries = {e for e in entries if not e.startswith(f".{STORE_MARKER}.")}  # a marker being written
     if entries and STORE_MARKER not in entries:
         raise BadInput(f"storage path {root} is not empty and not an sllmfs store (no {STORE_MARKER}); "
                        "pass a new or empty directory with --storage-path")

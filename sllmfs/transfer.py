@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sllmfs import dtypes
-from sllmfs.copy_engine import CopyEngine, Segment, address_of
-from sllmfs.errors import BadInput, SllmfsError
+from sllmfs.copy_engine import CopyEngine, CudaUnavailable, Segment, address_of
+from sllmfs.errors import BadInput, SidecarCannotCopy
 from sllmfs.format import ALIGNMENT, HUGE_PAGE
 from sllmfs.gpu_ipc import export_targets  # imported up front: a first import inside a timed load costs ms
 
@@ -67,7 +67,13 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
     by_ptr = {t.data_ptr(): t for t in targets.values() if t.numel()}
     wanted = {f"{r[2]:x}": by_ptr[r[2]] for r in rows}  # one entry per destination, ties copied once
     t0 = time.perf_counter()
-    blocks, places = export_targets(wanted)
+    try:
+        blocks, places = export_targets(wanted)
+    except CudaUnavailable as e:  # e.g. VMM allocations (expandable_segments) have no legacy IPC handle
+        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar":
+            raise
+        _log.info("sllmfs: the sidecar cannot reach these tensors (%s); copying in this process", e)
+        return None
     t1 = time.perf_counter()
     pieces = []
     for part, offset, ptr, nbytes in rows:
@@ -75,8 +81,8 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
         pieces.append([part, offset, block, at, nbytes])
     try:
         reply = lease.copy_to_gpu(blocks, pieces, timeout)
-    except SllmfsError as e:
-        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar" or "cannot copy to GPUs" not in str(e):
+    except SidecarCannotCopy as e:
+        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar":
             raise
         _log.info("sllmfs: %s", e)
         return None

@@ -284,7 +284,7 @@ manifest = info.manifest("hf")
 segments = [memoryview(bytearray((info.variant_dir("hf") / p.file).read_bytes())) for p in manifest.partitions]
 asked = []
 
-def resident_view(model, variant):
+def resident_view(model, variant, identity):
     asked.append((model, variant))
     return segments if (model, variant) == (sys.argv[3], "hf") else None
 

@@ -10,7 +10,7 @@ import pytest
 from test_copy_engine_ipc import FAKE_IPC_CUDART
 from test_sidecar import make_model, sidecar, wait_log
 
-from sllmfs.errors import BadInput
+from sllmfs.errors import BadInput, SidecarCannotCopy
 
 
 def test_load_ipc_without_cuda_is_a_clear_refusal(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_load_ipc_without_cuda_is_a_clear_refusal(tmp_path: Path) -> None:
             ref = next(iter(lease.entries.values()))
             pieces = [[ref.partition, ref.offset, 0, 0, ref.nbytes]]
             for _ in range(2):  # the second answer comes from the remembered reason
-                with pytest.raises(BadInput, match="cannot copy to GPUs"):
+                with pytest.raises(SidecarCannotCopy, match="cannot copy to GPUs"):
                     lease.copy_to_gpu(blocks, pieces)
             with pytest.raises(BadInput, match="not held on this connection"):
                 c._op("load_ipc", lease=lease.id + 99, blocks=blocks, pieces=pieces)

@@ -1,11 +1,16 @@
 """pyfuse3 operations: answer the kernel from the tree, the memory tier and the store.
 
 Reads of synthesized files resolve to header bytes and partition ranges. A
-variant that is resident in the memory tier is served by slicing its segments
-(no copy on our side); otherwise the ranges are read from the store's data
-files in a worker thread (``storeio``), while the kernel's read-ahead keeps many
-such requests in flight. Contents never change for a given inode, so the kernel
-may keep its page cache across opens (``keep_cache``): re-reads never reach us.
+variant that is resident in the memory tier (this very version: its identity)
+is served by slicing its segments (no copy on our side; the sidecar verified
+them as it filled them); otherwise the ranges are read from the store's data
+files in a worker thread (``storeio``, which checks every window's checksum
+once), while the kernel's read-ahead keeps many such requests in flight.
+Contents never change for a given inode, so the kernel may keep its page cache
+across opens (``keep_cache``): re-reads never reach us.
+
+An open handle reads the version it was opened on to its end, or fails: its
+data files are opened through the variant directory after checking its identity.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from sllmfs.fuse.storeio import PartitionFiles
-from sllmfs.fuse.tree import Node, Tree
+from sllmfs.format import CHUNK_SIZE
+from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles
+from sllmfs.fuse.tree import Node, StoredVariant, Tree
+from sllmfs.store import Identity
 from sllmfs.synth import Piece
 
 log = logging.getLogger(__name__)
 
-ResidentView = Callable[[str, str], "list[memoryview] | None"]
+# (model, variant, identity) -> one view per partition when exactly that version is resident
+ResidentView = Callable[[str, str, Identity], "list[memoryview] | None"]
 
 SOCKET_XATTR = b"user.sllmfs.socket"
 NAMESPACE_TIMEOUT = 0.0  # root, org and model folders: saves and removals show at once
@@ -55,6 +63,7 @@ class Ops(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._next_fh = 1
         self._buffers: list[bytearray] = []  # reply buffers for store reads, reused
+        self._checked: dict[Identity, Checked] = {}  # what store reads verified, per committed version
 
     # -- attributes -------------------------------------------------------------
 
@@ -161,11 +170,16 @@ class Ops(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         h = _Open(node)
         # open now: the bytes stay readable if the model is removed while a reader holds it
-        if node.synth is not None:
-            try:
-                h.parts = PartitionFiles(node.partitions)
+        if node.stored is not None:
+            st = node.stored
+            checked = self._checked.get(st.identity)
+            if checked is None:
+                checked = self._checked[st.identity] = Checked(st.manifest.partitions)
+            try:  # ESTALE when replaced since the lookup: the kernel looks the name up again
+                h.parts = PartitionFiles(st.dir, st.identity, checked)
             except OSError as e:
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            checked.opens += 1
         elif node.path is not None:
             try:
                 h.fds = [os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)]
@@ -183,6 +197,9 @@ class Ops(pyfuse3.Operations):
                 os.close(fd)
             if h.parts is not None:
                 h.parts.close()
+                h.parts.checked.opens -= 1
+                if h.parts.checked.opens == 0:
+                    h.parts.checked.drop_buffers()
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         h = self._open.get(fh)
@@ -197,15 +214,33 @@ class Ops(pyfuse3.Operations):
             if node.synth is None:
                 return await trio.to_thread.run_sync(os.pread, h.fds[0], size, off)
             return await self._read_synth(h, off, size)  # type: ignore[return-value]  # any buffer works
+        except BadWindow as e:
+            if e.first:  # one line per bad window, however many reads hit it
+                log.warning("%s", self._bad_window_line(node, e))
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except (OSError, ValueError, IndexError) as e:  # a short, vanished or evicted source
             log.warning("read of %s at %d failed: %s", node.synth.name if node.synth else node.path, off, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:  # anything else would end pyfuse3's main loop (and the mount)
+            log.exception("read of inode %d at %d failed", node.inode, off)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _bad_window_line(self, node: Node, e: BadWindow) -> str:
+        st = node.stored
+        assert st is not None and node.synth is not None
+        names = _tensors_in(st, e.part, e.window)
+        inside = "no tensor, only padding" if not names else "tensor(s) " + ", ".join(names[:3])
+        if len(names) > 3:
+            inside += f" and {len(names) - 3} more"
+        return (f"model {st.model} [{st.key}] {node.synth.name}: {e.strerror} (holds {inside}); its reads fail "
+                f"with EIO: run `sllmfs verify --model {st.model}{self.tree.store.hint}`, then save it again")
 
     def _resident(self, node: Node) -> list[memoryview] | None:
-        if self.resident_view is None:
+        st = node.stored
+        if self.resident_view is None or st is None:
             return None
-        views = self.resident_view(node.model, node.variant)
-        if views is None or len(views) != len(node.partitions):
+        views = self.resident_view(st.model, st.key, st.identity)
+        if views is None or len(views) != len(st.manifest.partitions):
             return None
         return views
 
@@ -257,3 +292,10 @@ def _pread_all(h: _Open, ranges: list[tuple[int, memoryview, int]]) -> None:
     assert h.parts is not None
     for part, dst, offset in ranges:
         h.parts.read_into(part, dst, offset)
+
+
+def _tensors_in(st: StoredVariant, part: int, window: int) -> list[str]:
+    """Stored tensors with bytes in one window of a partition (for the log line)."""
+    lo, hi = window * CHUNK_SIZE, (window + 1) * CHUNK_SIZE
+    return [name for name, t in st.manifest.tensors.items()
+            if t.partition == part and t.offset < hi and t.offset + t.nbytes > lo]

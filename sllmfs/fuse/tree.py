@@ -10,25 +10,27 @@ Layout::
 Namespace directories (the root, org folders, model folders) are recomputed
 from the store on every lookup, so saves and removals show at once. A model's
 contents are immutable for a given *stamp* (identity of model.json and of the
-variants folder); every file inode is keyed by what backs it, so a replaced
-model gets new inodes and the kernel's page cache never serves stale bytes.
+variants folder); every file inode is keyed by what backs it (a synthesized
+file: its variant's ``Identity``), so a replaced model gets new inodes and the
+kernel's page cache never serves stale bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sllmfs import names
-from sllmfs.errors import SllmfsError
-from sllmfs.format import MANIFEST
-from sllmfs.store import MODEL_JSON, Store
+from sllmfs.errors import Corrupt, SllmfsError
+from sllmfs.format import MANIFEST, Manifest
+from sllmfs.store import MODEL_JSON, Identity, Store, variant_identity
 from sllmfs.synth import SynthFile, layout
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,17 @@ LORA_PREFIX = "lora."
 Stamp = tuple[int, ...]
 
 
+@dataclass(eq=False)
+class StoredVariant:
+    """One committed version of a variant: what its synthesized files show, and nothing newer."""
+
+    model: str
+    key: str  # the variant key: hf, lora.<adapter>
+    dir: Path
+    identity: Identity  # store.variant_identity of the version the manifest was read from
+    manifest: Manifest
+
+
 @dataclass
 class Node:
     inode: int
@@ -52,9 +65,7 @@ class Node:
     data: bytes | None = None  # small generated content (marker, index JSON)
     path: Path | None = None  # a metadata file in the store
     synth: SynthFile | None = None  # a synthesized safetensors file
-    partitions: list[Path] = field(default_factory=list)  # synth: the variant's data files
-    model: str = ""  # synth: whose bytes (for the memory tier)
-    variant: str = ""
+    stored: StoredVariant | None = None  # synth: the version whose bytes it shows
     # directories: fixed children, or a namespace prefix whose children come from the store
     children: dict[str, Node] | None = None
     prefix: tuple[str, ...] | None = None
@@ -227,23 +238,20 @@ class Tree:
             afiles = self._adapter_meta(name, key, vdir, mtime)
             afiles.update(self._variant_files(name, vdir, key, "adapter_model", mtime))
             adapter = key[len(LORA_PREFIX):]
-            adapters[adapter] = self._node(("adir", name, key, _stat_key(os.stat(vdir / MANIFEST))),
+            adapters[adapter] = self._node(("adir", name, key, _identity(vdir)),
                                            is_dir=True, children=afiles, mtime_ns=mtime)
         if adapters:
             out["adapters"] = self._node(("adirs", name, stamp), is_dir=True, children=adapters, mtime_ns=mtime)
         return out
 
     def _variant_files(self, name: str, vdir: Path, variant: str, stem: str, mtime: int) -> dict[str, Node]:
-        from sllmfs.format import load_manifest
-
-        vkey = _stat_key(os.stat(vdir / MANIFEST))
-        manifest = load_manifest(vdir)
-        lay = layout(manifest, stem=stem)
-        parts = [vdir / p.file for p in manifest.partitions]
+        stored = _load_variant(name, variant, vdir)
+        vkey = stored.identity
+        lay = layout(stored.manifest, stem=stem)
         out: dict[str, Node] = {}
         for f in lay.files:
             out[f.name] = self._node(("synth", name, variant, vkey, f.name), is_dir=False, synth=f, size=f.size,
-                                     partitions=parts, model=name, variant=variant, mtime_ns=mtime)
+                                     stored=stored, mtime_ns=mtime)
         if lay.index is not None:
             out[lay.index_name] = self._node(("index", name, variant, vkey), is_dir=False, data=lay.index,
                                              size=len(lay.index), mtime_ns=mtime)
@@ -254,9 +262,35 @@ class Tree:
         fdir = vdir / "files"
         if not fdir.is_dir():
             return out
-        vkey = _stat_key(os.stat(vdir / MANIFEST))
+        vkey = _identity(vdir)
         for p in sorted(fdir.iterdir()):
             if p.is_file() and not p.name.startswith("."):
                 out[p.name] = self._node(("file", name, variant, vkey, p.name), is_dir=False, path=p,
                                          size=p.stat().st_size, mtime_ns=mtime)
         return out
+
+
+def _identity(vdir: Path) -> Identity:
+    ident = variant_identity(vdir)
+    if ident is None:
+        raise FileNotFoundError(errno.ENOENT, "no committed variant", str(vdir / MANIFEST))
+    return ident
+
+
+def _load_variant(model: str, key: str, vdir: Path) -> StoredVariant:
+    """The version committed at ``vdir``: identity and manifest both read through one directory
+    fd (a commit puts a whole new directory in place, so the pair always match)."""
+    dfd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        ident = variant_identity(vdir, dir_fd=dfd)
+        if ident is None:
+            raise FileNotFoundError(errno.ENOENT, "no committed variant", str(vdir / MANIFEST))
+        with open(os.open(MANIFEST, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd), "rb") as f:
+            raw = f.read()
+    finally:
+        os.close(dfd)
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise Corrupt(f"{vdir / MANIFEST} is not valid JSON ({e}); run `sllmfs rm` and save again") from None
+    return StoredVariant(model, key, vdir, ident, Manifest.from_dict(d, str(vdir / MANIFEST)))

@@ -27,7 +27,6 @@ def round_chunk(chunk_size: int) -> int:
 class Fill:
     def __init__(self, res: Resident, variant_dir: Path, chunk_size: int):
         self.res = res
-        self.dir = variant_dir
         self.stop = False
         self.error: str | None = None
         self._lock = threading.Lock()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sllmfs.errors import BadInput
+from sllmfs.errors import BadInput, SidecarCannotCopy
 from sllmfs.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 from sllmfs.sidecar.memtier import Resident
 
@@ -38,12 +38,12 @@ class GpuCopier:
             if bus in self._engines:
                 return self._engines[bus], self._locks[bus]
             if self.unavailable:
-                raise BadInput(self.unavailable)
+                raise SidecarCannotCopy(self.unavailable)
             try:
                 engine = CopyEngine(target="cuda", device=bus, mode="auto")
             except CopyError as e:
                 self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
-                raise BadInput(self.unavailable) from None
+                raise SidecarCannotCopy(self.unavailable) from None
             self._add(bus, engine)
             log.info("gpu copy engine ready device=%s", bus)
             return engine, self._locks[bus]

@@ -402,17 +402,28 @@ class Server:
         if refused and refused[0] == ident:
             raise Corrupt(refused[1])
         variant_dir = self.store.model_path(model) / "variants" / variant
-        manifest = await trio.to_thread.run_sync(load_manifest, variant_dir)
-        if self.tier.get(model, variant) is not None:  # another task filled it while we read
-            return await self._resident(model, variant)
-        self.counters.misses += 1
-        res = self.tier.reserve(model, variant, manifest, ident)
+        try:  # one version throughout: identity, manifest and data files through one directory fd
+            dir_fd = os.open(variant_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return await self._resident(model, variant)  # replaced or removed meanwhile: look again
         try:
-            fill = Fill(res, variant_dir, self.settings.chunk_size)
-        except SllmfsError:
-            res.state = "failed"
-            self.tier.drop(res, why="fill failed")
-            raise
+            pinned = Path(f"/proc/self/fd/{dir_fd}")
+            ident = variant_identity(pinned)
+            if ident is None:
+                return await self._resident(model, variant)
+            manifest = await trio.to_thread.run_sync(load_manifest, pinned)
+            if self.tier.get(model, variant) is not None:  # another task filled it while we read
+                return await self._resident(model, variant)
+            self.counters.misses += 1
+            res = self.tier.reserve(model, variant, manifest, ident)
+            try:
+                fill = Fill(res, pinned, self.settings.chunk_size)
+            except SllmfsError:
+                res.state = "failed"
+                self.tier.drop(res, why="fill failed")
+                raise
+        finally:
+            os.close(dir_fd)
         assert self._nursery is not None
         self._nursery.start_soon(self._fill, fill)
         return res

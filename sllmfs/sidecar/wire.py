@@ -35,6 +35,7 @@ KINDS: dict[str, type[SllmfsError]] = {
     "NotFound": errors.NotFound,
     "Corrupt": errors.Corrupt,
     "FormatVersionError": errors.FormatVersionError,
+    "SidecarCannotCopy": errors.SidecarCannotCopy,
     "ProtocolError": ProtocolError,
 }
 

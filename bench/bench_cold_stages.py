@@ -1,0 +1,231 @@
+"""Where a cold first load loses: each stage of disk -> memory tier -> GPU measured alone, in one run.
+
+    python bench/bench_cold_stages.py --workdir /tmp/sllmfs-bench [--layers 32] [--out bench/results]
+
+Builds (or reuses) the Llama-2-7B-shaped bf16 checkpoint and its stored partitions, then measures,
+over the same stored bytes, each stage the fill and the GPU copy go through (issue 18, deliverable 1):
+
+- disk: O_DIRECT reads of the partition files (page cache dropped) with 1 thread and large blocks
+  (the disk's sequential bandwidth: the goal's limit), and with 4/16/32 threads (queue depth);
+  buffered reads with 4 and 16 threads (what the fill does today);
+- page cache -> memory: buffered reads of files already cached, into anonymous memory;
+- memory tier pages: first touch of fresh 4 KiB shmem and 2 MiB hugetlb memfds (fault-in);
+- checksums: xxh3_64 over the bytes, 1 and 16 threads;
+- pinning: cudaHostRegister of a fresh hugetlb / 4 KiB mapping; pinned H2D peak;
+- the sidecar's whole fill from disk (`load --warm`, page cache dropped) at --num-thread 4 and 16.
+
+Every limit must measure (a stage that cannot fails the run with one line). Prints a table of
+GB/s; writes JSON with the command to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+MODEL = "bench/llama-2-7b-shaped"
+
+from limits import drop_caches, measured, pinned_peak, sh, start_sidecar, stop, timed_threads  # noqa: E402
+
+ALIGN = 4096
+
+
+def _jobs(files: list[Path], block: int) -> list[tuple[Path, int]]:
+    return [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
+
+
+def read_files(files: list[Path], threads: int, block: int, direct: bool) -> float:
+    """GB/s reading every byte of ``files`` with ``threads`` workers of ``block`` bytes each."""
+    jobs = _jobs(files, block)
+    lock = threading.Lock()
+    total = [0]
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, block)  # page-aligned: O_DIRECT needs it
+        fds: dict[Path, int] = {}
+        while True:
+            with lock:
+                if not jobs:
+                    break
+                f, off = jobs.pop(0)
+            fd = fds.get(f)
+            if fd is None:
+                fd = fds[f] = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            n = os.preadv(fd, [buf], off)
+            with lock:
+                total[0] += n
+        for fd in fds.values():
+            os.close(fd)
+        buf.close()
+
+    seconds = timed_threads(worker, threads)
+    want = sum(f.stat().st_size for f in files)
+    if total[0] < want:
+        raise SystemExit(f"read {total[0]} of {want} bytes ({threads} threads, direct={direct})")
+    return total[0] / seconds / 1e9
+
+
+def fault_in(nbytes: int, huge: bool, threads: int) -> float:
+    """GB/s of first-touch page faults on a fresh memfd map (the fill writes into such memory)."""
+    flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0)
+    fd = os.memfd_create("bench", flags)
+    try:
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        os.close(fd)
+        raise SystemExit(f"cannot map {nbytes} bytes of {'hugetlb' if huge else 'shmem'}: {e}") from None
+    step = nbytes // threads
+    view = memoryview(mm)
+    ones = bytes(1 << 20)
+
+    def worker(i: int) -> Callable[[], None]:
+        def run() -> None:
+            for off in range(i * step, (i + 1) * step, len(ones)):
+                view[off:off + len(ones)] = ones
+        return run
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker(i)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    seconds = time.perf_counter() - t0
+    view.release()
+    mm.close()
+    os.close(fd)
+    return step * threads / seconds / 1e9
+
+
+def checksum_rate(nbytes: int, threads: int) -> float:
+    import xxhash
+
+    buf = bytearray(os.urandom(64 << 20))
+    per = nbytes // threads
+
+    def worker() -> None:
+        left = per
+        while left > 0:
+            xxhash.xxh3_64_intdigest(buf)
+            left -= len(buf)
+
+    return per * threads / timed_threads(worker, threads) / 1e9
+
+
+def register_rate(nbytes: int, huge: bool) -> float:
+    """GB/s of cudaHostRegister on a fresh, faulted-in memfd map (what pinning a segment costs)."""
+    import ctypes
+
+    import torch
+
+    torch.cuda.init()
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
+    os.ftruncate(fd, nbytes)
+    mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    for off in range(0, nbytes, 1 << 21):
+        mm[off] = 1
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    cudart = torch.cuda.cudart()
+    t0 = time.perf_counter()
+    rc = cudart.cudaHostRegister(addr, nbytes, 0)
+    seconds = time.perf_counter() - t0
+    if int(rc) != 0:
+        raise SystemExit(f"cudaHostRegister failed: {rc}")
+    cudart.cudaHostUnregister(addr)
+    os.close(fd)
+    return nbytes / seconds / 1e9
+
+
+def sidecar_fill(store: Path, work: Path, threads: int, chunk: str) -> float:
+    sock = work / f"fill-{threads}.sock"
+    proc = start_sidecar(store, sock, work / f"fill-{threads}.log",
+                         ["--mem-pool-size", "48GB", "--num-thread", str(threads), "--chunk-size", chunk,
+                          "--no-gpu-warmup"])
+    try:
+        if not drop_caches():
+            raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
+        t0 = time.perf_counter()
+        sh(sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock))
+        seconds = time.perf_counter() - t0
+    finally:
+        stop(proc)
+    files = sorted(store.rglob("data_*.bin"))
+    return sum(f.stat().st_size for f in files) / seconds / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    from llama_shapes import write_checkpoint
+
+    work = Path(args.workdir)
+    src, store = work / "src", work / "store"
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=args.layers)
+    if not list(store.glob("models/*/variants/hf/manifest.json")):
+        sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
+           "--storage-path", str(store), "--force")
+    files = sorted(store.rglob("data_*.bin"))
+    nbytes = sum(f.stat().st_size for f in files)
+    r: dict[str, float] = {}
+
+    def cold(label: str, fn: Callable[[], float]) -> None:
+        if not drop_caches():
+            raise SystemExit("cannot drop the page cache (need root): cold stages cannot be measured")
+        r[label] = measured(label, fn())
+        print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
+
+    def warm(label: str, fn: Callable[[], float]) -> None:
+        r[label] = measured(label, fn())
+        print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
+
+    cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, True))
+    for t in (4, 16, 32):
+        cold(f"disk O_DIRECT {t} threads 16MiB", lambda t=t: read_files(files, t, 16 << 20, True))
+    for t in (4, 16):
+        cold(f"disk buffered {t} threads 32MiB", lambda t=t: read_files(files, t, 32 << 20, False))
+    read_files(files, 16, 32 << 20, False)  # now cached
+    for t in (1, 4, 16):
+        warm(f"page cache -> memory {t} threads", lambda t=t: read_files(files, t, 32 << 20, False))
+    gib8 = 8 << 30
+    for huge in (False, True):
+        for t in (1, 8):
+            kind = "hugetlb" if huge else "4KiB shmem"
+            warm(f"fault-in {kind} {t} threads", lambda h=huge, t=t: fault_in(gib8, h, t))
+    for t in (1, 16):
+        warm(f"xxh3 {t} threads", lambda t=t: checksum_rate(gib8, t))
+    for huge in (False, True):
+        warm(f"cudaHostRegister {'hugetlb' if huge else '4KiB'}", lambda h=huge: register_rate(4 << 30, h))
+    warm("pinned H2D peak", pinned_peak)
+    for t, chunk in ((4, "32MiB"), (16, "32MiB"), (16, "64MiB")):
+        cold(f"sidecar fill cold {t} threads {chunk}", lambda t=t, c=chunk: sidecar_fill(store, work, t, c))
+    result = {"bench": "cold-stages", "host": platform.node(), "stored_bytes": nbytes, "gbps": r,
+              "command": "python bench/bench_cold_stages.py " + " ".join(sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(result, indent=1))
+    seq = r["disk O_DIRECT 1 thread 64MiB"]
+    print(f"\n{nbytes / 1e9:.2f} GB stored; ratio to the disk's sequential O_DIRECT read ({seq:.2f} GB/s):")
+    for k, v in r.items():
+        print(f"{k:<34}{v:>8.2f}{v / seq:>8.2f}")
+    print(f"-> {dest}")
+
+
+if __name__ == "__main__":
+    main()
