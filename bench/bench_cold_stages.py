@@ -77,7 +77,9 @@ def read_files(files: list[Path], threads: int, block: int, direct: bool) -> flo
 
 
 def fault_in(nbytes: int, huge: bool, threads: int) -> float:
-    """GB/s of first-touch page faults on a fresh memfd map (the fill writes into such memory)."""
+    """GB/s of first-touch page faults on a fresh memfd map, as the fill causes them: ``threads``
+    workers read /dev/zero into their share of the map (preadv drops the GIL; the kernel faults and
+    zeroes each page, then copies zeroes: an upper bound on what a fill's reads can fault in)."""
     flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0)
     fd = os.memfd_create("bench", flags)
     try:
@@ -88,12 +90,12 @@ def fault_in(nbytes: int, huge: bool, threads: int) -> float:
         raise SystemExit(f"cannot map {nbytes} bytes of {'hugetlb' if huge else 'shmem'}: {e}") from None
     step = nbytes // threads
     view = memoryview(mm)
-    ones = bytes(1 << 20)
+    zero = os.open("/dev/zero", os.O_RDONLY)
 
     def worker(i: int) -> Callable[[], None]:
         def run() -> None:
-            for off in range(i * step, (i + 1) * step, len(ones)):
-                view[off:off + len(ones)] = ones
+            for off in range(i * step, (i + 1) * step, 32 << 20):
+                os.preadv(zero, [view[off:min(off + (32 << 20), (i + 1) * step)]], 0)
         return run
 
     t0 = time.perf_counter()
@@ -103,6 +105,7 @@ def fault_in(nbytes: int, huge: bool, threads: int) -> float:
     for t in ts:
         t.join()
     seconds = time.perf_counter() - t0
+    os.close(zero)
     view.release()
     mm.close()
     os.close(fd)
@@ -148,14 +151,17 @@ def register_rate(nbytes: int, huge: bool) -> float:
     return nbytes / seconds / 1e9
 
 
-def sidecar_fill(store: Path, work: Path, threads: int, chunk: str) -> float:
+def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: bool) -> float:
+    """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache."""
     sock = work / f"fill-{threads}.sock"
     proc = start_sidecar(store, sock, work / f"fill-{threads}.log",
                          ["--mem-pool-size", "48GB", "--num-thread", str(threads), "--chunk-size", chunk,
                           "--no-gpu-warmup"])
     try:
-        if not drop_caches():
+        if cold and not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
+        if not cold:
+            read_files(sorted(store.rglob("data_*.bin")), 16, 32 << 20, False)  # all in the page cache
         t0 = time.perf_counter()
         sh(sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock))
         seconds = time.perf_counter() - t0
@@ -204,7 +210,7 @@ def main() -> None:
         warm(f"page cache -> memory {t} threads", lambda t=t: read_files(files, t, 32 << 20, False))
     gib8 = 8 << 30
     for huge in (False, True):
-        for t in (1, 8):
+        for t in (1, 4, 16):
             kind = "hugetlb" if huge else "4KiB shmem"
             warm(f"fault-in {kind} {t} threads", lambda h=huge, t=t: fault_in(gib8, h, t))
     for t in (1, 16):
@@ -212,8 +218,10 @@ def main() -> None:
     for huge in (False, True):
         warm(f"cudaHostRegister {'hugetlb' if huge else '4KiB'}", lambda h=huge: register_rate(4 << 30, h))
     warm("pinned H2D peak", pinned_peak)
-    for t, chunk in ((4, "32MiB"), (16, "32MiB"), (16, "64MiB")):
-        cold(f"sidecar fill cold {t} threads {chunk}", lambda t=t, c=chunk: sidecar_fill(store, work, t, c))
+    for t in (4, 16):
+        warm(f"sidecar fill page cache {t} threads", lambda t=t: sidecar_fill(store, work, t, "32MiB", cold=False))
+    for t, chunk in ((4, "32MiB"), (16, "32MiB")):
+        cold(f"sidecar fill cold {t} threads {chunk}", lambda t=t, c=chunk: sidecar_fill(store, work, t, c, cold=True))
     result = {"bench": "cold-stages", "host": platform.node(), "stored_bytes": nbytes, "gbps": r,
               "command": "python bench/bench_cold_stages.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)

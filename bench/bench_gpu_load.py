@@ -148,6 +148,15 @@ def main() -> None:
             time.sleep(0.1)
         runs: dict[str, object] = {}
         for path in args.paths.split(","):
+            # tier empty, checkpoint in the page cache (a write-back just landed, a file just copied)
+            sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.read(64 << 20):
+                        pass
+            out = sh(sys.executable, __file__, "--client", sock, path, str(store),
+                     env=VMM_ENV if path.startswith("vmm") else None)
+            runs[f"pagecache.{path}"] = json.loads(out.split("RESULT ", 1)[1])
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", MODEL, "--socket", sock)
             result["dropped_caches"] = drop_caches()
             for label in ["cold"] + ["warm"] * args.warm_reps:

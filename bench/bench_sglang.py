@@ -226,7 +226,8 @@ def main() -> None:
 
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
                                  "sglang": sglang.__version__, "torch": torch.__version__, "tp": args.tp,
-                                 "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:])}
+                                 "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:]),
+                                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
 
     def saved(key: str) -> Callable[[dict[str, object]], None]:

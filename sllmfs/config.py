@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ class Settings:
     storage_path: str = ""
     socket: str = ""
     mount: str = ""
-    num_thread: int = 4
+    # reads per fill: from the page cache a fill is bound by faulting in fresh pages (2.5 GB/s a
+    # thread on the H200 VM, bench/NOTES-cold.md), so it wants threads; 4 filled at 4.6 GB/s, 16 at 10.1
+    num_thread: int = field(default_factory=lambda: min(16, os.cpu_count() or 4))
     chunk_size: int = 32 << 20
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound

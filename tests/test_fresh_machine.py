@@ -48,7 +48,7 @@ def test_version_and_help() -> None:
 
     assert sllmfs("--version").stdout.strip() == f"sllmfs {version('sllmfs')}"
     text = " ".join(sllmfs("start", "--help", env={"COLUMNS": "200"}).stdout.split())
-    for shown in ("(default: 4)", "(default: 32MiB)", "(default: half of the machine's memory)",
+    for shown in ("(default: the CPU count, at most 16)", "(default: 32MiB)", "(default: half of the machine's memory)",
                   "(default: info)", "(default: --gpu-warmup)"):
         assert shown in text, shown
     assert "--host" not in text  # sllm-store's flags are accepted only to be refused

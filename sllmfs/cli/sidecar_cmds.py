@@ -34,7 +34,7 @@ def start(
     mount: Optional[str] = typer.Option(None, "--mount", help="Mount the read-only FUSE view here."
                                         + _default("no mount")),
     num_thread: Optional[int] = typer.Option(None, "--num-thread", help="Parallel reads per fill."
-                                             + _default(_D.num_thread)),
+                                             + _default("the CPU count, at most 16")),
     chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="Fill read size, e.g. 32MiB (4 MiB units)."
                                              + _default("32MiB")),
     mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."
