@@ -533,6 +533,103 @@ print(json.dumps(out))
 """
 
 
+# -- kills of writers: save --force, rm, the framework write-back ---------------------------------------------
+
+_WRITE_BACK = (
+    "import sys, torch\n"
+    "from sllmfs.sglang import variants, writeback\nfrom sllmfs.store import Store\n"
+    "key = variants.make(tp_size=1, tp_rank=0, dtype='float32', quant=None, sglang_version='0.5.17')\n"
+    "g = torch.Generator().manual_seed(int(sys.argv[2]))\n"
+    "state = {f'w{i}': torch.randn(1 << 20, generator=g) for i in range(16)}\n"
+    "writeback.write_rank_state(Store(sys.argv[1]), 'm', key, state, replace=True)\n"
+)
+
+
+def _checkpoint(src: Path, seed: int, tensors: int = 16) -> dict[str, str]:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    arrays = {f"w{i}": rng.standard_normal(1 << 20, dtype=np.float32) for i in range(tensors)}
+    src.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "test", "seed": seed}))
+    return {k: xxhash.xxh3_64_hexdigest(v.tobytes()) for k, v in arrays.items()}
+
+
+def _stored_hashes(store: Path, variant: str) -> dict[str, str] | None:
+    """The variant's tensors as stored (every window and tensor checksum verified), or None when absent."""
+    from sllmfs.errors import NotFound
+    from sllmfs.reader import VariantReader, verify_variant
+    from sllmfs.store import Store
+
+    try:
+        info = Store(store, create=False, cleanup=False).get("m")
+        with VariantReader(info.variant_dir(variant)) as r:
+            if verify_variant(r) is not None:
+                return {"corrupt": "verify failed"}
+            return {n: xxhash.xxh3_64_hexdigest(r.read_tensor(n)) for n in r.manifest.names()}
+    except NotFound:
+        return None
+
+
+def scenario_kill_writers(base: Path, kills: int = 12) -> dict[str, Any]:
+    """SIGKILL `save --force`, `rm` and a write-back at `kills` instants spread over each one's own duration:
+    the stored model (or variant) must be the old or the new one, complete, every time."""
+    from sllmfs.save import save_model
+    from sllmfs.sglang import variants
+    from sllmfs.store import Store
+
+    store = base / "store"
+    old, new = _checkpoint(base / "old", 1), _checkpoint(base / "new", 2)
+    env = {**os.environ, "SLLMFS_STORAGE_PATH": str(store)}
+    wb_key = variants.make(tp_size=1, tp_rank=0, dtype="float32", quant=None, sglang_version="0.5.17").key
+    cmds = {
+        "save --force": [sys.executable, "-m", "sllmfs", "save", "--model", "m", "--force", "--local-model-path",
+                         str(base / "new")],
+        "rm": [sys.executable, "-m", "sllmfs", "rm", "--model", "m", "-y"],
+        "write-back": [sys.executable, "-c", _WRITE_BACK, str(store), "7"],
+    }
+
+    def reset() -> None:
+        save_model(Store(store), "m", base / "old", force=True)
+        subprocess.run([sys.executable, "-c", _WRITE_BACK, str(store), "6"], check=True, env=env)
+
+    reset()
+    wb_old = _stored_hashes(store, wb_key)
+    subprocess.run(cmds["write-back"], check=True, env=env)
+    wb_new = _stored_hashes(store, wb_key)
+    out: dict[str, Any] = {"kills_per_op": kills, "checkpoint_mib": 64}
+    for op, cmd in cmds.items():
+        reset()
+        t0 = time.monotonic()
+        subprocess.run(cmd, check=True, env=env, capture_output=True)
+        duration = time.monotonic() - t0
+        outcomes: dict[str, int] = {}
+        for i in range(kills):
+            reset()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(duration * (i + 0.5) / kills)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            got = _stored_hashes(store, wb_key if op == "write-back" else "hf")
+            ref_old, ref_new = (wb_old, wb_new) if op == "write-back" else (old, new)
+            if got is None:
+                kind = "gone" if op in ("rm",) else "lost"
+            elif got == ref_old:
+                kind = "old"
+            elif got == ref_new:
+                kind = "new"
+            else:
+                kind = "mixed or corrupt"
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        Store(store)  # the next writer removes what the killed ones left
+        out[op] = {"duration_s": round(duration, 2), "outcomes": outcomes,
+                   "tmp_left_after_next_writer": len(list((store / "tmp").iterdir()))}
+    out["bad"] = sum(n for op in cmds for k, n in out[op]["outcomes"].items() if k in ("lost", "mixed or corrupt"))
+    return out
+
+
 def _can_add_user() -> bool:
     return os.geteuid() == 0 and shutil.which("useradd") is not None and shutil.which("userdel") is not None
 
@@ -668,6 +765,18 @@ def _md(results: dict[str, Any]) -> str:
             f"{kmount['stale_mount_access']}); the next `start` with the same `--mount` cleans it (logged: "
             f"{kmount['restart_logged_stale_cleanup']}) and serves (read ok: {kmount['read_after_restart']}); "
             f"SIGTERM then exits {kmount['sigterm_rc']} and unmounts ({kmount['unmounted_after_sigterm']}).")
+    kw = results.get("kill_writers")
+    if kw:
+        lines += ["", "## c2. Kills of writers (one step to publish: `renameat2(RENAME_EXCHANGE)`)", "",
+                  f"SIGKILL at {kw['kills_per_op']} instants spread evenly over each command's own duration, "
+                  f"{kw['checkpoint_mib']} MiB checkpoints, the old copy restored before each kill; after each, "
+                  "the stored model (or variant) is read back with every window and tensor checksum checked.", ""]
+        for op in ("save --force", "rm", "write-back"):
+            r = kw[op]
+            seen = ", ".join(f"{k} {n}" for k, n in sorted(r["outcomes"].items()))
+            lines.append(f"- `{op}` ({r['duration_s']} s uninterrupted): {seen}; `tmp/` entries left after the "
+                         f"next writing command: {r['tmp_left_after_next_writer']}.")
+        lines.append(f"- Lost, mixed or corrupt results: {kw['bad']}.")
     lines += ["", "## d. Security (a second Unix user)", ""]
     if sec.get("skipped"):
         lines.append(f"Skipped: {sec['skipped']}.")
@@ -692,6 +801,10 @@ def _md(results: dict[str, Any]) -> str:
                 f"`{sec['as_other_default'].get('fuse_read')}`; it lists "
                 f"`{sec['as_other_default'].get('fuse_listing')}` and reads the weights: "
                 f"`{sec['as_other_default'].get('fuse_weights_read', 'no')}`.")
+    lines += ["", "Shared segments: memfds of mode 0400 sealed with `F_SEAL_FUTURE_WRITE` before any client sees "
+              "them; `tests/test_integrity.py::test_clients_cannot_write_shared_segments` proves that an allowed "
+              "uid cannot reopen its segment fd read-write (`EACCES`) and that even a root client gets `EPERM` "
+              "on `pwrite` and on a writable map, and `EACCES` on `mprotect` to writable."]
     lines += ["", "## Findings", ""] + [f"- {x}" for x in results["findings"]] + [""]
     return "\n".join(lines)
 
@@ -767,6 +880,7 @@ def main() -> None:
             step("kill_with_mount", scenario_kill_with_mount)
         else:
             results["kill_with_mount"] = {"skipped": "needs root and /dev/fuse"}
+        step("kill_writers", scenario_kill_writers, kills=6 if q else 12)
         step("security", scenario_security)
     results["total_s"] = round(time.monotonic() - t0, 1)
     results["findings"] = findings(results)

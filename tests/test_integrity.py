@@ -285,3 +285,50 @@ def test_verify_checks_the_windows_the_sidecar_checks(tmp_path: Path) -> None:
         assert "padding between tensors" in err
         with sd.connect() as c, pytest.raises(Corrupt), c.acquire("org/p") as lease:
             lease.tensors(timeout=30)
+
+
+def test_store_reads_without_the_sidecar_check_windows(tmp_path: Path, llama_dir: Path) -> None:
+    """`save --backend sglang` reads the store directly (StoreSource): a flipped byte is refused there too."""
+    from sllmfs.errors import Corrupt
+    from sllmfs.save import save_model
+    from sllmfs.sglang.source import StoreSource
+    from sllmfs.store import Store
+
+    store = Store(tmp_path / "store")
+    save_model(store, "m", llama_dir)
+    with StoreSource("m", str(store.root)).open("hf") as lease:
+        assert lease.tensors()  # intact: served
+    part = store.get("m").variant_dir("hf") / "data_0.bin"
+    with open(part, "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(Corrupt, match="data_0.bin window 0 fails its checksum"), \
+            StoreSource("m", str(store.root)).open("hf") as lease:
+        lease.tensors()
+
+
+def test_tensors_without_an_ipc_handle_are_copied_by_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VMM allocations (expandable_segments) have no legacy IPC handle: the load goes on in the client
+    (proven on an H200 in bench/NOTES-cold.md; here the export's refusal stands in for CUDA's)."""
+    import sllmfs.transfer as transfer
+    from sllmfs.copy_engine import CudaUnavailable
+
+    def refuse(wanted: object) -> object:
+        raise CudaUnavailable("cudaIpcGetMemHandle: cudaErrorInvalidValue (1): invalid argument")
+
+    monkeypatch.setattr(transfer, "export_targets", refuse)
+    monkeypatch.delenv("SLLMFS_GPU_COPY", raising=False)
+
+    class NoLease:
+        def copy_to_gpu(self, *a: object) -> None:
+            raise AssertionError("must not ask the sidecar")
+
+    import torch
+
+    t = torch.zeros(4)
+    assert transfer._sidecar_copy(NoLease(), {"w": t}, [(0, 0, t.data_ptr(), 16)], 5.0) is None  # type: ignore[arg-type]
+    monkeypatch.setenv("SLLMFS_GPU_COPY", "sidecar")  # forced: the refusal is the answer
+    with pytest.raises(CudaUnavailable):
+        transfer._sidecar_copy(NoLease(), {"w": t}, [(0, 0, t.data_ptr(), 16)], 5.0)  # type: ignore[arg-type]

@@ -117,3 +117,11 @@ def test_another_user_cannot_map_the_segments(tmp_path: Path) -> None:
             res = subprocess.run([sys.executable, "-c", code, *map(str, memfds)], capture_output=True, text=True,
                                  timeout=60).stdout.split()
             assert res and all(r in ("EACCES", "EPERM") for r in res), res
+
+
+def test_killed_writers_leave_the_old_or_the_new_model(tmp_path: Path) -> None:
+    """kill -9 of save --force, rm and a framework write-back: never lost, mixed or corrupt."""
+    r = rel.scenario_kill_writers(tmp_path, kills=2)
+    assert r["bad"] == 0, r
+    for op in ("save --force", "rm", "write-back"):
+        assert sum(r[op]["outcomes"].values()) == 2 and r[op]["tmp_left_after_next_writer"] == 0, r

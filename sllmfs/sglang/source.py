@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sllmfs import dtypes
-from sllmfs.errors import NotFound, SllmfsError
+from sllmfs.errors import Corrupt, NotFound, SllmfsError
 from sllmfs.format import Manifest
 
 
@@ -78,11 +78,39 @@ class _StoreLease:
                 continue
             fd = os.open(self._dir / p.file, os.O_RDONLY)
             try:
+                if os.fstat(fd).st_size < p.size:
+                    raise Corrupt(f"{self._dir / p.file} is shorter than its manifest says; run "
+                                  "`sllmfs verify` and save the model again")
                 # copy-on-write: torch wants a writable buffer, nothing is copied unless written
                 self._maps.append(mmap.mmap(fd, p.size, flags=mmap.MAP_PRIVATE,
                                             prot=mmap.PROT_READ | mmap.PROT_WRITE))
             finally:
                 os.close(fd)
+        self._verify()
+
+    def _verify(self) -> None:
+        """Every window against the manifest, as the sidecar's fill checks it (xxh3 drops the GIL: threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import xxhash
+
+        from sllmfs.format import CHUNK_SIZE
+
+        jobs = [(i, k) for i, p in enumerate(self.manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+
+        def bad(job: tuple[int, int]) -> str | None:
+            i, k = job
+            p, buf = self.manifest.partitions[i], self._maps[i]
+            assert buf is not None
+            view = memoryview(buf)[k * CHUNK_SIZE:min((k + 1) * CHUNK_SIZE, p.size)]
+            digest = f"{xxhash.xxh3_64_intdigest(view):016x}"
+            view.release()
+            return None if k < len(p.chunks) and digest == p.chunks[k] else f"{p.file} window {k}"
+
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
+            failed = next((w for w in pool.map(bad, jobs) if w), None)
+        if failed:
+            raise Corrupt(f"{self._dir}: {failed} fails its checksum; run `sllmfs verify` and save the model again")
 
     def tensors(self) -> dict[str, Any]:
         import torch
