@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from sllmfs import dtypes
-from sllmfs.errors import Corrupt, SllmfsError
+from sllmfs.errors import BadInput, Corrupt, SllmfsError
 from sllmfs.sidecar import wire
 from sllmfs.sidecar.wire import SidecarError
 
 __all__ = ["Client", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
 PENDING, READY, FAILED = 0, 1, 2
+REPLY_TIMEOUT = 60.0  # seconds a reply may take (SLLMFS_REPLY_TIMEOUT): ops answer at once, fills run behind
+SLOWEST_COPY = 100e6  # bytes/s: load_ipc replies once its bytes have landed; its wait grows with them
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,33 @@ class TensorRef:
     nbytes: int
 
 
-def connect(socket: str | None = None) -> Client:
-    """Connect to the sidecar at ``socket`` (default: the configured socket) and say hello."""
+def connect(socket: str | None = None, *, timeout: float | None = None) -> Client:
+    """Connect to the sidecar at ``socket`` (default: the configured socket) and say hello.
+
+    ``timeout``: seconds to wait for each reply (default: $SLLMFS_REPLY_TIMEOUT, else 60).
+    """
     if socket is None:
         from sllmfs.config import load_settings
 
         socket = load_settings().socket
-    return Client(socket)
+    return Client(socket, timeout=timeout)
+
+
+def _reply_timeout() -> float:
+    raw = os.environ.get("SLLMFS_REPLY_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else REPLY_TIMEOUT
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # NaN too
+        raise BadInput(f"SLLMFS_REPLY_TIMEOUT={raw!r} is not a number of seconds above 0")
+    return seconds
 
 
 class Client:
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, timeout: float | None = None):
         self.path = path
+        self.timeout = _reply_timeout() if timeout is None else timeout
         self._sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
             self._sock.connect(path)
@@ -67,18 +84,34 @@ class Client:
         self.server_pid: int = hello.get("pid", 0)
 
     def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
+        wait = self._wait(msg)
+        deadline = time.monotonic() + wait
         try:
+            self._sock.settimeout(wait)
             wire.send(self._sock, msg)
         except OSError:
             pass  # the sidecar may have refused us and closed: its error reply is still there to read
         try:
-            reply, fds = wire.recv(self._sock, use_list=use_list)
-        except OSError as e:
-            raise SidecarError(f"lost the sidecar at {self.path}: {e.strerror or e}") from None
+            reply, fds = wire.recv(self._sock, use_list=use_list, deadline=deadline)
+        except BaseException as e:
+            self._sock.close()  # mid-reply the stream is out of step: a late reply would answer the next request
+            if isinstance(e, TimeoutError):
+                raise SidecarError(f"no reply to {msg.get('op')!r} from the sidecar at {self.path} within {wait:g} s "
+                                   "(SLLMFS_REPLY_TIMEOUT); the connection is closed") from None
+            if isinstance(e, OSError):
+                raise SidecarError(f"lost the sidecar at {self.path}: {e.strerror or e}") from None
+            raise
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)
         return wire.raise_for(reply), fds
+
+    def _wait(self, msg: dict[str, Any]) -> float:
+        """Seconds for this request's reply: load_ipc answers once its bytes are on the GPU."""
+        if msg.get("op") != "load_ipc":
+            return self.timeout
+        nbytes = sum(p[4] for p in msg.get("pieces", ()))
+        return self.timeout + float(msg.get("timeout", 0)) + nbytes / SLOWEST_COPY
 
     def _op(self, op: str, **args: Any) -> dict[str, Any]:
         return self._call({"op": op, **{k: v for k, v in args.items() if v is not None}})[0]

@@ -86,13 +86,38 @@ def scan(root: Path) -> Checkpoint:
     )
 
 
+def _bounds(root: Path) -> Path:
+    """Where links under ``root`` may point: the folder itself, or for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<rev>``, whose files link to ``../../blobs``) its repo."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def checked_file(root: Path, path: Path) -> Path:
+    """``path`` if it is a regular file inside ``root`` (links allowed only within its bounds): a
+    save run as root must never copy /etc/shadow into a world-readable store, nor block on a FIFO."""
+    if not path.is_symlink() and not path.exists():
+        return path  # the caller reports a missing file in its own words
+    target = path.resolve()
+    bounds = _bounds(root)
+    if target != bounds and bounds not in target.parents:
+        raise BadInput(f"{path} links to {target}, outside {root}; copy the file into the folder or remove "
+                       "the link, then save again")
+    if not target.is_file():
+        raise BadInput(f"{path} is not a regular file; remove it from {root} or replace it with the file")
+    return path
+
+
 def metadata_files(root: Path) -> list[str]:
     """Config, tokenizer, chat template, ...: every top-level non-weight file."""
     out = []
     for p in sorted(root.iterdir()):
         name = p.name
-        if name.startswith(".") or not p.is_file():
+        if name.startswith(".") or p.is_dir():
             continue
+        checked_file(root, p)
         if p.suffix in WEIGHT_EXTS or name.endswith(".index.json") or name == "tensor_index.json":
             continue
         if name.startswith("tensor.data"):
@@ -109,14 +134,16 @@ def _weight_files(root: Path, ext: str) -> list[Path]:
         except (ValueError, KeyError, TypeError) as e:
             raise BadInput(f"{index[0]} is not a valid weight index ({e})") from None
         files = sorted(set(weight_map.values()))
+        if any(not isinstance(f, str) or "/" in f or f in ("", ".", "..") for f in files):
+            raise BadInput(f"{index[0]} names a weight file outside {root}; fix the index")
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
             raise BadInput(f"{index[0]} names {missing[0]}, which is not in {root}; the download is incomplete")
-        return [root / f for f in files]
+        return [checked_file(root, root / f) for f in files]
     files = sorted(root.glob(f"*{ext}"))
     if ext == ".bin":
         files = [f for f in files if f.name.startswith(("pytorch_model", "adapter_model", "model"))]
-    return files
+    return [checked_file(root, f) for f in files]
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -208,7 +235,7 @@ def _tensor_bytes(t: Any) -> Callable[[], memoryview]:
 
 def _scan_sllm_store(root: Path) -> Checkpoint:
     try:
-        index = json.loads((root / "tensor_index.json").read_bytes())
+        index = json.loads(checked_file(root, root / "tensor_index.json").read_bytes())
     except ValueError as e:
         raise BadInput(f"{root / 'tensor_index.json'} is not valid JSON ({e})") from None
     parts: list[tuple[Path, int, int]] = []  # path, global start, size
@@ -217,7 +244,7 @@ def _scan_sllm_store(root: Path) -> Checkpoint:
         p = root / f"tensor.data_{i}"
         if not p.is_file():
             break
-        size = p.stat().st_size
+        size = checked_file(root, p).stat().st_size
         parts.append((p, pos, size))
         pos += size
     if not parts:

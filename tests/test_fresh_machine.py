@@ -268,3 +268,34 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         assert str(port) in err
     finally:
         busy.close()
+
+
+def test_save_never_follows_a_link_out_of_the_folder(tmp_path: Path, llama_dir: Path, store_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(llama_dir, src)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not model data")
+    (src / "notes.txt").symlink_to(secret)
+    err = one_line_error(sllmfs("save", "--model", "m", "--local-model-path", str(src), store=store_path,
+                                check=False))
+    assert f"links to {secret}, outside {src}" in err
+    (src / "notes.txt").unlink()
+    os.mkfifo(src / "notes.txt")  # would block a reader forever
+    err = one_line_error(sllmfs("save", "--model", "m", "--local-model-path", str(src), store=store_path,
+                                check=False, timeout=60))
+    assert "not a regular file" in err
+    (src / "notes.txt").unlink()
+    # links that stay inside are fine, and so is a Hugging Face cache snapshot linking into its blobs/
+    (src / "alias.json").symlink_to(src / "config.json")
+    sllmfs("save", "--model", "m", "--local-model-path", str(src), store=store_path)
+    repo = tmp_path / "hf" / "models--org--m"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in llama_dir.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
+    sllmfs("save", "--model", "hf/m", "--local-model-path", str(snap), store=store_path)
+    assert "ok hf/m [hf]" in sllmfs("verify", "--model", "hf/m", store=store_path).stdout

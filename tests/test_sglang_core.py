@@ -254,3 +254,33 @@ class _Done:
 
     def shutdown(self) -> None:
         pass
+
+
+def test_write_back_lands_in_the_memory_tier(tmp_path: Path, llama_dir: Path) -> None:
+    """The per-rank state a first start writes back is filled into the sidecar's memory tier at once
+    (its bytes are still in the page cache): the next start is a memory-tier hit."""
+    import time
+
+    from test_sidecar import sidecar
+
+    from sllmfs.save import save_model
+
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/llama", llama_dir)
+        v = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")
+        expected = torch.arange(1 << 16, dtype=torch.float32)
+        wb = writeback.WriteBack(str(sd.store), "org/llama", v, {"w": expected.clone()}, replace=False,
+                                 socket=str(sd.socket))  # the state is consumed as it is written
+        wb.run()
+        assert wb.result is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            resident = {x["variant"]: x["state"] for m in sd.status()["models"] for x in m["variants"]}
+            if resident.get(v.key) == "ready":
+                break
+            time.sleep(0.05)
+        assert resident.get(v.key) == "ready", resident
+        hits = sd.status()["counters"]["hits"]
+        with sd.connect() as c, c.acquire("org/llama", v.key) as lease:
+            assert torch.equal(lease.tensors(timeout=30)["w"], expected)
+        assert sd.status()["counters"]["hits"] == hits + 1

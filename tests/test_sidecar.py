@@ -169,6 +169,11 @@ def test_lru_evicts_idle_models_never_leased_or_pinned(tmp_path: Path) -> None:
             c.pin("b")
             with c.acquire("c") as lease:
                 lease.wait(timeout=30)
+            # every byte is ready a moment before the fill task marks c "ready" (till then it is busy)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(
+                    m["name"] == "c" and m["variants"][0]["state"] == "ready" for m in c.status()["models"]):
+                time.sleep(0.02)
             held_d = c.acquire("d")  # evicts idle c, never leased a or pinned b
             held_d.wait(timeout=30)
             assert resident(c) == {"a", "b", "d"}
@@ -209,21 +214,43 @@ def test_pin_unpin_evict(tmp_path: Path) -> None:
             assert c.status()["memory"]["used"] == 0
 
 
+def _cached_model(store: Path, hf: Path, name: str, seed: int) -> None:
+    """A model saved from a Hugging Face cache snapshot: the disk tier may evict it (it can be saved again)."""
+    from safetensors.numpy import save_file
+
+    snap = hf / f"models--org--{name}" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    arrays = {f"w{i}": rng.standard_normal(65536, dtype=np.float32) for i in range(4)}
+    save_file(arrays, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"model_type": "test"}))
+    save_model(Store(store), name, snap)
+
+
 def test_disk_budget_removes_least_recently_used_unleased(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    for i, name in enumerate(["old", "mid", "new"]):
-        make_model(store, name, seed=i, tensors=4)
-        os.utime(store / "models" / name / "model.json", (1000 + i, 1000 + i))
-    with sidecar(tmp_path, "--disk-size", "2.5MiB", store=store) as sd, sd.connect() as c:
-        deadline = time.monotonic() + 20  # start-up enforces the budget: the least recently used goes
-        while len(c.list()) == 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sorted(m["name"] for m in c.list()) == ["mid", "new"]
-        with c.acquire("mid"):  # leased (and touched: most recent)
-            make_model(store, "extra", seed=9, tensors=4)
-            assert c.refresh()["removed"] == ["new"]
-        assert sorted(m["name"] for m in c.list()) == ["extra", "mid"]
-        assert "evicted from disk model=old" in wait_log(sd, "evicted from disk model=old")
+    store, hf = tmp_path / "store", tmp_path / "hf"
+    env = {"HF_HUB_CACHE": str(hf)}
+    os.environ["HF_HUB_CACHE"] = str(hf)  # this process saves them: the same cache
+    try:
+        make_model(store, "mine", seed=7, tensors=4)  # saved from a local folder: the only copy
+        os.utime(store / "models" / "mine" / "model.json", (900, 900))  # the least recently used of all
+        for i, name in enumerate(["old", "mid", "new"]):
+            _cached_model(store, hf, name, i)
+            os.utime(store / "models" / name / "model.json", (1000 + i, 1000 + i))
+        with sidecar(tmp_path, "--disk-size", "3.5MiB", store=store, env=env) as sd, sd.connect() as c:
+            deadline = time.monotonic() + 20  # start-up enforces the budget: the least recently used goes
+            while len(c.list()) == 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sorted(m["name"] for m in c.list()) == ["mid", "mine", "new"]  # never the only copy
+            evictable = {m["name"]: m["disk_evictable"] for m in c.status()["models"]}
+            assert evictable == {"mid": True, "mine": False, "new": True}
+            with c.acquire("mid"):  # leased (and touched: most recent)
+                _cached_model(store, hf, "extra", 9)
+                assert c.refresh()["removed"] == ["new"]
+            assert sorted(m["name"] for m in c.list()) == ["extra", "mid", "mine"]
+            assert "evicted from disk model=old" in wait_log(sd, "evicted from disk model=old")
+    finally:
+        del os.environ["HF_HUB_CACHE"]
 
 
 def test_store_changes_are_noticed(tmp_path: Path) -> None:

@@ -83,13 +83,15 @@ def status(socket: Optional[str] = SocketOpt,
                   f"evictions {n['evictions']}  leases {len(st['leases'])}")
     from rich.table import Table
 
-    table = Table("model", "tier", "variant", "state", "memory", "leases", "pinned")
+    # "on disk": whether the disk budget may evict it (it can be saved again) or it is the only copy
+    table = Table("model", "tier", "variant", "state", "memory", "leases", "pinned", "on disk")
     for m in st["models"]:
+        disk = "cache (evictable)" if m.get("disk_evictable") else "only copy (kept)"
         if not m["variants"]:
-            table.add_row(m["name"], "disk", "", "", "", "", "")
+            table.add_row(m["name"], "disk", "", "", "", "", "", disk)
         for v in m["variants"]:
             table.add_row(m["name"], "memory", v["variant"], v["state"], human(v["bytes"]), str(v["leases"]),
-                          "yes" if v["pinned"] else "")
+                          "yes" if v["pinned"] else "", disk)
     out.print(table)
 
 

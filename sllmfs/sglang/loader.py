@@ -217,7 +217,8 @@ class SllmModelLoader(BaseModelLoader):
         self._candidates = None  # holds the build's tensors
         wb = writeback.WriteBack(located.storage_path, located.model, want,
                                  writeback.snapshot(state),  # GPU → host now, before SGLang goes on
-                                 replace=replace, metadata=metadata)
+                                 replace=replace, metadata=metadata,
+                                 socket=None if self.extra.get("sllm_storage_path") else located.socket)
         self.write_back = wb
         if self.write_back_mode == writeback.SYNC:
             wb.run()

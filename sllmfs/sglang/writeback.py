@@ -91,8 +91,9 @@ class WriteBack:
     """One rank's write-back, in the background or inline."""
 
     def __init__(self, storage_path: str, model: str, variant: RankVariant, state: dict[str, Any], *,
-                 replace: bool, metadata: dict[str, Any] | None = None):
+                 replace: bool, metadata: dict[str, Any] | None = None, socket: str | None = None):
         self.storage_path = storage_path
+        self.socket = socket  # the sidecar to load the new variant into its memory tier: the next start hits
         self.model = model
         self.variant = variant
         self.state = state
@@ -118,6 +119,23 @@ class WriteBack:
         if self.result is not None:
             log.info("sllmfs: wrote %s of %r (%.2f GB) in %.1f s; the next start takes the fast path",
                      self.variant.key, self.model, self.result.total_bytes / 1e9, time.perf_counter() - t0)
+        if self.socket:
+            self._fill_memory_tier(self.socket)
+
+    def _fill_memory_tier(self, socket: str) -> None:
+        """Ask the sidecar to fill the new variant while its bytes are still in the page cache: a
+        lease taken and given back starts the fill, which goes on (LRU evicts the hf copy if the
+        budget needs the room). Best effort: without a sidecar the next start fills it instead."""
+        from sllmfs.client import connect
+
+        try:
+            with connect(socket) as client, client.acquire(self.model, self.variant.key):
+                pass
+        except (SllmfsError, OSError) as e:
+            log.info("sllmfs: %s of %r stays on disk until its first load (%s)", self.variant.key, self.model, e)
+            return
+        log.info("sllmfs: the sidecar fills %s of %r into memory: the next start is a hit", self.variant.key,
+                 self.model)
 
     def start(self) -> WriteBack:
         # daemon: a server that exits mid-write leaves a tmp/ entry, never half a variant

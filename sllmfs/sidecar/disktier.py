@@ -1,14 +1,18 @@
 """The SSD tier's budget: remove least recently used models past --disk-size.
 
-"Used" is `Store.last_used` (used/<name>, touched by the sidecar on each acquire). Models
-that are leased or pinned (any variant) are never removed.
+The SSD tier is a cache only of what can be fetched again: a model is evictable when its
+source is a Hugging Face cache entry that is still there (a later `sllmfs save` stores it
+again). A model saved from a local folder may be the only copy: never evicted, only
+`sllmfs rm` removes it. "Used" is `Store.last_used` (used/<name>, touched by the sidecar on
+each acquire). Models that are leased or pinned (any variant) are never removed.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from sllmfs.store import Store
+from sllmfs.store import ModelInfo, Store
 
 log = logging.getLogger("sllmfs.sidecar")
 
@@ -23,8 +27,21 @@ def disk_usage(store: Store) -> dict[str, int]:
     return out
 
 
+def refetchable(info: ModelInfo) -> bool:
+    """Can this model be stored again without the user? (Its HF cache entry is still there.)"""
+    path = info.source.get("path")
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return False
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    return cache in Path(path).resolve().parents
+
+
 def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
-    """Remove LRU unprotected models until the store fits ``budget`` (0 = unbounded)."""
+    """Remove LRU unprotected, refetchable models until the store fits ``budget`` (0 = unbounded)."""
     if budget <= 0:
         return []
     sizes = disk_usage(store)
@@ -33,7 +50,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
     for name in sorted(sizes, key=store.last_used):
         if used <= budget:
             break
-        if name in protected:
+        if name in protected or not is_refetchable(store, name):
             continue
         try:
             store.remove(name)
@@ -44,5 +61,13 @@ def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
         removed.append(name)
         log.info("evicted from disk model=%s bytes=%d (disk budget %d)", name, sizes[name], budget)
     if used > budget:
-        log.warning("disk tier over budget: %d of %d bytes, the rest is leased or pinned", used, budget)
+        log.warning("disk tier over budget: %d of %d bytes; the rest is leased, pinned or the only copy "
+                    "(saved from a local folder: `sllmfs rm` frees it)", used, budget)
     return removed
+
+
+def is_refetchable(store: Store, name: str) -> bool:
+    try:
+        return refetchable(store.get(name))
+    except Exception:  # noqa: BLE001 - a damaged entry is never deleted by the budget
+        return False

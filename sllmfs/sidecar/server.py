@@ -126,7 +126,7 @@ class Server:
             conn = Conn(next(self._ids), pid, uid)
             if not self._allowed(pid, uid, gid):
                 log.warning("client error conn=%d pid=%d uid=%d: not allowed to use this sidecar", conn.id, pid, uid)
-                await self._send(sock, wire.error_reply(BadInput(f"uid {uid} may not use this sidecar")))
+                await self._send(sock, wire.error_reply(BadInput(f"uid {uid} may not use this sidecar")), conn=conn)
                 return
             self.conns.add(conn)
             try:
@@ -172,6 +172,7 @@ class Server:
             if body is None:
                 return
             fds: list[int] = []
+            op: object = None
             try:
                 msg = wire.unpack(body)
                 op = msg.get("op")
@@ -191,16 +192,17 @@ class Server:
             except SllmfsError as e:
                 self.counters.client_errors += 1
                 log.info("client error conn=%d pid=%d: %s", conn.id, conn.pid, e)
-                await self._send(sock, wire.error_reply(e))
+                await self._send(sock, wire.error_reply(e), conn=conn, op=op)
                 if not greeted:
                     return
                 continue
             except Exception as e:  # a bug costs one request, never the connection or the daemon
                 log.exception("internal error on conn=%d pid=%d", conn.id, conn.pid)
-                await self._send(sock, wire.error_reply(wire.SidecarError(f"internal error: {type(e).__name__}: {e}")))
+                await self._send(sock, wire.error_reply(wire.SidecarError(f"internal error: {type(e).__name__}: {e}")),
+                                 conn=conn, op=op)
                 continue
             try:
-                await self._send(sock, reply, fds)
+                await self._send(sock, reply, fds, conn=conn, op=op)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -208,19 +210,29 @@ class Server:
     async def _reject(self, sock: trio.socket.SocketType, conn: Conn, e: SllmfsError) -> None:
         self.counters.client_errors += 1
         log.info("client error conn=%d pid=%d: %s", conn.id, conn.pid, e)
-        await self._send(sock, wire.error_reply(e))
+        await self._send(sock, wire.error_reply(e), conn=conn)
 
-    async def _send(self, sock: trio.socket.SocketType, obj: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = memoryview(wire.pack(obj))
+    async def _send(self, sock: trio.socket.SocketType, obj: dict[str, Any], fds: list[int] | None = None, *,
+                    conn: Conn, op: object = None) -> None:
+        """One reply and its fds (batched: wire.frames). A failed send is logged and closes the connection,
+        so the peer's next read ends instead of waiting for a reply that will never come."""
         try:
-            if fds:  # the fds ride on the first bytes of the reply
-                sent = await sock.sendmsg([data], [(pysocket.SOL_SOCKET, pysocket.SCM_RIGHTS, array.array("i", fds))])
-                data = data[sent:]
-            while data:
-                sent = await sock.send(data)
-                data = data[sent:]
-        except OSError:
-            pass  # the peer left; the receive side notices and ends its leases
+            frames = wire.frames(obj, fds or [])
+        except wire.ProtocolError as e:  # too large to send: the client gets the reason instead
+            log.warning("reply not sent conn=%d pid=%d op=%.40s: %s", conn.id, conn.pid, op, e)
+            frames = wire.frames(wire.error_reply(e), [])
+        try:
+            for data, batch in frames:
+                if batch:  # one carrier byte: sent whole or not at all
+                    await sock.sendmsg([data], [(pysocket.SOL_SOCKET, pysocket.SCM_RIGHTS, array.array("i", batch))])
+                    continue
+                view = memoryview(data)
+                while view:
+                    view = view[await sock.send(view):]
+        except OSError as e:
+            log.warning("send failed conn=%d pid=%d op=%.40s: %s; closing the connection", conn.id, conn.pid, op,
+                        e.strerror or e)
+            sock.close()  # the receive loop then ends and the connection's leases with it
 
     # -- ops -----------------------------------------------------------------
 
@@ -354,12 +366,15 @@ class Server:
 
     async def op_status(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         sizes = await trio.to_thread.run_sync(disktier.disk_usage, self.store)
+        refetch = await trio.to_thread.run_sync(lambda: {n: disktier.is_refetchable(self.store, n) for n in sizes})
         leased = {(r.model, r.variant) for c in self.conns for r in c.leases.values()}
         models = []
         for name, size in sorted(sizes.items()):
             resident = [r for (m, _), r in self.tier.entries.items() if m == name]
             models.append({
                 "name": name, "disk_bytes": size, "tier": "memory" if resident else "disk",
+                # the disk budget evicts only models it can store again; others only `sllmfs rm` removes
+                "disk_evictable": refetch.get(name, False),
                 "registered": name in self.registered,
                 "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
                               "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
@@ -555,8 +570,8 @@ def _metadata_files(store: Store, model: str, variant: str) -> list[tuple[str, P
         if Path(rel).is_absolute() or ".." in parts:  # model.json is data: never follow it out of the store
             raise Corrupt(f"model {model!r} lists a bad file name {rel!r}; save it again")
         out.append((rel, base / rel))
-    if len(out) > wire.MAX_FDS:
-        raise BadInput(f"model {model!r} has {len(out)} metadata files; at most {wire.MAX_FDS} go in one reply")
+    if len(out) > wire.MAX_FDS:  # each is an open fd in the sidecar until the reply is sent
+        raise BadInput(f"model {model!r} has {len(out)} metadata files; the sidecar serves at most {wire.MAX_FDS}")
     return out
 
 
