@@ -630,6 +630,76 @@ def scenario_kill_writers(base: Path, kills: int = 12) -> dict[str, Any]:
     return out
 
 
+# -- a connection flood: caps per process and in all, idle timeouts, bodies paid as they arrive -------------
+
+FLOOD = r"""
+import resource, socket, struct, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sys.argv[1])
+        if i % 2:  # announce a 16 MiB message, send one byte of it, stall
+            s.sendall(struct.pack(">I", (16 << 20) - 1) + b"x")
+    except OSError:
+        s.close()
+        continue
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def scenario_flood(base: Path, processes: int = 4, per_process: int = 5000, probes: int = 50) -> dict[str, Any]:
+    """Hostile processes open ``processes * per_process`` connections (half stalled mid-message) and
+    hold them; meanwhile a normal client connects and asks for status, the mount is listed and a model
+    is acquired. A connection that never says hello is closed by the hello timeout."""
+    import statistics
+
+    with sidecar(base, "--mount", str(base / "mnt")) as sd:
+        make_model(sd.store, "org/m")
+        rss_before = rss_kib(sd.proc.pid)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(sd.socket))
+        t_silent = time.monotonic()
+        floods = [subprocess.Popen([sys.executable, "-c", FLOOD, str(sd.socket), str(per_process)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                  for _ in range(processes)]
+        try:
+            opened = sum(int(f.stdout.readline()) for f in floods)  # type: ignore[union-attr]
+            times, mount_times = [], []
+            for _ in range(probes):
+                t0 = time.perf_counter()
+                with sd.connect() as c:
+                    st = c.status()
+                times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                listed = "m" in os.listdir(base / "mnt" / "org")
+                mount_times.append(time.perf_counter() - t0)
+            with sd.connect() as c, c.acquire("org/m") as lease:
+                acquired = len(lease.tensors(timeout=30))
+            rss_during = rss_kib(sd.proc.pid)
+        finally:
+            for f in floods:
+                f.stdin.close()  # type: ignore[union-attr]
+                f.wait(timeout=60)
+        silent.settimeout(30)
+        closed = silent.recv(1) == b""
+        silent_s = time.monotonic() - t_silent
+        silent.close()
+        with sd.connect() as c:
+            after = c.status()
+    return {"hostile_processes": processes, "hostile_connections_opened": opened,
+            "daemon_connections_during": st["connections"], "refused": st["counters"]["connections_refused"],
+            "status_median_ms": round(statistics.median(times) * 1e3, 2), "status_max_ms": round(max(times) * 1e3, 2),
+            "mount_listing_ok": listed, "mount_median_ms": round(statistics.median(mount_times) * 1e3, 2),
+            "acquired_tensors": acquired, "rss_kib": {"before": rss_before, "during": rss_during},
+            "silent_closed": closed, "silent_closed_after_s": round(silent_s, 1),
+            "connections_after": after["connections"]}
+
+
 def _can_add_user() -> bool:
     return os.geteuid() == 0 and shutil.which("useradd") is not None and shutil.which("userdel") is not None
 
@@ -777,6 +847,19 @@ def _md(results: dict[str, Any]) -> str:
             lines.append(f"- `{op}` ({r['duration_s']} s uninterrupted): {seen}; `tmp/` entries left after the "
                          f"next writing command: {r['tmp_left_after_next_writer']}.")
         lines.append(f"- Lost, mixed or corrupt results: {kw['bad']}.")
+    fl = results.get("flood")
+    if fl:
+        lines += ["", "## c3. A connection flood (caps: 64 connections per client process, 4,096 in all; hello "
+                  "timeout 10 s; idle timeout 600 s without a lease; bodies take memory as they arrive)", "",
+                  f"- {fl['hostile_processes']} hostile processes opened {fl['hostile_connections_opened']:,} "
+                  "connections (half announcing a 16 MiB message and stalling after one byte) and held them; "
+                  f"the daemon kept {fl['daemon_connections_during']} and refused {fl['refused']:,}.",
+                  f"- Meanwhile a normal client's connect + hello + status: median {fl['status_median_ms']} ms, "
+                  f"max {fl['status_max_ms']} ms; the mount listed the model ({fl['mount_listing_ok']}, median "
+                  f"{fl['mount_median_ms']} ms); a model acquired and read ({fl['acquired_tensors']} tensors).",
+                  f"- Daemon VmRSS {fl['rss_kib']['before']:,} KiB before, {fl['rss_kib']['during']:,} KiB during.",
+                  f"- A connection that never said hello was closed after {fl['silent_closed_after_s']} s "
+                  f"({fl['silent_closed']}); connections left after the flood: {fl['connections_after']}."]
     lines += ["", "## d. Security (a second Unix user)", ""]
     if sec.get("skipped"):
         lines.append(f"Skipped: {sec['skipped']}.")
@@ -881,6 +964,7 @@ def main() -> None:
         else:
             results["kill_with_mount"] = {"skipped": "needs root and /dev/fuse"}
         step("kill_writers", scenario_kill_writers, kills=6 if q else 12)
+        step("flood", scenario_flood, processes=2 if q else 4, per_process=2000 if q else 5000)
         step("security", scenario_security)
     results["total_s"] = round(time.monotonic() - t0, 1)
     results["findings"] = findings(results)

@@ -11,6 +11,7 @@ import array
 import grp
 import itertools
 import logging
+import math
 import os
 import pwd
 import socket as pysocket
@@ -36,6 +37,10 @@ from sllmfs.store import Identity, Store, variant_identity
 log = logging.getLogger("sllmfs.sidecar")
 
 BODY_TIMEOUT = 60.0  # seconds for a message body to arrive once its length is known
+HELLO_TIMEOUT = 10.0  # a connection that has not said hello by then is closed
+IDLE_TIMEOUT = 600.0  # a greeted connection holding no lease, silent this long, is closed
+MAX_CONNECTIONS = 4096  # in all: each holds an fd and a task
+MAX_PER_PEER = 64  # per client process: one process cannot take the daemon's descriptors
 STORE_WATCH_S = 1.0  # how often resident copies are checked against the store (one stat each)
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -55,6 +60,7 @@ class Counters:
     fills: int = 0
     bytes_filled: int = 0
     client_errors: int = 0
+    connections_refused: int = 0  # over MAX_CONNECTIONS or MAX_PER_PEER
 
 
 class Server:
@@ -67,6 +73,7 @@ class Server:
         self.refused: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
         self.fills: set[Fill] = set()
         self.conns: set[Conn] = set()
+        self._per_pid: dict[int, int] = {}  # open connections by client process
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
         self._allowed_uids = {0, os.geteuid()} | {int(u) for u in settings.allow_uids.split(",") if u.strip()}
@@ -128,6 +135,17 @@ class Server:
                 log.warning("client error conn=%d pid=%d uid=%d: not allowed to use this sidecar", conn.id, pid, uid)
                 await self._send(sock, wire.error_reply(BadInput(f"uid {uid} may not use this sidecar")), conn=conn)
                 return
+            if len(self.conns) >= MAX_CONNECTIONS or self._per_pid.get(pid, 0) >= MAX_PER_PEER:
+                self.counters.connections_refused += 1
+                if self.counters.connections_refused % 1000 == 1:  # a flood logs a line per thousand
+                    log.warning("refusing connections: pid=%d holds %d (limit %d), %d in all (limit %d); "
+                                "%d refused so far", pid, self._per_pid.get(pid, 0), MAX_PER_PEER, len(self.conns),
+                                MAX_CONNECTIONS, self.counters.connections_refused)
+                await self._send(sock, wire.error_reply(BadInput(
+                    f"too many connections (process {pid}: at most {MAX_PER_PEER}, {MAX_CONNECTIONS} in all); "
+                    "close idle ones and connect again")), conn=conn)
+                return
+            self._per_pid[pid] = self._per_pid.get(pid, 0) + 1
             self.conns.add(conn)
             try:
                 await self._talk(sock, conn)
@@ -137,6 +155,9 @@ class Server:
                 log.exception("internal error on conn=%d pid=%d", conn.id, pid)
             finally:
                 self.conns.discard(conn)
+                self._per_pid[pid] -= 1
+                if not self._per_pid[pid]:
+                    del self._per_pid[pid]
                 for lease_id in list(conn.leases):
                     self._end_lease(conn, lease_id, why="connection closed")
 
@@ -158,7 +179,11 @@ class Server:
     async def _talk(self, sock: trio.socket.SocketType, conn: Conn) -> None:
         greeted = False
         while True:
-            header = await _recv_exact(sock, wire.HEADER.size)
+            # idle peers go: before hello, and greeted ones that hold no lease (a lease keeps its connection)
+            wait = HELLO_TIMEOUT if not greeted else IDLE_TIMEOUT if not conn.leases else math.inf
+            header = None
+            with trio.move_on_after(wait):
+                header = await _recv_exact(sock, wire.HEADER.size)
             if header is None:
                 return
             try:
@@ -390,7 +415,8 @@ class Server:
                 "disk": {"used": sum(sizes.values()), "budget": self.settings.disk_size},
                 "models": models, "leases": leases, "connections": len(self.conns),
                 "counters": {"hits": c.hits, "misses": c.misses, "fills": c.fills, "bytes_filled": filled,
-                             "evictions": self.tier.evictions, "client_errors": c.client_errors}}, []
+                             "evictions": self.tier.evictions, "client_errors": c.client_errors,
+                             "connections_refused": c.connections_refused}}, []
 
     # -- tiers ---------------------------------------------------------------
 
@@ -528,16 +554,17 @@ class Server:
 
 
 async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes | None:
-    """n bytes, or None when the peer closes (or a deadline cancels) first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """n bytes, or None when the peer closes (or a deadline cancels) first. Memory grows as bytes
+    arrive: a peer that announces 16 MiB and stalls holds what it sent, not 16 MiB."""
+    parts: list[bytes] = []
     got = 0
     while got < n:
-        k = await sock.recv_into(view[got:], min(n - got, 1 << 20))
-        if k == 0:
+        chunk = await sock.recv(min(n - got, 1 << 20))
+        if not chunk:
             return None
-        got += k
-    return bytes(buf)
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _model_arg(msg: dict[str, Any]) -> str:
