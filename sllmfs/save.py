@@ -37,7 +37,7 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
             model_dir = work / "model"
             (model_dir / "files").mkdir(parents=True)
             for rel in ckpt.files:
-                shutil.copyfile(source / rel, model_dir / "files" / rel)
+                _copy_file(source / rel, model_dir / "files" / rel)
             manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
                                      partition_target)
             write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
@@ -73,9 +73,15 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
             manifest = write_variant(ckpt, vdir, key, progress)
             (vdir / "files").mkdir()
             for rel in ckpt.files:
-                shutil.copyfile(source / rel, vdir / "files" / rel)
+                _copy_file(source / rel, vdir / "files" / rel)
             store.commit_variant(vdir, base, key, force=force)
     return manifest
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """A metadata file into the store: owner and group only, whatever the source's mode or the umask."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o640)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -48,7 +48,7 @@ class _PartitionFile:
     def __init__(self, path: Path, index: int):
         self.path = path
         self.index = index
-        self.fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        self.fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o640)  # the store: owner and group
         self.size = 0  # bytes laid out so far (holes included)
         self.chunks: list[str] = []
         self._window = xxhash.xxh3_64()
@@ -174,6 +174,7 @@ class VariantWriter:
                      aliases=self.aliases, metadata=self.metadata)
         m.validate(str(self.out_dir))
         (self.out_dir / MANIFEST).write_text(m.to_json())
+        os.chmod(self.out_dir / MANIFEST, 0o640)
         return m
 
     def abort(self) -> None:

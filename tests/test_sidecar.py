@@ -296,6 +296,10 @@ def test_registration_required(tmp_path: Path) -> None:
         c.register("m")
         with c.acquire("m") as lease:
             lease.wait(timeout=30)
+    with sidecar(tmp_path, "--registration-required") as sd, sd.connect() as c:  # a restart keeps it
+        assert [m["name"] for m in c.list() if m["registered"]] == ["m"]
+        with c.acquire("m") as lease:
+            lease.wait(timeout=30)
 
 
 def test_settings_from_environment(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import grp
 import itertools
+import json
 import logging
 import math
 import os
@@ -69,7 +70,7 @@ class Server:
         self.store = store
         self.tier = tier
         self.counters = Counters()
-        self.registered: set[str] = set()
+        self.registered: set[str] = _load_registered(store)  # kept in the store: survives restarts
         self.refused: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
         self.fills: set[Fill] = set()
         self.conns: set[Conn] = set()
@@ -352,6 +353,7 @@ class Server:
         if not await trio.to_thread.run_sync(self.store.has, model):
             raise NotFound(f"model {model!r} is not in the store at {self.store.root}; `sllmfs save` it first")
         self.registered.add(model)
+        await trio.to_thread.run_sync(_save_registered, self.store, self.registered)
         log.info("registered model=%s", model)
         return {"ok": True}, []
 
@@ -600,6 +602,29 @@ def _metadata_files(store: Store, model: str, variant: str) -> list[tuple[str, P
     if len(out) > wire.MAX_FDS:  # each is an open fd in the sidecar until the reply is sent
         raise BadInput(f"model {model!r} has {len(out)} metadata files; the sidecar serves at most {wire.MAX_FDS}")
     return out
+
+
+REGISTERED = "registered.json"  # <store>/registered.json: models allowed under --registration-required
+
+
+def _load_registered(store: Store) -> set[str]:
+    try:
+        names_ = json.loads((store.root / REGISTERED).read_text())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s (%s): no model is registered until `sllmfs register` writes it again",
+                    store.root / REGISTERED, e)
+        return set()
+    return {n for n in names_ if isinstance(n, str)} if isinstance(names_, list) else set()
+
+
+def _save_registered(store: Store, registered: set[str]) -> None:
+    path = store.root / REGISTERED
+    tmp = path.with_name(f".{REGISTERED}.tmp")
+    tmp.write_text(json.dumps(sorted(registered)))
+    os.chmod(tmp, 0o640)
+    os.replace(tmp, path)  # whole or not at all
 
 
 def _supplementary_groups(pid: int) -> set[int]:
