@@ -847,6 +847,17 @@ def _md(results: dict[str, Any]) -> str:
             lines.append(f"- `{op}` ({r['duration_s']} s uninterrupted): {seen}; `tmp/` entries left after the "
                          f"next writing command: {r['tmp_left_after_next_writer']}.")
         lines.append(f"- Lost, mixed or corrupt results: {kw['bad']}.")
+    sf = results.get("store_fuzz")
+    if sf:
+        lines += ["", "## a2. Hostile stores (mutated manifests under a running daemon and mount)", "",
+                  f"- {sf['mutations']:,} mutated manifests (types, huge and negative ints, floats, NaN, bools, "
+                  "missing and extra keys, deep nesting, truncated JSON), each swapped in as a new version of a "
+                  f"model, then read through the mount and acquired through the socket, in {sf['seconds']} s: "
+                  f"{sf['refused']:,} refused with one line, {sf['served']:,} served (valid after all), "
+                  f"{sf['mount_read_errors']:,} mount reads failed with EIO, {sf['mount_list_errors']} mount "
+                  f"listing errors, {sf['tracebacks']} tracebacks in the daemon's log.",
+                  f"- At the end: daemon alive {sf['daemon_alive']}; the good model read byte for byte through "
+                  f"the socket and the mount: {sf['good_intact']}."]
     fl = results.get("flood")
     if fl:
         lines += ["", "## c3. A connection flood (caps: 64 connections per client process, 4,096 in all; hello "
@@ -964,6 +975,9 @@ def main() -> None:
         else:
             results["kill_with_mount"] = {"skipped": "needs root and /dev/fuse"}
         step("kill_writers", scenario_kill_writers, kills=6 if q else 12)
+        from fuzz_store import fuzz as fuzz_store
+
+        step("store_fuzz", fuzz_store, mutations=500 if q else 5000)
         step("flood", scenario_flood, processes=2 if q else 4, per_process=2000 if q else 5000)
         step("security", scenario_security)
     results["total_s"] = round(time.monotonic() - t0, 1)

@@ -12,7 +12,7 @@ import xxhash
 
 from sllmfs import dtypes
 from sllmfs.errors import Corrupt
-from sllmfs.format import CHUNK_SIZE, Manifest, load_manifest
+from sllmfs.format import CHUNK_SIZE, Manifest, corrupt, load_manifest, open_regular
 
 
 class VariantReader:
@@ -27,7 +27,11 @@ class VariantReader:
     def _fd(self, index: int) -> int:
         fd = self._fds.get(index)
         if fd is None:
-            fd = self._fds[index] = os.open(self.partition_path(index), os.O_RDONLY)
+            path = self.partition_path(index)
+            try:
+                fd = self._fds[index] = open_regular(path)  # no planted symlink, no FIFO to hang on
+            except FileNotFoundError:
+                raise corrupt(path, "is missing") from None
         return fd
 
     def read_range(self, partition: int, offset: int, nbytes: int) -> bytes:
@@ -94,7 +98,7 @@ def verify_variant(reader: VariantReader, progress: Callable[[int], None] | None
         first = 0  # tensors before this one end before the current window
         for k, start in enumerate(range(0, p.size, CHUNK_SIZE)):
             n = min(CHUNK_SIZE, p.size - start)
-            got = _read_full(fd, view[:n], start)
+            got = read_full(fd, view[:n], start)
             actual = f"{xxhash.xxh3_64_intdigest(view[:got]):016x}" if got == n else "file truncated"
             expected = p.chunks[k] if k < len(p.chunks) else "none"
             if actual != expected:
@@ -127,7 +131,8 @@ def _culprit(reader: VariantReader, inside: list[tuple[str, Any]]) -> str:
     return ""
 
 
-def _read_full(fd: int, dst: memoryview, offset: int) -> int:
+def read_full(fd: int, dst: memoryview, offset: int) -> int:
+    """Bytes read into ``dst`` from ``offset`` until it is full or the file ends."""
     done = 0
     while done < len(dst):
         n = os.preadv(fd, [dst[done:]], offset + done)

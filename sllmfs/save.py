@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from sllmfs import names
-from sllmfs.errors import BadInput
+from sllmfs.errors import BadInput, SllmfsError
 from sllmfs.format import PARTITION_TARGET, Manifest
 from sllmfs.sources import Checkpoint, fd_ranges, scan
 from sllmfs.store import Store, write_model_json
@@ -48,8 +49,13 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
 
 
 def _keep_adapters(store: Store, name: str, variants_dir: Path) -> None:
-    """Hard-link the stored model's adapters into its replacement (same filesystem: no copy)."""
-    old = store.get(name)
+    """Hard-link the stored model's adapters into its replacement (same filesystem: no copy). A
+    damaged model is replaced whole: what cannot be read of it is not kept."""
+    try:
+        old = store.get(name)
+    except SllmfsError as e:
+        print(f"sllmfs: replacing damaged model {name!r} ({e}); none of its adapters are kept", file=sys.stderr)
+        return
     for key in old.variants:
         if not key.startswith(names.ADAPTER_PREFIX):
             continue

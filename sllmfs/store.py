@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,8 +38,18 @@ from typing import Any
 
 from sllmfs import names
 from sllmfs.config import hint_flags
-from sllmfs.errors import BadInput, Corrupt, NotFound
-from sllmfs.format import MANIFEST, Manifest, load_manifest
+from sllmfs.errors import BadInput, NotFound, SllmfsError
+from sllmfs.format import (
+    MANIFEST,
+    Manifest,
+    check_regular,
+    corrupt,
+    load_manifest,
+    open_dir,
+    open_regular,
+    plain_name,
+    read_json,
+)
 
 STORE_MARKER = "store.json"
 MODEL_JSON = "model.json"
@@ -94,20 +105,39 @@ class ModelInfo:
 
     def manifest(self, key: str) -> Manifest:
         d = self.variant_dir(key)
-        if not d.is_dir():
+        try:  # every directory on the way a real one: a planted symlink is refused, not followed
+            fd = open_dir(d, below=self.path.parent)
+        except FileNotFoundError:
             raise NotFound(
                 f"model {self.name!r} has no variant {key!r} (has: {', '.join(self.variants) or 'none'}); "
                 f"run `sllmfs save --model {self.name} ...` to add it"
-            )
-        return load_manifest(d)
+            ) from None
+        try:
+            return load_manifest(d, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def file_path(self, rel: str) -> Path:
+        """A metadata file's path, once it is known to be a regular file reached through no symlink."""
         if rel not in self.files:
             raise NotFound(f"model {self.name!r} has no file {rel!r}")
-        return self.path / "files" / rel
+        path = self.path / "files" / rel
+        try:
+            os.close(open_regular(path, below=self.path.parent))
+        except FileNotFoundError:
+            raise corrupt(path, "is missing") from None
+        return path
 
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.path):  # follows no symlink
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except OSError:
+                    continue  # removed meanwhile
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return total
 
 
 class Store:
@@ -153,26 +183,26 @@ class Store:
         return (self.model_path(name) / MODEL_JSON).is_file()
 
     def get(self, name: str) -> ModelInfo:
+        """A stored model, checked as every reader needs it: a valid model.json, and every directory
+        and file it is read from a real one (a planted symlink, FIFO or device refuses the model)."""
         path = self.model_path(name)
+        missing = NotFound(f"model {name!r} is not in the store at {self.root}; "
+                           f"run `sllmfs save --model {name} --local-model-path <checkpoint>{self.hint}` first")
         try:
-            meta = json.loads((path / MODEL_JSON).read_bytes())
+            fd = open_dir(path, below=self.models_dir)
         except FileNotFoundError:
-            raise NotFound(
-                f"model {name!r} is not in the store at {self.root}; "
-                f"run `sllmfs save --model {name} --local-model-path <checkpoint>{self.hint}` first"
-            ) from None
-        except ValueError as e:
-            raise Corrupt(f"{path / MODEL_JSON} is not valid JSON ({e})") from None
-        variants_dir = path / "variants"
-        variants = sorted(p.name for p in variants_dir.iterdir()) if variants_dir.is_dir() else []
-        return ModelInfo(
-            name=meta["name"],
-            path=path,
-            files=list(meta.get("files", [])),
-            variants=variants,
-            created=float(meta.get("created", 0)),
-            source=dict(meta.get("source", {})),
-        )
+            raise missing from None
+        try:
+            try:
+                meta = read_json(path / MODEL_JSON, dir_fd=fd)
+            except FileNotFoundError:
+                raise missing from None
+            files, created, source = _model_record(path / MODEL_JSON, name, meta)
+            _check_files(path / "files", fd, files)
+            variants = _check_variants(path / "variants", fd)
+        finally:
+            os.close(fd)
+        return ModelInfo(name=name, path=path, files=files, variants=variants, created=created, source=source)
 
     def touch(self, name: str) -> None:
         """Record a use of ``name``, for the sidecar's SSD-tier LRU. Outside the model's folder:
@@ -198,11 +228,33 @@ class Store:
         return 0.0
 
     def list(self) -> list[ModelInfo]:
-        out = []
-        for d in sorted(self.models_dir.iterdir()):
-            if (d / MODEL_JSON).is_file():
-                out.append(self.get(names.model_name_from_dirname(d.name)))
-        return out
+        """The good models; ``listing`` also names the entries that are not."""
+        return self.listing()[0]
+
+    def listing(self) -> tuple[builtins.list[ModelInfo], builtins.list[tuple[str, str]]]:
+        """Every good model, and each other entry under models/ as (directory name, one line why):
+        one bad entry never hides the others."""
+        good: builtins.list[ModelInfo] = []
+        bad: builtins.list[tuple[str, str]] = []
+        for entry in sorted(os.listdir(self.models_dir)):
+            name = names.model_name_from_dirname(entry)
+            try:
+                spelled = names.model_dirname(name) == entry  # not another spelling of a valid name
+            except BadInput:
+                spelled = False
+            if not spelled:
+                bad.append((entry, f"{self.models_dir / entry} is not a model directory (its name does not decode "
+                                   "to a valid model name); remove it by hand"))
+                continue
+            try:
+                good.append(self.get(name))
+            except NotFound:
+                if os.path.lexists(self.models_dir / entry):  # else removed meanwhile
+                    bad.append((entry, f"{self.models_dir / entry} has no {MODEL_JSON}: not a model sllmfs "
+                                       "saved; remove it by hand"))
+            except (SllmfsError, OSError) as e:
+                bad.append((entry, str(e)))
+        return good, bad
 
     # -- writing -------------------------------------------------------------
 
@@ -380,6 +432,74 @@ def _refuse_foreign_dir(root: Path) -> None:
     if entries and STORE_MARKER not in entries:
         raise BadInput(f"storage path {root} is not empty and not an sllmfs store (no {STORE_MARKER}); "
                        "pass a new or empty directory with --storage-path")
+
+
+def _model_record(path: Path, name: str, meta: Any) -> tuple[builtins.list[str], float, dict[str, str]]:
+    """model.json's fields, each checked (the mount turns ``created`` into 64-bit nanoseconds)."""
+    if not isinstance(meta, dict):
+        raise corrupt(path, "must hold a JSON object")
+    files, created, source = meta.get("files", []), meta.get("created", 0), meta.get("source", {})
+    if meta.get("name") != name:
+        raise corrupt(path, f"field 'name' must be {name!r}, the model whose directory holds it")
+    if not isinstance(files, builtins.list) or not all(plain_name(f) for f in files):
+        raise corrupt(path, "field 'files' must list plain file names (no '/', no leading '.')")
+    if type(created) not in (int, float) or not 0 <= created < 2**33:
+        raise corrupt(path, "field 'created' must be a time in seconds since 1970")
+    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
+        raise corrupt(path, "field 'source' must map names to strings")
+    return builtins.list(files), float(created), dict(source)
+
+
+def _check_files(files_dir: Path, model_fd: int, files: builtins.list[str]) -> None:
+    """Metadata files are served as they are: regular files in a real files/ directory."""
+    try:
+        fd = open_dir(files_dir, dir_fd=model_fd)
+    except FileNotFoundError:
+        if files:
+            raise corrupt(files_dir, "is missing") from None
+        return
+    try:
+        for rel in files:
+            check_regular(files_dir / rel, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _check_variants(variants_dir: Path, model_fd: int) -> builtins.list[str]:
+    """The model's variant keys: each a real directory with a regular manifest.json (and, for adapters,
+    regular files in its files/)."""
+    try:
+        fd = open_dir(variants_dir, dir_fd=model_fd)
+    except FileNotFoundError:
+        return []
+    try:
+        keys = sorted(os.listdir(fd))
+        for key in keys:
+            _check_variant(variants_dir / key, fd)
+    finally:
+        os.close(fd)
+    return keys
+
+
+def _check_variant(vdir: Path, variants_fd: int) -> None:
+    try:
+        names.check_variant(vdir.name)
+    except BadInput:
+        raise corrupt(vdir, "is not a variant sllmfs writes (bad key)") from None
+    fd = open_dir(vdir, dir_fd=variants_fd)
+    try:
+        check_regular(vdir / MANIFEST, dir_fd=fd)
+        try:
+            files_fd = open_dir(vdir / "files", dir_fd=fd)
+        except FileNotFoundError:
+            return
+        try:
+            for rel in os.listdir(files_fd):
+                check_regular(vdir / "files" / rel, dir_fd=files_fd)
+        finally:
+            os.close(files_fd)
+    finally:
+        os.close(fd)
 
 
 def write_model_json(model_dir: Path, name: str, files: list[str], source: dict[str, Any]) -> None:

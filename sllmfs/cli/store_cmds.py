@@ -12,7 +12,7 @@ import typer
 
 from sllmfs import names, sources
 from sllmfs.cli import app
-from sllmfs.cli.progress import byte_bar, human, out
+from sllmfs.cli.progress import byte_bar, console, human, out
 from sllmfs.config import hint_flags, open_store
 from sllmfs.errors import BadInput, Corrupt
 from sllmfs.reader import VariantReader, verify_variant
@@ -120,7 +120,10 @@ def ls(
 ) -> None:
     store = open_store(storage_path)
     rows = []
-    for info in store.list():
+    models, bad = store.listing()
+    for dirname, why in bad:  # one line each; the good models are listed all the same
+        console.print(f"sllmfs: warning: {store.models_dir / dirname} is not shown: {why}")
+    for info in models:
         rows.append({"name": info.name, "variants": info.variants, "bytes": info.bytes_on_disk(),
                      "created": info.created})
     if as_json:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from sllmfs.format import CHUNK_SIZE
+from sllmfs.errors import SllmfsError
+from sllmfs.format import CHUNK_SIZE, open_regular
 from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
 from sllmfs.store import Identity
@@ -68,6 +69,13 @@ class Ops(pyfuse3.Operations):
     # -- attributes -------------------------------------------------------------
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        try:
+            return self._fill_attr(node)
+        except OverflowError:  # a value past 64 bits would end pyfuse3's main loop (and the mount)
+            log.exception("attributes of inode %d do not fit", node.inode)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _fill_attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = pyfuse3.InodeT(node.inode)
         a.generation = 0
@@ -176,15 +184,21 @@ class Ops(pyfuse3.Operations):
             if checked is None:
                 checked = self._checked[st.identity] = Checked(st.manifest.partitions)
             try:  # ESTALE when replaced since the lookup: the kernel looks the name up again
-                h.parts = PartitionFiles(st.dir, st.identity, checked)
+                h.parts = PartitionFiles(st.dir, st.identity, checked, below=self.tree.store.models_dir)
             except OSError as e:
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except SllmfsError as e:  # a symlink or FIFO planted since the listing
+                log.warning("%s", e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
             checked.opens += 1
         elif node.path is not None:
-            try:
-                h.fds = [os.open(node.path, os.O_RDONLY | os.O_CLOEXEC)]
+            try:  # never through a symlink, never blocking on a FIFO (it would stop every request)
+                h.fds = [open_regular(node.path, below=self.tree.store.models_dir)]
             except OSError as e:
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            except SllmfsError as e:
+                log.warning("%s", e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = h

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import xxhash
 
-from sllmfs.format import CHUNK_SIZE, Partition
+from sllmfs.format import CHUNK_SIZE, Partition, open_dir, open_regular
+from sllmfs.reader import read_full
 from sllmfs.store import Identity, variant_identity
 
 DIRECT_ALIGN = 4096
@@ -137,20 +138,21 @@ class Checked:
 class PartitionFiles:
     """One open handle's descriptors on the data files of exactly one committed version."""
 
-    def __init__(self, variant_dir: Path, identity: Identity, checked: Checked):
+    def __init__(self, variant_dir: Path, identity: Identity, checked: Checked, *, below: Path | None = None):
         self.checked = checked
         self.cached: list[int] = []
         self.direct: list[int] = []
         # open through the directory, after checking it still holds this version: a replace puts
-        # a new directory in place, so files opened by path could belong to the next version
-        dfd = os.open(variant_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # a new directory in place, so files opened by path could belong to the next version.
+        # No symlink is followed under ``below`` (the store's models/), nor to a data file.
+        dfd = open_dir(variant_dir, below=below)
         try:
             if variant_identity(variant_dir, dir_fd=dfd) != identity:
                 raise OSError(errno.ESTALE, "the variant was replaced", str(variant_dir))
             for p in checked.partitions:
-                fd = _open(dfd, p.file, 0)
+                fd = _open(dfd, variant_dir / p.file, 0)
                 self.cached.append(fd)
-                self.direct.append(_open(dfd, p.file, os.O_DIRECT) if fd >= 0 else -1)
+                self.direct.append(_open(dfd, variant_dir / p.file, os.O_DIRECT) if fd >= 0 else -1)
         except BaseException:
             self.close()
             raise
@@ -228,7 +230,7 @@ class PartitionFiles:
                     break  # the end of the file
             done = min(done, n)
         if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
-            done += _read_upto(self.cached[part], whole[done:n], offset + done)
+            done += read_full(self.cached[part], whole[done:n], offset + done)
         return done
 
     def _read(self, part: int, dst: memoryview, offset: int) -> None:
@@ -238,7 +240,7 @@ class PartitionFiles:
         if done < len(dst):
             if self.direct[part] >= 0:
                 self._read_direct(self.direct[part], dst[done:], offset + done)
-            elif _read_upto(fd, dst[done:], offset + done) < len(dst) - done:
+            elif read_full(fd, dst[done:], offset + done) < len(dst) - done:
                 raise OSError(errno.EIO, "partition file is shorter than its manifest says")
 
     def _read_direct(self, fd: int, dst: memoryview, offset: int) -> None:
@@ -257,9 +259,9 @@ class PartitionFiles:
             offset += got
 
 
-def _open(dfd: int, name: str, flags: int) -> int:
+def _open(dfd: int, path: Path, flags: int) -> int:
     try:
-        return os.open(name, os.O_RDONLY | os.O_CLOEXEC | flags, dir_fd=dfd)
+        return open_regular(path, dir_fd=dfd, flags=flags)  # a symlink or FIFO is Corrupt, never waited on
     except FileNotFoundError:
         return -1  # served from memory, or EIO on read
     except OSError as e:
@@ -286,7 +288,7 @@ def _from_cache(fd: int, dst: memoryview, offset: int) -> int:
     where cachestat answers, else what an RWF_NOWAIT read gets."""
     cached = _all_cached(fd, offset, len(dst)) if len(dst) else True
     if cached is not None:
-        return _read_upto(fd, dst, offset) if cached else 0
+        return read_full(fd, dst, offset) if cached else 0
     done = 0
     try:
         while done < len(dst):
@@ -296,14 +298,4 @@ def _from_cache(fd: int, dst: memoryview, offset: int) -> int:
             done += n
     except BlockingIOError:
         pass  # not (all) in the page cache
-    return done
-
-
-def _read_upto(fd: int, dst: memoryview, offset: int) -> int:
-    done = 0
-    while done < len(dst):
-        n = os.preadv(fd, [dst[done:]], offset + done)
-        if n <= 0:
-            break
-        done += n
     return done

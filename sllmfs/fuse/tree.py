@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sllmfs import names
-from sllmfs.errors import Corrupt, SllmfsError
-from sllmfs.format import MANIFEST, Manifest
+from sllmfs.errors import SllmfsError
+from sllmfs.format import MANIFEST, Manifest, load_manifest, open_dir
 from sllmfs.store import MODEL_JSON, Identity, Store, variant_identity
 from sllmfs.synth import SynthFile, layout
 
@@ -213,7 +213,7 @@ class Tree:
         try:
             files = self._build_model(name, stamp)
         except (SllmfsError, OSError, KeyError, TypeError, ValueError) as e:  # a damaged model hides, others stay
-            log.warning("model %s is not shown complete: %s", name, e)
+            log.warning("model %s is hidden from the mount: %s", name, e)  # once per stamp: the result is kept
             files = {}
         self._content[name] = (stamp, files)
         return files
@@ -222,12 +222,10 @@ class Tree:
         info = self.store.get(name)
         mtime = int(info.created * 1e9)
         out: dict[str, Node] = {}
-        for rel in info.files:
-            if "/" in rel or rel.startswith("."):
-                continue  # metadata files are top-level by construction; never follow odd names
+        for rel in info.files:  # plain names of regular files: Store.get checked them
             path = info.path / "files" / rel
             out[rel] = self._node(("file", name, stamp[:3], rel), is_dir=False, path=path,
-                                  size=path.stat().st_size, mtime_ns=mtime)
+                                  size=os.lstat(path).st_size, mtime_ns=mtime)
         if HF_VARIANT in info.variants:
             out.update(self._variant_files(name, info.variant_dir(HF_VARIANT), HF_VARIANT, "model", mtime))
         adapters: dict[str, Node] = {}
@@ -245,7 +243,7 @@ class Tree:
         return out
 
     def _variant_files(self, name: str, vdir: Path, variant: str, stem: str, mtime: int) -> dict[str, Node]:
-        stored = _load_variant(name, variant, vdir)
+        stored = _load_variant(name, variant, vdir, self.store.models_dir)
         vkey = stored.identity
         lay = layout(stored.manifest, stem=stem)
         out: dict[str, Node] = {}
@@ -259,14 +257,15 @@ class Tree:
 
     def _adapter_meta(self, name: str, variant: str, vdir: Path, mtime: int) -> dict[str, Node]:
         out: dict[str, Node] = {}
-        fdir = vdir / "files"
-        if not fdir.is_dir():
+        try:
+            entries = sorted(os.scandir(vdir / "files"), key=lambda e: e.name)
+        except FileNotFoundError:
             return out
         vkey = _identity(vdir)
-        for p in sorted(fdir.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                out[p.name] = self._node(("file", name, variant, vkey, p.name), is_dir=False, path=p,
-                                         size=p.stat().st_size, mtime_ns=mtime)
+        for e in entries:
+            if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
+                out[e.name] = self._node(("file", name, variant, vkey, e.name), is_dir=False, path=Path(e.path),
+                                         size=e.stat(follow_symlinks=False).st_size, mtime_ns=mtime)
         return out
 
 
@@ -277,20 +276,15 @@ def _identity(vdir: Path) -> Identity:
     return ident
 
 
-def _load_variant(model: str, key: str, vdir: Path) -> StoredVariant:
+def _load_variant(model: str, key: str, vdir: Path, below: Path) -> StoredVariant:
     """The version committed at ``vdir``: identity and manifest both read through one directory
-    fd (a commit puts a whole new directory in place, so the pair always match)."""
-    dfd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd (a commit puts a whole new directory in place, so the pair always match), reached through
+    no symlink under ``below`` (the store's models/)."""
+    dfd = open_dir(vdir, below=below)
     try:
         ident = variant_identity(vdir, dir_fd=dfd)
         if ident is None:
             raise FileNotFoundError(errno.ENOENT, "no committed variant", str(vdir / MANIFEST))
-        with open(os.open(MANIFEST, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd), "rb") as f:
-            raw = f.read()
+        return StoredVariant(model, key, vdir, ident, load_manifest(vdir, dir_fd=dfd))
     finally:
         os.close(dfd)
-    try:
-        d = json.loads(raw)
-    except ValueError as e:
-        raise Corrupt(f"{vdir / MANIFEST} is not valid JSON ({e}); run `sllmfs rm` and save again") from None
-    return StoredVariant(model, key, vdir, ident, Manifest.from_dict(d, str(vdir / MANIFEST)))

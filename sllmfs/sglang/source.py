@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from sllmfs import dtypes
 from sllmfs.errors import Corrupt, NotFound, SllmfsError
-from sllmfs.format import Manifest
+from sllmfs.format import Manifest, corrupt, open_regular
 
 
 class Lease(Protocol):
@@ -76,7 +76,10 @@ class _StoreLease:
             if p.size == 0:
                 self._maps.append(None)
                 continue
-            fd = os.open(self._dir / p.file, os.O_RDONLY)
+            try:
+                fd = open_regular(self._dir / p.file)  # no planted symlink, no FIFO to hang on
+            except FileNotFoundError:
+                raise corrupt(self._dir / p.file, "is missing") from None
             try:
                 if os.fstat(fd).st_size < p.size:
                     raise Corrupt(f"{self._dir / p.file} is shorter than its manifest says; run "

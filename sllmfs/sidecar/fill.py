@@ -14,9 +14,11 @@ from pathlib import Path
 
 import xxhash
 
-from sllmfs.errors import Corrupt
-from sllmfs.format import CHUNK_SIZE
+from sllmfs import names
+from sllmfs.errors import Corrupt, SllmfsError
+from sllmfs.format import CHUNK_SIZE, open_regular
 from sllmfs.sidecar.memtier import FAILED, READY, Resident
+from sllmfs.store import Store
 
 
 def round_chunk(chunk_size: int) -> int:
@@ -36,8 +38,12 @@ class Fill:
         self._next = 0
         self._fds: list[int] = []
         try:
+            _check_home(res.model, res.variant, variant_dir)
             for p in res.manifest.partitions:
-                self._fds.append(os.open(variant_dir / p.file, os.O_RDONLY | os.O_CLOEXEC))
+                self._fds.append(open_regular(variant_dir / p.file))  # never follows, never waits on a FIFO
+        except SllmfsError:
+            self.close()
+            raise
         except OSError as e:
             self.close()
             raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
@@ -105,3 +111,14 @@ class Fill:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _check_home(model: str, variant: str, variant_dir: Path) -> None:
+    """The server pins the variant's directory (/proc/self/fd/N) through a path that follows
+    symlinks: it must really be models/<model>/variants/<variant> of a store, and the model must
+    pass Store.get's checks (no planted symlink, FIFO or device), as for every other reader."""
+    real = Path(os.path.realpath(variant_dir))
+    if real.parts[-4:] != ("models", names.model_dirname(model), "variants", variant):
+        raise Corrupt(f"model {model!r} [{variant}] is reached through a symlink (it resolves to {real}); "
+                      f"run `sllmfs rm --model {model}` and save it again")
+    Store(real.parents[3], create=False, cleanup=False).get(model)
