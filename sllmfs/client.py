@@ -101,6 +101,11 @@ class Client:
             if isinstance(e, OSError):
                 raise SidecarError(f"lost the sidecar at {self.path}: {e.strerror or e}") from None
             raise
+        finally:
+            if self._sock.fileno() >= 0:
+                # blocking again between calls: closed_by_peer's MSG_DONTWAIT probe must not wait
+                # out a timeout and take it for a dead sidecar
+                self._sock.settimeout(None)
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)
@@ -178,7 +183,7 @@ class Client:
         """True once the sidecar has closed our connection (it died, or dropped us)."""
         try:
             return self._sock.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):  # nothing to read: the sidecar is there
             return False
         except OSError:
             return True

@@ -158,6 +158,7 @@ class Store:
                 self.models_dir.mkdir(exist_ok=True)
                 self.tmp_dir.mkdir(exist_ok=True)
                 self.locks_dir.mkdir(exist_ok=True)
+                _private(self.root)
             except OSError as e:
                 raise BadInput(
                     f"cannot use storage path {self.root}: {e.strerror}; "
@@ -410,6 +411,14 @@ def exchange(a: Path, b: Path) -> None:
                            f"(renameat2 RENAME_EXCHANGE: {os.strerror(err)}); put the store on ext4, xfs, "
                            "btrfs or tmpfs") from None
         raise OSError(err, os.strerror(err), str(b))
+
+
+def _private(root: Path) -> None:
+    """Owner and group only (0750 or stricter), whoever made the directory and whatever the umask:
+    raw weights are not for every local user (they read through the sidecar's socket or mount)."""
+    mode = root.stat().st_mode & 0o777
+    if mode & 0o007 or mode & 0o020:
+        os.chmod(root, mode & 0o750)
 
 
 def _write_marker(marker: Path) -> None:

@@ -334,3 +334,52 @@ def test_save_force_replaces_a_damaged_model(tmp_path: Path, llama_dir: Path) ->
     (store.get("m").path / "model.json").write_text("{garbage")
     sllmfs("save", "--model", "m", "--force", "--local-model-path", str(llama_dir), store=store.root)
     assert "ok m [hf]" in sllmfs("verify", "--model", "m", store=store.root).stdout
+
+
+def test_store_is_private_to_the_daemons_user_and_group(tmp_path: Path, llama_dir: Path) -> None:
+    from sllmfs.save import save_model
+    from sllmfs.store import Store
+
+    root = tmp_path / "store"
+    root.mkdir(mode=0o777)
+    os.chmod(root, 0o777)  # as a careless admin made it
+    store = Store(root)
+    save_model(store, "m", llama_dir)
+    assert root.stat().st_mode & 0o777 == 0o750  # nobody else gets in, whatever lies below
+    info = store.get("m")
+    assert (info.variant_dir("hf") / "data_0.bin").stat().st_mode & 0o777 == 0o640
+    assert (info.path / "files" / "config.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_registration_covers_the_mount_and_survives_restarts(tmp_path: Path) -> None:
+    from test_sidecar import make_model, sidecar
+
+    mnt = tmp_path / "mnt"
+    with sidecar(tmp_path, "--registration-required", "--mount", str(mnt)) as sd:
+        make_model(sd.store, "org/m")
+        time.sleep(0.2)
+        assert not (mnt / "org").exists()  # not registered: not on the mount either
+        with sd.connect() as c:
+            c.register("org/m")
+        assert (mnt / "org" / "m" / "config.json").read_bytes()
+    with sidecar(tmp_path, "--registration-required", "--mount", str(mnt)) as sd:
+        assert (mnt / "org" / "m" / "config.json").read_bytes()  # kept in the store across the restart
+
+
+def test_a_model_read_through_the_mount_is_never_evicted_from_disk(tmp_path: Path) -> None:
+    from test_sidecar import _cached_model, sidecar
+
+    store, hf, mnt = tmp_path / "store", tmp_path / "hf", tmp_path / "mnt"
+    os.environ["HF_HUB_CACHE"] = str(hf)  # models saved from a cache entry: the budget may evict them
+    try:
+        _cached_model(store, hf, "a", 1)  # ~1 MB each; the budget holds one
+        with sidecar(tmp_path, "--mount", str(mnt), "--disk-size", "1.5MB", store=store,
+                     env={"HF_HUB_CACHE": str(hf)}) as sd, sd.connect() as c:
+            with open(mnt / "a" / "model.safetensors", "rb") as reader:
+                assert reader.read(8)
+                _cached_model(store, hf, "b", 2)
+                assert c._op("refresh")["removed"] == ["b"]  # a is older, but open through the mount
+            _cached_model(store, hf, "c", 3)
+            assert c._op("refresh")["removed"] == ["a"]  # closed: now the least recently used goes
+    finally:
+        del os.environ["HF_HUB_CACHE"]

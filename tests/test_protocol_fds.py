@@ -155,3 +155,16 @@ def test_wire_refuses_and_closes_fds_beyond_the_announced_count() -> None:
     os.close(r)
     os.close(w)
     assert _open_fds() == before - 4  # the socketpair and the pipe; nothing received was kept
+
+
+def test_a_live_sidecar_is_not_taken_for_a_dead_one_after_a_call(tmp_path: Path) -> None:
+    """Calls run under a reply deadline; between calls the socket is blocking again, so the
+    MSG_DONTWAIT probe a waiting lease makes answers at once (it once waited out the deadline,
+    then called a live sidecar dead: 'went away while filling' under load)."""
+    import time
+
+    with sidecar(tmp_path) as sd, sd.connect() as c:
+        c.status()
+        t0 = time.monotonic()
+        assert c.closed_by_peer() is False
+        assert time.monotonic() - t0 < 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,9 +56,12 @@ class Ops(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, resident_view: ResidentView | None, gid: int | None = None):
+    def __init__(self, tree: Tree, resident_view: ResidentView | None, gid: int | None = None,
+                 in_use: Counter[str] | None = None):
         super().__init__()
         self.tree = tree
+        # models with a weights file open through the mount (the sidecar's disk budget leaves them alone)
+        self.in_use: Counter[str] = in_use if in_use is not None else Counter()
         self.gid = gid  # with a group: root:group and no bits for others (the kernel checks, default_permissions)
         self.resident_view = resident_view
         self._open: dict[int, _Open] = {}
@@ -191,6 +195,7 @@ class Ops(pyfuse3.Operations):
                 log.warning("%s", e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             checked.opens += 1
+            self.in_use[st.model] += 1
         elif node.path is not None:
             try:  # never through a symlink, never blocking on a FIFO (it would stop every request)
                 h.fds = [open_regular(node.path, below=self.tree.store.models_dir)]
@@ -211,6 +216,10 @@ class Ops(pyfuse3.Operations):
                 os.close(fd)
             if h.parts is not None:
                 h.parts.close()
+                assert h.node.stored is not None
+                self.in_use[h.node.stored.model] -= 1
+                if self.in_use[h.node.stored.model] <= 0:
+                    del self.in_use[h.node.stored.model]
                 h.parts.checked.opens -= 1
                 if h.parts.checked.opens == 0:
                     h.parts.checked.drop_buffers()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
@@ -28,14 +30,18 @@ def mount_options() -> set[str]:
 
 
 async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
-                gid: int | None = None, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                gid: int | None = None, visible: Callable[[str], bool] | None = None,
+                in_use: Counter[str] | None = None,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
     ``gid``: only root and this group may read (as the socket); None: every local user may.
+    ``visible``: which models to show (None: all). ``in_use``: kept up to date with the models
+    whose weights are open through the mount.
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
-    ops = Ops(Tree(store, socket_path), resident_view, gid)
+    ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use)
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
     except RuntimeError as e:

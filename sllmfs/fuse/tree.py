@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,10 @@ def _stat_key(st: os.stat_result) -> Stamp:
 
 
 class Tree:
-    def __init__(self, store: Store, socket_path: str):
+    def __init__(self, store: Store, socket_path: str, visible: Callable[[str], bool] | None = None):
         self.store = store
         self.socket_path = socket_path
+        self.visible = visible  # None: every model; else only those it admits (--registration-required)
         self._inodes: dict[tuple[Any, ...], int] = {}
         self._nodes: dict[int, Node] = {}
         self._next = ROOT_INODE
@@ -135,6 +137,8 @@ class Tree:
                 names.check_model_name(name)
             except SllmfsError:
                 continue  # tmp leftovers, stray files: not models
+            if self.visible is not None and not self.visible(name):
+                continue
             out.append(tuple(name.split("/")))
         return out
 

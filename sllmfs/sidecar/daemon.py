@@ -69,8 +69,9 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             await nursery.start(server.serve, listener)
             if fuse_serve is not None:
                 gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
-                await nursery.start(partial(fuse_serve, gid=gid), Path(settings.mount), store, tier.view,
-                                    settings.socket)
+                visible = server.is_registered if settings.registration_required else None
+                await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.mount_in_use),
+                                    Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)

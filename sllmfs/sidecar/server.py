@@ -18,6 +18,7 @@ import pwd
 import socket as pysocket
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class Server:
         self.tier = tier
         self.counters = Counters()
         self.registered: set[str] = _load_registered(store)  # kept in the store: survives restarts
+        self.mount_in_use: Counter[str] = Counter()  # models read through the mount now (the FUSE view counts)
         self.refused: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
         self.fills: set[Fill] = set()
         self.conns: set[Conn] = set()
@@ -522,8 +524,11 @@ class Server:
         log.info("lease ended id=%d model=%s variant=%s pid=%d (%s)", lease_id, res.model, res.variant, conn.pid, why)
         self.tier.settle(res)
 
+    def is_registered(self, model: str) -> bool:
+        return model in self.registered
+
     async def _enforce_disk(self) -> list[str]:
-        protected = {r.model for r in self.tier.entries.values() if r.busy}
+        protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
         protected |= {r.model for r in self.tier.retired}
         removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
                                                 protected)
