@@ -383,3 +383,15 @@ def test_a_model_read_through_the_mount_is_never_evicted_from_disk(tmp_path: Pat
             assert c._op("refresh")["removed"] == ["a"]  # closed: now the least recently used goes
     finally:
         del os.environ["HF_HUB_CACHE"]
+
+
+def test_list_op_names_bad_entries_beside_the_good_models(tmp_path: Path) -> None:
+    from test_sidecar import make_model, sidecar
+
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "org/good")
+        (sd.store / "models" / "%2E%2E%2F%2E%2E%2Fetc").mkdir()
+        with sd.connect() as c:
+            reply = c._op("list")
+        assert [m["name"] for m in reply["models"]] == ["org/good"]
+        assert [name for name, _why in reply["bad"]] == ["%2E%2E%2F%2E%2E%2Fetc"]

@@ -265,11 +265,12 @@ class Server:
     # -- ops -----------------------------------------------------------------
 
     async def op_list(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        infos = await trio.to_thread.run_sync(self.store.list)
+        infos, bad = await trio.to_thread.run_sync(self.store.listing)
         models = [{"name": i.name, "variants": i.variants,
                    "resident": [v for v in i.variants if (i.name, v) in self.tier.entries],
                    "registered": i.name in self.registered} for i in infos]
-        return {"ok": True, "models": models}, []
+        # entries that are not (whole) models: one line each, the good models listed all the same
+        return {"ok": True, "models": models, "bad": [[name, why] for name, why in bad]}, []
 
     async def op_acquire(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         model, variant = _model_arg(msg), _variant_arg(msg)
