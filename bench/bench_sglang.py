@@ -169,11 +169,13 @@ def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool 
                                                          generate=False)
         runs["sllm_any_tp_first"] = run_engine("sllm any-TP + write-back", view, "sllm", logs,
                                                extra='{"sllm_write_back": "sync"}', generate=False)
-        if only_fast:  # the memory-tier runs below must find the per-rank variant resident
+        if only_fast:
+            # the memory-tier runs below must find the per-rank variant resident (SLLMFS_BENCH_NO_WARM:
+            # leave that to the write-back, which asks the sidecar to fill what it wrote)
             from sllmfs.store import Store
 
             for key in Store(store).get("bench/llama-7b").variants:
-                if key.startswith("sglang."):
+                if key.startswith("sglang.") and not os.environ.get("SLLMFS_BENCH_NO_WARM"):
                     side.cli("load", "--model", "bench/llama-7b", "--variant", key, "--warm")
         else:
             side.cli("evict", "--model", "bench/llama-7b")
@@ -227,7 +229,8 @@ def main() -> None:
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
                                  "sglang": sglang.__version__, "torch": torch.__version__, "tp": args.tp,
                                  "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:]),
-                                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+                                 "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                                 "no_warm": bool(os.environ.get("SLLMFS_BENCH_NO_WARM"))}
     dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
 
     def saved(key: str) -> Callable[[dict[str, object]], None]:
