@@ -266,8 +266,7 @@ class Store:
         ``wait=False``: a second writer gets one clear line at once (concurrent saves of one name:
         one wins). ``wait=True``: queue behind it (framework ranks writing back their variants)."""
         self.locks_dir.mkdir(exist_ok=True)
-        fd = os.open(self.locks_dir / (names.model_dirname(name) + ".lock"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC,
-                     0o600)
+        fd = _open_lock(self.locks_dir / (_lock_name(name) + ".lock"))
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -283,7 +282,7 @@ class Store:
         """Writers creating a work dir hold it shared, a cleanup exclusive: a cleanup never sees a
         work dir (or its lock file) in the instant before its writer locked it."""
         self.locks_dir.mkdir(exist_ok=True)
-        fd = os.open(self.locks_dir / "tmp.gate", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(self.locks_dir / "tmp.gate")
         try:
             fcntl.flock(fd, mode)
             yield
@@ -335,11 +334,13 @@ class Store:
         fsync_dir(dest.parent)
 
     def remove(self, name: str) -> None:
+        """Remove a model, damaged ones included (whatever sits at its path goes, never followed)."""
         path = self.model_path(name)
-        if not (path / MODEL_JSON).is_file():
-            raise NotFound(f"model {name!r} is not in the store at {self.root}")
         with self.writing(name), self.staging() as work:
-            os.rename(path, work / "old")  # gone from listings at once; bytes freed after (or by cleanup)
+            try:  # checked under the lock: a concurrent rm or eviction may have taken it first
+                os.rename(path, work / "old")  # gone from listings at once; bytes freed after (or by cleanup)
+            except FileNotFoundError:
+                raise NotFound(f"model {name!r} is not in the store at {self.root}") from None
             fsync_dir(path.parent)
         try:
             (self.used_dir / names.model_dirname(name)).unlink()
@@ -411,6 +412,27 @@ def exchange(a: Path, b: Path) -> None:
                            f"(renameat2 RENAME_EXCHANGE: {os.strerror(err)}); put the store on ext4, xfs, "
                            "btrfs or tmpfs") from None
         raise OSError(err, os.strerror(err), str(b))
+
+
+def _open_lock(path: Path) -> int:
+    """A lock file, opened read-only (flock needs no more), so a store shared by root's daemon and a
+    user's commands never fails on a lock file the other made."""
+    try:
+        return os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BadInput(f"cannot open lock file {path}: {e.strerror}; run the command as the user that owns the "
+                       "store (or as root)") from None
+
+
+def _lock_name(name: str) -> str:
+    """The lock file's name for a model: its directory name, hashed where that plus '.lock' would pass
+    the 255-byte file name limit."""
+    dirname = names.model_dirname(name)
+    if len(os.fsencode(dirname)) <= 240:
+        return dirname
+    import hashlib
+
+    return "h-" + hashlib.sha256(os.fsencode(dirname)).hexdigest()
 
 
 def _private(root: Path) -> None:

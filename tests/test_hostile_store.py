@@ -395,3 +395,22 @@ def test_list_op_names_bad_entries_beside_the_good_models(tmp_path: Path) -> Non
             reply = c._op("list")
         assert [m["name"] for m in reply["models"]] == ["org/good"]
         assert [name for name, _why in reply["bad"]] == ["%2E%2E%2F%2E%2E%2Fetc"]
+
+
+def test_rm_removes_a_damaged_model_and_long_names_save(tmp_path: Path, llama_dir: Path) -> None:
+    """The fix every damage message names (`sllmfs rm`) works on the damaged model; a name at the
+    length limit saves (its lock file name is hashed)."""
+    from sllmfs.save import save_model
+    from sllmfs.store import Store
+    from tests.helpers import sllmfs
+
+    store = Store(tmp_path / "store")
+    save_model(store, "a/b", llama_dir)
+    cfg = store.get("a/b").path / "files" / "config.json"
+    cfg.unlink()
+    cfg.symlink_to("/etc/hostname")
+    sllmfs("rm", "--model", "a/b", "-y", store=store.root)
+    assert not store.has("a/b")
+    long_name = "a" * 125 + "/" + "b" * 125  # 253 bytes on disk: the limit, with no room for ".lock"
+    save_model(store, long_name, llama_dir)
+    assert store.has(long_name)

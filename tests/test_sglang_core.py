@@ -284,3 +284,19 @@ def test_write_back_lands_in_the_memory_tier(tmp_path: Path, llama_dir: Path) ->
         with sd.connect() as c, c.acquire("org/llama", v.key) as lease:
             assert torch.equal(lease.tensors(timeout=30)["w"], expected)
         assert sd.status()["counters"]["hits"] == hits + 1
+
+
+def test_write_back_never_lands_on_a_model_replaced_meanwhile(tmp_path: Path, llama_dir: Path,
+                                                              qwen_tied_dir: Path) -> None:
+    """State made from the old weights must not become the new model's fast path."""
+    store = Store(tmp_path / "store")
+    save_model(store, "m", llama_dir)
+    base = writeback.hf_identity(str(store.root), "m")
+    assert base is not None
+    save_model(store, "m", qwen_tied_dir, force=True)  # `sllmfs save --force` while the write-back ran
+    v = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")
+    assert writeback.write_rank_state(store, "m", v, {"w": torch.ones(4)}, base=base) is None
+    assert store.get("m").variants == ["hf"]
+    now = writeback.hf_identity(str(store.root), "m")
+    assert writeback.write_rank_state(store, "m", v, {"w": torch.ones(4)}, base=now) is not None
+    assert v.key in store.get("m").variants

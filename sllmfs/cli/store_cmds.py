@@ -150,10 +150,16 @@ def rm(
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
     store = open_store(storage_path, write=True)
-    info = store.get(model)
     what = f"{model} [{variant}]" if variant else model
-    size = info.manifest(variant).total_bytes if variant and variant in info.variants else info.bytes_on_disk()
-    if not yes and not typer.confirm(f"remove {what} ({human(size)})?"):
+    try:
+        info = store.get(model)
+        size = human(info.manifest(variant).total_bytes if variant and variant in info.variants
+                      else info.bytes_on_disk())
+    except Corrupt:  # a damaged model must still go: that is the fix its error message names
+        if variant:
+            raise
+        size = "damaged"
+    if not yes and not typer.confirm(f"remove {what} ({size})?"):
         raise typer.Exit(1)
     if variant:
         store.remove_variant(model, variant)

@@ -41,6 +41,7 @@ from sllmfs.sglang.fastpath import Unfit, rank_state
 from sllmfs.sglang.locate import Located, locate
 from sllmfs.sglang.source import Lease, SidecarSource, StoreSource, WeightSource
 from sllmfs.sglang.variants import RankVariant
+from sllmfs.store import Identity
 
 log = logging.getLogger("sllmfs.sglang")
 
@@ -111,6 +112,7 @@ class SllmModelLoader(BaseModelLoader):
         self.overlap = _truthy(extra.get("sllm_overlap", True))
         self.copy_ran: str | None = None  # fast path: fastpath.AFTER or BESIDE the model build
         self._candidates: overlap.Candidates | None = None  # from the any-TP build, for write-back's plan
+        self._base: Identity | None = None  # the hf version the any-TP path loaded
 
     # -- where the weights are ------------------------------------------------
 
@@ -159,6 +161,8 @@ class SllmModelLoader(BaseModelLoader):
             model, replace = self._fast_path(source, want, new_model, target)
             t_fast = time.perf_counter()
             if model is None:
+                # the hf version this state comes from: its write-back must not land on a model replaced since
+                self._base = writeback.hf_identity(located.storage_path, located.model)
                 model = self._any_tp_path(source, want, new_model, target)
                 if self.write_back_mode != writeback.OFF:
                     self._write_back(located, want, model, replace)
@@ -217,7 +221,7 @@ class SllmModelLoader(BaseModelLoader):
         self._candidates = None  # holds the build's tensors
         wb = writeback.WriteBack(located.storage_path, located.model, want,
                                  writeback.snapshot(state),  # GPU → host now, before SGLang goes on
-                                 replace=replace, metadata=metadata,
+                                 replace=replace, metadata=metadata, base=self._base,
                                  socket=None if self.extra.get("sllm_storage_path") else located.socket)
         self.write_back = wb
         if self.write_back_mode == writeback.SYNC:

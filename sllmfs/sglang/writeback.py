@@ -18,6 +18,7 @@ from sllmfs import dtypes
 from sllmfs.errors import BadInput, SllmfsError
 from sllmfs.format import Manifest
 from sllmfs.sglang.variants import RankVariant
+from sllmfs.store import Identity, variant_identity
 from sllmfs.writer import VariantWriter
 
 log = logging.getLogger("sllmfs.sglang")
@@ -54,11 +55,26 @@ def _bytes(t: Any) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def hf_identity(storage_path: str | None, model: str) -> Identity | None:
+    """The identity of ``model``'s hf variant now (None: no store path, or no such variant)."""
+    if not storage_path:
+        return None
+    from sllmfs.store import Store
+
+    try:
+        return variant_identity(Store(storage_path, create=False, cleanup=False).model_path(model) / "variants" / "hf")
+    except SllmfsError:
+        return None
+
+
 def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[str, Any], *,
-                     replace: bool = False, metadata: dict[str, Any] | None = None) -> Manifest | None:
+                     replace: bool = False, metadata: dict[str, Any] | None = None,
+                     base: Identity | None = None) -> Manifest | None:
     """Write ``state`` (CPU tensors; consumed) as variant ``variant.key`` of ``model``.
 
-    Returns None when another process committed the same key first (same bytes).
+    ``base``: the hf version the state was made from; if the model was replaced since (its hf
+    identity differs), nothing is committed: that state belongs to weights no longer stored.
+    Returns None when nothing was committed (a peer committed the same key first, or the base is gone).
     """
     key = variant.key
     with store.staging() as work:
@@ -75,6 +91,11 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
             raise
         try:
             with store.writing(model, wait=True):  # ranks queue; a save or rm of the model goes first
+                now = variant_identity(store.model_path(model) / "variants" / "hf")
+                if base is not None and now != base:
+                    log.warning("sllmfs: %r was replaced while its rank state was being written; %s is "
+                                "dropped (the next start writes it from the new weights)", model, key)
+                    return None
                 store.commit_variant(vdir, model, key, force=replace)
         except BadInput:
             if replace:
@@ -91,9 +112,11 @@ class WriteBack:
     """One rank's write-back, in the background or inline."""
 
     def __init__(self, storage_path: str, model: str, variant: RankVariant, state: dict[str, Any], *,
-                 replace: bool, metadata: dict[str, Any] | None = None, socket: str | None = None):
+                 replace: bool, metadata: dict[str, Any] | None = None, socket: str | None = None,
+                 base: Identity | None = None):
         self.storage_path = storage_path
         self.socket = socket  # the sidecar to load the new variant into its memory tier: the next start hits
+        self.base = base  # the hf version the state was made from
         self.model = model
         self.variant = variant
         self.state = state
@@ -110,7 +133,7 @@ class WriteBack:
         try:
             store = Store(self.storage_path, create=False, cleanup=False)
             self.result = write_rank_state(store, self.model, self.variant, self.state,
-                                           replace=self.replace, metadata=self.metadata)
+                                           replace=self.replace, metadata=self.metadata, base=self.base)
         except (SllmfsError, OSError) as e:
             self.error = e
             log.warning("sllmfs: could not write %s of %r back to the store at %s (%s); the next start "

@@ -29,7 +29,7 @@ import trio
 from sllmfs import names
 from sllmfs.config import Settings
 from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
-from sllmfs.format import CHUNK_SIZE, load_manifest
+from sllmfs.format import CHUNK_SIZE, load_manifest, open_regular
 from sllmfs.sidecar import disktier, wire
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.gpucopy import GpuCopier
@@ -72,6 +72,7 @@ class Server:
         self.tier = tier
         self.counters = Counters()
         self.registered: set[str] = _load_registered(store)  # kept in the store: survives restarts
+        self._registry_lock = trio.Lock()
         self.mount_in_use: Counter[str] = Counter()  # models read through the mount now (the FUSE view counts)
         self.refused: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
         self.fills: set[Fill] = set()
@@ -310,13 +311,17 @@ class Server:
         listing = []
         try:
             for rel, path in found:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = open_regular(path, below=self.store.models_dir)  # no link followed, no FIFO waited on
                 fds.append(fd)
                 listing.append([rel, os.fstat(fd).st_size])
         except OSError as e:
             for fd in fds:
                 os.close(fd)
             raise NotFound(f"model {model!r}: cannot open {Path(str(e.filename)).name} ({e.strerror})") from None
+        except SllmfsError:
+            for fd in fds:
+                os.close(fd)
+            raise
         return {"ok": True, "files": listing}, fds
 
     async def op_release(self, conn: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
@@ -355,8 +360,9 @@ class Server:
         model = _model_arg(msg)
         if not await trio.to_thread.run_sync(self.store.has, model):
             raise NotFound(f"model {model!r} is not in the store at {self.store.root}; `sllmfs save` it first")
-        self.registered.add(model)
-        await trio.to_thread.run_sync(_save_registered, self.store, self.registered)
+        async with self._registry_lock:  # one writer of registered.json at a time, a snapshot each
+            await trio.to_thread.run_sync(_save_registered, self.store, sorted(self.registered | {model}))
+            self.registered.add(model)  # only once it is kept
         log.info("registered model=%s", model)
         return {"ok": True}, []
 
@@ -450,8 +456,11 @@ class Server:
         variant_dir = self.store.model_path(model) / "variants" / variant
         try:  # one version throughout: identity, manifest and data files through one directory fd
             dir_fd = os.open(variant_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return await self._resident(model, variant)  # replaced or removed meanwhile: look again
+        except OSError as e:
+            raise Corrupt(f"model {model!r} [{variant}]: cannot open {variant_dir} ({e.strerror}); "
+                          f"run `sllmfs verify --model {model}`") from None
         try:
             pinned = Path(f"/proc/self/fd/{dir_fd}")
             ident = variant_identity(pinned)
@@ -625,10 +634,10 @@ def _load_registered(store: Store) -> set[str]:
     return {n for n in names_ if isinstance(n, str)} if isinstance(names_, list) else set()
 
 
-def _save_registered(store: Store, registered: set[str]) -> None:
+def _save_registered(store: Store, registered: list[str]) -> None:
     path = store.root / REGISTERED
-    tmp = path.with_name(f".{REGISTERED}.tmp")
-    tmp.write_text(json.dumps(sorted(registered)))
+    tmp = path.with_name(f".{REGISTERED}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(registered))
     os.chmod(tmp, 0o640)
     os.replace(tmp, path)  # whole or not at all
 
