@@ -36,44 +36,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 MODEL = "bench/llama-2-7b-shaped"
 
-from limits import drop_caches, measured, pinned_peak, sh, start_sidecar, stop, timed_threads  # noqa: E402
+from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sidecar, stop, timed_threads  # noqa: E402
 
 ALIGN = 4096
-
-
-def _jobs(files: list[Path], block: int) -> list[tuple[Path, int]]:
-    return [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
-
-
-def read_files(files: list[Path], threads: int, block: int, direct: bool) -> float:
-    """GB/s reading every byte of ``files`` with ``threads`` workers of ``block`` bytes each."""
-    jobs = _jobs(files, block)
-    lock = threading.Lock()
-    total = [0]
-
-    def worker() -> None:
-        buf = mmap.mmap(-1, block)  # page-aligned: O_DIRECT needs it
-        fds: dict[Path, int] = {}
-        while True:
-            with lock:
-                if not jobs:
-                    break
-                f, off = jobs.pop(0)
-            fd = fds.get(f)
-            if fd is None:
-                fd = fds[f] = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            n = os.preadv(fd, [buf], off)
-            with lock:
-                total[0] += n
-        for fd in fds.values():
-            os.close(fd)
-        buf.close()
-
-    seconds = timed_threads(worker, threads)
-    want = sum(f.stat().st_size for f in files)
-    if total[0] < want:
-        raise SystemExit(f"read {total[0]} of {want} bytes ({threads} threads, direct={direct})")
-    return total[0] / seconds / 1e9
 
 
 def fault_in(nbytes: int, huge: bool, threads: int) -> float:
@@ -161,7 +126,7 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
         if cold and not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
         if not cold:
-            read_files(sorted(store.rglob("data_*.bin")), 16, 32 << 20, False)  # all in the page cache
+            read_files(sorted(store.rglob("data_*.bin")), 16, 32 << 20, direct=False)  # all in the page cache
         t0 = time.perf_counter()
         sh(sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock))
         seconds = time.perf_counter() - t0
@@ -200,14 +165,14 @@ def main() -> None:
         r[label] = measured(label, fn())
         print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
 
-    cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, True))
+    cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, direct=True))
     for t in (4, 16, 32):
-        cold(f"disk O_DIRECT {t} threads 16MiB", lambda t=t: read_files(files, t, 16 << 20, True))
+        cold(f"disk O_DIRECT {t} threads 16MiB", lambda t=t: read_files(files, t, 16 << 20, direct=True))
     for t in (4, 16):
-        cold(f"disk buffered {t} threads 32MiB", lambda t=t: read_files(files, t, 32 << 20, False))
-    read_files(files, 16, 32 << 20, False)  # now cached
+        cold(f"disk buffered {t} threads 32MiB", lambda t=t: read_files(files, t, 32 << 20, direct=False))
+    read_files(files, 16, 32 << 20, direct=False)  # now cached
     for t in (1, 4, 16):
-        warm(f"page cache -> memory {t} threads", lambda t=t: read_files(files, t, 32 << 20, False))
+        warm(f"page cache -> memory {t} threads", lambda t=t: read_files(files, t, 32 << 20, direct=False))
     gib8 = 8 << 30
     for huge in (False, True):
         for t in (1, 4, 16):

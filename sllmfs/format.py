@@ -282,6 +282,13 @@ def plain_name(name: Any) -> bool:
 # -- opening store files -----------------------------------------------------------
 
 
+def digest(data: Any) -> str:
+    """The store's checksum of some bytes, as manifests write it (windows and tensors): xxh3_64, hex."""
+    import xxhash
+
+    return f"{xxhash.xxh3_64_intdigest(data):016x}"
+
+
 def corrupt(path: str | os.PathLike[str], why: str) -> Corrupt:
     """One line for a damaged or tampered store entry: the model (else the path), what is wrong, the fix."""
     where, fix = describe(path)

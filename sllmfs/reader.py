@@ -12,7 +12,7 @@ import xxhash
 
 from sllmfs import dtypes
 from sllmfs.errors import Corrupt
-from sllmfs.format import CHUNK_SIZE, Manifest, corrupt, load_manifest, open_regular
+from sllmfs.format import CHUNK_SIZE, Manifest, corrupt, digest, load_manifest, open_regular
 
 
 class VariantReader:
@@ -99,7 +99,7 @@ def verify_variant(reader: VariantReader, progress: Callable[[int], None] | None
         for k, start in enumerate(range(0, p.size, CHUNK_SIZE)):
             n = min(CHUNK_SIZE, p.size - start)
             got = read_full(fd, view[:n], start)
-            actual = f"{xxhash.xxh3_64_intdigest(view[:got]):016x}" if got == n else "file truncated"
+            actual = digest(view[:got]) if got == n else "file truncated"
             expected = p.chunks[k] if k < len(p.chunks) else "none"
             if actual != expected:
                 inside = [(nm, t) for nm, t in tensors if t.offset < start + n and t.offset + t.nbytes > start]
@@ -126,7 +126,7 @@ def _culprit(reader: VariantReader, inside: list[tuple[str, Any]]) -> str:
             data = reader.read_range(t.partition, t.offset, t.nbytes)
         except Corrupt:
             return name
-        if f"{xxhash.xxh3_64_intdigest(data):016x}" != t.checksum:
+        if digest(data) != t.checksum:
             return name
     return ""
 

@@ -28,9 +28,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-import xxhash
-
-from sllmfs.format import CHUNK_SIZE, Partition, open_dir, open_regular
+from sllmfs.format import CHUNK_SIZE, Partition, digest, open_dir, open_regular
 from sllmfs.reader import read_full
 from sllmfs.store import Identity, variant_identity
 
@@ -61,10 +59,6 @@ def _bounce() -> mmap.mmap:
     if buf is None:
         buf = _local.buf = mmap.mmap(-1, BOUNCE)  # page-aligned, reused: no fresh pages per read
     return buf
-
-
-def window_digest(data: memoryview) -> str:
-    return f"{xxhash.xxh3_64_intdigest(data):016x}"  # as the manifest writes it
 
 
 class BadWindow(OSError):
@@ -202,7 +196,7 @@ class PartitionFiles:
                 got = self._read_window(part, buf, window * CHUNK_SIZE, n)
                 view = memoryview(buf)[:n]
                 expected = p.chunks[window] if window < len(p.chunks) else None
-                if got < n or window_digest(view) != expected:
+                if got < n or digest(view) != expected:
                     c.state[part][window] = BAD
                     why = "is shorter than its manifest says" if got < n else "fails its xxh3_64 checksum"
                     raise BadWindow(part, window, f"{p.file} window {window} {why}", first=True)

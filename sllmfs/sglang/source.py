@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from sllmfs import dtypes
 from sllmfs.errors import Corrupt, NotFound, SllmfsError
-from sllmfs.format import Manifest, corrupt, open_regular
+from sllmfs.format import Manifest, corrupt, digest, open_regular
 
 
 class Lease(Protocol):
@@ -95,8 +95,6 @@ class _StoreLease:
         """Every window against the manifest, as the sidecar's fill checks it (xxh3 drops the GIL: threads)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        import xxhash
-
         from sllmfs.format import CHUNK_SIZE
 
         jobs = [(i, k) for i, p in enumerate(self.manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
@@ -106,9 +104,9 @@ class _StoreLease:
             p, buf = self.manifest.partitions[i], self._maps[i]
             assert buf is not None
             view = memoryview(buf)[k * CHUNK_SIZE:min((k + 1) * CHUNK_SIZE, p.size)]
-            digest = f"{xxhash.xxh3_64_intdigest(view):016x}"
+            ok = k < len(p.chunks) and digest(view) == p.chunks[k]
             view.release()
-            return None if k < len(p.chunks) and digest == p.chunks[k] else f"{p.file} window {k}"
+            return None if ok else f"{p.file} window {k}"
 
         with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
             failed = next((w for w in pool.map(bad, jobs) if w), None)

@@ -29,7 +29,7 @@ import trio
 from sllmfs import names
 from sllmfs.config import Settings
 from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
-from sllmfs.format import CHUNK_SIZE, load_manifest, open_regular
+from sllmfs.format import CHUNK_SIZE, load_manifest, open_dir, open_regular
 from sllmfs.sidecar import disktier, wire
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.gpucopy import GpuCopier
@@ -453,10 +453,12 @@ class Server:
         refused = self.refused.get((model, variant))
         if refused and refused[0] == ident:
             raise Corrupt(refused[1])
+        await trio.to_thread.run_sync(self.store.get, model)  # a damaged model is refused as every reader does
         variant_dir = self.store.model_path(model) / "variants" / variant
-        try:  # one version throughout: identity, manifest and data files through one directory fd
-            dir_fd = os.open(variant_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+        try:  # one version throughout: identity, manifest and data files through one directory fd,
+            # opened without following a link at any step below models/
+            dir_fd = open_dir(variant_dir, below=self.store.models_dir)
+        except FileNotFoundError:
             return await self._resident(model, variant)  # replaced or removed meanwhile: look again
         except OSError as e:
             raise Corrupt(f"model {model!r} [{variant}]: cannot open {variant_dir} ({e.strerror}); "
