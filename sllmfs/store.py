@@ -356,7 +356,11 @@ class Store:
         if key not in info.variants:
             raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
         with self.writing(name), self.staging() as work:
-            os.rename(info.variant_dir(key), work / "old")
+            try:  # under the lock: another rm may have taken it since the check above
+                os.rename(info.variant_dir(key), work / "old")
+            except FileNotFoundError:
+                raise NotFound(f"model {name!r} has no variant {key!r} any more (removed meanwhile)") from None
+            fsync_dir(info.variant_dir(key).parent)
 
     def remove_leftovers(self) -> builtins.list[str]:
         """Delete tmp/ entries whose writer is gone (its lock is free)."""
