@@ -117,7 +117,7 @@ def _poison(torch: Any, dst: Any) -> None:
 def run_case(a: argparse.Namespace) -> dict[str, Any]:
     import mmap
 
-    from sllmfs.copy_engine import CopyEngine, Segment
+    from sllmfs.engine.copy_engine import CopyEngine, Segment
 
     size = a.size
     torch, dst = (None, np.empty(size, np.uint8)) if a.target == "host" else _gpu_setup(size)
@@ -165,7 +165,7 @@ def run_case(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_peak(a: argparse.Namespace) -> dict[str, Any]:
     """Pinned (cudaHostAlloc) -> GPU with torch on several streams, then the engine on the same buffer."""
-    from sllmfs.copy_engine import CopyEngine, Segment
+    from sllmfs.engine.copy_engine import CopyEngine, Segment
 
     torch, dst = _gpu_setup(a.size)
     n = min(a.size, 4 * GiB)
@@ -194,7 +194,7 @@ def run_peak(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_check(a: argparse.Namespace) -> dict[str, Any]:
     """Exact comparison on shuffled, odd, overlapping pieces, plus readiness arriving mid-copy and faults."""
-    from sllmfs import copy_engine as ce
+    from sllmfs.engine import copy_engine as ce
 
     size = 1 * GiB
     rng = np.random.default_rng(5)
@@ -282,7 +282,7 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_disk(a: argparse.Namespace) -> dict[str, Any]:
     """Cold memory tier: reader threads fill a memfd from a cold file, the engine copies behind them."""
-    from sllmfs.copy_engine import CopyEngine, Segment
+    from sllmfs.engine.copy_engine import CopyEngine, Segment
 
     size, cs = a.size, 16 * MiB
     path = Path(a.disk_dir) / "bench-cold.bin"
@@ -432,7 +432,7 @@ def address_of_buf(buf: Any) -> int:
 
 def run_vmm_client(a: argparse.Namespace) -> dict[str, Any]:
     """Fresh client: import the fd, map it, copy from it (already pinned: no registration)."""
-    from sllmfs.copy_engine import CopyEngine, Segment
+    from sllmfs.engine.copy_engine import CopyEngine, Segment
 
     size = a.size
     torch, dst = _gpu_setup(size)

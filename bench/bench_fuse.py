@@ -39,8 +39,8 @@ def build(work: Path, size_gb: float) -> tuple[Path, str]:
     import torch
     from safetensors.torch import save_file
 
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     store_root = work / "store"
     name = "bench/random"
@@ -68,8 +68,8 @@ def build(work: Path, size_gb: float) -> tuple[Path, str]:
 def serve_main(store_root: str, mnt: str, name: str, resident: bool) -> None:
     import trio
 
-    from sllmfs.fuse_view import serve
-    from sllmfs.store import Store
+    from sllmfs.fuse.main import serve
+    from sllmfs.store.store import Store
 
     store = Store(store_root, create=False, cleanup=False)
     segments: list[memoryview] | None = None
@@ -184,7 +184,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     store_root, name = build(args.work, args.size_gb)
-    from sllmfs.store import Store
+    from sllmfs.store.store import Store
 
     info = Store(store_root, create=False).get(name)
     data = info.variant_dir("hf") / info.manifest("hf").partitions[0].file

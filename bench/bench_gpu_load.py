@@ -32,7 +32,7 @@ MODEL = "bench/llama-2-7b-shaped"
 from limits import disk_read_bw, drop_caches, pinned_peak, sh  # noqa: E402
 
 # label -> (who copies, engine mode, allocation: "slab" (one block), "tensor" (one each), "reserved"
-# (one each, after sllmfs.gpu_ipc.reserve_segment, as sllmfs's own loaders allocate))
+# (one each, after sllmfs.engine.ipc.reserve_segment, as sllmfs's own loaders allocate))
 PATHS = {"sidecar": ("sidecar", "auto", "tensor"), "sidecar-slab": ("sidecar", "auto", "slab"),
          "sidecar-reserved": ("sidecar", "auto", "reserved"), "client": ("client", "auto", "tensor"),
          # PyTorch's VMM allocator (no legacy IPC handles): load_into's path and load_dict
@@ -44,20 +44,20 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
     """One fresh-process load: allocate + poison GPU tensors, then time connect → last byte."""
     import torch
 
-    from sllmfs.client import connect
-    from sllmfs.transfer import copy_into
+    from sllmfs.client.client import connect
+    from sllmfs.client.transfer import copy_into
 
     who, mode, alloc = PATHS[label]
     if who != "auto":
         os.environ["SLLMFS_GPU_COPY"] = who
     if alloc == "load_dict":
         return _load_dict_run(socket)
-    from sllmfs.store import Store
+    from sllmfs.store.store import Store
 
     m = Store(store, cleanup=False).get(MODEL).manifest("hf")  # shapes, without starting a fill
     shapes = {n: (tuple(m.entry(n).shape), m.entry(n).nbytes) for n in m.names()}
     if alloc == "reserved":
-        from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment
+        from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
 
         reserve_segment("cuda", large_pool_bytes(n for _s, n in shapes.values()))
     if alloc == "slab":  # as a framework that allocates its weights in one block would
@@ -87,8 +87,8 @@ def client_run(socket: str, label: str, store: str) -> dict[str, object]:
 def _load_dict_run(socket: str) -> dict[str, object]:
     import torch
 
-    from sllmfs.client import connect
-    from sllmfs.torch import load_dict
+    from sllmfs.client.client import connect
+    from sllmfs.integrations.torch import load_dict
 
     torch.cuda.init()
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ hugetlb memfd (when huge pages can be reserved) and a 4 KiB-page memfd,
 registers each with the copy engine once (timed: off the load path), then
 serves copy requests on a Unix socket. For each segment kind and each way of
 allocating, a fresh process C (imports torch) allocates Llama-shaped bf16
-tensors (poisoned), exports their allocations with sllmfs.gpu_ipc, sends
+tensors (poisoned), exports their allocations with sllmfs.engine.ipc, sends
 handles + plan (msgpack), and times send -> reply. C then checks every tensor
 against int64 sums of the source bytes computed by S. A separate fresh process
 measures the pinned (cudaHostAlloc) H2D peak in the same run.
@@ -111,7 +111,7 @@ def client(args: list[str]) -> dict[str, Any]:
 
 
 def serve(a: argparse.Namespace) -> None:
-    from sllmfs.copy_engine import CopyEngine, Segment, runtime_path
+    from sllmfs.engine.copy_engine import CopyEngine, Segment, runtime_path
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     import torch
 
-    from sllmfs.gpu_ipc import export_targets
+    from sllmfs.engine.ipc import export_targets
 
     torch.cuda.init()
     res: dict[str, Any] = {"case": f"{a.pages} {a.alloc}", "torch_init_s": time.perf_counter() - t}
@@ -292,7 +292,7 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
 
 def probe_share_cuda(torch: Any) -> dict[str, Any]:
     """What torch 2.11's _share_cuda_ returns, next to our own export of the same pointer."""
-    from sllmfs.copy_engine import _native
+    from sllmfs.engine.copy_engine import _native
 
     x = torch.empty(3 * MiB, dtype=torch.uint8, device="cuda")
     y = x[4096:]

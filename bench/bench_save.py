@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sllmfs.save import save_model  # noqa: E402
-from sllmfs.store import Store  # noqa: E402
+from sllmfs.store.save import save_model  # noqa: E402
+from sllmfs.store.store import Store  # noqa: E402
 
 
 def build_checkpoint(out: Path, gb: float) -> int:

@@ -113,7 +113,7 @@ class Sidecar:
 
 
 def tiny(work: Path, logs: Path, save_only: bool = False) -> dict[str, object]:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     src, store = work / "tiny-src", work / "store"
     build_model(src, "llama", hidden=256, layers=2)
@@ -172,7 +172,7 @@ def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool 
         if only_fast:
             # the memory-tier runs below must find the per-rank variant resident (SLLMFS_BENCH_NO_WARM:
             # leave that to the write-back, which asks the sidecar to fill what it wrote)
-            from sllmfs.store import Store
+            from sllmfs.store.store import Store
 
             for key in Store(store).get("bench/llama-7b").variants:
                 if key.startswith("sglang.") and not os.environ.get("SLLMFS_BENCH_NO_WARM"):

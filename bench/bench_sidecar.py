@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 from limits import timed_threads
 
-import sllmfs.client as sc
-from sllmfs.config import parse_size
-from sllmfs.save import save_model
-from sllmfs.store import Store
+import sllmfs.client.client as sc
+from sllmfs.core.config import parse_size
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 HERE = Path(__file__).resolve().parent
 
@@ -122,7 +122,7 @@ def shared_bytes() -> int:
 
 
 SHARER = r"""
-import sys, numpy as np, sllmfs.client as sc
+import sys, numpy as np, sllmfs.client.client as sc
 c = sc.connect(sys.argv[1]); lease = c.acquire(sys.argv[2]); lease.wait(timeout=600)
 total = 0
 for b in lease.buffers():

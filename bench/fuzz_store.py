@@ -33,9 +33,9 @@ for p in (ROOT, ROOT / "tests"):
 from safetensors.numpy import load as load_safetensors  # noqa: E402
 from test_sidecar import make_model, sidecar  # noqa: E402
 
-from sllmfs.errors import SllmfsError  # noqa: E402
-from sllmfs.names import model_dirname  # noqa: E402
-from sllmfs.store import Store, exchange  # noqa: E402
+from sllmfs.core.errors import SllmfsError  # noqa: E402
+from sllmfs.core.names import model_dirname  # noqa: E402
+from sllmfs.store.store import Store, exchange  # noqa: E402
 
 GOOD, VICTIM = "fuzz/good", "fuzz/victim"
 HOSTILE: list[Any] = [2**64, 2**63, 2**62 + 4096, 2**31, -1, -4096, 0, 1, 3, 1.5, 4096.0, 1e308, float("nan"),

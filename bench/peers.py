@@ -58,7 +58,7 @@ PEERS = ("safetensors", "transformers", "fastsafetensors", "runai", "instanttens
 LOADERS = (*PEERS, "sglang", "sllmfs", "sllmfs-fuse")
 MODULE = {"safetensors": "safetensors", "transformers": "transformers", "fastsafetensors": "fastsafetensors",
           "runai": "runai_model_streamer", "instanttensor": "instanttensor", "sglang": "sglang",
-          "sllmfs": "sllmfs.client", "sllmfs-fuse": "pyfuse3"}
+          "sllmfs": "sllmfs.client.client", "sllmfs-fuse": "pyfuse3"}
 DISTS = ("torch", "safetensors", "transformers", "accelerate", "fastsafetensors", "runai-model-streamer",
          "instanttensor", "sglang", "sllmfs", "numpy")
 SIZE_LAYERS = (1, 9, 32)  # 0.93, 4.17 and 13.48 GB of Llama-2-7B shapes
@@ -86,7 +86,7 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
 
 
 def item_size(code: str) -> int:
-    from sllmfs import dtypes
+    from sllmfs.core import dtypes
 
     return dtypes.by_code(code).itemsize
 
@@ -311,15 +311,15 @@ def prep_instanttensor(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[
 
 
 def prep_sllmfs(path: Path, a: argparse.Namespace) -> tuple[LoadFn, dict[str, Any]]:
-    """Like the peers, sllmfs allocates the tensors itself inside the timer: ``sllmfs.torch.load_dict``
+    """Like the peers, sllmfs allocates the tensors itself inside the timer: ``sllmfs.integrations.torch.load_dict``
     (one cudaMalloc for the weights, then the sidecar copies into them over CUDA IPC). Loading into a
     framework's pre-allocated tensors is bench/bench_gpu_load.py's subject."""
-    from sllmfs.torch import load_dict
+    from sllmfs.integrations.torch import load_dict
 
     def load() -> dict[str, Any]:
         return load_dict(a.model, device_map={"": a.device}, socket=a.socket, timeout=600)
 
-    return load, {"call": 'sllmfs.torch.load_dict(model, device_map={"": "cuda:0"}, socket=sock)',
+    return load, {"call": 'sllmfs.integrations.torch.load_dict(model, device_map={"": "cuda:0"}, socket=sock)',
                   "SLLMFS_GPU_COPY": env_or("SLLMFS_GPU_COPY", "auto: the sidecar copies over CUDA IPC")}
 
 
@@ -528,7 +528,7 @@ class Bench:
 
     def save_model(self, ck: Ckpt) -> str | None:
         """`sllmfs save` the checkpoint (skipped when the store already has this build); None or why not."""
-        from sllmfs.names import model_dirname
+        from sllmfs.core.names import model_dirname
 
         manifest = self.store / "models" / model_dirname(ck.model) / "variants" / "hf" / "manifest.json"
         if ck.model in self.saved or (manifest.exists() and manifest.stat().st_mtime > ck.file.stat().st_mtime):

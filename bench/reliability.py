@@ -36,8 +36,8 @@ import msgpack  # noqa: E402
 import xxhash  # noqa: E402
 from test_sidecar import make_model, raw_hello, sidecar, wait_log  # noqa: E402
 
-import sllmfs.client as sc  # noqa: E402
-from sllmfs.sidecar import wire  # noqa: E402
+import sllmfs.client.client as sc  # noqa: E402
+from sllmfs.protocol import wire  # noqa: E402
 
 MiB = 1 << 20
 OPS = ["hello", "list", "acquire", "release", "files", "status", "pin", "unpin", "evict", "refresh", "register",
@@ -378,7 +378,7 @@ def scenario_load(base: Path, clients: int = 32, rounds: int = 100, model_mib: i
 # -- c: kills -------------------------------------------------------------------------------------------------
 
 WAITER = """
-import sys, time, sllmfs.client as sc
+import sys, time, sllmfs.client.client as sc
 c = sc.connect(sys.argv[1])
 lease = c.acquire(sys.argv[2])
 print("acquired", flush=True)
@@ -500,7 +500,7 @@ def scenario_kill_with_mount(base: Path) -> dict[str, Any]:
 
 AS_OTHER = """
 import os, sys, json, socket
-import sllmfs.client as sc  # imported as root: the interpreter lives under /root; then drop to the other user
+import sllmfs.client.client as sc  # imported as root: the interpreter lives under /root; then drop to the other user
 os.setgroups([])
 os.setgid(int(sys.argv[4]))
 os.setuid(int(sys.argv[3]))
@@ -537,7 +537,7 @@ print(json.dumps(out))
 
 _WRITE_BACK = (
     "import sys, torch\n"
-    "from sllmfs.sglang import variants, writeback\nfrom sllmfs.store import Store\n"
+    "from sllmfs.integrations.sglang import variants, writeback\nfrom sllmfs.store.store import Store\n"
     "key = variants.make(tp_size=1, tp_rank=0, dtype='float32', quant=None, sglang_version='0.5.17')\n"
     "g = torch.Generator().manual_seed(int(sys.argv[2]))\n"
     "state = {f'w{i}': torch.randn(1 << 20, generator=g) for i in range(16)}\n"
@@ -559,9 +559,9 @@ def _checkpoint(src: Path, seed: int, tensors: int = 16) -> dict[str, str]:
 
 def _stored_hashes(store: Path, variant: str) -> dict[str, str] | None:
     """The variant's tensors as stored (every window and tensor checksum verified), or None when absent."""
-    from sllmfs.errors import NotFound
-    from sllmfs.reader import VariantReader, verify_variant
-    from sllmfs.store import Store
+    from sllmfs.core.errors import NotFound
+    from sllmfs.store.reader import VariantReader, verify_variant
+    from sllmfs.store.store import Store
 
     try:
         info = Store(store, create=False, cleanup=False).get("m")
@@ -576,9 +576,9 @@ def _stored_hashes(store: Path, variant: str) -> dict[str, str] | None:
 def scenario_kill_writers(base: Path, kills: int = 12) -> dict[str, Any]:
     """SIGKILL `save --force`, `rm` and a write-back at `kills` instants spread over each one's own duration:
     the stored model (or variant) must be the old or the new one, complete, every time."""
-    from sllmfs.save import save_model
-    from sllmfs.sglang import variants
-    from sllmfs.store import Store
+    from sllmfs.integrations.sglang import variants
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     store = base / "store"
     old, new = _checkpoint(base / "old", 1), _checkpoint(base / "new", 2)

@@ -9,7 +9,7 @@
 // Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
 // runtime_path(cudart, fallback) -> str;  device_by_bus(bus, cudart, fallback) -> int
 // ipc_export(ptr, cudart, fallback) -> (handle, base, size, device, bus)
-// Errors raise _native.EngineError(kind, message); sllmfs.copy_engine maps kinds to classes.
+// Errors raise _native.EngineError(kind, message); sllmfs.engine.copy_engine maps kinds to classes.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -461,7 +461,7 @@ PyMODINIT_FUNC PyInit__native(void) {
   EngineType.tp_name = "sllmfs._native.Engine";
   EngineType.tp_basicsize = sizeof(EngineObject);
   EngineType.tp_flags = Py_TPFLAGS_DEFAULT;
-  EngineType.tp_doc = "Native copy engine (see sllmfs.copy_engine.CopyEngine)";
+  EngineType.tp_doc = "Native copy engine (see sllmfs.engine.copy_engine.CopyEngine)";
   EngineType.tp_new = PyType_GenericNew;
   EngineType.tp_init = reinterpret_cast<initproc>(engine_init);
   EngineType.tp_dealloc = reinterpret_cast<destructor>(engine_dealloc);

@@ -19,28 +19,28 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_dir(models_dir: Path) -> Path:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     return build_model(models_dir / "llama", "llama")
 
 
 @pytest.fixture(scope="session")
 def qwen_tied_dir(models_dir: Path) -> Path:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     return build_model(models_dir / "qwen-tied", "qwen2", tied=True)
 
 
 @pytest.fixture(scope="session")
 def sharded_dir(models_dir: Path) -> Path:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     return build_model(models_dir / "sharded", "llama", shard_size="100KB")
 
 
 @pytest.fixture(scope="session")
 def bin_dir(models_dir: Path) -> Path:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     return build_model(models_dir / "bin", "qwen2", tied=True, safe=False)
 
@@ -48,7 +48,7 @@ def bin_dir(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def lora_dir(models_dir: Path, llama_dir: Path) -> Path:
     pytest.importorskip("peft")
-    from sllmfs.demo import build_lora
+    from sllmfs.ops.demo import build_lora
 
     return build_lora(llama_dir, models_dir / "lora")
 

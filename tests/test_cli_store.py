@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sllmfs.reader import VariantReader
-from sllmfs.store import Store
+from sllmfs.store.reader import VariantReader
+from sllmfs.store.store import Store
 from tests.helpers import one_line_error, sllmfs
 
 
@@ -223,7 +223,7 @@ def test_killed_save_leaves_no_model_and_next_save_cleans_up(tmp_path: Path, sto
 
 
 def test_rm_one_variant_keeps_the_model(llama_dir: Path, store_path: Path) -> None:
-    from sllmfs.sglang import variants, writeback
+    from sllmfs.integrations.sglang import variants, writeback
 
     sllmfs("save", "--model", "m", "--local-model-path", str(llama_dir), store=store_path)
     key = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")

@@ -1,4 +1,4 @@
-"""sllmfs.client against a real sidecar: zero-copy views, readiness, sharing between processes."""
+"""sllmfs.client.client against a real sidecar: zero-copy views, readiness, sharing between processes."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from test_sidecar import make_model, sidecar
 
-import sllmfs.client as sc
-from sllmfs.errors import NotFound
-from sllmfs.reader import VariantReader
-from sllmfs.save import save_model
-from sllmfs.store import Store
+import sllmfs.client.client as sc
+from sllmfs.core.errors import NotFound
+from sllmfs.store.reader import VariantReader
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 
 def _map_range(m: mmap.mmap) -> tuple[int, int]:
@@ -139,7 +139,7 @@ def test_connect_uses_configured_socket(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 SHARER = """
-import json, sys, numpy as np, sllmfs.client as sc
+import json, sys, numpy as np, sllmfs.client.client as sc
 c = sc.connect(sys.argv[1])
 lease = c.acquire("shared")
 t = lease.numpy(timeout=60)  # numpy, not torch: four torch imports would dominate the test

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sllmfs import copy_engine as ce
+from sllmfs.engine import copy_engine as ce
 
 MiB = 1 << 20
 MODES = ["auto", "stage", "register", "hybrid"]
@@ -210,11 +210,11 @@ def test_cuda_without_gpu_is_one_clear_line():
             pytest.skip("a GPU is present")
     except ImportError:
         pass
-    code = "from sllmfs.copy_engine import CopyEngine; CopyEngine(target='cuda')"
+    code = "from sllmfs.engine.copy_engine import CopyEngine; CopyEngine(target='cuda')"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("sllmfs.copy_engine.CudaUnavailable:") and "CUDA" in last
+    assert last.startswith("sllmfs.engine.copy_engine.CudaUnavailable:") and "CUDA" in last
 
 
 FAKE_CUDART = r"""
@@ -251,7 +251,7 @@ E cudaPointerGetAttributes(void* a, const void* p) { memset(a, 0, 16); return 0;
 FAKE_CLIENT = """
 import sys, numpy as np
 from sllmfs import _native
-from sllmfs.copy_engine import CudaError, _translate
+from sllmfs.engine.copy_engine import CudaError, _translate
 src = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)
 dst = np.zeros_like(src)
 rows = np.array([[0, 0, dst.ctypes.data, 5], [0, 5, dst.ctypes.data + 5, src.size - 5]], np.uint64)

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from sllmfs import copy_engine as ce
+from sllmfs.engine import copy_engine as ce
 
 MiB = 1 << 20
 
@@ -73,7 +73,7 @@ def test_copy_ipc_checks_the_plan_before_opening(segment):
 
 def test_export_targets_refuses_cpu_tensors():
     torch = pytest.importorskip("torch")
-    from sllmfs.gpu_ipc import BadTarget, export_targets
+    from sllmfs.engine.ipc import BadTarget, export_targets
 
     assert export_targets({}) == ([], {})
     with pytest.raises(BadTarget, match=r"'w' is on cpu.*CUDA tensors") as ei:
@@ -95,7 +95,7 @@ def _without_torch(code: str, **env: str) -> dict:
 def test_missing_explicit_runtime_is_one_clear_line():
     out = _without_torch(
         """
-        from sllmfs import copy_engine as ce
+        from sllmfs.engine import copy_engine as ce
         try:
             ce.CopyEngine(target="cuda")
             r = {"ok": True}
@@ -114,7 +114,7 @@ def test_cuda_engine_without_torch_opens_or_fails_in_one_line():
     # runtime finds no device; on a GPU machine the engine simply starts. torch stays out either way.
     out = _without_torch(
         """
-        from sllmfs import copy_engine as ce
+        from sllmfs.engine import copy_engine as ce
         r = {"wheel": ce.wheel_cudart()}
         try:
             eng = ce.CopyEngine(target="cuda")
@@ -189,7 +189,7 @@ def test_sidecar_flow_against_a_fake_runtime(tmp_path):
     out = _without_torch(
         f"""
         import ctypes, os, numpy as np
-        from sllmfs import copy_engine as ce
+        from sllmfs.engine import copy_engine as ce
         fake = ctypes.CDLL({str(lib)!r})
         src = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8)
         eng = ce.CopyEngine(target="cuda", device="0000:00:06.0", threads=2)
@@ -244,7 +244,7 @@ def test_sidecar_flow_against_a_fake_runtime(tmp_path):
 
 def test_reservation_counts_large_pool_tensors_only():
     """The reservation matches what torch's large pool gives the weights: small ones not, 512-byte rounding."""
-    from sllmfs.gpu_ipc import large_pool_bytes, reserve_segment
+    from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
 
     big = 4 << 20
     assert large_pool_bytes([1 << 20, (1 << 20) + 1]) == (1 << 20) + 512

@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sllmfs import dtypes
-from sllmfs.errors import BadInput, Corrupt, FormatVersionError
-from sllmfs.format import ALIGNMENT, load_manifest
-from sllmfs.reader import VariantReader, verify_variant
-from sllmfs.save import save_model
-from sllmfs.store import Store
-from sllmfs.writer import VariantWriter
+from sllmfs.core import dtypes
+from sllmfs.core.errors import BadInput, Corrupt, FormatVersionError
+from sllmfs.store.format import ALIGNMENT, load_manifest
+from sllmfs.store.reader import VariantReader, verify_variant
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
+from sllmfs.store.writer import VariantWriter
 
 
 def _random(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_shape_and_size_disagreeing_is_refused(tmp_path: Path) -> None:
 
 
 def test_model_names_map_inside_the_store() -> None:
-    from sllmfs.names import check_model_name, model_dirname
+    from sllmfs.core.names import check_model_name, model_dirname
 
     assert model_dirname("Qwen/Qwen2.5-7B") == "Qwen%2FQwen2.5-7B"
     for bad in ["../x", "/a", "a/../b", "a//b", "", "a/b/c/d/e", "x" * 100 + "/" + "y" * 100 + "/" + "z" * 100]:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from test_sidecar import make_model, sidecar
 
-from sllmfs.errors import BadInput
-from sllmfs.save import save_model
-from sllmfs.store import Store
+from sllmfs.core.errors import BadInput
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 from tests.helpers import one_line_error, sllmfs
 
 
@@ -141,7 +141,7 @@ def test_load_into_a_model_with_tied_embeddings(tmp_path: Path, qwen_tied_dir: P
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sllmfs.torch import load_into
+    from sllmfs.integrations.torch import load_into
 
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/qwen", qwen_tied_dir)
@@ -172,8 +172,8 @@ def test_save_backend_sglang_without_sglang_stores_nothing(tmp_path: Path, llama
 def test_gpu_device_map_without_a_gpu_is_a_clear_error(tmp_path: Path, llama_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from sllmfs.torch import load_dict
-    from sllmfs.transformers import load_model
+    from sllmfs.integrations.torch import load_dict
+    from sllmfs.integrations.transformers import load_model
 
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/llama", llama_dir)

@@ -18,10 +18,10 @@ import trio
 from safetensors import safe_open
 from test_synth import assert_odd_file, odd_checkpoint, raw
 
-from sllmfs.errors import BadInput
-from sllmfs.fuse_view import serve
-from sllmfs.save import save_adapter, save_model
-from sllmfs.store import Store
+from sllmfs.core.errors import BadInput
+from sllmfs.fuse.main import serve
+from sllmfs.store.save import save_adapter, save_model
+from sllmfs.store.store import Store
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root")
@@ -41,11 +41,11 @@ def _force_unmount(mountpoint: Path) -> None:
 
 
 class Runner:
-    """``python -m sllmfs.fuse_view`` as a real process; always unmounted at the end."""
+    """``python -m sllmfs.fuse.main`` as a real process; always unmounted at the end."""
 
     def __init__(self, store: Path, mountpoint: Path):
         self.mountpoint = mountpoint
-        self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs.fuse_view", str(store), str(mountpoint),
+        self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs.fuse.main", str(store), str(mountpoint),
                                       "--socket", SOCKET], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once the mount answers
@@ -251,7 +251,7 @@ def test_a_damaged_model_hides_and_the_rest_keeps_serving(tmp_path: Path, mount_
 
 def test_replaced_model_gets_new_inodes_and_bytes(tmp_path: Path, mount_runner: Callable[[Path], Path],
                                                   models_dir: Path) -> None:
-    from sllmfs.demo import build_model
+    from sllmfs.ops.demo import build_model
 
     store = Store(tmp_path / "store")
     one = build_model(models_dir / "replace-1", "llama", seed=1)
@@ -275,8 +275,8 @@ def test_replaced_model_gets_new_inodes_and_bytes(tmp_path: Path, mount_runner: 
 RESIDENT_SERVER = """
 import signal, sys, trio
 from pathlib import Path
-from sllmfs.fuse_view import serve
-from sllmfs.store import Store
+from sllmfs.fuse.main import serve
+from sllmfs.store.store import Store
 
 store = Store(sys.argv[1], create=False, cleanup=False)
 info = store.get(sys.argv[3])
@@ -367,7 +367,7 @@ def test_busy_or_non_empty_mount_point_is_a_clear_error(tmp_path: Path, llama_di
     mnt = tmp_path / "mnt"
     first = Runner(store.root, mnt)
     try:
-        r = subprocess.run([sys.executable, "-m", "sllmfs.fuse_view", str(store.root), str(mnt)],
+        r = subprocess.run([sys.executable, "-m", "sllmfs.fuse.main", str(store.root), str(mnt)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1
         assert r.stderr.count("\n") == 1 and "is busy" in r.stderr and "Traceback" not in r.stderr

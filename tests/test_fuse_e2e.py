@@ -14,8 +14,8 @@ import pytest
 from safetensors import safe_open
 from test_synth import raw
 
-from sllmfs.save import save_model
-from sllmfs.store import Store
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root")
@@ -27,7 +27,7 @@ def _is_mounted(mountpoint: Path) -> bool:
 
 
 def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.client import connect
+    from sllmfs.client.client import connect
 
     store = Store(tmp_path / "store")
     save_model(store, "org/tiny", llama_dir)

@@ -25,11 +25,11 @@ from test_fuse import SOCKET, Runner, _force_unmount
 from test_sidecar import sidecar
 
 import sllmfs.fuse.storeio as storeio
-from sllmfs.format import CHUNK_SIZE
 from sllmfs.fuse.ops import Ops
 from sllmfs.fuse.tree import ROOT_INODE, Tree
-from sllmfs.save import save_model
-from sllmfs.store import Store, variant_identity
+from sllmfs.store.format import CHUNK_SIZE
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store, variant_identity
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root")

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuse import Runner
 
-from sllmfs.save import save_model
-from sllmfs.store import Store
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 NAMES = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/"),
                 min_size=1, max_size=300)

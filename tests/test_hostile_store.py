@@ -24,10 +24,10 @@ from safetensors.numpy import load_file
 from test_fuse import _force_unmount, _is_mounted
 from test_sidecar import make_model, sidecar
 
-import sllmfs.client as sc
-from sllmfs.errors import Corrupt, SllmfsError
-from sllmfs.format import load_manifest
-from sllmfs.store import Store
+import sllmfs.client.client as sc
+from sllmfs.core.errors import Corrupt, SllmfsError
+from sllmfs.store.format import load_manifest
+from sllmfs.store.store import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import fuzz_store  # noqa: E402
@@ -311,8 +311,8 @@ def test_fuzzed_manifests_never_stop_the_daemon(tmp_path: Path) -> None:
 
 
 def test_ls_lists_the_good_models_and_one_line_per_bad_entry(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
     from tests.helpers import sllmfs
 
     store = Store(tmp_path / "store")
@@ -325,8 +325,8 @@ def test_ls_lists_the_good_models_and_one_line_per_bad_entry(tmp_path: Path, lla
 
 
 def test_save_force_replaces_a_damaged_model(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
     from tests.helpers import sllmfs
 
     store = Store(tmp_path / "store")
@@ -337,8 +337,8 @@ def test_save_force_replaces_a_damaged_model(tmp_path: Path, llama_dir: Path) ->
 
 
 def test_store_is_private_to_the_daemons_user_and_group(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     root = tmp_path / "store"
     root.mkdir(mode=0o777)
@@ -400,8 +400,8 @@ def test_list_op_names_bad_entries_beside_the_good_models(tmp_path: Path) -> Non
 def test_rm_removes_a_damaged_model_and_long_names_save(tmp_path: Path, llama_dir: Path) -> None:
     """The fix every damage message names (`sllmfs rm`) works on the damaged model; a name at the
     length limit saves (its lock file name is hashed)."""
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
     from tests.helpers import sllmfs
 
     store = Store(tmp_path / "store")

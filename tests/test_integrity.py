@@ -16,7 +16,7 @@ from test_sidecar import make_model, sidecar
 # Run as the client: every way to write a segment it was handed must fail, as it must for root.
 _ATTACK = r"""
 import ctypes, errno, json, mmap, os, sys
-import sllmfs.client as sc
+import sllmfs.client.client as sc
 uid = int(sys.argv[2])
 if uid:
     os.setgid(uid); os.setuid(uid)
@@ -106,8 +106,8 @@ def _ckpt(root: Path, name: str, seed: int, *, tensors: int = 24, numel: int = 1
 
 
 def _stored(store: Path, name: str) -> dict[str, bytes]:
-    from sllmfs.reader import VariantReader, verify_variant
-    from sllmfs.store import Store
+    from sllmfs.store.reader import VariantReader, verify_variant
+    from sllmfs.store.store import Store
 
     with VariantReader(Store(store, create=False, cleanup=False).get(name).variant_dir("hf")) as r:
         assert verify_variant(r) is None
@@ -118,8 +118,8 @@ def test_kill_9_during_save_force_or_rm_leaves_old_or_new_complete(tmp_path: Pat
     import signal
     import time
 
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     old, new = _ckpt(tmp_path, "old", 1), _ckpt(tmp_path, "new", 2)
     store = tmp_path / "store"
@@ -175,9 +175,9 @@ def test_concurrent_saves_of_one_name_one_wins_other_gets_one_line(tmp_path: Pat
 
 
 def test_adapters_survive_save_force_of_their_base(tmp_path: Path, llama_dir: Path, lora_dir: Path) -> None:
-    from sllmfs.save import save_adapter, save_model
-    from sllmfs.sglang import variants, writeback
-    from sllmfs.store import Store
+    from sllmfs.integrations.sglang import variants, writeback
+    from sllmfs.store.save import save_adapter, save_model
+    from sllmfs.store.store import Store
 
     store = Store(tmp_path / "store")
     save_model(store, "base", llama_dir)
@@ -191,7 +191,7 @@ def test_adapters_survive_save_force_of_their_base(tmp_path: Path, llama_dir: Pa
     info = store.get("base")
     assert info.variants == ["hf", "lora.chat"]  # the adapter stays; the per-rank state was stale
     assert (info.variant_dir("lora.chat") / "manifest.json").read_bytes() == before
-    from sllmfs.reader import VariantReader, verify_variant
+    from sllmfs.store.reader import VariantReader, verify_variant
 
     with VariantReader(info.variant_dir("lora.chat")) as r:
         assert verify_variant(r) is None
@@ -204,9 +204,9 @@ def test_cleanup_in_a_saves_lock_gap_never_breaks_it(tmp_path: Path, llama_dir: 
     import fcntl
     import threading
 
-    import sllmfs.store as store_mod
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    import sllmfs.store.store as store_mod
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     root = tmp_path / "store"
     Store(root)
@@ -226,7 +226,7 @@ def test_cleanup_in_a_saves_lock_gap_never_breaks_it(tmp_path: Path, llama_dir: 
     save_model(Store(root, cleanup=False), "m", llama_dir)
     monkeypatch.setattr(store_mod.fcntl, "flock", real_flock)
     assert ran and Store(root).has("m")
-    from sllmfs.reader import VariantReader, verify_variant
+    from sllmfs.store.reader import VariantReader, verify_variant
 
     with VariantReader(Store(root).get("m").variant_dir("hf")) as r:
         assert verify_variant(r) is None
@@ -260,10 +260,10 @@ def test_acquires_never_change_what_the_mount_shows(tmp_path: Path) -> None:
 
 def test_verify_checks_the_windows_the_sidecar_checks(tmp_path: Path) -> None:
     """A flipped padding byte (in no tensor) fails the sidecar's window check: verify must agree."""
-    from sllmfs.errors import Corrupt
-    from sllmfs.format import load_manifest
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.core.errors import Corrupt
+    from sllmfs.store.format import load_manifest
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
     from tests.helpers import one_line_error, sllmfs
 
     _ckpt(tmp_path, "odd", 3, tensors=3, numel=1001)  # odd sizes: gaps before the next aligned offset
@@ -289,10 +289,10 @@ def test_verify_checks_the_windows_the_sidecar_checks(tmp_path: Path) -> None:
 
 def test_store_reads_without_the_sidecar_check_windows(tmp_path: Path, llama_dir: Path) -> None:
     """`save --backend sglang` reads the store directly (StoreSource): a flipped byte is refused there too."""
-    from sllmfs.errors import Corrupt
-    from sllmfs.save import save_model
-    from sllmfs.sglang.source import StoreSource
-    from sllmfs.store import Store
+    from sllmfs.core.errors import Corrupt
+    from sllmfs.integrations.sglang.source import StoreSource
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     store = Store(tmp_path / "store")
     save_model(store, "m", llama_dir)
@@ -312,8 +312,8 @@ def test_store_reads_without_the_sidecar_check_windows(tmp_path: Path, llama_dir
 def test_tensors_without_an_ipc_handle_are_copied_by_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
     """VMM allocations (expandable_segments) have no legacy IPC handle: the load goes on in the client
     (proven on an H200 in bench/NOTES-cold.md; here the export's refusal stands in for CUDA's)."""
-    import sllmfs.transfer as transfer
-    from sllmfs.copy_engine import CudaUnavailable
+    import sllmfs.client.transfer as transfer
+    from sllmfs.engine.copy_engine import CudaUnavailable
 
     def refuse(wanted: object) -> object:
         raise CudaUnavailable("cudaIpcGetMemHandle: cudaErrorInvalidValue (1): invalid argument")

@@ -1,4 +1,4 @@
-"""sllmfs.torch and sllmfs.transformers against a real sidecar, on the host target (no GPU here)."""
+"""The torch and transformers integrations against a real sidecar, on the host target (no GPU here)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from test_sidecar import sidecar
 
-from sllmfs.errors import BadInput
-from sllmfs.save import save_adapter, save_model
-from sllmfs.store import Store
+from sllmfs.core.errors import BadInput
+from sllmfs.store.save import save_adapter, save_model
+from sllmfs.store.store import Store
 from tests.helpers import sllmfs
 
 
@@ -20,7 +20,7 @@ def _ref(src: Path) -> dict[str, torch.Tensor]:
 
 
 def test_load_dict_and_load_into_fill_exact_bytes(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.torch import load_dict, load_into
+    from sllmfs.integrations.torch import load_dict, load_into
 
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/llama", llama_dir)
@@ -50,7 +50,7 @@ def test_load_dict_and_load_into_fill_exact_bytes(tmp_path: Path, llama_dir: Pat
 
 
 def test_device_map_prefixes_choose_devices() -> None:
-    from sllmfs.torch import _device_for
+    from sllmfs.integrations.torch import _device_for
 
     dm = {"": "cpu", "model.layers.1": "meta"}
     assert _device_for("model.layers.1.mlp.up_proj.weight", dm).type == "meta"
@@ -63,7 +63,7 @@ def test_device_map_prefixes_choose_devices() -> None:
 def test_load_model_matches_from_pretrained(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from sllmfs.transformers import load_model
+    from sllmfs.integrations.transformers import load_model
 
     src: Path = request.getfixturevalue(fixture)
     with sidecar(tmp_path) as sd:
@@ -83,7 +83,7 @@ def test_load_lora_matches_peft(tmp_path: Path, llama_dir: Path, lora_dir: Path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sllmfs.transformers import load_lora, load_model
+    from sllmfs.integrations.transformers import load_lora, load_model
 
     with sidecar(tmp_path) as sd:
         store = Store(sd.store)
@@ -110,7 +110,7 @@ def test_load_dict_mirrors_the_store_for_odd_tensors(tmp_path: Path) -> None:
     (the store's layout mirrored), byte for byte; with a dtype cast, packed and cast one by one."""
     from safetensors.torch import save_file
 
-    from sllmfs.torch import load_dict
+    from sllmfs.integrations.torch import load_dict
 
     g = torch.Generator().manual_seed(7)
     ref = {f"f.{i}": torch.randn(i * 37 + 1, generator=g) for i in range(40)}
@@ -130,8 +130,8 @@ def test_load_dict_mirrors_the_store_for_odd_tensors(tmp_path: Path) -> None:
 
 
 def test_copy_spans_refuses_a_destination_that_is_not_bytes(tmp_path: Path, llama_dir: Path) -> None:
-    from sllmfs.client import connect
-    from sllmfs.transfer import copy_spans
+    from sllmfs.client.client import connect
+    from sllmfs.client.transfer import copy_spans
 
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/llama", llama_dir)

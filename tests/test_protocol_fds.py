@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_sidecar import Sidecar, make_model, sidecar, wait_log
 
-import sllmfs.client as sc
-from sllmfs.save import save_model
-from sllmfs.sidecar import wire
-from sllmfs.store import Store
+import sllmfs.client.client as sc
+from sllmfs.protocol import wire
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 
 def _save(store_root: Path, name: str, *, tensors: int, files: int = 0) -> dict[str, bytes]:
@@ -62,7 +62,7 @@ def test_acquire_of_300_partitions_passes_every_fd(tmp_path: Path) -> None:
 
 
 def test_files_op_passes_400_files(tmp_path: Path) -> None:
-    from sllmfs.transformers import fetch_files
+    from sllmfs.integrations.transformers import fetch_files
 
     with sidecar(tmp_path) as sd:
         _save(sd.store, "many", tensors=2, files=400)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import reliability as rel  # noqa: E402
 from test_sidecar import make_model, raw_hello, sidecar  # noqa: E402
 
-from sllmfs.sidecar import wire  # noqa: E402
+from sllmfs.protocol import wire  # noqa: E402
 
 MiB_KIB = 1024
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sllmfs import names
-from sllmfs.errors import BadInput, FormatVersionError, NotFound
-from sllmfs.reader import VariantReader
-from sllmfs.save import save_model
-from sllmfs.sglang import variants, writeback
-from sllmfs.sglang.locate import MOUNT_INFO, locate
-from sllmfs.sglang.source import StoreSource
-from sllmfs.store import Store
+from sllmfs.core import names
+from sllmfs.core.errors import BadInput, FormatVersionError, NotFound
+from sllmfs.integrations.sglang import variants, writeback
+from sllmfs.integrations.sglang.locate import MOUNT_INFO, locate
+from sllmfs.integrations.sglang.source import StoreSource
+from sllmfs.store.reader import VariantReader
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 # -- variant keys -------------------------------------------------------------
 
@@ -218,7 +218,7 @@ def test_locate_by_xattr_without_marker(tmp_path: Path) -> None:
 
 
 def test_save_backend_sglang_engine_args_and_rank_check(stored_llama: Store) -> None:
-    from sllmfs.sglang.save import engine_args, save_rank_variants
+    from sllmfs.integrations.sglang.save import engine_args, save_rank_variants
 
     args = engine_args(stored_llama, "org/llama", 2, dtype="bfloat16")
     assert args["load_format"] == "sllm" and args["tp_size"] == 2 and args["dtype"] == "bfloat16"
@@ -263,7 +263,7 @@ def test_write_back_lands_in_the_memory_tier(tmp_path: Path, llama_dir: Path) ->
 
     from test_sidecar import sidecar
 
-    from sllmfs.save import save_model
+    from sllmfs.store.save import save_model
 
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/llama", llama_dir)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 if __name__ != "__main__":
-    from sllmfs.sglang.testing import require_sglang
+    from sllmfs.integrations.sglang.testing import require_sglang
 
     require_sglang()
 
@@ -88,9 +88,9 @@ class SllmTinyForCausalLM(nn.Module):
 
 def prepare(tmp: Path) -> None:
     """The checkpoint, the store and what the FUSE view would show (marker at the root, files below)."""
-    from sllmfs.demo import build_model
-    from sllmfs.save import save_model
-    from sllmfs.store import Store
+    from sllmfs.ops.demo import build_model
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
 
     src = build_model(tmp / "src", "llama")
     cfg = json.loads((src / "config.json").read_text())
@@ -115,7 +115,7 @@ def main(tmp: Path, port: int, rank: int, world: int) -> None:
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
-    from sllmfs.store import Store
+    from sllmfs.store.store import Store
 
     ModelRegistry.models["SllmTinyForCausalLM"] = SllmTinyForCausalLM
     store = Store(tmp / "store")
@@ -187,7 +187,7 @@ def test_two_ranks_write_and_read_their_own_variants(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    from sllmfs.sglang.testing import import_sglang
+    from sllmfs.integrations.sglang.testing import import_sglang
 
     import_sglang()
     main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -1,4 +1,4 @@
-"""The fast path's copy beside the model build (sllmfs.sglang.overlap) on CPU, real store and sidecar.
+"""The fast path's copy beside the model build (sllmfs.integrations.sglang.overlap) on CPU, real store and sidecar.
 
 PlannedLM allocates its weights as SGLang models do (``torch.empty``), plus the cases the
 plan must stay clear of: a parameter the build writes to, one the post-processing replaces,
@@ -18,17 +18,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sllmfs.sglang.testing import require_sglang
+from sllmfs.integrations.sglang.testing import require_sglang
 
 require_sglang()
 
-from sllmfs.save import save_model  # noqa: E402
-from sllmfs.sglang import overlap, variants, writeback  # noqa: E402
-from sllmfs.sglang.fastpath import AFTER, BESIDE, rank_state  # noqa: E402
-from sllmfs.sglang.loader import SllmModelLoader, load_any_tp  # noqa: E402
-from sllmfs.sglang.locate import Located  # noqa: E402
-from sllmfs.sglang.source import StoreSource  # noqa: E402
-from sllmfs.store import Store  # noqa: E402
+from sllmfs.integrations.sglang import overlap, variants, writeback  # noqa: E402
+from sllmfs.integrations.sglang.fastpath import AFTER, BESIDE, rank_state  # noqa: E402
+from sllmfs.integrations.sglang.loader import SllmModelLoader, load_any_tp  # noqa: E402
+from sllmfs.integrations.sglang.locate import Located  # noqa: E402
+from sllmfs.integrations.sglang.source import StoreSource  # noqa: E402
+from sllmfs.store.save import save_model  # noqa: E402
+from sllmfs.store.store import Store  # noqa: E402
 
 H, V = 16, 32
 BF = torch.bfloat16
@@ -169,7 +169,7 @@ def test_plan_names_only_untouched_allocations(store: Store) -> None:
 def test_fast_path_copies_beside_the_build(store: Store, caplog: pytest.LogCaptureFixture) -> None:
     _first_start(store)
     loader = _loader()
-    with caplog.at_level(logging.INFO, logger="sllmfs.sglang"):
+    with caplog.at_level(logging.INFO, logger="sllmfs.integrations.sglang"):
         model, _ = loader._fast_path(_source(store), WANT, PlannedLM, CPU)
     assert model is not None and loader.copy_ran == BESIDE and "beside the build" in caplog.text
     _assert_same(model, _reference(store))
@@ -268,7 +268,7 @@ def test_view_that_lands_in_a_non_persistent_buffer_falls_back(store: Store, cap
 def test_build_error_waits_for_the_copy(store: Store) -> None:
     import threading
 
-    from sllmfs.sglang import fastpath
+    from sllmfs.integrations.sglang import fastpath
 
     _first_start(store)
 
@@ -284,7 +284,7 @@ def test_build_error_waits_for_the_copy(store: Store) -> None:
 def test_through_the_sidecar(store: Store, tmp_path: Path) -> None:
     from test_sidecar import sidecar
 
-    from sllmfs.sglang.source import SidecarSource
+    from sllmfs.integrations.sglang.source import SidecarSource
 
     with sidecar(tmp_path, store=store.root) as sd:
         _first_start(store, SidecarSource(MODEL, str(sd.socket)))
@@ -297,7 +297,7 @@ def test_through_the_sidecar(store: Store, tmp_path: Path) -> None:
 def test_filter_subtensors_matches_sglang() -> None:
     from sglang.srt.model_loader.loader import ShardedStateLoader
 
-    from sllmfs.sglang.fastpath import filter_subtensors
+    from sllmfs.integrations.sglang.fastpath import filter_subtensors
 
     block = torch.arange(64, dtype=torch.float32)
     other = torch.zeros(8, 8)

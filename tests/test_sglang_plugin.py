@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sllmfs.sglang.testing import require_sglang
+from sllmfs.integrations.sglang.testing import require_sglang
 
 require_sglang()
 
@@ -24,9 +24,9 @@ from sglang.srt.configs.load_config import LoadConfig, LoadFormat  # noqa: E402
 from sglang.srt.model_loader.loader import get_model_loader  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
-from sllmfs.errors import BadInput, NotFound  # noqa: E402
-from sllmfs.sglang import patch, plugin  # noqa: E402
-from sllmfs.sglang.loader import SllmModelLoader  # noqa: E402
+from sllmfs.core.errors import BadInput, NotFound  # noqa: E402
+from sllmfs.integrations.sglang import patch, plugin  # noqa: E402
+from sllmfs.integrations.sglang.loader import SllmModelLoader  # noqa: E402
 from tests.helpers import one_line_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _python(code: str, env: dict[str, str] | None = None) -> str:
     """Run ``code`` in a fresh interpreter (plugins load once per process, as in SGLang)."""
-    prelude = "from sllmfs.sglang.testing import import_sglang; import_sglang()\n"
+    prelude = "from sllmfs.integrations.sglang.testing import import_sglang; import_sglang()\n"
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,7 +49,7 @@ def registered() -> None:
 
 def test_entry_point_is_discoverable() -> None:
     eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "sllmfs"]
-    assert len(eps) == 1 and eps[0].value == "sllmfs.sglang.plugin:register"
+    assert len(eps) == 1 and eps[0].value == "sllmfs.integrations.sglang.plugin:register"
     assert eps[0].load() is plugin.register
 
 
@@ -216,6 +216,6 @@ def test_loader_is_imported_before_the_load_phase_clock() -> None:
                 ModelRunner.load_model(runner)  # a stand-in runner: SGLang's body fails at once
             except AttributeError:
                 pass
-            print(fmt, "sllmfs.sglang.loader" in sys.modules)
+            print(fmt, "sllmfs.integrations.sglang.loader" in sys.modules)
     """)
     assert out.split() == ["auto", "False", "sllm", "True"]

@@ -22,11 +22,11 @@ import msgpack
 import numpy as np
 import pytest
 
-import sllmfs.client as sc
-from sllmfs.errors import BadInput, Corrupt, NotFound
-from sllmfs.save import save_model
-from sllmfs.sidecar import wire
-from sllmfs.store import Store
+import sllmfs.client.client as sc
+from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.protocol import wire
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 MiB = 1 << 20
 
@@ -371,7 +371,7 @@ def test_hostile_input_gets_errors_and_others_keep_being_served(tmp_path: Path) 
 
 
 CLIENT = """
-import os, sys, sllmfs.client as sc
+import os, sys, sllmfs.client.client as sc
 c = sc.connect(sys.argv[1])
 lease = c.acquire(sys.argv[2])
 lease.wait(timeout=30)
@@ -424,7 +424,7 @@ def test_socket_is_private_and_peers_are_checked(tmp_path: Path) -> None:
         os.chmod(outer, 0o755)
         os.chmod(sd.socket.parent, 0o755)
         os.chmod(sd.socket, 0o666)
-        code = ("import os, sllmfs.client as sc\nos.setgid(65534)\nos.setuid(65534)\n"
+        code = ("import os, sllmfs.client.client as sc\nos.setgid(65534)\nos.setuid(65534)\n"
                 f"try:\n sc.connect({str(sd.socket)!r})\nexcept Exception as e:\n print(type(e).__name__, e)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert "uid 65534 may not use this sidecar" in out.stdout, out.stderr
@@ -459,7 +459,7 @@ def test_mount_serves_the_view_and_unmounts_on_sigterm(tmp_path: Path) -> None:
     import importlib.util
 
     mnt = tmp_path / "mnt"
-    if importlib.util.find_spec("sllmfs.fuse_view") is None:
+    if importlib.util.find_spec("sllmfs.fuse.main") is None:
         out = subprocess.run([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(tmp_path / "s"),
                               "--socket", str(tmp_path / "s.sock"), "--mount", str(mnt)],
                              capture_output=True, text=True, timeout=60)

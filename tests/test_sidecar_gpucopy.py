@@ -10,7 +10,7 @@ import pytest
 from test_copy_engine_ipc import FAKE_IPC_CUDART
 from test_sidecar import make_model, sidecar, wait_log
 
-from sllmfs.errors import BadInput, SidecarCannotCopy
+from sllmfs.core.errors import BadInput, SidecarCannotCopy
 
 
 def test_load_ipc_without_cuda_is_a_clear_refusal(tmp_path: Path) -> None:

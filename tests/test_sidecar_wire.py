@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sllmfs.errors import BadInput, Corrupt, NotFound
-from sllmfs.format import CHUNK_SIZE
-from sllmfs.sidecar import wire
+from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.protocol import wire
 from sllmfs.sidecar.fill import round_chunk
+from sllmfs.store.format import CHUNK_SIZE
 
 
 def test_round_trip_over_a_socketpair() -> None:

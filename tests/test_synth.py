@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sllmfs.format import load_manifest
-from sllmfs.save import save_model
-from sllmfs.store import Store
-from sllmfs.synth import SynthFile, layout
+from sllmfs.fuse.synth import SynthFile, layout
+from sllmfs.store.format import load_manifest
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
 
 
 def odd_tensors() -> dict[str, torch.Tensor]:

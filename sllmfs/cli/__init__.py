@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sllmfs.errors import SllmfsError, user_error
+from sllmfs.core.errors import SllmfsError, user_error
 
 app = typer.Typer(
     name="sllmfs",

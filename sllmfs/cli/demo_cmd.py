@@ -15,7 +15,7 @@ import typer
 
 from sllmfs.cli import app
 from sllmfs.cli.progress import console
-from sllmfs.errors import SllmfsError
+from sllmfs.core.errors import SllmfsError
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
@@ -44,10 +44,10 @@ def _demo(work: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sllmfs.config import open_store
-    from sllmfs.demo import build_model
-    from sllmfs.save import save_model
-    from sllmfs.transformers import load_model
+    from sllmfs.core.config import open_store
+    from sllmfs.integrations.transformers import load_model
+    from sllmfs.ops.demo import build_model
+    from sllmfs.store.save import save_model
 
     src, store, sock, mnt = work / "src", work / "store", work / "sllmfs.sock", work / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)

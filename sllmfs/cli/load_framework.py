@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sllmfs.cli.progress import human, out
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 
 PROMPT = "sllmfs makes cold starts"
 
@@ -17,7 +17,7 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
     try:
         import torch
 
-        from sllmfs.transformers import fetch_files, load_lora, load_model
+        from sllmfs.integrations.transformers import fetch_files, load_lora, load_model
     except ImportError as e:
         raise BadInput(f"--backend transformers needs torch and transformers ({e.name} is missing): "
                        "pip install 'sllmfs[transformers]'") from None
@@ -30,7 +30,7 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
             raise BadInput(f"--precision {precision!r} is not a torch dtype (try bfloat16, float16, float32)")
     from transformers import AutoTokenizer
 
-    from sllmfs.client import connect
+    from sllmfs.client.client import connect
 
     with tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
         t0 = time.perf_counter()

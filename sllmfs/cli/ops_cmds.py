@@ -10,7 +10,7 @@ from rich.table import Table
 
 from sllmfs.cli import app
 from sllmfs.cli.progress import out
-from sllmfs.config import load_settings
+from sllmfs.core.config import load_settings
 
 
 @app.command(help="Check FUSE, big pages, the GPU, the store and the socket; say what to fix.")

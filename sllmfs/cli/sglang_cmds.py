@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from sllmfs.cli import app
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 
 
 @app.command("patch-sglang")
@@ -19,7 +19,7 @@ def patch_sglang(
         None, "--site-packages", help="Directory holding the sglang package (default: the one Python imports)."),
 ) -> None:
     """Make `sllm` a built-in SGLang 0.5.17 load format (optional: the plugin works without it)."""
-    from sllmfs.sglang import patch
+    from sllmfs.integrations.sglang import patch
 
     if check and revert:
         raise BadInput("pass --check or --revert, not both")

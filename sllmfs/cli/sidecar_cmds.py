@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from sllmfs import client as sidecar_client
 from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, human, out
-from sllmfs.config import Settings, load_settings
-from sllmfs.errors import BadInput
+from sllmfs.client import client as sidecar_client
+from sllmfs.core.config import Settings, load_settings
+from sllmfs.core.errors import BadInput
 
 SocketOpt = typer.Option(None, "--socket", help="Sidecar socket (default: $SLLMFS_SOCKET or config).")
 VariantOpt = typer.Option("hf", "--variant", help="Variant key (hf, or a framework variant).")

@@ -10,13 +10,14 @@ from typing import Optional
 
 import typer
 
-from sllmfs import names, sources
 from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, console, human, out
-from sllmfs.config import hint_flags, open_store
-from sllmfs.errors import BadInput, Corrupt
-from sllmfs.reader import VariantReader, verify_variant
-from sllmfs.save import save_adapter, save_model
+from sllmfs.core import names
+from sllmfs.core.config import hint_flags, open_store
+from sllmfs.core.errors import BadInput, Corrupt
+from sllmfs.store import sources
+from sllmfs.store.reader import VariantReader, verify_variant
+from sllmfs.store.save import save_adapter, save_model
 
 StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
 
@@ -70,7 +71,7 @@ def save(
 
 def _save_sglang(model: str, local_model_path: str | None, tp: int, store, force: bool) -> None:  # type: ignore[no-untyped-def]
     try:
-        from sllmfs.sglang.save import save_sglang
+        from sllmfs.integrations.sglang.save import save_sglang
     except ImportError:
         raise BadInput(
             "--backend sglang runs SGLang on a GPU per rank to build its per-rank state; "

@@ -3,5 +3,5 @@
 ``tree`` maps the store to inodes (no FUSE), ``ops`` answers the kernel,
 ``storeio`` reads partitions without double caching, ``mount`` owns the mount
 point's lifecycle and ``serve`` ties them together. The safetensors layout
-itself is ``sllmfs.synth``.
+itself is ``sllmfs.fuse.synth``.
 """

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from sllmfs.errors import SllmfsError
-from sllmfs.format import CHUNK_SIZE, open_regular
+from sllmfs.core.errors import SllmfsError
 from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles
+from sllmfs.fuse.synth import Piece
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
-from sllmfs.store import Identity
-from sllmfs.synth import Piece
+from sllmfs.store.format import CHUNK_SIZE, open_regular
+from sllmfs.store.store import Identity
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 from sllmfs.fuse import mount
 from sllmfs.fuse.ops import Ops, ResidentView
 from sllmfs.fuse.tree import Tree
-from sllmfs.store import Store
+from sllmfs.store.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from sllmfs.format import CHUNK_SIZE, Partition, digest, open_dir, open_regular
-from sllmfs.reader import read_full
-from sllmfs.store import Identity, variant_identity
+from sllmfs.store.format import CHUNK_SIZE, Partition, digest, open_dir, open_regular
+from sllmfs.store.reader import read_full
+from sllmfs.store.store import Identity, variant_identity
 
 DIRECT_ALIGN = 4096
 BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends

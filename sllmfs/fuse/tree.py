@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sllmfs import names
-from sllmfs.errors import SllmfsError
-from sllmfs.format import MANIFEST, Manifest, load_manifest, open_dir
-from sllmfs.store import MODEL_JSON, Identity, Store, variant_identity
-from sllmfs.synth import SynthFile, layout
+from sllmfs.core import names
+from sllmfs.core.errors import SllmfsError
+from sllmfs.fuse.synth import SynthFile, layout
+from sllmfs.store.format import MANIFEST, Manifest, load_manifest, open_dir
+from sllmfs.store.store import MODEL_JSON, Identity, Store, variant_identity
 
 log = logging.getLogger(__name__)
 

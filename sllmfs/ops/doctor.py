@@ -9,7 +9,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from sllmfs.config import Settings
+from sllmfs.core.config import Settings
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 
 Snapshot = Callable[[], dict[str, Any] | None]
 

@@ -14,7 +14,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from sllmfs.errors import BadInput
+from sllmfs.core.errors import BadInput
 
 UNIT_NAME = "sllmfs.service"
 

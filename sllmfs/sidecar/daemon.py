@@ -14,13 +14,13 @@ from typing import Any
 
 import trio
 
-from sllmfs.config import Settings, hint_flags
-from sllmfs.errors import BadInput, SllmfsError, user_error
+from sllmfs.core.config import Settings, hint_flags
+from sllmfs.core.errors import BadInput, SllmfsError, user_error
 from sllmfs.ops.systemd import notify
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.sidecar.memtier import MemoryTier
 from sllmfs.sidecar.server import Server
-from sllmfs.store import Store
+from sllmfs.store.store import Store
 
 log = logging.getLogger("sllmfs.sidecar")
 
@@ -111,11 +111,11 @@ async def _metrics(server: Server, port: int, *, task_status: Any = trio.TASK_ST
 
 def _fuse_view() -> Any:
     try:
-        from sllmfs import fuse_view  # type: ignore[attr-defined]
+        from sllmfs.fuse import main as fuse_view
     except ModuleNotFoundError as e:
-        if e.name != "sllmfs.fuse_view":
+        if e.name != "sllmfs.fuse.main":
             raise
-        raise SllmfsError("--mount needs the FUSE view (sllmfs.fuse_view), which this build lacks; "
+        raise SllmfsError("--mount needs the FUSE view (sllmfs.fuse.main), which this build lacks; "
                           "start without --mount") from None
     return fuse_view.serve
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sllmfs.store import ModelInfo, Store
+from sllmfs.store.store import ModelInfo, Store
 
 log = logging.getLogger("sllmfs.sidecar")
 

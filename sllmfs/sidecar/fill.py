@@ -12,9 +12,9 @@ import os
 import threading
 from pathlib import Path
 
-from sllmfs.errors import Corrupt, SllmfsError
-from sllmfs.format import CHUNK_SIZE, digest, open_regular
+from sllmfs.core.errors import Corrupt, SllmfsError
 from sllmfs.sidecar.memtier import FAILED, READY, Resident
+from sllmfs.store.format import CHUNK_SIZE, digest, open_regular
 
 
 def round_chunk(chunk_size: int) -> int:

@@ -4,7 +4,7 @@ A fresh client would pay 26-93 ms/GiB to pin the shared segments before it
 could copy at link speed (bench/NOTES-copy-engine.md). The sidecar lives
 long: it pins each segment once (cached per mapping, released before the
 segment is freed) and writes into the client's GPU allocations, which the
-client exports as CUDA IPC handles (sllmfs.gpu_ipc). One engine per GPU,
+client exports as CUDA IPC handles (sllmfs.engine.ipc). One engine per GPU,
 made on first use; one copy at a time per engine.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from sllmfs.errors import BadInput, SidecarCannotCopy
-from sllmfs.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
+from sllmfs.core.errors import BadInput, SidecarCannotCopy
 from sllmfs.sidecar.memtier import Resident
+from sllmfs.store.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 
 log = logging.getLogger("sllmfs.sidecar")
 
@@ -32,7 +32,7 @@ class GpuCopier:
         self.unavailable: str | None = None  # why this sidecar cannot copy to GPUs (then clients copy)
 
     def _engine(self, bus: str) -> tuple[Any, threading.Lock]:
-        from sllmfs.copy_engine import CopyEngine, CopyError
+        from sllmfs.engine.copy_engine import CopyEngine, CopyError
 
         with self._make:
             if bus in self._engines:
@@ -58,7 +58,7 @@ class GpuCopier:
 
     @staticmethod
     def _segments(res: Resident) -> list[Any]:
-        from sllmfs.copy_engine import Segment, address_of
+        from sllmfs.engine.copy_engine import Segment, address_of
 
         ready = address_of(res.ready.mm)
         return [Segment(address_of(s.mm) if s.size else 0, s.size, ready + res.chunk_base[i], CHUNK_SIZE, (s.mm,),
@@ -96,7 +96,7 @@ class GpuCopier:
         """Worker thread, at start: an engine for every GPU this process sees, so the first load on a
         node pays neither the CUDA start (0.1-3.7 s seen on the H100 machine) nor pinning: fills made
         once an engine exists are pinned as soon as they are ready. Returns the bus ids; no GPU: []."""
-        from sllmfs.copy_engine import CopyEngine, CopyError
+        from sllmfs.engine.copy_engine import CopyEngine, CopyError
 
         for ordinal in range(max_gpus):
             try:
@@ -128,7 +128,7 @@ class GpuCopier:
 
         Never raises: a pin that fails (limits, the resident dropped meanwhile) leaves the first
         copy to pin what it reads, as without warm-up."""
-        from sllmfs.copy_engine import CopyError
+        from sllmfs.engine.copy_engine import CopyError
 
         pairs = self._pairs()
         if res.unpin is not None or res.state != "ready" or res.closed or not pairs:

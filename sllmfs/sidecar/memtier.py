@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllmfs.errors import BadInput
-from sllmfs.format import CHUNK_SIZE, HUGE_PAGE, Manifest
-from sllmfs.store import Identity
+from sllmfs.core.errors import BadInput
+from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
+from sllmfs.store.store import Identity
 
 log = logging.getLogger("sllmfs.sidecar")
 

@@ -26,15 +26,16 @@ from typing import Any
 
 import trio
 
-from sllmfs import names
-from sllmfs.config import Settings
-from sllmfs.errors import BadInput, Corrupt, NotFound, SllmfsError
-from sllmfs.format import CHUNK_SIZE, load_manifest, open_dir, open_regular
-from sllmfs.sidecar import disktier, wire
+from sllmfs.core import names
+from sllmfs.core.config import Settings
+from sllmfs.core.errors import BadInput, Corrupt, NotFound, SllmfsError
+from sllmfs.protocol import wire
+from sllmfs.sidecar import disktier
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import FAILED, PENDING, MemoryTier, Resident
-from sllmfs.store import Identity, Store, variant_identity
+from sllmfs.store.format import CHUNK_SIZE, load_manifest, open_dir, open_regular
+from sllmfs.store.store import Identity, Store, variant_identity
 
 log = logging.getLogger("sllmfs.sidecar")
 

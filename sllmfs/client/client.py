@@ -1,0 +1,413 @@
+"""Client of the sidecar: leases on resident models and zero-copy tensor views.
+
+    import sllmfs.client.client
+    with sllmfs.client.client.connect() as c, c.acquire("org/model") as lease:
+        tensors = lease.tensors()   # CPU tensors viewing the shared segments, no copy
+
+Segments are mapped read-only (MAP_SHARED): every process sees the one copy in
+host memory. Views are read-only; copy (``.clone()``, ``.to("cuda")``) to modify.
+Protocol: docs/protocol.md. This module never imports trio or the daemon.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import mmap
+import os
+import socket as pysocket
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sllmfs.core import dtypes
+from sllmfs.core.errors import BadInput, Corrupt, SllmfsError
+from sllmfs.protocol import wire
+from sllmfs.protocol.wire import SidecarError
+
+__all__ = ["Client", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
+
+PENDING, READY, FAILED = 0, 1, 2
+REPLY_TIMEOUT = 60.0  # seconds a reply may take (SLLMFS_REPLY_TIMEOUT): ops answer at once, fills run behind
+SLOWEST_COPY = 100e6  # bytes/s: load_ipc replies once its bytes have landed; its wait grows with them
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor's bytes lie: ``segment`` is the partition index."""
+
+    name: str
+    dtype: str  # safetensors-style code (sllmfs.core.dtypes)
+    shape: tuple[int, ...]
+    partition: int
+    offset: int
+    nbytes: int
+
+
+def connect(socket: str | None = None, *, timeout: float | None = None) -> Client:
+    """Connect to the sidecar at ``socket`` (default: the configured socket) and say hello.
+
+    ``timeout``: seconds to wait for each reply (default: $SLLMFS_REPLY_TIMEOUT, else 60).
+    """
+    if socket is None:
+        from sllmfs.core.config import load_settings
+
+        socket = load_settings().socket
+    return Client(socket, timeout=timeout)
+
+
+def _reply_timeout() -> float:
+    raw = os.environ.get("SLLMFS_REPLY_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else REPLY_TIMEOUT
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # NaN too
+        raise BadInput(f"SLLMFS_REPLY_TIMEOUT={raw!r} is not a number of seconds above 0")
+    return seconds
+
+
+class Client:
+    def __init__(self, path: str, *, timeout: float | None = None):
+        self.path = path
+        self.timeout = _reply_timeout() if timeout is None else timeout
+        self._sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        try:
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            raise SidecarError(f"cannot reach the sidecar at {path}: {e.strerror}; is `sllmfs start` running?") \
+                from None
+        hello = self._call({"op": "hello", "version": wire.VERSION})[0]
+        self.server_pid: int = hello.get("pid", 0)
+
+    def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
+        wait = self._wait(msg)
+        deadline = time.monotonic() + wait
+        try:
+            self._sock.settimeout(wait)
+            wire.send(self._sock, msg)
+        except OSError:
+            pass  # the sidecar may have refused us and closed: its error reply is still there to read
+        try:
+            reply, fds = wire.recv(self._sock, use_list=use_list, deadline=deadline)
+        except BaseException as e:
+            self._sock.close()  # mid-reply the stream is out of step: a late reply would answer the next request
+            if isinstance(e, TimeoutError):
+                raise SidecarError(f"no reply to {msg.get('op')!r} from the sidecar at {self.path} within {wait:g} s "
+                                   "(SLLMFS_REPLY_TIMEOUT); the connection is closed") from None
+            if isinstance(e, OSError):
+                raise SidecarError(f"lost the sidecar at {self.path}: {e.strerror or e}") from None
+            raise
+        finally:
+            if self._sock.fileno() >= 0:
+                # blocking again between calls: closed_by_peer's MSG_DONTWAIT probe must not wait
+                # out a timeout and take it for a dead sidecar
+                self._sock.settimeout(None)
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+        return wire.raise_for(reply), fds
+
+    def _wait(self, msg: dict[str, Any]) -> float:
+        """Seconds for this request's reply: load_ipc answers once its bytes are on the GPU."""
+        if msg.get("op") != "load_ipc":
+            return self.timeout
+        nbytes = sum(p[4] for p in msg.get("pieces", ()))
+        return self.timeout + float(msg.get("timeout", 0)) + nbytes / SLOWEST_COPY
+
+    def _op(self, op: str, **args: Any) -> dict[str, Any]:
+        return self._call({"op": op, **{k: v for k, v in args.items() if v is not None}})[0]
+
+    def acquire(self, model: str, variant: str = "hf") -> Lease:
+        """Lease a model variant: it stays in host memory until released or this client closes."""
+        # tuples: a 1,000-tensor manifest then gives the cyclic GC nothing to scan (p99 latency)
+        reply, fds = self._call({"op": "acquire", "model": model, "variant": variant}, use_list=False)
+        try:
+            return Lease(self, reply, fds)
+        except (OSError, KeyError, TypeError, ValueError) as e:  # cannot map: give the lease back at once
+            self._op("release", lease=reply.get("lease"))
+            raise SidecarError(f"cannot map model {model!r} [{variant}]: {e}") from None
+        finally:
+            for fd in fds:  # the maps keep the memory; the fds are not needed after mapping
+                os.close(fd)
+
+    def files(self, model: str, variant: str = "hf") -> dict[str, bytes]:
+        """The model's metadata files (config.json, tokenizer files, ...) by relative name.
+
+        An adapter variant (``lora.<name>``) gives its own files (adapter_config.json, ...).
+        The sidecar passes read-only fds, so large tokenizers need no message-size room.
+        """
+        reply, fds = self._call({"op": "files", "model": model, "variant": variant})
+        try:
+            if len(fds) != len(reply["files"]):
+                raise wire.ProtocolError(f"files reply carried {len(fds)} fds for {len(reply['files'])} files")
+            out = {}
+            for fd, (rel, size) in zip(fds, reply["files"], strict=True):
+                out[rel] = _read_fd(fd, size)
+            return out
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        """Stored models: name, variants, which are resident, registered."""
+        return builtins.list(self._op("list")["models"])
+
+    def status(self) -> dict[str, Any]:
+        reply = self._op("status")
+        reply.pop("ok", None)
+        return reply
+
+    def pin(self, model: str, variant: str = "hf") -> str:
+        """Keep a variant in memory (filling it if needed); returns its state."""
+        return str(self._op("pin", model=model, variant=variant)["state"])
+
+    def unpin(self, model: str, variant: str = "hf") -> bool:
+        return bool(self._op("unpin", model=model, variant=variant)["was_pinned"])
+
+    def evict(self, model: str, variant: str | None = None) -> builtins.list[str]:
+        """Drop a model (one variant, or all) from the memory tier; returns the variants dropped."""
+        return builtins.list(self._op("evict", model=model, variant=variant)["evicted"])
+
+    def refresh(self) -> dict[str, Any]:
+        """Make the sidecar re-read the store (after `sllmfs save` or `rm`)."""
+        return self._op("refresh")
+
+    def register(self, model: str) -> None:
+        self._op("register", model=model)
+
+    def closed_by_peer(self) -> bool:
+        """True once the sidecar has closed our connection (it died, or dropped us)."""
+        try:
+            return self._sock.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, TimeoutError):  # nothing to read: the sidecar is there
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Lease:
+    """A model variant held in host memory: mapped segments, readiness and tensor views."""
+
+    def __init__(self, client: Client, reply: dict[str, Any], fds: list[int]):
+        parts = reply["partitions"]
+        if len(fds) != len(parts) + 1:
+            raise wire.ProtocolError(f"acquire reply carried {len(fds)} fds for {len(parts)} partitions")
+        self.client = client
+        self.id: int = reply["lease"]
+        self.model: str = reply["model"]
+        self.variant: str = reply["variant"]
+        self.metadata: dict[str, Any] = reply.get("metadata", {})
+        self.sizes: list[int] = [p["size"] for p in parts]
+        self.files: list[str] = [p["file"] for p in parts]
+        self.huge: list[bool] = [bool(p.get("huge")) for p in parts]  # hugetlb-backed, per partition
+        self.huge_pages: bool = bool(parts) and all(self.huge)
+        # MAP_SHARED + PROT_READ: shares the one copy; hugetlb memfds cannot be mapped private anyway
+        self.maps = [mmap.mmap(fd, p["length"], mmap.MAP_SHARED, mmap.PROT_READ)
+                     for fd, p in zip(fds, parts, strict=False)]  # the last fd is readiness
+        ready = reply["ready"]
+        self._unit: int = ready["unit"]
+        self._base: list[int] = ready["base"]
+        self._ready = mmap.mmap(fds[-1], ready["length"], mmap.MAP_SHARED, mmap.PROT_READ)
+        self._raw: tuple[tuple[Any, ...], ...] = reply["tensors"]  # (name, dtype, shape, partition, offset, nbytes)
+        self._aliases: dict[str, str] = dict(reply.get("aliases", {}))
+        self.released = False
+
+    @property
+    def readiness(self) -> mmap.mmap:
+        """The readiness map: byte ``ready_base[p] + offset // ready_unit`` covers partition p at offset."""
+        return self._ready
+
+    @property
+    def ready_base(self) -> builtins.list[int]:
+        return builtins.list(self._base)
+
+    @property
+    def ready_unit(self) -> int:
+        return self._unit
+
+    @functools.cached_property
+    def entries(self) -> dict[str, TensorRef]:
+        """name -> where its bytes lie, aliases (tied names) included. Built on first use."""
+        out = {r[0]: TensorRef(r[0], r[1], tuple(r[2]), r[3], r[4], r[5]) for r in self._raw}
+        for alias, target in self._aliases.items():
+            out[alias] = out[target]
+        return out
+
+    # -- readiness -----------------------------------------------------------
+
+    def _span(self, partition: int | None, offset: int, nbytes: int | None) -> tuple[int, int]:
+        if partition is None:
+            return 0, len(self._ready)
+        size = self.sizes[partition]
+        end = size if nbytes is None else min(size, offset + nbytes)
+        if end <= offset:
+            return 0, 0
+        base = self._base[partition]
+        return base + offset // self._unit, base + (end - 1) // self._unit + 1
+
+    def ready(self, partition: int | None = None, offset: int = 0, nbytes: int | None = None) -> bool:
+        """True when those bytes (default: all) are in memory and verified; raises Corrupt on a failed fill."""
+        a, b = self._span(partition, offset, nbytes)
+        window = self._ready[a:b]
+        if window.count(READY) == len(window):
+            return True
+        if FAILED in window:
+            raise Corrupt(f"model {self.model!r} [{self.variant}] failed to fill (see the sidecar log)")
+        return False
+
+    def wait(self, partition: int | None = None, offset: int = 0, nbytes: int | None = None,
+             timeout: float | None = None) -> None:
+        """Block until ``ready(...)``; raises SidecarError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 50e-6
+        next_check = time.monotonic() + 0.1
+        while not self.ready(partition, offset, nbytes):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise SidecarError(f"model {self.model!r} [{self.variant}] not ready after {timeout} s")
+            if now >= next_check:  # a dead sidecar never marks the rest ready: notice its closed socket
+                next_check = now + 0.1
+                if self.client.closed_by_peer():
+                    raise SidecarError(f"the sidecar went away while filling model {self.model!r} "
+                                       f"[{self.variant}]; restart it (`sllmfs start`) and load again")
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes ready, total bytes)."""
+        done = 0
+        for i, size in enumerate(self.sizes):
+            a, b = self._span(i, 0, None)
+            for k in range(a, b):
+                if self._ready[k] == READY:
+                    done += min(self._unit, size - (k - a) * self._unit)
+        return done, sum(self.sizes)
+
+    # -- views ---------------------------------------------------------------
+
+    def buffers(self) -> list[memoryview]:
+        """One read-only memoryview per partition (the stored file's exact bytes)."""
+        return [memoryview(m)[:size] for m, size in zip(self.maps, self.sizes, strict=True)]
+
+    def tensors(self, *, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """name -> CPU torch.Tensor viewing the shared segment (read-only, zero-copy)."""
+        import torch
+
+        if wait:
+            self.wait(timeout=timeout)
+        with warnings.catch_warnings():  # torch warns on read-only buffers; the views are read-only by design
+            warnings.simplefilter("ignore", UserWarning)
+            bases = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
+        typed: dict[tuple[int, str], Any] = {}  # (partition, dtype) -> the whole segment viewed as that dtype
+        out = {}
+        for name, code, shape, part, offset, nbytes in self._raw:
+            base = typed.get((part, code))
+            if base is None:
+                base = typed[(part, code)] = bases[part].view(dtypes.to_torch(dtypes.by_code(code)))
+            if nbytes == 0:
+                out[name] = torch.empty(shape, dtype=base.dtype)
+            else:
+                out[name] = base.as_strided(shape, _contiguous_strides(shape), offset // base.element_size())
+        for alias, target in self._aliases.items():
+            out[alias] = out[target]
+        return out
+
+    def numpy(self, *, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """name -> read-only numpy array viewing the shared segment (bf16/fp8 as raw unsigned ints)."""
+        import numpy as np
+
+        if wait:
+            self.wait(timeout=timeout)
+        out = {}
+        for name, t in self.entries.items():
+            dt = np.dtype(dtypes.by_code(t.dtype).numpy)
+            count = t.nbytes // dt.itemsize
+            out[name] = np.frombuffer(self.maps[t.partition], dtype=dt, count=count, offset=t.offset).reshape(t.shape) \
+                if t.nbytes else np.empty(t.shape, dtype=dt)
+        return out
+
+    # -- lifetime ------------------------------------------------------------
+
+    def copy_to_gpu(self, blocks: builtins.list[dict[str, Any]], pieces: builtins.list[builtins.list[int]],
+                    timeout: float = 120.0) -> dict[str, Any]:
+        """Have the sidecar copy these bytes into our GPU tensors (``load_ipc``; see sllmfs.client.transfer)."""
+        return self.client._op("load_ipc", lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
+
+    def release(self) -> None:
+        """End the lease. Views already made stay valid until dropped (the map lives on with them)."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.client._op("release", lease=self.id)
+        finally:
+            self._drop_maps()
+
+    def _drop_maps(self) -> None:
+        # never munmap under live views: drop our references and let the last view unmap
+        self.maps = []
+        self._ready = mmap.mmap(-1, 1)  # readiness checks after release see "pending", never freed memory
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.release()
+        except SllmfsError:
+            if exc[0] is None:
+                raise
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    chunks, pos = [], 0
+    while pos < size:
+        data = os.pread(fd, size - pos, pos)
+        if not data:
+            break
+        chunks.append(data)
+        pos += len(data)
+    return b"".join(chunks)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def warm(model: str, variant: str = "hf", *, socket: str | None = None,
+         progress: Callable[[int, int], None] | None = None, timeout: float | None = None) -> int:
+    """Prefetch a variant into the memory tier and wait until it is all there; returns its size in bytes.
+
+    ``progress(done, total)`` is called as bytes become ready.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with connect(socket) as client, client.acquire(model, variant) as lease:
+        last = -1
+        while True:
+            complete = lease.ready()
+            done, total = lease.progress()
+            if progress and done != last:
+                progress(done, total)
+                last = done
+            if complete:
+                return total
+            if deadline is not None and time.monotonic() >= deadline:
+                raise SidecarError(f"model {model!r} [{variant}] not warm after {timeout} s")
+            time.sleep(0.05)

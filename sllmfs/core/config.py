@@ -1,0 +1,131 @@
+"""Settings for every sllmfs command: flag > environment > TOML file > default.
+
+Environment variables are ``SLLMFS_<SETTING>`` (``SLLMFS_STORAGE_PATH``,
+``SLLMFS_SOCKET``, ``SLLMFS_MEM_POOL_SIZE`` ...). The TOML file is
+``$SLLMFS_CONFIG``, else ``/etc/sllmfs/config.toml``; its keys are the flag
+names with ``_`` (``storage_path = "/var/lib/sllmfs"``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sllmfs.core.errors import BadInput
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'4GB' -> 4e9, '512MiB' -> 512*2**20, '0' -> 0 (unbounded where a budget allows it)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise BadInput(f"{what} {text!r} is not a size: write e.g. 4GB, 512MiB or 1073741824")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _default_runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/sllmfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "sllmfs" if xdg else Path(f"/tmp/sllmfs-{os.getuid()}")
+
+
+def _default_storage() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/sllmfs")
+    return Path.home() / ".local" / "share" / "sllmfs"
+
+
+@dataclass
+class Settings:
+    storage_path: str = ""
+    socket: str = ""
+    mount: str = ""
+    # reads per fill: from the page cache a fill is bound by faulting in fresh pages (2.5 GB/s a
+    # thread on the H200 VM, bench/NOTES-cold.md), so it wants threads; 4 filled at 4.6 GB/s, 16 at 10.1
+    num_thread: int = field(default_factory=lambda: min(16, os.cpu_count() or 4))
+    chunk_size: int = 32 << 20
+    mem_pool_size: int = 0  # 0: half of the machine's memory
+    disk_size: int = 0  # 0: no bound
+    registration_required: bool = False
+    log_level: str = "info"
+    metrics_port: int = 0
+    allow_uids: str = ""  # comma-separated uids besides the owner allowed on the socket
+    group: str = ""  # group given access to socket, segments and mount
+    gpu_warmup: bool = True  # start the GPU copy engines (and pin fills) at start, not at the first load
+
+    def __post_init__(self) -> None:
+        self.storage_path = self.storage_path or str(_default_storage())
+        self.socket = self.socket or str(_default_runtime_dir() / "sllmfs.sock")
+
+
+_SIZES = {"chunk_size", "mem_pool_size", "disk_size"}
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("SLLMFS_CONFIG", "/etc/sllmfs/config.toml"))
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Merge flags (None = not given) over environment, config file and defaults."""
+    merged: dict[str, Any] = {}
+    path = config_file()
+    if path.is_file():
+        try:
+            merged.update(tomllib.loads(path.read_text()))
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise BadInput(f"config file {path} is not valid TOML ({e}); fix it or unset SLLMFS_CONFIG") from None
+    known = {f.name: f for f in fields(Settings)}
+    unknown = set(merged) - set(known)
+    if unknown:
+        raise BadInput(f"config file {path} has unknown setting {sorted(unknown)[0]!r}")
+    for name in known:
+        env = os.environ.get("SLLMFS_" + name.upper())
+        if env is not None:
+            merged[name] = env
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    out: dict[str, Any] = {}
+    for name, value in merged.items():
+        kind = known[name].type
+        if name in _SIZES:
+            out[name] = parse_size(value, f"--{name.replace('_', '-')}")
+        elif kind == "int":
+            try:
+                out[name] = int(value)
+            except (TypeError, ValueError):
+                raise BadInput(f"--{name.replace('_', '-')} {value!r} is not a whole number") from None
+        elif kind == "bool":
+            out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        else:
+            out[name] = str(value)
+    return Settings(**out)
+
+
+def hint_flags(**given: Any) -> str:
+    """Flags to append to a command we suggest, so it acts on the same store or sidecar when pasted:
+    each given setting (``storage_path=...``, ``socket=...``) that differs from the built-in default."""
+    defaults = Settings()
+    out = ""
+    for name, value in given.items():
+        if value is not None and str(value) != str(getattr(defaults, name)):
+            out += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
+    return out
+
+
+def open_store(storage_path: str | None = None, *, write: bool = False):  # type: ignore[no-untyped-def]
+    """The store for a command. Read-only commands (``write=False``) never create or tidy one:
+    a mistyped path is an error, and a path that is not a store is left as it is."""
+    from sllmfs.store.store import Store
+
+    path = load_settings(storage_path=storage_path).storage_path
+    return Store(path) if write else Store(path, create=False, cleanup=False)

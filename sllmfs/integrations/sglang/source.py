@@ -1,0 +1,166 @@
+"""Where the loader gets tensors: the sidecar (production) or the store directly.
+
+Both hand out a context manager per variant whose value looks like
+sllmfs.client.client.Lease where the loader needs it (``metadata``: the manifest's
+metadata; ``entries``: name → dtype code and shape; ``tensors()``: CPU views, no
+copy) and raise sllmfs.core.errors.NotFound for a variant that is not stored.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from sllmfs.core import dtypes
+from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
+from sllmfs.store.format import Manifest, corrupt, digest, open_regular
+
+
+class Lease(Protocol):
+    metadata: dict[str, Any]
+
+    @property
+    def entries(self) -> Mapping[str, Any]: ...  # name -> .dtype (code), .shape, aliases included
+
+    def tensors(self) -> dict[str, Any]: ...
+
+
+class WeightSource(Protocol):
+    model: str
+
+    def open(self, variant: str) -> AbstractContextManager[Lease]: ...
+
+
+class SidecarSource:
+    """Leases from the running sidecar (shared-memory segments, zero copy)."""
+
+    def __init__(self, model: str, socket: str):
+        self.model = model
+        self.socket = socket
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            from sllmfs.client import client
+
+            try:
+                self._client = client.connect(self.socket)
+            except (OSError, SllmfsError) as e:
+                raise SllmfsError(
+                    f"cannot reach the sllmfs sidecar at {self.socket} to load {self.model!r} ({e}); "
+                    "start it with `sllmfs start` (or `systemctl start sllmfs`), or set SLLMFS_SOCKET"
+                ) from None
+        return self._client
+
+    def open(self, variant: str) -> AbstractContextManager[Lease]:
+        # no wait here: the copy engine starts on the first chunks while the sidecar fills the rest;
+        # tensors() waits for all of them (and raises Corrupt on a failed checksum)
+        lease: AbstractContextManager[Lease] = self._connect().acquire(self.model, variant)
+        return lease
+
+
+class _StoreLease:
+    def __init__(self, manifest: Manifest, variant_dir: Path):
+        self.manifest = manifest
+        self.metadata = manifest.metadata
+        self.entries = {name: manifest.entry(name) for name in manifest.names()}
+        self._dir = variant_dir
+        self._maps: list[mmap.mmap | None] = []
+
+    def _open_maps(self) -> None:
+        for p in self.manifest.partitions:
+            if p.size == 0:
+                self._maps.append(None)
+                continue
+            try:
+                fd = open_regular(self._dir / p.file)  # no planted symlink, no FIFO to hang on
+            except FileNotFoundError:
+                raise corrupt(self._dir / p.file, "is missing") from None
+            try:
+                if os.fstat(fd).st_size < p.size:
+                    raise Corrupt(f"{self._dir / p.file} is shorter than its manifest says; run "
+                                  "`sllmfs verify` and save the model again")
+                # copy-on-write: torch wants a writable buffer, nothing is copied unless written
+                self._maps.append(mmap.mmap(fd, p.size, flags=mmap.MAP_PRIVATE,
+                                            prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            finally:
+                os.close(fd)
+        self._verify()
+
+    def _verify(self) -> None:
+        """Every window against the manifest, as the sidecar's fill checks it (xxh3 drops the GIL: threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from sllmfs.store.format import CHUNK_SIZE
+
+        jobs = [(i, k) for i, p in enumerate(self.manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+
+        def bad(job: tuple[int, int]) -> str | None:
+            i, k = job
+            p, buf = self.manifest.partitions[i], self._maps[i]
+            assert buf is not None
+            view = memoryview(buf)[k * CHUNK_SIZE:min((k + 1) * CHUNK_SIZE, p.size)]
+            ok = k < len(p.chunks) and digest(view) == p.chunks[k]
+            view.release()
+            return None if ok else f"{p.file} window {k}"
+
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
+            failed = next((w for w in pool.map(bad, jobs) if w), None)
+        if failed:
+            raise Corrupt(f"{self._dir}: {failed} fails its checksum; run `sllmfs verify` and save the model again")
+
+    def tensors(self) -> dict[str, Any]:
+        import torch
+
+        if not self._maps and self.manifest.partitions:
+            self._open_maps()
+        out: dict[str, Any] = {}
+        for name in self.manifest.names():
+            t = self.manifest.entry(name)
+            dt = dtypes.to_torch(dtypes.by_code(t.dtype))
+            buf = self._maps[t.partition]
+            if t.nbytes == 0 or buf is None:
+                out[name] = torch.empty(t.shape, dtype=dt)
+                continue
+            raw = torch.frombuffer(buf, dtype=torch.uint8, offset=t.offset, count=t.nbytes)
+            out[name] = raw.view(dt).reshape(t.shape)
+        return out
+
+    def raw(self, partition: int, offset: int, nbytes: int) -> Any:
+        """The stored bytes of a partition range as a CPU uint8 tensor (no copy)."""
+        import torch
+
+        if not self._maps and self.manifest.partitions:
+            self._open_maps()
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self._maps[partition], dtype=torch.uint8, offset=offset, count=nbytes)
+
+    def close(self) -> None:
+        # views handed out keep their pages alive (torch holds the buffer); drop ours
+        self._maps.clear()
+
+
+class StoreSource:
+    """Reads a store on this host without the sidecar (``sllmfs save --backend sglang``, tests)."""
+
+    def __init__(self, model: str, storage_path: str):
+        from sllmfs.store.store import Store
+
+        self.model = model
+        self.store = Store(storage_path, create=False, cleanup=False)
+
+    @contextmanager
+    def open(self, variant: str) -> Iterator[Lease]:
+        info = self.store.get(self.model)
+        if variant not in info.variants:
+            raise NotFound(f"model {self.model!r} has no variant {variant!r}")
+        lease = _StoreLease(info.manifest(variant), info.variant_dir(variant))
+        try:
+            yield lease
+        finally:
+            lease.close()

@@ -1,0 +1,136 @@
+"""``sllmfs save``: convert a checkpoint into the store, atomically."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sllmfs.core import names
+from sllmfs.core.errors import BadInput, SllmfsError
+from sllmfs.store.format import PARTITION_TARGET, Manifest
+from sllmfs.store.sources import Checkpoint, fd_ranges, scan
+from sllmfs.store.store import Store, write_model_json
+from sllmfs.store.writer import VariantWriter
+
+HF_VARIANT = "hf"
+
+
+def save_model(store: Store, name: str, source: Path, *, force: bool = False,
+               progress: Callable[[int], None] | None = None,
+               on_scan: Callable[[Checkpoint], None] | None = None,
+               partition_target: int = PARTITION_TARGET) -> Manifest:
+    """Store ``source`` as model ``name`` with its ``hf`` variant.
+
+    Replacing a model (``force``) keeps its LoRA adapters (they are the user's, saved on their
+    own) and drops its framework variants (post-processed from the old weights: stale)."""
+    names.check_model_name(name)
+    with store.writing(name):
+        if store.has(name) and not force:
+            raise BadInput(f"model {name!r} is already in the store; pass --force to replace it")
+        ckpt = scan(source)
+        if on_scan:
+            on_scan(ckpt)
+        with store.staging() as work, _disk_errors(store):
+            model_dir = work / "model"
+            (model_dir / "files").mkdir(parents=True)
+            for rel in ckpt.files:
+                _copy_file(source / rel, model_dir / "files" / rel)
+            manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
+                                     partition_target)
+            write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
+            if store.has(name):
+                _keep_adapters(store, name, model_dir / "variants")
+            store.commit_model(model_dir, name, force=force)
+    return manifest
+
+
+def _keep_adapters(store: Store, name: str, variants_dir: Path) -> None:
+    """Hard-link the stored model's adapters into its replacement (same filesystem: no copy). A
+    damaged model is replaced whole: what cannot be read of it is not kept."""
+    try:
+        old = store.get(name)
+    except SllmfsError as e:
+        print(f"sllmfs: replacing damaged model {name!r} ({e}); none of its adapters are kept", file=sys.stderr)
+        return
+    for key in old.variants:
+        if not key.startswith(names.ADAPTER_PREFIX):
+            continue
+        src = old.variant_dir(key)
+        shutil.copytree(src, variants_dir / key, copy_function=_link_or_copy)
+
+
+def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, force: bool = False,
+                 progress: Callable[[int], None] | None = None) -> Manifest:
+    """Store a LoRA adapter beside its base model as variant ``lora.<name>``."""
+    key = names.adapter_variant(adapter_name)
+    if not (source / "adapter_config.json").is_file():
+        raise BadInput(f"--adapter-path {source} has no adapter_config.json; point it at a PEFT adapter folder")
+    with store.writing(base):
+        info = store.get(base)
+        if key in info.variants and not force:
+            raise BadInput(f"model {base!r} already has adapter {adapter_name!r}; pass --force to replace it")
+        ckpt = scan(source)
+        with store.staging() as work, _disk_errors(store):
+            vdir = work / key
+            manifest = write_variant(ckpt, vdir, key, progress)
+            (vdir / "files").mkdir()
+            for rel in ckpt.files:
+                _copy_file(source / rel, vdir / "files" / rel)
+            store.commit_variant(vdir, base, key, force=force)
+    return manifest
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """A metadata file into the store: owner and group only, whatever the source's mode or the umask."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o640)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
+                  progress: Callable[[int], None] | None = None,
+                  partition_target: int = PARTITION_TARGET) -> Manifest:
+    writer = VariantWriter(out_dir, variant, progress=progress, partition_target=partition_target)
+    writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
+    fds: dict[Path, int] = {}
+    try:
+        for t in ckpt.tensors:
+            if t.alias_of is not None:
+                writer.add_alias(t.name, t.alias_of)
+            elif t.load is not None:
+                writer.add_bytes(t.name, t.dtype, t.shape, t.load())
+            else:
+                writer.add_from_file(t.name, t.dtype, t.shape, fd_ranges(t.ranges, fds),
+                                     where=str(t.ranges[0][0]) if t.ranges else "")
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+class _disk_errors:
+    """Turn a full disk into one line; the staging directory is removed on the way out."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BadInput(f"disk full under {self.store.root}: the save was rolled back and nothing was "
+                           "stored; free space or pick another --storage-path") from None
