@@ -1,0 +1,178 @@
+"""Launch to first token: a real SGLang engine in a fresh process, every phase of its start.
+
+    source bench/gpu_setup.sh && python bench/bench_coldstart.py --workdir /tmp/cs [--layers 32]
+
+Each start is a new Python process (what `launch_server` costs a user), CUDA graphs on and the
+default memory fraction. Wall clocks from the parent: process start, `import sglang`, engine ready,
+first token (a 1-token greedy generate) — and the engine's own "Engine startup timings" line
+(load_weight, kv_cache_allocation, cuda_graph, scheduler_e2e). "Fresh machine" gives the engine a
+new, empty HOME, XDG cache and TORCHINDUCTOR_CACHE_DIR, so every kernel cache starts empty; the
+same directories reused make the "warm machine". After the fresh start, what the engine wrote into
+those directories is listed (the kernel caches a later change keeps in the store). Greedy ids of
+every start must be identical; results go to --out as JSON with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_sglang import PROMPTS, Sidecar  # noqa: E402
+from limits import drop_caches  # noqa: E402
+
+TIMINGS = re.compile(r"Engine startup timings \(s\): load_weight=([0-9.]+), kv_cache_allocation=([0-9.]+), "
+                     r"scheduler_e2e=([0-9.]+), cuda_graph=\{([^}]*)\}")
+
+
+def child(model_path: str, load_format: str, extra: str) -> None:
+    """Runs in the fresh process: times the import, the engine, the first token and the greedy ids."""
+    t_proc = float(os.environ["SLLMFS_BENCH_SPAWN"])
+    marks = {"python_start_s": time.time() - t_proc}
+    t = time.perf_counter()
+    import sglang
+
+    marks["import_sglang_s"] = time.perf_counter() - t
+    kw: dict[str, Any] = dict(model_path=model_path, load_format=load_format, skip_tokenizer_init=True,
+                              sampling_backend="pytorch", attention_backend="triton", random_seed=0, log_level="info")
+    if extra:
+        kw["model_loader_extra_config"] = extra
+    t = time.perf_counter()
+    llm = sglang.Engine(**kw)
+    marks["engine_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    llm.generate(input_ids=PROMPTS[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+    marks["first_generate_s"] = time.perf_counter() - t
+    marks["first_token_wall_s"] = time.time() - t_proc
+    out = llm.generate(input_ids=PROMPTS, sampling_params={"max_new_tokens": 8, "temperature": 0.0,
+                                                           "ignore_eos": True})
+    llm.shutdown()
+    print("RESULT " + json.dumps({**marks, "ids": [o["output_ids"] for o in out]}), flush=True)
+
+
+def cache_env(home: Path) -> dict[str, str]:
+    """Every kernel cache an engine may write, under one directory (empty = a fresh machine)."""
+    return {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor"), "TRITON_CACHE_DIR": str(home / ".triton" / "cache"),
+            "TVM_FFI_CACHE_DIR": str(home / ".cache" / "tvm-ffi"),
+            "CUDA_CACHE_PATH": str(home / ".nv" / "ComputeCache")}
+
+
+def written(home: Path) -> dict[str, dict[str, int]]:
+    """What a start left under its cache home: files and bytes per directory two levels down."""
+    found: dict[str, dict[str, int]] = {}
+    for p in home.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            rel = p.relative_to(home).parts
+            key = "/".join(rel[:2]) if len(rel) > 2 else "/".join(rel[:-1]) or "."
+            d = found.setdefault(key, {"files": 0, "bytes": 0})
+            d["files"] += 1
+            d["bytes"] += p.stat().st_size
+    return found
+
+
+def start(label: str, model_path: str, load_format: str, home: Path, logs: Path, extra: str = "") -> dict[str, Any]:
+    env = {**os.environ, **cache_env(home), "SLLMFS_BENCH_SPAWN": repr(time.time())}
+    proc = subprocess.run([sys.executable, __file__, "--child", model_path, load_format, extra],
+                          capture_output=True, text=True, timeout=560, env=env)
+    log = proc.stdout + proc.stderr
+    (logs / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".log")).write_text(log)
+    res: dict[str, Any] = {"label": label, "rc": proc.returncode}
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            res.update(json.loads(line[7:]))
+    m = TIMINGS.findall(log)
+    if m:
+        lw, kv, sched, graphs = m[-1]
+        res.update(load_weight_s=float(lw), kv_cache_s=float(kv), scheduler_e2e_s=float(sched),
+                   cuda_graph_s={k.strip(): float(v) for k, v in (x.split("=") for x in graphs.split(",") if "=" in x)})
+    path = re.findall(r"sllmfs: loaded .* by the ([a-z-]+) path in ([0-9.]+) s", log)
+    if path:
+        res["sllm_path"], res["sllm_load_s"] = path[-1][0], float(path[-1][1])
+    if proc.returncode:
+        res["error_tail"] = log.splitlines()[-20:]
+    print(f"  {label:<34} rc={proc.returncode} first token {res.get('first_token_wall_s', float('nan')):.1f} s "
+          f"load_weight {res.get('load_weight_s')} path={res.get('sllm_path')}", file=sys.stderr, flush=True)
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:5])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/sllmfs-coldstart")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--src", default=None, help="reuse a checkpoint folder")
+    ap.add_argument("--part", choices=["default", "sllm", "all"], default="all")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args()
+    from llama_shapes import write_checkpoint
+
+    work, out = Path(a.workdir), Path(a.out)
+    logs = out / "coldstart-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    src = Path(a.src) if a.src else work / "src"
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=a.layers)
+    import sglang
+    import torch
+
+    result: dict[str, Any] = {"bench": "coldstart", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
+                              "sglang": sglang.__version__, "torch": torch.__version__,
+                              "bytes": (src / "model.safetensors").stat().st_size,
+                              "command": "python bench/bench_coldstart.py " + " ".join(sys.argv[1:]), "runs": {}}
+    dest = out / f"coldstart-{a.part}-{time.strftime('%Y%m%d-%H%M')}.json"
+    runs: dict[str, Any] = result["runs"]
+
+    def keep(key: str, r: dict[str, Any]) -> None:
+        runs[key] = r
+        dest.write_text(json.dumps(result, indent=1))
+
+    subprocess.run(["cat", str(src / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)  # page cache
+    if a.part in ("default", "all"):
+        fresh = work / "home-default"
+        keep("default_fresh_machine", start("default, fresh machine", str(src), "auto", fresh, logs))
+        result["kernel_caches_written"] = written(fresh)
+        keep("default_warm_machine", start("default, warm machine", str(src), "auto", fresh, logs))
+    if a.part in ("sllm", "all"):
+        store = work / "store"
+        subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
+                        str(src), "--storage-path", str(store), "--force"], check=True)
+        side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar.log")
+        view = str(side.mnt / "bench" / "llama-7b")
+        warm = work / "home-sllm"
+        try:
+            keep("sllm_first_start", start("sllm first (any-TP, write-back)", view, "sllm", warm, logs,
+                                           extra='{"sllm_write_back": "sync"}'))
+            keep("sllm_hit_warm_machine", start("sllm hit, warm machine", view, "sllm", warm, logs))
+            keep("sllm_hit_fresh_machine", start("sllm hit, fresh machine", view, "sllm", work / "home-sllm-fresh",
+                                                 logs))
+            side.cli("evict", "--model", "bench/llama-7b")
+            drop_caches()
+            keep("sllm_cold_warm_machine", start("sllm cold (tier empty, no page cache)", view, "sllm", warm, logs))
+        finally:
+            side.stop()
+    ids = [r.get("ids") for r in runs.values()]
+    result["identical"] = bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
+    dest.write_text(json.dumps(result, indent=1))
+    print(f"{'start':<26}{'1st token':>10}{'import':>8}{'engine':>8}{'load':>7}{'kv':>6}{'graphs':>8}")
+    for k, r in runs.items():
+        g = sum(r.get("cuda_graph_s", {}).values())
+        print(f"{k:<26}{r.get('first_token_wall_s', float('nan')):>10.1f}{r.get('import_sglang_s', float('nan')):>8.1f}"
+              f"{r.get('engine_s', float('nan')):>8.1f}{r.get('load_weight_s') or float('nan'):>7.2f}"
+              f"{r.get('kv_cache_s') or float('nan'):>6.2f}{g:>8.1f}")
+    print(f"greedy ids identical: {result['identical']}  -> {dest}")
+
+
+if __name__ == "__main__":
+    main()
