@@ -195,6 +195,7 @@ def run_peak(a: argparse.Namespace) -> dict[str, Any]:
 def run_check(a: argparse.Namespace) -> dict[str, Any]:
     """Exact comparison on shuffled, odd, overlapping pieces, plus readiness arriving mid-copy and faults."""
     from sllmfs.engine import copy_engine as ce
+    from sllmfs.protocol.messages import Readiness
 
     size = 1 * GiB
     rng = np.random.default_rng(5)
@@ -259,7 +260,7 @@ def run_check(a: argparse.Namespace) -> dict[str, Any]:
     out["readiness"] = same()
     out["readiness_first_ready_s"] = st["first_ready_seconds"]
     ready[:] = 1
-    ready[100] = ce.FAILED
+    ready[100] = Readiness.FAILED
     errs = {}
     with ce.CopyEngine(target=a.target, mode="hybrid", threads=4) as e:
         try:

@@ -111,7 +111,8 @@ def client(args: list[str]) -> dict[str, Any]:
 
 
 def serve(a: argparse.Namespace) -> None:
-    from sllmfs.engine.copy_engine import CopyEngine, Segment, runtime_path
+    from sllmfs.engine.copy_engine import CopyEngine, Segment
+    from sllmfs.engine.cudart import runtime_path
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,12 +293,12 @@ def run_client(a: argparse.Namespace) -> dict[str, Any]:
 
 def probe_share_cuda(torch: Any) -> dict[str, Any]:
     """What torch 2.11's _share_cuda_ returns, next to our own export of the same pointer."""
-    from sllmfs.engine.copy_engine import _native
+    from sllmfs.engine.native import lib
 
     x = torch.empty(3 * MiB, dtype=torch.uint8, device="cuda")
     y = x[4096:]
     tup = y.untyped_storage()._share_cuda_()
-    handle, base, size, dev, bus = _native.ipc_export(y.data_ptr(), "", "")
+    handle, base, size, dev, bus = lib.ipc_export(y.data_ptr(), "", "")
     h = tup[1]
     return {
         "len": len(tup),

@@ -488,26 +488,26 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
       for (uint32_t id : pending) {
         const Block& b = plan.blocks[id];
         const SegmentDesc& sd = segs[b.seg];
-        int state = 1;
+        uint8_t state = kChunkReady;  // of the block: its first chunk not ready decides
         if (sd.ready) {
           while (next_rc[id] <= b.rc1) {
             uint8_t v = __atomic_load_n(sd.ready + next_rc[id], __ATOMIC_ACQUIRE);
-            if (v == 1) {
+            if (v == kChunkReady) {
               ++next_rc[id];
               continue;
             }
-            state = v == 0 ? 0 : 2;
+            state = v == kChunkPending ? kChunkPending : kChunkFailed;  // any other value: failed
             break;
           }
         }
-        if (state == 2) {
+        if (state == kChunkFailed) {
           uint64_t c = next_rc[id];
           job.fail(EngineError(ErrorKind::ChunkFailed,
                                "segment " + std::to_string(b.seg) + ": chunk " + std::to_string(c) + " (" +
                                    range_text(c * sd.chunk, sd.chunk) + ") was marked failed by the cache"));
           break;
         }
-        if (state == 1)
+        if (state == kChunkReady)
           ready.push_back(id);
         else
           pending[w++] = id;

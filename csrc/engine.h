@@ -1,5 +1,5 @@
 // The copy pipeline: readiness polling, block claiming, staging ring, in-place
-// registration. See DESIGN.md "GPU copy engine" and bench/NOTES-copy-engine.md.
+// registration. Why each path exists, measured: bench/NOTES-copy-engine.md.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +19,13 @@ namespace sllm {
 // stage:    native threads memcpy into a pinned ring, the ring feeds the copies.
 // hybrid:   both at once: stagers take blocks from the front, registrars from the back.
 enum class Mode { Register, Stage, Hybrid };
+
+// Readiness bytes the cache writes, one per chunk of a segment. The definition is
+// Python's sllmfs.protocol.messages.Readiness; these must equal it (the binding exposes
+// them as _native.CHUNK_*, and tests/test_protocol_messages.py checks).
+constexpr uint8_t kChunkPending = 0;
+constexpr uint8_t kChunkReady = 1;
+constexpr uint8_t kChunkFailed = 2;
 
 struct EngineConfig {
   bool cuda = false;

@@ -73,8 +73,4 @@ int device_by_bus(const std::string& bus, const std::string& cudart, const std::
   return dev;
 }
 
-std::string bus_of_device(int device, const std::string& cudart, const std::string& fallback) {
-  return bus_of(api(cudart, fallback), device);
-}
-
 }  // namespace sllm

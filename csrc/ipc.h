@@ -20,6 +20,5 @@ struct IpcExport {
 std::string runtime_path(const std::string& cudart, const std::string& fallback);
 IpcExport ipc_export(uint64_t ptr, const std::string& cudart, const std::string& fallback);
 int device_by_bus(const std::string& bus, const std::string& cudart, const std::string& fallback);
-std::string bus_of_device(int device, const std::string& cudart, const std::string& fallback);
 
 }  // namespace sllm

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sllmfs.engine import copy_engine as ce
+from sllmfs.protocol.messages import Readiness
 
 MiB = 1 << 20
 MODES = ["auto", "stage", "register", "hybrid"]
@@ -102,10 +103,10 @@ def test_readiness_arrives_during_copy(segments):
 
     def fill() -> None:
         for i in range(ready.size - 1):  # all but the last chunk, out of order
-            ready[(i * 3) % (ready.size - 1)] = ce.READY
+            ready[(i * 3) % (ready.size - 1)] = Readiness.READY
             time.sleep(0.002)
         started.wait(10)  # the copy has moved bytes while the last chunk is still pending
-        ready[-1] = ce.READY
+        ready[-1] = Readiness.READY
 
     seen: list[int] = []
 
@@ -128,7 +129,7 @@ def test_failed_chunk_names_segment_and_offset(segments):
     datas, maps = segments
     cs = 2 * MiB
     ready = np.ones(-(-datas[1].nbytes // cs), np.uint8)
-    ready[3] = ce.FAILED
+    ready[3] = Readiness.FAILED
     dst = make_dst(datas[1].nbytes)
     pieces = np.array([[1, 0, dst.ctypes.data, datas[1].nbytes]], np.uint64)
     segs = [ce.Segment.from_buffer(maps[0]), ce.Segment.from_buffer(maps[1], ready, cs)]
@@ -140,14 +141,14 @@ def test_failed_chunk_names_segment_and_offset(segments):
 def test_readiness_never_arriving_times_out(segments):
     datas, maps = segments
     ready = np.zeros(-(-datas[1].nbytes // (4 * MiB)), np.uint8)
-    ready[0] = ce.READY
+    ready[0] = Readiness.READY
     dst = make_dst(datas[1].nbytes)
     pieces = np.array([[0, 0, dst.ctypes.data, datas[1].nbytes]], np.uint64)
     t = time.monotonic()
     with ce.CopyEngine(target="host", threads=2) as eng:
         with pytest.raises(ce.ReadinessTimeout, match="not ready"):
             eng.copy([ce.Segment.from_buffer(maps[1], ready, 4 * MiB)], pieces, timeout=0.3)
-        ready[:] = ce.READY  # the same engine works once the data is there
+        ready[:] = Readiness.READY  # the same engine works once the data is there
         eng.copy([ce.Segment.from_buffer(maps[1], ready, 4 * MiB)], pieces, timeout=5)
     assert time.monotonic() - t < 10
     assert np.array_equal(dst, datas[1])
@@ -214,7 +215,7 @@ def test_cuda_without_gpu_is_one_clear_line():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("sllmfs.engine.copy_engine.CudaUnavailable:") and "CUDA" in last
+    assert last.startswith("sllmfs.engine.errors.CudaUnavailable:") and "CUDA" in last
 
 
 FAKE_CUDART = r"""
@@ -251,7 +252,8 @@ E cudaPointerGetAttributes(void* a, const void* p) { memset(a, 0, 16); return 0;
 FAKE_CLIENT = """
 import sys, numpy as np
 from sllmfs import _native
-from sllmfs.engine.copy_engine import CudaError, _translate
+from sllmfs.engine.errors import CudaError
+from sllmfs.engine.native import translate
 src = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8)
 dst = np.zeros_like(src)
 rows = np.array([[0, 0, dst.ctypes.data, 5], [0, 5, dst.ctypes.data + 5, src.size - 5]], np.uint64)
@@ -263,7 +265,7 @@ for mode in ("register", "stage", "hybrid"):
     try:
         eng.copy([(src.ctypes.data, src.size, 0, 0)], np.array([[0, 0, 16, 100]], np.uint64))
     except _native.EngineError as e:
-        err = _translate(e)
+        err = translate(e)
         assert isinstance(err, CudaError), err
         print(err)
     eng.close()

@@ -115,7 +115,8 @@ def test_cuda_engine_without_torch_opens_or_fails_in_one_line():
     out = _without_torch(
         """
         from sllmfs.engine import copy_engine as ce
-        r = {"wheel": ce.wheel_cudart()}
+        from sllmfs.engine.cudart import wheel_cudart
+        r = {"wheel": wheel_cudart()}
         try:
             eng = ce.CopyEngine(target="cuda")
             r.update(ok=True, bus=eng.bus_id)

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
-from sllmfs.protocol import wire
+from sllmfs.protocol import messages, wire
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.store.format import CHUNK_SIZE
 
@@ -66,11 +66,11 @@ def test_non_map_bodies_are_protocol_errors() -> None:
 def test_errors_cross_the_wire_as_their_kind() -> None:
     for exc in (BadInput("bad x"), NotFound("no model 'm'"), Corrupt("bad bytes"), wire.ProtocolError("p")):
         with pytest.raises(type(exc), match=str(exc)):
-            wire.raise_for(wire.error_reply(exc))
+            messages.raise_for(messages.error_reply(exc))
     with pytest.raises(wire.SidecarError, match="boom"):
-        wire.raise_for(wire.error_reply(RuntimeError("boom\nsecond line")))
+        messages.raise_for(messages.error_reply(RuntimeError("boom\nsecond line")))
     with pytest.raises(wire.SidecarError):
-        wire.raise_for({"weird": 1})
+        messages.raise_for({"weird": 1})
 
 
 def test_chunk_size_rounds_up_to_checksum_windows() -> None:

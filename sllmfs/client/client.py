@@ -19,31 +19,18 @@ import socket as pysocket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sllmfs.core import dtypes
-from sllmfs.core.errors import BadInput, Corrupt, SllmfsError
+from sllmfs.core.config import env_seconds
+from sllmfs.core.errors import Corrupt, SllmfsError
 from sllmfs.protocol import wire
-from sllmfs.protocol.wire import SidecarError
+from sllmfs.protocol.messages import Op, Readiness, SidecarError, TensorRef, raise_for
 
 __all__ = ["Client", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
-PENDING, READY, FAILED = 0, 1, 2
 REPLY_TIMEOUT = 60.0  # seconds a reply may take (SLLMFS_REPLY_TIMEOUT): ops answer at once, fills run behind
 SLOWEST_COPY = 100e6  # bytes/s: load_ipc replies once its bytes have landed; its wait grows with them
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """Where a tensor's bytes lie: ``segment`` is the partition index."""
-
-    name: str
-    dtype: str  # safetensors-style code (sllmfs.core.dtypes)
-    shape: tuple[int, ...]
-    partition: int
-    offset: int
-    nbytes: int
 
 
 def connect(socket: str | None = None, *, timeout: float | None = None) -> Client:
@@ -58,21 +45,10 @@ def connect(socket: str | None = None, *, timeout: float | None = None) -> Clien
     return Client(socket, timeout=timeout)
 
 
-def _reply_timeout() -> float:
-    raw = os.environ.get("SLLMFS_REPLY_TIMEOUT", "")
-    try:
-        seconds = float(raw) if raw else REPLY_TIMEOUT
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:  # NaN too
-        raise BadInput(f"SLLMFS_REPLY_TIMEOUT={raw!r} is not a number of seconds above 0")
-    return seconds
-
-
 class Client:
     def __init__(self, path: str, *, timeout: float | None = None):
         self.path = path
-        self.timeout = _reply_timeout() if timeout is None else timeout
+        self.timeout = env_seconds("SLLMFS_REPLY_TIMEOUT", REPLY_TIMEOUT) if timeout is None else timeout
         self._sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
             self._sock.connect(path)
@@ -80,7 +56,7 @@ class Client:
             self._sock.close()
             raise SidecarError(f"cannot reach the sidecar at {path}: {e.strerror}; is `sllmfs start` running?") \
                 from None
-        hello = self._call({"op": "hello", "version": wire.VERSION})[0]
+        hello = self._call({"op": Op.HELLO, "version": wire.VERSION})[0]
         self.server_pid: int = hello.get("pid", 0)
 
     def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
@@ -96,7 +72,8 @@ class Client:
         except BaseException as e:
             self._sock.close()  # mid-reply the stream is out of step: a late reply would answer the next request
             if isinstance(e, TimeoutError):
-                raise SidecarError(f"no reply to {msg.get('op')!r} from the sidecar at {self.path} within {wait:g} s "
+                op = str(msg.get("op"))  # an Op prints as its value
+                raise SidecarError(f"no reply to {op!r} from the sidecar at {self.path} within {wait:g} s "
                                    "(SLLMFS_REPLY_TIMEOUT); the connection is closed") from None
             if isinstance(e, OSError):
                 raise SidecarError(f"lost the sidecar at {self.path}: {e.strerror or e}") from None
@@ -109,26 +86,26 @@ class Client:
         if not reply.get("ok"):
             for fd in fds:
                 os.close(fd)
-        return wire.raise_for(reply), fds
+        return raise_for(reply), fds
 
     def _wait(self, msg: dict[str, Any]) -> float:
         """Seconds for this request's reply: load_ipc answers once its bytes are on the GPU."""
-        if msg.get("op") != "load_ipc":
+        if msg.get("op") != Op.LOAD_IPC:
             return self.timeout
         nbytes = sum(p[4] for p in msg.get("pieces", ()))
         return self.timeout + float(msg.get("timeout", 0)) + nbytes / SLOWEST_COPY
 
-    def _op(self, op: str, **args: Any) -> dict[str, Any]:
+    def _op(self, op: Op, **args: Any) -> dict[str, Any]:
         return self._call({"op": op, **{k: v for k, v in args.items() if v is not None}})[0]
 
     def acquire(self, model: str, variant: str = "hf") -> Lease:
         """Lease a model variant: it stays in host memory until released or this client closes."""
         # tuples: a 1,000-tensor manifest then gives the cyclic GC nothing to scan (p99 latency)
-        reply, fds = self._call({"op": "acquire", "model": model, "variant": variant}, use_list=False)
+        reply, fds = self._call({"op": Op.ACQUIRE, "model": model, "variant": variant}, use_list=False)
         try:
             return Lease(self, reply, fds)
         except (OSError, KeyError, TypeError, ValueError) as e:  # cannot map: give the lease back at once
-            self._op("release", lease=reply.get("lease"))
+            self._op(Op.RELEASE, lease=reply.get("lease"))
             raise SidecarError(f"cannot map model {model!r} [{variant}]: {e}") from None
         finally:
             for fd in fds:  # the maps keep the memory; the fds are not needed after mapping
@@ -140,7 +117,7 @@ class Client:
         An adapter variant (``lora.<name>``) gives its own files (adapter_config.json, ...).
         The sidecar passes read-only fds, so large tokenizers need no message-size room.
         """
-        reply, fds = self._call({"op": "files", "model": model, "variant": variant})
+        reply, fds = self._call({"op": Op.FILES, "model": model, "variant": variant})
         try:
             if len(fds) != len(reply["files"]):
                 raise wire.ProtocolError(f"files reply carried {len(fds)} fds for {len(reply['files'])} files")
@@ -154,30 +131,30 @@ class Client:
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Stored models: name, variants, which are resident, registered."""
-        return builtins.list(self._op("list")["models"])
+        return builtins.list(self._op(Op.LIST)["models"])
 
     def status(self) -> dict[str, Any]:
-        reply = self._op("status")
+        reply = self._op(Op.STATUS)
         reply.pop("ok", None)
         return reply
 
     def pin(self, model: str, variant: str = "hf") -> str:
         """Keep a variant in memory (filling it if needed); returns its state."""
-        return str(self._op("pin", model=model, variant=variant)["state"])
+        return str(self._op(Op.PIN, model=model, variant=variant)["state"])
 
     def unpin(self, model: str, variant: str = "hf") -> bool:
-        return bool(self._op("unpin", model=model, variant=variant)["was_pinned"])
+        return bool(self._op(Op.UNPIN, model=model, variant=variant)["was_pinned"])
 
     def evict(self, model: str, variant: str | None = None) -> builtins.list[str]:
         """Drop a model (one variant, or all) from the memory tier; returns the variants dropped."""
-        return builtins.list(self._op("evict", model=model, variant=variant)["evicted"])
+        return builtins.list(self._op(Op.EVICT, model=model, variant=variant)["evicted"])
 
     def refresh(self) -> dict[str, Any]:
         """Make the sidecar re-read the store (after `sllmfs save` or `rm`)."""
-        return self._op("refresh")
+        return self._op(Op.REFRESH)
 
     def register(self, model: str) -> None:
-        self._op("register", model=model)
+        self._op(Op.REGISTER, model=model)
 
     def closed_by_peer(self) -> bool:
         """True once the sidecar has closed our connection (it died, or dropped us)."""
@@ -221,7 +198,7 @@ class Lease:
         self._unit: int = ready["unit"]
         self._base: list[int] = ready["base"]
         self._ready = mmap.mmap(fds[-1], ready["length"], mmap.MAP_SHARED, mmap.PROT_READ)
-        self._raw: tuple[tuple[Any, ...], ...] = reply["tensors"]  # (name, dtype, shape, partition, offset, nbytes)
+        self._raw: tuple[Any, ...] = reply["tensors"]  # TensorRef rows as sent, decoded on first use
         self._aliases: dict[str, str] = dict(reply.get("aliases", {}))
         self.released = False
 
@@ -239,9 +216,14 @@ class Lease:
         return self._unit
 
     @functools.cached_property
+    def rows(self) -> builtins.list[TensorRef]:
+        """The stored tensors, in the manifest's order (aliases not included)."""
+        return [TensorRef.decode(r) for r in self._raw]
+
+    @functools.cached_property
     def entries(self) -> dict[str, TensorRef]:
         """name -> where its bytes lie, aliases (tied names) included. Built on first use."""
-        out = {r[0]: TensorRef(r[0], r[1], tuple(r[2]), r[3], r[4], r[5]) for r in self._raw}
+        out = {r.name: r for r in self.rows}
         for alias, target in self._aliases.items():
             out[alias] = out[target]
         return out
@@ -262,9 +244,9 @@ class Lease:
         """True when those bytes (default: all) are in memory and verified; raises Corrupt on a failed fill."""
         a, b = self._span(partition, offset, nbytes)
         window = self._ready[a:b]
-        if window.count(READY) == len(window):
+        if window.count(Readiness.READY) == len(window):
             return True
-        if FAILED in window:
+        if Readiness.FAILED in window:
             raise Corrupt(f"model {self.model!r} [{self.variant}] failed to fill (see the sidecar log)")
         return False
 
@@ -292,7 +274,7 @@ class Lease:
         for i, size in enumerate(self.sizes):
             a, b = self._span(i, 0, None)
             for k in range(a, b):
-                if self._ready[k] == READY:
+                if self._ready[k] == Readiness.READY:
                     done += min(self._unit, size - (k - a) * self._unit)
         return done, sum(self.sizes)
 
@@ -313,14 +295,14 @@ class Lease:
             bases = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
         typed: dict[tuple[int, str], Any] = {}  # (partition, dtype) -> the whole segment viewed as that dtype
         out = {}
-        for name, code, shape, part, offset, nbytes in self._raw:
-            base = typed.get((part, code))
+        for t in self.rows:
+            base = typed.get((t.partition, t.dtype))
             if base is None:
-                base = typed[(part, code)] = bases[part].view(dtypes.to_torch(dtypes.by_code(code)))
-            if nbytes == 0:
-                out[name] = torch.empty(shape, dtype=base.dtype)
+                base = typed[(t.partition, t.dtype)] = bases[t.partition].view(dtypes.to_torch(dtypes.by_code(t.dtype)))
+            if t.nbytes == 0:
+                out[t.name] = torch.empty(t.shape, dtype=base.dtype)
             else:
-                out[name] = base.as_strided(shape, _contiguous_strides(shape), offset // base.element_size())
+                out[t.name] = base.as_strided(t.shape, _contiguous_strides(t.shape), t.offset // base.element_size())
         for alias, target in self._aliases.items():
             out[alias] = out[target]
         return out
@@ -344,7 +326,7 @@ class Lease:
     def copy_to_gpu(self, blocks: builtins.list[dict[str, Any]], pieces: builtins.list[builtins.list[int]],
                     timeout: float = 120.0) -> dict[str, Any]:
         """Have the sidecar copy these bytes into our GPU tensors (``load_ipc``; see sllmfs.client.transfer)."""
-        return self.client._op("load_ipc", lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
+        return self.client._op(Op.LOAD_IPC, lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
 
     def release(self) -> None:
         """End the lease. Views already made stay valid until dropped (the map lives on with them)."""
@@ -352,7 +334,7 @@ class Lease:
             return
         self.released = True
         try:
-            self.client._op("release", lease=self.id)
+            self.client._op(Op.RELEASE, lease=self.id)
         finally:
             self._drop_maps()
 

@@ -9,7 +9,6 @@ view. Nothing here knows about a particular framework.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sllmfs.core import dtypes
+from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
 from sllmfs.engine.copy_engine import CopyEngine, CudaUnavailable, Segment, address_of
 from sllmfs.engine.ipc import export_targets  # imported up front: a first import inside a timed load costs ms
@@ -56,9 +56,10 @@ def segments_of(lease: Lease) -> list[Any]:
     return out
 
 
-def _sidecar_copy_wanted() -> bool:
-    """SLLMFS_GPU_COPY: ``auto`` (default: the sidecar copies when it can), ``sidecar``, ``client``."""
-    return os.environ.get("SLLMFS_GPU_COPY", "auto") != "client"
+def _gpu_copy() -> str:
+    """SLLMFS_GPU_COPY: who copies into CUDA tensors: ``auto`` (default: the sidecar when it can,
+    else this process), ``sidecar`` (its refusal is an error), ``client`` (always this process)."""
+    return env_str("SLLMFS_GPU_COPY", "auto")
 
 
 def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
@@ -70,7 +71,7 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
     try:
         blocks, places = export_targets(wanted)
     except CudaUnavailable as e:  # e.g. VMM allocations (expandable_segments) have no legacy IPC handle
-        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar":
+        if _gpu_copy() == "sidecar":
             raise
         _log.info("sllmfs: the sidecar cannot reach these tensors (%s); copying in this process", e)
         return None
@@ -82,7 +83,7 @@ def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tup
     try:
         reply = lease.copy_to_gpu(blocks, pieces, timeout)
     except SidecarCannotCopy as e:
-        if os.environ.get("SLLMFS_GPU_COPY") == "sidecar":
+        if _gpu_copy() == "sidecar":
             raise
         _log.info("sllmfs: %s", e)
         return None
@@ -182,7 +183,7 @@ def _copy_rows(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[
     if not rows:
         return {}
     rows.sort(key=lambda r: (r[0], r[1]))  # readiness order: the fill runs front to back
-    if target == "cuda" and _sidecar_copy_wanted():
+    if target == "cuda" and _gpu_copy() != "client":
         copied = _sidecar_copy(lease, targets, rows, timeout)
         if copied is not None:
             return copied

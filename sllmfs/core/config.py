@@ -105,10 +105,42 @@ def load_settings(**flags: Any) -> Settings:
             except (TypeError, ValueError):
                 raise BadInput(f"--{name.replace('_', '-')} {value!r} is not a whole number") from None
         elif kind == "bool":
-            out[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            out[name] = value if isinstance(value, bool) else parse_flag(str(value))
         else:
             out[name] = str(value)
     return Settings(**out)
+
+
+def parse_flag(text: str) -> bool:
+    """The one reading of an on/off setting: 1, true, yes, on (any case) are on, anything else off."""
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+# Per-process settings: read where they apply (a client, a loader), not by the daemon's Settings,
+# but all through these accessors so each is parsed one way.
+
+
+def env_str(name: str, default: str = "") -> str:
+    """``$name`` as given, or ``default`` when unset."""
+    return os.environ.get(name, default)
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """``$name`` as an on/off setting (:func:`parse_flag`), or ``default`` when unset or empty."""
+    raw = os.environ.get(name, "")
+    return parse_flag(raw) if raw else default
+
+
+def env_seconds(name: str, default: float) -> float:
+    """``$name`` as a number of seconds above 0, or ``default`` when unset or empty."""
+    raw = os.environ.get(name, "")
+    try:
+        seconds = float(raw) if raw else default
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # NaN too
+        raise BadInput(f"{name}={raw!r} is not a number of seconds above 0")
+    return seconds
 
 
 def hint_flags(**given: Any) -> str:

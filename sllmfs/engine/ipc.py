@@ -18,7 +18,9 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sllmfs.engine.copy_engine import CopyError, CudaUnavailable, _native, _translate, cuda_runtime
+from sllmfs.engine.cudart import cuda_runtime
+from sllmfs.engine.errors import CopyError, CudaUnavailable
+from sllmfs.engine.native import EngineError, lib, translate
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +68,9 @@ def export_targets(tensors: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any
         hit = next((r for r in ranges if r[0] <= ptr and ptr + nbytes <= r[1]), None)
         if hit is None:
             try:
-                handle, base, size, _, bus = _native.ipc_export(ptr, cudart, fallback)
-            except _native.EngineError as e:
-                raise _translate(e, CudaUnavailable) from None
+                handle, base, size, _, bus = lib.ipc_export(ptr, cudart, fallback)
+            except EngineError as e:
+                raise translate(e, CudaUnavailable) from None
             hit = (int(base), int(base) + int(size), len(blocks))
             ranges.append(hit)
             blocks.append({"handle": bytes(handle), "size": int(size), "device": str(bus)})

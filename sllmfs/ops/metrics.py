@@ -1,7 +1,7 @@
 """Prometheus endpoint (``--metrics-port``): the sidecar's status as gauges and counters.
 
-The daemon refreshes a status snapshot (the same dict ``sllmfs status --json``
-prints) every few seconds; the collector only reads the latest one, so a
+The daemon refreshes a status snapshot (``Server.status()``: the dict
+``sllmfs status --json`` prints) every few seconds; the collector only reads the latest one, so a
 scrape never waits on the trio loop or the disk.
 """
 
@@ -47,8 +47,6 @@ class StatusCollector:
                            ("evictions", "Variants evicted from the memory tier"),
                            ("client_errors", "Requests answered with an error")):
             yield CounterMetricFamily(f"sllmfs_{key}", help_, value=c.get(key, 0))
-        if "fill_gbps" in c:
-            yield GaugeMetricFamily("sllmfs_last_fill_gbps", "Throughput of the last fill", value=c["fill_gbps"])
 
 
 def serve_metrics(port: int, snapshot: Snapshot, addr: str = "127.0.0.1") -> None:

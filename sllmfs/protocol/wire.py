@@ -1,7 +1,7 @@
 """Framing shared by the sidecar and its clients: 4-byte big-endian length + msgpack map.
 
-Kept free of trio so the client can import it. Replies are ``{"ok": True, ...}``
-or ``{"ok": False, "error": "<one line>", "kind": "<error class>"}``.
+Kept free of trio so the client can import it. What the maps say (ops, tensor rows,
+readiness, error replies) is ``sllmfs.protocol.messages``.
 
 Descriptors (``frames``): a reply that passes N fds says ``"fds": N``; right after
 its message come ceil(N / FDS_PER_SEND) carrier bytes (zero bytes), each sent by its own
@@ -20,8 +20,8 @@ from typing import Any
 
 import msgpack
 
-from sllmfs.core import errors
-from sllmfs.core.errors import SllmfsError
+# raised here by the framing; defined beside the error kinds they carry
+from sllmfs.protocol.messages import ProtocolError, SidecarError
 
 VERSION = 1
 MAX_MESSAGE = 16 << 20  # checked on the prefix, before any body byte is read
@@ -29,25 +29,6 @@ FDS_PER_SEND = 250  # per carrier byte: under Linux's SCM_MAX_FD (253)
 SCM_MAX_FD = 253  # ancillary room on every read: whatever one sendmsg can carry, no MSG_CTRUNC
 MAX_FDS = 65536  # per reply: one per partition plus readiness (65,535 partitions of 2 GiB is 128 TiB)
 HEADER = struct.Struct(">I")
-
-
-class ProtocolError(SllmfsError):
-    """A message that breaks the framing or the protocol."""
-
-
-class SidecarError(SllmfsError):
-    """The sidecar refused a request, or cannot be reached."""
-
-
-# error kinds sent on the wire -> the exception a client raises
-KINDS: dict[str, type[SllmfsError]] = {
-    "BadInput": errors.BadInput,
-    "NotFound": errors.NotFound,
-    "Corrupt": errors.Corrupt,
-    "FormatVersionError": errors.FormatVersionError,
-    "SidecarCannotCopy": errors.SidecarCannotCopy,
-    "ProtocolError": ProtocolError,
-}
 
 
 def pack(obj: dict[str, Any]) -> bytes:
@@ -72,19 +53,6 @@ def unpack(body: bytes, *, use_list: bool = True) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a msgpack map")
     return obj
-
-
-def error_reply(e: BaseException) -> dict[str, Any]:
-    kind = type(e).__name__ if type(e).__name__ in KINDS else "SidecarError"
-    line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return {"ok": False, "error": line, "kind": kind}
-
-
-def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
-    if reply.get("ok") is True:
-        return reply
-    cls = KINDS.get(str(reply.get("kind")), SidecarError)
-    raise cls(str(reply.get("error", "sidecar sent a malformed reply")))
 
 
 def frames(obj: dict[str, Any], fds: list[int]) -> list[tuple[bytes, list[int]]]:

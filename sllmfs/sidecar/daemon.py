@@ -69,14 +69,14 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             await nursery.start(server.serve, listener)
             if fuse_serve is not None:
                 gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
-                visible = server.is_registered if settings.registration_required else None
-                await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.mount_in_use),
+                visible = server.registry.is_registered if settings.registration_required else None
+                await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use),
                                     Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
             if settings.gpu_warmup:  # once up: a start that fails says one line, not CUDA's news
-                nursery.start_soon(server.warm_gpus)
+                nursery.start_soon(server.cache.warm_gpus)
             log.info("serving socket=%s store=%s memory budget=%d disk budget=%d threads=%d chunk=%d",
                      settings.socket, store.root, tier.budget, settings.disk_size, settings.num_thread,
                      settings.chunk_size)
@@ -85,7 +85,7 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             async for signum in signals:
                 log.info("got %s: draining", signal.Signals(signum).name)
                 notify("STOPPING=1", "STATUS=draining")
-                server.stop_fills()  # fill threads stop after their current piece
+                server.cache.stop_fills()  # fill threads stop after their current piece
                 nursery.cancel_scope.cancel()
                 break
 
@@ -97,8 +97,7 @@ async def _metrics(server: Server, port: int, *, task_status: Any = trio.TASK_ST
     latest: dict[str, Any] = {}
 
     async def refresh() -> None:
-        reply, _fds = await server.op_status(None, {})  # type: ignore[arg-type]
-        latest["status"] = reply
+        latest["status"] = await server.status()
 
     await refresh()
     serve_metrics(port, lambda: latest.get("status"))

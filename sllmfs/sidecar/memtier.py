@@ -3,7 +3,7 @@
 One segment per stored partition, with the partition file's exact byte layout, so
 a manifest entry's (partition, offset, nbytes) is directly (segment, offset, nbytes).
 Each resident variant also has a small readiness segment: one byte per 4 MiB
-window of each partition (0 pending, 1 ready and verified, 2 failed).
+window of each partition (protocol.messages.Readiness).
 
 Only the trio thread mutates this state; fill threads write bytes into the maps.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmfs.core.errors import BadInput
+from sllmfs.protocol.messages import Readiness, TensorRef
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 from sllmfs.store.store import Identity
 
@@ -27,7 +28,8 @@ log = logging.getLogger("sllmfs.sidecar")
 
 PAGE = mmap.PAGESIZE
 HUGE_MIN = 64 << 20
-PENDING, READY, FAILED = 0, 1, 2
+# fill.py's names for the states it writes (the states themselves: protocol.messages.Readiness)
+READY, FAILED = Readiness.READY, Readiness.FAILED
 
 _SIZE_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
 # Linux >= 5.1: no write(), no new writable shared map and (>= 6.7) no mprotect to writable, for any
@@ -188,9 +190,10 @@ class MemoryTier:
         segments = made
         for i, p in enumerate(manifest.partitions):  # empty partitions have nothing to wait for
             if p.size == 0:
-                ready.mm[base[i]] = READY
+                ready.mm[base[i]] = Readiness.READY
         res = Resident(model, variant, manifest, identity, segments, ready, base)
-        res.wire_tensors = [[n, t.dtype, t.shape, t.partition, t.offset, t.nbytes] for n, t in manifest.tensors.items()]
+        res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
+                            for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res
         return res
 

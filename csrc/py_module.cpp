@@ -9,7 +9,8 @@
 // Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
 // runtime_path(cudart, fallback) -> str;  device_by_bus(bus, cudart, fallback) -> int
 // ipc_export(ptr, cudart, fallback) -> (handle, base, size, device, bus)
-// Errors raise _native.EngineError(kind, message); sllmfs.engine.copy_engine maps kinds to classes.
+// CHUNK_PENDING, CHUNK_READY, CHUNK_FAILED: the readiness values the copy reads (engine.h).
+// Errors raise _native.EngineError(kind, message); sllmfs.engine.native maps kinds to classes.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -477,5 +478,11 @@ PyMODINIT_FUNC PyInit__native(void) {
     return nullptr;
   }
   Py_INCREF(g_error);
+  if (PyModule_AddIntConstant(m, "CHUNK_PENDING", sllm::kChunkPending) < 0 ||
+      PyModule_AddIntConstant(m, "CHUNK_READY", sllm::kChunkReady) < 0 ||
+      PyModule_AddIntConstant(m, "CHUNK_FAILED", sllm::kChunkFailed) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
   return m;
 }

@@ -1,0 +1,236 @@
+"""Residency: which variants are in the memory tier, the fills that bring them there, the
+refusals of damaged ones, the disk budget, and pinning them for GPU copies.
+
+Only the trio thread changes this state; fill and copy work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sllmfs.core.config import Settings
+from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
+from sllmfs.protocol.messages import Readiness
+from sllmfs.sidecar import disktier
+from sllmfs.sidecar.fill import Fill
+from sllmfs.sidecar.gpucopy import GpuCopier
+from sllmfs.sidecar.memtier import MemoryTier, Resident
+from sllmfs.sidecar.registry import Registry
+from sllmfs.store.format import load_manifest, open_dir
+from sllmfs.store.store import Identity, Store, variant_identity
+
+log = logging.getLogger("sllmfs.sidecar")
+
+STORE_WATCH_S = 1.0  # how often resident copies are checked against the store (one stat each)
+DISK_LOOP_S = 30.0  # how often the disk budget is enforced
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    bytes_filled: int = 0
+    client_errors: int = 0
+    connections_refused: int = 0  # over MAX_CONNECTIONS or MAX_PER_PEER
+
+
+class Cache:
+    def __init__(self, settings: Settings, store: Store, tier: MemoryTier, registry: Registry):
+        self.settings = settings
+        self.store = store
+        self.tier = tier
+        self.registry = registry
+        self.counters = Counters()
+        self.mount_in_use: Counter[str] = Counter()  # models read through the mount now (the FUSE view counts)
+        self.refused: dict[tuple[str, str], tuple[Identity, str]] = {}
+        self.fills: set[Fill] = set()
+        self.gpu = GpuCopier()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The background loops (disk budget, store watch); fills and pins start in this nursery too."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._disk_loop)
+            nursery.start_soon(self._watch_store)
+            task_status.started()
+
+    def start_soon(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None, "Cache.run has not started"
+        self._nursery.start_soon(fn, *args)
+
+    def stop_fills(self) -> None:
+        for f in self.fills:
+            f.stop = True
+
+    # -- residency -----------------------------------------------------------
+
+    def identity(self, model: str, variant: str) -> Identity | None:
+        return variant_identity(self.store.model_path(model) / "variants" / variant)
+
+    async def resident(self, model: str, variant: str) -> Resident:
+        """The resident copy of a variant: a hit, or a new fill started from the store (a miss)."""
+        if self.settings.registration_required and model not in self.registry:
+            raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
+        res = self.tier.get(model, variant)
+        ident = self.identity(model, variant)  # one stat: notices `sllmfs save --force` and `rm`
+        if res is not None and res.identity == ident and res.error:  # its fill is failing right now
+            raise Corrupt(_refusal(res.model, res.variant, res.error))
+        if res is not None and res.identity == ident and res.state != "failed":
+            self.counters.hits += 1
+            return res
+        if res is not None:
+            self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
+        if ident is None:
+            info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
+            raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
+        refused = self.refused.get((model, variant))
+        if refused and refused[0] == ident:
+            raise Corrupt(refused[1])
+        await trio.to_thread.run_sync(self.store.get, model)  # a damaged model is refused as every reader does
+        variant_dir = self.store.model_path(model) / "variants" / variant
+        try:  # one version throughout: identity, manifest and data files through one directory fd,
+            # opened without following a link at any step below models/
+            dir_fd = open_dir(variant_dir, below=self.store.models_dir)
+        except FileNotFoundError:
+            return await self.resident(model, variant)  # replaced or removed meanwhile: look again
+        except OSError as e:
+            raise Corrupt(f"model {model!r} [{variant}]: cannot open {variant_dir} ({e.strerror}); "
+                          f"run `sllmfs verify --model {model}`") from None
+        try:
+            pinned = Path(f"/proc/self/fd/{dir_fd}")
+            ident = variant_identity(pinned)
+            if ident is None:
+                return await self.resident(model, variant)
+            manifest = await trio.to_thread.run_sync(load_manifest, pinned)
+            if self.tier.get(model, variant) is not None:  # another task filled it while we read
+                return await self.resident(model, variant)
+            self.counters.misses += 1
+            res = self.tier.reserve(model, variant, manifest, ident)
+            try:
+                fill = Fill(res, pinned, self.settings.chunk_size)
+            except SllmfsError:
+                res.state = "failed"
+                self.tier.drop(res, why="fill failed")
+                raise
+        finally:
+            os.close(dir_fd)
+        self.start_soon(self._fill, fill)
+        return res
+
+    async def _fill(self, fill: Fill) -> None:
+        res = fill.res
+        self.fills.add(fill)
+        t0 = time.perf_counter()
+        log.info("fill started model=%s variant=%s bytes=%d threads=%d", res.model, res.variant, fill.total,
+                 self.settings.num_thread)
+        try:
+            async with trio.open_nursery() as n:
+                for _ in range(max(1, self.settings.num_thread)):
+                    n.start_soon(trio.to_thread.run_sync, fill.worker)
+        except Exception as e:  # a bug fails this fill, never the daemon
+            log.exception("fill crashed model=%s variant=%s", res.model, res.variant)
+            fill.error = fill.error or f"internal error: {type(e).__name__}"
+        finally:
+            fill.close()
+            self.fills.discard(fill)
+        seconds = time.perf_counter() - t0
+        self.counters.bytes_filled += res.filled
+        if fill.error or fill.stop:
+            res.state = "failed"
+            ready = res.ready.mm
+            for i in range(res.ready.size):  # clients waiting on unread windows learn at once
+                if ready[i] == Readiness.PENDING:
+                    ready[i] = Readiness.FAILED
+            if fill.error:
+                self.refused[(res.model, res.variant)] = (res.identity, _refusal(res.model, res.variant, fill.error))
+                log.error("fill failed model=%s variant=%s: %s; refusing the model", res.model, res.variant, fill.error)
+        else:
+            res.state = "ready"
+            self.counters.fills += 1
+            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
+                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
+            if self.gpu.active and res.unpin is None and self._nursery is not None:
+                self._nursery.start_soon(self._pin, res)
+        if res.state == "failed" and not res.retired:
+            self.tier.drop(res, why="fill failed")
+        self.tier.settle(res)
+
+    async def refresh(self) -> tuple[list[dict[str, str]], list[str]]:
+        """Re-read the store: drop resident copies it replaced, forget refusals, enforce the disk budget.
+        Returns (dropped variants, models removed from disk)."""
+        dropped = []
+        for (model, variant), res in list(self.tier.entries.items()):
+            ident = await trio.to_thread.run_sync(self.identity, model, variant)
+            if ident != res.identity:
+                self.tier.drop(res, why="store changed")
+                dropped.append({"model": model, "variant": variant})
+        self.refused.clear()
+        return dropped, await self.enforce_disk()
+
+    # -- GPU copies ----------------------------------------------------------
+
+    async def warm_gpus(self) -> None:
+        """Start the GPU copy engines now (the daemon calls this once it is up), then pin what was
+        filled before they existed."""
+        try:
+            await trio.to_thread.run_sync(self.gpu.warm_up)
+            for res in list(self.tier.entries.values()):
+                if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
+                    await self._pin(res)
+        except Exception:  # never the daemon: loads start their engines themselves
+            log.exception("GPU warm-up failed")
+
+    async def _pin(self, res: Resident) -> None:
+        try:
+            await trio.to_thread.run_sync(self.gpu.pin, res)
+        except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
+            log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
+
+    # -- disk ----------------------------------------------------------------
+
+    async def enforce_disk(self) -> list[str]:
+        protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
+        protected |= {r.model for r in self.tier.retired}
+        removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
+                                                protected)
+        for name in removed:
+            for (m, _), res in list(self.tier.entries.items()):
+                if m == name:
+                    self.tier.drop(res, why="removed from disk")
+        return removed
+
+    async def _watch_store(self) -> None:
+        """Drop resident copies whose stored variant was replaced or removed (`save --force`, `rm`),
+        so their memory comes back once no lease holds them, without a manual evict."""
+        while True:
+            await trio.sleep(STORE_WATCH_S)
+            for (model, variant), res in list(self.tier.entries.items()):
+                if res.state == "filling":
+                    continue
+                ident = await trio.to_thread.run_sync(self.identity, model, variant)
+                if ident != res.identity and self.tier.entries.get((model, variant)) is res:
+                    self.tier.drop(res, why="store changed")
+
+    async def _disk_loop(self) -> None:
+        while True:
+            if self.settings.disk_size:
+                try:
+                    await self.enforce_disk()
+                except Exception as e:  # a damaged store entry must not stop the daemon
+                    log.warning("disk tier: %s", e)
+            await trio.sleep(DISK_LOOP_S)
+
+
+def _refusal(model: str, variant: str, why: str) -> str:
+    return (f"model {model!r} [{variant}] failed verification: {why}; "
+            f"run `sllmfs verify --model {model}` and save it again")

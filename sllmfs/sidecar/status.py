@@ -1,0 +1,46 @@
+"""The sidecar's status: one dict for the ``status`` op (`sllmfs status --json`) and the metrics endpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from sllmfs.sidecar import disktier
+from sllmfs.sidecar.cache import Cache
+from sllmfs.sidecar.ops import Conn
+
+
+async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
+    """Tiers, models, leases and counters now (reads the store's sizes in a worker thread)."""
+    store, tier = cache.store, cache.tier
+    sizes = await trio.to_thread.run_sync(disktier.disk_usage, store)
+    refetch = await trio.to_thread.run_sync(lambda: {n: disktier.is_refetchable(store, n) for n in sizes})
+    conns = list(conns)  # as they are once the disk is read
+    leased = {(r.model, r.variant) for c in conns for r in c.leases.values()}
+    models = []
+    for name, size in sorted(sizes.items()):
+        resident = [r for (m, _), r in tier.entries.items() if m == name]
+        models.append({
+            "name": name, "disk_bytes": size, "tier": "memory" if resident else "disk",
+            # the disk budget evicts only models it can store again; others only `sllmfs rm` removes
+            "disk_evictable": refetch.get(name, False),
+            "registered": name in cache.registry,
+            "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
+                          "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
+                          "huge_pages": all(s.huge for s in r.segments)} for r in resident],
+            "leased": any(m == name for m, _ in leased),
+        })
+    leases = [{"id": i, "model": r.model, "variant": r.variant, "pid": c.pid, "uid": c.uid}
+              for c in conns for i, r in c.leases.items()]
+    c = cache.counters
+    filled = c.bytes_filled + sum(f.res.filled for f in cache.fills)  # fills in progress count as they go
+    return {"pid": os.getpid(), "storage_path": str(store.root), "gpus": cache.gpu.buses,
+            "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired)},
+            "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
+            "models": models, "leases": leases, "connections": len(conns),
+            "counters": {"hits": c.hits, "misses": c.misses, "fills": c.fills, "bytes_filled": filled,
+                         "evictions": tier.evictions, "client_errors": c.client_errors,
+                         "connections_refused": c.connections_refused}}
