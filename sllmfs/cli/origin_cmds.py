@@ -38,6 +38,8 @@ def push(
     endpoint_url: Optional[str] = EndpointOpt,
     num_thread: int = ThreadsOpt,
     storage_path: Optional[str] = StorageOpt,
+    force: bool = typer.Option(False, "--force", help="Send every object again, even those the origin has "
+                               "(repairs a damaged origin copy)."),
 ) -> None:
     from sllmfs.origin.push import push_model
 
@@ -47,7 +49,7 @@ def push(
     t0 = time.perf_counter()
     with byte_bar(f"push {model}", None) as advance:
         result = push_model(store, model, origin, threads=_threads(num_thread), progress=advance,
-                            on_total=lambda total: advance(0, total))
+                            on_total=lambda total: advance(0, total), force=force)
     seconds = time.perf_counter() - t0
     rate = result.bytes_sent / seconds / 1e9 if seconds > 0 else 0.0
     out.print(f"pushed {model} to {origin}: {result.objects} objects, {result.skipped} already there; sent "

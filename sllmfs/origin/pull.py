@@ -201,8 +201,8 @@ def _prune(work: Path, keep: set[str]) -> None:
 
 def _damaged(origin: Origin, name: str, rel: str, why: str) -> Corrupt:
     return Corrupt(f"origin object {origin.where(name, rel)} {why}: the origin copy of {name!r} is damaged and "
-                   f"nothing was stored; push the model again from a node that has it (`sllmfs push --model {name} "
-                   f"--to {origin}`)")
+                   f"nothing was stored; push it again from a node that has it (`sllmfs push --model {name} "
+                   f"--to {origin} --force`)")
 
 
 def _manifest(origin: Origin, name: str, rel: str, data: bytes) -> Manifest:

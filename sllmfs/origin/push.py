@@ -46,8 +46,10 @@ Progress = Callable[[int], None]
 
 
 def push_model(store: Store, name: str, origin: Origin, *, threads: int = 16,
-               progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> PushResult:
-    """Upload model ``name`` to ``origin`` (holding its write lock: no save or rm changes it meanwhile)."""
+               progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
+               force: bool = False) -> PushResult:
+    """Upload model ``name`` to ``origin`` (holding its write lock: no save or rm changes it meanwhile).
+    ``force``: send every object, trusting nothing the origin holds (repairs a damaged origin copy)."""
     progress = progress or (lambda n: None)
     client = s3.connect(origin, threads)
     with store.writing(name):
@@ -58,24 +60,27 @@ def push_model(store: Store, name: str, origin: Origin, *, threads: int = 16,
             on_total(result.bytes_total)
         index = make_index(name, objs)
         with s3.errors(origin, f"push {name}"):
-            _drop_outdated_index(client, origin, name, objs)
+            _drop_outdated_index(client, origin, name, objs, force)
             first = [o for o in objs if not o.rel.endswith("/" + MANIFEST) and o.rel != MODEL_JSON]
             manifests = [o for o in objs if o.rel.endswith("/" + MANIFEST)]
             model_json = [o for o in objs if o.rel == MODEL_JSON]
             with s3.pool(threads, "sllmfs-push") as pool:
                 for batch in (first, manifests, model_json):  # each waits for the one before
-                    _upload_batch(client, pool, store, info.path, origin, name, batch, small, progress, result)
+                    _upload_batch(client, pool, store, info.path, origin, name, batch, small, progress, result,
+                                  force)
             client.put_object(Bucket=origin.bucket, Key=origin.key(name, INDEX), Body=index,
                               ContentType="application/json")
     return result
 
 
-def _drop_outdated_index(client: Any, origin: Origin, name: str, objs: list[Obj]) -> None:
+def _drop_outdated_index(client: Any, origin: Origin, name: str, objs: list[Obj], force: bool) -> None:
     """A pusher replacing another version removes the old index before any object changes, so no
     puller ever reads the old index over a mix of old and new objects."""
     key = origin.key(name, INDEX)
-    raw = s3.get_json_or_none(client, origin.bucket, key)
+    raw = None if force else s3.get_json_or_none(client, origin.bucket, key)
     if raw is None:
+        if force:  # every object is rewritten: the model must not look whole meanwhile
+            client.delete_object(Bucket=origin.bucket, Key=key)
         return
     try:
         old = {(o.rel, o.size, o.digest) for o in parse_index(raw, name, f"s3://{origin.bucket}/{key}")}
@@ -86,7 +91,8 @@ def _drop_outdated_index(client: Any, origin: Origin, name: str, objs: list[Obj]
 
 
 def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir: Any, origin: Origin, name: str,
-                  batch: list[Obj], small: dict[str, bytes], progress: Progress, result: PushResult) -> None:
+                  batch: list[Obj], small: dict[str, bytes], progress: Progress, result: PushResult,
+                  force: bool) -> None:
     below = store.models_dir
     fds: list[int] = []
     jobs: list[Future[Any]] = []
@@ -94,7 +100,7 @@ def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir
     try:
         for o in batch:
             key = origin.key(name, o.rel)
-            have = s3.head(client, origin.bucket, key)
+            have = None if force else s3.head(client, origin.bucket, key)
             if have and have.get("ContentLength") == o.size and \
                     have.get("Metadata", {}).get(s3.META_DIGEST) == o.digest:
                 result.skipped += 1
@@ -110,7 +116,7 @@ def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir
                 data = _pread(fd, 0, o.size)
                 jobs.append(pool.submit(_put, client, origin, key, data, o, progress, result))
                 continue
-            up = _start_multipart(client, origin, name, o)
+            up = _start_multipart(client, origin, name, o, force)
             uploads.append(up)
             for number, (off, length) in enumerate(s3.ranges(o.size), start=1):
                 if number in up.parts:
@@ -144,10 +150,10 @@ def _marker_key(origin: Origin, name: str, rel: str) -> str:
     return origin.key(name, f"{UPLOADS}/{rel}.json")
 
 
-def _start_multipart(client: Any, origin: Origin, name: str, o: Obj) -> _Multipart:
+def _start_multipart(client: Any, origin: Origin, name: str, o: Obj, force: bool) -> _Multipart:
     """Resume the upload a marker names where it was for these very bytes, else start one."""
     key = origin.key(name, o.rel)
-    marker = s3.get_json_or_none(client, origin.bucket, _marker_key(origin, name, o.rel))
+    marker = None if force else s3.get_json_or_none(client, origin.bucket, _marker_key(origin, name, o.rel))
     if isinstance(marker, dict) and marker.get("digest") == o.digest and marker.get("size") == o.size \
             and isinstance(marker.get("upload_id"), str):
         parts = _listed_parts(client, origin, key, marker["upload_id"], o.size)
