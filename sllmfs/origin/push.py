@@ -47,11 +47,11 @@ Progress = Callable[[int], None]
 
 def push_model(store: Store, name: str, origin: Origin, *, threads: int = 16,
                progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
-               force: bool = False) -> PushResult:
+               force: bool = False, client: Any = None) -> PushResult:
     """Upload model ``name`` to ``origin`` (holding its write lock: no save or rm changes it meanwhile).
     ``force``: send every object, trusting nothing the origin holds (repairs a damaged origin copy)."""
     progress = progress or (lambda n: None)
-    client = s3.connect(origin, threads)
+    client = client or s3.connect(origin, threads)
     with store.writing(name):
         info = store.get(name)
         objs, small = local_objects(info)
