@@ -13,6 +13,7 @@ is faster.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -142,6 +143,16 @@ def main() -> None:
         print(f"pull  sllmfs {gbs / pull_s:.3f} GB/s (verified, committed) | boto3 download_file default "
               f"{gbs / down['default']:.3f} GB/s, matched {gbs / down['matched']:.3f} GB/s | ratio "
               f"{down['default'] / pull_s:.2f} / {down['matched'] / pull_s:.2f}")
+        out = Path(__file__).parent / "results" / f"origin-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}.json"
+        out.write_text(json.dumps({
+            "bench": "origin", "host": socket.gethostname(), "cpus": os.cpu_count(), "bytes": nbytes,
+            "server": "moto" if server else endpoint, "threads": threads, "repeat": args.repeat,
+            "gbps": {"push": gbs / push_s, "pull": gbs / pull_s,
+                     **{f"boto3_upload_{n}": gbs / t for n, t in up.items()},
+                     **{f"boto3_download_{n}": gbs / t for n, t in down.items()}},
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        }, indent=1) + "\n")
+        print(f"wrote {out}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if server is not None:
