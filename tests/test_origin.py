@@ -24,7 +24,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from sllmfs.core.errors import BadInput, Corrupt, NotFound  # noqa: E402
 from sllmfs.origin import client as s3  # noqa: E402
-from sllmfs.origin.fetch import ensure_local, origin_holds  # noqa: E402
+from sllmfs.origin.fetch import ensure_local, in_origin, origin_holds  # noqa: E402
 from sllmfs.origin.pull import plan_pull, pull_dir, run_pull  # noqa: E402
 from sllmfs.origin.push import push_model  # noqa: E402
 from sllmfs.origin.url import INDEX, Origin, parse  # noqa: E402
@@ -290,6 +290,13 @@ def test_ensure_local_pulls_once_for_concurrent_callers(stored: Store, origin: O
     assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
     with pytest.raises(NotFound, match="push it from a node"):
         ensure_local(fresh, "org/absent", origin)
+
+
+def test_in_origin_knows_models_and_their_namespaces(stored: Store, origin: Origin) -> None:
+    assert not in_origin(origin, MODEL) and not in_origin(origin, "org")
+    push_model(stored, MODEL, origin)
+    assert in_origin(origin, MODEL) and in_origin(origin, "org")  # the mount looks up "org" before "org/odd"
+    assert not in_origin(origin, "or") and not in_origin(origin, "org/od")
 
 
 def test_origin_holds_only_this_very_model(stored: Store, origin: Origin, odd_ckpt: Path, tmp_path: Path) -> None:
