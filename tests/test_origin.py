@@ -332,3 +332,12 @@ def test_origin_url_parsing() -> None:
         parse("s3://bucket/x", "ftp://h")
     assert s3.part_size(10) == s3.PART and s3.part_size(200_000 << 20) % (4 << 20) == 0
     assert s3.part_size(200_000 << 20) * s3.MAX_PARTS >= 200_000 << 20
+
+
+def test_start_refuses_a_bad_origin_in_one_line(tmp_path: Path) -> None:
+    line = one_line_error(sllmfs("start", "--origin", "gs://bucket/x", "--socket", str(tmp_path / "s.sock"),
+                                 store=tmp_path / "store", check=False))
+    assert "not an s3:// URL" in line
+    line = one_line_error(sllmfs("start", "--origin", "s3://bucket/x", "--origin-endpoint", "minio:9000",
+                                 "--socket", str(tmp_path / "s.sock"), store=tmp_path / "store", check=False))
+    assert "not an http(s) URL" in line
