@@ -40,6 +40,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 # Registration happens on import; keep this list in help order.
 from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
+from sllmfs.cli import origin_cmds  # noqa: E402,F401
 from sllmfs.cli import sidecar_cmds  # noqa: E402,F401
 from sllmfs.cli import ops_cmds  # noqa: E402,F401
 from sllmfs.cli import sglang_cmds  # noqa: E402,F401

@@ -51,6 +51,10 @@ def start(
     gpu_warmup: Optional[bool] = typer.Option(
         None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start or at the first load."
         + _default("--gpu-warmup")),
+    origin: Optional[str] = typer.Option(None, "--origin", help="Pull models missing from the store from this "
+                                         "S3 origin, s3://bucket/prefix." + _default("none")),
+    origin_endpoint: Optional[str] = typer.Option(None, "--origin-endpoint", help="The origin's S3 endpoint URL."
+                                                  + _default("the AWS SDK's: $AWS_ENDPOINT_URL, profile")),
     host: Optional[str] = typer.Option(None, "--host", hidden=True, help="sllm-store's gRPC host: refused."),
     port: Optional[int] = typer.Option(None, "--port", hidden=True, help="sllm-store's gRPC port: refused."),
 ) -> None:
@@ -62,9 +66,14 @@ def start(
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
-                             metrics_port=metrics_port, gpu_warmup=gpu_warmup)
+                             metrics_port=metrics_port, gpu_warmup=gpu_warmup, origin=origin,
+                             origin_endpoint=origin_endpoint)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
+    if settings.origin:  # a bad URL is refused here, not at the first miss
+        from sllmfs.origin.url import parse
+
+        parse(settings.origin, settings.origin_endpoint)
     run(settings)
 
 

@@ -63,6 +63,8 @@ class Settings:
     allow_uids: str = ""  # comma-separated uids besides the owner allowed on the socket
     group: str = ""  # group given access to socket, segments and mount
     gpu_warmup: bool = True  # start the GPU copy engines (and pin fills) at start, not at the first load
+    origin: str = ""  # s3://bucket/prefix the sidecar pulls missing models from ("": none)
+    origin_endpoint: str = ""  # the origin's S3 endpoint ("": the AWS SDK's, e.g. $AWS_ENDPOINT_URL)
 
     def __post_init__(self) -> None:
         self.storage_path = self.storage_path or str(_default_storage())
