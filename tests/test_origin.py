@@ -341,3 +341,36 @@ def test_start_refuses_a_bad_origin_in_one_line(tmp_path: Path) -> None:
     line = one_line_error(sllmfs("start", "--origin", "s3://bucket/x", "--origin-endpoint", "minio:9000",
                                  "--socket", str(tmp_path / "s.sock"), store=tmp_path / "store", check=False))
     assert "not an http(s) URL" in line
+
+
+def test_sidecar_pulls_a_missing_model_and_says_the_origin_holds_it(stored: Store, origin: Origin,
+                                                                     env: dict[str, str], tmp_path: Path) -> None:
+    """`start --origin`: a node whose store lacks the model pulls it (verified) on the first acquire and
+    serves the same bytes; status says the origin holds it, so the disk budget may evict it."""
+    from test_sidecar import sidecar
+
+    push_model(stored, MODEL, origin)
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
+        with c.acquire(MODEL) as lease:
+            lease.wait(timeout=60)
+        assert _snapshot(Store(node), MODEL) == _snapshot(stored, MODEL)
+        st = c.status()
+        (m,) = [m for m in st["models"] if m["name"] == MODEL]
+        assert m["origin_copy"] and m["disk_evictable"] and st["origin"] == str(origin)
+        with pytest.raises(NotFound, match="'org/absent'"):  # in neither place: one error, the daemon goes on
+            c.acquire("org/absent")
+        assert c.acquire(MODEL).model == MODEL
+
+
+def test_disk_budget_evicts_a_local_folder_model_only_once_the_origin_holds_it(stored: Store, origin: Origin) -> None:
+    from sllmfs.sidecar import disktier
+
+    def held(name: str) -> bool:
+        return origin_holds(stored, name, origin)
+
+    assert disktier.enforce_budget(stored, 1, set(), held) == []  # saved from a folder, origin empty: kept
+    assert stored.has(MODEL)
+    push_model(stored, MODEL, origin)
+    assert disktier.enforce_budget(stored, 1, {MODEL}, held) == []  # leased or mounted: kept
+    assert disktier.enforce_budget(stored, 1, set(), held) == [MODEL] and not stored.has(MODEL)

@@ -95,7 +95,8 @@ def status(socket: Optional[str] = SocketOpt,
     # "on disk": whether the disk budget may evict it (it can be saved again) or it is the only copy
     table = Table("model", "tier", "variant", "state", "memory", "leases", "pinned", "on disk")
     for m in st["models"]:
-        disk = "cache (evictable)" if m.get("disk_evictable") else "only copy (kept)"
+        disk = ("origin copy (evictable)" if m.get("origin_copy") else "cache (evictable)" if m.get("disk_evictable")
+                else "only copy (kept)")
         if not m["variants"]:
             table.add_row(m["name"], "disk", "", "", "", "", "", disk)
         for v in m["variants"]:

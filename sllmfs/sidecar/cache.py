@@ -6,6 +6,7 @@ Only the trio thread changes this state; fill and copy work runs in worker threa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -18,6 +19,8 @@ import trio
 
 from sllmfs.core.config import Settings
 from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
+from sllmfs.origin import url as origin_url
+from sllmfs.origin.fetch import ensure_local, origin_holds
 from sllmfs.protocol.messages import Readiness
 from sllmfs.sidecar import disktier
 from sllmfs.sidecar.fill import Fill
@@ -54,6 +57,8 @@ class Cache:
         self.refused: dict[tuple[str, str], tuple[Identity, str]] = {}
         self.fills: set[Fill] = set()
         self.gpu = GpuCopier()
+        self.origin = origin_url.parse(settings.origin, settings.origin_endpoint or None) if settings.origin else None
+        self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -90,6 +95,10 @@ class Cache:
             return res
         if res is not None:
             self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
+        if ident is None and self.origin is not None and not self.store.has(model):
+            # a miss on disk too: pull it from the fleet's origin (verified, committed as a save), look again
+            await trio.to_thread.run_sync(functools.partial(ensure_local, self.store, model, self.origin))
+            ident = self.identity(model, variant)
         if ident is None:
             info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
             raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
@@ -202,12 +211,23 @@ class Cache:
         protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
         protected |= {r.model for r in self.tier.retired}
         removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
-                                                protected)
+                                                protected, self.origin_holds)
         for name in removed:
             for (m, _), res in list(self.tier.entries.items()):
                 if m == name:
                     self.tier.drop(res, why="removed from disk")
         return removed
+
+    def origin_holds(self, model: str) -> bool:
+        """Does the origin hold this very model (so the disk tier may delete it)? Blocking: one GET,
+        remembered for a disk loop's period."""
+        if self.origin is None:
+            return False
+        seen = self._origin_copy.get(model)
+        if seen is None or time.monotonic() - seen[0] > DISK_LOOP_S:
+            seen = (time.monotonic(), origin_holds(self.store, model, self.origin))
+            self._origin_copy[model] = seen
+        return seen[1]
 
     async def _watch_store(self) -> None:
         """Drop resident copies whose stored variant was replaced or removed (`save --force`, `rm`),

@@ -10,6 +10,7 @@ each acquire). Models that are leased or pinned (any variant) are never removed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from sllmfs.store.store import ModelInfo, Store
@@ -40,8 +41,10 @@ def refetchable(info: ModelInfo) -> bool:
     return cache in Path(path).resolve().parents
 
 
-def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
-    """Remove LRU unprotected, refetchable models until the store fits ``budget`` (0 = unbounded)."""
+def enforce_budget(store: Store, budget: int, protected: set[str],
+                   in_origin: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """Remove LRU unprotected, refetchable models until the store fits ``budget`` (0 = unbounded).
+    ``in_origin`` says whether the fleet's origin holds a model (so a later miss pulls it back)."""
     if budget <= 0:
         return []
     sizes = disk_usage(store)
@@ -50,7 +53,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
     for name in sorted(sizes, key=store.last_used):
         if used <= budget:
             break
-        if name in protected or not is_refetchable(store, name):
+        if name in protected or not (is_refetchable(store, name) or in_origin(name)):
             continue
         try:
             store.remove(name)
@@ -62,7 +65,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str]) -> list[str]:
         log.info("evicted from disk model=%s bytes=%d (disk budget %d)", name, sizes[name], budget)
     if used > budget:
         log.warning("disk tier over budget: %d of %d bytes; the rest is leased, pinned or the only copy "
-                    "(saved from a local folder: `sllmfs rm` frees it)", used, budget)
+                    "(saved from a local folder and not in an origin: `sllmfs rm` frees it)", used, budget)
     return removed
 
 

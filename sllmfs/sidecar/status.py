@@ -18,6 +18,7 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     store, tier = cache.store, cache.tier
     sizes = await trio.to_thread.run_sync(disktier.disk_usage, store)
     refetch = await trio.to_thread.run_sync(lambda: {n: disktier.is_refetchable(store, n) for n in sizes})
+    held = await trio.to_thread.run_sync(lambda: {n: cache.origin_holds(n) for n in sizes})
     conns = list(conns)  # as they are once the disk is read
     leased = {(r.model, r.variant) for c in conns for r in c.leases.values()}
     models = []
@@ -26,7 +27,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
         models.append({
             "name": name, "disk_bytes": size, "tier": "memory" if resident else "disk",
             # the disk budget evicts only models it can store again; others only `sllmfs rm` removes
-            "disk_evictable": refetch.get(name, False),
+            "disk_evictable": refetch.get(name, False) or held.get(name, False),
+            "origin_copy": held.get(name, False),
             "registered": name in cache.registry,
             "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
                           "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
@@ -38,6 +40,7 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     c = cache.counters
     filled = c.bytes_filled + sum(f.res.filled for f in cache.fills)  # fills in progress count as they go
     return {"pid": os.getpid(), "storage_path": str(store.root), "gpus": cache.gpu.buses,
+            "origin": str(cache.origin) if cache.origin else None,
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired)},
             "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
             "models": models, "leases": leases, "connections": len(conns),
