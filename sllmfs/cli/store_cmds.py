@@ -6,18 +6,19 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, console, human, out
 from sllmfs.core import names
-from sllmfs.core.config import hint_flags, open_store
+from sllmfs.core.config import hint_flags
 from sllmfs.core.errors import BadInput, Corrupt
 from sllmfs.store import sources
 from sllmfs.store.reader import VariantReader, verify_variant
 from sllmfs.store.save import save_adapter, save_model
+from sllmfs.store.store import open_store
 
 StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
 
@@ -120,7 +121,7 @@ def ls(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     store = open_store(storage_path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     models, bad = store.listing()
     for dirname, why in bad:  # one line each; the good models are listed all the same
         console.print(f"sllmfs: warning: {store.models_dir / dirname} is not shown: {why}")

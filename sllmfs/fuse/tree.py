@@ -18,7 +18,6 @@ kernel's page cache never serves stale bytes.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import stat
@@ -30,17 +29,15 @@ from typing import Any
 
 from sllmfs.core import names
 from sllmfs.core.errors import SllmfsError
+from sllmfs.core.names import ADAPTER_PREFIX, HF_VARIANT
 from sllmfs.fuse.synth import SynthFile, layout
+from sllmfs.protocol.marker import MARKER_NAME, marker_bytes
 from sllmfs.store.format import MANIFEST, Manifest, load_manifest, open_dir
 from sllmfs.store.store import MODEL_JSON, Identity, Store, variant_identity
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-MARKER_NAME = ".sllmfs.json"
-MARKER_VERSION = 1
-HF_VARIANT = "hf"
-LORA_PREFIX = "lora."
 
 Stamp = tuple[int, ...]
 
@@ -97,8 +94,7 @@ class Tree:
         self.started_ns = time.time_ns()
         self.root = self._node(("ns", ()), is_dir=True, prefix=(), mtime_ns=self.started_ns)
         # the store path lets SGLang's loader write its per-rank state back beside the model
-        marker = json.dumps({"socket": socket_path, "storage_path": str(store.root),
-                             "version": MARKER_VERSION}).encode() + b"\n"
+        marker = marker_bytes(socket_path, str(store.root))
         self.marker = self._node(("marker",), is_dir=False, data=marker, size=len(marker), mtime_ns=self.started_ns)
 
     # -- inode table -----------------------------------------------------------
@@ -234,12 +230,12 @@ class Tree:
             out.update(self._variant_files(name, info.variant_dir(HF_VARIANT), HF_VARIANT, "model", mtime))
         adapters: dict[str, Node] = {}
         for key in info.variants:
-            if not key.startswith(LORA_PREFIX):
+            if not key.startswith(ADAPTER_PREFIX):
                 continue
             vdir = info.variant_dir(key)
             afiles = self._adapter_meta(name, key, vdir, mtime)
             afiles.update(self._variant_files(name, vdir, key, "adapter_model", mtime))
-            adapter = key[len(LORA_PREFIX):]
+            adapter = key[len(ADAPTER_PREFIX):]
             adapters[adapter] = self._node(("adir", name, key, _identity(vdir)),
                                            is_dir=True, children=afiles, mtime_ns=mtime)
         if adapters:

@@ -16,8 +16,6 @@ from sllmfs.store.sources import Checkpoint, fd_ranges, scan
 from sllmfs.store.store import Store, write_model_json
 from sllmfs.store.writer import VariantWriter
 
-HF_VARIANT = "hf"
-
 
 def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
@@ -39,7 +37,7 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
             (model_dir / "files").mkdir(parents=True)
             for rel in ckpt.files:
                 _copy_file(source / rel, model_dir / "files" / rel)
-            manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
+            manifest = write_variant(ckpt, model_dir / "variants" / names.HF_VARIANT, names.HF_VARIANT, progress,
                                      partition_target)
             write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
             if store.has(name):

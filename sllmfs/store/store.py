@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sllmfs.core import names
-from sllmfs.core.config import hint_flags
+from sllmfs.core.config import hint_flags, load_settings
 from sllmfs.core.errors import BadInput, NotFound, SllmfsError
 from sllmfs.store.format import (
     MANIFEST,
@@ -350,8 +350,8 @@ class Store:
     def remove_variant(self, name: str, key: str) -> None:
         """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""
         info = self.get(name)
-        if key == "hf":
-            raise BadInput(f"variant 'hf' is model {name!r} itself; remove the model with "
+        if key == names.HF_VARIANT:
+            raise BadInput(f"variant {names.HF_VARIANT!r} is model {name!r} itself; remove the model with "
                            f"`sllmfs rm --model {name}{self.hint}`")
         if key not in info.variants:
             raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
@@ -399,6 +399,14 @@ class Store:
                 except (BlockingIOError, FileNotFoundError):
                     pass
         return removed
+
+
+def open_store(storage_path: str | None = None, *, write: bool = False) -> Store:
+    """The store for a command (``storage_path`` None: from the settings). Read-only commands
+    (``write=False``) never create or tidy one: a mistyped path is an error, and a path that is
+    not a store is left as it is."""
+    path = load_settings(storage_path=storage_path).storage_path
+    return Store(path) if write else Store(path, create=False, cleanup=False)
 
 
 _RENAME_EXCHANGE = 2

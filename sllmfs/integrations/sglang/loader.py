@@ -35,6 +35,7 @@ from torch import nn
 from sllmfs.core import names
 from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.sglang import fastpath, overlap, variants, writeback
 from sllmfs.integrations.sglang.fastpath import Unfit, rank_state
@@ -45,7 +46,6 @@ from sllmfs.store.store import Identity
 
 log = logging.getLogger("sllmfs.integrations.sglang")
 
-HF = "hf"
 # --model-loader-extra-config keys this loader reads
 EXTRA_KEYS = {
     "sllm_write_back",  # true (default, in the background) | false | "sync"
@@ -136,7 +136,7 @@ class SllmModelLoader(BaseModelLoader):
 
     def download_model(self, model_config: ModelConfig) -> None:
         located = self._locate(model_config)
-        with self.source_factory(located).open(HF):
+        with self.source_factory(located).open(HF_VARIANT):
             pass  # present and resident: nothing to download
 
     # -- loading ----------------------------------------------------------------
@@ -201,7 +201,7 @@ class SllmModelLoader(BaseModelLoader):
         # a start that writes back also logs the build's allocations, for the next start's overlap
         allocations = overlap.AllocationLog(target) if self.write_back_mode != writeback.OFF else None
         try:
-            with source.open(HF) as lease:
+            with source.open(HF_VARIANT) as lease:
                 with allocations or nullcontext():
                     model = new_model()
                 self._candidates = overlap.candidates(model, allocations) if allocations else None

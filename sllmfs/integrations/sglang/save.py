@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.integrations.sglang import LOAD_FORMAT, variants
 from sllmfs.store.store import Store
@@ -24,7 +25,7 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
     if tp_size < 1:
         raise BadInput(f"--tensor-parallel-size {tp_size} must be 1 or more")
     info = store.get(model)
-    if "hf" not in info.variants:
+    if names.HF_VARIANT not in info.variants:
         raise BadInput(f"model {model!r} has no hf variant; run `sllmfs save --model {model} ...` first")
     if "config.json" not in info.files:
         raise BadInput(f"model {model!r} was stored without config.json; SGLang cannot build it")
