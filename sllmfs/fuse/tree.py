@@ -33,7 +33,8 @@ from sllmfs.core.names import ADAPTER_PREFIX, HF_VARIANT
 from sllmfs.fuse.synth import SynthFile, layout
 from sllmfs.protocol.marker import MARKER_NAME, marker_bytes
 from sllmfs.store.format import MANIFEST, Manifest, load_manifest, open_dir
-from sllmfs.store.store import MODEL_JSON, Identity, Store, variant_identity
+from sllmfs.store.layout import MODEL_JSON, model_variants, variant_files
+from sllmfs.store.store import Identity, Store, variant_identity
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Tree:
         except OSError:
             return None
         try:
-            vmt = os.stat(path / "variants").st_mtime_ns
+            vmt = os.stat(model_variants(path)).st_mtime_ns
         except OSError:
             vmt = 0
         return (*_stat_key(mj), vmt)
@@ -223,7 +224,7 @@ class Tree:
         mtime = int(info.created * 1e9)
         out: dict[str, Node] = {}
         for rel in info.files:  # plain names of regular files: Store.get checked them
-            path = info.path / "files" / rel
+            path = info.files_dir / rel
             out[rel] = self._node(("file", name, stamp[:3], rel), is_dir=False, path=path,
                                   size=os.lstat(path).st_size, mtime_ns=mtime)
         if HF_VARIANT in info.variants:
@@ -258,7 +259,7 @@ class Tree:
     def _adapter_meta(self, name: str, variant: str, vdir: Path, mtime: int) -> dict[str, Node]:
         out: dict[str, Node] = {}
         try:
-            entries = sorted(os.scandir(vdir / "files"), key=lambda e: e.name)
+            entries = sorted(os.scandir(variant_files(vdir)), key=lambda e: e.name)
         except FileNotFoundError:
             return out
         vkey = _identity(vdir)

@@ -12,6 +12,7 @@ from pathlib import Path
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.store.format import PARTITION_TARGET, Manifest
+from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
 from sllmfs.store.store import Store, write_model_json
 from sllmfs.store.writer import VariantWriter
@@ -34,14 +35,14 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
             on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             model_dir = work / "model"
-            (model_dir / "files").mkdir(parents=True)
+            model_files(model_dir).mkdir(parents=True)
             for rel in ckpt.files:
-                _copy_file(source / rel, model_dir / "files" / rel)
-            manifest = write_variant(ckpt, model_dir / "variants" / names.HF_VARIANT, names.HF_VARIANT, progress,
+                _copy_file(source / rel, model_files(model_dir) / rel)
+            manifest = write_variant(ckpt, model_variant(model_dir, names.HF_VARIANT), names.HF_VARIANT, progress,
                                      partition_target)
             write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
             if store.has(name):
-                _keep_adapters(store, name, model_dir / "variants")
+                _keep_adapters(store, name, model_variants(model_dir))
             store.commit_model(model_dir, name, force=force)
     return manifest
 
@@ -75,9 +76,9 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
         with store.staging() as work, _disk_errors(store):
             vdir = work / key
             manifest = write_variant(ckpt, vdir, key, progress)
-            (vdir / "files").mkdir()
+            variant_files(vdir).mkdir()
             for rel in ckpt.files:
-                _copy_file(source / rel, vdir / "files" / rel)
+                _copy_file(source / rel, variant_files(vdir) / rel)
             store.commit_variant(vdir, base, key, force=force)
     return manifest
 

@@ -30,7 +30,7 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
     if "config.json" not in info.files:
         raise BadInput(f"model {model!r} was stored without config.json; SGLang cannot build it")
     args: dict[str, Any] = {
-        "model_path": str(info.path / "files"),  # config + tokenizer as saved; weights come from the loader
+        "model_path": str(info.files_dir),  # config + tokenizer as saved; weights come from the loader
         "load_format": LOAD_FORMAT,
         "tp_size": tp_size,
         "model_loader_extra_config": json.dumps({

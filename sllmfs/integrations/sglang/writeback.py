@@ -16,9 +16,10 @@ from typing import Any
 
 from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput, SllmfsError
+from sllmfs.core.names import HF_VARIANT
 from sllmfs.integrations.sglang.variants import RankVariant
 from sllmfs.store.format import Manifest
-from sllmfs.store.store import Identity, variant_identity
+from sllmfs.store.store import Identity
 from sllmfs.store.writer import VariantWriter
 
 log = logging.getLogger("sllmfs.integrations.sglang")
@@ -62,7 +63,7 @@ def hf_identity(storage_path: str | None, model: str) -> Identity | None:
     from sllmfs.store.store import Store
 
     try:
-        return variant_identity(Store(storage_path, create=False, cleanup=False).model_path(model) / "variants" / "hf")
+        return Store(storage_path, create=False, cleanup=False).identity(model, HF_VARIANT)
     except SllmfsError:
         return None
 
@@ -91,7 +92,7 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
             raise
         try:
             with store.writing(model, wait=True):  # ranks queue; a save or rm of the model goes first
-                now = variant_identity(store.model_path(model) / "variants" / "hf")
+                now = store.identity(model, HF_VARIANT)
                 if base is not None and now != base:
                     log.warning("sllmfs: %r was replaced while its rank state was being written; %s is "
                                 "dropped (the next start writes it from the new weights)", model, key)
