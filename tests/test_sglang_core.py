@@ -11,9 +11,10 @@ import torch
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, FormatVersionError, NotFound
-from sllmfs.integrations.sglang import variants, writeback
-from sllmfs.integrations.sglang.locate import locate
-from sllmfs.integrations.sglang.source import StoreSource
+from sllmfs.integrations.common import writeback
+from sllmfs.integrations.common.locate import locate
+from sllmfs.integrations.common.source import StoreSource
+from sllmfs.integrations.sglang import variants
 from sllmfs.protocol.marker import MARKER_NAME
 from sllmfs.store.reader import VariantReader
 from sllmfs.store.save import save_model
@@ -148,7 +149,7 @@ def test_write_rank_state_round_trip(stored_llama: Store) -> None:
     info = stored_llama.get("org/llama")
     assert v.key in info.variants and "hf" in info.variants
     stored = info.manifest(v.key)
-    assert stored.metadata["kind"] == writeback.KIND and stored.metadata["sglang"] == v.layout()
+    assert stored.metadata["kind"] == v.framework.state_kind and stored.metadata["sglang"] == v.layout()
     with VariantReader(info.variant_dir(v.key)) as r:
         for name, t in expected.items():
             got = r.tensor(name)

@@ -21,7 +21,6 @@ from sllmfs.core import names
 from sllmfs.core.errors import BadInput
 from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
 from sllmfs.integrations.torch import DeviceMap, _device_for
-from sllmfs.store.save import save_adapter
 from sllmfs.store.save import save_model as save_checkpoint
 from sllmfs.store.store import open_store
 
@@ -36,13 +35,6 @@ def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: st
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_checkpoint(open_store(storage_path, write=True), name, Path(tmp), force=force)
-
-
-def save_lora(peft_model: Any, base: str, adapter_name: str, *, storage_path: str | None = None,
-              force: bool = False) -> None:
-    with tempfile.TemporaryDirectory(prefix="sllmfs-lora-") as tmp:
-        peft_model.save_pretrained(tmp)
-        save_adapter(open_store(storage_path, write=True), base, adapter_name, Path(tmp), force=force)
 
 
 def fetch_files(client: Client, model: str, variant: str, into: Path) -> Path:

@@ -22,7 +22,8 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
                on_scan: Callable[[Checkpoint], None] | None = None,
                partition_target: int = PARTITION_TARGET) -> Manifest:
-    """Store ``source`` as model ``name`` with its ``hf`` variant.
+    """Store ``source`` as model ``name`` with its ``hf`` variant. ``on_scan`` hears of the checkpoint
+    once it is scanned, before any byte is copied (a progress bar learns its total there).
 
     Replacing a model (``force``) keeps its LoRA adapters (they are the user's, saved on their
     own) and drops its framework variants (post-processed from the old weights: stale)."""
@@ -63,8 +64,10 @@ def _keep_adapters(store: Store, name: str, variants_dir: Path) -> None:
 
 
 def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, force: bool = False,
-                 progress: Callable[[int], None] | None = None) -> Manifest:
-    """Store a LoRA adapter beside its base model as variant ``lora.<name>``."""
+                 progress: Callable[[int], None] | None = None,
+                 on_scan: Callable[[Checkpoint], None] | None = None) -> Manifest:
+    """Store a LoRA adapter beside its base model as variant ``lora.<name>`` (``on_scan`` as for
+    ``save_model``)."""
     key = names.adapter_variant(adapter_name)
     if not (source / "adapter_config.json").is_file():
         raise BadInput(f"--adapter-path {source} has no adapter_config.json; point it at a PEFT adapter folder")
@@ -73,6 +76,8 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
         if key in info.variants and not force:
             raise BadInput(f"model {base!r} already has adapter {adapter_name!r}; pass --force to replace it")
         ckpt = scan(source)
+        if on_scan:
+            on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             vdir = work / key
             manifest = write_variant(ckpt, vdir, key, progress)

@@ -37,10 +37,12 @@ from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
-from sllmfs.integrations.sglang import fastpath, overlap, variants, writeback
-from sllmfs.integrations.sglang.fastpath import Unfit, rank_state
-from sllmfs.integrations.sglang.locate import Located, locate
-from sllmfs.integrations.sglang.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common import overlap, writeback
+from sllmfs.integrations.common.locate import Located, locate
+from sllmfs.integrations.common.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common.state import rank_state
+from sllmfs.integrations.sglang import fastpath, variants
+from sllmfs.integrations.sglang.fastpath import Unfit
 from sllmfs.integrations.sglang.variants import RankVariant
 from sllmfs.store.store import Identity
 
@@ -72,10 +74,11 @@ def current_variant(model_config: ModelConfig, draft_model_idx: int | None = Non
 
 def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
     """Why a stored per-rank variant (its manifest metadata) cannot serve this process, or None."""
-    if meta.get("kind") != writeback.KIND:
-        return "it was not written by the SGLang loader"
-    if meta.get("sglang") != want.layout():
-        return f"it was written for {meta.get('sglang')}, this process is {want.layout()}"
+    fw = want.framework
+    if meta.get("kind") != fw.state_kind:
+        return f"it was not written by the {fw.label} loader"
+    if meta.get(fw.name) != want.layout():
+        return f"it was written for {meta.get(fw.name)}, this process is {want.layout()}"
     return None
 
 

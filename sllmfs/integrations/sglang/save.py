@@ -86,7 +86,7 @@ def _ours(key: str, tp_size: int, version: str) -> bool:
         v = variants.parse(key)
     except BadInput:
         return False
-    return v.tp_size == tp_size and v.sglang_version == version.lower()
+    return v.tp_size == tp_size and v.version == version.lower()
 
 
 def save_sglang(store: Store, model: str, local_model_path: str | None, tp_size: int, *,
