@@ -1,9 +1,10 @@
-"""From SGLang's ``--model-path`` to (store model name, sidecar socket).
+"""From a framework's model path (SGLang's ``--model-path``) to (store model name, sidecar socket).
 
 A path under an sllmfs FUSE mount names the model by its place below the mount
 root; the mount root carries the marker file and xattr of sllmfs.protocol.marker.
-Anything else that is a valid model name
-is taken as the store name, with the socket from sllmfs settings.
+Anything else that is a valid model name is taken as the store name, with the
+socket from sllmfs settings. (The messages still name SGLang's flags: it is the
+one framework that passes a model path here today.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where the loader gets tensors: the sidecar (production) or the store directly.
+"""Where a framework's loader gets tensors: the sidecar (production) or the store directly.
 
 Both hand out a context manager per variant whose value looks like
 sllmfs.client.client.Lease where the loader needs it (``metadata``: the manifest's
