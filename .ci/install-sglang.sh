@@ -21,7 +21,7 @@ VENV=${SGLANG_VENV:-.venv-sglang}
 SGLANG_VERSION=0.5.17
 # Just enough for sglang.srt.{configs.load_config,server_args,model_loader.loader,plugins} to import,
 # with their own requirements, all pinned and installed with --no-deps (no resolver run, nothing else
-# pulled in). torchvision is PyPI's CUDA build: sllmfs.integrations.sglang.testing lets it import beside a CPU torch.
+# pulled in). torchvision is PyPI's CUDA build: tests/support/sglang_env.py lets it import beside a CPU torch.
 DEPS=(
   "transformers==5.12.1" "huggingface_hub==1.33.0" "tokenizers==0.22.2"
   "triton==3.9.0" "torchvision==0.28.0" "pillow==13.0.0" "starlette==1.10.0" "pybase64==1.5.1"
@@ -34,9 +34,9 @@ DEPS=(
   "orjson==3.13.0" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1"
   "ipython==9.18.1" "traitlets==5.16.1"
 )
-PROBE='import sllmfs.integrations.sglang.testing as t; t.import_sglang(); import sglang; assert sglang.__version__ == "'$SGLANG_VERSION'", sglang.__version__'
+PROBE='import tests.support.sglang_env as t; t.import_sglang(); import sglang; assert sglang.__version__ == "'$SGLANG_VERSION'", sglang.__version__'
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -W ignore -c "$PROBE" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && PYTHONPATH=. "$VENV/bin/python" -W ignore -c "$PROBE" 2>/dev/null; then
   echo "install-sglang: sglang $SGLANG_VERSION already importable in $VENV"
   exit 0
 fi
@@ -55,5 +55,5 @@ echo "torch==$TORCH" >"$CONSTRAINTS"
   "sglang==$SGLANG_VERSION" "${DEPS[@]}"
 
 "$VENV/bin/python" -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v == "'"$TORCH"'" else f"torch changed to {v}")'
-"$VENV/bin/python" -W ignore -c "$PROBE"
+PYTHONPATH=. "$VENV/bin/python" -W ignore -c "$PROBE"
 echo "install-sglang: sglang $SGLANG_VERSION ready in $VENV (torch $TORCH)"

@@ -537,7 +537,8 @@ print(json.dumps(out))
 
 _WRITE_BACK = (
     "import sys, torch\n"
-    "from sllmfs.integrations.sglang import variants, writeback\nfrom sllmfs.store.store import Store\n"
+    "from sllmfs.integrations.common import writeback\nfrom sllmfs.integrations.sglang import variants\n"
+    "from sllmfs.store.store import Store\n"
     "key = variants.make(tp_size=1, tp_rank=0, dtype='float32', quant=None, sglang_version='0.5.17')\n"
     "g = torch.Generator().manual_seed(int(sys.argv[2]))\n"
     "state = {f'w{i}': torch.randn(1 << 20, generator=g) for i in range(16)}\n"

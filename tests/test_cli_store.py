@@ -223,7 +223,8 @@ def test_killed_save_leaves_no_model_and_next_save_cleans_up(tmp_path: Path, sto
 
 
 def test_rm_one_variant_keeps_the_model(llama_dir: Path, store_path: Path) -> None:
-    from sllmfs.integrations.sglang import variants, writeback
+    from sllmfs.integrations.common import writeback
+    from sllmfs.integrations.sglang import variants
 
     sllmfs("save", "--model", "m", "--local-model-path", str(llama_dir), store=store_path)
     key = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")

@@ -25,6 +25,7 @@ from test_fuse import SOCKET, Runner, _force_unmount
 from test_sidecar import sidecar
 
 import sllmfs.fuse.storeio as storeio
+import sllmfs.store.reader as reader  # the window checksum every reader calls
 from sllmfs.fuse.ops import Ops
 from sllmfs.fuse.tree import ROOT_INODE, Tree
 from sllmfs.store.format import CHUNK_SIZE
@@ -112,7 +113,7 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> li
 def test_each_window_is_read_and_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(tmp_path / "store")
     want = save(store, "m", seed=1)
-    hashed = count_calls(monkeypatch, storeio, "digest")
+    hashed = count_calls(monkeypatch, reader, "digest")
     windows = count_calls(monkeypatch, storeio.PartitionFiles, "_read_window")
     rereads = count_calls(monkeypatch, storeio.PartitionFiles, "_read")
     ops = Ops(Tree(store, SOCKET), None)
@@ -146,7 +147,7 @@ def test_resident_bytes_of_the_same_version_are_served_without_hashing(tmp_path:
         asked.append((model, variant, identity))
         return segments if identity == resident else None
 
-    hashed = count_calls(monkeypatch, storeio, "digest")
+    hashed = count_calls(monkeypatch, reader, "digest")
     ops = Ops(Tree(store, SOCKET), resident_view)
 
     async def main() -> None:

@@ -175,7 +175,8 @@ def test_concurrent_saves_of_one_name_one_wins_other_gets_one_line(tmp_path: Pat
 
 
 def test_adapters_survive_save_force_of_their_base(tmp_path: Path, llama_dir: Path, lora_dir: Path) -> None:
-    from sllmfs.integrations.sglang import variants, writeback
+    from sllmfs.integrations.common import writeback
+    from sllmfs.integrations.sglang import variants
     from sllmfs.store.save import save_adapter, save_model
     from sllmfs.store.store import Store
 
@@ -290,7 +291,7 @@ def test_verify_checks_the_windows_the_sidecar_checks(tmp_path: Path) -> None:
 def test_store_reads_without_the_sidecar_check_windows(tmp_path: Path, llama_dir: Path) -> None:
     """`save --backend sglang` reads the store directly (StoreSource): a flipped byte is refused there too."""
     from sllmfs.core.errors import Corrupt
-    from sllmfs.integrations.sglang.source import StoreSource
+    from sllmfs.integrations.common.source import StoreSource
     from sllmfs.store.save import save_model
     from sllmfs.store.store import Store
 

@@ -11,9 +11,11 @@ import torch
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, FormatVersionError, NotFound
-from sllmfs.integrations.sglang import variants, writeback
-from sllmfs.integrations.sglang.locate import MOUNT_INFO, locate
-from sllmfs.integrations.sglang.source import StoreSource
+from sllmfs.integrations.common import writeback
+from sllmfs.integrations.common.locate import locate
+from sllmfs.integrations.common.source import StoreSource
+from sllmfs.integrations.sglang import variants
+from sllmfs.protocol.marker import MARKER_NAME
 from sllmfs.store.reader import VariantReader
 from sllmfs.store.save import save_model
 from sllmfs.store.store import Store
@@ -65,7 +67,7 @@ def test_variant_rejects_impossible_layout() -> None:
 def _mount(tmp_path: Path, info: dict[str, object]) -> Path:
     root = tmp_path / "mnt"
     (root / "Qwen" / "Qwen2.5-7B").mkdir(parents=True)
-    (root / MOUNT_INFO).write_text(json.dumps(info))
+    (root / MARKER_NAME).write_text(json.dumps(info))
     return root
 
 
@@ -82,7 +84,7 @@ def test_locate_mount_errors(tmp_path: Path) -> None:
     root = _mount(tmp_path, {"socket": "/s", "version": 1})
     with pytest.raises(BadInput, match="the sllmfs mount itself"):
         locate(str(root))
-    (root / MOUNT_INFO).write_text(json.dumps({"socket": "/s", "version": 9}))
+    (root / MARKER_NAME).write_text(json.dumps({"socket": "/s", "version": 9}))
     with pytest.raises(FormatVersionError, match="version 9"):
         locate(str(root / "Qwen" / "Qwen2.5-7B"))
     plain = tmp_path / "plain"
@@ -147,7 +149,7 @@ def test_write_rank_state_round_trip(stored_llama: Store) -> None:
     info = stored_llama.get("org/llama")
     assert v.key in info.variants and "hf" in info.variants
     stored = info.manifest(v.key)
-    assert stored.metadata["kind"] == writeback.KIND and stored.metadata["sglang"] == v.layout()
+    assert stored.metadata["kind"] == v.framework.state_kind and stored.metadata["sglang"] == v.layout()
     with VariantReader(info.variant_dir(v.key)) as r:
         for name, t in expected.items():
             got = r.tensor(name)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 if __name__ != "__main__":
-    from sllmfs.integrations.sglang.testing import require_sglang
+    from tests.support.sglang_env import require_sglang
 
     require_sglang()
 
@@ -187,7 +187,7 @@ def test_two_ranks_write_and_read_their_own_variants(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    from sllmfs.integrations.sglang.testing import import_sglang
+    from tests.support.sglang_env import import_sglang
 
     import_sglang()
     main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -19,18 +19,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sllmfs.integrations.sglang.testing import require_sglang
+from tests.support.sglang_env import require_sglang
 
 require_sglang()
 
 from sglang.srt.configs.load_config import LoadConfig  # noqa: E402
 
 from sllmfs.core.errors import BadInput, Corrupt, NotFound  # noqa: E402
-from sllmfs.integrations.sglang import variants, writeback  # noqa: E402
-from sllmfs.integrations.sglang.copy import copy_into  # noqa: E402
+from sllmfs.integrations.common import writeback  # noqa: E402
+from sllmfs.integrations.common.copy import copy_into  # noqa: E402
+from sllmfs.integrations.common.locate import Located  # noqa: E402
+from sllmfs.integrations.common.source import StoreSource  # noqa: E402
+from sllmfs.integrations.sglang import variants  # noqa: E402
 from sllmfs.integrations.sglang.loader import SllmModelLoader, load_any_tp, rank_state  # noqa: E402
-from sllmfs.integrations.sglang.locate import Located  # noqa: E402
-from sllmfs.integrations.sglang.source import StoreSource  # noqa: E402
 from sllmfs.store.save import save_model  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 
@@ -237,7 +238,7 @@ def test_copy_into_moves_all_bytes(store: Store) -> None:
 def test_through_the_sidecar_any_tp_write_back_then_fast(store: Store, tmp_path: Path) -> None:
     from test_sidecar import sidecar
 
-    from sllmfs.integrations.sglang.source import SidecarSource
+    from sllmfs.integrations.common.source import SidecarSource
 
     with sidecar(tmp_path, store=store.root) as sd:
         src = SidecarSource(MODEL, str(sd.socket))
@@ -258,7 +259,7 @@ def test_through_the_sidecar_any_tp_write_back_then_fast(store: Store, tmp_path:
 
 def test_no_sidecar_is_one_clear_error(store: Store, tmp_path: Path) -> None:
     from sllmfs.core.errors import SllmfsError
-    from sllmfs.integrations.sglang.source import SidecarSource
+    from sllmfs.integrations.common.source import SidecarSource
 
     src = SidecarSource(MODEL, str(tmp_path / "absent.sock"))
     with pytest.raises(SllmfsError, match=r"cannot reach the sllmfs sidecar .* to load 'org/tiny'.*sllmfs start"):

@@ -1,4 +1,4 @@
-"""The fast path's copy beside the model build (sllmfs.integrations.sglang.overlap) on CPU, real store and sidecar.
+"""The fast path's copy beside the model build (sllmfs.integrations.common.overlap) on CPU, real store and sidecar.
 
 PlannedLM allocates its weights as SGLang models do (``torch.empty``), plus the cases the
 plan must stay clear of: a parameter the build writes to, one the post-processing replaces,
@@ -18,15 +18,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sllmfs.integrations.sglang.testing import require_sglang
+from tests.support.sglang_env import require_sglang
 
 require_sglang()
 
-from sllmfs.integrations.sglang import overlap, variants, writeback  # noqa: E402
+from sllmfs.integrations.common import overlap, writeback  # noqa: E402
+from sllmfs.integrations.common.locate import Located  # noqa: E402
+from sllmfs.integrations.common.source import StoreSource  # noqa: E402
+from sllmfs.integrations.sglang import variants  # noqa: E402
 from sllmfs.integrations.sglang.fastpath import AFTER, BESIDE, rank_state  # noqa: E402
 from sllmfs.integrations.sglang.loader import SllmModelLoader, load_any_tp  # noqa: E402
-from sllmfs.integrations.sglang.locate import Located  # noqa: E402
-from sllmfs.integrations.sglang.source import StoreSource  # noqa: E402
 from sllmfs.store.save import save_model  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 
@@ -284,7 +285,7 @@ def test_build_error_waits_for_the_copy(store: Store) -> None:
 def test_through_the_sidecar(store: Store, tmp_path: Path) -> None:
     from test_sidecar import sidecar
 
-    from sllmfs.integrations.sglang.source import SidecarSource
+    from sllmfs.integrations.common.source import SidecarSource
 
     with sidecar(tmp_path, store=store.root) as sd:
         _first_start(store, SidecarSource(MODEL, str(sd.socket)))
@@ -297,7 +298,7 @@ def test_through_the_sidecar(store: Store, tmp_path: Path) -> None:
 def test_filter_subtensors_matches_sglang() -> None:
     from sglang.srt.model_loader.loader import ShardedStateLoader
 
-    from sllmfs.integrations.sglang.fastpath import filter_subtensors
+    from sllmfs.integrations.common.state import filter_subtensors
 
     block = torch.arange(64, dtype=torch.float32)
     other = torch.zeros(8, 8)

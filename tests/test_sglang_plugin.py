@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sllmfs.integrations.sglang.testing import require_sglang
+from tests.support.sglang_env import require_sglang
 
 require_sglang()
 
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _python(code: str, env: dict[str, str] | None = None) -> str:
     """Run ``code`` in a fresh interpreter (plugins load once per process, as in SGLang)."""
-    prelude = "from sllmfs.integrations.sglang.testing import import_sglang; import_sglang()\n"
+    prelude = "from tests.support.sglang_env import import_sglang; import_sglang()\n"
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

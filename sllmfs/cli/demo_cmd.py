@@ -44,10 +44,10 @@ def _demo(work: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sllmfs.core.config import open_store
     from sllmfs.integrations.transformers import load_model
     from sllmfs.ops.demo import build_model
     from sllmfs.store.save import save_model
+    from sllmfs.store.store import open_store
 
     src, store, sock, mnt = work / "src", work / "store", work / "sllmfs.sock", work / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, console, human, out
 from sllmfs.core import names
-from sllmfs.core.config import hint_flags, open_store
+from sllmfs.core.config import hint_flags
 from sllmfs.core.errors import BadInput, Corrupt
 from sllmfs.store import sources
 from sllmfs.store.reader import VariantReader, verify_variant
 from sllmfs.store.save import save_adapter, save_model
+from sllmfs.store.store import open_store
 
 StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
 
@@ -52,20 +54,19 @@ def save(
         src = Path(adapter_path).expanduser()
         if not src.is_dir():
             raise BadInput(f"--adapter-path {src} is not a directory")
-        total = sources.scan(src).total_bytes
         t0 = time.perf_counter()
-        with byte_bar(f"save adapter {adapter_name}", total) as advance:
-            m = save_adapter(store, model, adapter_name, src, force=force, progress=advance)
+        with byte_bar(f"save adapter {adapter_name}", None) as advance:
+            m = save_adapter(store, model, adapter_name, src, force=force, progress=advance,
+                             on_scan=_total_into(advance))
         _report(f"{model} + adapter {adapter_name}", m.total_bytes, time.perf_counter() - t0)
         return
     if backend == "sglang":
         _save_sglang(model, local_model_path, tensor_parallel_size, store, force)
         return
     src = sources.resolve(model, local_model_path)
-    total = sources.scan(src).total_bytes
     t0 = time.perf_counter()
-    with byte_bar(f"save {model}", total) as advance:
-        m = save_model(store, model, src, force=force, progress=advance)
+    with byte_bar(f"save {model}", None) as advance:
+        m = save_model(store, model, src, force=force, progress=advance, on_scan=_total_into(advance))
     _report(model, m.total_bytes, time.perf_counter() - t0)
 
 
@@ -79,6 +80,11 @@ def _save_sglang(model: str, local_model_path: str | None, tp: int, store, force
             "loads that any-TP variant and writes its per-rank state back on first load)"
         ) from None
     save_sglang(store, model, local_model_path, tp, force=force)
+
+
+def _total_into(advance: Callable[..., None]) -> Callable[[sources.Checkpoint], None]:
+    """The bar learns its total from the save's own scan: the checkpoint is read once."""
+    return lambda ckpt: advance(0, total=ckpt.total_bytes)
 
 
 def _report(what: str, nbytes: int, seconds: float) -> None:  # the save summary is data: stdout
@@ -107,10 +113,9 @@ def import_sllm_store(
         raise BadInput(f"{src} has no tensor_index.json; it is not an sllm-store model folder")
     name = model or src.name
     store = open_store(storage_path, write=True)
-    total = sources.scan(src).total_bytes
     t0 = time.perf_counter()
-    with byte_bar(f"import {name}", total) as advance:
-        m = save_model(store, name, src, force=force, progress=advance)
+    with byte_bar(f"import {name}", None) as advance:
+        m = save_model(store, name, src, force=force, progress=advance, on_scan=_total_into(advance))
     _report(name, m.total_bytes, time.perf_counter() - t0)
 
 
@@ -120,7 +125,7 @@ def ls(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     store = open_store(storage_path)
-    rows = []
+    rows: list[dict[str, Any]] = []
     models, bad = store.listing()
     for dirname, why in bad:  # one line each; the good models are listed all the same
         console.print(f"sllmfs: warning: {store.models_dir / dirname} is not shown: {why}")

@@ -154,12 +154,3 @@ def hint_flags(**given: Any) -> str:
         if value is not None and str(value) != str(getattr(defaults, name)):
             out += f" --{name.replace('_', '-')} {shlex.quote(str(value))}"
     return out
-
-
-def open_store(storage_path: str | None = None, *, write: bool = False):  # type: ignore[no-untyped-def]
-    """The store for a command. Read-only commands (``write=False``) never create or tidy one:
-    a mistyped path is an error, and a path that is not a store is left as it is."""
-    from sllmfs.store.store import Store
-
-    path = load_settings(storage_path=storage_path).storage_path
-    return Store(path) if write else Store(path, create=False, cleanup=False)

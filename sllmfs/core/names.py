@@ -55,6 +55,7 @@ def model_name_from_dirname(dirname: str) -> str:
     return unquote(dirname)
 
 
+HF_VARIANT = "hf"  # the checkpoint as saved: any framework reads it at any TP size
 ADAPTER_PREFIX = "lora."
 
 

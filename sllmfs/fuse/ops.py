@@ -29,6 +29,7 @@ from sllmfs.core.errors import SllmfsError
 from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles
 from sllmfs.fuse.synth import Piece
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
+from sllmfs.protocol.marker import SOCKET_XATTR as _SOCKET_XATTR
 from sllmfs.store.format import CHUNK_SIZE, open_regular
 from sllmfs.store.store import Identity
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 # (model, variant, identity) -> one view per partition when exactly that version is resident
 ResidentView = Callable[[str, str, Identity], "list[memoryview] | None"]
 
-SOCKET_XATTR = b"user.sllmfs.socket"
+SOCKET_XATTR = os.fsencode(_SOCKET_XATTR)  # the kernel hands xattr names as bytes
 NAMESPACE_TIMEOUT = 0.0  # root, org and model folders: saves and removals show at once
 CONTENT_TIMEOUT = 3600.0  # a model's files never change under a given inode
 BLKSIZE = 1 << 20  # st_blksize: tells cp and stdio to read in large blocks

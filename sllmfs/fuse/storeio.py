@@ -28,9 +28,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from sllmfs.store.format import CHUNK_SIZE, Partition, digest, open_dir, open_regular
-from sllmfs.store.reader import read_full
-from sllmfs.store.store import Identity, variant_identity
+from sllmfs.store.format import CHUNK_SIZE, Partition
+from sllmfs.store.reader import Identity, Partitions, pinned_variant, read_full, window_ok
 
 DIRECT_ALIGN = 4096
 BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends
@@ -134,29 +133,24 @@ class PartitionFiles:
 
     def __init__(self, variant_dir: Path, identity: Identity, checked: Checked, *, below: Path | None = None):
         self.checked = checked
-        self.cached: list[int] = []
-        self.direct: list[int] = []
         # open through the directory, after checking it still holds this version: a replace puts
         # a new directory in place, so files opened by path could belong to the next version.
         # No symlink is followed under ``below`` (the store's models/), nor to a data file.
-        dfd = open_dir(variant_dir, below=below)
-        try:
-            if variant_identity(variant_dir, dir_fd=dfd) != identity:
-                raise OSError(errno.ESTALE, "the variant was replaced", str(variant_dir))
-            for p in checked.partitions:
-                fd = _open(dfd, variant_dir / p.file, 0)
-                self.cached.append(fd)
-                self.direct.append(_open(dfd, variant_dir / p.file, os.O_DIRECT) if fd >= 0 else -1)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            os.close(dfd)
+        # A missing file is -1 (served from memory, or EIO on read); so is O_DIRECT where the
+        # filesystem has none (read through the page cache).
+        with pinned_variant(variant_dir, below=below, identity=identity) as dfd:
+            self._cached = Partitions(variant_dir, checked.partitions, dir_fd=dfd, missing_ok=True)
+            self._direct = Partitions(variant_dir, checked.partitions, dir_fd=dfd, missing_ok=True, direct=True)
+            try:
+                self.cached = [self._cached.fd(i) for i in range(len(checked.partitions))]
+                self.direct = [self._direct.fd(i) if fd >= 0 else -1 for i, fd in enumerate(self.cached)]
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
-        for fd in (*self.cached, *self.direct):
-            if fd >= 0:
-                os.close(fd)
+        self._cached.close()
+        self._direct.close()
         self.cached, self.direct = [], []
 
     def read_into(self, part: int, dst: memoryview, offset: int) -> None:
@@ -195,8 +189,7 @@ class PartitionFiles:
                 n = min(CHUNK_SIZE, p.size - window * CHUNK_SIZE)
                 got = self._read_window(part, buf, window * CHUNK_SIZE, n)
                 view = memoryview(buf)[:n]
-                expected = p.chunks[window] if window < len(p.chunks) else None
-                if got < n or digest(view) != expected:
+                if got < n or not window_ok(p, window, view):
                     c.state[part][window] = BAD
                     why = "is shorter than its manifest says" if got < n else "fails its xxh3_64 checksum"
                     raise BadWindow(part, window, f"{p.file} window {window} {why}", first=True)
@@ -251,17 +244,6 @@ class PartitionFiles:
             dst[:got] = buf[skip:skip + got]
             dst = dst[got:]
             offset += got
-
-
-def _open(dfd: int, path: Path, flags: int) -> int:
-    try:
-        return open_regular(path, dir_fd=dfd, flags=flags)  # a symlink or FIFO is Corrupt, never waited on
-    except FileNotFoundError:
-        return -1  # served from memory, or EIO on read
-    except OSError as e:
-        if flags & os.O_DIRECT and e.errno == errno.EINVAL:
-            return -1  # this filesystem has no O_DIRECT: read through the page cache
-        raise
 
 
 def _all_cached(fd: int, offset: int, n: int) -> bool | None:

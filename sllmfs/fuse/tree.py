@@ -18,7 +18,6 @@ kernel's page cache never serves stale bytes.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import stat
@@ -30,17 +29,16 @@ from typing import Any
 
 from sllmfs.core import names
 from sllmfs.core.errors import SllmfsError
+from sllmfs.core.names import ADAPTER_PREFIX, HF_VARIANT
 from sllmfs.fuse.synth import SynthFile, layout
+from sllmfs.protocol.marker import MARKER_NAME, marker_bytes
 from sllmfs.store.format import MANIFEST, Manifest, load_manifest, open_dir
-from sllmfs.store.store import MODEL_JSON, Identity, Store, variant_identity
+from sllmfs.store.layout import MODEL_JSON, model_variants, variant_files
+from sllmfs.store.store import Identity, Store, variant_identity
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-MARKER_NAME = ".sllmfs.json"
-MARKER_VERSION = 1
-HF_VARIANT = "hf"
-LORA_PREFIX = "lora."
 
 Stamp = tuple[int, ...]
 
@@ -97,8 +95,7 @@ class Tree:
         self.started_ns = time.time_ns()
         self.root = self._node(("ns", ()), is_dir=True, prefix=(), mtime_ns=self.started_ns)
         # the store path lets SGLang's loader write its per-rank state back beside the model
-        marker = json.dumps({"socket": socket_path, "storage_path": str(store.root),
-                             "version": MARKER_VERSION}).encode() + b"\n"
+        marker = marker_bytes(socket_path, str(store.root))
         self.marker = self._node(("marker",), is_dir=False, data=marker, size=len(marker), mtime_ns=self.started_ns)
 
     # -- inode table -----------------------------------------------------------
@@ -150,7 +147,7 @@ class Tree:
         except OSError:
             return None
         try:
-            vmt = os.stat(path / "variants").st_mtime_ns
+            vmt = os.stat(model_variants(path)).st_mtime_ns
         except OSError:
             vmt = 0
         return (*_stat_key(mj), vmt)
@@ -227,19 +224,19 @@ class Tree:
         mtime = int(info.created * 1e9)
         out: dict[str, Node] = {}
         for rel in info.files:  # plain names of regular files: Store.get checked them
-            path = info.path / "files" / rel
+            path = info.files_dir / rel
             out[rel] = self._node(("file", name, stamp[:3], rel), is_dir=False, path=path,
                                   size=os.lstat(path).st_size, mtime_ns=mtime)
         if HF_VARIANT in info.variants:
             out.update(self._variant_files(name, info.variant_dir(HF_VARIANT), HF_VARIANT, "model", mtime))
         adapters: dict[str, Node] = {}
         for key in info.variants:
-            if not key.startswith(LORA_PREFIX):
+            if not key.startswith(ADAPTER_PREFIX):
                 continue
             vdir = info.variant_dir(key)
             afiles = self._adapter_meta(name, key, vdir, mtime)
             afiles.update(self._variant_files(name, vdir, key, "adapter_model", mtime))
-            adapter = key[len(LORA_PREFIX):]
+            adapter = key[len(ADAPTER_PREFIX):]
             adapters[adapter] = self._node(("adir", name, key, _identity(vdir)),
                                            is_dir=True, children=afiles, mtime_ns=mtime)
         if adapters:
@@ -262,7 +259,7 @@ class Tree:
     def _adapter_meta(self, name: str, variant: str, vdir: Path, mtime: int) -> dict[str, Node]:
         out: dict[str, Node] = {}
         try:
-            entries = sorted(os.scandir(vdir / "files"), key=lambda e: e.name)
+            entries = sorted(os.scandir(variant_files(vdir)), key=lambda e: e.name)
         except FileNotFoundError:
             return out
         vkey = _identity(vdir)

@@ -17,12 +17,13 @@ from sllmfs.client.client import connect
 from sllmfs.client.transfer import LoadStats, copy_into, copy_spans
 from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput
+from sllmfs.core.names import HF_VARIANT
 from sllmfs.store.format import ALIGNMENT
 
 DeviceMap = dict[str, Any] | str | int | torch.device
 
 
-def load_into(tensors_by_name: dict[str, torch.Tensor], model: str, variant: str = "hf", *,
+def load_into(tensors_by_name: dict[str, torch.Tensor], model: str, variant: str = HF_VARIANT, *,
               socket: str | None = None, strict: bool = True, timeout: float = 120.0) -> LoadStats:
     """Copy the stored tensors of ``model`` into ``tensors_by_name`` (same names, shapes; dtype may differ)."""
     with connect(socket) as client, client.acquire(model, variant) as lease:
@@ -60,7 +61,7 @@ _ALIGN = 512  # each tensor's offset in its device's block when packed: torch's 
 _GAP = 64 << 10  # store padding up to this is copied along with a run; a longer gap starts a new run
 
 
-def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = "hf", *, socket: str | None = None,
+def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIANT, *, socket: str | None = None,
               dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
     """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory.
 

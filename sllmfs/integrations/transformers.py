@@ -18,12 +18,11 @@ import torch
 from sllmfs.client.client import Client, connect
 from sllmfs.client.transfer import copy_into
 from sllmfs.core import names
-from sllmfs.core.config import open_store
 from sllmfs.core.errors import BadInput
 from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
 from sllmfs.integrations.torch import DeviceMap, _device_for
-from sllmfs.store.save import save_adapter
 from sllmfs.store.save import save_model as save_checkpoint
+from sllmfs.store.store import open_store
 
 
 def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: str | None = None,
@@ -36,13 +35,6 @@ def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: st
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_checkpoint(open_store(storage_path, write=True), name, Path(tmp), force=force)
-
-
-def save_lora(peft_model: Any, base: str, adapter_name: str, *, storage_path: str | None = None,
-              force: bool = False) -> None:
-    with tempfile.TemporaryDirectory(prefix="sllmfs-lora-") as tmp:
-        peft_model.save_pretrained(tmp)
-        save_adapter(open_store(storage_path, write=True), base, adapter_name, Path(tmp), force=force)
 
 
 def fetch_files(client: Client, model: str, variant: str, into: Path) -> Path:
@@ -89,11 +81,11 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     t0 = time.perf_counter()
     with connect(socket) as client, tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
-        config = AutoConfig.from_pretrained(files_dir or fetch_files(client, name, "hf", Path(tmp)))
+        config = AutoConfig.from_pretrained(files_dir or fetch_files(client, name, names.HF_VARIANT, Path(tmp)))
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
         targets = _materialize(model, device_map, dtype)
-        with client.acquire(name, "hf") as lease:
+        with client.acquire(name, names.HF_VARIANT) as lease:
             stored = set(lease.entries)
             tied = [n for n in targets if n not in stored]
             absent_ok = _tied_names(model)

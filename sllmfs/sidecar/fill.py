@@ -8,13 +8,13 @@ A short file or a checksum mismatch marks the window failed and fails the fill.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
-from sllmfs.core.errors import Corrupt, SllmfsError
+from sllmfs.core.errors import Corrupt
 from sllmfs.sidecar.memtier import FAILED, READY, Resident
-from sllmfs.store.format import CHUNK_SIZE, digest, open_regular
+from sllmfs.store.format import CHUNK_SIZE
+from sllmfs.store.reader import Partitions, window_ok
 
 
 def round_chunk(chunk_size: int) -> int:
@@ -32,15 +32,10 @@ class Fill:
         self._jobs = [(i, off, min(step, p.size - off))
                       for i, p in enumerate(res.manifest.partitions) for off in range(0, p.size, step)]
         self._next = 0
-        self._fds: list[int] = []
+        self._files = Partitions(variant_dir, res.manifest.partitions)  # through the pinned directory
         try:
-            for p in res.manifest.partitions:
-                self._fds.append(open_regular(variant_dir / p.file))  # never follows, never waits on a FIFO
-        except SllmfsError:
-            self.close()
-            raise
-        except OSError as e:
-            self.close()
+            self._files.open_all()  # every file now: one version, whatever is committed meanwhile
+        except OSError as e:  # a planted link or FIFO is Corrupt already
             raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
                           f"({e.strerror}); run `sllmfs verify --model {res.model}`") from None
 
@@ -72,13 +67,9 @@ class Fill:
     def _read(self, part: int, dest: memoryview, off: int) -> None:
         # preadv into the map: threads fault pages in parallel. (sendfile into the memfd was
         # faster for one thread but serializes all writers on the inode lock; hugetlb takes no write.)
-        done = 0
-        while done < len(dest):
-            got = os.preadv(self._fds[part], [dest[done:]], off + done)
-            if got <= 0:
-                self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
-                return
-            done += got
+        done = self._files.read_into(part, dest, off)
+        if done < len(dest):
+            self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
 
     def _verify(self, part: int, view: memoryview, off: int, n: int) -> None:
         p = self.res.manifest.partitions[part]
@@ -88,7 +79,7 @@ class Fill:
             k = w // CHUNK_SIZE
             if ready[base + k] == FAILED:
                 continue
-            if k >= len(p.chunks) or digest(view[w:min(w + CHUNK_SIZE, p.size)]) != p.chunks[k]:
+            if not window_ok(p, k, view[w:min(w + CHUNK_SIZE, p.size)]):
                 self._fail(part, w, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum")
                 continue
             with self._lock:  # count before publishing: whoever sees the byte sees the count
@@ -102,7 +93,5 @@ class Fill:
             self.res.error = self.error
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self._files.close()
 

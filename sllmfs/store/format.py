@@ -27,6 +27,7 @@ from urllib.parse import unquote
 from sllmfs.core import dtypes
 from sllmfs.core.config import hint_flags
 from sllmfs.core.errors import BadInput, Corrupt, FormatVersionError
+from sllmfs.store.layout import MODELS, STORE_MARKER, VARIANTS
 
 FORMAT_VERSION = 1
 ALIGNMENT = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and page mapping work
@@ -38,7 +39,6 @@ MANIFEST = "manifest.json"
 MAX_JSON = 1 << 30  # far past any manifest we write; a larger (maybe sparse) one is refused unread
 MAX_BYTES = 1 << 62  # sizes, offsets, dimensions: past any model, and header + data still fit an off_t
 MAX_DIMS = 64
-_STORE_MARKER = "store.json"  # store.STORE_MARKER (store.py imports this module)
 _DIGEST = re.compile(r"[0-9a-f]{16}")  # xxh3_64 as the writer prints it
 _TENSOR_FIELDS = {"dtype", "shape", "partition", "offset", "nbytes", "checksum"}
 _PARTITION_FIELDS = {"file", "size", "chunks"}
@@ -306,10 +306,10 @@ def describe(path: str | os.PathLike[str]) -> tuple[str, str]:
     parts = p.parts
     for i in range(len(parts) - 2, 0, -1):  # the innermost models/ of a store (a model may be called models)
         root = Path(*parts[:i])
-        if parts[i] == "models" and (root / _STORE_MARKER).is_file():
+        if parts[i] == MODELS and (root / STORE_MARKER).is_file():
             name, rest = unquote(parts[i + 1]), parts[i + 2:]
             label = f"model {name!r}"
-            if rest[:1] == ("variants",) and len(rest) > 1:
+            if rest[:1] == (VARIANTS,) and len(rest) > 1:
                 label, rest = f"{label} [{rest[1]}]", rest[2:]
             rm = f"sllmfs rm --model {shlex.quote(name)}{hint_flags(storage_path=str(root))}"
             return f"{label}: {'/'.join(rest) or 'its directory'}", f"run `{rm}` and save it again"

@@ -1,9 +1,21 @@
-"""Read a stored variant: tensor bytes, views over mapped data, and verification."""
+"""Read a stored variant: the one partition reader, tensor bytes, and verification.
+
+Every reader of data files comes through ``Partitions`` (the CLI's verify, the
+sidecar's fill, the FUSE view, the SGLang store source): files opened without
+following a link and without waiting on a FIFO, through a pinned directory where
+the caller needs one version throughout (``pinned_variant``), and every 4 MiB
+window checked the one way (``window_ok``). What differs between readers is a
+parameter: O_DIRECT beside the page cache (the mount, which must not cache twice),
+a missing file as -1 (served from memory instead), a private map (torch views).
+"""
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,33 +24,159 @@ import xxhash
 
 from sllmfs.core import dtypes
 from sllmfs.core.errors import Corrupt
-from sllmfs.store.format import CHUNK_SIZE, Manifest, corrupt, digest, load_manifest, open_regular
+from sllmfs.store.format import (
+    CHUNK_SIZE,
+    MANIFEST,
+    Manifest,
+    Partition,
+    corrupt,
+    digest,
+    load_manifest,
+    open_dir,
+    open_regular,
+)
+
+Identity = tuple[int, int]
+"""What a committed variant *is*: (inode, mtime_ns) of its manifest. Every commit writes a new
+manifest file, so a replaced or re-saved variant never has its predecessor's identity; residency,
+mount inodes and open handles are keyed by it, never by the model's name alone."""
+
+
+def variant_identity(variant_dir: Path, *, dir_fd: int | None = None) -> Identity | None:
+    """The identity of the variant committed at ``variant_dir`` now (None: there is none)."""
+    try:
+        st = os.stat(MANIFEST if dir_fd is not None else variant_dir / MANIFEST, dir_fd=dir_fd)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+@contextmanager
+def pinned_variant(variant_dir: Path, *, below: Path | None = None,
+                   identity: Identity | None = None) -> Iterator[int]:
+    """The variant directory held open (no link followed under ``below``), so files opened through
+    it belong to one committed version: a replace puts a whole new directory in place. With
+    ``identity``: ESTALE unless the directory still holds that version."""
+    dfd = open_dir(variant_dir, below=below)
+    try:
+        if identity is not None and variant_identity(variant_dir, dir_fd=dfd) != identity:
+            raise OSError(errno.ESTALE, "the variant was replaced", str(variant_dir))
+        yield dfd
+    finally:
+        os.close(dfd)
+
+
+def window_ok(p: Partition, k: int, data: Any) -> bool:
+    """Whether ``data`` is window ``k`` of partition ``p`` as its manifest checksummed it."""
+    return k < len(p.chunks) and digest(data) == p.chunks[k]
+
+
+def windows(p: Partition) -> int:
+    return -(-p.size // CHUNK_SIZE)
+
+
+class Partitions:
+    """A variant's data files, each opened once: on first use (``fd``) or all now (``open_all``).
+
+    No link is followed and no FIFO waited on. ``dir_fd``: open through that directory (from
+    ``pinned_variant``; it must stay open until the files are). ``direct``: open with O_DIRECT,
+    -1 where the filesystem has none (read through the page cache then). ``missing_ok``: -1 for
+    a missing file, else FileNotFoundError.
+    """
+
+    def __init__(self, variant_dir: Path, partitions: Sequence[Partition], *, dir_fd: int | None = None,
+                 direct: bool = False, missing_ok: bool = False):
+        self.dir = variant_dir
+        self.partitions = list(partitions)
+        self._dir_fd = dir_fd
+        self._flags = os.O_DIRECT if direct else 0
+        self._missing_ok = missing_ok
+        self._fds: dict[int, int] = {}
+
+    def path(self, index: int) -> Path:
+        return self.dir / self.partitions[index].file
+
+    def fd(self, index: int) -> int:
+        fd = self._fds.get(index)
+        if fd is None:
+            fd = self._fds[index] = self._open(index)
+        return fd
+
+    def open_all(self) -> Partitions:
+        try:
+            for index in range(len(self.partitions)):
+                self.fd(index)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self, index: int) -> int:
+        try:
+            return open_regular(self.path(index), dir_fd=self._dir_fd, flags=self._flags)
+        except FileNotFoundError:
+            if self._missing_ok:
+                return -1
+            raise
+        except OSError as e:
+            if self._flags & os.O_DIRECT and e.errno == errno.EINVAL:
+                return -1  # this filesystem has no O_DIRECT
+            raise
+
+    def read_into(self, index: int, dst: memoryview, offset: int) -> int:
+        """Bytes read into ``dst`` from ``offset`` until it is full or the file ends."""
+        return read_full(self.fd(index), dst, offset)
+
+    def read(self, index: int, offset: int, nbytes: int) -> bytes:
+        data = os.pread(self.fd(index), nbytes, offset)
+        if len(data) != nbytes:
+            raise Corrupt(f"{self.path(index)} is shorter than its manifest says")
+        return data
+
+    def map_private(self, index: int) -> mmap.mmap | None:
+        """Partition ``index`` mapped copy-on-write (torch wants a writable buffer; nothing is copied
+        unless written), its descriptor closed; None for an empty partition."""
+        p = self.partitions[index]
+        if p.size == 0:
+            return None
+        fd = self._fds.pop(index, None)
+        fd = self._open(index) if fd is None else fd
+        try:
+            if os.fstat(fd).st_size < p.size:
+                raise Corrupt(f"{self.path(index)} is shorter than its manifest says; run "
+                              "`sllmfs verify` and save the model again")
+            return mmap.mmap(fd, p.size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Partitions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class VariantReader:
     def __init__(self, variant_dir: Path, manifest: Manifest | None = None):
         self.dir = variant_dir
         self.manifest = manifest or load_manifest(variant_dir)
-        self._fds: dict[int, int] = {}
+        self.files = Partitions(variant_dir, self.manifest.partitions)
 
-    def partition_path(self, index: int) -> Path:
-        return self.dir / self.manifest.partitions[index].file
-
-    def _fd(self, index: int) -> int:
-        fd = self._fds.get(index)
-        if fd is None:
-            path = self.partition_path(index)
-            try:
-                fd = self._fds[index] = open_regular(path)  # no planted symlink, no FIFO to hang on
-            except FileNotFoundError:
-                raise corrupt(path, "is missing") from None
-        return fd
+    def fd(self, index: int) -> int:
+        try:
+            return self.files.fd(index)
+        except FileNotFoundError:
+            raise corrupt(self.files.path(index), "is missing") from None
 
     def read_range(self, partition: int, offset: int, nbytes: int) -> bytes:
-        data = os.pread(self._fd(partition), nbytes, offset)
-        if len(data) != nbytes:
-            raise Corrupt(f"{self.partition_path(partition)} is shorter than its manifest says")
-        return data
+        self.fd(partition)
+        return self.files.read(partition, offset, nbytes)
 
     def read_tensor(self, name: str) -> bytes:
         t = self.manifest.entry(name)
@@ -56,9 +194,7 @@ class VariantReader:
         return torch.frombuffer(buf, dtype=torch.uint8).view(dtypes.to_torch(dt)).reshape(t.shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.files.close()
 
     def __enter__(self) -> VariantReader:
         return self
@@ -92,16 +228,16 @@ def verify_variant(reader: VariantReader, progress: Callable[[int], None] | None
     for name, t in _in_disk_order(m):
         by_part.setdefault(t.partition, []).append((name, t))
     for index, p in enumerate(m.partitions):
-        fd = reader._fd(index)
+        fd = reader.fd(index)
         tensors = by_part.get(index, [])
         hashers = [xxhash.xxh3_64() for _ in tensors]
         first = 0  # tensors before this one end before the current window
         for k, start in enumerate(range(0, p.size, CHUNK_SIZE)):
             n = min(CHUNK_SIZE, p.size - start)
             got = read_full(fd, view[:n], start)
-            actual = digest(view[:got]) if got == n else "file truncated"
-            expected = p.chunks[k] if k < len(p.chunks) else "none"
-            if actual != expected:
+            if got != n or not window_ok(p, k, view[:n]):
+                actual = digest(view[:got]) if got == n else "file truncated"
+                expected = p.chunks[k] if k < len(p.chunks) else "none"
                 inside = [(nm, t) for nm, t in tensors if t.offset < start + n and t.offset + t.nbytes > start]
                 return BadTensor(_culprit(reader, inside), expected, actual, window=f"{p.file} window {k}")
             while first < len(tensors) and tensors[first][1].offset + tensors[first][1].nbytes <= start:

@@ -12,18 +12,18 @@ from pathlib import Path
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.store.format import PARTITION_TARGET, Manifest
+from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
 from sllmfs.store.store import Store, write_model_json
 from sllmfs.store.writer import VariantWriter
-
-HF_VARIANT = "hf"
 
 
 def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
                on_scan: Callable[[Checkpoint], None] | None = None,
                partition_target: int = PARTITION_TARGET) -> Manifest:
-    """Store ``source`` as model ``name`` with its ``hf`` variant.
+    """Store ``source`` as model ``name`` with its ``hf`` variant. ``on_scan`` hears of the checkpoint
+    once it is scanned, before any byte is copied (a progress bar learns its total there).
 
     Replacing a model (``force``) keeps its LoRA adapters (they are the user's, saved on their
     own) and drops its framework variants (post-processed from the old weights: stale)."""
@@ -36,14 +36,14 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
             on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             model_dir = work / "model"
-            (model_dir / "files").mkdir(parents=True)
+            model_files(model_dir).mkdir(parents=True)
             for rel in ckpt.files:
-                _copy_file(source / rel, model_dir / "files" / rel)
-            manifest = write_variant(ckpt, model_dir / "variants" / HF_VARIANT, HF_VARIANT, progress,
+                _copy_file(source / rel, model_files(model_dir) / rel)
+            manifest = write_variant(ckpt, model_variant(model_dir, names.HF_VARIANT), names.HF_VARIANT, progress,
                                      partition_target)
             write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
             if store.has(name):
-                _keep_adapters(store, name, model_dir / "variants")
+                _keep_adapters(store, name, model_variants(model_dir))
             store.commit_model(model_dir, name, force=force)
     return manifest
 
@@ -64,8 +64,10 @@ def _keep_adapters(store: Store, name: str, variants_dir: Path) -> None:
 
 
 def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, force: bool = False,
-                 progress: Callable[[int], None] | None = None) -> Manifest:
-    """Store a LoRA adapter beside its base model as variant ``lora.<name>``."""
+                 progress: Callable[[int], None] | None = None,
+                 on_scan: Callable[[Checkpoint], None] | None = None) -> Manifest:
+    """Store a LoRA adapter beside its base model as variant ``lora.<name>`` (``on_scan`` as for
+    ``save_model``)."""
     key = names.adapter_variant(adapter_name)
     if not (source / "adapter_config.json").is_file():
         raise BadInput(f"--adapter-path {source} has no adapter_config.json; point it at a PEFT adapter folder")
@@ -74,12 +76,14 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
         if key in info.variants and not force:
             raise BadInput(f"model {base!r} already has adapter {adapter_name!r}; pass --force to replace it")
         ckpt = scan(source)
+        if on_scan:
+            on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             vdir = work / key
             manifest = write_variant(ckpt, vdir, key, progress)
-            (vdir / "files").mkdir()
+            variant_files(vdir).mkdir()
             for rel in ckpt.files:
-                _copy_file(source / rel, vdir / "files" / rel)
+                _copy_file(source / rel, variant_files(vdir) / rel)
             store.commit_variant(vdir, base, key, force=force)
     return manifest
 

@@ -1,17 +1,6 @@
 """The SSD tier: converted models on disk, committed atomically.
 
-Layout (docs/format.md)::
-
-    <root>/store.json                        store format marker
-    <root>/models/<quoted name>/model.json    name, metadata files, creation time
-    <root>/models/<quoted name>/files/...     config, tokenizer, ... copied verbatim
-    <root>/models/<quoted name>/variants/<key>/manifest.json + data_N.bin
-    <root>/tmp/<id>/                         work in progress, locked by its writer
-    <root>/locks/<quoted name>.lock           held by the one command writing that model
-    <root>/locks/tmp.gate                     shared by writers creating work dirs, exclusive for cleanup
-    <root>/used/<quoted name>                 its mtime: the model's last use (the SSD tier's LRU)
-
-Every change is built under ``tmp/`` and swapped into place in one step
+Layout: sllmfs.store.layout (docs/format.md). Every change is built under ``tmp/`` and swapped into place in one step
 (``renameat2(RENAME_EXCHANGE)``), so a reader never sees half a model and a crash
 at any instant leaves the old or the new one, complete. A ``tmp/`` entry whose
 writer died (its lock is free) is a leftover, removed by the next command that
@@ -37,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sllmfs.core import names
-from sllmfs.core.config import hint_flags
+from sllmfs.core.config import hint_flags, load_settings
 from sllmfs.core.errors import BadInput, NotFound, SllmfsError
 from sllmfs.store.format import (
     MANIFEST,
@@ -50,25 +39,18 @@ from sllmfs.store.format import (
     plain_name,
     read_json,
 )
+from sllmfs.store.layout import (
+    MODEL_JSON,
+    STORE_MARKER,
+    Layout,
+    model_files,
+    model_variant,
+    model_variants,
+    variant_files,
+)
+from sllmfs.store.reader import Identity, variant_identity  # Identity: the sidecar and mount key by it
 
-STORE_MARKER = "store.json"
-MODEL_JSON = "model.json"
 STORE_VERSION = 1
-
-
-Identity = tuple[int, int]
-"""What a committed variant *is*: (inode, mtime_ns) of its manifest. Every commit writes a new
-manifest file, so a replaced or re-saved variant never has its predecessor's identity; residency,
-mount inodes and open handles are keyed by it, never by the model's name alone."""
-
-
-def variant_identity(variant_dir: Path, *, dir_fd: int | None = None) -> Identity | None:
-    """The identity of the variant committed at ``variant_dir`` now (None: there is none)."""
-    try:
-        st = os.stat(MANIFEST if dir_fd is not None else variant_dir / MANIFEST, dir_fd=dir_fd)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns)
 
 
 def fsync_tree(root: Path) -> None:
@@ -100,8 +82,16 @@ class ModelInfo:
     created: float
     source: dict[str, Any]
 
+    @property
+    def files_dir(self) -> Path:
+        return model_files(self.path)
+
     def variant_dir(self, key: str) -> Path:
-        return self.path / "variants" / names.check_variant(key)
+        return model_variant(self.path, key)
+
+    def variant_files_dir(self, key: str) -> Path:
+        """An adapter variant's own metadata files (its config), beside its weights."""
+        return variant_files(self.variant_dir(key))
 
     def manifest(self, key: str) -> Manifest:
         d = self.variant_dir(key)
@@ -121,7 +111,7 @@ class ModelInfo:
         """A metadata file's path, once it is known to be a regular file reached through no symlink."""
         if rel not in self.files:
             raise NotFound(f"model {self.name!r} has no file {rel!r}")
-        path = self.path / "files" / rel
+        path = self.files_dir / rel
         try:
             os.close(open_regular(path, below=self.path.parent))
         except FileNotFoundError:
@@ -143,11 +133,12 @@ class ModelInfo:
 class Store:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True, cleanup: bool = True):
         self.root = Path(root).expanduser().absolute()
-        self.models_dir = self.root / "models"
-        self.tmp_dir = self.root / "tmp"
-        self.locks_dir = self.root / "locks"
-        self.used_dir = self.root / "used"
-        marker = self.root / STORE_MARKER
+        self.layout = Layout(self.root)
+        self.models_dir = self.layout.models_dir
+        self.tmp_dir = self.layout.tmp_dir
+        self.locks_dir = self.layout.locks_dir
+        self.used_dir = self.layout.used_dir
+        marker = self.layout.marker
         if create:
             _refuse_foreign_dir(self.root)
             try:
@@ -178,10 +169,18 @@ class Store:
     # -- reading -------------------------------------------------------------
 
     def model_path(self, name: str) -> Path:
-        return self.models_dir / names.model_dirname(name)
+        return self.layout.model_dir(name)
+
+    def variant_path(self, name: str, key: str) -> Path:
+        """Where variant ``key`` of model ``name`` is committed (whether or not it is there)."""
+        return self.layout.variant_dir(name, key)
+
+    def identity(self, name: str, key: str) -> Identity | None:
+        """The identity of variant ``key`` of model ``name`` as committed now (None: there is none)."""
+        return variant_identity(self.variant_path(name, key))
 
     def has(self, name: str) -> bool:
-        return (self.model_path(name) / MODEL_JSON).is_file()
+        return self.layout.model_json(name).is_file()
 
     def get(self, name: str) -> ModelInfo:
         """A stored model, checked as every reader needs it: a valid model.json, and every directory
@@ -199,8 +198,8 @@ class Store:
             except FileNotFoundError:
                 raise missing from None
             files, created, source = _model_record(path / MODEL_JSON, name, meta)
-            _check_files(path / "files", fd, files)
-            variants = _check_variants(path / "variants", fd)
+            _check_files(model_files(path), fd, files)
+            variants = _check_variants(model_variants(path), fd)
         finally:
             os.close(fd)
         return ModelInfo(name=name, path=path, files=files, variants=variants, created=created, source=source)
@@ -208,7 +207,7 @@ class Store:
     def touch(self, name: str) -> None:
         """Record a use of ``name``, for the sidecar's SSD-tier LRU. Outside the model's folder:
         what the mount shows (and its inodes) must not change because a client loaded it."""
-        mark = self.used_dir / names.model_dirname(name)
+        mark = self.layout.used_mark(name)
         try:
             os.utime(mark)
         except FileNotFoundError:
@@ -221,7 +220,7 @@ class Store:
             pass  # a read-only store: LRU order is only advice
 
     def last_used(self, name: str) -> float:
-        for path in (self.used_dir / names.model_dirname(name), self.model_path(name) / MODEL_JSON):
+        for path in (self.layout.used_mark(name), self.layout.model_json(name)):
             try:
                 return path.stat().st_mtime
             except OSError:
@@ -266,7 +265,7 @@ class Store:
         ``wait=False``: a second writer gets one clear line at once (concurrent saves of one name:
         one wins). ``wait=True``: queue behind it (framework ranks writing back their variants)."""
         self.locks_dir.mkdir(exist_ok=True)
-        fd = _open_lock(self.locks_dir / (_lock_name(name) + ".lock"))
+        fd = _open_lock(self.layout.lock_file(name))
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -282,7 +281,7 @@ class Store:
         """Writers creating a work dir hold it shared, a cleanup exclusive: a cleanup never sees a
         work dir (or its lock file) in the instant before its writer locked it."""
         self.locks_dir.mkdir(exist_ok=True)
-        fd = _open_lock(self.locks_dir / "tmp.gate")
+        fd = _open_lock(self.layout.tmp_gate)
         try:
             fcntl.flock(fd, mode)
             yield
@@ -343,15 +342,15 @@ class Store:
                 raise NotFound(f"model {name!r} is not in the store at {self.root}") from None
             fsync_dir(path.parent)
         try:
-            (self.used_dir / names.model_dirname(name)).unlink()
+            self.layout.used_mark(name).unlink()
         except OSError:
             pass
 
     def remove_variant(self, name: str, key: str) -> None:
         """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""
         info = self.get(name)
-        if key == "hf":
-            raise BadInput(f"variant 'hf' is model {name!r} itself; remove the model with "
+        if key == names.HF_VARIANT:
+            raise BadInput(f"variant {names.HF_VARIANT!r} is model {name!r} itself; remove the model with "
                            f"`sllmfs rm --model {name}{self.hint}`")
         if key not in info.variants:
             raise NotFound(f"model {name!r} has no variant {key!r} (has: {', '.join(info.variants)})")
@@ -401,6 +400,14 @@ class Store:
         return removed
 
 
+def open_store(storage_path: str | None = None, *, write: bool = False) -> Store:
+    """The store for a command (``storage_path`` None: from the settings). Read-only commands
+    (``write=False``) never create or tidy one: a mistyped path is an error, and a path that is
+    not a store is left as it is."""
+    path = load_settings(storage_path=storage_path).storage_path
+    return Store(path) if write else Store(path, create=False, cleanup=False)
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -426,17 +433,6 @@ def _open_lock(path: Path) -> int:
     except OSError as e:
         raise BadInput(f"cannot open lock file {path}: {e.strerror}; run the command as the user that owns the "
                        "store (or as root)") from None
-
-
-def _lock_name(name: str) -> str:
-    """The lock file's name for a model: its directory name, hashed where that plus '.lock' would pass
-    the 255-byte file name limit."""
-    dirname = names.model_dirname(name)
-    if len(os.fsencode(dirname)) <= 240:
-        return dirname
-    import hashlib
-
-    return "h-" + hashlib.sha256(os.fsencode(dirname)).hexdigest()
 
 
 def _private(root: Path) -> None:
@@ -525,12 +521,12 @@ def _check_variant(vdir: Path, variants_fd: int) -> None:
     try:
         check_regular(vdir / MANIFEST, dir_fd=fd)
         try:
-            files_fd = open_dir(vdir / "files", dir_fd=fd)
+            files_fd = open_dir(variant_files(vdir), dir_fd=fd)
         except FileNotFoundError:
             return
         try:
             for rel in os.listdir(files_fd):
-                check_regular(vdir / "files" / rel, dir_fd=files_fd)
+                check_regular(variant_files(vdir) / rel, dir_fd=files_fd)
         finally:
             os.close(files_fd)
     finally:

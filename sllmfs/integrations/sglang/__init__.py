@@ -1,10 +1,12 @@
 """SGLang integration: ``--load-format sllm``.
 
 plugin.py registers the format through SGLang's plugin hooks (no SGLang files
-touched); loader.py is the model loader; variants.py names the per-rank cache
-entries; locate.py finds the sidecar for a ``--model-path``; writeback.py stores
-a rank's post-processed state; patch.py applies the optional SGLang patch.
-Nothing here imports SGLang at module import time except loader.py.
+touched); loader.py is the model loader and fastpath.py its per-rank fast path;
+variants.py names SGLang's per-rank cache entries; save.py runs SGLang to store
+them; patch.py applies the optional SGLang patch. What is not SGLang's own
+(write-back, locating the sidecar, weight sources, the copy beside the build) is
+sllmfs.integrations.common. Nothing here imports SGLang at module import time
+except loader.py and fastpath.py.
 """
 
 LOAD_FORMAT = "sllm"

@@ -3,7 +3,7 @@
 As SGLang's ShardedStateLoader: the stored state is what the model holds after its
 quantization post-processing, so post-processing runs first (the tensors get their final
 shapes) and the stored bytes then overwrite whatever it produced. With a plan in the
-variant (sllmfs.integrations.sglang.overlap) the copy starts before the build and runs beside it.
+variant (sllmfs.integrations.common.overlap) the copy starts before the build and runs beside it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from sglang.srt.model_loader.loader import _post_load_weights
 from torch import nn
 
 from sllmfs.core import dtypes
-from sllmfs.integrations.sglang import overlap
-from sllmfs.integrations.sglang.copy import copy_into, copy_spans
+from sllmfs.integrations.common import overlap
+from sllmfs.integrations.common.copy import copy_into, copy_spans
+from sllmfs.integrations.common.state import rank_state
 from sllmfs.integrations.torch import mirror_layout
 
 log = logging.getLogger("sllmfs.integrations.sglang")
@@ -28,37 +29,6 @@ log = logging.getLogger("sllmfs.integrations.sglang")
 
 class Unfit(Exception):
     """The per-rank variant cannot serve this model; take the any-TP path."""
-
-
-def rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state the fast path fills and write-back stores (shared storage kept once)."""
-    return filter_subtensors(model.state_dict())
-
-
-def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ShardedStateLoader._filter_subtensors, same result in O(n log n): SGLang's compares every pair
-    of tensors in one storage, 0.1 s for a 7B model whose weights are views of one block.
-
-    Drops empty tensors, and each contiguous tensor whose bytes another contiguous tensor of its
-    storage covers (of two with the same bytes, the larger name goes); keeps non-contiguous ones."""
-    groups: dict[tuple[torch.device, int], list[tuple[int, int, str]]] = {}
-    kept: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if not t.numel():
-            continue
-        if not t.is_contiguous():
-            kept[name] = t
-            continue
-        start = t.data_ptr()
-        groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(
-            (start, -(start + t.numel() * t.element_size()), name))
-    for group in groups.values():
-        reach = None  # the furthest end among tensors starting at or before this one
-        for _start, neg_end, name in sorted(group):
-            if reach is None or -neg_end > reach:
-                kept[name] = tensors[name]
-                reach = -neg_end
-    return {name: kept[name] for name in tensors if name in kept}  # the model's order (SGLang's groups by storage)
 
 
 def state_problem(state: dict[str, torch.Tensor], entries: Mapping[str, Any]) -> str | None:
@@ -104,7 +74,7 @@ def _load_after_build(lease: Any, new_model: Callable[[], nn.Module]) -> nn.Modu
     _post_process(model)
     t2 = time.perf_counter()
     state = _checked_state(model, lease)
-    copy_into(lease, {name: t.data for name, t in state.items()})
+    copy_into(lease, {name: t.data for name, t in state.items()}, log=log)
     _post_load_weights(model)
     log.info("sllmfs: fast path: model init %.3f s, post-process %.3f s, fill %.3f s",
              t1 - t0, t2 - t1, time.perf_counter() - t2)
@@ -115,7 +85,7 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
                        views: dict[str, torch.Tensor], spans: list[Any]) -> nn.Module:
     t0 = time.perf_counter()
     places = {name: v.data_ptr() for name, v in views.items()}  # fixed now: the build may rebind tensors
-    copy = overlap.Background(lambda: copy_spans(lease, spans), overlap.resolve(target))
+    copy = overlap.Background(lambda: copy_spans(lease, spans, log=log), overlap.resolve(target))
     try:
         with overlap.Redirect(target, plan, {i: views[name] for i, name in plan.views.items()}) as redirect:
             model = new_model()
@@ -139,7 +109,7 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
     t3 = time.perf_counter()
     for dst, stored in from_block:
         dst.copy_(stored)  # copied along in a run: no second trip over PCIe
-    copy_into(lease, rest)
+    copy_into(lease, rest, log=log)
     _post_load_weights(model)
     unused = sum(lease.entries[n].nbytes for n in plan.views.values() if n not in owned)
     if unused:

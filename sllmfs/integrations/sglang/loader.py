@@ -35,17 +35,19 @@ from torch import nn
 from sllmfs.core import names
 from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
-from sllmfs.integrations.sglang import fastpath, overlap, variants, writeback
-from sllmfs.integrations.sglang.fastpath import Unfit, rank_state
-from sllmfs.integrations.sglang.locate import Located, locate
-from sllmfs.integrations.sglang.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common import overlap, writeback
+from sllmfs.integrations.common.locate import Located, locate
+from sllmfs.integrations.common.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common.state import rank_state
+from sllmfs.integrations.sglang import fastpath, variants
+from sllmfs.integrations.sglang.fastpath import Unfit
 from sllmfs.integrations.sglang.variants import RankVariant
 from sllmfs.store.store import Identity
 
 log = logging.getLogger("sllmfs.integrations.sglang")
 
-HF = "hf"
 # --model-loader-extra-config keys this loader reads
 EXTRA_KEYS = {
     "sllm_write_back",  # true (default, in the background) | false | "sync"
@@ -72,10 +74,11 @@ def current_variant(model_config: ModelConfig, draft_model_idx: int | None = Non
 
 def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
     """Why a stored per-rank variant (its manifest metadata) cannot serve this process, or None."""
-    if meta.get("kind") != writeback.KIND:
-        return "it was not written by the SGLang loader"
-    if meta.get("sglang") != want.layout():
-        return f"it was written for {meta.get('sglang')}, this process is {want.layout()}"
+    fw = want.framework
+    if meta.get("kind") != fw.state_kind:
+        return f"it was not written by the {fw.label} loader"
+    if meta.get(fw.name) != want.layout():
+        return f"it was written for {meta.get(fw.name)}, this process is {want.layout()}"
     return None
 
 
@@ -136,7 +139,7 @@ class SllmModelLoader(BaseModelLoader):
 
     def download_model(self, model_config: ModelConfig) -> None:
         located = self._locate(model_config)
-        with self.source_factory(located).open(HF):
+        with self.source_factory(located).open(HF_VARIANT):
             pass  # present and resident: nothing to download
 
     # -- loading ----------------------------------------------------------------
@@ -201,7 +204,7 @@ class SllmModelLoader(BaseModelLoader):
         # a start that writes back also logs the build's allocations, for the next start's overlap
         allocations = overlap.AllocationLog(target) if self.write_back_mode != writeback.OFF else None
         try:
-            with source.open(HF) as lease:
+            with source.open(HF_VARIANT) as lease:
                 with allocations or nullcontext():
                     model = new_model()
                 self._candidates = overlap.candidates(model, allocations) if allocations else None

@@ -38,7 +38,7 @@ class FilePatch:
 
 def patch_file() -> Path:
     """The shipped patch: patches/ in a source checkout."""
-    here = Path(__file__).resolve().parents[2] / "patches" / PATCH_NAME
+    here = Path(__file__).resolve().parents[3] / "patches" / PATCH_NAME  # sllmfs/integrations/sglang/ -> checkout
     if here.is_file():
         return here
     raise NotFound(f"{PATCH_NAME} is not shipped with this sllmfs install; use a source checkout "

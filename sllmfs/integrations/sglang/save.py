@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.integrations.sglang import LOAD_FORMAT, variants
 from sllmfs.store.store import Store
@@ -24,12 +25,12 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
     if tp_size < 1:
         raise BadInput(f"--tensor-parallel-size {tp_size} must be 1 or more")
     info = store.get(model)
-    if "hf" not in info.variants:
+    if names.HF_VARIANT not in info.variants:
         raise BadInput(f"model {model!r} has no hf variant; run `sllmfs save --model {model} ...` first")
     if "config.json" not in info.files:
         raise BadInput(f"model {model!r} was stored without config.json; SGLang cannot build it")
     args: dict[str, Any] = {
-        "model_path": str(info.path / "files"),  # config + tokenizer as saved; weights come from the loader
+        "model_path": str(info.files_dir),  # config + tokenizer as saved; weights come from the loader
         "load_format": LOAD_FORMAT,
         "tp_size": tp_size,
         "model_loader_extra_config": json.dumps({
@@ -85,7 +86,7 @@ def _ours(key: str, tp_size: int, version: str) -> bool:
         v = variants.parse(key)
     except BadInput:
         return False
-    return v.tp_size == tp_size and v.sglang_version == version.lower()
+    return v.tp_size == tp_size and v.version == version.lower()
 
 
 def save_sglang(store: Store, model: str, local_model_path: str | None, tp_size: int, *,

@@ -1,4 +1,4 @@
-"""Where the loader gets tensors: the sidecar (production) or the store directly.
+"""Where a framework's loader gets tensors: the sidecar (production) or the store directly.
 
 Both hand out a context manager per variant whose value looks like
 sllmfs.client.client.Lease where the loader needs it (``metadata``: the manifest's
@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from sllmfs.core import dtypes
 from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
-from sllmfs.store.format import Manifest, corrupt, digest, open_regular
+from sllmfs.store.format import CHUNK_SIZE, Manifest, corrupt
+from sllmfs.store.reader import Partitions, window_ok, windows
 
 
 class Lease(Protocol):
@@ -72,39 +73,26 @@ class _StoreLease:
         self._maps: list[mmap.mmap | None] = []
 
     def _open_maps(self) -> None:
-        for p in self.manifest.partitions:
-            if p.size == 0:
-                self._maps.append(None)
-                continue
+        files = Partitions(self._dir, self.manifest.partitions)
+        for i in range(len(self.manifest.partitions)):
             try:
-                fd = open_regular(self._dir / p.file)  # no planted symlink, no FIFO to hang on
+                self._maps.append(files.map_private(i))
             except FileNotFoundError:
-                raise corrupt(self._dir / p.file, "is missing") from None
-            try:
-                if os.fstat(fd).st_size < p.size:
-                    raise Corrupt(f"{self._dir / p.file} is shorter than its manifest says; run "
-                                  "`sllmfs verify` and save the model again")
-                # copy-on-write: torch wants a writable buffer, nothing is copied unless written
-                self._maps.append(mmap.mmap(fd, p.size, flags=mmap.MAP_PRIVATE,
-                                            prot=mmap.PROT_READ | mmap.PROT_WRITE))
-            finally:
-                os.close(fd)
+                raise corrupt(files.path(i), "is missing") from None
         self._verify()
 
     def _verify(self) -> None:
         """Every window against the manifest, as the sidecar's fill checks it (xxh3 drops the GIL: threads)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from sllmfs.store.format import CHUNK_SIZE
-
-        jobs = [(i, k) for i, p in enumerate(self.manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+        jobs = [(i, k) for i, p in enumerate(self.manifest.partitions) for k in range(windows(p))]
 
         def bad(job: tuple[int, int]) -> str | None:
             i, k = job
             p, buf = self.manifest.partitions[i], self._maps[i]
             assert buf is not None
             view = memoryview(buf)[k * CHUNK_SIZE:min((k + 1) * CHUNK_SIZE, p.size)]
-            ok = k < len(p.chunks) and digest(view) == p.chunks[k]
+            ok = window_ok(p, k, view)
             view.release()
             return None if ok else f"{p.file} window {k}"
 

@@ -1,7 +1,8 @@
 """Store a rank's post-processed state as a variant, so the next start takes the fast path.
 
-The bytes leave the GPU before load_model returns (a copy running later could
-meet SGLang's CUDA-graph capture); the disk write runs in a thread afterwards.
+The bytes leave the GPU before the framework's load returns (a copy running later
+could meet its CUDA-graph capture, as SGLang's would); the disk write runs in a
+thread afterwards.
 A crash mid-write leaves only a tmp/ entry, which the store removes later.
 """
 
@@ -16,14 +17,12 @@ from typing import Any
 
 from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.integrations.sglang.variants import RankVariant
+from sllmfs.core.names import HF_VARIANT
+from sllmfs.integrations.common.variants import RankVariant
 from sllmfs.store.format import Manifest
-from sllmfs.store.store import Identity, variant_identity
+from sllmfs.store.store import Identity
 from sllmfs.store.writer import VariantWriter
 
-log = logging.getLogger("sllmfs.integrations.sglang")
-
-KIND = "sglang-rank-state"
 OFF, ASYNC, SYNC = "off", "async", "sync"
 ENV = "SLLMFS_WRITE_BACK"
 
@@ -41,6 +40,11 @@ def mode(extra_value: Any = None) -> str:
     if text == "sync":
         return SYNC
     raise BadInput(f"sllm_write_back / {ENV} is {value!r}: use true, false or sync")
+
+
+def _log(variant: RankVariant) -> logging.Logger:
+    """The framework integration's logger: its users configure that one."""
+    return logging.getLogger(f"sllmfs.integrations.{variant.framework.name}")
 
 
 def snapshot(state: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +66,7 @@ def hf_identity(storage_path: str | None, model: str) -> Identity | None:
     from sllmfs.store.store import Store
 
     try:
-        return variant_identity(Store(storage_path, create=False, cleanup=False).model_path(model) / "variants" / "hf")
+        return Store(storage_path, create=False, cleanup=False).identity(model, HF_VARIANT)
     except SllmfsError:
         return None
 
@@ -80,7 +84,8 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
     with store.staging() as work:
         vdir = work / key
         writer = VariantWriter(vdir, key)
-        writer.metadata = {"kind": KIND, "sglang": variant.layout(), **(metadata or {})}
+        fw = variant.framework
+        writer.metadata = {"kind": fw.state_kind, fw.name: variant.layout(), **(metadata or {})}
         try:
             for name in list(state):
                 t = state.pop(name)  # free host memory as we go
@@ -91,9 +96,9 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
             raise
         try:
             with store.writing(model, wait=True):  # ranks queue; a save or rm of the model goes first
-                now = variant_identity(store.model_path(model) / "variants" / "hf")
+                now = store.identity(model, HF_VARIANT)
                 if base is not None and now != base:
-                    log.warning("sllmfs: %r was replaced while its rank state was being written; %s is "
+                    _log(variant).warning("sllmfs: %r was replaced while its rank state was being written; %s is "
                                 "dropped (the next start writes it from the new weights)", model, key)
                     return None
                 store.commit_variant(vdir, model, key, force=replace)
@@ -136,11 +141,11 @@ class WriteBack:
                                            replace=self.replace, metadata=self.metadata, base=self.base)
         except (SllmfsError, OSError) as e:
             self.error = e
-            log.warning("sllmfs: could not write %s of %r back to the store at %s (%s); the next start "
+            _log(self.variant).warning("sllmfs: could not write %s of %r back to the store at %s (%s); the next start "
                         "loads the hf variant again", self.variant.key, self.model, self.storage_path, e)
             return
         if self.result is not None:
-            log.info("sllmfs: wrote %s of %r (%.2f GB) in %.1f s; the next start takes the fast path",
+            _log(self.variant).info("sllmfs: wrote %s of %r (%.2f GB) in %.1f s; the next start takes the fast path",
                      self.variant.key, self.model, self.result.total_bytes / 1e9, time.perf_counter() - t0)
         if self.socket:
             self._fill_memory_tier(self.socket)
@@ -155,10 +160,11 @@ class WriteBack:
             with connect(socket) as client, client.acquire(self.model, self.variant.key):
                 pass
         except (SllmfsError, OSError) as e:
-            log.info("sllmfs: %s of %r stays on disk until its first load (%s)", self.variant.key, self.model, e)
+            _log(self.variant).info("sllmfs: %s of %r stays on disk until its first load (%s)", self.variant.key,
+                                    self.model, e)
             return
-        log.info("sllmfs: the sidecar fills %s of %r into memory: the next start is a hit", self.variant.key,
-                 self.model)
+        _log(self.variant).info("sllmfs: the sidecar fills %s of %r into memory: the next start is a hit",
+                                self.variant.key, self.model)
 
     def start(self) -> WriteBack:
         # daemon: a server that exits mid-write leaves a tmp/ entry, never half a variant

@@ -1,9 +1,10 @@
-"""From SGLang's ``--model-path`` to (store model name, sidecar socket).
+"""From a framework's model path (SGLang's ``--model-path``) to (store model name, sidecar socket).
 
 A path under an sllmfs FUSE mount names the model by its place below the mount
-root; the mount root carries ``.sllmfs.json`` (``{"socket": ..., "version": 1}``)
-and the xattr ``user.sllmfs.socket``. Anything else that is a valid model name
-is taken as the store name, with the socket from sllmfs settings.
+root; the mount root carries the marker file and xattr of sllmfs.protocol.marker.
+Anything else that is a valid model name is taken as the store name, with the
+socket from sllmfs settings. (The messages still name SGLang's flags: it is the
+one framework that passes a model path here today.)
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from pathlib import Path
 from sllmfs.core import names
 from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, FormatVersionError
-
-MOUNT_INFO = ".sllmfs.json"
-MOUNT_INFO_VERSION = 1
-SOCKET_XATTR = "user.sllmfs.socket"
+from sllmfs.protocol.marker import MARKER_NAME, MARKER_VERSION, SOCKET_XATTR
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class Located:
 
 def _marker(d: Path) -> dict[str, str] | None:
     """The mount root's ``.sllmfs.json``, or None when ``d`` is not a mount root."""
-    info = d / MOUNT_INFO
+    info = d / MARKER_NAME
     try:
         raw = json.loads(info.read_bytes())
     except (FileNotFoundError, NotADirectoryError):
@@ -41,9 +39,9 @@ def _marker(d: Path) -> dict[str, str] | None:
         raise BadInput(f"{info} is unreadable ({e}); is the sllmfs mount healthy? try `sllmfs status`") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("socket"), str):
         raise BadInput(f"{info} has no socket; is this an sllmfs mount? try `sllmfs status`")
-    if raw.get("version") != MOUNT_INFO_VERSION:
+    if raw.get("version") != MARKER_VERSION:
         raise FormatVersionError(f"{info} has version {raw.get('version')!r}, this sllmfs reads "
-                                 f"{MOUNT_INFO_VERSION}: use the same sllmfs for the sidecar and SGLang")
+                                 f"{MARKER_VERSION}: use the same sllmfs for the sidecar and SGLang")
     return {k: str(v) for k, v in raw.items()}
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-log = logging.getLogger("sllmfs.integrations.sglang")
+_log = logging.getLogger("sllmfs.integrations")
 
 
-def copy_into(lease: Any, targets: dict[str, Any]) -> int:
-    """Fill ``targets`` (name → pre-allocated tensor) from ``lease``; return bytes moved."""
+def copy_into(lease: Any, targets: dict[str, Any], *, log: logging.Logger = _log) -> int:
+    """Fill ``targets`` (name → pre-allocated tensor) from ``lease``; return bytes moved (``log``:
+    the integration's logger, which its users configure)."""
     import torch
 
     rest = targets
@@ -42,7 +43,7 @@ def copy_into(lease: Any, targets: dict[str, Any]) -> int:
     return moved
 
 
-def copy_spans(lease: Any, spans: list[tuple[int, int, Any]]) -> int:
+def copy_spans(lease: Any, spans: list[tuple[int, int, Any]], *, log: logging.Logger = _log) -> int:
     """Copy whole stored byte ranges: (partition, offset, contiguous uint8 destination); bytes moved."""
     import torch
 

@@ -1,4 +1,4 @@
-"""The fast path copies the weights while SGLang builds the model.
+"""The fast path copies the weights while the framework (SGLang today) builds the model.
 
 SGLang builds a model by allocating its parameters with ``torch.empty``, in an order
 fixed by the model, the rank's layout and the SGLang version (all in the variant key).

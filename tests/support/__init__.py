@@ -1,0 +1,1 @@
+"""Helpers shared by test modules (not part of the package)."""
