@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sllmfs.cli.progress import human, out
 from sllmfs.core.errors import BadInput
+from sllmfs.core.names import HF_VARIANT
 
 PROMPT = "sllmfs makes cold starts"
 
@@ -35,7 +36,7 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
     with tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
         t0 = time.perf_counter()
         with connect(socket) as c:  # config and tokenizer files, fetched once for both
-            meta = fetch_files(c, model, "hf", Path(tmp))
+            meta = fetch_files(c, model, HF_VARIANT, Path(tmp))
         m, stats = load_model(model, device_map=device, torch_dtype=dtype, socket=socket, return_stats=True,
                               files_dir=meta)
         if adapter:

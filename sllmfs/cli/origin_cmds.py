@@ -10,8 +10,9 @@ import typer
 from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, human, out
 from sllmfs.core import names
-from sllmfs.core.config import load_settings, open_store
+from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput
+from sllmfs.store.store import open_store
 
 EndpointOpt = typer.Option(None, "--endpoint-url", help="S3 endpoint, e.g. http://minio:9000 (default: "
                            "$SLLMFS_ORIGIN_ENDPOINT, then what the AWS SDK reads: $AWS_ENDPOINT_URL, profile).")

@@ -12,9 +12,10 @@ from sllmfs.cli.progress import byte_bar, human, out
 from sllmfs.client import client as sidecar_client
 from sllmfs.core.config import Settings, load_settings
 from sllmfs.core.errors import BadInput
+from sllmfs.core.names import HF_VARIANT
 
 SocketOpt = typer.Option(None, "--socket", help="Sidecar socket (default: $SLLMFS_SOCKET or config).")
-VariantOpt = typer.Option("hf", "--variant", help="Variant key (hf, or a framework variant).")
+VariantOpt = typer.Option(HF_VARIANT, "--variant", help="Variant key (hf, or a framework variant).")
 
 
 _D = Settings()  # the built-in defaults, shown in `start --help`

@@ -24,6 +24,7 @@ from typing import Any
 from sllmfs.core import dtypes
 from sllmfs.core.config import env_seconds
 from sllmfs.core.errors import Corrupt, SllmfsError
+from sllmfs.core.names import HF_VARIANT
 from sllmfs.protocol import wire
 from sllmfs.protocol.messages import Op, Readiness, SidecarError, TensorRef, raise_for
 
@@ -98,7 +99,7 @@ class Client:
     def _op(self, op: Op, **args: Any) -> dict[str, Any]:
         return self._call({"op": op, **{k: v for k, v in args.items() if v is not None}})[0]
 
-    def acquire(self, model: str, variant: str = "hf") -> Lease:
+    def acquire(self, model: str, variant: str = HF_VARIANT) -> Lease:
         """Lease a model variant: it stays in host memory until released or this client closes."""
         # tuples: a 1,000-tensor manifest then gives the cyclic GC nothing to scan (p99 latency)
         reply, fds = self._call({"op": Op.ACQUIRE, "model": model, "variant": variant}, use_list=False)
@@ -111,7 +112,7 @@ class Client:
             for fd in fds:  # the maps keep the memory; the fds are not needed after mapping
                 os.close(fd)
 
-    def files(self, model: str, variant: str = "hf") -> dict[str, bytes]:
+    def files(self, model: str, variant: str = HF_VARIANT) -> dict[str, bytes]:
         """The model's metadata files (config.json, tokenizer files, ...) by relative name.
 
         An adapter variant (``lora.<name>``) gives its own files (adapter_config.json, ...).
@@ -138,11 +139,11 @@ class Client:
         reply.pop("ok", None)
         return reply
 
-    def pin(self, model: str, variant: str = "hf") -> str:
+    def pin(self, model: str, variant: str = HF_VARIANT) -> str:
         """Keep a variant in memory (filling it if needed); returns its state."""
         return str(self._op(Op.PIN, model=model, variant=variant)["state"])
 
-    def unpin(self, model: str, variant: str = "hf") -> bool:
+    def unpin(self, model: str, variant: str = HF_VARIANT) -> bool:
         return bool(self._op(Op.UNPIN, model=model, variant=variant)["was_pinned"])
 
     def evict(self, model: str, variant: str | None = None) -> builtins.list[str]:
@@ -373,7 +374,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def warm(model: str, variant: str = "hf", *, socket: str | None = None,
+def warm(model: str, variant: str = HF_VARIANT, *, socket: str | None = None,
          progress: Callable[[int, int], None] | None = None, timeout: float | None = None) -> int:
     """Prefetch a variant into the memory tier and wait until it is all there; returns its size in bytes.
 

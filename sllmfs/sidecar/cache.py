@@ -80,7 +80,7 @@ class Cache:
     # -- residency -----------------------------------------------------------
 
     def identity(self, model: str, variant: str) -> Identity | None:
-        return variant_identity(self.store.model_path(model) / "variants" / variant)
+        return self.store.identity(model, variant)
 
     async def resident(self, model: str, variant: str) -> Resident:
         """The resident copy of a variant: a hit, or a new fill started from the store (a miss)."""
@@ -106,7 +106,7 @@ class Cache:
         if refused and refused[0] == ident:
             raise Corrupt(refused[1])
         await trio.to_thread.run_sync(self.store.get, model)  # a damaged model is refused as every reader does
-        variant_dir = self.store.model_path(model) / "variants" / variant
+        variant_dir = self.store.variant_path(model, variant)
         try:  # one version throughout: identity, manifest and data files through one directory fd,
             # opened without following a link at any step below models/
             dir_fd = open_dir(variant_dir, below=self.store.models_dir)

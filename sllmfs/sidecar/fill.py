@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 
 from sllmfs.core.errors import Corrupt
-from sllmfs.sidecar.memtier import FAILED, READY, Resident
+from sllmfs.protocol.messages import Readiness
+from sllmfs.sidecar.memtier import Resident
 from sllmfs.store.format import CHUNK_SIZE
 from sllmfs.store.reader import Partitions, window_ok
 
@@ -77,17 +78,17 @@ class Fill:
         ready = self.res.ready.mm
         for w in range(off, off + n, CHUNK_SIZE):
             k = w // CHUNK_SIZE
-            if ready[base + k] == FAILED:
+            if ready[base + k] == Readiness.FAILED:
                 continue
             if not window_ok(p, k, view[w:min(w + CHUNK_SIZE, p.size)]):
                 self._fail(part, w, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum")
                 continue
             with self._lock:  # count before publishing: whoever sees the byte sees the count
                 self.res.filled += min(CHUNK_SIZE, p.size - w)
-            ready[base + k] = READY
+            ready[base + k] = Readiness.READY
 
     def _fail(self, part: int, off: int, why: str) -> None:
-        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = FAILED
+        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = Readiness.FAILED
         with self._lock:
             self.error = self.error or why
             self.res.error = self.error

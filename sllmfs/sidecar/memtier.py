@@ -29,7 +29,6 @@ log = logging.getLogger("sllmfs.sidecar")
 PAGE = mmap.PAGESIZE
 HUGE_MIN = 64 << 20
 # fill.py's names for the states it writes (the states themselves: protocol.messages.Readiness)
-READY, FAILED = Readiness.READY, Readiness.FAILED
 
 _SIZE_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0x0002) | getattr(fcntl, "F_SEAL_GROW", 0x0004)
 # Linux >= 5.1: no write(), no new writable shared map and (>= 6.7) no mprotect to writable, for any

@@ -199,7 +199,7 @@ def _model_arg(msg: dict[str, Any]) -> str:
 
 
 def _variant_arg(msg: dict[str, Any]) -> str:
-    variant = msg.get("variant", "hf")
+    variant = msg.get("variant", names.HF_VARIANT)
     if not isinstance(variant, str):
         raise BadInput("'variant' must be a string")
     return names.check_variant(variant)
@@ -207,14 +207,14 @@ def _variant_arg(msg: dict[str, Any]) -> str:
 
 def _metadata_files(store: Store, model: str, variant: str) -> list[tuple[str, Path]]:
     info = store.get(model)
-    vfiles = info.variant_dir(variant) / "files"  # adapters keep their own config beside their weights
-    if variant != "hf" and vfiles.is_dir():
+    vfiles = info.variant_files_dir(variant)  # adapters keep their own config beside their weights
+    if variant != names.HF_VARIANT and vfiles.is_dir():
         rels = sorted(str(p.relative_to(vfiles)) for p in vfiles.rglob("*") if p.is_file())
         base = vfiles
     else:
         if variant not in info.variants:
             raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
-        rels, base = info.files, info.path / "files"
+        rels, base = info.files, info.files_dir
     out = []
     for rel in rels:
         parts = Path(rel).parts

@@ -12,7 +12,6 @@ from sllmfs.store.store import Store
 
 log = logging.getLogger("sllmfs.sidecar")
 
-REGISTERED = "registered.json"
 
 
 class Registry:
@@ -35,19 +34,19 @@ class Registry:
 
 def _load(store: Store) -> set[str]:
     try:
-        names = json.loads((store.root / REGISTERED).read_text())
+        names = json.loads((store.layout.registered).read_text())
     except FileNotFoundError:
         return set()
     except (OSError, ValueError) as e:
         log.warning("ignoring %s (%s): no model is registered until `sllmfs register` writes it again",
-                    store.root / REGISTERED, e)
+                    store.layout.registered, e)
         return set()
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def _save(store: Store, registered: list[str]) -> None:
-    path = store.root / REGISTERED
-    tmp = path.with_name(f".{REGISTERED}.{os.getpid()}.tmp")
+    path = store.layout.registered
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(registered))
     os.chmod(tmp, 0o640)
     os.replace(tmp, path)  # whole or not at all

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from typing import Any
 
 from sllmfs.core import dtypes
+from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.integrations.common.variants import RankVariant
@@ -29,7 +29,7 @@ ENV = "SLLMFS_WRITE_BACK"
 
 def mode(extra_value: Any = None) -> str:
     """``sllm_write_back`` from --model-loader-extra-config, else $SLLMFS_WRITE_BACK, else async."""
-    value = extra_value if extra_value is not None else os.environ.get(ENV)
+    value = extra_value if extra_value is not None else (env_str(ENV) or None)
     if value is None:
         return ASYNC
     text = str(value).strip().lower()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sllmfs.core.config import env_str
 from sllmfs.integrations.sglang import LOAD_FORMAT
 
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
@@ -41,7 +42,7 @@ def register() -> None:
         server_args.add_load_format_choices([LOAD_FORMAT])
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
     HookRegistry.register(LOAD_PHASE_TARGET, _import_loader_first, HookType.AROUND)
-    if os.environ.get(PROFILE_ENV):
+    if env_str(PROFILE_ENV):
         HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
     _registered = True
 
@@ -62,7 +63,7 @@ def _profiled(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     import pstats
     from pathlib import Path
 
-    folder = Path(os.environ[PROFILE_ENV])
+    folder = Path(env_str(PROFILE_ENV))
     folder.mkdir(parents=True, exist_ok=True)
     prof = cProfile.Profile()
     try:
