@@ -84,8 +84,8 @@ def test_failed_send_is_logged_and_closes_the_connection(tmp_path: Path) -> None
         s.connect(str(sd.socket))
         wire.send(s, {"op": "hello", "version": 1})
         wire.recv(s)
+        s.shutdown(socket.SHUT_RD)  # before the request: the sidecar's reply then always fails with EPIPE
         wire.send(s, {"op": "acquire", "model": "m"})
-        s.shutdown(socket.SHUT_RD)  # the sidecar's reply now fails with EPIPE
         log = wait_log(sd, "lease ended")
         s.close()
         assert "send failed" in log and "op=acquire" in log, log
