@@ -42,6 +42,7 @@ def _terminate(signum: int, frame: object) -> None:
 from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
 from sllmfs.cli import sidecar_cmds  # noqa: E402,F401
 from sllmfs.cli import ops_cmds  # noqa: E402,F401
+from sllmfs.cli import kernel_cmds  # noqa: E402,F401
 from sllmfs.cli import sglang_cmds  # noqa: E402,F401
 from sllmfs.cli import demo_cmd  # noqa: E402,F401
 
