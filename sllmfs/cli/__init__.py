@@ -43,6 +43,7 @@ from sllmfs.cli import store_cmds  # noqa: E402,F401,I001
 from sllmfs.cli import origin_cmds  # noqa: E402,F401
 from sllmfs.cli import sidecar_cmds  # noqa: E402,F401
 from sllmfs.cli import ops_cmds  # noqa: E402,F401
+from sllmfs.cli import kernel_cmds  # noqa: E402,F401
 from sllmfs.cli import sglang_cmds  # noqa: E402,F401
 from sllmfs.cli import demo_cmd  # noqa: E402,F401
 

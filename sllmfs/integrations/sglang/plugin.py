@@ -35,6 +35,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from sllmfs.integrations.kernel_cache import activate  # kernel caches from the store (#21): first process only
+
+    activate(framework="sglang")
     from sglang.srt import server_args
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

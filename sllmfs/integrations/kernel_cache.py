@@ -1,0 +1,211 @@
+"""An engine's kernel caches, served from the store and published back to it.
+
+``activate()`` runs once per start, in the first process that loads an sllmfs plugin (before any
+kernel is compiled): it restores the store's entry for this GPU and software stack into the working
+directory ``$TMPDIR/sllmfs-kernels-<uid>/<key>``, points the engine's caches there (TRITON_CACHE_DIR,
+TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR; a variable the user set is
+left alone), and marks the environment (SLLMFS_KERNEL_CACHE_DIR) so the worker processes it starts
+inherit the directories instead of activating again. A thread in that process publishes new files
+back once the directory has been quiet for SLLMFS_KERNEL_CACHE_QUIET seconds, and once more at exit.
+
+The working directory's path is the same on every start and every node: tvm-ffi and flashinfer
+build with ninja from a build.ninja that names its sources by absolute path, so a cache restored
+under another path would be rebuilt. Concurrent starts on a node share it, as they share
+~/.cache by default; it stays after a start, a node-local copy the next start only tops up.
+
+Off with SLLMFS_KERNEL_CACHE=0, or when there is no store. A store this process cannot write is
+only read. Nothing here fails a start: an error is one warning line, and the engine keeps its own
+default caches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sllmfs.core.config import env_flag, env_seconds, load_settings
+from sllmfs.core.errors import BadInput, NotFound
+from sllmfs.store import kernels
+from sllmfs.store.kernels import KernelKey
+from sllmfs.store.store import Store
+
+SWITCH = "SLLMFS_KERNEL_CACHE"
+MARK = "SLLMFS_KERNEL_CACHE_DIR"  # the working dir; "-" when this start decided not to serve caches
+QUIET = "SLLMFS_KERNEL_CACHE_QUIET"
+DEFAULT_QUIET = 10.0
+# kind -> (the variable the engine reads, the cache's folder below the directory it names)
+CACHE_VARS = {
+    "triton": ("TRITON_CACHE_DIR", ""),
+    "tvm-ffi": ("TVM_FFI_CACHE_DIR", ""),
+    "flashinfer": ("FLASHINFER_WORKSPACE_BASE", ".cache/flashinfer"),  # flashinfer: <base>/.cache/flashinfer
+    "inductor": ("TORCHINDUCTOR_CACHE_DIR", ""),
+}
+
+
+@dataclass
+class Activation:
+    store: Store
+    key: KernelKey
+    work: Path
+    dirs: dict[str, Path]  # kind -> the folder the engine's cache writes into
+    restored: int
+    publisher: Publisher | None = None
+    _lock_fd: int = field(default=-1, repr=False)
+
+    def close(self) -> None:
+        """At exit, in the activating process only: a last publish. The working dir stays (see above)."""
+        if self._lock_fd < 0:
+            return  # closed already
+        if self.publisher is not None:
+            self.publisher.close()
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+
+def work_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"sllmfs-kernels-{os.getuid()}"
+
+
+def activate(store: Store | None = None, *, framework: str = "sglang",
+             key: KernelKey | None = None) -> Activation | None:
+    """Serve this start's kernel caches from the store (see the module's doc); None when not serving."""
+    if os.environ.get(MARK) or not env_flag(SWITCH, True):
+        return None
+    try:
+        act = _activate(store, framework, key)
+    except Exception as e:  # any failure: the engine runs with its default caches
+        print(f"sllmfs: warning: kernel caches not served from the store for this start: {e}", file=sys.stderr)
+        act = None
+    if act is None:
+        os.environ[MARK] = "-"  # decided once for the whole start: the workers do not try again
+    return act
+
+
+def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Activation | None:
+    managed = [k for k, (var, _) in CACHE_VARS.items() if not os.environ.get(var)]
+    if not managed:
+        return None  # the user placed every cache
+    if store is None:
+        try:
+            store = Store(load_settings().storage_path, create=False, cleanup=False)
+        except NotFound:
+            return None  # no store on this host: nothing to serve, nowhere to keep them
+    key = key or kernels.current(framework)
+    root = _private_dir(work_root())
+    _sweep(root, keep=key.name)
+    work = root / key.name
+    work.mkdir(exist_ok=True)
+    lock_fd = os.open(root / f"{key.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_SH)  # shared by the starts using it; a sweep takes it exclusive
+    dirs = {k: work / k / CACHE_VARS[k][1] for k in managed}
+    act = Activation(store, key, work, dirs, 0, _lock_fd=lock_fd)
+    try:
+        act.restored = kernels.restore(store, key.name, dirs)
+        for k in managed:
+            dirs[k].mkdir(parents=True, exist_ok=True)
+        if _writable(store):
+            act.publisher = Publisher(store, key, dirs, env_seconds(QUIET, DEFAULT_QUIET))
+    except BaseException:
+        act.close()
+        raise
+    for k in managed:
+        os.environ[CACHE_VARS[k][0]] = str(work / k)
+    os.environ[MARK] = str(work)
+    atexit.register(_at_exit, act, os.getpid())
+    if act.publisher is not None:
+        act.publisher.start()
+    return act
+
+
+def _at_exit(act: Activation, pid: int) -> None:
+    if os.getpid() == pid:  # a forked child inherits atexit handlers but is no publisher
+        act.close()
+
+
+def _private_dir(path: Path) -> Path:
+    """Our own directory in a shared temp dir: kernels are code, so one another user made (or a
+    symlink planted there) is refused, never used."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise BadInput(f"{path} is not a private directory of this user (owner, mode 0700); remove it")
+    return path
+
+
+def _writable(store: Store) -> bool:
+    dirs = [store.tmp_dir, store.locks_dir, store.root / kernels.KERNELS]
+    return all(os.access(d, os.W_OK) for d in dirs if d.exists()) and os.access(store.root, os.W_OK)
+
+
+def _sweep(root: Path, *, keep: str) -> None:
+    """Remove the working dirs of other keys (an older driver, torch, framework) no start uses now."""
+    for d in root.iterdir():
+        if d.name == keep or d.suffix == ".lock" or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            fd = os.open(root / f"{d.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(d, ignore_errors=True)
+        except BlockingIOError:
+            pass  # a live start of that key
+        finally:
+            os.close(fd)
+
+
+class Publisher(threading.Thread):
+    """Publishes the working dir's new files once it has been quiet for ``quiet`` seconds."""
+
+    def __init__(self, store: Store, key: KernelKey, dirs: dict[str, Path], quiet: float):
+        super().__init__(name="sllmfs-kernel-cache", daemon=True)
+        self.store, self.key, self.dirs, self.quiet = store, key, dirs, quiet
+        # what the store holds: restored files are no news, anything else in the dir (left by a start
+        # that died before publishing, say) goes out with the first publish
+        self.published = {p: v for p, v in kernels.recorded(store, key.name).items() if p.split("/", 1)[0] in dirs}
+        self.publishes = 0
+        self._mutex = threading.Lock()
+        self._halt = threading.Event()
+        self._warned = False
+
+    def run(self) -> None:
+        seen, changed = self.published, time.monotonic()
+        while not self._halt.wait(min(1.0, self.quiet / 4)):
+            now = kernels.scan(self.dirs)
+            if now != seen:
+                seen, changed = now, time.monotonic()
+            elif seen != self.published and time.monotonic() - changed >= self.quiet:
+                self.publish()
+
+    def publish(self) -> None:
+        with self._mutex:
+            snap = kernels.scan(self.dirs)
+            if snap == self.published:
+                return
+            try:
+                kernels.publish(self.store, self.key, self.dirs, wait_s=10.0)
+                self.publishes += 1
+            except Exception as e:
+                if not self._warned:
+                    print(f"sllmfs: warning: kernel caches not stored: {e}", file=sys.stderr)
+                    self._warned = True
+            self.published = snap  # failed or not: the same files are not tried again
+
+    def close(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(timeout=60)
+        with contextlib.suppress(Exception):  # at exit: never turn a clean exit into a traceback
+            self.publish()
