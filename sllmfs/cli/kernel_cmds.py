@@ -10,7 +10,7 @@ import typer
 
 from sllmfs.cli import app
 from sllmfs.cli.progress import console, out
-from sllmfs.core.config import open_store
+from sllmfs.store.store import open_store
 
 kernels_app = typer.Typer(help="Kernel caches an engine compiled, kept in the store for the next start on any node.",
                           no_args_is_help=True)
