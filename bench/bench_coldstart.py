@@ -42,6 +42,13 @@ def child(model_path: str, load_format: str, extra: str) -> None:
     import sglang
 
     marks["import_sglang_s"] = time.perf_counter() - t
+    import sglang.srt.server_args  # noqa: F401  (every start imports these: not the plugin's cost)
+    import torch  # noqa: F401
+    from sglang.srt.plugins import load_plugins
+
+    t = time.perf_counter()  # what our plugin adds outside the load phase (the Engine's own call is then a no-op)
+    load_plugins()
+    marks["plugins_s"] = time.perf_counter() - t
     kw: dict[str, Any] = dict(model_path=model_path, load_format=load_format, skip_tokenizer_init=True,
                               sampling_backend="pytorch", attention_backend="triton", random_seed=0, log_level="info")
     if extra:
@@ -67,6 +74,23 @@ def cache_env(home: Path) -> dict[str, str]:
             "CUDA_CACHE_PATH": str(home / ".nv" / "ComputeCache")}
 
 
+def store_env(home: Path, store: Path) -> dict[str, str]:
+    """A machine whose kernel caches come from the store: an empty HOME (a fresh machine, or the same
+    one again: warm), the cache directories left to the plugin. TMPDIR stays the machine's: the
+    plugin's working directory must have the same path on every node (ninja files hold it)."""
+    return {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "SLLMFS_STORAGE_PATH": str(store)}
+
+
+def new_node() -> None:
+    """Forget this host's kernel working directories: the next start is a new node's."""
+    import glob
+    import shutil
+    import tempfile
+
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "sllmfs-kernels-*")):
+        shutil.rmtree(d)
+
+
 def written(home: Path) -> dict[str, dict[str, int]]:
     """What a start left under its cache home: files and bytes per directory two levels down."""
     found: dict[str, dict[str, int]] = {}
@@ -80,8 +104,10 @@ def written(home: Path) -> dict[str, dict[str, int]]:
     return found
 
 
-def start(label: str, model_path: str, load_format: str, home: Path, logs: Path, extra: str = "") -> dict[str, Any]:
-    env = {**os.environ, **cache_env(home), "SLLMFS_BENCH_SPAWN": repr(time.time())}
+def start(label: str, model_path: str, load_format: str, home: Path, logs: Path, extra: str = "",
+          store: Path | None = None) -> dict[str, Any]:
+    machine = store_env(home, store) if store else cache_env(home)
+    env = {**os.environ, **machine, "SLLMFS_BENCH_SPAWN": repr(time.time())}
     proc = subprocess.run([sys.executable, __file__, "--child", model_path, load_format, extra],
                           capture_output=True, text=True, timeout=560, env=env)
     log = proc.stdout + proc.stderr
@@ -105,6 +131,29 @@ def start(label: str, model_path: str, load_format: str, home: Path, logs: Path,
     return res
 
 
+def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
+    """Machine A compiles and publishes its kernels to the store; machine B starts fresh from the
+    store's copy, then again warm; the default loader on warm B for the load-phase comparison."""
+    store = work / "store"
+    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
+                    str(src), "--storage-path", str(store), "--force"], check=True)
+    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-kernels.log")
+    view = str(side.mnt / "bench" / "llama-7b")
+    new_node()
+    try:
+        keep("sllm_first_start_machine_a", start("sllm first start, machine A (fresh)", view, "sllm",
+                                                 work / "machine-a", logs, extra='{"sllm_write_back": "sync"}',
+                                                 store=store))
+        new_node()
+        keep("sllm_hit_machine_b_fresh", start("sllm hit, machine B fresh (kernels from the store)", view, "sllm",
+                                               work / "machine-b", logs, store=store))
+        keep("written_outside_the_store_b", written(work / "machine-b"))  # what the store does not keep
+        keep("sllm_hit_machine_b_warm", start("sllm hit, machine B warm", view, "sllm", work / "machine-b", logs,
+                                              store=store))
+    finally:
+        side.stop()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:5])
@@ -113,7 +162,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-coldstart")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--src", default=None, help="reuse a checkpoint folder")
-    ap.add_argument("--part", choices=["default", "sllm", "all"], default="all")
+    ap.add_argument("--part", choices=["default", "sllm", "kernels", "all"], default="all",
+                    help="kernels: fresh machines whose kernel caches come from the store, next to a warm one")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     from llama_shapes import write_checkpoint
@@ -162,11 +212,17 @@ def main() -> None:
             keep("sllm_cold_warm_machine", start("sllm cold (tier empty, no page cache)", view, "sllm", warm, logs))
         finally:
             side.stop()
-    ids = [r.get("ids") for r in runs.values()]
+    if a.part == "kernels":
+        kernels(src, work, logs, keep)
+        result["kernel_entries"] = subprocess.run([sys.executable, "-m", "sllmfs", "kernels", "ls", "--storage-path",
+                                                   str(work / "store")], capture_output=True, text=True).stdout
+    ids = [r.get("ids") for r in runs.values() if "rc" in r]
     result["identical"] = bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
     dest.write_text(json.dumps(result, indent=1))
     print(f"{'start':<26}{'1st token':>10}{'import':>8}{'engine':>8}{'load':>7}{'kv':>6}{'graphs':>8}")
     for k, r in runs.items():
+        if "rc" not in r:
+            continue
         g = sum(r.get("cuda_graph_s", {}).values())
         print(f"{k:<26}{r.get('first_token_wall_s', float('nan')):>10.1f}{r.get('import_sglang_s', float('nan')):>8.1f}"
               f"{r.get('engine_s', float('nan')):>8.1f}{r.get('load_weight_s') or float('nan'):>7.2f}"
