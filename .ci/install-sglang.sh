@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install SGLang 0.5.17's pure-Python parts for the CPU tests (tests/test_sglang*.py).
+# Install SGLang 0.5.17's pure-Python parts for the CPU tests (tests/integrations/sglang/).
 #
 # SGLang pins transformers==5.12.1 (its configs clash with newer ones) and torch==2.11;
 # we keep the project's torch and everything else, so SGLang goes into its own venv
@@ -8,7 +8,7 @@
 # interpreter, not at a venv the main environment may itself be):
 #
 #     .ci/install-sglang.sh                      # creates/updates .venv-sglang
-#     .venv-sglang/bin/python -m pytest tests/test_sglang*.py
+#     .venv-sglang/bin/python -m pytest tests/integrations/sglang/
 #
 # Idempotent: a second run checks the imports and returns. Never installs another torch:
 # every pip call is constrained to the torch that is already there.

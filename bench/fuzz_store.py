@@ -1,12 +1,12 @@
 """Fuzz the store's readers with hostile manifests, under a running daemon and its mount.
 
-    python bench/fuzz_store.py [--mutations N] [--seed S]
+    python -m bench.fuzz_store [--mutations N] [--seed S]    (from the repository root)
 
 A valid stored manifest is mutated thousands of times (types, huge and negative integers, floats, bools,
 missing and extra keys, wrong nesting, broken JSON). Each mutant is committed as a new copy of a model
 under a running `sllmfs start --mount` daemon (one directory exchange, as `save --force` does), then
 listed and read through the mount and acquired through the socket. At the end the daemon must be alive
-and a good model must still read byte for byte. tests/test_hostile_store.py runs it CI-sized.
+and a good model must still read byte for byte. tests/store/test_hostile_store.py runs it CI-sized.
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from safetensors.numpy import load as load_safetensors
 
-from safetensors.numpy import load as load_safetensors  # noqa: E402
-from test_sidecar import make_model, sidecar  # noqa: E402
-
-from sllmfs.core.errors import SllmfsError  # noqa: E402
-from sllmfs.core.names import model_dirname  # noqa: E402
-from sllmfs.store.store import Store, exchange  # noqa: E402
+from sllmfs.core.errors import SllmfsError
+from sllmfs.core.names import model_dirname
+from sllmfs.store.store import Store, exchange
+from tests.support.sidecar import make_model, sidecar
 
 GOOD, VICTIM = "fuzz/good", "fuzz/victim"
 HOSTILE: list[Any] = [2**64, 2**63, 2**62 + 4096, 2**31, -1, -4096, 0, 1, 3, 1.5, 4096.0, 1e308, float("nan"),

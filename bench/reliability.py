@@ -1,11 +1,11 @@
 """Reliability and security run against real sidecar processes; writes docs/reliability.md.
 
-    python bench/reliability.py [--quick]
+    python -m bench.reliability [--quick]    (from the repository root)
 
 Scenarios (each starts its own `sllmfs start` daemon): fuzz (hypothesis-generated hostile messages and
 connection patterns, then an honest client verifies bytes), load (concurrent client processes under forced
 eviction), kills (SIGKILL mid-fill, with a mapped lease, with a FUSE mount up) and security (a second Unix
-user). Every scenario function returns a dict of figures; tests/test_reliability.py runs them CI-sized.
+user). Every scenario function returns a dict of figures; tests/sidecar/test_reliability.py runs them CI-sized.
 """
 
 from __future__ import annotations
@@ -27,17 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import xxhash
+
+import sllmfs.client.client as sc
+from sllmfs.protocol import wire
+from tests.support.sidecar import make_model, raw_hello, sidecar, wait_log
+
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-import msgpack  # noqa: E402
-import xxhash  # noqa: E402
-from test_sidecar import make_model, raw_hello, sidecar, wait_log  # noqa: E402
-
-import sllmfs.client.client as sc  # noqa: E402
-from sllmfs.protocol import wire  # noqa: E402
 
 MiB = 1 << 20
 OPS = ["hello", "list", "acquire", "release", "files", "status", "pin", "unpin", "evict", "refresh", "register",
@@ -327,8 +324,9 @@ def scenario_load(base: Path, clients: int = 32, rounds: int = 100, model_mib: i
         rss_before = rss_kib(sd.proc.pid)
         anon_before = rss_kib(sd.proc.pid, "RssAnon")
         t0 = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, __file__, "_load-client", str(sd.socket), str(spec_path),
-                                   str(rounds), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen([sys.executable, "-m", "bench.reliability", "_load-client", str(sd.socket),
+                                   str(spec_path), str(rounds), str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
                  for i in range(clients)]
         results, crashed, crash_samples = [], 0, []
         try:
@@ -774,10 +772,10 @@ def _md(results: dict[str, Any]) -> str:
     lines = [
         "# Reliability and security",
         "",
-        f"Measured by `python bench/reliability.py{' --quick' if results['quick'] else ''}` on {results['host']} "
+        f"Measured by `python -m bench.reliability{' --quick' if results['quick'] else ''}` on {results['host']} "
         f"({results['cpus']} CPUs), {results['date']}, {results['total_s']} s in all. JSON: "
         f"`bench/results/reliability-{results['host']}.json`. Every figure below comes from that run; rerun the "
-        "command to reproduce. CI-sized versions: `tests/test_reliability.py`.",
+        "command to reproduce. CI-sized versions: `tests/sidecar/test_reliability.py`.",
         "",
         "## a. Fuzz (hostile protocol input)",
         "",
@@ -897,7 +895,7 @@ def _md(results: dict[str, Any]) -> str:
                 f"`{sec['as_other_default'].get('fuse_listing')}` and reads the weights: "
                 f"`{sec['as_other_default'].get('fuse_weights_read', 'no')}`.")
     lines += ["", "Shared segments: memfds of mode 0400 sealed with `F_SEAL_FUTURE_WRITE` before any client sees "
-              "them; `tests/test_integrity.py::test_clients_cannot_write_shared_segments` proves that an allowed "
+              "them; `tests/store/test_integrity.py::test_clients_cannot_write_shared_segments` proves that an allowed "
               "uid cannot reopen its segment fd read-write (`EACCES`) and that even a root client gets `EPERM` "
               "on `pwrite` and on a writable map, and `EACCES` on `mprotect` to writable."]
     lines += ["", "## Findings", ""] + [f"- {x}" for x in results["findings"]] + [""]
@@ -928,7 +926,7 @@ def findings(results: dict[str, Any]) -> list[str]:
                        f"{sec.get('fuse_file_mode')}): the socket's peer-credential check does not protect the model "
                        "bytes served through the mount when no group is configured. Setting `group` (SLLMFS_GROUP) "
                        "serves files root:group 0440 and keeps other users out "
-                       "(tests/test_fuse_e2e.py::test_a_group_keeps_other_users_out_of_the_mount).")
+                       "(tests/fuse/test_fuse_e2e.py::test_a_group_keeps_other_users_out_of_the_mount).")
     f, ld = results["fuzz"], results["load"]
     if f["internal_error_samples"]:
         out.append(f"Fuzzing hit {f['internal_errors_logged']} internal errors in the daemon "
@@ -939,7 +937,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                    "docs/protocol.md promises `BadInput` for bad argument types. Reproduce: on a greeted connection "
                    "send `{op: load_ipc, lease: {}, blocks: [], pieces: []}`, or acquire then send "
                    "`{op: load_ipc, lease: <id>, blocks: [], pieces: [], timeout: 'x'}`. "
-                   "tests/test_reliability.py::test_load_ipc_with_wrong_types_is_bad_input is a strict xfail for it.")
+                   "tests/sidecar/test_reliability.py::test_load_ipc_with_wrong_types_is_bad_input "
+                   "is a strict xfail for it.")
     if f["unexpected_closes"] or ld["errors"] or ld["byte_mismatches"]:
         out.append("Fuzz or load saw errors: see the figures above and the JSON.")
     return out or ["None beyond the figures above."]
@@ -976,7 +975,7 @@ def main() -> None:
         else:
             results["kill_with_mount"] = {"skipped": "needs root and /dev/fuse"}
         step("kill_writers", scenario_kill_writers, kills=6 if q else 12)
-        from fuzz_store import fuzz as fuzz_store
+        from bench.fuzz_store import fuzz as fuzz_store
 
         step("store_fuzz", fuzz_store, mutations=500 if q else 5000)
         step("flood", scenario_flood, processes=2 if q else 4, per_process=2000 if q else 5000)

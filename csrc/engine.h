@@ -22,7 +22,7 @@ enum class Mode { Register, Stage, Hybrid };
 
 // Readiness bytes the cache writes, one per chunk of a segment. The definition is
 // Python's sllmfs.protocol.messages.Readiness; these must equal it (the binding exposes
-// them as _native.CHUNK_*, and tests/test_protocol_messages.py checks).
+// them as _native.CHUNK_*, and tests/protocol/test_protocol_messages.py checks).
 constexpr uint8_t kChunkPending = 0;
 constexpr uint8_t kChunkReady = 1;
 constexpr uint8_t kChunkFailed = 2;

@@ -1,0 +1,187 @@
+"""sllmfs.client.client against a real sidecar: zero-copy views, readiness, sharing between processes."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sllmfs.client.client as sc
+from sllmfs.core.errors import NotFound
+from sllmfs.store.reader import VariantReader
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
+from tests.support.sidecar import make_model, sidecar
+
+
+def _map_range(m: mmap.mmap) -> tuple[int, int]:
+    addr = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    return addr, addr + len(m)
+
+
+def test_tensors_are_views_into_the_mapped_segments(tmp_path: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        expected = make_model(sd.store, "org/m", tensors=5)
+        with sd.connect() as c, c.acquire("org/m") as lease:
+            tensors = lease.tensors(timeout=30)
+            ranges = [_map_range(m) for m in lease.maps]
+            assert set(tensors) == set(expected)
+            for name, t in tensors.items():
+                start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+                part = lease.entries[name].partition
+                assert ranges[part][0] <= start and end <= ranges[part][1], name  # inside the mapping: no copy
+                assert t.numpy().tobytes() == expected[name]
+            for name, a in lease.numpy().items():
+                assert ranges[lease.entries[name].partition][0] <= a.ctypes.data < ranges[0][1]
+                assert a.tobytes() == expected[name] and not a.flags.writeable
+            assert all(isinstance(b, memoryview) and b.readonly for b in lease.buffers())
+
+
+def test_every_dtype_and_tied_names_come_back_exactly(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    sd_in = {
+        "bf16": torch.randn(33, 7, generator=g).to(torch.bfloat16),
+        "fp8": torch.randn(64, generator=g).to(torch.float8_e4m3fn),
+        "flag": torch.rand(9, generator=g) > 0.5,
+        "i64": torch.arange(5, dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+    }
+    save_file(sd_in, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "test"}))
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "dt", src)
+        with sd.connect() as c, c.acquire("dt") as lease:
+            out = lease.tensors(timeout=30)
+            for name, t in sd_in.items():
+                assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
+                assert out[name].reshape(-1).view(torch.uint8).tolist() == t.reshape(-1).view(torch.uint8).tolist()
+            assert lease.numpy()["bf16"].dtype == np.uint16  # numpy lacks bf16: raw bits
+
+
+def test_tied_model_aliases(tmp_path: Path, qwen_tied_dir: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        m = save_model(Store(sd.store), "qwen", qwen_tied_dir)
+        with sd.connect() as c, c.acquire("qwen") as lease:
+            out = lease.tensors(timeout=30)
+            assert set(out) == set(m.names())
+            for alias, target in m.aliases.items():
+                assert out[alias].data_ptr() == out[target].data_ptr()
+            with VariantReader(Store(sd.store).get("qwen").variant_dir("hf")) as r:
+                for name in m.tensors:
+                    assert out[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes() == r.read_tensor(name)
+
+
+def test_files_come_as_fds(tmp_path: Path, llama_dir: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/llama", llama_dir)
+        with sd.connect() as c:
+            files = c.files("org/llama")
+            assert files["config.json"] == (llama_dir / "config.json").read_bytes()
+            assert files["tokenizer.json"] == (llama_dir / "tokenizer.json").read_bytes()
+            assert not any(name.endswith(".safetensors") for name in files)
+            with pytest.raises(NotFound, match="no variant 'tp9'"):
+                c.files("org/llama", "tp9")
+
+
+def test_readiness_api(tmp_path: Path) -> None:
+    with sidecar(tmp_path, "--chunk-size", "4MiB", "--num-thread", "2") as sd:
+        make_model(sd.store, "m", tensors=6, nbytes=3 << 20)  # 18 MiB: several windows
+        with sd.connect() as c, c.acquire("m") as lease:
+            first = lease.entries["layer.0.weight"]
+            lease.wait(first.partition, first.offset, first.nbytes, timeout=30)
+            assert lease.ready(first.partition, first.offset, first.nbytes)
+            lease.wait(timeout=30)
+            assert lease.ready() and lease.progress() == (sum(lease.sizes), sum(lease.sizes))
+            assert lease.ready(0, 0, 0)  # an empty range is always ready
+
+
+def test_lease_release_and_views_outliving_it(tmp_path: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        expected = make_model(sd.store, "m")
+        with sd.connect() as c:
+            lease = c.acquire("m")
+            t = lease.tensors(timeout=30)
+            lease.release()
+            lease.release()  # idempotent
+            assert c.status()["leases"] == []
+            assert c.evict("m") == ["hf"]
+            assert t["layer.0.weight"].numpy().tobytes() == expected["layer.0.weight"]  # our mapping still holds it
+
+
+def test_warm_reports_progress(tmp_path: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "m", tensors=4, nbytes=4 << 20)
+        seen: list[tuple[int, int]] = []
+        total = sc.warm("m", socket=str(sd.socket), progress=lambda d, t: seen.append((d, t)))
+        assert total == 16 << 20 and seen[-1] == (total, total)
+        st = sd.status()
+        assert st["models"][0]["variants"][0]["state"] == "ready" and st["leases"] == []
+
+
+def test_connect_uses_configured_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with sidecar(tmp_path) as sd:
+        monkeypatch.setenv("SLLMFS_SOCKET", str(sd.socket))
+        with sc.connect() as c:
+            assert c.server_pid == sd.proc.pid
+    with pytest.raises(sc.SidecarError, match="cannot reach the sidecar"):
+        sc.connect(str(tmp_path / "nothing.sock"))
+
+
+SHARER = """
+import json, sys, numpy as np, sllmfs.client.client as sc
+c = sc.connect(sys.argv[1])
+lease = c.acquire("shared")
+t = lease.numpy(timeout=60)  # numpy, not torch: four torch imports would dominate the test
+lo = np.frombuffer(lease.maps[0], dtype=np.uint8).ctypes.data
+inside = all(lo <= v.ctypes.data < lo + len(lease.maps[0]) for v in t.values())
+print(json.dumps({"inside": inside, "sum": float(sum(v.astype(np.float64).sum() for v in t.values()))}), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_four_processes_share_one_copy(tmp_path: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "shared", tensors=8, nbytes=1 << 20)
+        procs = [subprocess.Popen([sys.executable, "-c", SHARER, str(sd.socket)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE) for _ in range(4)]
+        try:
+            reports = [json.loads(p.stdout.readline()) for p in procs if p.stdout]
+            st = sd.status()
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        assert len(reports) == 4 and all(r["inside"] for r in reports)
+        assert len({r["sum"] for r in reports}) == 1
+        assert len(st["leases"]) == 4
+        assert st["counters"]["misses"] == 1 and st["counters"]["hits"] == 3
+        one_copy = st["models"][0]["variants"][0]["bytes"]
+        assert st["memory"]["used"] == one_copy < 2 * (8 << 20)  # the tier grew once, not four times
+
+
+def _free_huge_pages() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_free_huge_pages() < 40, reason="needs 40 free 2 MiB huge pages (vm.nr_hugepages)")
+def test_big_segments_use_hugetlb_pages(tmp_path: Path) -> None:
+    with sidecar(tmp_path) as sd:
+        expected = make_model(sd.store, "h", tensors=1, nbytes=64 << 20)
+        with sd.connect() as c, c.acquire("h") as lease:
+            assert lease.huge_pages and len(lease.maps[0]) % (2 << 20) == 0
+            assert lease.numpy(timeout=60)["layer.0.weight"].tobytes() == expected["layer.0.weight"]
+            assert c.status()["models"][0]["variants"][0]["huge_pages"] is True

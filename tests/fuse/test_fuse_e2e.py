@@ -1,0 +1,105 @@
+"""`sllmfs start --mount`: the daemon serves the FUSE view beside its socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from sllmfs.store.save import save_model
+from sllmfs.store.store import Store
+from tests.support.synth import raw
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="needs /dev/fuse and root")
+
+
+def _is_mounted(mountpoint: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mountpoint) for line in f)
+
+
+def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path) -> None:
+    from sllmfs.client.client import connect
+
+    store = Store(tmp_path / "store")
+    save_model(store, "org/tiny", llama_dir)
+    sock, mnt = tmp_path / "run" / "s.sock", tmp_path / "mnt"
+    proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store.root),
+                             "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", "256MB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_is_mounted(mnt) and sock.exists()):  # readiness: the mount and the socket
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "sllmfs start did not mount within 60 s"
+            time.sleep(0.1)
+        assert json.loads((mnt / ".sllmfs.json").read_bytes())["socket"] == str(sock)
+        assert os.getxattr(mnt / "org" / "tiny", "user.sllmfs.socket") == str(sock).encode()
+        model = mnt / "org" / "tiny"
+        assert (model / "config.json").read_bytes() == (llama_dir / "config.json").read_bytes()
+        with connect(str(sock)) as client:  # make the model resident: reads then come from memory
+            lease = client.acquire("org/tiny")
+            lease.wait(timeout=60)
+            with safe_open(model / "model.safetensors", "pt") as sf, \
+                    safe_open(llama_dir / "model.safetensors", "pt") as ref:
+                assert sorted(sf.keys()) == sorted(ref.keys())
+                for k in ref.keys():
+                    assert raw(sf.get_tensor(k)) == raw(ref.get_tensor(k)), k
+            lease.release()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not _is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if _is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def _read_as(path: Path, uid: int, gid: int) -> str:
+    """Try to read ``path`` as another uid/gid (no supplementary groups); 'ok' or the errno name."""
+    code = ("import os, sys, errno\n"
+            f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+            "try:\n    open(sys.argv[1], 'rb').read(16); print('ok')\n"
+            "except OSError as e:\n    print(errno.errorcode[e.errno])\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def test_a_group_keeps_other_users_out_of_the_mount(tmp_path: Path, llama_dir: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(65534).gr_name  # nogroup: present on Debian and Ubuntu
+    store = Store(tmp_path / "store")
+    save_model(store, "org/tiny", llama_dir)
+    import tempfile
+
+    mnt = Path(tempfile.mkdtemp(prefix="sllmfs-grp-"))  # pytest's tmp dirs are private: the mount's modes must decide
+    os.chmod(mnt, 0o755)
+    sock = tmp_path / "run" / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store.root),
+                             "--socket", str(sock), "--mount", str(mnt)], env={**os.environ, "SLLMFS_GROUP": group},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_is_mounted(mnt) and sock.exists()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        weights = mnt / "org" / "tiny" / "model.safetensors"
+        st = weights.stat()
+        assert (st.st_mode & 0o777, st.st_gid) == (0o440, 65534)
+        assert _read_as(weights, 65534, 65534) == "ok"  # in the group
+        assert _read_as(weights, 65534, 12345) == "EACCES"  # not in it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        os.rmdir(mnt)

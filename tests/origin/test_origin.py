@@ -1,0 +1,376 @@
+"""The S3 origin against a real S3 server process on localhost (moto's server mode, started here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file  # noqa: E402
+
+from sllmfs.core.errors import BadInput, Corrupt, NotFound  # noqa: E402
+from sllmfs.origin import client as s3  # noqa: E402
+from sllmfs.origin.fetch import ensure_local, in_origin, origin_holds  # noqa: E402
+from sllmfs.origin.pull import plan_pull, pull_dir, run_pull  # noqa: E402
+from sllmfs.origin.push import push_model  # noqa: E402
+from sllmfs.origin.url import INDEX, Origin, parse  # noqa: E402
+from sllmfs.store.save import save_model  # noqa: E402
+from sllmfs.store.store import Store  # noqa: E402
+from tests.support.cli import one_line_error, sllmfs  # noqa: E402
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+MODEL = "org/odd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **CREDS, **(extra_env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {url}") from None
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    proc, url = _start_server()
+    try:
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def env(server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """AWS credentials and the endpoint, as a user sets them, for this process and the CLI."""
+    values = {**CREDS, "SLLMFS_ORIGIN_ENDPOINT": server}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return values
+
+
+@pytest.fixture
+def origin(env: dict[str, str]) -> Origin:
+    bucket = "b-" + uuid.uuid4().hex[:12]
+    boto3.client("s3", endpoint_url=env["SLLMFS_ORIGIN_ENDPOINT"]).create_bucket(Bucket=bucket)
+    return parse(f"s3://{bucket}/fleet/models", env["SLLMFS_ORIGIN_ENDPOINT"])
+
+
+def _bucket(origin: Origin):  # type: ignore[no-untyped-def]
+    return boto3.client("s3", endpoint_url=origin.endpoint_url)
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8)
+    return (raw % 2 if dtype == torch.bool else raw).view(dtype).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two shards with odd dtypes (FP8, bool, 0-d, empty) and one 24 MiB tensor: a multipart object of
+    two parts and two ranged GETs (16 MiB parts), so every transfer path runs."""
+    src = tmp_path_factory.mktemp("odd")
+    torch.manual_seed(0)
+    save_file({"big": _random(torch.float32, (6, 1 << 20)), "f8": _random(torch.float8_e4m3fn, (7, 3)),
+               "flags": _random(torch.bool, (5,))}, src / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({"scalar": torch.tensor(3.5), "empty": torch.empty(0, 4, dtype=torch.bfloat16),
+               "e5": _random(torch.float8_e5m2, (3, 3)), "i64": _random(torch.int64, (9,))},
+              src / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    (src / "tokenizer_config.json").write_text("{}")
+    return src
+
+
+@pytest.fixture
+def stored(tmp_path: Path, odd_ckpt: Path) -> Store:
+    store = Store(tmp_path / "store")
+    save_model(store, MODEL, odd_ckpt, partition_target=1 << 20)  # several partitions
+    return store
+
+
+def _snapshot(store: Store, name: str) -> dict[str, bytes]:
+    """Every file of a stored model, by path under its directory."""
+    root = store.model_path(name)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_push_then_pull_gives_the_same_bytes(stored: Store, origin: Origin, env: dict[str, str],
+                                             tmp_path: Path) -> None:
+    pushed = sllmfs("push", "--model", MODEL, "--to", str(origin), store=stored.root, env=env)
+    assert pushed.stdout.startswith(f"pushed {MODEL} to {origin}:")
+    again = sllmfs("push", "--model", MODEL, "--to", str(origin), store=stored.root, env=env)
+    assert "sent 0 B" in again.stdout  # every object already there: nothing sent
+
+    fresh = tmp_path / "fresh"
+    pulled = sllmfs("pull", "--model", MODEL, "--from", str(origin), store=fresh, env=env)
+    assert pulled.stdout.startswith(f"pulled {MODEL} from {origin}:") and "verified" in pulled.stdout
+    assert _snapshot(Store(fresh), MODEL) == _snapshot(stored, MODEL)
+    info = Store(fresh).get(MODEL)
+    assert info.manifest("hf") == stored.get(MODEL).manifest("hf") and len(info.manifest("hf").partitions) >= 2
+    sllmfs("verify", "--model", MODEL, store=fresh)
+    assert not pull_dir(Store(fresh), MODEL).exists()  # the work folder became the model
+    keys = {o["Key"] for o in _bucket(origin).list_objects_v2(Bucket=origin.bucket)["Contents"]}
+    assert origin.key(MODEL, INDEX) in keys and not any("/.uploads/" in k for k in keys)
+
+
+def test_pull_into_a_store_that_has_the_model_needs_force(stored: Store, origin: Origin,
+                                                          env: dict[str, str]) -> None:
+    push_model(stored, MODEL, origin)
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", str(origin), store=stored.root, env=env,
+                                 check=False))
+    assert "already in the store" in line and "--force" in line
+    before = stored.get(MODEL).manifest("hf")
+    sllmfs("pull", "--model", MODEL, "--from", str(origin), "--force", store=stored.root, env=env)
+    assert stored.get(MODEL).manifest("hf") == before
+
+
+class _Stop(BaseException):
+    """Stands for Ctrl-C / a kill in the middle of a transfer."""
+
+
+def _stop_after(nbytes: int):  # type: ignore[no-untyped-def]
+    seen = [0]
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            seen[0] += n
+            if seen[0] > nbytes:
+                raise _Stop
+
+    return progress
+
+
+def test_interrupted_push_is_invisible_and_resumes(stored: Store, origin: Origin, tmp_path: Path) -> None:
+    with pytest.raises(_Stop):
+        push_model(stored, MODEL, origin, threads=2, progress=_stop_after(18 << 20))
+    with pytest.raises(NotFound, match="is not in origin"):  # no index: a half push is not a model
+        ensure_local(Store(tmp_path / "other"), MODEL, origin)
+    keys = {o["Key"] for o in _bucket(origin).list_objects_v2(Bucket=origin.bucket).get("Contents", [])}
+    assert any("/.uploads/" in k for k in keys)  # the big partition's multipart upload, left to resume
+
+    result = push_model(stored, MODEL, origin, threads=2)
+    assert result.skipped > 0 and 0 < result.bytes_sent < result.bytes_total
+    fresh = Store(tmp_path / "fresh")
+    assert ensure_local(fresh, MODEL, origin)
+    assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
+
+
+def test_killed_pull_publishes_nothing_and_resumes(stored: Store, origin: Origin, tmp_path: Path) -> None:
+    push_model(stored, MODEL, origin)
+    fresh = Store(tmp_path / "fresh")
+    client = s3.connect(origin)
+    plan = plan_pull(client, origin, MODEL)
+    with pytest.raises(_Stop):
+        run_pull(fresh, plan, client, threads=1, progress=_stop_after(17 << 20))
+    assert not fresh.has(MODEL) and pull_dir(fresh, MODEL).is_dir()
+    result = run_pull(Store(fresh.root), plan_pull(client, origin, MODEL), client, threads=2)
+    assert result.published and result.bytes_resumed >= 16 << 20
+    assert result.bytes_fetched + result.bytes_resumed == result.bytes_total
+    assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
+
+
+def test_corrupt_object_is_refused_in_one_line_and_nothing_is_stored(stored: Store, origin: Origin,
+                                                                     env: dict[str, str], tmp_path: Path) -> None:
+    push_model(stored, MODEL, origin)
+    manifest = stored.get(MODEL).manifest("hf")
+    big = max(manifest.partitions, key=lambda p: p.size)
+    key = origin.key(MODEL, f"variants/hf/{big.file}")
+    bucket = _bucket(origin)
+    head = bucket.head_object(Bucket=origin.bucket, Key=key)
+    data = bytearray(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
+    data[20 << 20] ^= 0xFF  # one bit flip in the second part, same size, same metadata
+    bucket.put_object(Bucket=origin.bucket, Key=key, Body=bytes(data), Metadata=head["Metadata"])
+
+    fresh = tmp_path / "fresh"
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", str(origin), store=fresh, env=env,
+                                 check=False))
+    assert "fail their checksum" in line and big.file in line and "--force" in line
+    assert sllmfs("ls", "--json", store=fresh).stdout.strip() == "[]"
+
+    sllmfs("push", "--model", MODEL, "--to", str(origin), "--force", store=stored.root, env=env)  # the repair
+    sllmfs("pull", "--model", MODEL, "--from", str(origin), store=fresh, env=env)
+    assert _snapshot(Store(fresh), MODEL) == _snapshot(stored, MODEL)
+
+
+def test_tampered_index_is_refused(stored: Store, origin: Origin, tmp_path: Path) -> None:
+    push_model(stored, MODEL, origin)
+    key = origin.key(MODEL, INDEX)
+    bucket = _bucket(origin)
+    index = json.loads(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
+    index["objects"]["../../escape"] = {"size": 1, "digest": "0" * 16, "partition": False}
+    bucket.put_object(Bucket=origin.bucket, Key=key, Body=json.dumps(index).encode())
+    with pytest.raises(Corrupt, match="not a file sllmfs stores"):
+        ensure_local(Store(tmp_path / "fresh"), MODEL, origin)
+
+
+def test_missing_model_bucket_and_endpoint_are_one_line_each(origin: Origin, env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    line = one_line_error(sllmfs("pull", "--model", "org/none", "--from", str(origin), store=store, env=env,
+                                 check=False))
+    assert "'org/none' is not in origin" in line and "sllmfs push" in line
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", "s3://no-such-bucket-here/x", store=store,
+                                 env=env, check=False))
+    assert "bucket 'no-such-bucket-here' does not exist" in line
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", "http://x/y", store=store, env=env,
+                                 check=False))
+    assert "not an s3:// URL" in line
+    dead = f"http://127.0.0.1:{_free_port()}"
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", str(origin), "--endpoint-url", dead,
+                                 store=store, env={**env, "AWS_MAX_ATTEMPTS": "1"}, check=False))
+    assert "cannot reach origin" in line
+    line = one_line_error(sllmfs("push", "--model", MODEL, "--to", str(origin), store=store, env=env, check=False))
+    assert "not in the store" in line
+
+
+def test_wrong_credentials_are_one_line(tmp_path: Path, stored: Store) -> None:
+    proc, url = _start_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})  # this server checks every key
+    try:
+        env = {**CREDS, "AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "SLLMFS_ORIGIN_ENDPOINT": url}
+        line = one_line_error(sllmfs("push", "--model", MODEL, "--to", "s3://bkt/p", store=stored.root, env=env,
+                                     check=False))
+        assert "refused the credentials" in line and "AWS_ACCESS_KEY_ID" in line
+    finally:
+        _stop(proc)
+
+
+def test_ensure_local_pulls_once_for_concurrent_callers(stored: Store, origin: Origin, tmp_path: Path) -> None:
+    push_model(stored, MODEL, origin)
+    fresh = Store(tmp_path / "fresh")
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_local(fresh, MODEL, origin)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]
+    assert not ensure_local(fresh, MODEL, origin)  # present: nothing to do
+    assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
+    with pytest.raises(NotFound, match="push it from a node"):
+        ensure_local(fresh, "org/absent", origin)
+
+
+def test_in_origin_knows_models_and_their_namespaces(stored: Store, origin: Origin) -> None:
+    assert not in_origin(origin, MODEL) and not in_origin(origin, "org")
+    push_model(stored, MODEL, origin)
+    assert in_origin(origin, MODEL) and in_origin(origin, "org")  # the mount looks up "org" before "org/odd"
+    assert not in_origin(origin, "or") and not in_origin(origin, "org/od")
+
+
+def test_origin_holds_only_this_very_model(stored: Store, origin: Origin, odd_ckpt: Path, tmp_path: Path) -> None:
+    assert not origin_holds(stored, MODEL, origin)  # not pushed yet
+    push_model(stored, MODEL, origin)
+    assert origin_holds(stored, MODEL, origin)
+    # a framework variant written back locally is regenerable: the origin still holds the model
+    info = stored.get(MODEL)
+    extra = tmp_path / "extra"
+    import shutil
+
+    shutil.copytree(info.variant_dir("hf"), extra)
+    with stored.writing(MODEL), stored.staging() as work:
+        os.rename(extra, work / "v")
+        stored.commit_variant(work / "v", MODEL, "sglang.tp1.r0.bf16.none.v0517", force=False)
+    assert origin_holds(stored, MODEL, origin)
+    # saved again (new model.json): the origin's copy is another version, the local one must stay
+    save_model(stored, MODEL, odd_ckpt, force=True, partition_target=1 << 20)
+    assert not origin_holds(stored, MODEL, origin)
+    dead = Origin(origin.bucket, origin.prefix, f"http://127.0.0.1:{_free_port()}")
+    assert not origin_holds(stored, MODEL, dead)  # unreachable: keep it
+
+
+def test_origin_url_parsing() -> None:
+    o = parse("s3://my-bucket/a/b/", "http://h:9000")
+    assert (o.bucket, o.prefix, o.endpoint_url) == ("my-bucket", "a/b", "http://h:9000")
+    assert o.key("org/m", "model.json") == "a/b/org%2Fm/model.json"
+    assert parse("s3://my-bucket").key("m", INDEX) == f"m/{INDEX}"
+    for bad in ("s3://UPPER/x", "s3://b", "s3://bucket/a//b", "s3://bucket/../x", "gs://bucket/x"):
+        with pytest.raises(BadInput):
+            parse(bad)
+    with pytest.raises(BadInput, match="not an http"):
+        parse("s3://bucket/x", "ftp://h")
+    assert s3.part_size(10) == s3.PART and s3.part_size(200_000 << 20) % (4 << 20) == 0
+    assert s3.part_size(200_000 << 20) * s3.MAX_PARTS >= 200_000 << 20
+
+
+def test_start_refuses_a_bad_origin_in_one_line(tmp_path: Path) -> None:
+    line = one_line_error(sllmfs("start", "--origin", "gs://bucket/x", "--socket", str(tmp_path / "s.sock"),
+                                 store=tmp_path / "store", check=False))
+    assert "not an s3:// URL" in line
+    line = one_line_error(sllmfs("start", "--origin", "s3://bucket/x", "--origin-endpoint", "minio:9000",
+                                 "--socket", str(tmp_path / "s.sock"), store=tmp_path / "store", check=False))
+    assert "not an http(s) URL" in line
+
+
+def test_sidecar_pulls_a_missing_model_and_says_the_origin_holds_it(stored: Store, origin: Origin,
+                                                                     env: dict[str, str], tmp_path: Path) -> None:
+    """`start --origin`: a node whose store lacks the model pulls it (verified) on the first acquire and
+    serves the same bytes; status says the origin holds it, so the disk budget may evict it."""
+    from tests.support.sidecar import sidecar
+
+    push_model(stored, MODEL, origin)
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
+        with c.acquire(MODEL) as lease:
+            lease.wait(timeout=60)
+        assert _snapshot(Store(node), MODEL) == _snapshot(stored, MODEL)
+        st = c.status()
+        (m,) = [m for m in st["models"] if m["name"] == MODEL]
+        assert m["origin_copy"] and m["disk_evictable"] and st["origin"] == str(origin)
+        with pytest.raises(NotFound, match="'org/absent'"):  # in neither place: one error, the daemon goes on
+            c.acquire("org/absent")
+        assert c.acquire(MODEL).model == MODEL
+
+
+def test_disk_budget_evicts_a_local_folder_model_only_once_the_origin_holds_it(stored: Store, origin: Origin) -> None:
+    from sllmfs.sidecar import disktier
+
+    def held(name: str) -> bool:
+        return origin_holds(stored, name, origin)
+
+    assert disktier.enforce_budget(stored, 1, set(), held) == []  # saved from a folder, origin empty: kept
+    assert stored.has(MODEL)
+    push_model(stored, MODEL, origin)
+    assert disktier.enforce_budget(stored, 1, {MODEL}, held) == []  # leased or mounted: kept
+    assert disktier.enforce_budget(stored, 1, set(), held) == [MODEL] and not stored.has(MODEL)
