@@ -89,6 +89,8 @@ def status(socket: Optional[str] = SocketOpt,
     mem, disk, n = st["memory"], st["disk"], st["counters"]
     out.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}")
     out.print(f"disk tier:   {human(disk['used'])} of {human(disk['budget']) if disk['budget'] else 'unbounded'}")
+    kc = st.get("kernel_caches") or {"entries": 0, "bytes": 0}
+    out.print(f"kernel caches: {kc['entries']} ({human(kc['bytes'])}; `sllmfs kernels ls`)")
     out.print(f"hits {n['hits']}  misses {n['misses']}  filled {human(n['bytes_filled'])}  "
                   f"evictions {n['evictions']}  leases {len(st['leases'])}")
     from rich.table import Table

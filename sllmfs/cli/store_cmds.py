@@ -137,6 +137,7 @@ def ls(
         return
     if not rows:
         out.print(f"no models in {store.root}")
+        _ls_kernels(store)
         return
     from rich.table import Table
 
@@ -145,17 +146,45 @@ def ls(
         table.add_row(r["name"], ", ".join(r["variants"]), human(r["bytes"]),
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])))
     out.print(table)
+    _ls_kernels(store)
 
 
-@app.command(help="Remove a model (all its variants), or one framework variant, from the store.")
+def _ls_kernels(store) -> None:  # type: ignore[no-untyped-def]
+    """The kernel caches kept beside the models (`sllmfs kernels ls` has the details)."""
+    from rich.table import Table
+
+    from sllmfs.store import kernels
+
+    good, _bad = kernels.entries(store)
+    if not good:
+        return
+    table = Table("kernel cache", "files", "size", "updated")
+    for e in good:
+        updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.updated))
+        table.add_row(e.key, str(len(e.files)), human(e.size), updated)
+    out.print(table)
+
+
+@app.command(help="Remove a model (all its variants), one framework variant, or a kernel cache from the store.")
 def rm(
-    model: str = typer.Option(..., "--model", help="Model name as stored (see `sllmfs ls`)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name as stored (see `sllmfs ls`)."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Only this framework variant, e.g. a stale "
                                           "sglang.tp… state (the next start writes it again)."),
+    kernels: Optional[str] = typer.Option(None, "--kernels", help="Instead of a model: this kernel cache "
+                                          "(a key from `sllmfs ls`; the next start compiles and stores it again)."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask."),
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
+    if (model is None) == (kernels is None) or (kernels is not None and variant is not None):
+        raise BadInput("rm needs either --model NAME [--variant KEY] or --kernels KEY; see `sllmfs ls`")
     store = open_store(storage_path, write=True)
+    if kernels is not None:
+        from sllmfs.store import kernels as kernel_store
+
+        kernel_store.remove(store, kernels)
+        out.print(f"removed kernel cache {kernels}")
+        return
+    assert model is not None
     what = f"{model} [{variant}]" if variant else model
     try:
         info = store.get(model)

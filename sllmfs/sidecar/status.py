@@ -11,6 +11,7 @@ import trio
 from sllmfs.sidecar import disktier
 from sllmfs.sidecar.cache import Cache
 from sllmfs.sidecar.ops import Conn
+from sllmfs.store import kernels
 
 
 async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
@@ -19,6 +20,7 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     sizes = await trio.to_thread.run_sync(disktier.disk_usage, store)
     refetch = await trio.to_thread.run_sync(lambda: {n: disktier.is_refetchable(store, n) for n in sizes})
     held = await trio.to_thread.run_sync(lambda: {n: cache.origin_holds(n) for n in sizes})
+    kernel_entries, _bad = await trio.to_thread.run_sync(kernels.entries, store)
     conns = list(conns)  # as they are once the disk is read
     leased = {(r.model, r.variant) for c in conns for r in c.leases.values()}
     models = []
@@ -43,6 +45,7 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             "origin": str(cache.origin) if cache.origin else None,
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired)},
             "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
+            "kernel_caches": {"entries": len(kernel_entries), "bytes": sum(e.size for e in kernel_entries)},
             "models": models, "leases": leases, "connections": len(conns),
             "counters": {"hits": c.hits, "misses": c.misses, "fills": c.fills, "bytes_filled": filled,
                          "evictions": tier.evictions, "client_errors": c.client_errors,

@@ -346,3 +346,14 @@ def test_an_engine_start_publishes_and_the_next_start_restores(store: Store, tmp
     assert len(entry.files) == 5
     out = _engine(store, tmp_path / "node1", {})  # back on the first node: only the second node's kernel is new
     assert "restored 1" in out
+
+
+def test_store_ls_shows_kernel_caches_and_rm_removes_them(store: Store, tmp_path: Path) -> None:
+    write_tree(tmp_path / "a", FIRST)
+    kernels.publish(store, KEY, tmp_path / "a")
+    assert KEY.name in sllmfs("ls", store=store.root).stdout  # beside the models (none here)
+    assert "either --model" in one_line_error(sllmfs("rm", "-y", store=store.root, check=False))
+    assert "either --model" in one_line_error(sllmfs("rm", "-y", "--model", "m", "--kernels", KEY.name,
+                                                     store=store.root, check=False))
+    assert sllmfs("rm", "--kernels", KEY.name, store=store.root).stdout.startswith(f"removed kernel cache {KEY.name}")
+    assert KEY.name not in sllmfs("ls", store=store.root).stdout
