@@ -53,14 +53,20 @@ class _Open:
     parts: PartitionFiles | None = None  # a synthesized file: its variant's data files
 
 
+# Asked about a path the store lacks ("org" or "org/m"): "model" once the model is in the store
+# (pulled), "namespace" when models lie below it, None when neither. Blocking: run in a thread.
+OnMiss = Callable[[str], str | None]
+
+
 class Ops(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
     def __init__(self, tree: Tree, resident_view: ResidentView | None, gid: int | None = None,
-                 in_use: Counter[str] | None = None):
+                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None):
         super().__init__()
         self.tree = tree
+        self.on_miss = on_miss
         # models with a weights file open through the mount (the sidecar's disk budget leaves them alone)
         self.in_use: Counter[str] = in_use if in_use is not None else Counter()
         self.gid = gid  # with a group: root:group and no bits for others (the kernel checks, default_permissions)
@@ -121,9 +127,27 @@ class Ops(pyfuse3.Operations):
         except Exception:
             log.exception("lookup of %r in inode %d failed", name, parent.inode)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        if node is None:
+        if node is None and self.on_miss is not None and parent.prefix is not None and parent.model_stamp is None:
+            node = await self._from_origin(parent, os.fsdecode(name))  # only in namespace folders: no probe
+        if node is None:  # of a missing file inside a model ever reaches the origin
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(node)
+
+    async def _from_origin(self, parent: Node, name: str) -> Node | None:
+        """A name the store lacks, looked up in the origin: a model is pulled (verified) before the
+        lookup answers; a namespace of origin models is shown as an (empty until pulled) folder."""
+        assert parent.prefix is not None and self.on_miss is not None
+        full = "/".join((*parent.prefix, name))
+        try:
+            found = await trio.to_thread.run_sync(self.on_miss, full)
+        except SllmfsError as e:  # unreachable, damaged copy: this lookup fails, the mount goes on
+            log.warning("lookup of %s in the origin: %s", full, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if found == "model":
+            return self.tree.child(parent, name)
+        if found == "namespace":
+            return self.tree.namespace((*parent.prefix, name))
+        return None
 
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attr(self._get(inode))

@@ -13,7 +13,7 @@ import trio
 
 from sllmfs.core.errors import BadInput
 from sllmfs.fuse import mount
-from sllmfs.fuse.ops import Ops, ResidentView
+from sllmfs.fuse.ops import OnMiss, Ops, ResidentView
 from sllmfs.fuse.tree import Tree
 from sllmfs.store.store import Store
 
@@ -31,17 +31,18 @@ def mount_options() -> set[str]:
 
 async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
                 gid: int | None = None, visible: Callable[[str], bool] | None = None,
-                in_use: Counter[str] | None = None,
+                in_use: Counter[str] | None = None, on_miss: OnMiss | None = None,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
     ``gid``: only root and this group may read (as the socket); None: every local user may.
     ``visible``: which models to show (None: all). ``in_use``: kept up to date with the models
-    whose weights are open through the mount.
+    whose weights are open through the mount. ``on_miss``: asked about a name the store lacks
+    (the sidecar's origin), in a worker thread.
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
-    ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use)
+    ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use, on_miss)
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
     except RuntimeError as e:

@@ -201,6 +201,10 @@ class Tree:
             out[MARKER_NAME] = self.marker
         return out
 
+    def namespace(self, prefix: tuple[str, ...]) -> Node:
+        """A folder for models not (yet) in the store, e.g. ``org`` of an origin's ``org/m``."""
+        return self._namespace(prefix, None)
+
     def _namespace(self, prefix: tuple[str, ...], stamp: Stamp | None) -> Node:
         mtime = stamp[2] if stamp else self.started_ns
         return self._node(("ns", prefix, stamp), is_dir=True, prefix=prefix, model_stamp=stamp, mtime_ns=mtime)

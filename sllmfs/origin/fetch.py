@@ -66,13 +66,18 @@ def _must_be_held(o: Obj) -> bool:
 def in_origin(origin: Origin, name: str, *, client: Any = None) -> bool:
     """Is ``name`` a complete model in the origin, or a namespace of one (``org`` of ``org/m``)? The
     mount's lookup walks a path one component at a time, so it must know ``org`` before ``org/m``."""
+    return origin_kind(origin, name, client=client) is not None
+
+
+def origin_kind(origin: Origin, name: str, *, client: Any = None) -> str | None:
+    """"model" (a complete copy: its index is there), "namespace" (complete models lie below it) or None."""
     from urllib.parse import quote
 
     names.check_model_name(name)
     client = client or s3.connect(origin, 2)
     with s3.errors(origin, f"look up {name!r}"):
         if s3.head(client, origin.bucket, origin.key(name, INDEX)) is not None:
-            return True
+            return "model"
         under = (f"{origin.prefix}/" if origin.prefix else "") + quote(name + "/", safe="")
         page = client.list_objects_v2(Bucket=origin.bucket, Prefix=under)
-        return any(o["Key"].endswith("/" + INDEX) for o in page.get("Contents", []))
+        return "namespace" if any(o["Key"].endswith("/" + INDEX) for o in page.get("Contents", [])) else None

@@ -17,10 +17,11 @@ from typing import Any
 
 import trio
 
+from sllmfs.core import names
 from sllmfs.core.config import Settings
 from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
 from sllmfs.origin import url as origin_url
-from sllmfs.origin.fetch import ensure_local, origin_holds
+from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.protocol.messages import Readiness
 from sllmfs.sidecar import disktier
 from sllmfs.sidecar.fill import Fill
@@ -34,6 +35,7 @@ log = logging.getLogger("sllmfs.sidecar")
 
 STORE_WATCH_S = 1.0  # how often resident copies are checked against the store (one stat each)
 DISK_LOOP_S = 30.0  # how often the disk budget is enforced
+ORIGIN_MISS_S = 30.0  # how long a name the origin lacked is not asked about again
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Cache:
         self.gpu = GpuCopier()
         self.origin = origin_url.parse(settings.origin, settings.origin_endpoint or None) if settings.origin else None
         self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often
+        self._origin_misses: dict[str, float] = {}  # names the origin lacked -> when (the mount's lookups)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -228,6 +231,29 @@ class Cache:
             seen = (time.monotonic(), origin_holds(self.store, model, self.origin))
             self._origin_copy[model] = seen
         return seen[1]
+
+    def on_mount_miss(self, name: str) -> str | None:
+        """The mount's lookup of a name the store lacks (blocking, in a worker thread): pull a model
+        the origin holds, or say it is a namespace of some. Misses are remembered for a while, so a
+        tool probing many names does not send each to the origin again."""
+        assert self.origin is not None
+        try:
+            names.check_model_name(name)
+        except SllmfsError:
+            return None
+        seen = self._origin_misses.get(name)
+        if seen is not None and time.monotonic() - seen < ORIGIN_MISS_S:
+            return None
+        kind = origin_kind(self.origin, name)
+        if kind == "model":
+            ensure_local(self.store, name, self.origin)
+        if kind is not None:
+            return kind
+        self._origin_misses[name] = time.monotonic()
+        if len(self._origin_misses) > 10_000:  # bounded: the oldest half goes
+            for k in sorted(self._origin_misses, key=self._origin_misses.__getitem__)[:5_000]:
+                del self._origin_misses[k]
+        return None
 
     async def _watch_store(self) -> None:
         """Drop resident copies whose stored variant was replaced or removed (`save --force`, `rm`),

@@ -70,7 +70,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             if fuse_serve is not None:
                 gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
                 visible = server.registry.is_registered if settings.registration_required else None
-                await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use),
+                await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use,
+                                            on_miss=server.cache.on_mount_miss if server.cache.origin else None),
                                     Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:

@@ -30,6 +30,7 @@ from sllmfs.origin.url import INDEX, Origin, parse  # noqa: E402
 from sllmfs.store.save import save_model  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 from tests.support.cli import one_line_error, sllmfs  # noqa: E402
+from tests.support.sidecar import sidecar  # noqa: E402
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 MODEL = "org/odd"
@@ -347,8 +348,6 @@ def test_sidecar_pulls_a_missing_model_and_says_the_origin_holds_it(stored: Stor
                                                                      env: dict[str, str], tmp_path: Path) -> None:
     """`start --origin`: a node whose store lacks the model pulls it (verified) on the first acquire and
     serves the same bytes; status says the origin holds it, so the disk budget may evict it."""
-    from tests.support.sidecar import sidecar
-
     push_model(stored, MODEL, origin)
     node = tmp_path / "node"
     with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
@@ -374,3 +373,33 @@ def test_disk_budget_evicts_a_local_folder_model_only_once_the_origin_holds_it(s
     push_model(stored, MODEL, origin)
     assert disktier.enforce_budget(stored, 1, {MODEL}, held) == []  # leased or mounted: kept
     assert disktier.enforce_budget(stored, 1, set(), held) == [MODEL] and not stored.has(MODEL)
+
+
+def test_the_mount_pulls_a_model_on_lookup(stored: Store, origin: Origin, env: dict[str, str], odd_ckpt: Path,
+                                           tmp_path: Path) -> None:
+    """`start --origin --mount`: a path under the mount that names an origin model pulls it (verified)
+    before the lookup answers; its files read as the checkpoint's; a name in neither is ENOENT."""
+    from safetensors.torch import load_file
+
+    from tests.support.fuse import force_unmount
+
+    push_model(stored, MODEL, origin)
+    mnt, node = tmp_path / "mnt", tmp_path / "node"
+    mnt.mkdir()
+    try:
+        with sidecar(tmp_path, "--origin", str(origin), "--mount", str(mnt), env=env, store=node):
+            deadline = time.monotonic() + 30
+            while not (mnt / ".sllmfs.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not Store(node).has(MODEL)
+            assert not (mnt / "org" / "absent").exists()
+            assert json.loads((mnt / MODEL / "config.json").read_text()) == {"model_type": "llama"}
+            assert Store(node).has(MODEL)
+            want = {k: v for shard in odd_ckpt.glob("*.safetensors") for k, v in load_file(shard).items()}
+            got = {k: v for f in (mnt / MODEL).glob("*.safetensors") for k, v in load_file(f).items()}
+            def raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:  # random bits hold NaNs: compare bytes
+                return str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+            assert {k: raw(v) for k, v in want.items()} == {k: raw(v) for k, v in got.items()}
+    finally:
+        force_unmount(mnt)
