@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import logging
 import mmap
 import os
 import socket as pysocket
@@ -23,13 +24,15 @@ from typing import Any
 
 from sllmfs.core import dtypes
 from sllmfs.core.config import env_seconds
-from sllmfs.core.errors import Corrupt, SllmfsError
+from sllmfs.core.errors import Corrupt, Pulling, SllmfsError
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.protocol import wire
 from sllmfs.protocol.messages import Op, Readiness, SidecarError, TensorRef, raise_for
 
 __all__ = ["Client", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
+log = logging.getLogger("sllmfs.client")
+PULL_TIMEOUT_S = 3600.0  # how long a request waits for a model coming from the origin (SLLMFS_PULL_TIMEOUT)
 REPLY_TIMEOUT = 60.0  # seconds a reply may take (SLLMFS_REPLY_TIMEOUT): ops answer at once, fills run behind
 SLOWEST_COPY = 100e6  # bytes/s: load_ipc replies once its bytes have landed; its wait grows with them
 
@@ -61,6 +64,22 @@ class Client:
         self.server_pid: int = hello.get("pid", 0)
 
     def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
+        """One request; while the sidecar says the model is being pulled from its origin, the same
+        request again every half second (each reply comes at once), up to $SLLMFS_PULL_TIMEOUT."""
+        deadline = None
+        while True:
+            try:
+                return self._call_once(msg, use_list=use_list)
+            except Pulling as e:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + env_seconds("SLLMFS_PULL_TIMEOUT", PULL_TIMEOUT_S)
+                    log.info("%s", e)
+                if now > deadline:
+                    raise SidecarError(f"{e}; gave up waiting (SLLMFS_PULL_TIMEOUT)") from None
+                time.sleep(0.5)
+
+    def _call_once(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
         wait = self._wait(msg)
         deadline = time.monotonic() + wait
         try:

@@ -26,6 +26,10 @@ class SidecarCannotCopy(SllmfsError):
     the client copies from the mapped segments itself."""
 
 
+class Pulling(SllmfsError):
+    """The sidecar is bringing the model from its origin: ask again shortly (the client does)."""
+
+
 def user_error(exc: BaseException) -> SllmfsError | None:
     """The SllmfsError inside ``exc``, looking through exception groups (trio >= 0.25 wraps every
     error leaving a nursery in one), so a bad start still reaches the user as one line."""

@@ -104,9 +104,9 @@ def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Act
     root = _private_dir(work_root())
     _sweep(root, keep=key.name)
     work = root / key.name
-    work.mkdir(exist_ok=True)
     lock_fd = os.open(root / f"{key.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # shared by the starts using it; a sweep takes it exclusive
+    work.mkdir(exist_ok=True)  # after the lock: a sweep between the two would remove it under us
     dirs = {k: work / k / CACHE_VARS[k][1] for k in managed}
     act = Activation(store, key, work, dirs, 0, _lock_fd=lock_fd)
     try:
@@ -144,7 +144,7 @@ def _private_dir(path: Path) -> Path:
 
 
 def _writable(store: Store) -> bool:
-    dirs = [store.tmp_dir, store.locks_dir, store.root / kernels.KERNELS]
+    dirs = [store.tmp_dir, store.locks_dir, store.layout.kernels_dir]
     return all(os.access(d, os.W_OK) for d in dirs if d.exists()) and os.access(store.root, os.W_OK)
 
 
@@ -189,13 +189,13 @@ class Publisher(threading.Thread):
             elif seen != self.published and time.monotonic() - changed >= self.quiet:
                 self.publish()
 
-    def publish(self) -> None:
+    def publish(self, settle_s: float = 0.0) -> None:
         with self._mutex:
             snap = kernels.scan(self.dirs)
             if snap == self.published:
                 return
             try:
-                kernels.publish(self.store, self.key, self.dirs, wait_s=10.0)
+                kernels.publish(self.store, self.key, self.dirs, wait_s=10.0, settle_s=settle_s)
                 self.publishes += 1
             except Exception as e:
                 if not self._warned:
@@ -208,4 +208,4 @@ class Publisher(threading.Thread):
         if self.is_alive():
             self.join(timeout=60)
         with contextlib.suppress(Exception):  # at exit: never turn a clean exit into a traceback
-            self.publish()
+            self.publish(settle_s=min(self.quiet, 2.0))  # files still being written are not taken

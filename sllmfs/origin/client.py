@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
 
@@ -145,12 +146,19 @@ def pool(threads: int, name: str) -> Iterator[Any]:
 
 
 def wait_all(jobs: list[Any]) -> None:
-    """Every job settled; the first failure raised (none left running behind the error)."""
-    error: BaseException | None = None
+    """Every job done, or the first failure (or Ctrl-C) raised once none is left running behind it:
+    jobs not started yet are cancelled, so a corrupt object does not download the rest first."""
+    try:
+        futures.wait(jobs, return_when=futures.FIRST_EXCEPTION)
+        for job in jobs:
+            if job.done() and not job.cancelled() and job.exception() is not None:
+                raise job.exception()
+    finally:
+        settle(jobs)
+
+
+def settle(jobs: list[Any]) -> None:
+    """Nothing left running: cancel what has not started, wait for what has (they use our fds)."""
     for job in jobs:
-        try:
-            job.result()
-        except BaseException as e:  # noqa: B036 - re-raised below, after the rest settled
-            error = error or e
-    if error is not None:
-        raise error
+        job.cancel()
+    futures.wait(jobs)

@@ -32,6 +32,7 @@ class Obj:
     size: int
     digest: str
     partition: bool = False  # a data partition: digest is over its window digests
+    windows: tuple[str, ...] = ()  # a local partition's per-window checksums: push checks what it sends
 
 
 def partition_digest(p: Partition) -> str:
@@ -71,7 +72,7 @@ def local_objects(info: ModelInfo) -> tuple[list[Obj], dict[str, bytes]]:
             if st.st_size != p.size:
                 raise Corrupt(f"model {info.name!r} [{key}]: {p.file} is {st.st_size} bytes, its manifest says "
                               f"{p.size}; run `sllmfs verify --model {info.name}` and save it again")
-            objs.append(Obj(rel, p.size, partition_digest(p), partition=True))
+            objs.append(Obj(rel, p.size, partition_digest(p), partition=True, windows=tuple(p.chunks)))
         files_dir = vdir / "files"
         if files_dir.is_dir():  # an adapter's own files (adapter_config.json, ...)
             for f in sorted(os.listdir(files_dir)):

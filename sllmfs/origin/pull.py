@@ -27,8 +27,6 @@ from sllmfs.origin.url import INDEX, Origin
 from sllmfs.store.format import CHUNK_SIZE, FORMAT_VERSION, MANIFEST, Manifest, _Bad, _parse, digest
 from sllmfs.store.store import MODEL_JSON, Store
 
-PULLS = "pulls"  # <store>/pulls/<quoted model>/: a pull in progress, kept for the next one to resume
-
 Progress = Callable[[int], None]
 
 
@@ -54,7 +52,7 @@ class PullResult:
 
 
 def pull_dir(store: Store, name: str) -> Path:
-    return store.root / PULLS / names.model_dirname(name)
+    return store.layout.pulls_dir / names.model_dirname(name)
 
 
 def plan_pull(client: Any, origin: Origin, name: str, threads: int = 16) -> PullPlan:
@@ -127,6 +125,7 @@ def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, 
                                                     length, fresh, progress, result))
                 s3.wait_all(jobs)
             finally:
+                s3.settle(jobs)  # no job may still write to an fd closed below (its number reused)
                 for fd in fds:
                     os.close(fd)
         with store.staging() as staged:

@@ -17,11 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllmfs.core.errors import SllmfsError
+from sllmfs.core.errors import Corrupt, SllmfsError
 from sllmfs.origin import client as s3
 from sllmfs.origin.objects import Obj, local_objects, make_index, parse_index
 from sllmfs.origin.url import INDEX, UPLOADS, Origin
-from sllmfs.store.format import MANIFEST, open_regular
+from sllmfs.store.format import CHUNK_SIZE, MANIFEST, digest, open_regular
 from sllmfs.store.store import MODEL_JSON, Store
 
 
@@ -113,7 +113,7 @@ def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir
             fd = open_regular(model_dir / o.rel, below=below)
             fds.append(fd)
             if o.size <= s3.PART:
-                data = _pread(fd, 0, o.size)
+                data = _pread(fd, 0, o.size, o)
                 jobs.append(pool.submit(_put, client, origin, key, data, o, progress, result))
                 continue
             up = _start_multipart(client, origin, name, o, force)
@@ -128,15 +128,25 @@ def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir
         for up in uploads:
             _complete(client, origin, name, up)
     finally:
+        s3.settle(jobs)  # no job may still read an fd closed below (its number reused)
         for fd in fds:
             os.close(fd)
 
 
-def _pread(fd: int, offset: int, length: int) -> bytes:
+def _pread(fd: int, offset: int, length: int, o: Obj) -> bytes:
+    """Bytes of a stored partition, each window checked against the manifest: the origin never gets
+    (and the disk budget never trusts) a copy of rotted local bytes."""
     data = os.pread(fd, length, offset)
     if len(data) != length:
         raise SllmfsError(f"a stored file shrank while it was pushed (wanted {length} bytes at {offset}); "
                           "push again")
+    view = memoryview(data)
+    # parts start on window boundaries (PART is a multiple of CHUNK_SIZE)
+    for start in range(0, length if o.partition else 0, CHUNK_SIZE):
+        k = (offset + start) // CHUNK_SIZE
+        if k >= len(o.windows) or digest(view[start:start + CHUNK_SIZE]) != o.windows[k]:
+            raise Corrupt(f"stored {o.rel} fails its checksum at window {k}: nothing of it was pushed; "
+                          "run `sllmfs verify` on the model and save it again")
     return data
 
 
@@ -186,7 +196,7 @@ def _listed_parts(client: Any, origin: Origin, key: str, upload_id: str, size: i
 
 def _put_part(client: Any, origin: Origin, key: str, fd: int, up: _Multipart, number: int, off: int, length: int,
               progress: Progress, result: PushResult) -> None:
-    data = _pread(fd, off, length)
+    data = _pread(fd, off, length, up.obj)
     etag = client.upload_part(Bucket=origin.bucket, Key=key, UploadId=up.upload_id, PartNumber=number,
                               Body=data)["ETag"]
     with up.lock:

@@ -81,6 +81,7 @@ class ErrorKind(StrEnum):
     CORRUPT = "Corrupt"
     FORMAT_VERSION = "FormatVersionError"
     CANNOT_COPY = "SidecarCannotCopy"  # no GPU copies on the sidecar's side: the client copies itself
+    PULLING = "Pulling"  # the model is on its way from the origin: ask again (replies never wait for it)
     PROTOCOL = "ProtocolError"
     SIDECAR = "SidecarError"  # anything else, a sidecar bug included
 
@@ -104,6 +105,7 @@ RAISES: dict[ErrorKind, type[SllmfsError]] = {
     ErrorKind.CORRUPT: errors.Corrupt,
     ErrorKind.FORMAT_VERSION: errors.FormatVersionError,
     ErrorKind.CANNOT_COPY: errors.SidecarCannotCopy,
+    ErrorKind.PULLING: errors.Pulling,
     ErrorKind.PROTOCOL: ProtocolError,
     ErrorKind.SIDECAR: SidecarError,
 }

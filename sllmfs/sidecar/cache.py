@@ -6,7 +6,6 @@ Only the trio thread changes this state; fill and copy work runs in worker threa
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ import trio
 
 from sllmfs.core import names
 from sllmfs.core.config import Settings
-from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
+from sllmfs.core.errors import Corrupt, NotFound, Pulling, SllmfsError
 from sllmfs.origin import url as origin_url
 from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.protocol.messages import Readiness
@@ -48,6 +47,18 @@ class Counters:
     connections_refused: int = 0  # over MAX_CONNECTIONS or MAX_PER_PEER
 
 
+@dataclass
+class _Pull:
+    started: float
+    done: bool = False
+    finished: float = 0.0
+    bytes: int = 0
+    error: SllmfsError | None = None
+
+    def add(self, n: int) -> None:  # the pull's progress callback (worker threads; an int add is atomic enough)
+        self.bytes += n
+
+
 class Cache:
     def __init__(self, settings: Settings, store: Store, tier: MemoryTier, registry: Registry):
         self.settings = settings
@@ -62,6 +73,7 @@ class Cache:
         self.origin = origin_url.parse(settings.origin, settings.origin_endpoint or None) if settings.origin else None
         self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often
         self._origin_misses: dict[str, float] = {}  # names the origin lacked -> when (the mount's lookups)
+        self._pulls: dict[str, _Pull] = {}  # models coming from the origin for acquires (one pull each)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -99,8 +111,7 @@ class Cache:
         if res is not None:
             self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
         if ident is None and self.origin is not None and not self.store.has(model):
-            # a miss on disk too: pull it from the fleet's origin (verified, committed as a save), look again
-            await trio.to_thread.run_sync(functools.partial(ensure_local, self.store, model, self.origin))
+            self._pull(model)  # a miss on disk too: Pulling until the origin's copy is in the store
             ident = self.identity(model, variant)
         if ident is None:
             info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
@@ -214,12 +225,16 @@ class Cache:
         protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
         protected |= {r.model for r in self.tier.retired}
         removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
-                                                protected, self.origin_holds)
+                                                protected, self._origin_holds_now)
         for name in removed:
             for (m, _), res in list(self.tier.entries.items()):
                 if m == name:
                     self.tier.drop(res, why="removed from disk")
         return removed
+
+    def _origin_holds_now(self, model: str) -> bool:
+        """Uncached: the disk budget asks this under the model's lock, right before deleting it."""
+        return self.origin is not None and origin_holds(self.store, model, self.origin)
 
     def origin_holds(self, model: str) -> bool:
         """Does the origin hold this very model (so the disk tier may delete it)? Blocking: one GET,
@@ -231,6 +246,45 @@ class Cache:
             seen = (time.monotonic(), origin_holds(self.store, model, self.origin))
             self._origin_copy[model] = seen
         return seen[1]
+
+    def _pull(self, model: str) -> None:
+        """Bring ``model`` from the origin in the background; the caller's reply says Pulling (the
+        client asks again) rather than wait out a download. Returns once it is in the store; a
+        failed pull (not in the origin, damaged copy) is its error, told to everyone who asks for a while."""
+        state = self._pulls.get(model)
+        now = time.monotonic()
+        if state is not None and state.error is not None and now - state.finished > ORIGIN_MISS_S:
+            state = None  # an old failure: try again
+        if state is None:
+            state = self._pulls[model] = _Pull(started=now)
+            self.start_soon(self._run_pull, model, state)
+        if state.error is not None:
+            raise state.error
+        if not state.done:
+            raise Pulling(f"model {model!r} is being pulled from {self.origin} ({state.bytes / 1e9:.2f} GB so "
+                          "far); ask again")
+        del self._pulls[model]
+
+    async def _run_pull(self, model: str, state: _Pull) -> None:
+        assert self.origin is not None
+        origin = self.origin
+
+        def pull() -> None:
+            if origin_kind(origin, model) != "model":
+                raise NotFound(f"model {model!r} is neither in the store at {self.store.root} nor in the "
+                               f"origin {origin}")
+            ensure_local(self.store, model, origin, progress=state.add)
+
+        try:
+            await trio.to_thread.run_sync(pull)
+        except SllmfsError as e:
+            state.error = e
+            log.warning("pull of model=%s from %s failed: %s", model, origin, e)
+        except Exception as e:  # a bug costs this pull, never the daemon
+            log.exception("pull of model=%s from %s failed", model, origin)
+            state.error = SllmfsError(f"pulling model {model!r} from {origin} failed ({e}); see the sidecar's log")
+        finally:
+            state.done, state.finished = True, time.monotonic()
 
     def on_mount_miss(self, name: str) -> str | None:
         """The mount's lookup of a name the store lacks (blocking, in a worker thread): pull a model

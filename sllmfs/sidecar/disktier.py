@@ -9,6 +9,7 @@ each acquire). Models that are leased or pinned (any variant) are never removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -53,10 +54,13 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
     for name in sorted(sizes, key=store.last_used):
         if used <= budget:
             break
-        if name in protected or not (is_refetchable(store, name) or in_origin(name)):
+        if name in protected:
             continue
+        # decided under the model's lock: a save replacing it meanwhile is not what the origin holds
+        safe = functools.partial(_can_go, store, name, in_origin)
         try:
-            store.remove(name)
+            if not store.remove(name, only_if=safe):
+                continue
         except Exception as e:  # noqa: BLE001 - another process may have removed it first
             log.warning("disk tier: could not remove model=%s: %s", name, e)
             continue
@@ -67,6 +71,10 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
         log.warning("disk tier over budget: %d of %d bytes; the rest is leased, pinned or the only copy "
                     "(saved from a local folder and not in an origin: `sllmfs rm` frees it)", used, budget)
     return removed
+
+
+def _can_go(store: Store, name: str, in_origin: Callable[[str], bool]) -> bool:
+    return is_refetchable(store, name) or in_origin(name)
 
 
 def is_refetchable(store: Store, name: str) -> bool:

@@ -36,7 +36,6 @@ from sllmfs.store.format import MANIFEST, open_regular, read_json
 from sllmfs.store.store import Store, exchange, fsync_dir, fsync_tree
 
 KINDS = ("triton", "tvm-ffi", "flashinfer", "inductor")
-KERNELS = "kernels"
 FORMAT = "sllmfs-kernels"
 VERSION = 1
 MAX_ENV = "SLLMFS_KERNEL_CACHE_MAX"
@@ -190,7 +189,7 @@ def max_entry_bytes() -> int:
 
 
 def entry_dir(store: Store, key: str) -> Path:
-    return store.root / KERNELS / check_key(key)
+    return store.layout.kernels_dir / check_key(key)
 
 
 def load_entry(store: Store, key: str) -> KernelEntry:
@@ -230,7 +229,7 @@ def entries(store: Store) -> tuple[list[KernelEntry], list[tuple[str, str]]]:
     good: list[KernelEntry] = []
     bad: list[tuple[str, str]] = []
     try:
-        names = sorted(os.listdir(store.root / KERNELS))
+        names = sorted(os.listdir(store.layout.kernels_dir))
     except FileNotFoundError:
         return good, bad
     for name in names:
@@ -321,7 +320,8 @@ def _restore_file(src: Path, f: KernelFile, dest: Path, root: Path) -> None:
 def _skip(rel: str) -> bool:
     """Locks and half-written files the caches make while they compile (triton: tmp.pid_*)."""
     name = rel.rsplit("/", 1)[-1]
-    return name.endswith(".lock") or any(p.startswith("tmp.") for p in rel.split("/"))
+    restoring = name.startswith(".") and ".sllmfs-" in name  # another start's restore, mid-copy
+    return restoring or name.endswith(".lock") or any(p.startswith("tmp.") for p in rel.split("/"))
 
 
 def scan(dirs: Dirs) -> dict[str, tuple[int, int]]:
@@ -344,9 +344,12 @@ def scan(dirs: Dirs) -> dict[str, tuple[int, int]]:
     return found
 
 
-def publish(store: Store, key: KernelKey | str, dirs: Dirs, *, wait_s: float = 30.0) -> KernelEntry:
+def publish(store: Store, key: KernelKey | str, dirs: Dirs, *, wait_s: float = 30.0,
+            settle_s: float = 0.0) -> KernelEntry:
     """Merge the files under ``dirs`` into the entry ``key`` (the union; a path in both keeps the new
-    bytes) and swap the result in atomically. Unchanged files are hard links to the entry's own."""
+    bytes) and swap the result in atomically. Unchanged files are hard links to the entry's own.
+    ``settle_s``: files changed more recently are left for a later publish (a compile killed at
+    exit may have left one half-written, whole-looking)."""
     name = key.name if isinstance(key, KernelKey) else check_key(key)
     facts = asdict(key) if isinstance(key, KernelKey) else {}
     limit = max_entry_bytes()
@@ -370,7 +373,7 @@ def publish(store: Store, key: KernelKey | str, dirs: Dirs, *, wait_s: float = 3
             if have is not None and (have.size, have.mtime_ns) == (size, mtime_ns):
                 continue  # restored from this entry (restore keeps the times) and untouched since
             kind, sub = rel.split("/", 1)
-            got = _copy_new(tops[kind] / sub, staged / rel)
+            got = _copy_new(tops[kind] / sub, staged / rel, settle_s)
             if got is None:
                 continue
             total += got[0] - (files[rel].size if rel in files else 0)
@@ -419,7 +422,7 @@ def _link_old(dest: Path, staged: Path, f: KernelFile, root: Path) -> bool:
         os.close(fd)
 
 
-def _copy_new(src: Path, target: Path) -> tuple[int, str, int, int] | None:
+def _copy_new(src: Path, target: Path, settle_s: float = 0.0) -> tuple[int, str, int, int] | None:
     """Copy one cache file into the staged entry (over a linked old copy: that one may be damaged),
     hashing it; None when it vanished, is no regular file or changed while we read it (the engine
     still writing it: the next publish takes it)."""
@@ -431,7 +434,7 @@ def _copy_new(src: Path, target: Path) -> tuple[int, str, int, int] | None:
     tmp = target.with_name(f".new.{target.name}")
     with os.fdopen(fd, "rb") as inp:
         before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
+        if not stat.S_ISREG(before.st_mode) or time.time_ns() - before.st_mtime_ns < settle_s * 1e9:
             return None
         mode = before.st_mode & 0o755 | 0o600
         h = xxhash.xxh3_64()

@@ -9,6 +9,8 @@
     <root>/locks/tmp.gate                     shared by writers creating work dirs, exclusive for cleanup
     <root>/used/<quoted name>                 its mtime: the model's last use (the SSD tier's LRU)
     <root>/registered.json                   the sidecar's --registration-required list
+    <root>/kernels/<key>/                     an engine's kernel caches for one GPU + software stack
+    <root>/pulls/<quoted name>/               a pull from the origin in progress (the next one resumes it)
 
 Paths only: nothing here touches the disk. A model directory's parts (``model_files``,
 ``model_variant``) are functions of the directory, so a model being built under tmp/ is
@@ -28,6 +30,8 @@ MODELS = "models"
 TMP = "tmp"
 LOCKS = "locks"
 USED = "used"
+KERNELS = "kernels"
+PULLS = "pulls"
 MODEL_JSON = "model.json"
 FILES = "files"  # a model's metadata files; an adapter variant's own files
 VARIANTS = "variants"
@@ -64,6 +68,8 @@ class Layout:
         self.used_dir = root / USED
         self.tmp_gate = self.locks_dir / TMP_GATE
         self.registered = root / REGISTERED
+        self.kernels_dir = root / KERNELS
+        self.pulls_dir = root / PULLS
 
     def model_dir(self, name: str) -> Path:
         return self.models_dir / names.model_dirname(name)

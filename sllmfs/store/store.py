@@ -19,7 +19,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,10 +332,14 @@ class Store:
                 raise BadInput(f"{exists} (saved meanwhile by another command); pass --force to replace it") from None
         fsync_dir(dest.parent)
 
-    def remove(self, name: str) -> None:
-        """Remove a model, damaged ones included (whatever sits at its path goes, never followed)."""
+    def remove(self, name: str, *, only_if: Callable[[], bool] | None = None) -> bool:
+        """Remove a model, damaged ones included (whatever sits at its path goes, never followed).
+        ``only_if`` is asked under the model's lock (no save can replace it meanwhile): False keeps
+        the model and returns False (the disk budget's "is it still safe to delete")."""
         path = self.model_path(name)
         with self.writing(name), self.staging() as work:
+            if only_if is not None and not only_if():
+                return False
             try:  # checked under the lock: a concurrent rm or eviction may have taken it first
                 os.rename(path, work / "old")  # gone from listings at once; bytes freed after (or by cleanup)
             except FileNotFoundError:
@@ -345,6 +349,7 @@ class Store:
             self.layout.used_mark(name).unlink()
         except OSError:
             pass
+        return True
 
     def remove_variant(self, name: str, key: str) -> None:
         """Drop one framework variant (e.g. a stale per-rank state); the hf variant is the model itself."""

@@ -403,3 +403,49 @@ def test_the_mount_pulls_a_model_on_lookup(stored: Store, origin: Origin, env: d
             assert {k: raw(v) for k, v in want.items()} == {k: raw(v) for k, v in got.items()}
     finally:
         force_unmount(mnt)
+
+
+def test_push_refuses_rotted_local_bytes(stored: Store, origin: Origin, env: dict[str, str]) -> None:
+    """Push checks every window it sends: the origin never holds (and the disk budget never trusts)
+    a copy of bytes that fail the manifest."""
+    part = sorted((stored.model_path(MODEL) / "variants" / "hf").glob("data_*"))[0]
+    with open(part, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    line = one_line_error(sllmfs("push", "--model", MODEL, "--to", str(origin), store=stored.root, env=env,
+                                 check=False))
+    assert "fails its checksum" in line and "verify" in line
+    assert s3.get_json_or_none(_bucket(origin), origin.bucket, origin.key(MODEL, INDEX)) is None
+    assert not origin_holds(stored, MODEL, origin)
+
+
+def test_disk_budget_keeps_a_model_replaced_since_it_was_pushed(stored: Store, origin: Origin, odd_ckpt: Path,
+                                                                tmp_path: Path) -> None:
+    from sllmfs.sidecar import disktier
+
+    push_model(stored, MODEL, origin)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"w": torch.ones(3)}, other / "model.safetensors")
+    (other / "config.json").write_text("{}")
+    save_model(stored, MODEL, other, force=True)  # the origin holds the old version, not this one
+    assert disktier.enforce_budget(stored, 1, set(), lambda n: origin_holds(stored, n, origin)) == []
+    assert stored.has(MODEL)
+
+
+def test_acquire_of_a_model_in_the_origin_is_answered_at_once(stored: Store, origin: Origin, env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """The reply never waits out a download: the first says Pulling (the client asks again)."""
+    from sllmfs.protocol import wire
+    from tests.support.sidecar import raw_hello
+
+    push_model(stored, MODEL, origin)
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=tmp_path / "node") as sd:
+        s = raw_hello(sd.socket)
+        t0 = time.monotonic()
+        wire.send(s, {"op": "acquire", "model": MODEL})
+        reply, _fds = wire.recv(s)
+        assert time.monotonic() - t0 < 5 and reply["kind"] == "Pulling" and "being pulled" in reply["error"]
+        s.close()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,8 @@ if {wait_quiet!r}:  # the quiet-period publish, while the engine still runs
     while act.publisher.publishes == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     print("published while running", act.publisher.publishes)
+else:  # settle: the exit publish leaves files changed in the last moments (maybe half-written)
+    time.sleep(0.5)
 print("work", act.work)
 """
 
@@ -357,3 +360,13 @@ def test_store_ls_shows_kernel_caches_and_rm_removes_them(store: Store, tmp_path
                                                      store=store.root, check=False))
     assert sllmfs("rm", "--kernels", KEY.name, store=store.root).stdout.startswith(f"removed kernel cache {KEY.name}")
     assert KEY.name not in sllmfs("ls", store=store.root).stdout
+
+
+def test_files_still_changing_are_left_for_a_later_publish(store: Store, tmp_path: Path) -> None:
+    """At exit a compile may have been cut short: files changed in the last moments are not stored."""
+    write_tree(tmp_path / "a", FIRST)
+    assert kernels.publish(store, KEY, tmp_path / "a", settle_s=60).files == []
+    old = time.time() - 120
+    for p in (tmp_path / "a").rglob("*"):
+        os.utime(p, (old, old))
+    assert len(kernels.publish(store, KEY, tmp_path / "a", settle_s=60).files) == len(FIRST)
