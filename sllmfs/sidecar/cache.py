@@ -237,15 +237,18 @@ class Cache:
         return self.origin is not None and origin_holds(self.store, model, self.origin)
 
     def origin_holds(self, model: str) -> bool:
-        """Does the origin hold this very model (so the disk tier may delete it)? Blocking: one GET,
-        remembered for a disk loop's period."""
-        if self.origin is None:
-            return False
-        seen = self._origin_copy.get(model)
-        if seen is None or time.monotonic() - seen[0] > DISK_LOOP_S:
-            seen = (time.monotonic(), origin_holds(self.store, model, self.origin))
-            self._origin_copy[model] = seen
-        return seen[1]
+        """What the disk loop last learned: does the origin hold this very model? Never blocks (an
+        unreachable origin must not stall `status` or metrics); unknown yet is False."""
+        return self._origin_copy.get(model, (0.0, False))[1]
+
+    def _refresh_origin_copies(self) -> None:
+        """Blocking (a worker thread, once per disk loop): one GET per stored model."""
+        assert self.origin is not None
+        stored = {info.name for info in self.store.listing()[0]}
+        for name in stored:
+            self._origin_copy[name] = (time.monotonic(), origin_holds(self.store, name, self.origin))
+        for gone in set(self._origin_copy) - stored:
+            del self._origin_copy[gone]
 
     def _pull(self, model: str) -> None:
         """Bring ``model`` from the origin in the background; the caller's reply says Pulling (the
@@ -273,7 +276,8 @@ class Cache:
             if origin_kind(origin, model) != "model":
                 raise NotFound(f"model {model!r} is neither in the store at {self.store.root} nor in the "
                                f"origin {origin}")
-            ensure_local(self.store, model, origin, progress=state.add)
+            if ensure_local(self.store, model, origin, progress=state.add):  # pulled: the origin holds this copy
+                self._origin_copy[model] = (time.monotonic(), True)
 
         try:
             await trio.to_thread.run_sync(pull)
@@ -300,7 +304,8 @@ class Cache:
             return None
         kind = origin_kind(self.origin, name)
         if kind == "model":
-            ensure_local(self.store, name, self.origin)
+            if ensure_local(self.store, name, self.origin):
+                self._origin_copy[name] = (time.monotonic(), True)
         if kind is not None:
             return kind
         self._origin_misses[name] = time.monotonic()
@@ -323,6 +328,11 @@ class Cache:
 
     async def _disk_loop(self) -> None:
         while True:
+            if self.origin is not None:
+                try:
+                    await trio.to_thread.run_sync(self._refresh_origin_copies)
+                except Exception as e:  # an unreachable origin: status shows what it knew
+                    log.warning("origin: %s", e)
             if self.settings.disk_size:
                 try:
                     await self.enforce_disk()
