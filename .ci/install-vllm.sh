@@ -8,7 +8,7 @@
 #     .ci/install-vllm.sh                        # creates/updates .venv-vllm
 #     .venv-vllm/bin/python -m pytest tests/integrations/vllm/
 #
-# Measured here: about 1 minute (torch 2.11.0 and its CUDA libraries ~4 GB unpacked, vLLM 304 MB).
+# Measured here: 84 s (torch 2.11.0 and its CUDA libraries ~4.5 GB unpacked, vLLM 304 MB).
 # Idempotent: a second run checks the imports and returns. VLLM_VENV overrides the venv path;
 # PYTHON the interpreter of the main environment.
 set -euo pipefail
