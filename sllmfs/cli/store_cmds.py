@@ -40,8 +40,8 @@ def save(
 ) -> None:
     names.check_model_name(model)
     if backend == "vllm":
-        raise BadInput("--backend vllm is not supported yet; save with --backend transformers "
-                       "(the hf variant that any framework can read through the mount)")
+        raise BadInput("--backend vllm is not supported yet; save with --backend transformers: vLLM's "
+                       "--load-format sllm loads it at any TP size and stores its per-rank state on the first start")
     if backend not in ("transformers", "sglang"):
         raise BadInput(f"--backend {backend!r} is not one of transformers, sglang")
     if tensor_parallel_size != 1 and backend != "sglang":

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+
+from sllmfs.core import dtypes
 
 
 def rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -35,3 +40,15 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
                 kept[name] = tensors[name]
                 reach = -neg_end
     return {name: kept[name] for name in tensors if name in kept}  # the model's order (SGLang's groups by storage)
+
+
+def state_problem(state: dict[str, torch.Tensor], entries: Mapping[str, Any]) -> str | None:
+    """Why the stored tensors (name → dtype code, shape) do not match the model's own state, or None."""
+    missing, extra = sorted(set(state) - set(entries)), sorted(set(entries) - set(state))
+    if missing or extra:
+        return f"tensor names differ (model lacks {extra[:3]}, store lacks {missing[:3]})"
+    for name, t in state.items():
+        e = entries[name]
+        if list(t.shape) != list(e.shape) or dtypes.from_torch(t.dtype).code != dtypes.by_code(e.dtype).code:
+            return f"{name} is {e.dtype}{list(e.shape)} in the store, {t.dtype}{list(t.shape)} in the model"
+    return None

@@ -112,3 +112,13 @@ def parse(framework: Framework, key: str) -> RankVariant:
 
 def is_framework(framework: Framework, key: str) -> bool:
     return key.startswith(framework.prefix)
+
+
+def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
+    """Why a stored per-rank variant (its manifest metadata) cannot serve this process, or None."""
+    fw = want.framework
+    if meta.get("kind") != fw.state_kind:
+        return f"it was not written by the {fw.label} loader"
+    if meta.get(fw.name) != want.layout():
+        return f"it was written for {meta.get(fw.name)}, this process is {want.layout()}"
+    return None

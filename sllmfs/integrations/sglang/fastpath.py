@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -18,10 +18,9 @@ import torch
 from sglang.srt.model_loader.loader import _post_load_weights
 from torch import nn
 
-from sllmfs.core import dtypes
 from sllmfs.integrations.common import overlap
 from sllmfs.integrations.common.copy import copy_into, copy_spans
-from sllmfs.integrations.common.state import rank_state
+from sllmfs.integrations.common.state import rank_state, state_problem
 from sllmfs.integrations.torch import mirror_layout
 
 log = logging.getLogger("sllmfs.integrations.sglang")
@@ -29,18 +28,6 @@ log = logging.getLogger("sllmfs.integrations.sglang")
 
 class Unfit(Exception):
     """The per-rank variant cannot serve this model; take the any-TP path."""
-
-
-def state_problem(state: dict[str, torch.Tensor], entries: Mapping[str, Any]) -> str | None:
-    """Why the stored tensors (name → dtype code, shape) do not match the model's own state, or None."""
-    missing, extra = sorted(set(state) - set(entries)), sorted(set(entries) - set(state))
-    if missing or extra:
-        return f"tensor names differ (model lacks {extra[:3]}, store lacks {missing[:3]})"
-    for name, t in state.items():
-        e = entries[name]
-        if list(t.shape) != list(e.shape) or dtypes.from_torch(t.dtype).code != dtypes.by_code(e.dtype).code:
-            return f"{name} is {e.dtype}{list(e.shape)} in the store, {t.dtype}{list(t.shape)} in the model"
-    return None
 
 
 def _post_process(model: nn.Module) -> set[int]:

@@ -41,6 +41,7 @@ from sllmfs.integrations.common import overlap, writeback
 from sllmfs.integrations.common.locate import Located, locate
 from sllmfs.integrations.common.source import Lease, SidecarSource, StoreSource, WeightSource
 from sllmfs.integrations.common.state import rank_state
+from sllmfs.integrations.common.variants import layout_problem
 from sllmfs.integrations.sglang import fastpath, variants
 from sllmfs.integrations.sglang.fastpath import Unfit
 from sllmfs.integrations.sglang.variants import RankVariant
@@ -70,16 +71,6 @@ def current_variant(model_config: ModelConfig, draft_model_idx: int | None = Non
                          ep_size=ps.moe_ep_size, dtype=model_config.dtype, quant=model_config.quantization,
                          sglang_version=__version__,
                          draft=(draft_model_idx or 0) if getattr(model_config, "is_draft_model", False) else None)
-
-
-def layout_problem(meta: dict[str, Any], want: RankVariant) -> str | None:
-    """Why a stored per-rank variant (its manifest metadata) cannot serve this process, or None."""
-    fw = want.framework
-    if meta.get("kind") != fw.state_kind:
-        return f"it was not written by the {fw.label} loader"
-    if meta.get(fw.name) != want.layout():
-        return f"it was written for {meta.get(fw.name)}, this process is {want.layout()}"
-    return None
 
 
 def hf_weights(lease: Lease, draft_model_idx: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:

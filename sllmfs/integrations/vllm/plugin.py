@@ -1,0 +1,32 @@
+"""vLLM plugin (entry point group ``vllm.general_plugins``): makes ``sllm`` a load format.
+
+vLLM calls every plugin of that group from ``load_general_plugins()`` in each process (the CLI
+before parsing arguments, the engine core, every worker); ``VLLM_PLUGINS`` filters them by name.
+``register_model_loader`` is vLLM's public hook for a third-party ``--load-format``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sllmfs.integrations.vllm import LOAD_FORMAT, SUPPORTED_VERSIONS
+
+log = logging.getLogger("sllmfs.integrations.vllm")
+_registered = False
+
+
+def register() -> None:
+    """Entry point ``sllmfs.integrations.vllm.plugin:register``; idempotent (vLLM may call it twice)."""
+    global _registered
+    if _registered:
+        return
+    import vllm
+    from vllm.model_executor.model_loader import register_model_loader
+
+    from sllmfs.integrations.vllm.loader import SllmModelLoader
+
+    if vllm.__version__ not in SUPPORTED_VERSIONS:
+        log.warning("sllmfs: vLLM %s is untested with --load-format sllm (tested: %s)", vllm.__version__,
+                    ", ".join(SUPPORTED_VERSIONS))
+    register_model_loader(LOAD_FORMAT)(SllmModelLoader)
+    _registered = True
