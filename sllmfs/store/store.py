@@ -243,7 +243,9 @@ class Store:
             except BadInput:
                 spelled = False
             if not spelled:
-                bad.append((entry, f"{self.models_dir / entry} is not a model directory (its name does not decode "
+                # escaped: a newline would split the one line, undecodable bytes would not encode on the socket
+                shown = entry if entry.isprintable() else repr(entry)[1:-1]
+                bad.append((shown, f"{self.models_dir / shown} is not a model directory (its name does not decode "
                                    "to a valid model name); remove it by hand"))
                 continue
             try:
