@@ -1,6 +1,6 @@
 """Hostile store trees: files and directories of stored models swapped for links, FIFOs, sockets, junk,
 under a real daemon and its real mount (bench/fuzz_store.py --trees), and the defects that fuzzing found,
-each pinned by its own case."""
+each pinned by its own case. Also: a listing re-reads only the models that changed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import sllmfs.store.format as fmt
+import sllmfs.store.store as store_mod
 from bench import fuzz_store
 from sllmfs.core.errors import Corrupt, SllmfsError
 from sllmfs.store.store import Store
@@ -100,3 +101,31 @@ def test_a_huge_sparse_model_json_is_refused_unread(tmp_path: Path) -> None:
     assert _bytes_read() - before < 1 << 20
     good, bad = store.listing()
     assert [m.name for m in good] == ["org/good"] and [entry for entry, _ in bad] == ["org%2Fbad"]
+
+
+def test_a_listing_rereads_only_the_models_that_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store_with(tmp_path, "a/one", "a/two", "a/three")
+    monkeypatch.setattr(store_mod, "RECENT_NS", 0)  # just saved: otherwise each listing checks them afresh
+    parsed: list[Path] = []
+    real = store_mod.read_json
+
+    def counted(path: Path, **kw: object) -> object:
+        parsed.append(path)
+        return real(path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "read_json", counted)
+    names = [m.name for m in store.listing()[0]]
+    assert names == ["a/one", "a/three", "a/two"] and len(parsed) == 3
+    assert [m.name for m in store.listing()[0]] == names and len(parsed) == 3  # nothing changed: nothing read
+    make_model(store.root, "a/two", tensors=2, nbytes=64 << 10, seed=9, force=True)  # replaced
+    saved = len(parsed)  # save itself reads the old copy's record
+    assert [m.name for m in store.listing()[0]] == names
+    assert [p.parent.name for p in parsed[saved:]] == ["a%2Ftwo"]
+    cfg = store.model_path("a/one") / "files" / "config.json"  # damaged in place: files/ changes
+    cfg.unlink()
+    os.symlink("/etc/hostname", cfg)
+    good, bad = store.listing()
+    assert [m.name for m in good] == ["a/three", "a/two"]
+    assert bad == [("a%2Fone", bad[0][1])] and "files/config.json is a symlink" in bad[0][1]
+    store.remove("a/three")
+    assert [m.name for m in store.listing()[0]] == ["a/two"] and set(store._listed) == {"a%2Fone", "a%2Ftwo"}
