@@ -76,6 +76,7 @@ class Ops(pyfuse3.Operations):
         self._next_fh = 1
         self._buffers: list[bytearray] = []  # reply buffers for store reads, reused
         self._checked: dict[Identity, Checked] = {}  # what store reads verified, per committed version
+        self._current: dict[tuple[str, str], Identity] = {}  # (model, variant) -> the version last opened
 
     # -- attributes -------------------------------------------------------------
 
@@ -211,7 +212,7 @@ class Ops(pyfuse3.Operations):
             st = node.stored
             checked = self._checked.get(st.identity)
             if checked is None:
-                checked = self._checked[st.identity] = Checked(st.manifest.partitions)
+                checked = Checked(st.manifest.partitions)
             try:  # ESTALE when replaced since the lookup: the kernel looks the name up again
                 h.parts = PartitionFiles(st.dir, st.identity, checked, below=self.tree.store.models_dir)
             except OSError as e:
@@ -219,6 +220,7 @@ class Ops(pyfuse3.Operations):
             except SllmfsError as e:  # a symlink or FIFO planted since the listing
                 log.warning("%s", e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            self._keep_checked(st, checked)
             checked.opens += 1
             self.in_use[st.model] += 1
         elif node.path is not None:
@@ -233,6 +235,17 @@ class Ops(pyfuse3.Operations):
         self._next_fh += 1
         self._open[fh] = h
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True, direct_io=False)
+
+    def _keep_checked(self, st: StoredVariant, checked: Checked) -> None:
+        """Keep ``checked`` for the version just opened, and forget its variant's previous version: the
+        open succeeded, so that one is replaced and never opens again (open checks the identity); its
+        handles still open hold their own reference. One entry per variant, however often it is replaced."""
+        slot = (st.model, st.key)
+        old = self._current.get(slot)
+        if old is not None and old != st.identity:
+            self._checked.pop(old, None)
+        self._current[slot] = st.identity
+        self._checked[st.identity] = checked
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         h = self._open.pop(fh, None)

@@ -312,8 +312,13 @@ def describe(path: str | os.PathLike[str]) -> tuple[str, str]:
             if rest[:1] == (VARIANTS,) and len(rest) > 1:
                 label, rest = f"{label} [{rest[1]}]", rest[2:]
             rm = f"sllmfs rm --model {shlex.quote(name)}{hint_flags(storage_path=str(root))}"
-            return f"{label}: {'/'.join(rest) or 'its directory'}", f"run `{rm}` and save it again"
-    return str(p), "save the model again"
+            return _printable(f"{label}: {'/'.join(rest) or 'its directory'}"), f"run `{rm}` and save it again"
+    return _printable(str(p)), "save the model again"
+
+
+def _printable(text: str) -> str:
+    """``text`` with newlines, control characters and undecodable bytes escaped: an error stays one line."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def open_dir(path: str | os.PathLike[str], *, below: Path | None = None, dir_fd: int | None = None) -> int:
@@ -371,6 +376,8 @@ def check_regular(path: Path, *, dir_fd: int | None = None, missing_ok: bool = F
 def read_json(path: Path, *, below: Path | None = None, dir_fd: int | None = None) -> Any:
     """A store JSON file (manifest, model record), opened as ``open_regular`` opens and parsed."""
     with open(open_regular(path, below=below, dir_fd=dir_fd), "rb") as f:
+        if os.fstat(f.fileno()).st_size > MAX_JSON:  # refused unread: a sparse huge file costs no read
+            raise corrupt(path, f"is larger than {MAX_JSON} bytes")
         raw = f.read(MAX_JSON + 1)
     if len(raw) > MAX_JSON:
         raise corrupt(path, f"is larger than {MAX_JSON} bytes")
@@ -385,7 +392,8 @@ def _open_at(path: Path, dir_fd: int | None, flags: int, want: str) -> int:
     try:
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENOTDIR):  # what O_NOFOLLOW (| O_DIRECTORY) says of a symlink
+        # ELOOP, ENOTDIR: what O_NOFOLLOW (| O_DIRECTORY) says of a symlink; ENXIO, ENODEV: of a socket or device
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.ENODEV):
             raise
         try:
             kind = _kind(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)

@@ -51,6 +51,7 @@ from sllmfs.store.layout import (
 from sllmfs.store.reader import Identity, variant_identity  # Identity: the sidecar and mount key by it
 
 STORE_VERSION = 1
+RECENT_NS = 100_000_000  # a model directory changed this recently is checked afresh by every listing
 
 
 def fsync_tree(root: Path) -> None:
@@ -158,6 +159,8 @@ class Store:
         elif not (marker.is_file() and self.models_dir.is_dir()):
             raise NotFound(f"no sllmfs store at {self.root}; check --storage-path (or $SLLMFS_STORAGE_PATH), "
                            "or run `sllmfs save` to create one there")
+        # listing's verdict per model directory, as of its _dir_key: status and metrics list often
+        self._listed: dict[str, tuple[tuple[int, ...] | None, ModelInfo | str]] = {}
         if cleanup:
             self.remove_leftovers()
 
@@ -236,24 +239,39 @@ class Store:
         one bad entry never hides the others."""
         good: builtins.list[ModelInfo] = []
         bad: builtins.list[tuple[str, str]] = []
-        for entry in sorted(os.listdir(self.models_dir)):
+        entries = sorted(os.listdir(self.models_dir))
+        for entry in entries:
             name = names.model_name_from_dirname(entry)
             try:
                 spelled = names.model_dirname(name) == entry  # not another spelling of a valid name
             except BadInput:
                 spelled = False
             if not spelled:
-                bad.append((entry, f"{self.models_dir / entry} is not a model directory (its name does not decode "
+                # escaped: a newline would split the one line, undecodable bytes would not encode on the socket
+                shown = entry if entry.isprintable() else repr(entry)[1:-1]
+                bad.append((shown, f"{self.models_dir / shown} is not a model directory (its name does not decode "
                                    "to a valid model name); remove it by hand"))
                 continue
-            try:
-                good.append(self.get(name))
-            except NotFound:
-                if os.path.lexists(self.models_dir / entry):  # else removed meanwhile
-                    bad.append((entry, f"{self.models_dir / entry} has no {MODEL_JSON}: not a model sllmfs "
-                                       "saved; remove it by hand"))
-            except (SllmfsError, OSError) as e:
-                bad.append((entry, str(e)))
+            key = _dir_key(self.models_dir / entry)
+            seen = self._listed.get(entry)
+            if seen is None or seen[0] != key:  # new or changed since the last listing: check it again
+                try:
+                    seen = (key, self.get(name))
+                except NotFound:
+                    if not os.path.lexists(self.models_dir / entry):  # removed meanwhile
+                        continue
+                    seen = (key, f"{self.models_dir / entry} has no {MODEL_JSON}: not a model sllmfs saved; "
+                                 "remove it by hand")
+                except (SllmfsError, OSError) as e:
+                    seen = (key, str(e))
+                if key is not None:
+                    self._listed[entry] = seen
+            if isinstance(seen[1], ModelInfo):
+                good.append(seen[1])
+            else:
+                bad.append((entry, seen[1]))
+        for gone in set(self._listed) - set(entries):
+            self._listed.pop(gone, None)
         return good, bad
 
     # -- writing -------------------------------------------------------------
@@ -536,6 +554,34 @@ def _check_variant(vdir: Path, variants_fd: int) -> None:
             os.close(files_fd)
     finally:
         os.close(fd)
+
+
+def _dir_key(model_dir: Path) -> tuple[int, ...] | None:
+    """What changes whenever anything ``Store.get`` checks changes: inode, mode and ctime (any write,
+    rename in or out, chmod) of the model directory, model.json, files/, variants/ and each variant
+    directory and its files/, none followed. None (never cached) when the directory cannot be read, or
+    was changed in the last RECENT_NS: a ctime is a coarse clock tick, so a second change within the
+    tick would leave the key as it was."""
+    key: list[int] = []
+    newest = 0
+    try:
+        paths = [model_dir, model_dir / MODEL_JSON, model_files(model_dir), model_variants(model_dir)]
+        try:
+            for e in os.scandir(model_variants(model_dir)):
+                paths += [Path(e.path), variant_files(Path(e.path))]
+        except (NotADirectoryError, FileNotFoundError):
+            pass
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                key += [0, 0, 0]
+                continue
+            key += [st.st_ino, st.st_mode, st.st_ctime_ns]
+            newest = max(newest, st.st_ctime_ns)
+    except OSError:
+        return None
+    return tuple(key) if time.time_ns() - newest > RECENT_NS else None
 
 
 def write_model_json(model_dir: Path, name: str, files: list[str], source: dict[str, Any]) -> None:

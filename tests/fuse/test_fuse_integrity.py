@@ -182,6 +182,27 @@ def test_open_after_a_replace_is_stale_and_a_held_handle_reads_its_own_version(t
     trio.run(main)
 
 
+def test_what_reads_verified_is_kept_for_the_current_version_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    ops = Ops(Tree(store, SOCKET), None)
+    small = [(64, 64)] * 2
+
+    async def main() -> None:
+        held = None
+        for seed in range(30):  # a model replaced 30 times, each version read through the operations
+            want = save(store, "m", seed=seed, shapes=small)
+            inode = await lookup(ops, "m", "model.safetensors")
+            assert tensors(await read_file(ops, inode)) == want
+            if seed == 3:  # a handle held across the replaces keeps reading its own version
+                held, held_want = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh, want
+            assert list(ops._checked) == [variant_identity(store.get("m").variant_dir("hf"))]
+        assert held is not None
+        assert tensors(await read_handle(ops, held, ops._open[held].node.size)) == held_want
+        await ops.release(held)
+
+    trio.run(main)
+
+
 # -- through a real mount ---------------------------------------------------------
 
 
