@@ -20,6 +20,7 @@ from sllmfs.core import names
 from sllmfs.core.config import Settings
 from sllmfs.core.errors import Corrupt, NotFound, Pulling, SllmfsError
 from sllmfs.origin import url as origin_url
+from sllmfs.origin.client import connect as origin_client
 from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.protocol.messages import Readiness
 from sllmfs.sidecar import disktier
@@ -81,6 +82,8 @@ class Cache:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._disk_loop)
+            if self.origin is not None:
+                nursery.start_soon(self._origin_loop)
             nursery.start_soon(self._watch_store)
             task_status.started()
 
@@ -245,8 +248,9 @@ class Cache:
         """Blocking (a worker thread, once per disk loop): one GET per stored model."""
         assert self.origin is not None
         stored = {info.name for info in self.store.listing()[0]}
+        client = origin_client(self.origin, 2)  # one client for the round
         for name in stored:
-            self._origin_copy[name] = (time.monotonic(), origin_holds(self.store, name, self.origin))
+            self._origin_copy[name] = (time.monotonic(), origin_holds(self.store, name, self.origin, client=client))
         for gone in set(self._origin_copy) - stored:
             del self._origin_copy[gone]
 
@@ -256,8 +260,8 @@ class Cache:
         failed pull (not in the origin, damaged copy) is its error, told to everyone who asks for a while."""
         state = self._pulls.get(model)
         now = time.monotonic()
-        if state is not None and state.error is not None and now - state.finished > ORIGIN_MISS_S:
-            state = None  # an old failure: try again
+        if state is not None and state.done and (state.error is None or now - state.finished > ORIGIN_MISS_S):
+            state = None  # an old failure, or a pull whose model has gone again (evicted, rm): pull anew
         if state is None:
             state = self._pulls[model] = _Pull(started=now)
             self.start_soon(self._run_pull, model, state)
@@ -266,7 +270,6 @@ class Cache:
         if not state.done:
             raise Pulling(f"model {model!r} is being pulled from {self.origin} ({state.bytes / 1e9:.2f} GB so "
                           "far); ask again")
-        del self._pulls[model]
 
     async def _run_pull(self, model: str, state: _Pull) -> None:
         assert self.origin is not None
@@ -289,6 +292,8 @@ class Cache:
             state.error = SllmfsError(f"pulling model {model!r} from {origin} failed ({e}); see the sidecar's log")
         finally:
             state.done, state.finished = True, time.monotonic()
+            if state.error is None and self._pulls.get(model) is state:
+                del self._pulls[model]  # only failures are remembered (for ORIGIN_MISS_S)
 
     def on_mount_miss(self, name: str) -> str | None:
         """The mount's lookup of a name the store lacks (blocking, in a worker thread): pull a model
@@ -326,13 +331,17 @@ class Cache:
                 if ident != res.identity and self.tier.entries.get((model, variant)) is res:
                     self.tier.drop(res, why="store changed")
 
+    async def _origin_loop(self) -> None:
+        """Its own loop: a slow or unreachable origin never holds up the disk budget."""
+        while True:
+            try:
+                await trio.to_thread.run_sync(self._refresh_origin_copies, abandon_on_cancel=True)
+            except Exception as e:  # an unreachable origin: status shows what it knew
+                log.warning("origin: %s", e)
+            await trio.sleep(DISK_LOOP_S)
+
     async def _disk_loop(self) -> None:
         while True:
-            if self.origin is not None:
-                try:
-                    await trio.to_thread.run_sync(self._refresh_origin_copies)
-                except Exception as e:  # an unreachable origin: status shows what it knew
-                    log.warning("origin: %s", e)
             if self.settings.disk_size:
                 try:
                     await self.enforce_disk()

@@ -262,8 +262,10 @@ class Store:
                         continue
                     seen = (key, f"{self.models_dir / entry} has no {MODEL_JSON}: not a model sllmfs saved; "
                                  "remove it by hand")
-                except (SllmfsError, OSError) as e:
+                except SllmfsError as e:
                     seen = (key, str(e))
+                except OSError as e:  # EMFILE, EIO...: maybe gone next time, so not remembered
+                    seen, key = (key, str(e)), None
                 if key is not None:
                     self._listed[entry] = seen
             if isinstance(seen[1], ModelInfo):

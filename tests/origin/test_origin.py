@@ -449,3 +449,18 @@ def test_acquire_of_a_model_in_the_origin_is_answered_at_once(stored: Store, ori
         reply, _fds = wire.recv(s)
         assert time.monotonic() - t0 < 5 and reply["kind"] == "Pulling" and "being pulled" in reply["error"]
         s.close()
+
+
+def test_a_model_removed_after_its_pull_is_pulled_again(stored: Store, origin: Origin, env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    """A finished pull is not remembered: once the model is gone again (evicted, rm), the next
+    acquire pulls it again instead of answering NotFound."""
+    push_model(stored, MODEL, origin)
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
+        with c.acquire(MODEL) as lease:
+            lease.wait(timeout=60)
+        Store(node).remove(MODEL)
+        with c.acquire(MODEL) as lease:
+            lease.wait(timeout=60)
+        assert _snapshot(Store(node), MODEL) == _snapshot(stored, MODEL)

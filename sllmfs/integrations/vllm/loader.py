@@ -66,6 +66,33 @@ def current_variant(model_config: ModelConfig) -> RankVariant:
                          quant=model_config.quantization, version=vllm.__version__)
 
 
+def per_rank_problem(vllm_config: VllmConfig, model: nn.Module | None = None) -> str | None:
+    """Why a per-rank variant (fast path and write-back) cannot serve this start, or None. Kept to
+    what the variant key and the fast path's order are known right for: the key records TP and PP
+    only (data, context and expert parallelism split experts by other ranks), and the fast path
+    post-processes before the bytes are in, so no model whose post-processing derives values from
+    its weights (quantization, MLA's absorbed matrices, an fp8 KV cache's scales)."""
+    par, mc = vllm_config.parallel_config, vllm_config.model_config
+    for what, size in (("data parallel", getattr(par, "data_parallel_size", 1)),
+                       ("prefill context parallel", getattr(par, "prefill_context_parallel_size", 1)),
+                       ("decode context parallel", getattr(par, "decode_context_parallel_size", 1))):
+        if size and size > 1:
+            return f"{what} size {size}"
+    if getattr(par, "enable_expert_parallel", False):
+        return "expert parallelism"
+    if mc.quantization is not None:
+        return f"quantization {mc.quantization}"
+    if getattr(mc, "use_mla", False):
+        return "MLA attention"
+    kv = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if kv != "auto":
+        return f"KV cache dtype {kv}"
+    if model is not None and any(getattr(getattr(m, "quant_method", None), "uses_meta_device", False)
+                                 for m in model.modules()):
+        return "online quantization builds its weights while loading"
+    return None
+
+
 class SllmModelLoader(BaseModelLoader):
     def __init__(self, load_config: LoadConfig, *, source_factory: SourceFactory | None = None):
         super().__init__(load_config)
@@ -128,13 +155,18 @@ class SllmModelLoader(BaseModelLoader):
         t0 = time.perf_counter()
         located = self._locate(model_config)
         want = current_variant(model_config)
-        model, replace = self._fast_path(located, want, vllm_config, model_config, prefix)
+        unfit = per_rank_problem(vllm_config)
+        if unfit:  # the any-TP path only, and no variant written: it could not be served right
+            log.info("sllmfs: no per-rank state for %r with %s; loading the hf variant", located.model, unfit)
+            model, replace = None, False
+        else:
+            model, replace = self._fast_path(located, want, vllm_config, model_config, prefix)
         if model is None:
             # the hf version this state comes from: its write-back must not land on a model replaced since
             base = writeback.hf_identity(located.storage_path, located.model)
             model = super().load_model(vllm_config, model_config, prefix)
             self.path_taken = "any-tp"
-            if self.write_back_mode != writeback.OFF:
+            if self.write_back_mode != writeback.OFF and not unfit and not per_rank_problem(vllm_config, model):
                 self._write_back(located, want, model, replace, base)
         log.info("sllmfs: loaded %r rank %d/%d by the %s path in %.3f s", located.model, want.tp_rank,
                  want.tp_size, self.path_taken, time.perf_counter() - t0)
@@ -174,8 +206,9 @@ class SllmModelLoader(BaseModelLoader):
         with set_default_torch_dtype(model_config.dtype):
             with target:
                 model = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-            if any(getattr(getattr(m, "quant_method", None), "uses_meta_device", False) for m in model.modules()):
-                raise Unfit("online quantization builds its weights while loading")
+            problem = per_rank_problem(vllm_config, model)
+            if problem:
+                raise Unfit(problem)
             process_weights_after_loading(model, model_config, target)
         return model
 

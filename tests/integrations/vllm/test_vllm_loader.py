@@ -175,3 +175,20 @@ def test_variant_keys() -> None:
     assert v.key == "vllm.tp2.r1.bfloat16.none.v0.26.0"
     assert variants.parse(VLLM, v.key) == v
     assert not variants.is_framework(VLLM, "sglang.tp2.r1.bfloat16.none.v0.5.17")
+
+
+def test_per_rank_state_only_where_its_key_and_order_are_right(checkpoint: Path) -> None:
+    """Data/context/expert parallelism, quantization, MLA and an fp8 KV cache take the any-TP path
+    and write nothing back: the variant key or the fast path's order would be wrong for them."""
+    from sllmfs.integrations.vllm.loader import per_rank_problem
+
+    vc = vllm_config(str(checkpoint), "sllm")
+    assert per_rank_problem(vc) is None
+    vc.parallel_config.data_parallel_size = 2
+    assert per_rank_problem(vc) == "data parallel size 2"
+    vc.parallel_config.data_parallel_size = 1
+    vc.parallel_config.enable_expert_parallel = True
+    assert per_rank_problem(vc) == "expert parallelism"
+    vc.parallel_config.enable_expert_parallel = False
+    vc.cache_config.cache_dtype = "fp8"
+    assert per_rank_problem(vc) == "KV cache dtype fp8"
