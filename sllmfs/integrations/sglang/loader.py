@@ -32,14 +32,12 @@ from sglang.srt.model_loader.loader import (
 from sglang.srt.model_loader.utils import set_default_torch_dtype
 from torch import nn
 
-from sllmfs.core import names
-from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
-from sllmfs.integrations.common import overlap, writeback
-from sllmfs.integrations.common.locate import Located, locate
-from sllmfs.integrations.common.source import Lease, SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common import options, overlap, writeback
+from sllmfs.integrations.common.locate import Located
+from sllmfs.integrations.common.source import Lease, WeightSource
 from sllmfs.integrations.common.state import rank_state
 from sllmfs.integrations.common.variants import layout_problem
 from sllmfs.integrations.sglang import fastpath, variants
@@ -50,16 +48,9 @@ from sllmfs.store.store import Identity
 log = logging.getLogger("sllmfs.integrations.sglang")
 
 # --model-loader-extra-config keys this loader reads
-EXTRA_KEYS = {
-    "sllm_write_back",  # true (default, in the background) | false | "sync"
-    "sllm_socket",  # sidecar socket, else the mount's or $SLLMFS_SOCKET
-    "sllm_model",  # store model name, when --model-path is not under the mount
-    "sllm_storage_path",  # read this store directly, no sidecar (sllmfs save --backend sglang)
+EXTRA_KEYS = options.COMMON_KEYS | {
     "sllm_overlap",  # true (default): the fast path copies beside the model build when the variant has a plan
 }
-
-SourceFactory = Callable[[Located], WeightSource]
-
 
 def current_variant(model_config: ModelConfig, draft_model_idx: int | None = None) -> RankVariant:
     """The per-rank variant this process would use (from SGLang's parallel state)."""
@@ -91,13 +82,9 @@ def load_any_tp(model: nn.Module, lease: Lease, target_device: torch.device,
 
 
 class SllmModelLoader(BaseModelLoader):
-    def __init__(self, load_config: LoadConfig, *, source_factory: SourceFactory | None = None):
+    def __init__(self, load_config: LoadConfig, *, source_factory: options.SourceFactory | None = None):
         super().__init__(load_config)
-        extra = dict(load_config.model_loader_extra_config or {})
-        unknown = sorted(set(extra) - EXTRA_KEYS)
-        if unknown:
-            raise BadInput(f"--model-loader-extra-config key {unknown[0]!r} is unknown to --load-format sllm "
-                           f"(known: {', '.join(sorted(EXTRA_KEYS))})")
+        extra = options.extra_config(load_config.model_loader_extra_config, EXTRA_KEYS)
         self.extra = extra
         self.write_back_mode = writeback.mode(extra.get("sllm_write_back"))
         self.source_factory = source_factory or self._default_source
@@ -111,22 +98,10 @@ class SllmModelLoader(BaseModelLoader):
     # -- where the weights are ------------------------------------------------
 
     def _locate(self, model_config: ModelConfig) -> Located:
-        name, socket = self.extra.get("sllm_model"), self.extra.get("sllm_socket")
-        if name:  # named outright: no path lookup (the --model-path may be the store's files/ folder)
-            settings = load_settings()
-            located = Located(names.check_model_name(str(name)), socket or settings.socket, None,
-                              settings.storage_path)
-        else:
-            located = locate(model_config.model_path, socket=socket)
-        storage = self.extra.get("sllm_storage_path")
-        if storage:
-            located = Located(located.model, located.socket, located.mount, str(storage))
-        return located
+        return options.located(self.extra, model_config.model_path)
 
     def _default_source(self, located: Located) -> WeightSource:
-        if self.extra.get("sllm_storage_path"):
-            return StoreSource(located.model, located.storage_path)
-        return SidecarSource(located.model, located.socket)
+        return options.weight_source(self.extra, located)
 
     def download_model(self, model_config: ModelConfig) -> None:
         located = self._locate(model_config)

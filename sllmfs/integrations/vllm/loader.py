@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,15 +24,13 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from sllmfs.core import names
-from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
-from sllmfs.integrations.common import variants, writeback
+from sllmfs.integrations.common import options, variants, writeback
 from sllmfs.integrations.common.copy import copy_into
-from sllmfs.integrations.common.locate import Located, locate
-from sllmfs.integrations.common.source import SidecarSource, StoreSource, WeightSource
+from sllmfs.integrations.common.locate import Located
+from sllmfs.integrations.common.source import WeightSource
 from sllmfs.integrations.common.state import rank_state, state_problem
 from sllmfs.integrations.common.variants import RankVariant, layout_problem
 from sllmfs.integrations.vllm import VLLM
@@ -40,16 +38,7 @@ from sllmfs.store.store import Identity
 
 log = logging.getLogger("sllmfs.integrations.vllm")
 
-# --model-loader-extra-config keys this loader reads
-EXTRA_KEYS = {
-    "sllm_write_back",  # true (default, in the background) | false | "sync"
-    "sllm_socket",  # sidecar socket, else the mount's or $SLLMFS_SOCKET
-    "sllm_model",  # store model name, when the model path is not under the mount
-    "sllm_storage_path",  # read this store directly, no sidecar
-}
-
-SourceFactory = Callable[[Located], WeightSource]
-
+EXTRA_KEYS = options.COMMON_KEYS  # --model-loader-extra-config keys this loader reads
 
 class Unfit(Exception):
     """The per-rank variant cannot serve this model; take the any-TP path."""
@@ -94,13 +83,9 @@ def per_rank_problem(vllm_config: VllmConfig, model: nn.Module | None = None) ->
 
 
 class SllmModelLoader(BaseModelLoader):
-    def __init__(self, load_config: LoadConfig, *, source_factory: SourceFactory | None = None):
+    def __init__(self, load_config: LoadConfig, *, source_factory: options.SourceFactory | None = None):
         super().__init__(load_config)
-        extra = dict(load_config.model_loader_extra_config or {})
-        unknown = sorted(set(extra) - EXTRA_KEYS)
-        if unknown:
-            raise BadInput(f"--model-loader-extra-config key {unknown[0]!r} is unknown to --load-format sllm "
-                           f"(known: {', '.join(sorted(EXTRA_KEYS))})")
+        extra = options.extra_config(load_config.model_loader_extra_config, EXTRA_KEYS)
         self.extra = extra
         self.write_back_mode = writeback.mode(extra.get("sllm_write_back"))
         self.source_factory = source_factory or self._default_source
@@ -108,20 +93,10 @@ class SllmModelLoader(BaseModelLoader):
         self.path_taken: str | None = None  # "fast" | "any-tp"
 
     def _locate(self, model_config: ModelConfig) -> Located:
-        name, socket = self.extra.get("sllm_model"), self.extra.get("sllm_socket")
-        settings = load_settings()
-        if name:  # named outright: no path lookup
-            located = Located(names.check_model_name(str(name)), socket or settings.socket, None,
-                              settings.storage_path)
-        else:
-            located = locate(model_config.model, socket=socket)
-        storage = self.extra.get("sllm_storage_path")
-        return Located(located.model, located.socket, located.mount, str(storage)) if storage else located
+        return options.located(self.extra, model_config.model)
 
     def _default_source(self, located: Located) -> WeightSource:
-        if self.extra.get("sllm_storage_path"):
-            return StoreSource(located.model, located.storage_path)
-        return SidecarSource(located.model, located.socket)
+        return options.weight_source(self.extra, located)
 
     def download_model(self, model_config: ModelConfig) -> None:
         with self.source_factory(self._locate(model_config)).open(HF_VARIANT):
