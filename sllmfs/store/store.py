@@ -51,7 +51,7 @@ from sllmfs.store.layout import (
 from sllmfs.store.reader import Identity, variant_identity  # Identity: the sidecar and mount key by it
 
 STORE_VERSION = 1
-RECENT_NS = 100_000_000  # a model directory changed this recently is checked afresh by every listing
+RECENT_NS = 2_000_000_000  # changed this recently: checked afresh by every listing (ctime may tick in whole seconds)
 
 
 def fsync_tree(root: Path) -> None:
