@@ -161,7 +161,8 @@ def main() -> None:
                              "--socket", sock, "--num-thread", str(args.threads), "--chunk-size", args.chunk,
                              "--mem-pool-size", f"{int(args.size_gb * 3) + 1}GB"], stderr=log)
     meminfo = Path("/proc/meminfo").read_text()
-    result: dict = {"host": platform.node(), "cpus": os.cpu_count(), "threads": args.threads, "chunk": chunk,
+    result: dict = {"command": "python bench/bench_sidecar.py " + " ".join(sys.argv[1:]),
+                    "host": platform.node(), "cpus": os.cpu_count(), "threads": args.threads, "chunk": chunk,
                     "hugepages_total": int(meminfo.split("HugePages_Total:")[1].split()[0])}
     try:
         for _ in range(300):

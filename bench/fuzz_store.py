@@ -144,6 +144,18 @@ def bounded(fn: Callable[[], Any], timeout: float = STEP_TIMEOUT) -> Any:
     return result[0]
 
 
+def _mounted_client(sd: Any, mnt: Path) -> Any:
+    """Once the sidecar's mount is up: a client whose calls time out, so a hung daemon fails the fuzz
+    instead of hanging it."""
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mnt):
+        assert time.monotonic() < deadline and sd.proc.poll() is None, "the mount did not come up"
+        time.sleep(0.05)
+    client = sd.connect()
+    client._sock.settimeout(STEP_TIMEOUT)
+    return client
+
+
 def fuzz(tmp: Path, mutations: int = 2000, seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
     store = tmp / "store"
@@ -159,12 +171,7 @@ def fuzz(tmp: Path, mutations: int = 2000, seed: int = 0) -> dict[str, Any]:
     samples: dict[str, str] = {}
     t0 = time.monotonic()
     with sidecar(tmp, "--mount", str(mnt), store=store) as sd:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mnt):
-            assert time.monotonic() < deadline and sd.proc.poll() is None, "the mount did not come up"
-            time.sleep(0.05)
-        client = sd.connect()
-        client._sock.settimeout(STEP_TIMEOUT)  # a hung daemon fails the fuzz instead of hanging it
+        client = _mounted_client(sd, mnt)
         victim = mnt / VICTIM
         try:
             for _ in range(mutations):
@@ -580,12 +587,7 @@ def fuzz_trees(tmp: Path, rounds: int = 40, seed: int = 0, check_ls: bool = True
     t0 = time.monotonic()
     try:
         with sidecar(tmp, "--mount", str(mnt), store=store) as sd:
-            deadline = time.monotonic() + 30
-            while not os.path.ismount(mnt):
-                assert time.monotonic() < deadline and sd.proc.poll() is None, "the mount did not come up"
-                time.sleep(0.05)
-            client = sd.connect()
-            client._sock.settimeout(STEP_TIMEOUT)  # a hung daemon fails the fuzz instead of hanging it
+            client = _mounted_client(sd, mnt)
             try:
                 for r in range(rounds):
                     for m in damaged:

@@ -315,14 +315,14 @@ class Lease:
             bases = [torch.frombuffer(m, dtype=torch.uint8) for m in self.maps]
         typed: dict[tuple[int, str], Any] = {}  # (partition, dtype) -> the whole segment viewed as that dtype
         out = {}
-        for t in self.rows:
-            base = typed.get((t.partition, t.dtype))
+        for name, code, shape, part, offset, nbytes in self.rows:  # unpacked: the hot loop of a hit
+            base = typed.get((part, code))
             if base is None:
-                base = typed[(t.partition, t.dtype)] = bases[t.partition].view(dtypes.to_torch(dtypes.by_code(t.dtype)))
-            if t.nbytes == 0:
-                out[t.name] = torch.empty(t.shape, dtype=base.dtype)
+                base = typed[(part, code)] = bases[part].view(dtypes.to_torch(dtypes.by_code(code)))
+            if nbytes == 0:
+                out[name] = torch.empty(shape, dtype=base.dtype)
             else:
-                out[t.name] = base.as_strided(t.shape, _contiguous_strides(t.shape), t.offset // base.element_size())
+                out[name] = base.as_strided(shape, _contiguous_strides(shape), offset // base.element_size())
         for alias, target in self._aliases.items():
             out[alias] = out[target]
         return out

@@ -19,14 +19,17 @@ from sllmfs.store.store import ModelInfo, Store
 log = logging.getLogger("sllmfs.sidecar")
 
 
-def disk_usage(store: Store) -> dict[str, int]:
-    out = {}
+def disk_models(store: Store) -> tuple[dict[str, int], dict[str, bool]]:
+    """Each stored model's bytes on disk, and whether it can be stored again without the user
+    (``refetchable``), from one listing (which re-reads only models changed since the last)."""
+    sizes, refetch = {}, {}
     for info in store.list():
         try:
-            out[info.name] = info.bytes_on_disk()
-        except OSError:  # removed while we walked it
-            continue
-    return out
+            sizes[info.name] = info.bytes_on_disk()
+            refetch[info.name] = refetchable(info)
+        except (OSError, RuntimeError):  # removed while we walked it; a symlink loop in its source path
+            sizes.pop(info.name, None)
+    return sizes, refetch
 
 
 def refetchable(info: ModelInfo) -> bool:
@@ -48,7 +51,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
     ``in_origin`` says whether the fleet's origin holds a model (so a later miss pulls it back)."""
     if budget <= 0:
         return []
-    sizes = disk_usage(store)
+    sizes, _ = disk_models(store)
     used = sum(sizes.values())
     removed = []
     for name in sorted(sizes, key=store.last_used):

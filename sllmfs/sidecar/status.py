@@ -12,27 +12,14 @@ from sllmfs.sidecar import disktier
 from sllmfs.sidecar.cache import Cache
 from sllmfs.sidecar.ops import Conn
 from sllmfs.store import kernels
-from sllmfs.store.store import Store
-
-
-def _disk_models(store: Store) -> tuple[dict[str, int], dict[str, bool]]:
-    """Each stored model's bytes on disk, and whether the disk tier may evict it (``disktier.refetchable``)."""
-    sizes, refetch = {}, {}
-    for info in store.list():
-        try:
-            sizes[info.name] = info.bytes_on_disk()
-            refetch[info.name] = disktier.refetchable(info)
-        except (OSError, RuntimeError):  # removed while we walked it; a symlink loop in its source path
-            sizes.pop(info.name, None)
-    return sizes, refetch
 
 
 async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     """Tiers, models, leases and counters now (reads the store's sizes in a worker thread)."""
     store, tier = cache.store, cache.tier
     # one listing (it re-reads only models changed since the last one) for the sizes and what can be refetched
-    sizes, refetch = await trio.to_thread.run_sync(_disk_models, store)
-    held = await trio.to_thread.run_sync(lambda: {n: cache.origin_holds(n) for n in sizes})
+    sizes, refetch = await trio.to_thread.run_sync(disktier.disk_models, store)
+    held = {n: cache.origin_holds(n) for n in sizes}  # what the origin loop last learned: no I/O
     kernel_entries, _bad = await trio.to_thread.run_sync(kernels.entries, store)
     conns = list(conns)  # as they are once the disk is read
     leased = {(r.model, r.variant) for c in conns for r in c.leases.values()}
