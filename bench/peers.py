@@ -698,11 +698,14 @@ def part_main(b: Bench) -> None:
         b.load("main", ck, loader, "cold", target(loader, ck.dir), before=b.cold)
 
 
-SLLMFS_ROWS = (("sllmfs", "cold"), ("sllmfs", "hit"), ("sllmfs-fuse", "hit"), ("sllmfs-fuse", "cold"))
+SLLMFS_ROWS = (("sllmfs", "cold"), ("sllmfs", "hit"), ("sllmfs", "warm"), ("sllmfs-fuse", "hit"),
+               ("sllmfs-fuse", "cold"))
 
 
 def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
-    """Handles cold, then from the memory tier; the FUSE view from the memory tier, then cold."""
+    """Handles cold, from the memory tier, then with the tier empty and the store's files in the page
+    cache (the peers' "warm" column: a first load after the files were read); the FUSE view from the
+    memory tier, then cold."""
     if save_error:
         for loader, placement in SLLMFS_ROWS:
             b.skip("main", ck, loader, placement, save_error)
@@ -712,6 +715,7 @@ def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
         with b.sidecar(fuse=b.wants("sllmfs-fuse")) as fuse_why:
             b.load("main", ck, "sllmfs", "cold", ck.file, extra=handle, before=partial(b.cold, ck))
             b.load("main", ck, "sllmfs", "hit", ck.file, extra=handle, before=partial(warm_model, b, ck))
+            b.load("main", ck, "sllmfs", "warm", ck.file, extra=handle, before=partial(tier_empty, b, ck))
             view = b.mount / ck.model
             for placement in ("hit", "cold"):
                 if fuse_why:
@@ -722,6 +726,19 @@ def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
                     b.load("main", ck, "sllmfs-fuse", "cold", view, before=partial(b.cold, ck))
     except SystemExit as e:  # the sidecar or one of its commands failed: say so in the rows not run
         b.fail_rest("main", ck, SLLMFS_ROWS, str(e))
+
+
+def tier_empty(b: Bench, ck: Ckpt) -> dict[str, Any]:
+    """The model out of the memory tier, its stored files in the page cache."""
+    from sllmfs.core.names import model_dirname
+
+    b.sllmfs_cli("evict", "--model", ck.model)
+    files = sorted((b.store / "models" / model_dirname(ck.model)).rglob("data_*.bin"))
+    if not files:
+        raise SystemExit(f"no stored data files for {ck.model} under {b.store}")
+    for f in files:
+        warm_file(f)
+    return {"page_cache_files": len(files)}
 
 
 def warm_model(b: Bench, ck: Ckpt) -> dict[str, Any]:

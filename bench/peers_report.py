@@ -41,9 +41,10 @@ LABEL = {key: SHORT[key].replace("\n", " ") for key in SHORT}
 SLLMFS = {key for key, _, ours in ROWS if ours}
 # column, header, the placement each row reports there (sllmfs: the sidecar owns the placement)
 COLUMNS: tuple[tuple[str, str, dict[str, str]], ...] = (("tmpfs", "tmpfs", {}),
-           ("warm", "page cache ²", {"sllmfs": "hit", "sllmfs-fuse": "hit"}),
-           ("cold", "cold", {}))
-COLORS = {"tmpfs": "#4c72b0", "warm": "#55a868", "cold": "#c44e52"}
+           ("warm", "page cache ²", {}),
+           ("cold", "cold", {}),
+           ("hit", "memory tier ³", {}))
+COLORS = {"tmpfs": "#4c72b0", "warm": "#55a868", "cold": "#c44e52", "hit": "#8172b2"}
 
 
 @dataclass
@@ -154,8 +155,10 @@ def caption(res: Results) -> str:
 
 
 FOOTNOTES = ("¹ SGLang's \"Load weight end\" (its model construction included; weights not checksummed).  \n"
-             "² sllmfs rows: a hit in the sidecar's memory tier (cold: evicted, page cache dropped); "
-             "peers: the file in the page cache. ✗: wrong bytes.")
+             "² the file in the page cache; sllmfs: a first load with the memory tier empty and the stored "
+             "files in the page cache (the sidecar fills its tier while the GPU copy streams).  \n"
+             "³ sllmfs only: a hit in the sidecar's memory tier. Cold: page cache dropped (sllmfs: evicted "
+             "too). ✗: wrong bytes.")
 
 
 def scaling_table(res: Results) -> str:
@@ -218,7 +221,7 @@ def plot_main(res: Results, ax: Any) -> None:
         xs = [i + (j - (len(COLUMNS) - 1) / 2) * width for i in range(len(keys))]
         rs = [runs[k] for k in keys]
         ys = [r["gbps"] if good(r) else 0.0 for r in rs]
-        bars = ax.bar(xs, ys, width, label=title.replace(" ²", " (sllmfs: memory tier)"), color=COLORS[name])
+        bars = ax.bar(xs, ys, width, label=title.rstrip(" ²³"), color=COLORS[name])
         for bar, y, r in zip(bars, ys, rs, strict=True):
             note = f"{y:.1f}" if y else status(r)
             ax.annotate(note, (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom",

@@ -50,6 +50,9 @@ struct Engine::Job {
   std::unique_ptr<EngineError> error;
   std::unique_ptr<std::atomic<uintptr_t>[]> dest;  // IPC destination block -> address (0 until opened)
   std::vector<uint32_t> open_order;                // blocks in the order the plan first writes them
+  // cudaHostRegister and cudaIpcOpenMemHandle contend in the driver: 227 opens took 0.73-1.0 s beside
+  // 8 pinning threads on the H200 against 13-20 ms alone (bench/NOTES-cold.md), so pinning waits for them
+  std::atomic<bool> opens_done{true};
 
   Job(const std::vector<SegmentDesc>& s, const Plan& p, int st) : segs(s), plan(p), stage_threads(st) {}
 
@@ -346,6 +349,8 @@ void Engine::register_worker(Job& job, int index) {
       const Block& b = job.plan.blocks[id];
       auto [a, e] = reg_range(job, b);
       if (!is_registered(a, e)) {
+        while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)
+          std::this_thread::sleep_for(std::chrono::microseconds(50));
         auto t = Clock::now();
         bool owned;
         try {
@@ -397,6 +402,7 @@ void Engine::ipc_opener(Job& job, IpcDests& ipc) {
     job.fail(EngineError(ErrorKind::Runtime, e.what()));
   }
   ipc.open_seconds = since(t);
+  job.opens_done.store(true, std::memory_order_release);
 }
 
 // After a failed copy: no handle stays open (the first close error loses to the copy's).
@@ -448,6 +454,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
         seen[u.dblk] = true;
         job.open_order.push_back(u.dblk);
       }
+    job.opens_done.store(false);
     opener = std::thread([this, &job, ipc] { ipc_opener(job, *ipc); });
   }
 

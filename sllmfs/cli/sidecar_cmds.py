@@ -52,6 +52,9 @@ def start(
     gpu_warmup: Optional[bool] = typer.Option(
         None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start or at the first load."
         + _default("--gpu-warmup")),
+    prefault: Optional[bool] = typer.Option(
+        None, "--prefault/--no-prefault", help="Touch the free hugetlb pages once at start: in a VM the first "
+        "fill then skips the host's first-touch cost." + _default("--prefault")),
     origin: Optional[str] = typer.Option(None, "--origin", help="Pull models missing from the store from this "
                                          "S3 origin, s3://bucket/prefix." + _default("none")),
     origin_endpoint: Optional[str] = typer.Option(None, "--origin-endpoint", help="The origin's S3 endpoint URL."
@@ -67,7 +70,7 @@ def start(
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
-                             metrics_port=metrics_port, gpu_warmup=gpu_warmup, origin=origin,
+                             metrics_port=metrics_port, gpu_warmup=gpu_warmup, prefault=prefault, origin=origin,
                              origin_endpoint=origin_endpoint)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")

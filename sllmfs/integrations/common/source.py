@@ -152,3 +152,22 @@ class StoreSource:
             yield lease
         finally:
             lease.close()
+
+
+def weights_as_filled(lease: Lease) -> Iterator[tuple[str, Any]]:
+    """(name, CPU view) pairs in file order, each as soon as its own bytes are verified, tied names
+    included: a model's ``load_weights`` shards and copies the first tensors while the sidecar is
+    still filling the rest (a first load streams instead of waiting for the whole variant).
+
+    A store lease checks every window when it opens, so it has nothing to wait for."""
+    wait = getattr(lease, "wait", None)
+    if wait is None:
+        yield from lease.tensors().items()
+        return
+    entries = lease.entries  # aliases map to their target's entry: the bytes waited for are the same
+    views = lease.tensors(wait=False)  # type: ignore[call-arg]  # the sidecar's Lease
+    for name in sorted(views, key=lambda n: (entries[n].partition, entries[n].offset)):  # the fill's order
+        t = entries[name]
+        if t.nbytes:
+            wait(t.partition, t.offset, t.nbytes)  # raises Corrupt on a window that failed its checksum
+        yield name, views[name]
