@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--part", choices=["all", "faults"], default="all",
+    ap.add_argument("--part", choices=["all", "faults", "disk"], default="all",
                     help="faults: is a page's first touch in this VM the cost, or every fault? (repeated "
                          "fault-in of the same reservation, fallocate, fills in a row)")
     args = ap.parse_args()
@@ -189,6 +189,9 @@ def main() -> None:
         r[label] = measured(label, fn())
         print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
 
+    if args.part == "disk":
+        _disk(store, work, files, cold)
+        return _write(args, r, nbytes, True)
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)
@@ -233,6 +236,21 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
         warm(f"sidecar fill page cache 16 threads #{rep}",
              lambda: sidecar_fill(store, work, 16, "32MiB", cold=False))
     warm("pinned H2D peak", pinned_peak)
+
+
+def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Callable[[], float]], None]) -> None:
+    """How this disk wants to be read: queue depth (threads) and request size, O_DIRECT or buffered,
+    next to the fill's own shape (a peer read it faster than our 16 x 32 MiB buffered limit)."""
+    for dev in Path("/sys/block").glob("*/queue/read_ahead_kb"):
+        print(f"{dev.parent.parent.name}: read_ahead_kb={dev.read_text().strip()} "
+              f"nr_requests={(dev.parent / 'nr_requests').read_text().strip()}", flush=True)
+    cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, direct=True))
+    for t, mib in ((16, 32), (32, 8), (64, 4), (64, 1)):
+        cold(f"disk O_DIRECT {t} threads {mib}MiB", lambda t=t, m=mib: read_files(files, t, m << 20, direct=True))
+    for t, mib in ((16, 32), (32, 8), (64, 4)):
+        cold(f"disk buffered {t} threads {mib}MiB", lambda t=t, m=mib: read_files(files, t, m << 20, direct=False))
+    for t, chunk in ((16, "32MiB"), (32, "8MiB")):
+        cold(f"sidecar fill cold {t} threads {chunk}", lambda t=t, c=chunk: sidecar_fill(store, work, t, c, cold=True))
 
 
 def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk: bool) -> None:
