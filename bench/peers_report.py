@@ -159,7 +159,8 @@ def caption(res: Results) -> str:
 FOOTNOTES = ("¹ SGLang's \"Load weight end\" (its model construction included; weights not checksummed).  \n"
              "² the file in the page cache; sllmfs: a first load with the memory tier empty and the stored "
              "files in the page cache (the sidecar fills its tier while the GPU copy streams).  \n"
-             "³ sllmfs only: a hit in the sidecar's memory tier, set against the best peer of any column. Cold: page cache dropped (sllmfs: evicted "
+             "³ sllmfs only: a hit in the sidecar's memory tier, set against the best peer of any column. "
+             "Cold: page cache dropped (sllmfs: evicted "
              "too). ✗: wrong bytes.")
 
 

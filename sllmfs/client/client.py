@@ -65,8 +65,10 @@ class Client:
 
     def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
         """One request; while the sidecar says the model is being pulled from its origin, the same
-        request again every half second (each reply comes at once), up to $SLLMFS_PULL_TIMEOUT."""
+        request again (each reply comes at once; soon after the first, as the download then streams into
+        memory and the next ask gets it: 50 ms, doubling to half a second), up to $SLLMFS_PULL_TIMEOUT."""
         deadline = None
+        pause = 0.05
         while True:
             try:
                 return self._call_once(msg, use_list=use_list)
@@ -77,7 +79,8 @@ class Client:
                     log.info("%s", e)
                 if now > deadline:
                     raise SidecarError(f"{e}; gave up waiting (SLLMFS_PULL_TIMEOUT)") from None
-                time.sleep(0.5)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
 
     def _call_once(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
         wait = self._wait(msg)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sllmfs.core import names
 from sllmfs.core.errors import SllmfsError
 from sllmfs.origin import client as s3
 from sllmfs.origin.objects import Obj, local_objects, parse_index
-from sllmfs.origin.pull import Progress, plan_pull, run_pull
+from sllmfs.origin.pull import Progress, PullPlan, RangeSink, plan_pull, run_pull
 from sllmfs.origin.url import INDEX, Origin
 from sllmfs.store.store import Store
 
@@ -18,17 +19,20 @@ log = logging.getLogger("sllmfs.origin")
 
 
 def ensure_local(store: Store, model: str, origin: Origin, *, threads: int = 16, progress: Progress | None = None,
-                 client: Any = None) -> bool:
+                 client: Any = None, on_plan: Callable[[PullPlan], RangeSink | None] | None = None) -> bool:
     """Make ``model`` present in the store, pulling it from ``origin`` if it is not (True: it was pulled).
     Concurrent callers for one model queue on its write lock; the first pulls, the others find it there.
     A model in neither place raises NotFound naming the origin; a damaged origin copy raises Corrupt
-    and stores nothing."""
+    and stores nothing. ``on_plan``: told the checked plan before any large transfer; what it returns
+    is handed each verified range (the sidecar streams them into its memory tier)."""
     names.check_model_name(model)
     if store.has(model):
         return False
     client = client or s3.connect(origin, threads)
     plan = plan_pull(client, origin, model, threads)
-    result = run_pull(store, plan, client, threads=threads, progress=progress, wait=True, if_missing=True)
+    sink = on_plan(plan) if on_plan is not None else None
+    result = run_pull(store, plan, client, threads=threads, progress=progress, wait=True, if_missing=True,
+                      on_range=sink)
     if result.published:
         log.info("pulled model=%s from %s bytes=%d resumed=%d", model, origin, result.bytes_total,
                  result.bytes_resumed)

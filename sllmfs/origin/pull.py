@@ -28,6 +28,9 @@ from sllmfs.store.format import CHUNK_SIZE, FORMAT_VERSION, MANIFEST, Manifest, 
 from sllmfs.store.store import MODEL_JSON, Store
 
 Progress = Callable[[int], None]
+# (object's rel path, offset, its verified bytes) for each range as it lands (pull threads): how the
+# sidecar streams a pull into its memory tier while the download goes on
+RangeSink = Callable[[str, int, bytes], None]
 
 
 @dataclass
@@ -91,10 +94,12 @@ def plan_pull(client: Any, origin: Origin, name: str, threads: int = 16) -> Pull
 
 
 def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, threads: int = 16,
-             progress: Progress | None = None, wait: bool = False, if_missing: bool = False) -> PullResult:
+             progress: Progress | None = None, wait: bool = False, if_missing: bool = False,
+             on_range: RangeSink | None = None) -> PullResult:
     """Download what the plan names into the pull's work folder, verified, and publish it.
     ``wait``: queue behind another writer of the model; ``if_missing``: return unpublished if the
-    model is in the store by then (another pull got it first)."""
+    model is in the store by then (another pull got it first); ``on_range``: handed every partition
+    range once verified (resumed ones too), before the model is published."""
     progress = progress or (lambda n: None)
     name, origin = plan.name, plan.origin
     result = PullResult(bytes_total=plan.total_bytes)
@@ -122,7 +127,7 @@ def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, 
                         fds.append(fd)
                         for off, length in s3.ranges(o.size):
                             jobs.append(pool.submit(_fetch_range, client, origin, name, o.rel, fd, chunks, off,
-                                                    length, fresh, progress, result))
+                                                    length, fresh, progress, result, on_range))
                 s3.wait_all(jobs)
             finally:
                 s3.settle(jobs)  # no job may still write to an fd closed below (its number reused)
@@ -136,11 +141,16 @@ def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, 
 
 
 def _fetch_range(client: Any, origin: Origin, name: str, rel: str, fd: int, chunks: list[str], off: int,
-                 length: int, fresh: bool, progress: Progress, result: PullResult) -> None:
-    if not fresh and _windows_ok(os.pread(fd, length, off), chunks, off) is None:
-        result.bytes_resumed += length  # verified where an earlier pull left it
-        progress(length)
-        return
+                 length: int, fresh: bool, progress: Progress, result: PullResult,
+                 on_range: RangeSink | None = None) -> None:
+    if not fresh:
+        have = os.pread(fd, length, off)
+        if _windows_ok(have, chunks, off) is None:
+            result.bytes_resumed += length  # verified where an earlier pull left it
+            if on_range is not None:
+                on_range(rel, off, have)
+            progress(length)
+            return
     data = s3.get_bytes(client, origin.bucket, origin.key(name, rel), off, length)
     if len(data) != length:
         raise _damaged(origin, name, rel, f"is shorter than its index says ({off + len(data)} bytes at most)")
@@ -153,6 +163,8 @@ def _fetch_range(client: Any, origin: Origin, name: str, rel: str, fd: int, chun
     if written != length:
         raise OSError(f"short write to {rel}")
     result.bytes_fetched += length
+    if on_range is not None:
+        on_range(rel, off, data)
     progress(length)
 
 

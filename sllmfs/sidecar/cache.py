@@ -18,15 +18,17 @@ import trio
 
 from sllmfs.core import names
 from sllmfs.core.config import Settings
-from sllmfs.core.errors import Corrupt, NotFound, Pulling, SllmfsError
+from sllmfs.core.errors import BadInput, Corrupt, NotFound, Pulling, SllmfsError
 from sllmfs.origin import url as origin_url
 from sllmfs.origin.client import connect as origin_client
 from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
+from sllmfs.origin.pull import PullPlan, RangeSink
 from sllmfs.protocol.messages import Readiness
 from sllmfs.sidecar import disktier
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import MemoryTier, Resident
+from sllmfs.sidecar.pullfeed import PullFeed
 from sllmfs.sidecar.registry import Registry
 from sllmfs.store.format import load_manifest, open_dir
 from sllmfs.store.store import Identity, Store, variant_identity
@@ -51,6 +53,8 @@ class Counters:
 @dataclass
 class _Pull:
     started: float
+    variant: str = names.HF_VARIANT  # what the first asker wants: streamed into the tier as it downloads
+    feed: PullFeed | None = None
     done: bool = False
     finished: float = 0.0
     bytes: int = 0
@@ -105,6 +109,9 @@ class Cache:
         if self.settings.registration_required and model not in self.registry:
             raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
         res = self.tier.get(model, variant)
+        if res is not None and res.source == "origin" and res.state == "filling":
+            self.counters.hits += 1  # coming from the origin now: the lease follows the download
+            return res
         ident = self.identity(model, variant)  # one stat: notices `sllmfs save --force` and `rm`
         if res is not None and res.identity == ident and res.error:  # its fill is failing right now
             raise Corrupt(_refusal(res.model, res.variant, res.error))
@@ -114,7 +121,7 @@ class Cache:
         if res is not None:
             self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
         if ident is None and self.origin is not None and not self.store.has(model):
-            self._pull(model)  # a miss on disk too: Pulling until the origin's copy is in the store
+            self._pull(model, variant)  # a miss on disk too: Pulling until the download streams into memory
             ident = self.identity(model, variant)
         if ident is None:
             info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
@@ -169,22 +176,28 @@ class Cache:
         finally:
             fill.close()
             self.fills.discard(fill)
-        seconds = time.perf_counter() - t0
+        self._finish(res, fill.error, fill.stop, time.perf_counter() - t0)
+
+    def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float) -> None:
+        """A fill or a streamed pull ended: ready (and pinned for GPU copies), or failed and refused."""
         self.counters.bytes_filled += res.filled
-        if fill.error or fill.stop:
+        if error or stopped:
             res.state = "failed"
             ready = res.ready.mm
             for i in range(res.ready.size):  # clients waiting on unread windows learn at once
                 if ready[i] == Readiness.PENDING:
                     ready[i] = Readiness.FAILED
-            if fill.error:
-                self.refused[(res.model, res.variant)] = (res.identity, _refusal(res.model, res.variant, fill.error))
-                log.error("fill failed model=%s variant=%s: %s; refusing the model", res.model, res.variant, fill.error)
+            if error and res.identity is not None:
+                self.refused[(res.model, res.variant)] = (res.identity, _refusal(res.model, res.variant, error))
+                log.error("fill failed model=%s variant=%s: %s; refusing the model", res.model, res.variant, error)
+            elif error:
+                log.error("streaming pull failed model=%s variant=%s: %s", res.model, res.variant, error)
         else:
             res.state = "ready"
             self.counters.fills += 1
-            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s", res.model, res.variant,
-                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0)
+            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s%s", res.model, res.variant,
+                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0,
+                     " (streamed from the origin)" if res.source == "origin" else "")
             if self.gpu.active and res.unpin is None and self._nursery is not None:
                 self._nursery.start_soon(self._pin, res)
         if res.state == "failed" and not res.retired:
@@ -196,6 +209,8 @@ class Cache:
         Returns (dropped variants, models removed from disk)."""
         dropped = []
         for (model, variant), res in list(self.tier.entries.items()):
+            if res.state == "filling":  # checked when its fill or pull ends
+                continue
             ident = await trio.to_thread.run_sync(self.identity, model, variant)
             if ident != res.identity:
                 self.tier.drop(res, why="store changed")
@@ -254,7 +269,7 @@ class Cache:
         for gone in set(self._origin_copy) - stored:
             del self._origin_copy[gone]
 
-    def _pull(self, model: str) -> None:
+    def _pull(self, model: str, variant: str = names.HF_VARIANT) -> None:
         """Bring ``model`` from the origin in the background; the caller's reply says Pulling (the
         client asks again) rather than wait out a download. Returns once it is in the store; a
         failed pull (not in the origin, damaged copy) is its error, told to everyone who asks for a while."""
@@ -263,7 +278,7 @@ class Cache:
         if state is not None and state.done and (state.error is None or now - state.finished > ORIGIN_MISS_S):
             state = None  # an old failure, or a pull whose model has gone again (evicted, rm): pull anew
         if state is None:
-            state = self._pulls[model] = _Pull(started=now)
+            state = self._pulls[model] = _Pull(started=now, variant=variant)
             self.start_soon(self._run_pull, model, state)
         if state.error is not None:
             raise state.error
@@ -275,15 +290,21 @@ class Cache:
         assert self.origin is not None
         origin = self.origin
 
-        def pull() -> None:
+        def on_plan(plan: PullPlan) -> RangeSink | None:  # a pull thread, before any large transfer
+            return trio.from_thread.run_sync(self._stream_pull, model, state, plan)
+
+        def pull() -> bool:
             if origin_kind(origin, model) != "model":
                 raise NotFound(f"model {model!r} is neither in the store at {self.store.root} nor in the "
                                f"origin {origin}")
-            if ensure_local(self.store, model, origin, progress=state.add):  # pulled: the origin holds this copy
-                self._origin_copy[model] = (time.monotonic(), True)
+            if ensure_local(self.store, model, origin, progress=state.add, on_plan=on_plan):
+                self._origin_copy[model] = (time.monotonic(), True)  # pulled: the origin holds this copy
+                return True
+            return False
 
+        published = False
         try:
-            await trio.to_thread.run_sync(pull)
+            published = await trio.to_thread.run_sync(pull)
         except SllmfsError as e:
             state.error = e
             log.warning("pull of model=%s from %s failed: %s", model, origin, e)
@@ -292,8 +313,86 @@ class Cache:
             state.error = SllmfsError(f"pulling model {model!r} from {origin} failed ({e}); see the sidecar's log")
         finally:
             state.done, state.finished = True, time.monotonic()
+            if state.feed is not None:
+                await self._end_stream(state, published)
             if state.error is None and self._pulls.get(model) is state:
                 del self._pulls[model]  # only failures are remembered (for ORIGIN_MISS_S)
+
+    def _stream_pull(self, model: str, state: _Pull, plan: PullPlan) -> RangeSink | None:
+        """The trio thread, once the pull's plan is checked: reserve the wanted variant in the memory
+        tier so the pull's verified ranges land there as they arrive (None: the pull only stores)."""
+        manifest = plan.manifests.get(state.variant)
+        if manifest is None or self.tier.get(model, state.variant) is not None:
+            return None
+        try:
+            res = self.tier.reserve(model, state.variant, manifest, None)
+        except BadInput as e:  # bigger than the pool, or the pool is busy: stored only, filled on the next ask
+            log.info("pull of model=%s goes to disk only: %s", model, e)
+            return None
+        res.source = "origin"
+        self.counters.misses += 1
+        state.feed = PullFeed(res)
+        log.info("pull of model=%s variant=%s streams into memory bytes=%d", model, state.variant,
+                 manifest.total_bytes)
+        return state.feed
+
+    async def _end_stream(self, state: _Pull, published: bool) -> None:
+        """The pull ended: its resident is ready (now with the committed variant's identity), filled from
+        the store (another writer stored the model first: nothing was streamed), or failed."""
+        assert state.feed is not None
+        res, feed = state.feed.res, state.feed
+        if res.closed:
+            return
+        seconds = time.monotonic() - state.started
+        stored = await self._stored_version(res)  # (identity, manifest) of what is committed now
+        if stored is not None and stored[1] != res.manifest:
+            stored = None  # replaced since (save --force): these bytes are not that version's
+        if state.error is None and stored is not None and feed.fed == 0 and not published:
+            await self._fill_from_store(res, stored[0])  # another writer stored it first: read it
+            return
+        if state.error is None and stored is not None and published and feed.complete:
+            res.identity = stored[0]
+            self._finish(res, None, False, seconds)
+            return
+        why = str(state.error) if state.error else "the stored copy is not the one downloaded"
+        self._finish(res, why, False, seconds)
+
+    async def _stored_version(self, res: Resident) -> tuple[Identity, Any] | None:
+        """The committed variant's identity and manifest, read through one directory fd (one version)."""
+        try:
+            dir_fd = open_dir(self.store.variant_path(res.model, res.variant), below=self.store.models_dir)
+        except OSError:
+            return None
+        try:
+            pinned = Path(f"/proc/self/fd/{dir_fd}")
+            ident = variant_identity(pinned)
+            manifest = await trio.to_thread.run_sync(load_manifest, pinned)
+        except SllmfsError:
+            return None
+        finally:
+            os.close(dir_fd)
+        return None if ident is None else (ident, manifest)
+
+    async def _fill_from_store(self, res: Resident, ident: Identity) -> None:
+        """Fill an empty reserved resident from the store's copy of the same version."""
+        try:
+            dir_fd = open_dir(self.store.variant_path(res.model, res.variant), below=self.store.models_dir)
+        except OSError as e:
+            self._finish(res, f"cannot open its stored copy ({e.strerror})", False, 0.0)
+            return
+        try:
+            pinned = Path(f"/proc/self/fd/{dir_fd}")
+            if variant_identity(pinned) != ident:
+                self._finish(res, "its stored copy changed while it was read", False, 0.0)
+                return
+            res.identity, res.source = ident, "store"
+            fill = Fill(res, pinned, self.settings.chunk_size)
+        except SllmfsError as e:
+            self._finish(res, str(e), False, 0.0)
+            return
+        finally:
+            os.close(dir_fd)
+        self.start_soon(self._fill, fill)
 
     def on_mount_miss(self, name: str) -> str | None:
         """The mount's lookup of a name the store lacks (blocking, in a worker thread): pull a model

@@ -98,7 +98,9 @@ class Resident:
     model: str
     variant: str
     manifest: Manifest
-    identity: Identity  # of the committed variant it was filled from (store.variant_identity)
+    # of the committed variant it was filled from (store.variant_identity); None while a pull from the
+    # origin streams it in (nothing is committed yet: the FUSE view, which asks by identity, waits)
+    identity: Identity | None
     segments: list[Segment]
     ready: Segment
     chunk_base: list[int]  # index of each partition's first readiness byte
@@ -112,6 +114,7 @@ class Resident:
     wire_tensors: list[list[Any]] = field(default_factory=list)
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
     closed: bool = False  # segments unmapped: nothing may touch them
+    source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +164,7 @@ class MemoryTier:
             return None
         return [memoryview(s.mm)[: s.size] for s in res.segments]
 
-    def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity) -> Resident:
+    def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity | None) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
         need = sum(_round_up(max(p.size, 1), PAGE) for p in manifest.partitions)
         nchunks = [max(1, -(-p.size // CHUNK_SIZE)) for p in manifest.partitions]

@@ -30,7 +30,7 @@ from sllmfs.origin.url import INDEX, Origin, parse  # noqa: E402
 from sllmfs.store.save import save_model  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 from tests.support.cli import one_line_error, sllmfs  # noqa: E402
-from tests.support.sidecar import sidecar  # noqa: E402
+from tests.support.sidecar import sidecar, wait_log  # noqa: E402
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 MODEL = "org/odd"
@@ -126,6 +126,16 @@ def odd_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stored(tmp_path: Path, odd_ckpt: Path) -> Store:
     store = Store(tmp_path / "store")
     save_model(store, MODEL, odd_ckpt, partition_target=1 << 20)  # several partitions
+    return store
+
+
+def _committed(store: Store, name: str, timeout: float = 30) -> Store:
+    """``store`` once ``name`` is in it: a streamed pull makes the lease ready before it commits to disk."""
+    deadline = time.monotonic() + timeout
+    while not store.has(name):
+        assert time.monotonic() < deadline, f"{name} was not committed to {store.root}"
+        time.sleep(0.05)
+    time.sleep(0.2)  # the sidecar notes the origin's copy right after the commit
     return store
 
 
@@ -353,7 +363,7 @@ def test_sidecar_pulls_a_missing_model_and_says_the_origin_holds_it(stored: Stor
     with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
         with c.acquire(MODEL) as lease:
             lease.wait(timeout=60)
-        assert _snapshot(Store(node), MODEL) == _snapshot(stored, MODEL)
+        assert _snapshot(_committed(Store(node), MODEL), MODEL) == _snapshot(stored, MODEL)
         st = c.status()
         (m,) = [m for m in st["models"] if m["name"] == MODEL]
         assert m["origin_copy"] and m["disk_evictable"] and st["origin"] == str(origin)
@@ -460,7 +470,55 @@ def test_a_model_removed_after_its_pull_is_pulled_again(stored: Store, origin: O
     with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
         with c.acquire(MODEL) as lease:
             lease.wait(timeout=60)
-        Store(node).remove(MODEL)
+        _committed(Store(node), MODEL).remove(MODEL)
         with c.acquire(MODEL) as lease:
             lease.wait(timeout=60)
-        assert _snapshot(Store(node), MODEL) == _snapshot(stored, MODEL)
+        assert _snapshot(_committed(Store(node), MODEL), MODEL) == _snapshot(stored, MODEL)
+
+
+def _partition_bytes(store: Store, name: str) -> list[bytes]:
+    info = store.get(name)
+    folder = store.variant_path(name, "hf")
+    return [(folder / p.file).read_bytes() for p in info.manifest("hf").partitions]
+
+
+def test_a_pull_streams_into_the_memory_tier(stored: Store, origin: Origin, env: dict[str, str],
+                                              tmp_path: Path) -> None:
+    """The acquire that starts a pull gets the model from memory as it downloads: each verified range
+    lands in the tier as it arrives (no second read from disk), and the copy is then an ordinary hit."""
+    push_model(stored, MODEL, origin)
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
+        with c.acquire(MODEL) as lease:
+            lease.wait(timeout=60)
+            got = [bytes(b) for b in lease.buffers()]
+        assert got == _partition_bytes(stored, MODEL)
+        log = wait_log(sd, "streamed from the origin")
+        assert "streams into memory" in log and "(streamed from the origin)" in log
+        assert "fill started" not in log  # the tier was never filled from the disk copy
+        with c.acquire(MODEL) as lease:  # a hit on the streamed copy, now known by its stored identity
+            assert lease.ready()
+        assert "fill started" not in sd.log()
+    assert _snapshot(_committed(Store(node), MODEL), MODEL) == _snapshot(stored, MODEL)
+
+
+def test_a_damaged_object_fails_the_streamed_lease_and_stores_nothing(stored: Store, origin: Origin,
+                                                                      env: dict[str, str], tmp_path: Path) -> None:
+    push_model(stored, MODEL, origin)
+    manifest = stored.get(MODEL).manifest("hf")
+    big = max(manifest.partitions, key=lambda p: p.size)
+    key = origin.key(MODEL, f"variants/hf/{big.file}")
+    bucket = _bucket(origin)
+    head = bucket.head_object(Bucket=origin.bucket, Key=key)
+    data = bytearray(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
+    data[len(data) - 10] ^= 0xFF
+    bucket.put_object(Bucket=origin.bucket, Key=key, Body=bytes(data), Metadata=head["Metadata"])
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
+        with pytest.raises(Corrupt):
+            with c.acquire(MODEL) as lease:  # either the acquire or the wait learns it
+                lease.wait(timeout=60)
+        assert not Store(node).has(MODEL)
+        with pytest.raises(Corrupt, match="fail their checksum"):  # remembered for a while: one line
+            c.acquire(MODEL)
+        assert c.status()["models"] == [] or all(m["name"] != MODEL for m in c.status()["models"])
