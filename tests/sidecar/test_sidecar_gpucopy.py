@@ -56,3 +56,56 @@ def test_no_gpu_at_start_is_one_quiet_line(tmp_path: Path) -> None:
         log = wait_log(sd, "no GPU copies from this sidecar")
         assert sd.status()["gpus"] == []
         assert "no GPU copies from this sidecar" in log and "Traceback" not in log
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the fake CUDA runtime")
+def test_sidecar_relays_through_an_idle_gpu_and_reports_the_cost(tmp_path: Path) -> None:
+    """Issue 26 through a real daemon and socket: the stand-in runtime's GPUs have peers and asynchronous
+    streams, and the client's "GPU memory" is a memfd the daemon maps through its IPC handle, so every
+    byte the sidecar copies (direct or relayed through GPU 1) is checked in the client process."""
+    import os
+
+    import numpy as np
+
+    from sllmfs.store.format import digest
+    from tests.support.cudart import FAKE_PEER_CUDART
+
+    lib = tmp_path / "libfakepeers.so"
+    (tmp_path / "fake.c").write_text(FAKE_PEER_CUDART)
+    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(tmp_path / "fake.c")], check=True)
+    gpu0 = "0000:00:06.0"
+    for setting, relays in (("auto", True), ("off", False)):
+        env = {"SLLMFS_CUDART": str(lib), "SLLMFS_RELAY": setting}
+        with sidecar(tmp_path / setting, "--mem-pool-size", "1GiB", env=env) as sd:
+            wait_log(sd, "gpu copy engine ready device=0000:00:07.0")
+            expected = make_model(sd.store, "org/m", tensors=12, nbytes=40 << 20)  # 480 MiB: 8 blocks of 64
+            with sd.connect() as c, c.acquire("org/m") as lease:
+                lease.wait(timeout=60)
+                total = sum(len(v) for v in expected.values())
+                fd = os.memfd_create("fake-gpu0")
+                os.ftruncate(fd, total)
+                mem = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r+", shape=(total,))
+                mem[:] = 0xEE  # poison
+                handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+                blocks = [{"handle": handle, "size": total, "device": gpu0}]
+                at, where, pieces = 0, {}, []
+                for name, ref in lease.entries.items():
+                    pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])
+                    where[name] = (at, ref.nbytes)
+                    at += ref.nbytes
+                stats = lease.copy_to_gpu(blocks, pieces, timeout=60)
+                got = {n: bytes(mem[a:a + k]) for n, (a, k) in where.items()}
+                del mem
+                os.close(fd)
+            assert {n: digest(v) for n, v in got.items()} == {n: digest(v) for n, v in expected.items()}
+            st = sd.status()["relay"]
+        if relays:
+            assert stats["relay_bytes"] > 0 and stats["relay_peers"].startswith("0000:00:07.0:")
+            assert stats["direct_bytes"] + stats["relay_bytes"] == stats["bytes"] == total
+            cost = st["peers"]["0000:00:07.0"]
+            assert st["allowed"] == "auto" and cost["loads"] == 1 and cost["bytes"] == stats["relay_bytes"]
+            assert cost["busy_seconds"] > 0 and cost["staging_bytes"] == 4 * (32 << 20)
+            assert cost["relaying_for"] == ""  # the copy is over: nothing held on the peer
+        else:
+            assert stats["relay_bytes"] == 0 and stats["direct_bytes"] == total
+            assert st == {"allowed": "off", "peers": {}}

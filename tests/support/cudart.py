@@ -59,7 +59,9 @@ int fake_open_handles(void) { return opened; }
 # peer copies, fake_h2d_bytes(dev) bytes uploaded by streams of dev,
 # fake_device_peak(dev) the most device memory dev held at once, fake_device_now(dev).
 FAKE_PEER_CUDART = r"""
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -216,8 +218,29 @@ const char* cudaGetErrorName(E e) {
 const char* cudaGetErrorString(E e) { return "fake"; }
 E cudaRuntimeGetVersion(int* v) { *v = 13000; return 0; }
 E cudaPointerGetAttributes(void* a, const void* p) { memset(a, 0, 16); return 0; }
-E cudaIpcOpenMemHandle(void** p, H h, unsigned f) { memcpy(p, h.r, sizeof(void*)); return 0; }
-E cudaIpcCloseMemHandle(void* p) { return 0; }
+/* A handle is a host address in this process, or "MEMFD:pid:fd:size": another process's memfd
+   (its "GPU memory"), mapped shared here, so a sidecar's copies land in the client process. */
+static void* maps[1024]; static size_t map_len[1024];
+E cudaIpcOpenMemHandle(void** p, H h, unsigned f) {
+  int pid, fd; size_t n;
+  if (sscanf(h.r, "MEMFD:%d:%d:%zu", &pid, &fd, &n) != 3) { memcpy(p, h.r, sizeof(void*)); return 0; }
+  char path[64]; snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
+  int o = open(path, O_RDWR);
+  if (o < 0) return 400;
+  void* m = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_SHARED, o, 0);
+  close(o);
+  if (m == MAP_FAILED) return 400;
+  pthread_mutex_lock(&g);
+  for (int i = 0; i < 1024; ++i) if (!maps[i]) { maps[i] = m; map_len[i] = n; break; }
+  pthread_mutex_unlock(&g);
+  *p = m; return 0;
+}
+E cudaIpcCloseMemHandle(void* p) {
+  pthread_mutex_lock(&g);
+  for (int i = 0; i < 1024; ++i) if (maps[i] == p) { munmap(p, map_len[i]); maps[i] = NULL; }
+  pthread_mutex_unlock(&g);
+  return 0;
+}
 E cudaDeviceGetByPCIBusId(int* d, const char* bus) {
   int n = -1; if (sscanf(bus, "0000:00:%x.0", &n) != 1 || n < 6 || n - 6 >= ndev()) return 101;
   *d = n - 6; return 0;
