@@ -96,24 +96,41 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
         regs_[a] = Reg{e, owned};
       }
       const uint8_t* base = job.segs[b.seg].base;
-      for (size_t u = b.u0; u < b.u1; ++u) {
-        const Unit& unit = job.plan.units[u];
-        uint8_t* dst = job.dst(unit);
-        for (uint64_t off = 0; off < unit.n;) {
-          if (fill == run.slot_bytes) {
-            flush();
-            cur = (cur + 1) % run.nslots;
-            if (run.used[cur]) target_->wait(run.events[cur]);  // its hop to the target has landed
-            fill = 0;
+      try {
+        for (size_t u = b.u0; u < b.u1; ++u) {
+          const Unit& unit = job.plan.units[u];
+          uint8_t* dst = job.dst(unit);
+          for (uint64_t off = 0; off < unit.n;) {
+            if (fill == run.slot_bytes) {
+              flush();
+              cur = (cur + 1) % run.nslots;
+              if (run.used[cur]) target_->wait(run.events[cur]);  // its hop to the target has landed
+              fill = 0;
+            }
+            uint64_t k = std::min(unit.n - off, run.slot_bytes - fill);
+            target_->copy(run.staging + cur * run.slot_bytes + fill, base + unit.off + off, k, run.streams[cur]);
+            hops.push_back({dst + off, fill, k});
+            fill += k;
+            off += k;
           }
-          uint64_t k = std::min(unit.n - off, run.slot_bytes - fill);
-          target_->copy(run.staging + cur * run.slot_bytes + fill, base + unit.off + off, k, run.streams[cur]);
-          hops.push_back({dst + off, fill, k});
-          fill += k;
-          off += k;
         }
+        flush();
+      } catch (const EngineError& err) {
+        if (err.kind != ErrorKind::Cuda) throw;
+        // The peer path failed (pinning, a peer copy): drain it (an error there fails the copy: the
+        // state of its earlier blocks is unknown), then this block goes the direct way, and the rest too.
+        hops.clear();
+        for (void* s : run.streams) target_->sync(s);
+        run.stats.skipped = std::string("failed, the rest went direct: ") + err.what();
+        target_->bind_device(here);
+        for (size_t u = b.u0; u < b.u1; ++u) {
+          const Unit& unit = job.plan.units[u];
+          target_->copy(job.dst(unit), base + unit.off, unit.n, streams_[0]);
+        }
+        job.done += b.bytes;
+        target_->bind_device(run.peer);  // the cleanup below is on the peer
+        break;
       }
-      flush();
       fill = run.slot_bytes;  // next block starts a fresh slot: a block's bytes land before it counts as done
       run.stats.bytes += b.bytes;
       job.done += b.bytes;

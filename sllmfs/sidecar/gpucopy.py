@@ -137,6 +137,9 @@ class GpuCopier:
                 finally:
                     self._free_peers(bus, peers)
                 self._account(stats, peers)
+            if stats["relay_peers"]:
+                log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
+                         stats["relay_bytes"], stats["relay_peers"])
         finally:
             self._want(bus, -1)
         addrs = stats.pop("ipc_addrs", [])

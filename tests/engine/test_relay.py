@@ -174,3 +174,19 @@ def test_stop_relays_hands_the_rest_to_the_direct_path(fake_lib):
     assert rel["skipped"].startswith("stopped") and rel["bytes"] > 0
     # after the stop it finishes at most the block it held (2 MiB here), then nothing more
     assert out["out"] - out["carried_at_stop"] <= 2 * (1 << 20)
+
+
+def test_a_peer_link_that_fails_part_way_leaves_the_rest_to_the_direct_path(fake_lib):
+    out = run(fake_lib, """
+        eng = engine()
+        eng.register(seg)
+        dst = np.empty(src.size, np.uint8)
+        st = eng.copy([seg], pieces_into(dst), relay=ce.Relay(peers=(1,), slot_bytes=MiB, slots=2,
+                                                               direct_window=2 * MiB))
+        print(json.dumps(dict(ok=same(dst), relays=st["relays"], direct=st["direct_bytes"], total=st["bytes"],
+                              now1=fake.fake_device_now(1))))
+    """, FAKE_CUDA_PEER_FAIL_AFTER="3")
+    assert out["ok"] and out["now1"] == 0
+    (rel,) = out["relays"]
+    assert rel["skipped"].startswith("failed, the rest went direct: cudaMemcpyPeerAsync: cudaErrorInvalidValue")
+    assert rel["bytes"] + out["direct"] == out["total"] and out["direct"] > 0

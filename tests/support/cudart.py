@@ -55,7 +55,8 @@ int fake_open_handles(void) { return opened; }
 # reuses a staging slot before its last copy out landed, or returns before every
 # stream drained, shows up as wrong bytes. FAKE_CUDA_DEVICES (default 2) GPUs; pairs
 # in FAKE_CUDA_NO_PEER ("0-1,0-2") have no peer access; FAKE_CUDA_MALLOC_LIMIT bytes
-# per GPU (default unlimited). fake_peer_bytes(dev) counts bytes that left dev by
+# per GPU (default unlimited); FAKE_CUDA_PEER_FAIL_AFTER=N fails every peer copy after the first N.
+# fake_peer_bytes(dev) counts bytes that left dev by
 # peer copies, fake_h2d_bytes(dev) bytes uploaded by streams of dev,
 # fake_device_peak(dev) the most device memory dev held at once, fake_device_now(dev).
 FAKE_PEER_CUDART = r"""
@@ -180,8 +181,11 @@ E cudaMemcpyAsync(void* d, const void* s, size_t n, int k, void* st) {
   if (k == 1) { pthread_mutex_lock(&g); h2d[((St*)st)->dev] += n; pthread_mutex_unlock(&g); }
   return enqueue(d, s, n, st);
 }
+static long peer_calls = 0;
 E cudaMemcpyPeerAsync(void* d, int dd, const void* s, int sd, size_t n, void* st) {
   if (dd < 0 || dd >= ndev() || sd < 0 || sd >= ndev()) return 101;
+  const char* fail = getenv("FAKE_CUDA_PEER_FAIL_AFTER");  /* a peer link that breaks part way */
+  if (fail && __sync_fetch_and_add(&peer_calls, 1) >= atol(fail)) return 1;
   pthread_mutex_lock(&g); peer_out[sd] += n; pthread_mutex_unlock(&g);
   return enqueue(d, s, n, st);
 }
@@ -212,7 +216,7 @@ E cudaHostAlloc(void** p, size_t n, unsigned f) { *p = malloc(n); return 0; }
 E cudaFreeHost(void* p) { free(p); return 0; }
 E cudaGetLastError(void) { return 0; }
 const char* cudaGetErrorName(E e) {
-  return e == 2 ? "cudaErrorMemoryAllocation" : e == 101 ? "cudaErrorInvalidDevice"
+  return e == 1 ? "cudaErrorInvalidValue" : e == 2 ? "cudaErrorMemoryAllocation" : e == 101 ? "cudaErrorInvalidDevice"
        : e == 217 ? "cudaErrorPeerAccessUnsupported" : e == 400 ? "cudaErrorInvalidResourceHandle" : "cudaErrorUnknown";
 }
 const char* cudaGetErrorString(E e) { return "fake"; }
