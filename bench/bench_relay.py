@@ -319,6 +319,8 @@ def main_sglang(args: argparse.Namespace) -> dict[str, Any]:
             run["relay_status"] = sidecar_status(sock).get("relay")
         finally:
             stop(proc)
+        lines = (logs / f"sidecar-{setting}.log").read_text().splitlines()
+        run["sidecar_copies"] = [x[-220:] for x in lines if "gpu copy model=" in x or "relay into=" in x][-12:]
     os.environ.pop("SLLMFS_RELAY", None)
     ref = runs["default"].get("ids")
     return {"bench": "relay-sglang", "prepare": prep, "runs": runs,
