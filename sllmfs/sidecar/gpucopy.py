@@ -16,13 +16,16 @@ stops that relay (it finishes the 64 MiB block it holds). It also holds the
 pinned segments relays read and an engine (a context) on every GPU. Which GPUs
 may relay: $SLLMFS_RELAY, "auto" (default: every idle GPU this sidecar sees),
 "off", or a comma list of PCI bus ids. What relays cost each peer (staging
-memory, seconds its link was busy, bytes carried) is in ``relay_status()``.
+memory, seconds its link was busy, bytes carried) is in ``relay_status()``. Loads by
+other processes (not through this sidecar) are seen through NVML where there is
+one (sllmfs.engine.links): a GPU whose link is receiving is not relayed through.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +76,8 @@ class GpuCopier:
         self._copying: dict[str, Any] = {}  # bus -> engine of the load copying into it now
         self._relay_for: dict[str, str] = {}  # peer bus -> the bus it relays into now
         self.relay_costs: dict[str, RelayCost] = {}
+        self._own_until: dict[str, float] = {}  # bus -> when a copy of ours last used its link
+        self._links: Any = None  # a LinkWatch once warm_up found two GPUs: loads by other processes
 
     def _engine(self, bus: str) -> tuple[Any, threading.Lock]:
         from sllmfs.engine.copy_engine import CopyEngine, CopyError
@@ -129,14 +134,14 @@ class GpuCopier:
                 if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
                     res.unpin = lambda: self.release(res)
                 rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
-                peers = self._take_peers(bus, engine)
+                peers, busy = self._take_peers(bus, engine)
                 try:
                     relay = Relay(peers=tuple(self._engines[p].device for p in peers)) if peers else None
                     stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True,
                                                             relay=relay)
                 finally:
                     self._free_peers(bus, peers)
-                self._account(stats, peers)
+                self._account(stats, peers, busy)
             if stats["relay_peers"]:
                 log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
                          stats["relay_bytes"], stats["relay_peers"])
@@ -157,32 +162,41 @@ class GpuCopier:
             self._loading[bus] = self._loading.get(bus, 0) + delta
             if not self._loading[bus]:
                 del self._loading[bus]
+                self._own_until[bus] = time.monotonic()
             target = self._relay_for.get(bus)
             if delta > 0 and target is not None and target in self._copying:
                 self._copying[target].stop_relays()
 
-    def _take_peers(self, bus: str, engine: Any) -> list[str]:
-        """The idle GPUs that may carry a share of this copy, marked as relaying until _free_peers."""
+    def _take_peers(self, bus: str, engine: Any) -> tuple[list[str], dict[str, str]]:
+        """The idle GPUs that may carry a share of this copy, marked as relaying until _free_peers,
+        and those skipped because another process is loading into them (NVML), with why."""
         with self._make:
             self._copying[bus] = engine
-            peers = [p for p in sorted(self._engines)
-                     if p != bus and p not in self._loading and p not in self._relay_for
-                     and (self.relay_allowed is None or p.lower() in self.relay_allowed)]
+            idle = [p for p in sorted(self._engines)
+                    if p != bus and p not in self._loading and p not in self._relay_for
+                    and (self.relay_allowed is None or p.lower() in self.relay_allowed)]
+            busy = {p: why for p in idle
+                    if self._links and (why := self._links.busy(p, self._own_until.get(p, 0.0)))}
+            peers = [p for p in idle if p not in busy]
+            for p, why in busy.items():
+                self.relay_costs.setdefault(p, RelayCost()).last_skipped = why
             for p in peers:
                 self._relay_for[p] = bus
                 self.relay_costs.setdefault(p, RelayCost()).relaying_for = bus
-            return peers
+            return peers, busy
 
     def _free_peers(self, bus: str, peers: list[str]) -> None:
         with self._make:
             self._copying.pop(bus, None)
+            now = time.monotonic()
             for p in peers:
                 self._relay_for.pop(p, None)
+                self._own_until[p] = now
                 self.relay_costs[p].relaying_for = ""
 
-    def _account(self, stats: dict[str, Any], peers: list[str]) -> None:
+    def _account(self, stats: dict[str, Any], peers: list[str], busy: dict[str, str]) -> None:
         """Each peer's cost into relay_costs; the reply's stats flattened (the op answers scalars only)."""
-        carried = []
+        carried = [f"{p}:0:0:0:{why}" for p, why in busy.items()]
         with self._make:
             by_device = {self._engines[p].device: p for p in peers}
             for r in stats.get("relays", []):
@@ -225,6 +239,10 @@ class GpuCopier:
                     continue
                 self._add(bus, engine)
             log.info("gpu copy engine ready device=%s (at start)", bus)
+        if len(self.buses) > 1 and self.relay_allowed != frozenset():
+            from sllmfs.engine.links import LinkWatch
+
+            self._links = LinkWatch(self.buses)
         return self.buses
 
     @property

@@ -255,3 +255,31 @@ long long fake_h2d_bytes(int d) { return h2d[d]; }
 long long fake_device_peak(int d) { return dev_peak[d]; }
 long long fake_device_now(int d) { return dev_now[d]; }
 """
+
+# A stand-in libnvidia-ml for the relay's link watch (sllmfs.engine.links): each GPU's PCIe
+# receive rate is read from the file $FAKE_NVML_RX, lines "<bus id> <KB/s>", so a test plays
+# another process loading into a GPU by writing it.
+FAKE_NVML = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static char buses[8][32]; static int n = 0;
+int nvmlInit_v2(void) { return 0; }
+int nvmlDeviceGetHandleByPciBusId_v2(const char* bus, void** h) {
+  for (int i = 0; i < n; ++i) if (!strcmp(buses[i], bus)) { *h = (void*)(long)(i + 1); return 0; }
+  if (n == 8) return 1;
+  strncpy(buses[n], bus, 31); *h = (void*)(long)(++n); return 0;
+}
+int nvmlDeviceGetPcieThroughput(void* h, int counter, unsigned* kbps) {
+  usleep(20000);  /* NVML samples over 20 ms */
+  *kbps = 0;
+  const char* path = getenv("FAKE_NVML_RX");
+  FILE* f = path ? fopen(path, "r") : NULL;
+  if (!f) return 0;
+  char bus[32]; unsigned v;
+  while (fscanf(f, "%31s %u", bus, &v) == 2) if (!strcmp(bus, buses[(long)h - 1]) && counter == 1) *kbps = v;
+  fclose(f);
+  return 0;
+}
+"""
