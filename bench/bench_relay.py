@@ -194,8 +194,10 @@ def gpu_loads(work: Path, store: Path, reps: int) -> dict[str, Any]:
         finally:
             stop(proc)
         hits = sorted(runs[1:], key=lambda r: r["seconds"])
+        lines = (work / f"sidecar-{setting}.log").read_text().splitlines()
         out[setting] = {"runs": runs, "median": hits[len(hits) // 2] if hits else runs[0],
-                        "mismatches": sum(r["mismatches"] for r in runs), "relay_status": status.get("relay")}
+                        "mismatches": sum(r["mismatches"] for r in runs), "relay_status": status.get("relay"),
+                        "sidecar_copies": [x[-220:] for x in lines if "gpu copy model=" in x or "relay" in x][-12:]}
     os.environ.pop("SLLMFS_RELAY", None)
     return out
 
@@ -225,9 +227,19 @@ def main_gpu(args: argparse.Namespace) -> dict[str, Any]:
                             "copy_gbps": e.get("gbps", 0.0), "copy_x_one_link": e.get("gbps", 0.0) / peak,
                             "e2e_x_both_links": m["gbps"] / lim["both_links_gbps"],
                             "relay_bytes": e.get("relay_bytes", 0), "relay_peers": e.get("relay_peers", ""),
-                            "mismatches": r["mismatches"]}
+                            "relay_path_gbps": relay_rate(e.get("relay_peers", "")), "mismatches": r["mismatches"]}
     result["summary"] = summary
     return result
+
+
+def relay_rate(peers: str) -> float:
+    """GB/s the relays carried while busy, from the reply's "bus:bytes:busy_s:staging[:why]" entries."""
+    carried = busy = 0.0
+    for entry in filter(None, peers.split(";")):
+        parts = entry.split(":")  # the bus id has colons itself: count from its end (4 fields of its own)
+        b, s = float(parts[3]), float(parts[4])
+        carried, busy = carried + b, max(busy, s)
+    return carried / busy / 1e9 if busy else 0.0
 
 
 def print_gpu(result: dict[str, Any]) -> None:
@@ -236,10 +248,13 @@ def print_gpu(result: dict[str, Any]) -> None:
           f"GPU 1 link {lim['gpu1_link_gbps']:.1f}, both links {lim['both_links_gbps']:.1f}, "
           f"GPU1->GPU0 {lim['p2p_1_to_0_gbps']:.1f}, host->GPU1->GPU0 {lim['relay_1_to_0_gbps']:.1f}, "
           f"host memory read {lim['host_read_gbps']:.1f}")
-    print(f"{'relay':<7}{'e2e GB/s':>10}{'x link':>8}{'copy GB/s':>11}{'x link':>8}{'relayed GB':>12}{'bad':>5}")
+    print(f"{'relay':<7}{'e2e GB/s':>10}{'x link':>8}{'copy GB/s':>11}{'x link':>8}{'relayed GB':>12}"
+          f"{'relay GB/s':>12}{'bad':>5}")
     for setting, s in result["summary"].items():
         print(f"{setting:<7}{s['e2e_gbps']:>10.1f}{s['e2e_x_one_link']:>8.2f}{s['copy_gbps']:>11.1f}"
-              f"{s['copy_x_one_link']:>8.2f}{s['relay_bytes'] / 1e9:>12.2f}{s['mismatches']:>5}")
+              f"{s['copy_x_one_link']:>8.2f}{s['relay_bytes'] / 1e9:>12.2f}{s['relay_path_gbps']:>12.1f}"
+              f"{s['mismatches']:>5}")
+    print("goal: copy into GPU 0 >= 1.8 x one link's pinned peak with relays (e2e adds connect, acquire, handles)")
     cost = (result["loads"]["auto"].get("relay_status") or {}).get("peers", {})
     for bus, c in cost.items():
         print(f"cost to {bus}: {c['loads']} loads, {c['bytes'] / 1e9:.2f} GB carried, link busy "
