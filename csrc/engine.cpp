@@ -365,7 +365,11 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   const int nstage = mode == Mode::Register ? 0 : cfg_.stage_threads;
   const int nreg = mode == Mode::Stage ? 0 : cfg_.register_threads;
   Job job(segs, plan, nstage);
-  relay_stop_ = false;
+  // A stop asked before this copy's relays start still holds for it; the next copy starts afresh.
+  struct ResetStop {
+    std::atomic<bool>& flag;
+    ~ResetStop() { flag = false; }
+  } reset_stop{relay_stop_};
   std::vector<RelayRun> runs;  // the peers that take a share; the others say why not in the stats
   std::vector<RelayStats> skipped;
   if (relay) {

@@ -106,8 +106,8 @@ class Engine {
   CopyStats copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
                  const Tick& tick, Mode mode, IpcDests* ipc = nullptr, const uint32_t* dest_blocks = nullptr,
                  const RelayConfig* relay = nullptr);
-  // From any thread while a copy runs: its relays finish the block they hold and
-  // stop; the direct path takes the rest (another load wants a relaying GPU).
+  // From any thread while a copy runs (or is about to): its relays finish the block
+  // they hold and stop; the direct path takes the rest (another load wants a relaying GPU).
   void stop_relays() { relay_stop_ = true; }
   Mode mode() const { return cfg_.mode; }
   // Drops cached registrations inside [base, base+len): call before unmapping.

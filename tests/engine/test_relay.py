@@ -190,3 +190,23 @@ def test_a_peer_link_that_fails_part_way_leaves_the_rest_to_the_direct_path(fake
     (rel,) = out["relays"]
     assert rel["skipped"].startswith("failed, the rest went direct: cudaMemcpyPeerAsync: cudaErrorInvalidValue")
     assert rel["bytes"] + out["direct"] == out["total"] and out["direct"] > 0
+
+
+def test_a_stop_asked_just_before_the_copy_holds_for_it_and_not_the_next(fake_lib):
+    # the sidecar may ask between choosing the peers and the copy's start
+    out = run(fake_lib, """
+        eng = engine()
+        eng.register(seg)
+        r = []
+        for _ in range(2):
+            if not r:
+                eng.stop_relays()
+            dst = np.empty(src.size, np.uint8)
+            st = eng.copy([seg], pieces_into(dst), relay=ce.Relay(peers=(1,), slot_bytes=MiB, slots=2,
+                                                                   direct_window=2 * MiB))
+            r.append(dict(ok=same(dst), rel=st["relays"][0]))
+        print(json.dumps(r))
+    """)
+    stopped, after = out
+    assert stopped["ok"] and stopped["rel"]["bytes"] == 0 and stopped["rel"]["skipped"].startswith("stopped")
+    assert after["ok"] and after["rel"]["bytes"] > 0 and after["rel"]["skipped"] == ""
