@@ -7,7 +7,8 @@
 GPU run (two GPUs with peer access, e.g. nvidia-h200-x2), measured in this one process:
 1. limits: pinned (cudaHostAlloc) H2D peak of GPU 0's link; the same for GPU 1; both links at once;
    GPU 1 -> GPU 0 peer copy; host -> GPU 1 -> GPU 0 relay (torch streams, slots on GPU 1, both stages
-   overlapped); the host memory read bandwidth (threads summing a buffer);
+   overlapped); the host memory read bandwidth (threads summing a buffer); then the copy engine alone
+   (8 GiB pinned -> GPU 0 in this process, relays off and on, compared on the GPU);
 2. builds the 13.48 GB Llama-2-7B-shaped checkpoint (bench/llama_shapes.py) and saves it;
 3. for SLLMFS_RELAY=off, then auto: a fresh sidecar, a first load (fills the memory tier), then
    --reps FRESH client processes loading every tensor into GPU 0 through the sidecar
@@ -42,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from limits import measured, sh, start_sidecar, stop  # noqa: E402
+from limits import measured, pinned_peak, sh, start_sidecar, stop  # noqa: E402
 
 MODEL = "bench/llama-2-7b-shaped"  # bench_gpu_load's client loads this name
 GiB = 1 << 30
@@ -97,7 +98,8 @@ def gpu_limits(gib: int = 4) -> dict[str, float]:
         with torch.cuda.stream(s):
             dst.copy_(a, non_blocking=True)
 
-    out = {"one_link_gbps": n / _timed(lambda: h2d(dst0, s0, src)) / 1e9,
+    out = {"one_link_gbps": pinned_peak(gib),  # as bench_gpu_load measures it (CUDA events): the goal's base
+           "one_link_wall_gbps": n / _timed(lambda: h2d(dst0, s0, src)) / 1e9,
            "gpu1_link_gbps": n / _timed(lambda: h2d(dst1, s1, src)) / 1e9,
            "both_links_gbps": 2 * n / _timed(lambda: (h2d(dst0, s0, src), h2d(dst1, s1, src2))) / 1e9,
            "p2p_1_to_0_gbps": n / _timed(lambda: dst0.copy_(dst1, non_blocking=True)) / 1e9}
@@ -144,6 +146,38 @@ def host_read_bw(gib: int = 8, threads: int = 16) -> float:
 
     once()
     return statistics.median(once() for _ in range(3))
+
+
+def engine_probe(gib: int = 8, reps: int = 3) -> dict[str, Any]:
+    """The copy engine alone (this process, no sidecar): pinned host -> GPU 0, relays off and on, checked."""
+    import torch
+
+    from sllmfs.engine.copy_engine import CopyEngine, Relay, Segment
+
+    n, piece = gib * GiB, 128 << 20
+    want = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0")  # random bytes, made on the GPU
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    src.copy_(want)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+    seg = Segment(src.data_ptr(), n, owners=(src,))
+    rows = [[0, o, dst.data_ptr() + o, min(piece, n - o)] for o in range(0, n, piece)]
+    out: dict[str, Any] = {"bytes": n}
+    with CopyEngine(target="cuda", device=0, mode="register") as eng:
+        eng.register(seg)
+        for label, relay in (("off", None), ("on", Relay(peers=(1,)))):
+            runs = []
+            for _ in range(reps):
+                dst.fill_(0)
+                torch.cuda.synchronize(0)
+                st = eng.copy([seg], rows, relay=relay)
+                st["correct"] = bool(torch.equal(dst, want))
+                runs.append(st)
+            runs.sort(key=lambda r: r["seconds"])
+            out[label] = runs[len(runs) // 2]
+            out[label]["all_correct"] = all(r["correct"] for r in runs)
+    del want, dst
+    torch.cuda.empty_cache()
+    return out
 
 
 # ---------------------------------------------------------------- loads through the sidecar
@@ -215,6 +249,11 @@ def main_gpu(args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.empty_cache()  # the limits' 16 GiB of GPU buffers: the loads need GPU 0's memory
     result["limits_s"] = time.perf_counter() - t0
     print("limits: " + ", ".join(f"{k} {v:.1f}" for k, v in lim.items()), flush=True)
+    result["engine_probe"] = probe = engine_probe()
+    for label in ("off", "on"):
+        p = probe[label]
+        print(f"engine alone, relay {label}: {p['gbps']:.1f} GB/s ({p['gbps'] / lim['one_link_gbps']:.2f} x one link),"
+              f" correct {p['all_correct']}, relays {p['relays']}", flush=True)
     store, result["prepare"] = build(work, args.layers)
     result["stored_bytes"] = sum(f.stat().st_size for f in store.rglob("data_*.bin"))
     result["loads"] = loads = gpu_loads(work, store, args.reps)
