@@ -79,6 +79,11 @@ const CudaApi& load_cuda(const std::string& path, const std::string& fallback) {
   bind_opt(h, "cudaIpcCloseMemHandle", &a.IpcCloseMemHandle);
   bind_opt(h, "cudaDeviceGetByPCIBusId", &a.DeviceGetByPCIBusId);
   bind_opt(h, "cudaDeviceGetPCIBusId", &a.DeviceGetPCIBusId);
+  bind_opt(h, "cudaMalloc", &a.Malloc);
+  bind_opt(h, "cudaFree", &a.Free);
+  bind_opt(h, "cudaDeviceCanAccessPeer", &a.DeviceCanAccessPeer);
+  bind_opt(h, "cudaDeviceEnablePeerAccess", &a.DeviceEnablePeerAccess);
+  bind_opt(h, "cudaMemcpyPeerAsync", &a.MemcpyPeerAsync);
   a.handle = h;
   Dl_info info{};
   a.path = dladdr(reinterpret_cast<void*>(a.SetDevice), &info) && info.dli_fname ? info.dli_fname : path;

@@ -21,6 +21,7 @@ constexpr cudaError_t kCudaSuccess = 0;
 constexpr cudaError_t kCudaErrorNotReady = 600;
 constexpr cudaError_t kCudaErrorHostMemoryAlreadyRegistered = 712;
 constexpr cudaError_t kCudaErrorHostMemoryNotRegistered = 713;
+constexpr cudaError_t kCudaErrorPeerAccessAlreadyEnabled = 704;
 
 constexpr int kMemcpyHostToDevice = 1;
 constexpr unsigned kStreamNonBlocking = 0x01;
@@ -65,6 +66,12 @@ struct CudaApi {
   cudaError_t (*IpcCloseMemHandle)(void*);
   cudaError_t (*DeviceGetByPCIBusId)(int*, const char*);
   cudaError_t (*DeviceGetPCIBusId)(char*, int, int);
+  // Peer relays (optional: without them a copy uses its own link only).
+  cudaError_t (*Malloc)(void**, size_t);
+  cudaError_t (*Free)(void*);
+  cudaError_t (*DeviceCanAccessPeer)(int*, int, int);
+  cudaError_t (*DeviceEnablePeerAccess)(int, unsigned);
+  cudaError_t (*MemcpyPeerAsync)(void*, int, const void*, int, size_t, cudaStream_t);
 
   void* handle = nullptr;
   std::string path;

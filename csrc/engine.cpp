@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "errors.h"
+#include "job.h"
+#include "relay.h"
 
 namespace sllm {
 namespace {
@@ -29,88 +31,6 @@ std::string range_text(uint64_t off, uint64_t n) {
 }
 
 }  // namespace
-
-// One copy() call: the plan, the queues workers claim from, and the outcome.
-struct Engine::Job {
-  const std::vector<SegmentDesc>& segs;
-  const Plan& plan;
-  int stage_threads;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<uint32_t> queue;   // ready blocks, in the order they became ready
-  std::deque<uint32_t> pinned;  // ready blocks whose range is already registered
-  bool all_dispatched = false;
-  int workers_left = 0;
-  int registrars_left = 0;
-  std::atomic<bool> abort{false};
-  std::atomic<uint64_t> done{0}, staged{0}, registered{0}, newly_registered{0}, register_calls{0};
-  std::atomic<uint64_t> register_ns{0};
-  double ring_alloc_seconds = 0;  // max over stagers: they allocate in parallel
-  std::string fallback;
-  std::unique_ptr<EngineError> error;
-  std::unique_ptr<std::atomic<uintptr_t>[]> dest;  // IPC destination block -> address (0 until opened)
-  std::vector<uint32_t> open_order;                // blocks in the order the plan first writes them
-  // cudaHostRegister and cudaIpcOpenMemHandle contend in the driver: 227 opens took 0.73-1.0 s beside
-  // 8 pinning threads on the H200 against 13-20 ms alone (bench/NOTES-cold.md), so pinning waits for them
-  std::atomic<bool> opens_done{true};
-
-  Job(const std::vector<SegmentDesc>& s, const Plan& p, int st) : segs(s), plan(p), stage_threads(st) {}
-
-  // Where a unit's bytes go: its address, or its offset in an IPC block once
-  // the opener has it (the opener runs ahead: one open is ~50 us, a block's copy ~1 ms).
-  uint8_t* dst(const Unit& u) {
-    if (u.dblk == kNoDestBlock) return u.dst;
-    uintptr_t a;
-    while ((a = dest[u.dblk].load(std::memory_order_acquire)) == 0) {
-      if (abort) throw EngineError(ErrorKind::Aborted, "copy aborted");
-      std::this_thread::sleep_for(std::chrono::microseconds(10));
-    }
-    return reinterpret_cast<uint8_t*>(a + reinterpret_cast<uintptr_t>(u.dst));
-  }
-
-  void fail(const EngineError& e) {
-    std::lock_guard<std::mutex> lk(mu);
-    if (!error) error = std::make_unique<EngineError>(e);
-    abort = true;
-    cv.notify_all();
-  }
-
-  // Next block for a worker, or -1 when there is no more work. Stagers take
-  // from the front, registrars from the back, so in hybrid mode the two
-  // paths meet wherever their measured speeds put them.
-  int64_t claim(bool registrar) {
-    std::unique_lock<std::mutex> lk(mu);
-    for (;;) {
-      if (abort) return -1;
-      std::deque<uint32_t>& own = pinned;
-      if (!own.empty() && (registrar || registrars_left == 0)) {
-        uint32_t id = own.front();
-        own.pop_front();
-        return id;
-      }
-      if (!queue.empty()) {
-        uint32_t id;
-        if (registrar) {
-          id = queue.back();
-          queue.pop_back();
-        } else {
-          id = queue.front();
-          queue.pop_front();
-        }
-        return id;
-      }
-      if (all_dispatched && pinned.empty()) return -1;
-      cv.wait(lk);
-    }
-  }
-
-  void worker_exit(bool registrar) {
-    std::lock_guard<std::mutex> lk(mu);
-    --workers_left;
-    if (registrar) --registrars_left;
-    cv.notify_all();
-  }
-};
 
 Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
   if (cfg_.chunk_bytes == 0 || cfg_.chunk_bytes % kHuge != 0)
@@ -294,7 +214,7 @@ void Engine::stage_worker(Job& job, int lane_id) {
     uint64_t fill = 0;
     bool fresh = true;
     int64_t id;
-    while ((id = job.claim(false)) >= 0) {
+    while ((id = job.claim(Claimer::Stager)) >= 0) {
       if (lane.slots.empty()) {
         grow_lane(lane, &alloc);
         lane.cur = 0;
@@ -345,7 +265,12 @@ void Engine::register_worker(Job& job, int index) {
     target_->bind_thread();
     size_t turn = index;
     int64_t id;
-    while ((id = job.claim(true)) >= 0) {
+    auto next = [&]() -> int64_t {
+      if (!job.direct) return job.claim(Claimer::Registrar);
+      return job.direct->claim([&] { return job.claim(Claimer::Registrar); },
+                               [&](int64_t b) { return job.plan.blocks[b].bytes; });
+    };
+    while ((id = next()) >= 0) {
       const Block& b = job.plan.blocks[id];
       auto [a, e] = reg_range(job, b);
       if (!is_registered(a, e)) {
@@ -376,6 +301,7 @@ void Engine::register_worker(Job& job, int index) {
         const Unit& unit = job.plan.units[u];
         target_->copy(job.dst(unit), base + unit.off, unit.n, stream);
       }
+      if (job.direct) job.direct->queued(stream, b.bytes);
       job.registered += b.bytes;
       job.done += b.bytes;
     }
@@ -418,7 +344,8 @@ void Engine::close_opened(IpcDests& ipc) {
 }
 
 CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
-                       const Tick& tick, Mode mode, IpcDests* ipc, const uint32_t* dest_blocks) {
+                       const Tick& tick, Mode mode, IpcDests* ipc, const uint32_t* dest_blocks,
+                       const RelayConfig* relay) {
   std::lock_guard<std::mutex> guard(copy_mu_);
   check_threads(mode);
   if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
@@ -441,7 +368,30 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   const int nstage = mode == Mode::Register ? 0 : cfg_.stage_threads;
   const int nreg = mode == Mode::Stage ? 0 : cfg_.register_threads;
   Job job(segs, plan, nstage);
-  job.workers_left = nstage + nreg;
+  // A stop asked before this copy's relays start still holds for it; the next copy starts afresh.
+  struct ResetStop {
+    std::atomic<bool>& flag;
+    ~ResetStop() { flag = false; }
+  } reset_stop{relay_stop_};
+  std::vector<RelayRun> runs;  // the peers that take a share; the others say why not in the stats
+  std::vector<RelayStats> skipped;
+  if (relay) {
+    if (relay->slots < 2 || relay->slot_bytes == 0)
+      throw EngineError(ErrorKind::BadPlan, "a relay needs at least 2 slots of more than 0 bytes");
+    runs.reserve(relay->peers.size());  // threads hold references into it
+    for (int peer : relay->peers) {
+      RelayStats rs;
+      rs.peer = peer;
+      rs.skipped = peer_problem(peer, mode);
+      if (!rs.skipped.empty())
+        skipped.push_back(rs);
+      else
+        runs.emplace_back(peer, *relay);
+    }
+    target_->bind_thread();
+    if (!runs.empty()) job.direct = std::make_unique<InFlight>(*target_, relay->direct_window);
+  }
+  job.workers_left = nstage + nreg + static_cast<int>(runs.size());
   job.registrars_left = nreg;
   std::thread opener;
   if (ipc) {
@@ -470,6 +420,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   try {
     for (int i = 0; i < nstage; ++i) threads.emplace_back([this, &job, i] { stage_worker(job, i); });
     for (int i = 0; i < nreg; ++i) threads.emplace_back([this, &job, i] { register_worker(job, i); });
+    for (RelayRun& r : runs) threads.emplace_back([this, &job, &r] { relay_worker(job, r); });
   } catch (const std::exception& e) {  // no thread may outlive this frame (std::terminate)
     EngineError err(ErrorKind::Runtime, std::string("could not start the copy threads: ") + e.what());
     job.fail(err);
@@ -595,6 +546,8 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   st.register_seconds = job.register_ns / 1e9;
   st.ring_alloc_seconds = job.ring_alloc_seconds;
   st.register_fallback = job.fallback;
+  for (RelayRun& r : runs) st.relays.push_back(r.stats);
+  st.relays.insert(st.relays.end(), skipped.begin(), skipped.end());
   return st;
 }
 

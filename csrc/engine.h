@@ -2,6 +2,7 @@
 // registration. Why each path exists, measured: bench/NOTES-copy-engine.md.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -42,12 +43,34 @@ struct EngineConfig {
   double poll_seconds = 100e-6;
 };
 
+// Relays for one copy (issue 26): each idle peer GPU p with a peer link carries
+// a share as host -> p (its own PCIe link) -> this GPU (NVLink), in slots of
+// staging memory on p, both stages running at once. Sources must be pinned
+// (register mode); peers without peer access are skipped with the reason.
+struct RelayConfig {
+  std::vector<int> peers;                // device ordinals that may relay
+  uint64_t slot_bytes = 32ull << 20;     // staging memory on the peer = slots * slot_bytes
+  int slots = 4;
+  uint64_t direct_window = 256ull << 20;  // bytes the direct path may have queued (its share follows its rate)
+};
+
+struct RelayStats {
+  int peer = -1;
+  uint64_t bytes = 0;          // carried through this peer
+  uint64_t staging_bytes = 0;  // device memory held on the peer while the copy ran
+  double busy_seconds = 0;     // first byte sent to the peer until its last byte landed here
+  std::string skipped;         // why it carried nothing or stopped early ("" = ran to the end)
+};
+
 struct CopyStats {
   uint64_t bytes = 0, staged_bytes = 0, registered_bytes = 0, newly_registered_bytes = 0;
   uint64_t blocks = 0, units = 0, register_calls = 0;
   double seconds = 0, register_seconds = 0, ring_alloc_seconds = 0, first_ready_seconds = 0;
   std::string register_fallback;  // why the register path stopped part way, if it did
+  std::vector<RelayStats> relays;
 };
+
+class InFlight;
 
 struct Registered {
   uint64_t bytes = 0;    // newly pinned by this call (0: cached, or pinned by someone else)
@@ -81,7 +104,11 @@ class Engine {
   // With `ipc`, piece i writes at offset dst into handle dest_blocks[i]; on
   // success the opened handles stay open (close_ipc each), on error none do.
   CopyStats copy(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, double timeout_s,
-                 const Tick& tick, Mode mode, IpcDests* ipc = nullptr, const uint32_t* dest_blocks = nullptr);
+                 const Tick& tick, Mode mode, IpcDests* ipc = nullptr, const uint32_t* dest_blocks = nullptr,
+                 const RelayConfig* relay = nullptr);
+  // From any thread while a copy runs (or is about to): its relays finish the block
+  // they hold and stop; the direct path takes the rest (another load wants a relaying GPU).
+  void stop_relays() { relay_stop_ = true; }
   Mode mode() const { return cfg_.mode; }
   // Drops cached registrations inside [base, base+len): call before unmapping.
   size_t release(uintptr_t base, uint64_t len);
@@ -110,11 +137,14 @@ class Engine {
     bool owned;
   };
   struct Job;
+  struct RelayRun;
 
   void check_threads(Mode mode) const;
   void stage_worker(Job& job, int lane);
   void register_worker(Job& job, int index);
   void ipc_opener(Job& job, IpcDests& ipc);
+  void relay_worker(Job& job, RelayRun& run);
+  std::string peer_problem(int peer, Mode mode);
   void close_opened(IpcDests& ipc);
   void grow_lane(Lane& lane, double* seconds);
   std::pair<uintptr_t, uintptr_t> reg_range(const Job& job, const Block& b) const;
@@ -130,6 +160,8 @@ class Engine {
   std::mutex ipc_mu_;
   std::map<uintptr_t, int> ipc_;  // opened address -> times opened
   bool closed_ = false;
+  std::atomic<bool> relay_stop_{false};
+  std::vector<int> peers_enabled_;  // peer access enabled both ways (once per engine)
 };
 
 }  // namespace sllm

@@ -2,8 +2,10 @@
 //
 // Engine(target, device, mode, streams, threads, register_threads,
 //        chunk_bytes, slot_bytes, slots_per_thread, cudart)
-// Engine.copy(segments, pieces, timeout, progress, mode) -> dict
-// Engine.copy_ipc(segments, pieces, handles, buses, timeout, progress, mode) -> (dict, [addr])
+// Engine.copy(segments, pieces, timeout, progress, mode, relay) -> dict
+// Engine.copy_ipc(segments, pieces, handles, buses, timeout, progress, mode, relay) -> (dict, [addr])
+//   relay: None or {"peers": [ordinal], "slot_bytes", "slots", "direct_window"}; stats["relays"] says
+//   what each peer carried or why it did not.  Engine.stop_relays(): from another thread, mid-copy.
 // Engine.release(base, length) -> int;  Engine.registered_bytes() -> int;  Engine.close()
 // Engine.register(base, length) -> dict;  Engine.open_ipc(handle, bus) -> int;  Engine.close_ipc(addr)
 // Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
@@ -160,23 +162,82 @@ bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
   return true;
 }
 
+// None, or {"peers": [int], "slot_bytes": int, "slots": int, "direct_window": int} (any key may be left out).
+bool parse_relay(PyObject* obj, sllm::RelayConfig* out, bool* given) {
+  *given = obj && obj != Py_None;
+  if (!*given) return true;
+  if (!PyDict_Check(obj)) {
+    PyErr_SetString(PyExc_TypeError, "relay must be a dict (peers, slot_bytes, slots, direct_window) or None");
+    return false;
+  }
+  if (PyObject* peers = PyDict_GetItemString(obj, "peers")) {
+    PyObject* seq = PySequence_Fast(peers, "relay peers must be a sequence of device ordinals");
+    if (!seq) return false;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+      long d = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+      if (d == -1 && PyErr_Occurred()) {
+        Py_DECREF(seq);
+        return false;
+      }
+      out->peers.push_back(static_cast<int>(d));
+    }
+    Py_DECREF(seq);
+  }
+  struct {
+    const char* key;
+    uint64_t* to;
+  } sizes[] = {{"slot_bytes", &out->slot_bytes}, {"direct_window", &out->direct_window}};
+  for (auto& [key, to] : sizes)
+    if (PyObject* v = PyDict_GetItemString(obj, key)) {
+      *to = PyLong_AsUnsignedLongLong(v);
+      if (PyErr_Occurred()) return false;
+    }
+  if (PyObject* v = PyDict_GetItemString(obj, "slots")) {
+    out->slots = static_cast<int>(PyLong_AsLong(v));
+    if (PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+PyObject* relays_list(const std::vector<sllm::RelayStats>& relays) {
+  PyObject* out = PyList_New(0);
+  for (const sllm::RelayStats& r : relays) {
+    PyObject* d = out ? Py_BuildValue("{s:i,s:K,s:K,s:d,s:s}", "peer", r.peer, "bytes", (unsigned long long)r.bytes,
+                                      "staging_bytes", (unsigned long long)r.staging_bytes, "busy_seconds",
+                                      r.busy_seconds, "skipped", r.skipped.c_str())
+                      : nullptr;
+    if (!d || PyList_Append(out, d) < 0) {
+      Py_XDECREF(d);
+      Py_XDECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(d);
+  }
+  return out;
+}
+
 PyObject* stats_dict(const sllm::CopyStats& s) {
   double gbps = s.seconds > 0 ? s.bytes / s.seconds / 1e9 : 0.0;
+  PyObject* relays = relays_list(s.relays);
+  if (!relays) return nullptr;
   return Py_BuildValue(
-      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:K,s:K,s:s}", "bytes", (unsigned long long)s.bytes, "seconds",
+      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:K,s:K,s:s,s:N}", "bytes", (unsigned long long)s.bytes, "seconds",
       s.seconds, "gbps", gbps, "staged_bytes", (unsigned long long)s.staged_bytes, "registered_bytes",
       (unsigned long long)s.registered_bytes, "newly_registered_bytes", (unsigned long long)s.newly_registered_bytes,
       "register_seconds", s.register_seconds, "register_calls", (unsigned long long)s.register_calls,
       "ring_alloc_seconds", s.ring_alloc_seconds, "first_ready_seconds", s.first_ready_seconds, "blocks",
       (unsigned long long)s.blocks, "units", (unsigned long long)s.units, "register_fallback",
-      s.register_fallback.c_str());
+      s.register_fallback.c_str(), "relays", relays);
 }
 
 // Shared by copy and copy_ipc: pieces are rows of 4 uint64, or of 5 with an
 // IPC destination (segment, offset, block, offset in block, nbytes).
 PyObject* run_copy(EngineObject* self, PyObject* segs_obj, PyObject* pieces_obj, double timeout, PyObject* progress,
-                   const char* mode_name, sllm::IpcDests* ipc) {
+                   const char* mode_name, sllm::IpcDests* ipc, PyObject* relay_obj) {
   if (!need_engine(self)) return nullptr;
+  sllm::RelayConfig relay;
+  bool relaying = false;
+  if (!parse_relay(relay_obj, &relay, &relaying)) return nullptr;
   sllm::Mode mode = self->engine->mode();
   if (mode_name && !parse_mode(mode_name, &mode)) return nullptr;
   std::vector<sllm::SegmentDesc> segs;
@@ -233,7 +294,8 @@ PyObject* run_copy(EngineObject* self, PyObject* segs_obj, PyObject* pieces_obj,
   sllm::EngineError err(sllm::ErrorKind::Runtime, "");
   ts = PyEval_SaveThread();
   try {
-    st = self->engine->copy(segs, rows.data(), n, timeout, tick, mode, ipc, ipc ? dest_blocks.data() : nullptr);
+    st = self->engine->copy(segs, rows.data(), n, timeout, tick, mode, ipc, ipc ? dest_blocks.data() : nullptr,
+                            relaying ? &relay : nullptr);
   } catch (const sllm::EngineError& e) {
     err = e;
     failed = true;
@@ -254,23 +316,23 @@ PyObject* run_copy(EngineObject* self, PyObject* segs_obj, PyObject* pieces_obj,
 }
 
 PyObject* engine_copy(EngineObject* self, PyObject* args, PyObject* kwds) {
-  static const char* kw[] = {"segments", "pieces", "timeout", "progress", "mode", nullptr};
-  PyObject *segs_obj, *pieces_obj, *progress = Py_None;
+  static const char* kw[] = {"segments", "pieces", "timeout", "progress", "mode", "relay", nullptr};
+  PyObject *segs_obj, *pieces_obj, *progress = Py_None, *relay = Py_None;
   double timeout = -1;
   const char* mode_name = nullptr;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj, &timeout,
-                                   &progress, &mode_name))
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|dOzO", const_cast<char**>(kw), &segs_obj, &pieces_obj, &timeout,
+                                   &progress, &mode_name, &relay))
     return nullptr;
-  return run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, nullptr);
+  return run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, nullptr, relay);
 }
 
 PyObject* engine_copy_ipc(EngineObject* self, PyObject* args, PyObject* kwds) {
-  static const char* kw[] = {"segments", "pieces", "handles", "buses", "timeout", "progress", "mode", nullptr};
-  PyObject *segs_obj, *pieces_obj, *handles_obj, *buses_obj, *progress = Py_None;
+  static const char* kw[] = {"segments", "pieces", "handles", "buses", "timeout", "progress", "mode", "relay", nullptr};
+  PyObject *segs_obj, *pieces_obj, *handles_obj, *buses_obj, *progress = Py_None, *relay = Py_None;
   double timeout = -1;
   const char* mode_name = nullptr;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|dOz", const_cast<char**>(kw), &segs_obj, &pieces_obj,
-                                   &handles_obj, &buses_obj, &timeout, &progress, &mode_name))
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|dOzO", const_cast<char**>(kw), &segs_obj, &pieces_obj,
+                                   &handles_obj, &buses_obj, &timeout, &progress, &mode_name, &relay))
     return nullptr;
   sllm::IpcDests ipc;
   PyObject* hs = PySequence_Fast(handles_obj, "handles must be a sequence of 64-byte bytes");
@@ -297,7 +359,7 @@ PyObject* engine_copy_ipc(EngineObject* self, PyObject* args, PyObject* kwds) {
     ipc.buses.emplace_back(b);
   }
   Py_DECREF(bs);
-  PyObject* stats = run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, &ipc);
+  PyObject* stats = run_copy(self, segs_obj, pieces_obj, timeout, progress, mode_name, &ipc, relay);
   PyObject* addrs = stats ? PyList_New(0) : nullptr;
   bool ok = addrs != nullptr;
   for (uintptr_t a : ipc.opened) {
@@ -384,6 +446,12 @@ PyObject* engine_close_ipc(EngineObject* self, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* engine_stop_relays(EngineObject* self, PyObject*) {
+  if (!need_engine(self)) return nullptr;
+  self->engine->stop_relays();  // an atomic flag: never waits on the running copy
+  Py_RETURN_NONE;
+}
+
 PyObject* engine_open_ipc_count(EngineObject* self, PyObject*) {
   if (!need_engine(self)) return nullptr;
   return PyLong_FromSize_t(self->engine->open_ipc_count());
@@ -448,6 +516,8 @@ PyMethodDef engine_methods[] = {
     {"open_ipc", reinterpret_cast<PyCFunction>(engine_open_ipc), METH_VARARGS,
      "open_ipc(handle, bus) -> device address of another process's allocation"},
     {"close_ipc", reinterpret_cast<PyCFunction>(engine_close_ipc), METH_VARARGS, "close_ipc(addr)"},
+    {"stop_relays", reinterpret_cast<PyCFunction>(engine_stop_relays), METH_NOARGS,
+     "the running copy's relays finish their block and stop (another load wants a relaying GPU)"},
     {"open_ipc_count", reinterpret_cast<PyCFunction>(engine_open_ipc_count), METH_NOARGS, "IPC handles open"},
     {"bus_id", reinterpret_cast<PyCFunction>(engine_bus_id), METH_NOARGS, "PCI bus id of the engine's device"},
     {nullptr, nullptr, 0, nullptr}};

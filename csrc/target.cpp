@@ -34,6 +34,14 @@ class HostTarget final : public Target {
   void ipc_close(void*) override { throw no_ipc(); }
   int device_of_bus(const std::string&) override { throw no_ipc(); }
   std::string bus_id() override { return "host"; }
+  std::string peer_problem(int) override { return "relays need a CUDA engine (target='cuda'), not the host target"; }
+  void bind_device(int) override {}
+  void* alloc_device(size_t) override { throw EngineError(ErrorKind::Runtime, "the host target has no devices"); }
+  void free_device(void*) override {}
+  void copy_peer(void*, int, const void*, int, size_t, void*) override {
+    throw EngineError(ErrorKind::Runtime, "the host target has no devices");
+  }
+  int device() const override { return -1; }
 
  private:
   static EngineError no_ipc() {
@@ -121,6 +129,44 @@ class CudaTarget final : public Target {
     check("cudaDeviceGetPCIBusId", need(api_->DeviceGetPCIBusId, "cudaDeviceGetPCIBusId")(buf, sizeof buf, device_));
     return buf;
   }
+  std::string peer_problem(int peer) override {
+    if (peer == device_) return "it is the GPU being loaded";
+    if (!api_->Malloc || !api_->Free || !api_->DeviceCanAccessPeer || !api_->DeviceEnablePeerAccess ||
+        !api_->MemcpyPeerAsync)
+      return "the CUDA runtime lacks the peer-to-peer entry points";
+    int count = 0;
+    check("cudaGetDeviceCount", api_->GetDeviceCount(&count));
+    if (peer < 0 || peer >= count)
+      return "CUDA device " + std::to_string(peer) + " does not exist (" + std::to_string(count) + " visible)";
+    int there = 0, back = 0;
+    check("cudaDeviceCanAccessPeer", api_->DeviceCanAccessPeer(&there, peer, device_));
+    check("cudaDeviceCanAccessPeer", api_->DeviceCanAccessPeer(&back, device_, peer));
+    if (!there || !back) return "no peer access between GPU " + std::to_string(device_) + " and GPU " + std::to_string(peer);
+    for (auto [from, to] : {std::pair<int, int>{peer, device_}, {device_, peer}}) {
+      bind_device(from);
+      cudaError_t rc = api_->DeviceEnablePeerAccess(to, 0);
+      if (rc != kCudaSuccess) api_->GetLastError();
+      if (rc != kCudaSuccess && rc != kCudaErrorPeerAccessAlreadyEnabled) {
+        bind_thread();
+        return cuda_error_text(*api_, "cudaDeviceEnablePeerAccess", rc);
+      }
+    }
+    bind_thread();
+    return "";
+  }
+  void bind_device(int dev) override { check("cudaSetDevice", api_->SetDevice(dev)); }
+  void* alloc_device(size_t n) override {
+    void* p = nullptr;
+    check("cudaMalloc", api_->Malloc(&p, n));
+    return p;
+  }
+  void free_device(void* p) override {
+    if (p && api_->Free(p) != kCudaSuccess) api_->GetLastError();
+  }
+  void copy_peer(void* dst, int dst_dev, const void* src, int src_dev, size_t n, void* stream) override {
+    check("cudaMemcpyPeerAsync", api_->MemcpyPeerAsync(dst, dst_dev, src, src_dev, n, stream));
+  }
+  int device() const override { return device_; }
 
  private:
   bool is_pinned(const void* p) {

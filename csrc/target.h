@@ -38,6 +38,15 @@ class Target {
   // Device ordinal of a PCI bus id ("0000:41:00.0"), and this target's own.
   virtual int device_of_bus(const std::string& bus) = 0;
   virtual std::string bus_id() = 0;
+  // Peer relays (relay.cpp). "" when `peer` can carry a share into this target's
+  // device (it exists, is another GPU, peer access works both ways: enabled here),
+  // else why not. The host target has no peers.
+  virtual std::string peer_problem(int peer) = 0;
+  virtual void bind_device(int dev) = 0;  // this thread's device (a relay works on its peer)
+  virtual void* alloc_device(size_t n) = 0;  // on this thread's device
+  virtual void free_device(void* p) = 0;
+  virtual void copy_peer(void* dst, int dst_dev, const void* src, int src_dev, size_t n, void* stream) = 0;
+  virtual int device() const = 0;
 };
 
 std::unique_ptr<Target> make_host_target();

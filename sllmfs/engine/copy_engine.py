@@ -43,6 +43,7 @@ from sllmfs.engine.errors import (
     ShortSegment,
 )
 from sllmfs.engine.native import EngineError, lib, translate
+from sllmfs.engine.relay import Relay, summarize
 from sllmfs.engine.segments import (
     MODES,
     MiB,
@@ -56,7 +57,7 @@ from sllmfs.engine.segments import (
 
 __all__ = [
     "BadPieces", "ChunkFailed", "CopyEngine", "CopyError", "CudaError", "CudaUnavailable", "ReadinessTimeout",
-    "Segment", "ShortSegment", "address_of", "map_segment",
+    "Relay", "Segment", "ShortSegment", "address_of", "map_segment",
 ]
 
 IPC_HANDLE_BYTES = 64
@@ -136,6 +137,7 @@ class CopyEngine:
         pieces: Any,
         timeout: float | None = 60.0,
         progress: Callable[[int, int], object] | None = None,
+        relay: Relay | None = None,
     ) -> dict[str, Any]:
         """Copy every piece; return stats once all bytes have landed.
 
@@ -143,7 +145,9 @@ class CopyEngine:
         offset, destination address, nbytes). ``timeout`` bounds how long the
         copy waits with no chunk becoming ready (None: forever). ``progress``
         is called as progress(done_bytes, total_bytes) from this thread; if it
-        raises, the copy stops and the exception propagates.
+        raises, the copy stops and the exception propagates. ``relay``: peers
+        that may carry a share (:mod:`sllmfs.engine.relay`); stats["relays"] says
+        what each carried, or why it did not.
         """
         rows = np.ascontiguousarray(pieces, dtype=np.uint64)
         if rows.size == 0:
@@ -154,7 +158,8 @@ class CopyEngine:
         mode = self._auto_mode(segments) if self.mode == "auto" else self.mode
         wait = -1.0 if timeout is None else float(timeout)
         try:
-            stats: dict[str, Any] = self._engine.copy(segs, rows, wait, progress, mode)
+            stats: dict[str, Any] = self._engine.copy(segs, rows, wait, progress, mode,
+                                                      relay.native() if relay else None)
         except EngineError as e:
             raise translate(e) from None
         return self._with_mode(stats, mode)
@@ -163,7 +168,11 @@ class CopyEngine:
         stats["mode"] = mode
         stats["threads"] = self.threads if mode != "register" else 0
         stats["register_threads"] = self.register_threads if mode != "stage" else 0
-        return stats
+        return summarize(stats)
+
+    def stop_relays(self) -> None:
+        """From another thread: the running copy's relays finish the block they hold and stop."""
+        self._engine.stop_relays()
 
     def _auto_mode(self, segments: Sequence[SegmentLike]) -> str:
         # Segments pinned by register() copy at link speed whatever their page size.
@@ -230,6 +239,7 @@ class CopyEngine:
         pieces: Any,
         timeout: float | None = 60.0,
         keep_open: bool = False,
+        relay: Relay | None = None,
     ) -> dict[str, Any]:
         """Server-side copy into another process's tensors: open, copy, close.
 
@@ -261,7 +271,8 @@ class CopyEngine:
         wait = -1.0 if timeout is None else float(timeout)
         try:  # on error the native side has closed whatever it opened
             stats, addrs = self._engine.copy_ipc(segment_tuples(segments), rows, handles,
-                                                 [str(b["device"]) for b in blocks], wait, None, mode)
+                                                 [str(b["device"]) for b in blocks], wait, None, mode,
+                                                 relay.native() if relay else None)
         except EngineError as e:
             raise translate(e) from None
         t2 = time.perf_counter()

@@ -6,22 +6,63 @@ long: it pins each segment once (cached per mapping, released before the
 segment is freed) and writes into the client's GPU allocations, which the
 client exports as CUDA IPC handles (sllmfs.engine.ipc). One engine per GPU,
 made on first use; one copy at a time per engine.
+
+Relays (issue 26): a load into one GPU also goes through the PCIe links of the
+node's idle GPUs (host -> peer -> target over NVLink, sllmfs.engine.relay). They
+live here, not in the client, because only the sidecar sees every load on the
+node: it relays through a GPU only while no load it serves is bound for that GPU
+and no other load relays through it, and a load that arrives for a relaying GPU
+stops that relay (it finishes the 64 MiB block it holds). It also holds the
+pinned segments relays read and an engine (a context) on every GPU. Which GPUs
+may relay: $SLLMFS_RELAY, "auto" (default: every idle GPU this sidecar sees),
+"off", or a comma list of PCI bus ids. What relays cost each peer (staging
+memory, seconds its link was busy, bytes carried) is in ``relay_status()``. Loads by
+other processes (not through this sidecar) are seen through NVML where there is
+one (sllmfs.engine.links): a GPU whose link is receiving is not relayed through.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
+from sllmfs.engine.relay import Relay
 from sllmfs.sidecar.memtier import Resident
 from sllmfs.store.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 
 log = logging.getLogger("sllmfs.sidecar")
+
+
+def relay_setting(raw: str) -> frozenset[str] | None:
+    """$SLLMFS_RELAY: None = every GPU may relay ("auto", unset), empty = none ("off"), else these bus ids."""
+    text = raw.strip().lower()
+    if text in ("", "auto", "on", "1", "true", "yes"):
+        return None
+    if text in ("off", "0", "false", "no", "none"):
+        return frozenset()
+    return frozenset(b.strip() for b in text.split(",") if b.strip())
+
+
+class RelayCost:
+    """What relaying has cost one peer GPU since the sidecar started (status and metrics)."""
+
+    def __init__(self) -> None:
+        self.loads = 0           # copies it carried a share of
+        self.bytes = 0           # bytes it carried
+        self.busy_seconds = 0.0  # its PCIe link busy with others' loads
+        self.staging_bytes = 0   # device memory a relay holds on it while the copy runs
+        self.last_skipped = ""   # why it last carried nothing or stopped early
+        self.relaying_for = ""   # the GPU it carries a share into now ("" = none)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
 
 
 class GpuCopier:
@@ -30,6 +71,13 @@ class GpuCopier:
         self._locks: dict[str, threading.Lock] = {}
         self._make = threading.Lock()
         self.unavailable: str | None = None  # why this sidecar cannot copy to GPUs (then clients copy)
+        self.relay_allowed = relay_setting(env_str("SLLMFS_RELAY"))
+        self._loading: dict[str, int] = {}  # bus -> loads bound for it now (copying or waiting to)
+        self._copying: dict[str, Any] = {}  # bus -> engine of the load copying into it now
+        self._relay_for: dict[str, str] = {}  # peer bus -> the bus it relays into now
+        self.relay_costs: dict[str, RelayCost] = {}
+        self._own_until: dict[str, float] = {}  # bus -> when a copy of ours last used its link
+        self._links: Any = None  # a LinkWatch once warm_up found two GPUs: loads by other processes
 
     def _engine(self, bus: str) -> tuple[Any, threading.Lock]:
         from sllmfs.engine.copy_engine import CopyEngine, CopyError
@@ -77,13 +125,28 @@ class GpuCopier:
         buses = {str(b.get("device", "")) for b in blocks}
         if len(buses) != 1:
             raise BadInput(f"one load_ipc request per GPU, got devices {sorted(buses)}")
-        engine, lock = self._engine(buses.pop())
+        bus = buses.pop()
+        engine, lock = self._engine(bus)
         segs = self._segments(res)
-        with lock:
-            if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
-                res.unpin = lambda: self.release(res)
-            rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
-            stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True)
+        self._want(bus, +1)
+        try:
+            with lock:
+                if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
+                    res.unpin = lambda: self.release(res)
+                rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
+                peers, busy = self._take_peers(bus, engine)
+                try:
+                    relay = Relay(peers=tuple(self._engines[p].device for p in peers)) if peers else None
+                    stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True,
+                                                            relay=relay)
+                finally:
+                    self._free_peers(bus, peers)
+                self._account(stats, peers, busy)
+            if stats["relay_peers"]:
+                log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
+                         stats["relay_bytes"], stats["relay_peers"])
+        finally:
+            self._want(bus, -1)
         addrs = stats.pop("ipc_addrs", [])
 
         def close() -> None:
@@ -91,6 +154,70 @@ class GpuCopier:
                 engine.close_ipc(a)
 
         return stats, close
+
+    def _want(self, bus: str, delta: int) -> None:
+        """A load bound for ``bus`` arrives (+1) or ends (-1). On arrival a relay through ``bus`` stops:
+        it finishes the block it holds (64 MiB, ~1 ms) and the rest of that load goes direct."""
+        with self._make:
+            self._loading[bus] = self._loading.get(bus, 0) + delta
+            if not self._loading[bus]:
+                del self._loading[bus]
+                self._own_until[bus] = time.monotonic()
+            target = self._relay_for.get(bus)
+            if delta > 0 and target is not None and target in self._copying:
+                self._copying[target].stop_relays()
+
+    def _take_peers(self, bus: str, engine: Any) -> tuple[list[str], dict[str, str]]:
+        """The idle GPUs that may carry a share of this copy, marked as relaying until _free_peers,
+        and those skipped because another process is loading into them (NVML), with why."""
+        with self._make:
+            self._copying[bus] = engine
+            idle = [p for p in sorted(self._engines)
+                    if p != bus and p not in self._loading and p not in self._relay_for
+                    and (self.relay_allowed is None or p.lower() in self.relay_allowed)]
+            busy = {p: why for p in idle
+                    if self._links and (why := self._links.busy(p, self._own_until.get(p, 0.0)))}
+            peers = [p for p in idle if p not in busy]
+            for p, why in busy.items():
+                self.relay_costs.setdefault(p, RelayCost()).last_skipped = why
+            for p in peers:
+                self._relay_for[p] = bus
+                self.relay_costs.setdefault(p, RelayCost()).relaying_for = bus
+            return peers, busy
+
+    def _free_peers(self, bus: str, peers: list[str]) -> None:
+        with self._make:
+            self._copying.pop(bus, None)
+            now = time.monotonic()
+            for p in peers:
+                self._relay_for.pop(p, None)
+                self._own_until[p] = now
+                self.relay_costs[p].relaying_for = ""
+
+    def _account(self, stats: dict[str, Any], peers: list[str], busy: dict[str, str]) -> None:
+        """Each peer's cost into relay_costs; the reply's stats flattened (the op answers scalars only)."""
+        carried = [f"{p}:0:0:0:{why}" for p, why in busy.items()]
+        with self._make:
+            by_device = {self._engines[p].device: p for p in peers}
+            for r in stats.get("relays", []):
+                peer = by_device.get(r["peer"], str(r["peer"]))
+                cost = self.relay_costs.setdefault(peer, RelayCost())
+                cost.loads += 1 if r["bytes"] else 0
+                cost.bytes += r["bytes"]
+                cost.busy_seconds += r["busy_seconds"]
+                cost.staging_bytes = max(cost.staging_bytes, r["staging_bytes"])
+                cost.last_skipped = r["skipped"]
+                carried.append(f"{peer}:{r['bytes']}:{r['busy_seconds']:.4f}:{r['staging_bytes']}"
+                               + (f":{r['skipped']}" if r["skipped"] else ""))
+        stats["relay_bytes"] = sum(r["bytes"] for r in stats.get("relays", []))
+        stats["relay_peers"] = ";".join(carried)  # bus:bytes:busy_s:staging_bytes[:why not]
+        stats.pop("relays", None)
+
+    def relay_status(self) -> dict[str, Any]:
+        """The setting and what relays cost each peer GPU (status op, metrics)."""
+        with self._make:
+            allowed = "auto" if self.relay_allowed is None else sorted(self.relay_allowed) or "off"
+            return {"allowed": allowed, "peers": {b: c.as_dict() for b, c in sorted(self.relay_costs.items())}}
 
     def warm_up(self, max_gpus: int = 64) -> list[str]:
         """Worker thread, at start: an engine for every GPU this process sees, so the first load on a
@@ -112,6 +239,10 @@ class GpuCopier:
                     continue
                 self._add(bus, engine)
             log.info("gpu copy engine ready device=%s (at start)", bus)
+        if len(self.buses) > 1 and self.relay_allowed != frozenset():
+            from sllmfs.engine.links import LinkWatch
+
+            self._links = LinkWatch(self.buses)
         return self.buses
 
     @property

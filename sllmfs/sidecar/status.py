@@ -42,6 +42,7 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     c = cache.counters
     filled = c.bytes_filled + sum(f.res.filled for f in cache.fills)  # fills in progress count as they go
     return {"pid": os.getpid(), "storage_path": str(store.root), "gpus": cache.gpu.buses,
+            "relay": cache.gpu.relay_status(),  # what relaying others' loads cost each GPU (issue 26)
             "origin": str(cache.origin) if cache.origin else None,
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired)},
             "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
