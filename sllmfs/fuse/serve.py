@@ -1,4 +1,9 @@
-"""``serve``: mount the view, answer the kernel until cancelled, always unmount."""
+"""``serve``: mount the view, answer the kernel until cancelled, always unmount.
+
+Two drivers answer the kernel with the same ``Ops``: our own (``driver``; root only: it mounts
+with mount(2)), which opens resident safetensors files in FUSE passthrough so their reads never
+reach us, and pyfuse3 (libfuse's fusermount3 mounts it for anyone), where every read does.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import pyfuse3
 import trio
 
 from sllmfs.core.errors import BadInput
-from sllmfs.fuse import mount
+from sllmfs.fuse import kernel, mount
+from sllmfs.fuse.driver import KernelDriver
 from sllmfs.fuse.ops import OnMiss, Ops, ResidentView
 from sllmfs.fuse.tree import Tree
 from sllmfs.store.store import Store
@@ -32,17 +38,27 @@ def mount_options() -> set[str]:
 async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
                 gid: int | None = None, visible: Callable[[str], bool] | None = None,
                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None,
+                driver: str = "auto", passthrough: bool = True,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
     ``gid``: only root and this group may read (as the socket); None: every local user may.
     ``visible``: which models to show (None: all). ``in_use``: kept up to date with the models
     whose weights are open through the mount. ``on_miss``: asked about a name the store lacks
-    (the sidecar's origin), in a worker thread.
+    (the sidecar's origin), in a worker thread. ``driver``: "kernel" (ours: passthrough), "pyfuse3",
+    or "auto" (ours as root, else pyfuse3). ``passthrough``: off to serve every read ourselves.
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
     ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use, on_miss)
+    if driver == "auto":
+        driver = "kernel" if os.geteuid() == 0 else "pyfuse3"
+        if driver == "pyfuse3" and passthrough:
+            log.warning("FUSE passthrough needs root (mount(2), backing files): reads of the mount go through "
+                        "the daemon")
+    if driver == "kernel":
+        await _serve_kernel(mountpoint, store, ops, passthrough, task_status)
+        return
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
     except RuntimeError as e:
@@ -60,3 +76,34 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
             task_status.started()
     finally:
         pyfuse3.close(unmount=True)
+
+
+async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, passthrough: bool,
+                        task_status: trio.TaskStatus[None]) -> None:
+    try:
+        dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BadInput(f"cannot open /dev/fuse ({e.strerror}); load the fuse module or pass /dev/fuse to "
+                       "the container") from None
+    try:
+        try:
+            kernel.mount(mountpoint, dev, allow_other=True)
+        except OSError as e:
+            raise BadInput(f"cannot mount FUSE at {mountpoint} ({e.strerror}); the sidecar mounts as root") from None
+        driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(driver.run)
+                try:  # completes once the kernel's INIT is answered; tuning before that is undone
+                    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                except OSError as e:
+                    raise BadInput(f"the FUSE mount at {mountpoint} did not come up ({e.strerror})") from None
+                mount.tune(mountpoint)
+                log.info("serving %s at %s (%s)", store.root, mountpoint,
+                         "passthrough for resident models" if driver.passthrough else "no passthrough")
+                task_status.started()
+        finally:
+            driver.close()
+            kernel.unmount(mountpoint)
+    finally:
+        os.close(dev)
