@@ -91,9 +91,10 @@ class Backings:
         """One more open of an inode whose backing exists."""
         self._by_inode[inode].opens += 1
 
-    async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None) -> Backing:
+    async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str) -> Backing:
         """The inode's backing, built on first use (concurrent first opens wait for one build);
-        ``views``: the resident segments to build it from (None: only an existing one will do)."""
+        ``views``: the resident segments to build it from (None: only an existing one will do);
+        ``label``: what the log line calls the file."""
         while inode in self._building:
             await self._building[inode].wait()
         b = self._by_inode.get(inode)
@@ -110,7 +111,8 @@ class Backings:
                     os.close(fd)
                     raise
                 b = self._by_inode[inode] = Backing(fd, backing_id, synth.size)
-                log.debug("backing for %s: %.2f GB in %.2f s", synth.name, synth.size / 1e9, time.perf_counter() - t0)
+                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s; "
+                         "the kernel serves its reads", label, synth.size / 1e9, time.perf_counter() - t0)
             finally:
                 del self._building[inode]
                 done.set()

@@ -207,7 +207,8 @@ class KernelDriver:
             views = self.ops.resident(node)
             if views is not None or self.backings.get(inode) is not None:
                 try:
-                    await self.backings.acquire(inode, node.synth, views)
+                    label = f"{node.stored.model} {node.synth.name}" if node.stored else node.synth.name
+                    await self.backings.acquire(inode, node.synth, views, label)
                     use_backing = True
                 except OSError as e:  # no memory for the copy, or the kernel refused it: the daemon serves
                     log.warning("%s is read through the daemon: its passthrough backing failed (%s)",
