@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,9 +25,16 @@ import trio
 
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
+from sllmfs.store.store import Identity
 
 log = logging.getLogger(__name__)
 
+# (model, variant, identity, file name) -> a new fd of a sealed memfd holding exactly that synthesized
+# file, verified, or None. For a memory tier that lays a variant out as its safetensors files: then
+# the backing is the tier's own memory (no copy, no second copy held); the fd is ours to close.
+ResidentFile = Callable[[str, str, Identity, str], "int | None"]
+
+RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
 COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to spread over threads
 COPY_THREADS = min(8, os.cpu_count() or 1)
@@ -63,6 +71,30 @@ def build(synth: SynthFile, views: list[memoryview]) -> int:
         raise
 
 
+def room() -> int:
+    """Bytes a backing may take now: what the host has available, or our cgroup (a pod's limit:
+    memfd pages are charged to it) has left, less a reserve; a copy past it would meet the OOM killer."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+    free = info.get("MemAvailable", 0) - int(info.get("MemTotal", 0) * RESERVE)
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+        base = f"/sys/fs/cgroup{path}"
+        with open(f"{base}/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open(f"{base}/memory.current") as f:
+                used = int(f.read())
+            free = min(free, int(int(limit) * (1 - RESERVE)) - used)
+    except (OSError, StopIteration, ValueError):
+        pass  # no cgroup v2 here: the host's figure stands
+    return free
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, offset)
@@ -91,16 +123,26 @@ class Backings:
         """One more open of an inode whose backing exists."""
         self._by_inode[inode].opens += 1
 
-    async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str) -> Backing:
+    async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
+                      file_fd: int | None = None) -> Backing:
         """The inode's backing, built on first use (concurrent first opens wait for one build);
         ``views``: the resident segments to build it from (None: only an existing one will do);
-        ``label``: what the log line calls the file."""
+        ``label``: what the log line calls the file; ``file_fd``: the memory tier's own copy of the
+        file (a ResidentFile's answer, adopted instead of building one; closed here either way)."""
         while inode in self._building:
             await self._building[inode].wait()
         b = self._by_inode.get(inode)
+        if b is not None and file_fd is not None:
+            os.close(file_fd)
+        elif b is None and file_fd is not None:
+            b = self._adopt(inode, file_fd, synth)
         if b is None:
             if views is None:
                 raise OSError(errno.ENODATA, "the variant left the memory tier")
+            free = room()
+            if synth.size > free:
+                raise OSError(errno.ENOMEM, f"{synth.size / 1e9:.2f} GB would not fit in the {max(free, 0) / 1e9:.2f} "
+                                            "GB of memory left")
             done = self._building[inode] = trio.Event()
             try:
                 t0 = time.perf_counter()
@@ -117,6 +159,18 @@ class Backings:
                 del self._building[inode]
                 done.set()
         b.opens += 1
+        return b
+
+    def _adopt(self, inode: int, fd: int, synth: SynthFile) -> Backing:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if os.fstat(fd).st_size != synth.size or seals & SEALS != SEALS:  # its bytes could change
+                raise OSError(errno.EINVAL, f"the memory tier's {synth.name} is not a sealed file of its size")
+            backing_id = kernel.backing_open(self.dev, fd)
+        except OSError:
+            os.close(fd)
+            raise
+        b = self._by_inode[inode] = Backing(fd, backing_id, 0)  # the tier's memory: nothing more held
         return b
 
     def release(self, inode: int) -> None:

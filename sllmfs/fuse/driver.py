@@ -24,9 +24,10 @@ import pyfuse3
 import trio
 
 from sllmfs.fuse import kernel
-from sllmfs.fuse.backing import Backings
+from sllmfs.fuse.backing import Backings, ResidentFile
 from sllmfs.fuse.kernel import Opcode, Request
 from sllmfs.fuse.ops import Ops
+from sllmfs.fuse.tree import Node
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ class _Mode:
 
 
 class KernelDriver:
-    def __init__(self, ops: Ops, mountpoint: Path, dev: int, *, passthrough: bool):
+    def __init__(self, ops: Ops, mountpoint: Path, dev: int, *, passthrough: bool,
+                 resident_file: ResidentFile | None = None):
         self.ops = ops
+        self.resident_file = resident_file
         self.mountpoint = mountpoint
         self.dev = dev
         self.want_passthrough = passthrough
@@ -53,6 +56,7 @@ class KernelDriver:
         self.backings = Backings(dev)
         self._modes: dict[int, _Mode] = {}
         self._fh_inode: dict[int, int] = {}
+        self._warned: set[int] = set()
         self.initialized = trio.Event()
 
     # -- the loop ----------------------------------------------------------------
@@ -205,14 +209,17 @@ class KernelDriver:
         mode = self._modes.get(inode)
         if self.passthrough and node is not None and node.synth is not None and (mode is None or mode.passthrough):
             views = self.ops.resident(node)
-            if views is not None or self.backings.get(inode) is not None:
+            file_fd = self._resident_file(node) if self.backings.get(inode) is None else None
+            if views is not None or file_fd is not None or self.backings.get(inode) is not None:
                 try:
                     label = f"{node.stored.model} {node.synth.name}" if node.stored else node.synth.name
-                    await self.backings.acquire(inode, node.synth, views, label)
+                    await self.backings.acquire(inode, node.synth, views, label, file_fd)
                     use_backing = True
                 except OSError as e:  # no memory for the copy, or the kernel refused it: the daemon serves
-                    log.warning("%s is read through the daemon: its passthrough backing failed (%s)",
-                                node.synth.name, e.strerror)
+                    if inode not in self._warned:  # one line per file, however often it is opened
+                        self._warned.add(inode)
+                        log.warning("%s is read through the daemon, not in passthrough: %s", node.synth.name,
+                                    e.strerror)
                 except BaseException:
                     await self.ops.release(pyfuse3.FileHandleT(fh))
                     raise
@@ -233,6 +240,12 @@ class KernelDriver:
             assert backing is not None
             return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_PASSTHROUGH, backing.backing_id)
         return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_KEEP_CACHE if fi.keep_cache else 0, 0)
+
+    def _resident_file(self, node: Node) -> int | None:
+        st, synth = node.stored, node.synth
+        if self.resident_file is None or st is None or synth is None:
+            return None
+        return self.resident_file(st.model, st.key, st.identity, synth.name)
 
     async def _release(self, fh: int) -> None:
         inode = self._fh_inode.pop(fh, None)

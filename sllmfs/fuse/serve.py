@@ -18,6 +18,7 @@ import trio
 
 from sllmfs.core.errors import BadInput
 from sllmfs.fuse import kernel, mount
+from sllmfs.fuse.backing import ResidentFile
 from sllmfs.fuse.driver import KernelDriver
 from sllmfs.fuse.ops import OnMiss, Ops, ResidentView
 from sllmfs.fuse.tree import Tree
@@ -38,7 +39,7 @@ def mount_options() -> set[str]:
 async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | None, socket_path: str, *,
                 gid: int | None = None, visible: Callable[[str], bool] | None = None,
                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None,
-                driver: str = "auto", passthrough: bool = True,
+                driver: str = "auto", passthrough: bool = True, resident_file: ResidentFile | None = None,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
@@ -47,6 +48,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
     whose weights are open through the mount. ``on_miss``: asked about a name the store lacks
     (the sidecar's origin), in a worker thread. ``driver``: "kernel" (ours: passthrough), "pyfuse3",
     or "auto" (ours as root, else pyfuse3). ``passthrough``: off to serve every read ourselves.
+    ``resident_file``: a memory tier that holds variants as their safetensors files (backing.py).
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
@@ -57,7 +59,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
             log.warning("FUSE passthrough needs root (mount(2), backing files): reads of the mount go through "
                         "the daemon")
     if driver == "kernel":
-        await _serve_kernel(mountpoint, store, ops, passthrough, task_status)
+        await _serve_kernel(mountpoint, store, ops, passthrough, resident_file, task_status)
         return
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
@@ -79,7 +81,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
 
 
 async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, passthrough: bool,
-                        task_status: trio.TaskStatus[None]) -> None:
+                        resident_file: ResidentFile | None, task_status: trio.TaskStatus[None]) -> None:
     try:
         dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
@@ -90,7 +92,7 @@ async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, passthrough: b
             kernel.mount(mountpoint, dev, allow_other=True)
         except OSError as e:
             raise BadInput(f"cannot mount FUSE at {mountpoint} ({e.strerror}); the sidecar mounts as root") from None
-        driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough)
+        driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough, resident_file=resident_file)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(driver.run)

@@ -51,6 +51,8 @@ driver.EXPIRE_EVERY = 0.2
 if mode == "no-passthrough-kernel":  # a kernel without FUSE passthrough (Linux < 6.9, or built without it)
     offered = kernel.offered
     kernel.offered = lambda flags, flags2: offered(flags, flags2) & ~kernel.PASSTHROUGH
+if mode == "no-room":  # the host (or the pod's cgroup) has no memory left for a copy
+    backing.room = lambda: 1000
 
 def resident_view(m, variant, ident):
     if (m, variant, ident) == (model, "hf", identity) and Path(flag).exists():
@@ -255,3 +257,18 @@ def test_sigterm_unmounts_while_a_passthrough_file_is_open_and_mapped(
         os.close(fd)
     except OSError as e:  # the kernel's FLUSH of a handle on a server that is gone
         assert e.errno == errno.ENOTCONN
+
+
+def test_no_memory_for_a_backing_reads_through_the_daemon_with_one_line_per_file(
+        served: tuple[Store, Path, Path, list[Child]], llama_dir: Path) -> None:
+    store, mnt, flag, children = served
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, mode="no-room"))
+    path = mnt / "org" / "tiny" / "model.safetensors"
+    for _ in range(3):
+        _same_tensors(path, llama_dir / "model.safetensors")
+    reads, built, _ = child.stats()
+    assert reads > 0 and built == 0
+    code, err = child.stop()
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
+    assert len(lines) == 1 and "memory left" in lines[0], err
