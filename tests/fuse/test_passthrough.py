@@ -44,7 +44,8 @@ store_root, mnt, model, flag, mode = sys.argv[1:6]
 store = Store(store_root, create=False, cleanup=False)
 info = store.get(model)
 identity = store.identity(model, "hf")
-segments = [memoryview(bytearray((info.variant_dir("hf") / p.file).read_bytes())) for p in info.manifest("hf").partitions]
+parts = info.manifest("hf").partitions
+segments = [memoryview(bytearray((info.variant_dir("hf") / p.file).read_bytes())) for p in parts]
 stats = {"reads": 0, "built": 0, "dropped": 0}
 backing.LINGER = 0.5
 driver.EXPIRE_EVERY = 0.2
@@ -53,6 +54,21 @@ if mode == "no-passthrough-kernel":  # a kernel without FUSE passthrough (Linux 
     kernel.offered = lambda flags, flags2: offered(flags, flags2) & ~kernel.PASSTHROUGH
 if mode == "no-room":  # the host (or the pod's cgroup) has no memory left for a copy
     backing.room = lambda: 1000
+files = {}
+if mode.startswith("tier-files"):  # a tier that holds the variant as its safetensors file
+    import os
+    from sllmfs.fuse.synth import layout
+    for synth in layout(info.manifest("hf")).files:
+        files[synth.name] = backing.build(synth, segments)
+        if mode == "tier-files-unsealed":  # the same bytes, but nothing stops a change: refused
+            fd = os.memfd_create("unsealed")
+            os.write(fd, os.pread(files[synth.name], synth.size, 0))
+            files[synth.name] = fd
+
+def resident_file(m, variant, ident, name):
+    if (m, variant, ident) == (model, "hf", identity) and Path(flag).exists() and name in files:
+        return os.dup(files[name])
+    return None
 
 def resident_view(m, variant, ident):
     if (m, variant, ident) == (model, "hf", identity) and Path(flag).exists():
@@ -79,7 +95,8 @@ async def main():
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: serve(Path(mnt), store, resident_view, "/run/sllmfs/test.sock",
-                                                          driver="kernel", task_status=task_status))
+                                                          driver="kernel", task_status=task_status,
+                                                          resident_file=resident_file if files else None))
             print("serving", flush=True)
             async for sig in signals:
                 print("stats", stats["reads"], stats["built"], stats["dropped"], flush=True)
@@ -272,3 +289,26 @@ def test_no_memory_for_a_backing_reads_through_the_daemon_with_one_line_per_file
     assert code == 0
     lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
     assert len(lines) == 1 and "memory left" in lines[0], err
+
+
+def test_a_tier_holding_the_file_backs_it_without_a_copy(served: tuple[Store, Path, Path, list[Child]],
+                                                         llama_dir: Path) -> None:
+    store, mnt, flag, children = served
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, mode="tier-files"))
+    path = mnt / "org" / "tiny" / "model.safetensors"
+    _same_tensors(path, llama_dir / "model.safetensors")
+    assert path.read_bytes() == (llama_dir / "model.safetensors").read_bytes()
+    assert child.stats()[:2] == (0, 0)  # no READ reached us, nothing was copied
+
+
+def test_an_unsealed_tier_file_is_refused_with_one_line(served: tuple[Store, Path, Path, list[Child]],
+                                                        llama_dir: Path) -> None:
+    store, mnt, flag, children = served
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, mode="tier-files-unsealed"))
+    path = mnt / "org" / "tiny" / "model.safetensors"
+    for _ in range(2):
+        assert path.read_bytes() == (llama_dir / "model.safetensors").read_bytes()
+    code, err = child.stop()
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
+    assert len(lines) == 1 and "not a sealed file" in lines[0], err

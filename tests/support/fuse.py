@@ -31,7 +31,8 @@ class Runner:
     def __init__(self, store: Path, mountpoint: Path):
         self.mountpoint = mountpoint
         self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs.fuse.main", str(store), str(mountpoint),
-                                      "--socket", SOCKET, "--driver", DRIVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      "--socket", SOCKET, "--driver", DRIVER],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once the mount answers
         if "serving" not in line:
