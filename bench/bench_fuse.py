@@ -211,9 +211,10 @@ def fresh_pages(nbytes: int) -> tuple[int, float]:
     return max(1, nbytes // CHUNK) * CHUNK, secs
 
 
-def peer_load(peer: str, path: Path, device: str, placement: str) -> dict[str, object]:
+def peer_load(peer: str, path: Path, device: str, placement: str, ref: Path) -> dict[str, object]:
+    """One load by a peer in a fresh process (peers.py's child), its tensors checksummed against ``ref``."""
     cmd = [sys.executable, str(HERE / "peers.py"), "--child", peer, str(path), "--device", device,
-           "--placement", placement]
+           "--placement", placement, "--ref", str(ref)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
@@ -232,7 +233,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per figure; the best is kept")
     ap.add_argument("--device", default="cpu", help="where safetensors load_file puts the tensors")
     ap.add_argument("--servers", default="pyfuse3,kernel,passthrough,zero-copy")
+    ap.add_argument("--cold-servers", default="pyfuse3,passthrough", help="servers read cold (page cache dropped)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py loaders to run (e.g. instanttensor)")
+    ap.add_argument("--peer-servers", default="pyfuse3,passthrough,zero-copy", help="servers the peers read through")
     ap.add_argument("--serve", nargs=3, metavar=("STORE", "MOUNT", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--server", default="pyfuse3", help=argparse.SUPPRESS)
     ap.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
@@ -244,13 +247,14 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     store_root, name = build(args.work, args.size_gb)
+    from sllmfs.fuse import mount as fuse_mount
     from sllmfs.store.store import Store
-    from tests.support.fuse import force_unmount
 
     info = Store(store_root, create=False).get(name)
     data = info.variant_dir("hf") / info.manifest("hf").partitions[0].file
     mnt = args.work / "mnt"
-    force_unmount(mnt)
+    if fuse_mount.mount_entry(mnt) is not None:  # left by a killed run
+        fuse_mount.lazy_unmount(mnt)
     fuse_file = mnt / name / "model.safetensors"
     shm = Path("/dev/shm/sllmfs-bench")
     shm.mkdir(exist_ok=True)
@@ -263,6 +267,11 @@ def main() -> None:
     size = tmpfs_file.stat().st_size
     readers = {"cat": cat_read, "python 16 MiB": py_read,
                f"load_file {args.device}": lambda p: load_file_read(p, args.device)}
+    if args.device != "cpu":
+        import torch
+
+        torch.empty(1, device=args.device)  # the CUDA context exists before any timer
+        torch.cuda.synchronize()
     load_at_start = os.getloadavg()
     can_drop = drop_caches()
     results: dict[str, float] = {}
@@ -314,10 +323,9 @@ def main() -> None:
                 max(again) / tmpfs_best, 2)
             print(f"{'  next open (best) / best tmpfs of the pairs':58s} {max(again) / tmpfs_best:7.2f}   "
                   f"server CPU s/GB (first open) {min(cpu)}", flush=True)
-    if can_drop:
-        server_name = "passthrough" if "passthrough" in args.servers else args.servers.split(",")[0]
+    for server_name in filter(None, args.cold_servers.split(",") if can_drop else []):
 
-        def cold_mount() -> float:
+        def cold_mount(server_name: str = server_name) -> float:
             drop_caches()
             srv = Server(store_root, mnt, name, False, server_name)
             try:
@@ -332,23 +340,32 @@ def main() -> None:
 
         paired(f"mount {server_name}, store cold (python 16 MiB)", cold_mount, cold_disk, "disk")
 
-    for peer in filter(None, args.peers.split(",")):
-        got_tmpfs = peer_load(peer, tmpfs_file, args.device, "tmpfs")
-        py_read(data)
-        srv = Server(store_root, mnt, name, True, "passthrough")
-        try:
-            got_mount = peer_load(peer, fuse_file, args.device, "tmpfs")
-        finally:
-            srv.stop()
-        peers[peer] = {"tmpfs": got_tmpfs, "mount passthrough, memory tier": got_mount}
-        if "gbps" in got_tmpfs and "gbps" in got_mount:
-            t, m = float(got_tmpfs["gbps"]), float(got_mount["gbps"])  # type: ignore[arg-type]
-            results[f"peer {peer}, tmpfs"], results[f"peer {peer}, mount passthrough, memory tier"] = t, m
-            results[f"ratio: peer {peer}, mount passthrough / tmpfs"] = round(m / t, 2)
-            print(f"peer {peer}: tmpfs {t:.2f} GB/s, through the mount {m:.2f} GB/s, ratio {m / t:.2f}", flush=True)
-        else:
-            print(f"peer {peer}: {got_tmpfs.get('skipped') or got_tmpfs.get('error')} / "
-                  f"{got_mount.get('skipped') or got_mount.get('error')}", flush=True)
+    wanted_peers = list(filter(None, args.peers.split(",")))
+    ref = args.work / "reference.json"
+    if wanted_peers:
+        from peers import reference  # bench/ is this script's folder: on sys.path
+
+        ref.write_text(json.dumps(reference(tmpfs_file)))
+    for peer in wanted_peers:
+        for server_name in filter(None, args.peer_servers.split(",")):  # a fresh mount per load
+            got_tmpfs = peer_load(peer, tmpfs_file, args.device, "tmpfs", ref)
+            py_read(data)
+            srv = Server(store_root, mnt, name, True, server_name)
+            try:
+                got_mount = peer_load(peer, fuse_file, args.device, "tmpfs", ref)
+            finally:
+                srv.stop()
+            peers[f"{peer} / {server_name}"] = {"tmpfs": got_tmpfs, "mount, memory tier, first open": got_mount}
+            key = f"peer {peer}, mount {server_name}, memory tier, first open"
+            if "gbps" in got_tmpfs and "gbps" in got_mount:
+                t, m = float(got_tmpfs["gbps"]), float(got_mount["gbps"])  # type: ignore[arg-type]
+                results[key], results[f"{key}: tmpfs in the same pair"] = round(m, 3), round(t, 3)
+                results[f"ratio: {key} / tmpfs"] = round(m / t, 2)
+                print(f"{key:58s} {m:7.2f} GB/s   tmpfs {t:.2f}, ratio {m / t:.2f}, checksums "
+                      f"{got_mount.get('ok')}/{got_tmpfs.get('ok')}", flush=True)
+            else:
+                print(f"{key}: {got_tmpfs.get('skipped') or got_tmpfs.get('error')} / "
+                      f"{got_mount.get('skipped') or got_mount.get('error')}", flush=True)
     tmpfs_file.unlink()
     out = HERE / "results" / f"fuse-{platform.node()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,12 @@ class KernelDriver:
     # -- the loop ----------------------------------------------------------------
 
     async def run(self) -> None:
+        buf = bytearray(READ_BUFFER)  # one buffer, reused: requests are small (a read-only view gets no writes)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire_loop)
             while True:
                 try:
-                    raw = os.read(self.dev, READ_BUFFER)
+                    n = os.readv(self.dev, [buf])
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.dev)
                     continue
@@ -77,7 +78,7 @@ class KernelDriver:
                         nursery.cancel_scope.cancel()
                         return
                     raise
-                req = kernel.parse(memoryview(raw))
+                req = kernel.parse(memoryview(buf[:n]))  # a copy: the handler outlives the buffer's next use
                 if req.opcode == Opcode.INIT:
                     self._init(req)
                 elif req.opcode == Opcode.DESTROY:
