@@ -7,6 +7,7 @@ reach us, and pyfuse3 (libfuse's fusermount3 mounts it for anyone), where every 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections import Counter
@@ -53,14 +54,11 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
     ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use, on_miss)
-    if driver == "auto":
-        driver = "kernel" if os.geteuid() == 0 else "pyfuse3"
-        if driver == "pyfuse3" and passthrough:
-            log.warning("FUSE passthrough needs root (mount(2), backing files): reads of the mount go through "
-                        "the daemon")
-    if driver == "kernel":
-        await _serve_kernel(mountpoint, store, ops, passthrough, resident_file, task_status)
-        return
+    if driver != "pyfuse3":
+        dev = _mount_ourselves(mountpoint, required=driver == "kernel")
+        if dev is not None:
+            await _serve_kernel(mountpoint, store, ops, dev, passthrough, resident_file, task_status)
+            return
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
     except RuntimeError as e:
@@ -80,18 +78,32 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
         pyfuse3.close(unmount=True)
 
 
-async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, passthrough: bool,
-                        resident_file: ResidentFile | None, task_status: trio.TaskStatus[None]) -> None:
+def _mount_ourselves(mountpoint: Path, *, required: bool) -> int | None:
+    """/dev/fuse, mounted at ``mountpoint`` by mount(2) (CAP_SYS_ADMIN); None, with one line, where we
+    may not (not root, a container without the capability): pyfuse3 and fusermount3 then serve."""
+    if os.geteuid() != 0 and not required:
+        log.warning("FUSE passthrough needs root (mount(2), backing files): reads of the mount go through the daemon")
+        return None
     try:
         dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise BadInput(f"cannot open /dev/fuse ({e.strerror}); load the fuse module or pass /dev/fuse to "
                        "the container") from None
     try:
-        try:
-            kernel.mount(mountpoint, dev, allow_other=True)
-        except OSError as e:
-            raise BadInput(f"cannot mount FUSE at {mountpoint} ({e.strerror}); the sidecar mounts as root") from None
+        kernel.mount(mountpoint, dev, allow_other=True)
+    except OSError as e:
+        os.close(dev)
+        if e.errno == errno.EPERM and not required:
+            log.warning("FUSE passthrough needs CAP_SYS_ADMIN to mount (%s): reads of the mount go through the "
+                        "daemon", e.strerror)
+            return None
+        raise BadInput(f"cannot mount FUSE at {mountpoint} ({e.strerror}); the sidecar mounts as root") from None
+    return dev
+
+
+async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, dev: int, passthrough: bool,
+                        resident_file: ResidentFile | None, task_status: trio.TaskStatus[None]) -> None:
+    try:
         driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough, resident_file=resident_file)
         try:
             async with trio.open_nursery() as nursery:

@@ -54,6 +54,11 @@ if mode == "no-passthrough-kernel":  # a kernel without FUSE passthrough (Linux 
     kernel.offered = lambda flags, flags2: offered(flags, flags2) & ~kernel.PASSTHROUGH
 if mode == "no-room":  # the host (or the pod's cgroup) has no memory left for a copy
     backing.room = lambda: 1000
+if mode == "no-cap":  # a container without CAP_SYS_ADMIN: mount(2) is refused, fusermount3 still works
+    import errno
+    def refused(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    kernel.mount = refused
 files = {}
 if mode.startswith("tier-files"):  # a tier that holds the variant as its safetensors file
     import os
@@ -95,7 +100,8 @@ async def main():
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: serve(Path(mnt), store, resident_view, "/run/sllmfs/test.sock",
-                                                          driver="kernel", task_status=task_status,
+                                                          driver="auto" if mode == "no-cap" else "kernel",
+                                                          task_status=task_status,
                                                           resident_file=resident_file if files else None))
             print("serving", flush=True)
             async for sig in signals:
@@ -312,3 +318,16 @@ def test_an_unsealed_tier_file_is_refused_with_one_line(served: tuple[Store, Pat
     assert code == 0
     lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
     assert len(lines) == 1 and "not a sealed file" in lines[0], err
+
+
+def test_without_the_right_to_mount_pyfuse3_serves_with_one_line(served: tuple[Store, Path, Path, list[Child]],
+                                                                 llama_dir: Path) -> None:
+    store, mnt, flag, children = served
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, mode="no-cap"))
+    path = mnt / "org" / "tiny" / "model.safetensors"
+    _same_tensors(path, llama_dir / "model.safetensors")
+    assert child.stats()[1] == 0  # no backing: pyfuse3 cannot open in passthrough
+    code, err = child.stop()
+    assert code == 0 and not is_mounted(mnt)
+    lines = [ln for ln in err.splitlines() if "passthrough" in ln]
+    assert len(lines) == 1 and "CAP_SYS_ADMIN" in lines[0], err
