@@ -222,6 +222,17 @@ def peer_load(peer: str, path: Path, device: str, placement: str, ref: Path) -> 
     return {"error": (proc.stdout + proc.stderr).splitlines()[-5:]}
 
 
+def kernel_fuse_config() -> str:
+    """The kernel's FUSE options (passthrough, io_uring), where it tells."""
+    try:
+        import gzip
+
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return " ".join(line.strip() for line in f if line.startswith("CONFIG_FUSE"))
+    except OSError as e:
+        return f"no /proc/config.gz ({e.strerror})"
+
+
 def gbps(nbytes: int, secs: float) -> float:
     return round(nbytes / secs / 1e9, 3)
 
@@ -272,6 +283,8 @@ def main() -> None:
 
         torch.empty(1, device=args.device)  # the CUDA context exists before any timer
         torch.cuda.synchronize()
+    fuse_config = kernel_fuse_config()
+    print(f"kernel {platform.release()}: {fuse_config}", flush=True)
     load_at_start = os.getloadavg()
     can_drop = drop_caches()
     results: dict[str, float] = {}
@@ -288,7 +301,9 @@ def main() -> None:
     # machine the ratio of neighbouring runs is steadier than either figure. The ratio kept is the
     # median over the pairs.
     def paired(key: str, mount_run, tmpfs_run, limit: str) -> None:  # type: ignore[no-untyped-def]
-        pairs = [(mount_run(), tmpfs_run()) for _ in range(args.repeat)]
+        from limits import measured  # bench/ is this script's folder: on sys.path
+
+        pairs = [(mount_run(), measured(f"{limit} for {key}", tmpfs_run())) for _ in range(args.repeat)]
         record(key, [m for m, _ in pairs])
         results[f"{key}: {limit} in the same pairs"] = max(t for _, t in pairs)
         ratio = round(statistics.median(m / t for m, t in pairs), 2)
@@ -372,7 +387,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "command": " ".join(["python", "bench/bench_fuse.py", *sys.argv[1:]]),
         "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-        "file_bytes": size, "device": args.device,
+        "file_bytes": size, "device": args.device, "kernel_fuse_config": fuse_config,
         "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "drop_caches": can_drop, "repeat": args.repeat, "unit": "GB/s (1e9 B/s), best of repeat",
         "results": results, "peers": peers,

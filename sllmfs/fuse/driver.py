@@ -107,7 +107,8 @@ class KernelDriver:
 
     # -- replies -------------------------------------------------------------------
 
-    def _reply(self, req: Request, *payload: bytes | memoryview, error: int = 0) -> None:
+    def _reply(self, req: Request, *payload: bytes | memoryview, error: int = 0) -> bool:
+        """Answer ``req``; False when the kernel no longer waits for it (interrupted meanwhile)."""
         size = kernel.OUT_HEADER.size + sum(len(p) for p in payload)
         head = kernel.OUT_HEADER.pack(size if not error else kernel.OUT_HEADER.size, -error, req.unique)
         try:
@@ -115,6 +116,8 @@ class KernelDriver:
         except OSError as e:
             if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
                 log.warning("reply to request %d (opcode %d) failed: %s", req.unique, req.opcode, e.strerror)
+            return False
+        return True
 
     def _init(self, req: Request) -> None:
         major, minor, max_readahead, flags, flags2 = kernel.INIT_IN.unpack_from(
@@ -146,8 +149,13 @@ class KernelDriver:
             return
         if payload is None:
             self._reply(req, error=errno.ENOSYS)
-        else:
-            self._reply(req, *payload)
+        elif not self._reply(req, *payload) and req.opcode in (Opcode.OPEN, Opcode.OPENDIR):
+            # the opener gave up (a signal) before our answer: no RELEASE will come for this handle
+            fh = kernel.OPEN_OUT.unpack_from(payload[0])[0]
+            if req.opcode == Opcode.OPEN:
+                await self._release(fh)
+            else:
+                await self.ops.releasedir(pyfuse3.FileHandleT(fh))
 
     async def _answer(self, req: Request) -> list[Any] | None:
         ops, op, body = self.ops, req.opcode, req.body
