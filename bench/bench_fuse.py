@@ -1,7 +1,8 @@
 """Reads through the FUSE view as ratios to the same bytes read from tmpfs, in one run.
 
-    python bench/bench_fuse.py [--size-gb 1] [--work /var/tmp/sllmfs-bench] [--repeat 2] \
-        [--device cpu|cuda:0] [--peers instanttensor,fastsafetensors]
+    python bench/bench_fuse.py [--size-gb 1] [--work /var/tmp/sllmfs-bench] [--repeat 2] [--device cpu|cuda:0]
+        [--servers pyfuse3,kernel,passthrough,zero-copy] [--cold-servers pyfuse3,passthrough]
+        [--peers instanttensor,fastsafetensors] [--peer-servers pyfuse3,passthrough,zero-copy] [--tag T]
 
 Builds a stored model of random bf16 tensors (64 x 16 MiB = 1 GiB by default) and copies its
 synthesized model.safetensors to /dev/shm (the tmpfs reference: the same bytes). Then, for each way
@@ -10,6 +11,7 @@ variant resident in a SIMULATED memory tier (each partition copied into a memfd 
 resident_view, as the sidecar does), it reads the file once with each reader:
 
   readers: cat > /dev/null; Python 16 MiB readinto; safetensors.torch.load_file(device=--device)
+           (on the CPU load_file maps the file: each page is touched, a page-fault figure)
   servers: pyfuse3           today's path: every read through the Python daemon
            kernel            our /dev/fuse driver, passthrough off (same Ops; isolates the driver)
            passthrough       our driver, resident files opened in FUSE passthrough on a memfd
@@ -21,9 +23,11 @@ resident_view, as the sidecar does), it reads the file once with each reader:
   cold:    the store's data file read directly, page cache dropped (the disk's sequential read), and
            the mount's first read of a variant not resident, page cache dropped
 
-Every ratio is mount / tmpfs (or / disk for cold) of the same reader in this run. --peers runs
-bench/peers.py's children (a fresh process per load, checksummed) on the tmpfs file and through a
-passthrough mount. Prints GB/s (1e9 B/s) and writes bench/results/fuse-<host>.json with the command.
+Every ratio is mount / tmpfs (or / disk for cold) of the same reader, paired in time, the median over
+--repeat pairs; "next open" is a second read on the same mount (FUSE page cache, or the lingering
+backing). --peers runs bench/peers.py's children (a fresh process per load, its tensors checksummed
+against the file) on the tmpfs file and through a fresh mount of each --peer-servers. Prints GB/s
+(1e9 B/s) and writes bench/results/fuse-<host>[-<tag>].json with the command that produced it.
 """
 
 from __future__ import annotations
@@ -247,6 +251,7 @@ def main() -> None:
     ap.add_argument("--cold-servers", default="pyfuse3,passthrough", help="servers read cold (page cache dropped)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py loaders to run (e.g. instanttensor)")
     ap.add_argument("--peer-servers", default="pyfuse3,passthrough,zero-copy", help="servers the peers read through")
+    ap.add_argument("--tag", default="", help="results go to bench/results/fuse-<host>[-<tag>].json")
     ap.add_argument("--serve", nargs=3, metavar=("STORE", "MOUNT", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--server", default="pyfuse3", help=argparse.SUPPRESS)
     ap.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
@@ -382,7 +387,7 @@ def main() -> None:
                 print(f"{key}: {got_tmpfs.get('skipped') or got_tmpfs.get('error')} / "
                       f"{got_mount.get('skipped') or got_mount.get('error')}", flush=True)
     tmpfs_file.unlink()
-    out = HERE / "results" / f"fuse-{platform.node()}.json"
+    out = HERE / "results" / f"fuse-{platform.node()}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(["python", "bench/bench_fuse.py", *sys.argv[1:]]),

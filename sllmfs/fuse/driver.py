@@ -57,7 +57,6 @@ class KernelDriver:
         self._modes: dict[int, _Mode] = {}
         self._fh_inode: dict[int, int] = {}
         self._warned: set[int] = set()
-        self.initialized = trio.Event()
 
     # -- the loop ----------------------------------------------------------------
 
@@ -89,6 +88,7 @@ class KernelDriver:
                     continue
                 else:
                     nursery.start_soon(self._handle, req)
+                await trio.lowlevel.checkpoint_if_cancelled()  # a steady stream of requests still stops
 
     async def _expire_loop(self) -> None:
         while True:
@@ -133,7 +133,6 @@ class KernelDriver:
                                    agreed & 0xFFFFFFFF, MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, 1,
                                    MAX_PAGES, 0, agreed >> 32, 1 if self.passthrough else 0)
         self._reply(req, out)
-        self.initialized.set()
 
     # -- requests --------------------------------------------------------------------
 
