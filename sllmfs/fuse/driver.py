@@ -283,8 +283,8 @@ def _attr(a: pyfuse3.EntryAttributes) -> bytes:
 
 
 def _entry(a: pyfuse3.EntryAttributes) -> bytes:
-    return kernel.ENTRY_OUT.pack(a.st_ino, a.generation, *_secs(a.entry_timeout)[:1], *_secs(a.attr_timeout)[:1],
-                                 _secs(a.entry_timeout)[1], _secs(a.attr_timeout)[1]) + _attr(a)
+    (entry_s, entry_ns), (attr_s, attr_ns) = _secs(a.entry_timeout), _secs(a.attr_timeout)
+    return kernel.ENTRY_OUT.pack(a.st_ino, a.generation, entry_s, attr_s, entry_ns, attr_ns) + _attr(a)
 
 
 def _sized(value: bytes, size: int) -> bytes:
