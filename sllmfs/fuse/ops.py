@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -189,11 +189,16 @@ class Ops(pyfuse3.Operations):
         return pyfuse3.FileHandleT(fh)
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attr, next_id in self.dir_entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, attr, next_id):
+                break
+
+    def dir_entries(self, fh: int, start_id: int) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
+        """The entries of an open directory from ``start_id`` on: name, attributes, the next id."""
         entries = self._dirs.get(fh, [])
         for i in range(start_id, len(entries)):
             name, node = entries[i]
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), i + 1):
-                break
+            yield os.fsencode(name), self._attr(node), i + 1
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._dirs.pop(fh, None)
@@ -235,6 +240,11 @@ class Ops(pyfuse3.Operations):
         self._next_fh += 1
         self._open[fh] = h
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True, direct_io=False)
+
+    def opened(self, fh: int) -> Node | None:
+        """The node an open file handle reads (the kernel driver decides passthrough from it)."""
+        h = self._open.get(fh)
+        return h.node if h is not None else None
 
     def _keep_checked(self, st: StoredVariant, checked: Checked) -> None:
         """Keep ``checked`` for the version just opened, and forget its variant's previous version: the
@@ -295,6 +305,10 @@ class Ops(pyfuse3.Operations):
             inside += f" and {len(names) - 3} more"
         return (f"model {st.model} [{st.key}] {node.synth.name}: {e.strerror} (holds {inside}); its reads fail "
                 f"with EIO: run `sllmfs verify --model {st.model}{self.tree.store.hint}`, then save it again")
+
+    def resident(self, node: Node) -> list[memoryview] | None:
+        """The memory tier's segments of exactly the version ``node`` shows, when resident."""
+        return self._resident(node)
 
     def _resident(self, node: Node) -> list[memoryview] | None:
         st = node.stored

@@ -57,6 +57,9 @@ def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not _is_mounted(mnt)
+        assert proc.stdout is not None
+        log = proc.stdout.read()  # resident: opened in passthrough on a copy of the memory tier's bytes
+        assert "passthrough: org/tiny model.safetensors" in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

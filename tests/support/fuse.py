@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 SOCKET = "/run/sllmfs/test.sock"
+# which driver the runner's mount uses: auto (ours as root: passthrough), kernel, pyfuse3; the
+# suite runs with auto, and once with TEST_FUSE_DRIVER=pyfuse3 for the non-root path
+DRIVER = os.environ.get("TEST_FUSE_DRIVER", "auto")
 
 
 def is_mounted(mountpoint: Path) -> bool:
@@ -27,7 +31,8 @@ class Runner:
     def __init__(self, store: Path, mountpoint: Path):
         self.mountpoint = mountpoint
         self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs.fuse.main", str(store), str(mountpoint),
-                                      "--socket", SOCKET], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      "--socket", SOCKET, "--driver", DRIVER],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once the mount answers
         if "serving" not in line:

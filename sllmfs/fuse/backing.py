@@ -1,0 +1,200 @@
+"""Passthrough backing files: a sealed memfd holding one synthesized safetensors file byte for byte.
+
+The memory tier keeps a variant as aligned partitions (4 KiB-aligned tensors, so its bytes are
+not the safetensors file), and FUSE passthrough needs a kernel file that *is* the file. So on
+the first open of a resident variant's safetensors file we copy its bytes, from the segments the
+sidecar verified as it filled them, into a memfd (header + tensors back to back), seal it, and
+let the kernel serve every read and mmap of it from there. The copy costs memory: one more copy
+of that file while it is open and for ``LINGER`` seconds after (loaders open a file several times),
+never longer than its variant stays resident. Only verified bytes of one committed version go in,
+and a replaced model gets new inodes (tree.py), so a backing never shows stale bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import trio
+
+from sllmfs.fuse import kernel
+from sllmfs.fuse.synth import SynthFile
+from sllmfs.store.store import Identity
+
+log = logging.getLogger(__name__)
+
+# (model, variant, identity, file name) -> a new fd of a sealed memfd holding exactly that synthesized
+# file, verified, or None. For a memory tier that lays a variant out as its safetensors files: then
+# the backing is the tier's own memory (no copy, no second copy held); the fd is ours to close.
+ResidentFile = Callable[[str, str, Identity, str], "int | None"]
+
+RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
+LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
+COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to spread over threads
+COPY_THREADS = min(8, os.cpu_count() or 1)
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+@dataclass
+class Backing:
+    fd: int
+    backing_id: int
+    size: int
+    opens: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+def build(synth: SynthFile, views: list[memoryview]) -> int:
+    """A sealed memfd with ``synth``'s bytes: its header, then each extent from its segment."""
+    fd = os.memfd_create(f"sllmfs:{synth.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, synth.size)
+        jobs: list[tuple[int, memoryview]] = []
+        for e in synth.extents:
+            src = (memoryview(synth.header) if e.partition < 0 else views[e.partition])[
+                e.source_offset:e.source_offset + e.length]
+            for at in range(0, e.length, COPY_PIECE):
+                jobs.append((e.offset + at, src[at:at + COPY_PIECE]))
+        with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="sllmfs-backing") as pool:
+            for _ in pool.map(lambda job: _pwrite_all(fd, job[1], job[0]), jobs):
+                pass
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # nothing changes these bytes from here on
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def room() -> int:
+    """Bytes a backing may take now: what the host has available, or our cgroup (a pod's limit:
+    memfd pages are charged to it) has left, less a reserve; a copy past it would meet the OOM killer."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            info[key] = int(value.split()[0]) * 1024
+    free = info.get("MemAvailable", 0) - int(info.get("MemTotal", 0) * RESERVE)
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+        base = f"/sys/fs/cgroup{path}"
+        with open(f"{base}/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open(f"{base}/memory.current") as f:
+                used = int(f.read())
+            free = min(free, int(int(limit) * (1 - RESERVE)) - used)
+    except (OSError, StopIteration, ValueError):
+        pass  # no cgroup v2 here: the host's figure stands
+    return free
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class Backings:
+    """The backing file of each passthrough inode, shared by its opens (the kernel insists on one)."""
+
+    def __init__(self, dev: int):
+        self.dev = dev
+        self._by_inode: dict[int, Backing] = {}
+        self._building: dict[int, trio.Event] = {}
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(b.size for b in self._by_inode.values())
+
+    def get(self, inode: int) -> Backing | None:
+        return self._by_inode.get(inode)
+
+    def inodes(self) -> list[int]:
+        return list(self._by_inode)
+
+    def share(self, inode: int) -> None:
+        """One more open of an inode whose backing exists."""
+        self._by_inode[inode].opens += 1
+
+    async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
+                      file_fd: int | None = None) -> Backing:
+        """The inode's backing, built on first use (concurrent first opens wait for one build);
+        ``views``: the resident segments to build it from (None: only an existing one will do);
+        ``label``: what the log line calls the file; ``file_fd``: the memory tier's own copy of the
+        file (a ResidentFile's answer, adopted instead of building one; closed here either way)."""
+        while inode in self._building:
+            await self._building[inode].wait()
+        b = self._by_inode.get(inode)
+        if b is not None and file_fd is not None:
+            os.close(file_fd)
+        elif b is None and file_fd is not None:
+            b = self._adopt(inode, file_fd, synth)
+        if b is None:
+            if views is None:
+                raise OSError(errno.ENODATA, "the variant left the memory tier")
+            free = room()
+            if synth.size > free:
+                raise OSError(errno.ENOMEM, f"{synth.size / 1e9:.2f} GB would not fit in the {max(free, 0) / 1e9:.2f} "
+                                            "GB of memory left")
+            done = self._building[inode] = trio.Event()
+            try:
+                t0 = time.perf_counter()
+                fd = await trio.to_thread.run_sync(build, synth, views)
+                try:
+                    backing_id = kernel.backing_open(self.dev, fd)
+                except OSError:
+                    os.close(fd)
+                    raise
+                b = self._by_inode[inode] = Backing(fd, backing_id, synth.size)
+                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s; "
+                         "the kernel serves its reads", label, synth.size / 1e9, time.perf_counter() - t0)
+            finally:
+                del self._building[inode]
+                done.set()
+        b.opens += 1
+        return b
+
+    def _adopt(self, inode: int, fd: int, synth: SynthFile) -> Backing:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if os.fstat(fd).st_size != synth.size or seals & SEALS != SEALS:  # its bytes could change
+                raise OSError(errno.EINVAL, f"the memory tier's {synth.name} is not a sealed file of its size")
+            backing_id = kernel.backing_open(self.dev, fd)
+        except OSError:
+            os.close(fd)
+            raise
+        b = self._by_inode[inode] = Backing(fd, backing_id, 0)  # the tier's memory: nothing more held
+        return b
+
+    def release(self, inode: int) -> None:
+        b = self._by_inode.get(inode)
+        if b is not None:
+            b.opens -= 1
+            if b.opens == 0:
+                b.idle_since = time.monotonic()
+
+    def expire(self, still_resident: dict[int, bool], now: float | None = None) -> None:
+        """Drop unopened backings idle past LINGER, or whose variant left the memory tier."""
+        now = time.monotonic() if now is None else now
+        for inode, b in list(self._by_inode.items()):
+            if b.opens == 0 and (now - b.idle_since > LINGER or not still_resident.get(inode, False)):
+                self._drop(inode)
+
+    def close_all(self) -> None:
+        for inode in list(self._by_inode):
+            self._drop(inode)
+
+    def _drop(self, inode: int) -> None:
+        b = self._by_inode.pop(inode)
+        try:  # the kernel keeps its own reference while a file (or mapping) still uses it
+            kernel.backing_close(self.dev, b.backing_id)
+        except OSError as e:
+            log.debug("closing backing %d: %s", b.backing_id, e)
+        os.close(b.fd)
