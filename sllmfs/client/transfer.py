@@ -122,7 +122,7 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
     for name, t in targets.items():
         by_device.setdefault(_link(t), {})[name] = t
 
-    def job(link: Link, group: dict[str, torch.Tensor]) -> Callable[[Lease, _Engines], LoadStats]:
+    def job(link: Link, group: dict[str, torch.Tensor]) -> Job:
         return lambda held, engines: _copy_to_device(held, group, link[0], link[1], timeout, mode, engines)
 
     stats = _all_links(lease, {link: job(link, group) for link, group in by_device.items()})
@@ -230,7 +230,10 @@ class _Engines:
         self._open.clear()
 
 
-def _all_links(lease: Lease, jobs: dict[Link, Callable[[Lease, _Engines], LoadStats]]) -> LoadStats:
+Job = Callable[["Lease", _Engines], LoadStats]  # one device's copy, given the lease to copy from
+
+
+def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
     """Run each device's copy; several GPUs copy at once, each over its own link (a thread each: the
     engine and the sidecar's copy release the GIL). The sidecar answers one request per connection
     at a time, so each further GPU copies through a lease of its own on its own connection."""
@@ -286,7 +289,7 @@ def _all_links(lease: Lease, jobs: dict[Link, Callable[[Lease, _Engines], LoadSt
 
 
 def _name(link: Link) -> str:
-    return "host" if link[0] == "host" else f"{link[0]}:{link[1]}"
+    return "host" if link == ("host", 0) else f"{link[0]}:{link[1]}"
 
 
 def _sibling(lease: Lease) -> Lease | None:
@@ -327,7 +330,7 @@ def copy_spans(lease: Lease, spans: list[tuple[int, int, torch.Tensor]], *, time
                            f"{span[0]} offset {span[1]} must be a contiguous uint8 tensor")
         by_device.setdefault(_link(dst), []).append(span)
 
-    def job(link: Link, group: list[tuple[int, int, torch.Tensor]]) -> Callable[[Lease, _Engines], LoadStats]:
+    def job(link: Link, group: list[tuple[int, int, torch.Tensor]]) -> Job:
         def copy(held: Lease, engines: _Engines) -> LoadStats:
             rows = [(p, off, dst.data_ptr(), dst.numel()) for p, off, dst in group if dst.numel()]
             targets = {f"span{i}": dst for i, (_p, _o, dst) in enumerate(group)}
