@@ -1,0 +1,372 @@
+"""bench_sglang.py --sizes 7b,32b --tp 2 [--links]: tensor parallelism over several GPUs, in one run.
+
+For each size (a Llama-2-7B-shaped 13.48 GB and a Qwen2.5-32B-shaped 65.5 GB bf16 checkpoint, random
+weights) SGLang starts with TP=N: the default loader, sllm's any-TP first start (write-back), sllm's
+fast path from the memory tier and sllm cold (memory tier evicted, page cache dropped). Greedy ids
+from token ids must be identical across them. Each rank's load phase and copy GB/s, when the ranks'
+copies ran (their overlap) and the aggregate GB/s over that window are recorded next to the limits
+measured in the same run: each GPU's pinned H2D peak, all GPUs' pinned peak at once and host memory's
+read bandwidth.
+
+--links (the first size): sllmfs.integrations.torch.load_dict and transformers load_model with a
+device map over every GPU, from the memory tier, bytes checked against the lease.
+
+--save-cli (7b): `sllmfs save --backend sglang --tensor-parallel-size N` beside the running sidecar
+(its CUDA contexts on every GPU), then again (a complete set: no engine).
+
+Disk and memory are planned up front (the x2 machine has ~64 GiB of disk): the source folder is kept
+only where three copies fit; else it is removed after the save and the default loader reads the FUSE
+view; where even the store's two copies (hf + per-rank) do not fit on disk, the store goes to tmpfs
+when memory allows (then "cold" reads no disk: said in the JSON), else the size is skipped with why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from limits import drop_caches
+from links import overlap, per_pid, sidecar_copies
+from llama_shapes import SHAPES, checkpoint_bytes, write_checkpoint
+
+GB = 1e9
+SLACK = 8 * GB  # beside what the bench writes: logs, SGLang's caches, a filesystem's reserve
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plan(size: str, work: Path, *, dims: dict[str, object] | None = None) -> dict[str, object]:
+    """Where the source and the store go for ``size``, from the free disk and memory now."""
+    arch, shape = SHAPES[size]
+    dims = dims or shape
+    b = checkpoint_bytes(dims)
+    work.mkdir(parents=True, exist_ok=True)
+    disk, mem = shutil.disk_usage(work).free, _mem_available()
+    out: dict[str, object] = {"size": size, "arch": arch, "bytes": b, "disk_free": disk, "mem_available": mem}
+    if disk >= 3 * b + SLACK:  # source + hf + per-rank variants
+        out.update(store=str(work / "store"), keep_source=True, cold="disk (page cache dropped)")
+    elif disk >= 2 * b + SLACK:  # the source goes once saved: the default loader reads the mount
+        out.update(store=str(work / "store"), keep_source=False, cold="disk (page cache dropped)")
+    elif mem >= 2 * b + (b + 2 * GB) + 40 * GB:  # tmpfs store + a memory tier holding one copy + processes
+        out.update(store=f"/dev/shm/sllmfs-bench-{size}/store", keep_source=False,
+                   cold="tmpfs store (memory tier evicted; no disk read: the disk could not hold hf + per-rank)")
+    else:
+        out["skip"] = (f"{size}: needs {(2 * b + SLACK) / GB:.0f} GB of disk at {work} (free {disk / GB:.0f}) or "
+                       f"{(3 * b + 42 * GB) / GB:.0f} GB of available memory (have {mem / GB:.0f})")
+    # the memory tier: the per-rank state and hf side by side when memory allows, else one copy
+    tmpfs = 2 * b if str(out.get("store", "")).startswith("/dev/shm") else 0
+    room = mem - tmpfs - 40 * GB
+    out["pool_bytes"] = int(max(b + 2 * GB, min(2 * b + 2 * GB, room)))
+    return out
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sllmfs", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: bool,
+          saved: Callable[[dict[str, object]], None]) -> dict[str, object]:
+    from bench_sglang import Sidecar, run_engine
+
+    p = plan(size, work / size)
+    part: dict[str, object] = {"plan": p, "tp": tp}
+    if "skip" in p:
+        print(f"bench: skipping {p['skip']}", flush=True)
+        return part
+    b = int(p["bytes"])  # type: ignore[call-overload]
+    store, model = Path(str(p["store"])), f"bench/{size}"
+    src = work / size / "src"
+    t0 = time.perf_counter()
+    if not (src / "config.json").exists():
+        write_checkpoint(src, dims=SHAPES[size][1], arch=str(p["arch"]), shard_bytes=5 << 30)
+    part["write_s"] = time.perf_counter() - t0
+    if p["keep_source"]:  # the default loader's baseline reads a warm page cache
+        subprocess.run(["cat", *map(str, sorted(src.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
+    t0 = time.perf_counter()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    proc = _run("save", "--model", model, "--local-model-path", str(src), "--storage-path", str(store), "--force")
+    if proc.returncode:
+        raise SystemExit(f"bench: sllmfs save failed:\n{proc.stderr[-2000:]}")
+    part["save_s"] = time.perf_counter() - t0
+    if not p["keep_source"]:
+        shutil.rmtree(src)
+    side = Sidecar(store, work / f"{size}.sock", work / f"mnt-{size}", logs / f"sidecar-{size}.log",
+                   pool=f"{int(p['pool_bytes']) >> 20}MiB")  # type: ignore[call-overload]
+    view = str(side.mnt / "bench" / size)
+    runs: dict[str, object] = {}
+    part["runs"] = runs
+
+    def engine(key: str, label: str, path: str, fmt: str, extra: str = "") -> None:
+        mark = side.log.stat().st_size
+        r = run_engine(label, path, fmt, logs, extra=extra, generate="ids")
+        with open(side.log, errors="replace") as f:
+            f.seek(mark)
+            r["sidecar_copies"] = per_pid(sidecar_copies(f.read()))
+        runs[key] = r
+        saved(part)
+
+    try:
+        if links:
+            part["links"] = links_run(side, model, tp, logs)
+            saved(part)
+        part["limits"] = part.get("links", {}).get("limits") or limits_run(tp)  # type: ignore[union-attr]
+        engine("default", "default (source folder)" if p["keep_source"] else "default (FUSE view)",
+               str(src) if p["keep_source"] else view, "auto")
+        engine("sllm_any_tp_first", "sllm any-TP + write-back", view, "sllm", '{"sllm_write_back": "sync"}')
+        keys = sorted(k for k in _variants(store, model) if k.startswith(f"sglang.tp{tp}."))
+        part["rank_variants"] = keys
+        side.cli("evict", "--model", model)  # hf out: the memory tier holds the per-rank state alone
+        for k in keys:
+            side.cli("load", "--model", model, "--variant", k, "--warm")
+        engine("sllm_fast_memory_tier", "sllm fast, memory tier", view, "sllm")
+        side.cli("evict", "--model", model)
+        part["cold_dropped_page_cache"] = drop_caches()
+        engine("sllm_fast_cold", f"sllm fast, cold: {p['cold']}", view, "sllm")
+        if save_cli and keys:
+            part["save_backend_sglang"] = save_cli_run(side, store, model, keys, tp)
+            saved(part)
+    finally:
+        side.stop()
+        if str(store).startswith("/dev/shm/"):
+            shutil.rmtree(store.parent, ignore_errors=True)
+    summarize(part, b)
+    return part
+
+
+def _variants(store: Path, model: str) -> list[str]:
+    from sllmfs.store.store import Store
+
+    return list(Store(store).get(model).variants)
+
+
+def save_cli_run(side: Any, store: Path, model: str, keys: list[str], tp: int) -> dict[str, object]:
+    """#22 item 1 on the GPUs: the per-rank state removed, then `save --backend sglang` beside the sidecar."""
+    for k in keys:
+        _run("rm", "--model", model, "--variant", k, "--yes", "--storage-path", str(store))
+    out: dict[str, object] = {}
+    for attempt in ("first", "again"):
+        t0 = time.perf_counter()
+        proc = _run("save", "--backend", "sglang", "--model", model, "--tensor-parallel-size", str(tp),
+                    "--storage-path", str(store), timeout=600)
+        out[attempt] = {"rc": proc.returncode, "seconds": time.perf_counter() - t0,
+                        "stdout": proc.stdout.splitlines()[-8:], "stderr_tail": proc.stderr.splitlines()[-6:]}
+        print(f"  save --backend sglang ({attempt}) rc={proc.returncode} {time.perf_counter() - t0:.1f}s "
+              f"{proc.stdout.splitlines()[-tp:]}", flush=True)
+    out["rank_variants_after"] = sorted(k for k in _variants(store, model) if k.startswith(f"sglang.tp{tp}."))
+    out["complete"] = out["rank_variants_after"] == keys
+    return out
+
+
+def limits_run(tp: int) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_sglang.py")), "--child-links",
+                           json.dumps({"tp": tp})], capture_output=True, text=True, timeout=300)
+    return _result(proc)["limits"]  # type: ignore[no-any-return]
+
+
+def links_run(side: Any, model: str, tp: int, logs: Path) -> dict[str, object]:
+    socket = str(side.sock)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_sglang.py")), "--child-links",
+                           json.dumps({"tp": tp, "model": model, "socket": socket})],
+                          capture_output=True, text=True, timeout=400)
+    (logs / "links.log").write_text(proc.stdout + proc.stderr)
+    return _result(proc)
+
+
+def _result(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])  # type: ignore[no-any-return]
+    raise SystemExit(f"bench: the links child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# -- the child: limits, and load_dict / load_model over every GPU ---------------------------------
+
+
+def links_child(arg: str) -> None:
+    """A fresh process (its CUDA memory gone when it ends, before the engines start)."""
+    import torch
+
+    a = json.loads(arg)
+    tp, model, socket = int(a["tp"]), a.get("model"), a.get("socket")
+    from links import host_read_bw, pinned_peak_each, pinned_peak_together
+
+    gpus = list(range(min(tp, torch.cuda.device_count())))
+    lim: dict[str, object] = {"host_read_gbps": host_read_bw()}
+    if gpus:
+        each = pinned_peak_each(gpus)
+        lim.update(pinned_each_gbps={str(d): g for d, g in each.items()},
+                   pinned_together_gbps=pinned_peak_together(gpus),
+                   twice_single_gbps=len(gpus) * statistics.mean(each.values()))  # N x one GPU's peak
+        torch.cuda.empty_cache()
+    out: dict[str, object] = {"limits": lim}
+    if model:
+        out.update(load_dicts(model, socket, gpus))
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _halves(names: list[str], devices: list[object]) -> dict[str, object]:
+    """A device map giving each device an equal run of layers (embeddings first, head last)."""
+    layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
+    per = -(-len(layers) // len(devices))
+    dm: dict[str, object] = {"": devices[-1], "model.embed_tokens": devices[0]}
+    for i in layers:
+        dm[f"model.layers.{i}"] = devices[min(i // per, len(devices) - 1)]
+    return dm
+
+
+def load_dicts(model: str, socket: str, gpus: list[int]) -> dict[str, object]:
+    import torch
+
+    from sllmfs.client.client import connect
+    from sllmfs.integrations.torch import load_dict
+
+    subprocess.run([sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", socket],
+                   check=True, capture_output=True)
+    with connect(socket) as c, c.acquire(model) as lease:
+        names = list(lease.entries)
+    devices: list[object] = list(gpus) if gpus else ["cpu"]
+    maps: dict[str, object] = {f"one GPU ({d})": {"": d} for d in devices}
+    if len(devices) > 1:
+        maps["every GPU (layers split)"] = _halves(names, devices)
+    runs: dict[str, object] = {}
+    for label, dm in maps.items():
+        for path in ("sidecar", "client") if gpus else ("client",):
+            os.environ["SLLMFS_GPU_COPY"] = path
+            times = []
+            for rep in range(3):  # the median of three: fresh allocations each time
+                t0 = time.perf_counter()
+                last, stats = load_dict(model, device_map=dm, socket=socket, return_stats=True)
+                times.append(time.perf_counter() - t0)
+                if rep < 2:
+                    del last
+                    if gpus:
+                        torch.cuda.empty_cache()
+            windows = [(w["start"], w["end"], 0) for w in stats.links.values()]
+            ov = overlap(windows)
+            runs[f"load_dict {label}, {path} copies"] = {
+                "seconds": statistics.median(times), "gbps": stats.bytes / statistics.median(times) / GB,
+                "bytes": stats.bytes, "links": {k: {kk: v for kk, v in w.items() if isinstance(v, (int, float, str))}
+                                                for k, w in stats.links.items()},
+                "copy_span_s": ov.get("span_s"),
+                "copy_gbps": stats.bytes / ov["span_s"] / GB if ov.get("span_s") else None,
+                "all_at_once_fraction": ov.get("all_at_once_fraction"),
+                "placed": sorted({str(t.device) for t in last.values()}),
+                "bytes_identical": _same_bytes(last, model, socket) if label.startswith("every") or not gpus
+                else None}
+            print(f"  load_dict {label:<24} {path:<8} {runs[f'load_dict {label}, {path} copies']['gbps']:.1f} GB/s "
+                  f"at once {ov.get('all_at_once_fraction')}", flush=True)
+            del last
+            if gpus:
+                torch.cuda.empty_cache()
+    os.environ.pop("SLLMFS_GPU_COPY", None)
+    out: dict[str, object] = {"load_dict": runs}
+    if len(devices) > 1:
+        out["load_model"] = load_models(model, socket, _halves(names, devices))
+    return out
+
+
+def _same_bytes(sd: dict[str, object], model: str, socket: str) -> bool:
+    import torch
+
+    from sllmfs.client.client import connect
+
+    with connect(socket) as c, c.acquire(model) as lease:
+        views = lease.tensors()
+        return all(torch.equal(t.cpu().view(torch.uint8), views[n].view(torch.uint8))  # type: ignore[attr-defined]
+                   for n, t in sd.items())
+
+
+def load_models(model: str, socket: str, dm: dict[str, object]) -> dict[str, object]:
+    """transformers load_model with the same split: each GPU's parameters copied at once."""
+    import torch
+
+    from sllmfs.client.client import connect
+    from sllmfs.integrations.transformers import load_model
+
+    out: dict[str, object] = {}
+    m, stats = load_model(model, device_map=dm, socket=socket, return_stats=True)
+    ov = overlap([(w["start"], w["end"], 0) for w in stats.links.values()])
+    with connect(socket) as c, c.acquire(model) as lease:
+        views = lease.tensors()
+        params = dict(m.named_parameters())
+        same = all(torch.equal(params[n].detach().cpu().view(torch.uint8), views[n].view(torch.uint8))
+                   for n in views if n in params)
+    out = {"seconds": stats.seconds, "bytes": stats.bytes, "gbps": stats.bytes / stats.seconds / GB,
+           "copy_gbps": stats.bytes / ov["span_s"] / GB if ov.get("span_s") else None,
+           "all_at_once_fraction": ov.get("all_at_once_fraction"),
+           "placed": sorted({str(p.device) for p in params.values()}), "bytes_identical": same}
+    print(f"  load_model every GPU: {out['gbps']:.1f} GB/s (copy {out['copy_gbps']}), at once "
+          f"{out['all_at_once_fraction']}, bytes identical {same}", flush=True)
+    return out
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def summarize(part: dict[str, object], nbytes: int) -> None:
+    lim = part.get("limits") or {}
+    assert isinstance(lim, dict)
+    twice, together, host = lim.get("twice_single_gbps"), lim.get("pinned_together_gbps"), lim.get("host_read_gbps")
+    runs = part.get("runs") or {}
+    assert isinstance(runs, dict)
+    ref = next(iter(runs.values()), {}).get("ids")
+    part["greedy_ids_identical"] = bool(ref) and all(r.get("ids") == ref for r in runs.values())
+    print(f"\n{part['plan']['size']}: {nbytes / GB:.2f} GB, TP={part['tp']}; limits: 2x one GPU's pinned peak "  # type: ignore[index]
+          f"{twice} GB/s, both at once {together}, host read {host}")
+    print(f"{'run':<24}{'path':>8}{'rank load s':>16}{'rank GB/s':>14}{'agg GB/s':>10}{'/2x peak':>9}"
+          f"{'/both':>7}{'/host':>7}{'at once':>8}")
+    for key, r in runs.items():
+        ranks = r.get("ranks") or {}
+        windows = [(float(v["copy_start"]), float(v["copy_end"]), int(float(v["copy_gb"]) * GB))
+                   for v in ranks.values() if "copy_start" in v]
+        ov = overlap(windows) if len(windows) > 1 else {}
+        if not ov and len(r.get("sidecar_copies") or []) > 1:
+            ov = overlap([tuple(w) for w in r["sidecar_copies"]])  # type: ignore[misc]
+        r["aggregate"] = ov
+        agg = ov.get("aggregate_gbps")
+        load = "/".join(f"{v.get('load_weight_s', 0):.2f}" for v in ranks.values())
+        rate = "/".join(f"{v.get('copy_gbps', 0):.1f}" for v in ranks.values())
+        ratio = {k: (agg / x if agg and isinstance(x, float) else None) for k, x in
+                 (("twice", twice), ("together", together), ("host", host))}
+        r["aggregate_ratio"] = ratio
+        fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
+        print(f"{key:<24}{str(r.get('sllm_path') or 'default'):>8}{load:>16}{rate:>14}{fmt(agg):>10}"
+              f"{fmt(ratio['twice']):>9}{fmt(ratio['together']):>7}{fmt(ratio['host']):>7}"
+              f"{fmt(ov.get('all_at_once_fraction')):>8}")
+    print(f"greedy ids identical across runs: {part['greedy_ids_identical']}")
+
+
+def cpu_check(work: Path, logs: Path) -> dict[str, object]:
+    """What runs without a GPU, on a tiny Qwen2-shaped checkpoint: the plan, the sharded write, the
+    save, a sidecar with its mount, and the links child (load_dict to the host, bytes checked)."""
+    from bench_sglang import Sidecar
+
+    dims: dict[str, object] = dict(vocab=512, hidden=128, inter=256, layers=4, heads=4, kv_heads=2, bias=True)
+    p = plan("32b", work / "cpu", dims=dims)
+    src, store = work / "cpu" / "src", work / "cpu" / "store"
+    nbytes = write_checkpoint(src, dims=dims, arch="qwen2", shard_bytes=256 << 10)
+    proc = _run("save", "--model", "bench/cpu", "--local-model-path", str(src), "--storage-path", str(store),
+                "--force")
+    if proc.returncode:
+        raise SystemExit(f"bench: sllmfs save failed:\n{proc.stderr[-2000:]}")
+    side = Sidecar(store, work / "cpu.sock", work / "mnt-cpu", logs / "sidecar-cpu.log", pool="256MiB")
+    try:
+        got = links_run(side, "bench/cpu", 2, logs)
+        copies = sidecar_copies(side.log.read_text())
+    finally:
+        side.stop()
+    return {"plan": p, "bytes": nbytes, "shards": len(list(src.glob("*.safetensors"))), "links": got,
+            "sidecar_gpu_copies": len(copies)}
