@@ -261,10 +261,11 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
                 return
             results[link].links[_name(link)] = {**results[link].engine, "start": start, "end": time.perf_counter()}
 
-        # a lease shared by several GPUs (no sibling) keeps its requests in turn: one thread for all of them
+        # GPUs that ask the sidecar through one lease (no sibling) take turns: one thread for all of them
+        asks = _gpu_copy() != "client"
         order: dict[int, list[Link]] = {}
         for link in jobs:
-            order.setdefault(id(held[link]) if link[0] == "cuda" else id(link), []).append(link)
+            order.setdefault(id(held[link]) if asks and link[0] == "cuda" else id(link), []).append(link)
         def run_in_turn(links: list[Link]) -> None:
             for x in links:
                 run(x)

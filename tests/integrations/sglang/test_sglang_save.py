@@ -21,6 +21,12 @@ from sllmfs.integrations.sglang import variants
 from sllmfs.integrations.sglang.save import SAVE_KV_TOKENS, engine_args, save_rank_variants
 from sllmfs.store.save import save_model
 from sllmfs.store.store import Store
+from tests.support.sglang_env import import_sglang
+
+try:  # where SGLang is installed (.venv-sglang) it goes first: then torchvision imports beside a CPU torch
+    import_sglang()
+except ImportError:
+    pass  # the main venv: every test but the ServerArgs one runs without SGLang
 
 VERSION = "0.5.17"
 
@@ -75,12 +81,12 @@ def test_sglang_0517_takes_the_engine_args_as_given(tmp_path: Path) -> None:
     """SGLang's own ServerArgs (its __post_init__ resolves defaults) keeps every limit the save sets."""
     from tests.support.sglang_env import require_sglang
 
-    require_sglang()  # first: it lets torchvision import beside a CPU torch, before transformers builds models
+    require_sglang()
     from sglang.srt.server_args import ServerArgs
 
     from sllmfs.ops.demo import build_model
 
-    store = Store(tmp_path / "store")
+    store = Store(tmp_path / "store")  # a model of its own: SGLang pins the transformers that builds it
     save_model(store, "org/llama", build_model(tmp_path / "llama", "llama"))
     args = engine_args(store, "org/llama", 2)
     sa = ServerArgs(**args, device="cpu")  # no accelerator here: SGLang would refuse to pick a device
