@@ -22,6 +22,7 @@ when memory allows (then "cold" reads no disk: said in the JSON), else the size 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -60,17 +61,31 @@ def plan(size: str, work: Path, *, dims: dict[str, object] | None = None) -> dic
         out.update(store=str(work / "store"), keep_source=True, cold="disk (page cache dropped)")
     elif disk >= 2 * b + SLACK:  # the source goes once saved: the default loader reads the mount
         out.update(store=str(work / "store"), keep_source=False, cold="disk (page cache dropped)")
-    elif mem >= 2 * b + (b + 2 * GB) + 40 * GB:  # tmpfs store + a memory tier holding one copy + processes
-        out.update(store=f"/dev/shm/sllmfs-bench-{size}/store", keep_source=False,
+    elif mem >= 3 * b + 42 * GB:
+        # a tmpfs of our own holds the source while it is saved, then hf + per-rank (2b); the memory
+        # tier one copy (b); the write-back's host snapshot shrinks as the per-rank files grow (so b
+        # for both); SGLang's processes the rest
+        out.update(store=str(work / "tmpfs" / "store"), tmpfs_bytes=int(2 * b + 4 * GB), keep_source=False,
                    cold="tmpfs store (memory tier evicted; no disk read: the disk could not hold hf + per-rank)")
     else:
         out["skip"] = (f"{size}: needs {(2 * b + SLACK) / GB:.0f} GB of disk at {work} (free {disk / GB:.0f}) or "
                        f"{(3 * b + 42 * GB) / GB:.0f} GB of available memory (have {mem / GB:.0f})")
-    # the memory tier: the per-rank state and hf side by side when memory allows, else one copy
-    tmpfs = 2 * b if str(out.get("store", "")).startswith("/dev/shm") else 0
-    room = mem - tmpfs - 40 * GB
-    out["pool_bytes"] = int(max(b + 2 * GB, min(2 * b + 2 * GB, room)))
+    # the memory tier: hf and the per-rank state side by side when memory allows, else one copy
+    out["pool_bytes"] = int(b + 2 * GB if "tmpfs_bytes" in out else max(b + 2 * GB, min(2 * b + 2 * GB, mem - 40 * GB)))
     return out
+
+
+def _mount_tmpfs(where: Path, nbytes: int) -> None:
+    """A tmpfs sized for this run (/dev/shm is half the memory: too small for 2 x 65.5 GB)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.path.ismount(where):
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"bench: cannot mount a {nbytes / GB:.0f} GB tmpfs at {where} ({proc.stderr.strip()}); "
+                         "run as root or free disk for the store")
+    atexit.register(subprocess.run, ["umount", "--lazy", str(where)], check=False)  # ours: the memory goes back
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -89,6 +104,9 @@ def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: 
     b = int(p["bytes"])  # type: ignore[call-overload]
     store, model = Path(str(p["store"])), f"bench/{size}"
     src = work / size / "src"
+    if "tmpfs_bytes" in p:
+        _mount_tmpfs(store.parent, int(p["tmpfs_bytes"]))  # type: ignore[call-overload]
+        src = store.parent / "src"
     t0 = time.perf_counter()
     if not (src / "config.json").exists():
         write_checkpoint(src, dims=SHAPES[size][1], arch=str(p["arch"]), shard_bytes=5 << 30)
@@ -122,10 +140,12 @@ def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: 
         if links:
             part["links"] = links_run(side, model, tp, logs)
             saved(part)
+            _print_links(part["links"])  # type: ignore[arg-type]
         part["limits"] = part.get("links", {}).get("limits") or limits_run(tp)  # type: ignore[union-attr]
         engine("default", "default (source folder)" if p["keep_source"] else "default (FUSE view)",
                str(src) if p["keep_source"] else view, "auto")
         engine("sllm_any_tp_first", "sllm any-TP + write-back", view, "sllm", '{"sllm_write_back": "sync"}')
+        part["status_after_any_tp"] = _tier(side.sock, model)  # #22 item 3: hf filled once for every rank
         keys = sorted(k for k in _variants(store, model) if k.startswith(f"sglang.tp{tp}."))
         part["rank_variants"] = keys
         side.cli("evict", "--model", model)  # hf out: the memory tier holds the per-rank state alone
@@ -140,10 +160,20 @@ def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: 
             saved(part)
     finally:
         side.stop()
-        if str(store).startswith("/dev/shm/"):
-            shutil.rmtree(store.parent, ignore_errors=True)
     summarize(part, b)
     return part
+
+
+def _tier(sock: Path, model: str) -> dict[str, object]:
+    """What the memory tier holds of ``model`` (from `sllmfs status --json`) and its fill counters."""
+    proc = _run("status", "--json", "--socket", str(sock))
+    if proc.returncode:
+        return {"error": proc.stderr.strip()[-300:]}
+    st = json.loads(proc.stdout)
+    rows = [v for m in st["models"] if m["name"] == model for v in m["variants"]]
+    return {"resident": [{"variant": v["variant"], "bytes": v["bytes"], "state": v["state"]} for v in rows],
+            "hf_copies": sum(1 for v in rows if v["variant"] == "hf"), "memory_used": st["memory"]["used"],
+            "counters": {k: st["counters"].get(k) for k in ("hits", "misses", "bytes_filled")}}
 
 
 def _variants(store: Path, model: str) -> list[str]:
@@ -316,6 +346,22 @@ def load_models(model: str, socket: str, dm: dict[str, object]) -> dict[str, obj
 # -- the table ------------------------------------------------------------------------------------
 
 
+def _print_links(found: dict[str, object]) -> None:
+    lim = found.get("limits") or {}
+    assert isinstance(lim, dict)
+    twice = lim.get("twice_single_gbps")
+    print(f"\nload_dict / load_model from the memory tier; limits {json.dumps(lim)}")
+    rows = dict(found.get("load_dict") or {})  # type: ignore[call-overload]
+    if found.get("load_model"):
+        rows["transformers load_model, every GPU, sidecar copies"] = found["load_model"]
+    for label, r in rows.items():
+        copy = r.get("copy_gbps")
+        ratio = f"{copy / twice:.2f}" if copy and isinstance(twice, float) else "-"
+        print(f"  {label:<52} {r['gbps']:6.1f} GB/s call, {copy or 0:6.1f} copy ({ratio} of 2x peak), at once "
+              f"{r.get('all_at_once_fraction') or 0:.2f}, on {r.get('placed')}, "
+              f"bytes identical {r.get('bytes_identical')}")
+
+
 def summarize(part: dict[str, object], nbytes: int) -> None:
     lim = part.get("limits") or {}
     assert isinstance(lim, dict)
@@ -326,10 +372,14 @@ def summarize(part: dict[str, object], nbytes: int) -> None:
     part["greedy_ids_identical"] = bool(ref) and all(r.get("ids") == ref for r in runs.values())
     print(f"\n{part['plan']['size']}: {nbytes / GB:.2f} GB, TP={part['tp']}; limits: 2x one GPU's pinned peak "  # type: ignore[index]
           f"{twice} GB/s, both at once {together}, host read {host}")
-    print(f"{'run':<24}{'path':>8}{'rank load s':>16}{'rank GB/s':>14}{'agg GB/s':>10}{'/2x peak':>9}"
-          f"{'/both':>7}{'/host':>7}{'at once':>8}")
+    print(f"{'run':<24}{'path':>8}{'rank load s':>14}{'load GB/s':>12}{'copy GB/s':>12}{'agg GB/s':>10}"
+          f"{'/2x peak':>9}{'/both':>7}{'/host':>7}{'at once':>8}")
+    tp = int(part["tp"])  # type: ignore[call-overload]
     for key, r in runs.items():
         ranks = r.get("ranks") or {}
+        for v in ranks.values():  # each rank's load phase moves its 1/tp of the bytes
+            if v.get("load_weight_s"):
+                v["load_gbps"] = nbytes / tp / float(v["load_weight_s"]) / GB
         windows = [(float(v["copy_start"]), float(v["copy_end"]), int(float(v["copy_gb"]) * GB))
                    for v in ranks.values() if "copy_start" in v]
         ov = overlap(windows) if len(windows) > 1 else {}
@@ -338,12 +388,13 @@ def summarize(part: dict[str, object], nbytes: int) -> None:
         r["aggregate"] = ov
         agg = ov.get("aggregate_gbps")
         load = "/".join(f"{v.get('load_weight_s', 0):.2f}" for v in ranks.values())
+        load_rate = "/".join(f"{v.get('load_gbps', 0):.1f}" for v in ranks.values())
         rate = "/".join(f"{v.get('copy_gbps', 0):.1f}" for v in ranks.values())
         ratio = {k: (agg / x if agg and isinstance(x, float) else None) for k, x in
                  (("twice", twice), ("together", together), ("host", host))}
         r["aggregate_ratio"] = ratio
         fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
-        print(f"{key:<24}{str(r.get('sllm_path') or 'default'):>8}{load:>16}{rate:>14}{fmt(agg):>10}"
+        print(f"{key:<24}{str(r.get('sllm_path') or 'default'):>8}{load:>14}{load_rate:>12}{rate:>12}{fmt(agg):>10}"
               f"{fmt(ratio['twice']):>9}{fmt(ratio['together']):>7}{fmt(ratio['host']):>7}"
               f"{fmt(ov.get('all_at_once_fraction')):>8}")
     print(f"greedy ids identical across runs: {part['greedy_ids_identical']}")
@@ -365,8 +416,9 @@ def cpu_check(work: Path, logs: Path) -> dict[str, object]:
     side = Sidecar(store, work / "cpu.sock", work / "mnt-cpu", logs / "sidecar-cpu.log", pool="256MiB")
     try:
         got = links_run(side, "bench/cpu", 2, logs)
+        tier = _tier(side.sock, "bench/cpu")
         copies = sidecar_copies(side.log.read_text())
     finally:
         side.stop()
     return {"plan": p, "bytes": nbytes, "shards": len(list(src.glob("*.safetensors"))), "links": got,
-            "sidecar_gpu_copies": len(copies)}
+            "tier": tier, "sidecar_gpu_copies": len(copies)}
