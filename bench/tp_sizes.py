@@ -276,14 +276,19 @@ def load_dicts(model: str, socket: str, gpus: list[int]) -> dict[str, object]:
         for path in ("sidecar", "client") if gpus else ("client",):
             os.environ["SLLMFS_GPU_COPY"] = path
             times = []
-            for rep in range(3):  # the median of three: fresh allocations each time
-                t0 = time.perf_counter()
-                last, stats = load_dict(model, device_map=dm, socket=socket, return_stats=True)
-                times.append(time.perf_counter() - t0)
-                if rep < 2:
-                    del last
-                    if gpus:
-                        torch.cuda.empty_cache()
+            try:
+                for rep in range(3):  # the median of three: fresh allocations each time
+                    t0 = time.perf_counter()
+                    last, stats = load_dict(model, device_map=dm, socket=socket, return_stats=True)
+                    times.append(time.perf_counter() - t0)
+                    if rep < 2:
+                        del last
+                        if gpus:
+                            torch.cuda.empty_cache()
+            except Exception as e:  # one failed way in is a result, not the end of the run
+                runs[f"load_dict {label}, {path} copies"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+                print(f"  load_dict {label} {path}: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
             windows = [(w["start"], w["end"], 0) for w in stats.links.values()]
             ov = overlap(windows)
             runs[f"load_dict {label}, {path} copies"] = {
@@ -304,7 +309,11 @@ def load_dicts(model: str, socket: str, gpus: list[int]) -> dict[str, object]:
     os.environ.pop("SLLMFS_GPU_COPY", None)
     out: dict[str, object] = {"load_dict": runs}
     if len(devices) > 1:
-        out["load_model"] = load_models(model, socket, _halves(names, devices))
+        try:
+            out["load_model"] = load_models(model, socket, _halves(names, devices))
+        except Exception as e:  # e.g. no accelerate in the image: the load_dict figures stand
+            out["load_model"] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            print(f"  load_model: {type(e).__name__}: {e}"[:300], flush=True)
     return out
 
 
@@ -355,6 +364,9 @@ def _print_links(found: dict[str, object]) -> None:
     if found.get("load_model"):
         rows["transformers load_model, every GPU, sidecar copies"] = found["load_model"]
     for label, r in rows.items():
+        if "error" in r:
+            print(f"  {label:<52} failed: {r['error']}")
+            continue
         copy = r.get("copy_gbps")
         ratio = f"{copy / twice:.2f}" if copy and isinstance(twice, float) else "-"
         print(f"  {label:<52} {r['gbps']:6.1f} GB/s call, {copy or 0:6.1f} copy ({ratio} of 2x peak), at once "

@@ -121,13 +121,19 @@ def engine_command(kwargs: dict[str, Any]) -> list[str]:
 
 
 def installed_version() -> str:
-    """SGLang's version from its package metadata (importing SGLang here would cost ~20 s)."""
+    """SGLang's version: from its package metadata (importing SGLang costs ~20 s), else from SGLang
+    itself (a copy without metadata, e.g. unpacked onto PYTHONPATH)."""
     from importlib import metadata
 
     try:
         return metadata.version("sglang")
     except metadata.PackageNotFoundError:
+        pass
+    try:
+        from sglang.version import __version__
+    except ImportError:
         raise BadInput("--backend sglang needs SGLang: pip install 'sllmfs[sglang]'") from None
+    return str(__version__)
 
 
 def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | None = None,
