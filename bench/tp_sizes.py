@@ -15,8 +15,8 @@ device map over every GPU, from the memory tier, bytes checked against the lease
 (its CUDA contexts on every GPU), then again (a complete set: no engine).
 
 Disk and memory are planned up front (the x2 machine has ~64 GiB of disk): the source folder is kept
-only where three copies fit; else it is removed after the save and the default loader reads the FUSE
-view; where even the store's two copies (hf + per-rank) do not fit on disk, the store goes to tmpfs
+only where three copies fit, else it is removed once saved (the default loader runs first, from it);
+where even the store's two copies (hf + per-rank) do not fit on disk, the store goes to tmpfs
 when memory allows (then "cold" reads no disk: said in the JSON), else the size is skipped with why.
 """
 
@@ -107,12 +107,30 @@ def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: 
     if "tmpfs_bytes" in p:
         _mount_tmpfs(store.parent, int(p["tmpfs_bytes"]))  # type: ignore[call-overload]
         src = store.parent / "src"
+    runs: dict[str, object] = {}
+    part["runs"] = runs
+    side: Any = None
+
+    def engine(key: str, label: str, path: str, fmt: str, extra: str = "") -> None:
+        mark = side.log.stat().st_size if side else 0
+        r = run_engine(label, path, fmt, logs, extra=extra, generate="ids")
+        if side:
+            with open(side.log, errors="replace") as f:
+                f.seek(mark)
+                r["sidecar_copies"] = per_pid(sidecar_copies(f.read()))
+        runs[key] = r
+        saved(part)
+
     t0 = time.perf_counter()
     if not (src / "config.json").exists():
         write_checkpoint(src, dims=SHAPES[size][1], arch=str(p["arch"]), shard_bytes=5 << 30)
     part["write_s"] = time.perf_counter() - t0
-    if p["keep_source"]:  # the default loader's baseline reads a warm page cache
-        subprocess.run(["cat", *map(str, sorted(src.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
+    # the default loader first, from the source folder in a warm page cache (or tmpfs): the FUSE
+    # view would cap it at the daemon's ~2 GB/s, and where the source cannot stay it goes after the save
+    subprocess.run(["cat", *map(str, sorted(src.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
+    if not links:
+        part["limits"] = limits_run(tp)
+    engine("default", "default (source folder)", str(src), "auto")
     t0 = time.perf_counter()
     store.parent.mkdir(parents=True, exist_ok=True)
     proc = _run("save", "--model", model, "--local-model-path", str(src), "--storage-path", str(store), "--force")
@@ -124,26 +142,12 @@ def sized(size: str, work: Path, logs: Path, tp: int, *, links: bool, save_cli: 
     side = Sidecar(store, work / f"{size}.sock", work / f"mnt-{size}", logs / f"sidecar-{size}.log",
                    pool=f"{int(p['pool_bytes']) >> 20}MiB")  # type: ignore[call-overload]
     view = str(side.mnt / "bench" / size)
-    runs: dict[str, object] = {}
-    part["runs"] = runs
-
-    def engine(key: str, label: str, path: str, fmt: str, extra: str = "") -> None:
-        mark = side.log.stat().st_size
-        r = run_engine(label, path, fmt, logs, extra=extra, generate="ids")
-        with open(side.log, errors="replace") as f:
-            f.seek(mark)
-            r["sidecar_copies"] = per_pid(sidecar_copies(f.read()))
-        runs[key] = r
-        saved(part)
-
     try:
         if links:
             part["links"] = links_run(side, model, tp, logs)
+            part["limits"] = part["links"]["limits"]  # type: ignore[index]
             saved(part)
             _print_links(part["links"])  # type: ignore[arg-type]
-        part["limits"] = part.get("links", {}).get("limits") or limits_run(tp)  # type: ignore[union-attr]
-        engine("default", "default (source folder)" if p["keep_source"] else "default (FUSE view)",
-               str(src) if p["keep_source"] else view, "auto")
         engine("sllm_any_tp_first", "sllm any-TP + write-back", view, "sllm", '{"sllm_write_back": "sync"}')
         part["status_after_any_tp"] = _tier(side.sock, model)  # #22 item 3: hf filled once for every rank
         keys = sorted(k for k in _variants(store, model) if k.startswith(f"sglang.tp{tp}."))
@@ -184,9 +188,8 @@ def _variants(store: Path, model: str) -> list[str]:
 
 def save_cli_run(side: Any, store: Path, model: str, keys: list[str], tp: int) -> dict[str, object]:
     """#22 item 1 on the GPUs: the per-rank state removed, then `save --backend sglang` beside the sidecar."""
-    for k in keys:
-        _run("rm", "--model", model, "--variant", k, "--yes", "--storage-path", str(store))
-    out: dict[str, object] = {}
+    out: dict[str, object] = {"removed_first": [_run("rm", "--model", model, "--variant", k, "--yes", "--storage-path",
+                                                     str(store)).returncode == 0 for k in keys]}
     for attempt in ("first", "again"):
         t0 = time.perf_counter()
         proc = _run("save", "--backend", "sglang", "--model", model, "--tensor-parallel-size", str(tp),
