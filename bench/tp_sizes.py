@@ -387,8 +387,10 @@ def summarize(part: dict[str, object], nbytes: int) -> None:
     part["greedy_ids_identical"] = bool(ref) and all(r.get("ids") == ref for r in runs.values())
     print(f"\n{part['plan']['size']}: {nbytes / GB:.2f} GB, TP={part['tp']}; limits: 2x one GPU's pinned peak "  # type: ignore[index]
           f"{twice} GB/s, both at once {together}, host read {host}")
+    # "x1 GPU": the aggregate over one GPU's pinned peak (the goal: >= 1.8); "/both": over every GPU's
+    # pinned peak measured at once (what the links and host memory allow together)
     print(f"{'run':<24}{'path':>8}{'rank load s':>14}{'load GB/s':>12}{'copy GB/s':>12}{'agg GB/s':>10}"
-          f"{'/2x peak':>9}{'/both':>7}{'/host':>7}{'at once':>8}")
+          f"{'x1 GPU':>8}{'/2x peak':>9}{'/both':>7}{'/host':>7}{'at once':>8}")
     tp = int(part["tp"])  # type: ignore[call-overload]
     for key, r in runs.items():
         ranks = r.get("ranks") or {}
@@ -405,12 +407,13 @@ def summarize(part: dict[str, object], nbytes: int) -> None:
         load = "/".join(f"{v.get('load_weight_s', 0):.2f}" for v in ranks.values())
         load_rate = "/".join(f"{v.get('load_gbps', 0):.1f}" for v in ranks.values())
         rate = "/".join(f"{v.get('copy_gbps', 0):.1f}" for v in ranks.values())
+        single = twice / tp if isinstance(twice, float) else None
         ratio = {k: (agg / x if agg and isinstance(x, float) else None) for k, x in
-                 (("twice", twice), ("together", together), ("host", host))}
+                 (("one_gpu", single), ("twice", twice), ("together", together), ("host", host))}
         r["aggregate_ratio"] = ratio
         fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
         print(f"{key:<24}{str(r.get('sllm_path') or 'default'):>8}{load:>14}{load_rate:>12}{rate:>12}{fmt(agg):>10}"
-              f"{fmt(ratio['twice']):>9}{fmt(ratio['together']):>7}{fmt(ratio['host']):>7}"
+              f"{fmt(ratio['one_gpu']):>8}{fmt(ratio['twice']):>9}{fmt(ratio['together']):>7}{fmt(ratio['host']):>7}"
               f"{fmt(ov.get('all_at_once_fraction')):>8}")
     print(f"greedy ids identical across runs: {part['greedy_ids_identical']}")
 
