@@ -11,6 +11,12 @@
         from the memory tier, next to the pinned H2D peak measured in the same run.
 --tp N: every engine (and save --backend sglang) with tensor parallelism N (N GPUs; for a
         two-GPU machine: the per-rank fast path and write-back with TP=2).
+--sizes 7b,32b (with --tp 2 on two GPUs; bench/tp_sizes.py): 13.48 GB and 65.5 GB (Qwen2.5-32B
+        shapes) checkpoints: default loader, sllm any-TP first start, fast path from the memory tier,
+        sllm cold; greedy ids, each rank's load phase and copy window, the aggregate next to the
+        limits measured in the same run (bench/links.py). --links: load_dict / transformers
+        load_model over every GPU too; --save-cli: save --backend sglang beside the sidecar.
+        --cpu-check runs what needs no GPU on a tiny shape.
 Each engine runs in a fresh process; results go to --out as JSON.
 """
 
