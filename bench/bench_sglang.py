@@ -220,7 +220,7 @@ def main() -> None:
         engine_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-links":
-        from tp_sizes import links_child
+        from multi_gpu_load import links_child
 
         links_child(sys.argv[2])
         return
