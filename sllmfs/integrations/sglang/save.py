@@ -161,10 +161,10 @@ def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | N
         say(key)
     full = _complete(sets, tp_size)
     if full is None:
-        held = ", ".join(sorted(after)) or "none"
+        kept = f"stored: {', '.join(sorted(after))}; a rerun keeps them" if after else "nothing per-rank stored"
         raise SllmfsError(
             f"SGLang {version} {_ended(report.engine_rc)} with {len(after)} of {tp_size} ranks of {model!r} stored "
-            f"(stored: {held}); see the SGLang log above. Run the same command again: stored ranks are kept")
+            f"({kept}); see the SGLang log above, then run the same command again")
     report.kept = sorted(k for k in report.kept if k in full)
     report.stored = sorted(k for k in report.stored if k in full)
     return report

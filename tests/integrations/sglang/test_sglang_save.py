@@ -112,7 +112,8 @@ def test_a_partial_engine_run_says_what_is_stored_and_a_rerun_finishes_it(stored
         save_rank_variants(stored_llama, "org/llama", 2, version=VERSION,
                            command=stand_in([0], tp=2, end="sys.exit(3)"))
     msg = str(failed.value)
-    assert "exited with status 3" in msg and "1 of 2 ranks" in msg and key(2, 0) in msg and "again" in msg
+    assert "exited with status 3" in msg and "1 of 2 ranks" in msg and key(2, 0) in msg and "keeps them" in msg
+    assert "run the same command again" in msg
     assert "\n" not in msg
     report = save_rank_variants(stored_llama, "org/llama", 2, version=VERSION, command=stand_in([1], tp=2))
     assert report.engine_rc == 0 and report.kept == [key(2, 0)] and report.stored == [key(2, 1)]
