@@ -11,6 +11,12 @@
         from the memory tier, next to the pinned H2D peak measured in the same run.
 --tp N: every engine (and save --backend sglang) with tensor parallelism N (N GPUs; for a
         two-GPU machine: the per-rank fast path and write-back with TP=2).
+--sizes 7b,32b (with --tp 2 on two GPUs; bench/tp_sizes.py): 13.48 GB and 65.5 GB (Qwen2.5-32B
+        shapes) checkpoints: default loader, sllm any-TP first start, fast path from the memory tier,
+        sllm cold; greedy ids, each rank's load phase and copy window, the aggregate next to the
+        limits measured in the same run (bench/links.py). --links: load_dict / transformers
+        load_model over every GPU too; --save-cli: save --backend sglang beside the sidecar.
+        --cpu-check runs what needs no GPU on a tiny shape.
 Each engine runs in a fresh process; results go to --out as JSON.
 """
 
@@ -41,8 +47,11 @@ def _tp() -> int:
     return int(os.environ.get("SLLMFS_BENCH_TP", "1"))
 
 
-def engine_child(model_path: str, load_format: str, extra: str, generate: bool) -> None:
-    """Runs in a fresh process: start an Engine, report load time (from its log) and greedy ids."""
+def engine_child(model_path: str, load_format: str, extra: str, generate: str) -> None:
+    """Runs in a fresh process: start an Engine, report load time (from its log) and greedy ids.
+
+    ``generate``: "1" greedy ids through the tokenizer's engine, "ids" greedy ids from token ids with
+    no tokenizer (the shaped checkpoints are weights + config only), "0" none."""
     import sglang
 
     t0 = time.perf_counter()
@@ -51,12 +60,12 @@ def engine_child(model_path: str, load_format: str, extra: str, generate: bool) 
               sampling_backend="pytorch", attention_backend="triton", log_level="info", random_seed=0)
     if extra:
         kw["model_loader_extra_config"] = extra
-    if not generate:  # the 7B-shaped checkpoint is weights + config only
+    if generate != "1":
         kw["skip_tokenizer_init"] = True
     llm = sglang.Engine(**kw)
     ready = time.perf_counter() - t0
     ids = None
-    if generate:
+    if generate != "0":
         out = llm.generate(input_ids=PROMPTS, sampling_params={"max_new_tokens": 8, "temperature": 0.0,
                                                                "ignore_eos": True})
         ids = [o["output_ids"] for o in out]
@@ -65,14 +74,20 @@ def engine_child(model_path: str, load_format: str, extra: str, generate: bool) 
 
 
 def run_engine(label: str, model_path: str, load_format: str, log_dir: Path, *, extra: str = "",
-               generate: bool = True, env: dict[str, str] | None = None) -> dict[str, object]:
-    args = [sys.executable, __file__, "--child", model_path, load_format, extra, "1" if generate else "0"]
+               generate: bool | str = True, env: dict[str, str] | None = None) -> dict[str, object]:
+    mode = generate if isinstance(generate, str) else "1" if generate else "0"
+    args = [sys.executable, __file__, "--child", model_path, load_format, extra, mode]
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=540, env={**os.environ, **(env or {})})
+    # SGLANG_LOG_MS: per-rank lines with milliseconds, so each rank's copy window can be placed
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=540,
+                          env={**os.environ, "SGLANG_LOG_MS": "1", **(env or {})})
     wall = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
+    from links import ranks
+
+    res_ranks = ranks(log)
     (log_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".log")).write_text(log)
-    res: dict[str, object] = {"label": label, "wall_s": wall, "rc": proc.returncode}
+    res: dict[str, object] = {"label": label, "wall_s": wall, "rc": proc.returncode, "ranks": res_ranks}
     m = LOAD_END.findall(log)
     res["load_weight_s"] = float(m[-1]) if m else None
     sllm = re.findall(r"sllmfs: loaded .* by the ([a-z-]+) path in ([0-9.]+) s", log)
@@ -90,11 +105,11 @@ def run_engine(label: str, model_path: str, load_format: str, log_dir: Path, *, 
 
 
 class Sidecar:
-    def __init__(self, store: Path, sock: Path, mnt: Path, log: Path):
+    def __init__(self, store: Path, sock: Path, mnt: Path, log: Path, pool: str = "48GB"):
         mnt.mkdir(parents=True, exist_ok=True)
-        self.sock, self.mnt = sock, mnt
+        self.sock, self.mnt, self.log = sock, mnt, log
         self.proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store),
-                                      "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", "48GB",
+                                      "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", pool,
                                       "--num-thread", "16", "--chunk-size", "64MiB"],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -202,7 +217,12 @@ def big(work: Path, logs: Path, layers: int, src: Path | None, ab_overlap: bool 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        engine_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")
+        engine_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-links":
+        from multi_gpu_load import links_child
+
+        links_child(sys.argv[2])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/sllmfs-sglang")
@@ -215,6 +235,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="--big also profiles a memory-tier start")
     ap.add_argument("--reps", type=int, default=1, help="--big: memory-tier starts with the defaults")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size of every engine (one GPU per rank)")
+    ap.add_argument("--sizes", default="", help="7b,32b: TP=--tp SGLang starts on these shapes (bench/tp_sizes.py)")
+    ap.add_argument("--links", action="store_true", help="--sizes: load_dict / load_model over every GPU too")
+    ap.add_argument("--save-cli", action="store_true", help="--sizes 7b: save --backend sglang beside the sidecar")
+    ap.add_argument("--cpu-check", action="store_true", help="what --sizes runs without a GPU, on a tiny shape")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--big-src", default=None, help="reuse a checkpoint folder (e.g. bench_gpu_load's)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -223,15 +247,24 @@ def main() -> None:
     work = Path(args.workdir)
     logs = Path(args.out) / "sglang-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.cpu_check:
+        from tp_sizes import cpu_check
+
+        found = cpu_check(work, logs)
+        print(json.dumps(found, indent=1))
+        return
     import sglang
     import torch
 
     result: dict[str, object] = {"bench": "sglang", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
+                                 "gpus": torch.cuda.device_count(),
                                  "sglang": sglang.__version__, "torch": torch.__version__, "tp": args.tp,
                                  "command": "python bench/bench_sglang.py " + " ".join(sys.argv[1:]),
                                  "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                                  "no_warm": bool(os.environ.get("SLLMFS_BENCH_NO_WARM"))}
-    dest = Path(args.out) / f"sglang-{time.strftime('%Y%m%d-%H%M')}.json"
+    sizes = [x for x in args.sizes.split(",") if x]
+    tag = f"-tp{args.tp}-{'-'.join(sizes)}" if sizes else ""
+    dest = Path(args.out) / f"sglang{tag}-{time.strftime('%Y%m%d-%H%M')}.json"
 
     def saved(key: str) -> Callable[[dict[str, object]], None]:
         def write(part: dict[str, object]) -> None:  # after each engine: a run cut short keeps what it measured
@@ -247,6 +280,12 @@ def main() -> None:
                          ab_overlap=args.ab_overlap, only_fast=args.only_fast, profile=args.profile,
                          reps=args.reps,
                          saved=saved("big")))
+    if sizes:
+        from tp_sizes import sized
+
+        for i, size in enumerate(sizes):
+            saved(size)(sized(size, work, logs, args.tp, links=args.links and i == 0,
+                              save_cli=args.save_cli and size == "7b", saved=saved(size)))
     if "tiny" in result:
         t = result["tiny"]
         assert isinstance(t, dict)

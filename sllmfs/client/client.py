@@ -214,6 +214,10 @@ class Lease:
         self.files: list[str] = [p["file"] for p in parts]
         self.huge: list[bool] = [bool(p.get("huge")) for p in parts]  # hugetlb-backed, per partition
         self.huge_pages: bool = bool(parts) and all(self.huge)
+        # which memory the segments are (a memfd's inode lives as long as a map of it): two leases with
+        # equal ids map the same bytes (sllmfs.client.transfer copies one model to several GPUs at once)
+        self.segment_ids: tuple[tuple[int, int], ...] = tuple(
+            (st.st_dev, st.st_ino) for st in (os.fstat(fd) for fd in fds))
         # MAP_SHARED + PROT_READ: shares the one copy; hugetlb memfds cannot be mapped private anyway
         self.maps = [mmap.mmap(fd, p["length"], mmap.MAP_SHARED, mmap.PROT_READ)
                      for fd, p in zip(fds, parts, strict=False)]  # the last fd is readiness

@@ -9,7 +9,10 @@ view. Nothing here knows about a particular framework.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,9 @@ class LoadStats:
     engine: dict[str, Any] = field(default_factory=dict)
     tied: list[str] = field(default_factory=list)  # targets the store lacks but that share a filled tensor's memory
     missing: list[str] = field(default_factory=list)  # targets left as they were (strict=False only)
+    # each device's copy ("cuda:0", "host"): its engine stats with "start"/"end" (time.perf_counter()),
+    # so a caller can see the links' copies overlap
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -112,15 +118,14 @@ def copy_into(lease: Lease, targets: dict[str, torch.Tensor], *, timeout: float 
             raise BadInput(f"model {lease.model!r} [{lease.variant}] has tensor {extra[0]!r} that the target lacks "
                            f"({len(extra)} unused); pass strict=False to ignore them")
     t0 = time.perf_counter()
-    by_device: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    by_device: dict[Link, dict[str, torch.Tensor]] = {}
     for name, t in targets.items():
-        by_device.setdefault((t.device.type, t.device.index or 0), {})[name] = t
-    stats = LoadStats()
-    for (kind, index), group in by_device.items():
-        s = _copy_to_device(lease, group, "host" if kind == "cpu" else kind, index, timeout, mode)
-        stats.bytes += s.bytes
-        stats.cast_tensors += s.cast_tensors
-        stats.engine = s.engine
+        by_device.setdefault(_link(t), {})[name] = t
+
+    def job(link: Link, group: dict[str, torch.Tensor]) -> Job:
+        return lambda held, engines: _copy_to_device(held, group, link[0], link[1], timeout, mode, engines)
+
+    stats = _all_links(lease, {link: job(link, group) for link, group in by_device.items()})
     stats.tensors = len(targets)
     stats.tied, stats.missing = tied, missing
     stats.seconds = time.perf_counter() - t0
@@ -142,7 +147,7 @@ def _place(t: torch.Tensor) -> tuple[Any, ...]:
 
 
 def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str, device: int, timeout: float,
-                    mode: str) -> LoadStats:
+                    mode: str, engines: _Engines) -> LoadStats:
     t0 = time.perf_counter()
     stats = LoadStats()
     rows: list[tuple[int, int, int, int]] = []
@@ -162,7 +167,7 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
             rows.append((ref.partition, ref.offset, dst.data_ptr(), ref.nbytes))
             stats.bytes += ref.nbytes
     plan_s = time.perf_counter() - t0
-    stats.engine = _copy_rows(lease, targets, rows, target, device, timeout, mode)
+    stats.engine = _copy_rows(lease, targets, rows, target, device, timeout, mode, engines)
     if casts:
         views = lease.tensors(timeout=timeout)
         for name in casts:
@@ -178,7 +183,7 @@ def _copy_to_device(lease: Lease, targets: dict[str, torch.Tensor], target: str,
 
 
 def _copy_rows(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
-               target: str, device: int, timeout: float, mode: str) -> dict[str, Any]:
+               target: str, device: int, timeout: float, mode: str, engines: _Engines) -> dict[str, Any]:
     """Copy (partition, offset, destination address, nbytes) rows into ``targets``' memory; engine stats."""
     if not rows:
         return {}
@@ -187,13 +192,129 @@ def _copy_rows(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[
         copied = _sidecar_copy(lease, targets, rows, timeout)
         if copied is not None:
             return copied
-    with CopyEngine(target=target, device=device, mode=mode) as engine:
-        segs = segments_of(lease)
-        try:
-            return engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
-        finally:
-            for s in segs:
-                engine.release(s)
+    engine, segs = engines.get(lease, target, device, mode)
+    return engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
+
+
+Link = tuple[str, int]  # ("cuda", 1) or ("host", 0): one copy engine and one PCIe link (or memcpy) each
+
+
+def _link(t: torch.Tensor) -> Link:
+    return ("host", 0) if t.device.type == "cpu" else (t.device.type, t.device.index or 0)
+
+
+class _Engines:
+    """This process's copy engines for one load, one per (lease, device), closed together at the end.
+
+    A pin (cudaHostRegister) is process-wide: the engine that pinned a segment must not release it
+    while another device's copy still reads it, so nothing is released until every copy is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, str, int], tuple[CopyEngine, list[Any]]] = {}
+
+    def get(self, lease: Lease, target: str, device: int, mode: str) -> tuple[CopyEngine, list[Any]]:
+        key = (id(lease), target, device)
+        with self._lock:
+            if key not in self._open:
+                self._open[key] = (CopyEngine(target=target, device=device, mode=mode), segments_of(lease))
+            return self._open[key]
+
+    def close(self) -> None:
+        for engine, segs in self._open.values():
+            try:
+                for s in segs:
+                    engine.release(s)
+            finally:
+                engine.close()
+        self._open.clear()
+
+
+Job = Callable[["Lease", _Engines], LoadStats]  # one device's copy, given the lease to copy from
+
+
+def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
+    """Run each device's copy; several GPUs copy at once, each over its own link (a thread each: the
+    engine and the sidecar's copy release the GIL). The sidecar answers one request per connection
+    at a time, so each further GPU copies through a lease of its own on its own connection."""
+    out = LoadStats()
+    gpus = [link for link in jobs if link[0] == "cuda"]
+    with ExitStack() as stack:
+        held: dict[Link, Lease] = {link: lease for link in jobs}
+        if len(gpus) > 1 and _gpu_copy() != "client":
+            for link in gpus[1:]:
+                sibling = _sibling(lease)
+                if sibling is not None:
+                    stack.callback(_close_sibling, sibling)
+                    held[link] = sibling
+        engines = _Engines()
+        stack.callback(engines.close)  # before the siblings' maps go (LIFO)
+        results: dict[Link, LoadStats] = {}
+        errors: list[BaseException] = []
+
+        def run(link: Link) -> None:
+            start = time.perf_counter()
+            try:
+                results[link] = jobs[link](held[link], engines)
+            except BaseException as e:  # re-raised below, in the caller's thread
+                errors.append(e)
+                return
+            results[link].links[_name(link)] = {**results[link].engine, "start": start, "end": time.perf_counter()}
+
+        # GPUs that ask the sidecar through one lease (no sibling) take turns: one thread for all of them
+        asks = _gpu_copy() != "client"
+        order: dict[int, list[Link]] = {}
+        for link in jobs:
+            order.setdefault(id(held[link]) if asks and link[0] == "cuda" else id(link), []).append(link)
+        def run_in_turn(links: list[Link]) -> None:
+            for x in links:
+                run(x)
+
+        threads = [threading.Thread(target=run_in_turn, args=(ls,), name="sllmfs-copy") for ls in order.values()]
+        if len(threads) == 1:
+            threads[0].run()  # one link: no thread to start
+        else:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+    for link in jobs:
+        s = results[link]
+        out.bytes += s.bytes
+        out.cast_tensors += s.cast_tensors
+        out.engine = s.engine
+        out.links.update(s.links)
+    return out
+
+
+def _name(link: Link) -> str:
+    return "host" if link == ("host", 0) else f"{link[0]}:{link[1]}"
+
+
+def _sibling(lease: Lease) -> Lease | None:
+    """A second lease of the same bytes on a connection of its own; None when the sidecar now holds
+    other memory for this variant (replaced or refilled since): that GPU then waits its turn."""
+    from sllmfs.client.client import Client
+
+    client = Client(lease.client.path, timeout=lease.client.timeout)
+    try:
+        sibling = client.acquire(lease.model, lease.variant)
+    except BaseException:
+        client.close()
+        raise
+    if sibling.segment_ids != lease.segment_ids:
+        _close_sibling(sibling)
+        return None
+    return sibling
+
+
+def _close_sibling(sibling: Lease) -> None:
+    try:
+        sibling.release()
+    finally:
+        sibling.client.close()
 
 
 def copy_spans(lease: Lease, spans: list[tuple[int, int, torch.Tensor]], *, timeout: float = 120.0,
@@ -202,23 +323,28 @@ def copy_spans(lease: Lease, spans: list[tuple[int, int, torch.Tensor]], *, time
     as the range. One piece per range however many tensors it holds: for a caller that lays its
     tensors out as the store does (sllmfs.integrations.torch.load_dict), so no per-tensor work is left to do."""
     t0 = time.perf_counter()
-    stats = LoadStats()
-    by_device: dict[tuple[str, int], list[tuple[int, int, torch.Tensor]]] = {}
+    by_device: dict[Link, list[tuple[int, int, torch.Tensor]]] = {}
     for span in spans:
         dst = span[2]
         if not dst.is_contiguous() or dst.element_size() != 1:
             raise BadInput(f"model {lease.model!r} [{lease.variant}]: the destination of the bytes at partition "
                            f"{span[0]} offset {span[1]} must be a contiguous uint8 tensor")
-        by_device.setdefault((dst.device.type, dst.device.index or 0), []).append(span)
-    for (kind, index), group in by_device.items():
-        rows = [(p, off, dst.data_ptr(), dst.numel()) for p, off, dst in group if dst.numel()]
-        targets = {f"span{i}": dst for i, (_p, _o, dst) in enumerate(group)}
-        stats.engine = _copy_rows(lease, targets, rows, "host" if kind == "cpu" else kind, index, timeout, mode)
-        stats.bytes += sum(r[3] for r in rows)
-        if kind == "cuda":
-            import torch
+        by_device.setdefault(_link(dst), []).append(span)
 
-            torch.cuda.synchronize(index)
+    def job(link: Link, group: list[tuple[int, int, torch.Tensor]]) -> Job:
+        def copy(held: Lease, engines: _Engines) -> LoadStats:
+            rows = [(p, off, dst.data_ptr(), dst.numel()) for p, off, dst in group if dst.numel()]
+            targets = {f"span{i}": dst for i, (_p, _o, dst) in enumerate(group)}
+            s = LoadStats(bytes=sum(r[3] for r in rows))
+            s.engine = _copy_rows(held, targets, rows, link[0], link[1], timeout, mode, engines)
+            if link[0] == "cuda":
+                import torch
+
+                torch.cuda.synchronize(link[1])
+            return s
+        return copy
+
+    stats = _all_links(lease, {link: job(link, group) for link, group in by_device.items()})
     stats.tensors = len(spans)
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -61,14 +61,28 @@ _ALIGN = 512  # each tensor's offset in its device's block when packed: torch's 
 _GAP = 64 << 10  # store padding up to this is copied along with a run; a longer gap starts a new run
 
 
+@overload
+def load_dict(model: str, device_map: DeviceMap = ..., variant: str = ..., *, socket: str | None = ...,
+              dtype: torch.dtype | None = ..., timeout: float = ...,
+              return_stats: Literal[False] = ...) -> dict[str, torch.Tensor]: ...
+
+
+@overload
+def load_dict(model: str, device_map: DeviceMap = ..., variant: str = ..., *, socket: str | None = ...,
+              dtype: torch.dtype | None = ..., timeout: float = ...,
+              return_stats: Literal[True]) -> tuple[dict[str, torch.Tensor], LoadStats]: ...
+
+
 def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIANT, *, socket: str | None = None,
-              dtype: torch.dtype | None = None, timeout: float = 120.0) -> dict[str, torch.Tensor]:
+              dtype: torch.dtype | None = None, timeout: float = 120.0, return_stats: bool = False) -> Any:
     """Allocate every stored tensor on its device (per ``device_map``) and fill it; tied names share memory.
 
     Each device's tensors are views of one block (as sllm-store's load_dict): one allocation, and one
     IPC handle for the sidecar's GPU copy however many tensors (each handle costs copy time). Without
     a dtype cast the block mirrors the store's layout, so whole runs of tensors are copied as one
     piece (no per-tensor work in the copy); with one, tensors are packed and cast one by one.
+    A map over several GPUs fills them at once, each over its own link. Returns the state dict, or
+    (state dict, LoadStats) with ``return_stats`` (``LoadStats.links``: each device's copy window).
     """
     with connect(socket) as client, client.acquire(model, variant) as lease:
         owners: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
@@ -79,14 +93,16 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
             if ref.nbytes:
                 owners[(ref.partition, ref.offset)] = name
             placed.append((name, _device_for(name, device_map)))
-        out = None if dtype is not None else _mirrored(lease, placed, timeout)
-        if out is None:
+        mirrored = None if dtype is not None else _mirrored(lease, placed, timeout)
+        if mirrored is None:
             out = _packed(lease, placed, dtype)
-            copy_into(lease, out, timeout=timeout, strict=False)
+            stats = copy_into(lease, out, timeout=timeout, strict=False)
+        else:
+            out, stats = mirrored
         for name, ref in lease.entries.items():
             if name not in out:
                 out[name] = out[owners[(ref.partition, ref.offset)]]
-    return out
+    return (out, stats) if return_stats else out
 
 
 def _stored(ref: Any) -> torch.dtype:
@@ -98,14 +114,14 @@ def _torch_dtype(code: str) -> torch.dtype:
     return dtypes.to_torch(dtypes.by_code(code))  # type: ignore[no-any-return]
 
 
-def _mirrored(lease: Any, placed: list[tuple[str, torch.device]], timeout: float) -> dict[str, torch.Tensor] | None:
+def _mirrored(lease: Any, placed: list[tuple[str, torch.device]],
+              timeout: float) -> tuple[dict[str, torch.Tensor], LoadStats] | None:
     """Views laid out as the store lays the bytes, filled by whole runs; None if a tensor sits unaligned."""
     laid = mirror_layout(lease, placed)
     if laid is None:
         return None
     out, spans = laid
-    copy_spans(lease, spans, timeout=timeout)
-    return out
+    return out, copy_spans(lease, spans, timeout=timeout)
 
 
 Span = tuple[int, int, torch.Tensor]  # (partition, offset, uint8 destination as long as the range)

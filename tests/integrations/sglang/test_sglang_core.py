@@ -216,48 +216,6 @@ def test_locate_by_xattr_without_marker(tmp_path: Path) -> None:
     assert (got.model, got.socket, got.mount) == ("org/m", "/run/x.sock", root)
 
 
-# -- sllmfs save --backend sglang (the engine itself needs GPUs; its stand-in writes what each rank would) --
-
-
-def test_save_backend_sglang_engine_args_and_rank_check(stored_llama: Store) -> None:
-    from sllmfs.integrations.sglang.save import engine_args, save_rank_variants
-
-    args = engine_args(stored_llama, "org/llama", 2, dtype="bfloat16")
-    assert args["load_format"] == "sllm" and args["tp_size"] == 2 and args["dtype"] == "bfloat16"
-    assert (Path(args["model_path"]) / "config.json").is_file()
-    extra = json.loads(args["model_loader_extra_config"])
-    assert extra == {"sllm_model": "org/llama", "sllm_storage_path": str(stored_llama.root), "sllm_write_back": "sync"}
-
-    class Engine:
-        """Writes rank 0 only, as an engine whose rank 1 failed would."""
-
-        def __init__(self, **kw: object) -> None:
-            v = variants.make(tp_size=2, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")
-            writeback.write_rank_state(stored_llama, "org/llama", v, {"w": torch.ones(2)})
-
-        def shutdown(self) -> None:
-            pass
-
-    with pytest.raises(Exception, match=r"ranks \[0\] of 2"):
-        save_rank_variants(stored_llama, "org/llama", 2, engine_factory=Engine, version="0.5.17")
-    one = save_rank_variants(stored_llama, "org/llama", 1, engine_factory=lambda **kw: _Done(stored_llama),
-                             version="0.5.17")
-    assert one == ["sglang.tp1.r0.bfloat16.none.v0.5.17"]
-    with pytest.raises(BadInput, match="must be 1 or more"):
-        engine_args(stored_llama, "org/llama", 0)
-    with pytest.raises(NotFound, match="sllmfs save --model org/absent"):
-        engine_args(stored_llama, "org/absent", 1)
-
-
-class _Done:
-    def __init__(self, store: Store) -> None:
-        v = variants.make(tp_size=1, tp_rank=0, dtype="bfloat16", quant=None, sglang_version="0.5.17")
-        writeback.write_rank_state(store, "org/llama", v, {"w": torch.ones(2)})
-
-    def shutdown(self) -> None:
-        pass
-
-
 def test_write_back_lands_in_the_memory_tier(tmp_path: Path, llama_dir: Path) -> None:
     """The per-rank state a first start writes back is filled into the sidecar's memory tier at once
     (its bytes are still in the page cache): the next start is a memory-tier hit."""
