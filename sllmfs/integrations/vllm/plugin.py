@@ -25,8 +25,20 @@ def register() -> None:
 
     from sllmfs.integrations.vllm.loader import SllmModelLoader
 
+    _log_with_vllm()
     if vllm.__version__ not in SUPPORTED_VERSIONS:
         log.warning("sllmfs: vLLM %s is untested with --load-format sllm (tested: %s)", vllm.__version__,
                     ", ".join(SUPPORTED_VERSIONS))
     register_model_loader(LOAD_FORMAT)(SllmModelLoader)
     _registered = True
+
+
+def _log_with_vllm() -> None:
+    """Our lines (loader, write-back) in vLLM's own log: vLLM configures only its ``vllm`` logger, so
+    ours would print nothing below WARNING in its processes. Its handlers and level, once."""
+    theirs = logging.getLogger("vllm")
+    if theirs.handlers and not log.handlers:
+        for handler in theirs.handlers:
+            log.addHandler(handler)
+        log.setLevel(theirs.level)
+        log.propagate = False
