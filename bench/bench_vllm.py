@@ -61,7 +61,7 @@ def engine_child(model: str, load_format: str, extra: str, eager: bool) -> None:
     kw: dict[str, Any] = dict(model=model, load_format=load_format, skip_tokenizer_init=True, seed=0,
                               tensor_parallel_size=int(os.environ.get("SLLMFS_BENCH_TP", "1")),
                               attention_backend="TRITON_ATTN",  # FA2/FA3 are not in the GPU pack
-                              gpu_memory_utilization=0.5, max_model_len=2048, enforce_eager=eager)
+                              gpu_memory_utilization=0.5, enforce_eager=eager)
     if extra:
         kw["model_loader_extra_config"] = json.loads(extra)
     llm = LLM(**kw)

@@ -9,7 +9,9 @@ that layout is then a fast-path start. Nothing here imports vLLM at import time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sllmfs.core import names
@@ -39,17 +41,25 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
                                       "sllm_write_back": "sync"},
         "skip_tokenizer_init": True,  # nothing is served
         "enforce_eager": True,  # no compile, no CUDA graphs: the weights are the work
-        # after the weights, vLLM sets up attention and its KV cache: the portable backend and a small
-        # share of the GPU keep a save from needing kernels (FA2/FA3) or memory it does not use
+        # after the weights, vLLM sets up attention and its KV cache: the portable backend and a short
+        # context keep a save from needing kernels (FA2/FA3) or KV memory it does not use
         "attention_backend": "TRITON_ATTN",
-        "gpu_memory_utilization": 0.3,
-        "max_model_len": 256,
+        "max_model_len": min(256, _context_length(info.files_dir / "config.json")),
     }
     if dtype:
         args["dtype"] = dtype
     if quantization:
         args["quantization"] = quantization
     return args
+
+
+def _context_length(config: Path) -> int:
+    """The model's own context length (vLLM refuses a max_model_len above it); 256 when unknown."""
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return 256
+    return value if isinstance(value, int) and value > 0 else 256
 
 
 def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | None = None,

@@ -55,7 +55,12 @@ def test_engine_args_are_vllms(tmp_path: Path, checkpoint: Path) -> None:  # noq
     assert args["model_loader_extra_config"]["sllm_write_back"] == "sync"
     from vllm.engine.arg_utils import EngineArgs
 
-    EngineArgs(**args)  # names and values vLLM's LLM() takes
+    EngineArgs(**args)  # names vLLM's LLM() takes
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionConfig.validate_backend_before(args["attention_backend"]) is AttentionBackendEnum.TRITON_ATTN
+    assert args["max_model_len"] == 256  # the tiny checkpoint's own context length: no more
     with pytest.raises(NotFound, match="not in the store"):
         engine_args(store, "org/other", 1)
     with pytest.raises(BadInput, match="must be 1 or more"):
