@@ -1,8 +1,9 @@
 """A real vLLM engine loading through sllmfs, next to vLLM's default loader, in one run.
 
-On the GPU machine (vLLM packed by bench/prepare-vllm-gpu.sh; it cannot travel with .gpu/'s SGLang):
-    NO_SGLANG=1 source bench/gpu_setup.sh 8192 && source .gpu-vllm/vllm-env.sh
-    python bench/bench_vllm.py --out $OUT                  # --tiny and --big; --tp 2 on two GPUs
+On the GPU machine (vLLM packed by bench/prepare-vllm-gpu.sh; it cannot travel with .gpu/'s SGLang:
+carry .gpu-vllm, .gpu/fuse and .gpu/fuse-env.sh), one call each for --tiny and --big (10 min a call):
+    export NO_SGLANG=1 && source bench/gpu_setup.sh 8192 && source .gpu-vllm/vllm-env.sh &&
+    python3 bench/bench_vllm.py --tiny --budget-s 380 --out $OUT     # then --big; --tp 2 on two GPUs
 
 --tiny: a tiny Llama (built offline) served from a real FUSE mount: greedy ids of vLLM's default
         loader (source folder, then the mount) and of load_format="sllm" (first start: any-TP path +
