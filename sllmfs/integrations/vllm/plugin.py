@@ -2,7 +2,8 @@
 
 vLLM calls every plugin of that group from ``load_general_plugins()`` in each process (the CLI
 before parsing arguments, the engine core, every worker); ``VLLM_PLUGINS`` filters them by name.
-``register_model_loader`` is vLLM's public hook for a third-party ``--load-format``.
+``register_model_loader`` is vLLM's public hook for a third-party ``--load-format``. The first process
+also serves the engine's kernel caches (Triton, inductor) from the store (integrations/kernel_cache).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from sllmfs.integrations.kernel_cache import activate  # kernel caches from the store: first process only
+
+    activate(framework="vllm")  # before vLLM compiles anything (Triton, inductor); its workers inherit the dirs
     import vllm
     from vllm.model_executor.model_loader import register_model_loader
 
