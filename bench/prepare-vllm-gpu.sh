@@ -19,7 +19,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DEST=$(mkdir -p "${1:-.gpu-vllm}" && cd "${1:-.gpu-vllm}" && pwd)
 WORK=${WORK:-/tmp/vllm-prep}
-SM=${SM:-90}  # H100/H200
+SM=${SM:-90}  # H100/H200; SM=all keeps every architecture (~21 MB more: then it needs a call of its own)
 mkdir -p "$WORK/wheels"; rm -rf "$WORK/site"; mkdir -p "$WORK/site"
 
 # The GPU machine runs CPython 3.12 on x86_64; spell each manylinux tag out.
@@ -47,7 +47,7 @@ rm -f vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm_flash_attn/_vllm_fa3_C.
 rm -f vllm/_flashmla_C.abi3.so vllm/_flashmla_extension_C.abi3.so vllm/_qutlass_C.abi3.so
 rm -f vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs
 rm -rf vllm/third_party/deep_gemm vllm/third_party/fmha_sm100 vllm/third_party/tml_fa4
-python3 "$HERE/prune_fatbin.py" "$SM" vllm/_C_stable_libtorch.abi3.so
+[ "$SM" = all ] || python3 "$HERE/prune_fatbin.py" "$SM" vllm/_C_stable_libtorch.abi3.so
 rm -f xgrammar/lib/libxgrammar.a                                 # static lib, build-time only
 strip --strip-debug xgrammar/*.so                                # debug info only
 find . -name __pycache__ -prune -exec rm -rf {} +
