@@ -19,7 +19,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DEST=$(mkdir -p "${1:-.gpu-vllm}" && cd "${1:-.gpu-vllm}" && pwd)
 WORK=${WORK:-/tmp/vllm-prep}
-SM=${SM:-90}  # H100/H200; SM=all keeps every architecture (~21 MB more: then it needs a call of its own)
+SM=${SM:-90}  # H100/H200; SM=all keeps every architecture (~36 MB more xz: over 64 MiB, it would have to be split over two calls)
 mkdir -p "$WORK/wheels"; rm -rf "$WORK/site"; mkdir -p "$WORK/site"
 
 # The GPU machine runs CPython 3.12 on x86_64; spell each manylinux tag out.
