@@ -30,25 +30,28 @@ def save(
     local_model_path: Optional[str] = typer.Option(
         None, "--local-model-path", help="Checkpoint folder; default: the HF cache entry."),
     backend: str = typer.Option("transformers", "--backend",
-                                help="transformers (any framework, any TP size) | sglang (also its per-rank state)"),
+                                help="transformers (any framework, any TP size) | sglang | vllm (also its "
+                                     "per-rank state)"),
     adapter_name: Optional[str] = typer.Option(None, "--adapter-name", help="Save a LoRA adapter beside the model."),
     adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help="The adapter's folder."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1,
-                                             help="With --backend sglang: the TP size whose per-rank state to store."),
+                                             help="With --backend sglang or vllm: the TP size whose per-rank state "
+                                                  "to store."),
     storage_path: Optional[str] = StorageOpt,
     force: bool = typer.Option(False, "--force", help="Replace what is stored under this name."),
 ) -> None:
     names.check_model_name(model)
-    if backend == "vllm":
-        raise BadInput("--backend vllm is not supported yet; save with --backend transformers: vLLM's "
-                       "--load-format sllm loads it at any TP size and stores its per-rank state on the first start")
-    if backend not in ("transformers", "sglang"):
-        raise BadInput(f"--backend {backend!r} is not one of transformers, sglang")
-    if tensor_parallel_size != 1 and backend != "sglang":
-        raise BadInput(f"--tensor-parallel-size {tensor_parallel_size} needs --backend sglang (per-rank state); "
-                       "the transformers variant serves every TP size: drop the flag")
+    if backend not in ("transformers", "sglang", "vllm"):
+        raise BadInput(f"--backend {backend!r} is not one of transformers, sglang, vllm")
+    if tensor_parallel_size != 1 and backend == "transformers":
+        raise BadInput(f"--tensor-parallel-size {tensor_parallel_size} needs --backend sglang or vllm "
+                       "(per-rank state); the transformers variant serves every TP size: drop the flag")
     if (adapter_name is None) != (adapter_path is None):
         raise BadInput("--adapter-name and --adapter-path go together; give both or neither")
+    if backend == "vllm":
+        from sllmfs.integrations.vllm.save import require_vllm
+
+        require_vllm()
     store = open_store(storage_path, write=True)
     if adapter_name and adapter_path:
         src = Path(adapter_path).expanduser()
@@ -62,6 +65,11 @@ def save(
         return
     if backend == "sglang":
         _save_sglang(model, local_model_path, tensor_parallel_size, store, force)
+        return
+    if backend == "vllm":  # runs vLLM (one GPU per rank) with --load-format sllm and synchronous write-back
+        from sllmfs.integrations.vllm.save import save_vllm
+
+        save_vllm(store, model, local_model_path, tensor_parallel_size, force=force)
         return
     src = sources.resolve(model, local_model_path)
     t0 = time.perf_counter()

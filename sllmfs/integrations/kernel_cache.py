@@ -3,10 +3,11 @@
 ``activate()`` runs once per start, in the first process that loads an sllmfs plugin (before any
 kernel is compiled): it restores the store's entry for this GPU and software stack into the working
 directory ``$TMPDIR/sllmfs-kernels-<uid>/<key>``, points the engine's caches there (TRITON_CACHE_DIR,
-TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR; a variable the user set is
-left alone), and marks the environment (SLLMFS_KERNEL_CACHE_DIR) so the worker processes it starts
-inherit the directories instead of activating again. A thread in that process publishes new files
-back once the directory has been quiet for SLLMFS_KERNEL_CACHE_QUIET seconds, and once more at exit.
+TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR, and for vLLM VLLM_CACHE_ROOT;
+a variable the user set is left alone), and marks the environment (SLLMFS_KERNEL_CACHE_DIR) so the
+worker processes it starts inherit the directories instead of activating again. A thread in that
+process publishes new files back once the directory has been quiet for SLLMFS_KERNEL_CACHE_QUIET
+seconds, and once more at exit.
 
 The working directory's path is the same on every start and every node: tvm-ffi and flashinfer
 build with ninja from a build.ninja that names its sources by absolute path, so a cache restored
@@ -50,6 +51,9 @@ CACHE_VARS = {
     "flashinfer": ("FLASHINFER_WORKSPACE_BASE", ".cache/flashinfer"),  # flashinfer: <base>/.cache/flashinfer
     "inductor": ("TORCHINDUCTOR_CACHE_DIR", ""),
 }
+# and a framework's own: vLLM compiles into VLLM_CACHE_ROOT/torch_compile_cache/<hash>/, pointing inductor
+# and Triton into it while it compiles, so for vLLM that root is where the kernels are
+FRAMEWORK_CACHE_VARS = {"vllm": {"vllm": ("VLLM_CACHE_ROOT", "")}}
 
 
 @dataclass
@@ -92,7 +96,8 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
 
 
 def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Activation | None:
-    managed = [k for k, (var, _) in CACHE_VARS.items() if not os.environ.get(var)]
+    kinds = {**CACHE_VARS, **FRAMEWORK_CACHE_VARS.get(framework, {})}
+    managed = [k for k, (var, _) in kinds.items() if not os.environ.get(var)]
     if not managed:
         return None  # the user placed every cache
     if store is None:
@@ -107,7 +112,7 @@ def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Act
     lock_fd = os.open(root / f"{key.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # shared by the starts using it; a sweep takes it exclusive
     work.mkdir(exist_ok=True)  # after the lock: a sweep between the two would remove it under us
-    dirs = {k: work / k / CACHE_VARS[k][1] for k in managed}
+    dirs = {k: work / k / kinds[k][1] for k in managed}
     act = Activation(store, key, work, dirs, 0, _lock_fd=lock_fd)
     try:
         act.restored = kernels.restore(store, key.name, dirs)
@@ -119,7 +124,7 @@ def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Act
         act.close()
         raise
     for k in managed:
-        os.environ[CACHE_VARS[k][0]] = str(work / k)
+        os.environ[kinds[k][0]] = str(work / k)
     os.environ[MARK] = str(work)
     atexit.register(_at_exit, act, os.getpid())
     if act.publisher is not None:

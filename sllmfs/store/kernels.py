@@ -3,7 +3,7 @@
 Layout::
 
     <root>/kernels/<key>/manifest.json          every file: path, size, checksum (xxh3_64), mtime, mode
-    <root>/kernels/<key>/<kind>/...             triton, tvm-ffi, flashinfer, inductor: the cache's own tree
+    <root>/kernels/<key>/<kind>/...             triton, tvm-ffi, flashinfer, inductor, vllm: the cache's own tree
 
 The key names what makes the files valid (GPU and compute capability, driver, CUDA, torch, triton,
 the framework and its kernel libraries). The caches are content-addressed inside (their file names
@@ -35,7 +35,7 @@ from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.store.format import MANIFEST, open_regular, read_json
 from sllmfs.store.store import Store, exchange, fsync_dir, fsync_tree
 
-KINDS = ("triton", "tvm-ffi", "flashinfer", "inductor")
+KINDS = ("triton", "tvm-ffi", "flashinfer", "inductor", "vllm")  # vllm: VLLM_CACHE_ROOT (its torch.compile cache)
 FORMAT = "sllmfs-kernels"
 VERSION = 1
 MAX_ENV = "SLLMFS_KERNEL_CACHE_MAX"

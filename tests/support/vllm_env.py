@@ -64,3 +64,23 @@ def vllm_config(model_path: str, load_format: str, extra: dict[str, Any] | None 
     model = ModelConfig(model=model_path, skip_tokenizer_init=True, enforce_eager=True)
     load = LoadConfig(load_format=load_format, model_loader_extra_config=extra or {})
     return VllmConfig(model_config=model, load_config=load, device_config=DeviceConfig(device="cpu"))
+
+
+class CpuLLM:
+    """Stand-in for ``vllm.LLM`` on a CPU host (``sllmfs save --backend vllm``'s engine factory in tests):
+    the same keyword arguments, and the one step of a start a save needs: the worker's
+    ``get_model_loader(...).load_model`` on the VllmConfig (single process, TP 1)."""
+
+    def __init__(self, **kwargs: Any):
+        from vllm.config import set_current_vllm_config
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.model_executor.model_loader import get_model_loader
+
+        EngineArgs(**kwargs)  # every argument is one vLLM's LLM() accepts
+        config = vllm_config(kwargs["model"], kwargs["load_format"], kwargs.get("model_loader_extra_config"))
+        with set_current_vllm_config(config):
+            self.model = get_model_loader(config.load_config).load_model(vllm_config=config,
+                                                                         model_config=config.model_config)
+
+    def shutdown(self) -> None:
+        self.model = None
