@@ -242,8 +242,9 @@ def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Calla
     """How this disk wants to be read: queue depth (threads) and request size, O_DIRECT or buffered,
     next to the fill's own shape (a peer read it faster than our 16 x 32 MiB buffered limit)."""
     for dev in Path("/sys/block").glob("*/queue/read_ahead_kb"):
+        nr = dev.parent / "nr_requests"  # zram and loop devices lack some queue files
         print(f"{dev.parent.parent.name}: read_ahead_kb={dev.read_text().strip()} "
-              f"nr_requests={(dev.parent / 'nr_requests').read_text().strip()}", flush=True)
+              f"nr_requests={nr.read_text().strip() if nr.exists() else '-'}", flush=True)
     cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, direct=True))
     for t, mib in ((16, 32), (32, 8), (64, 4), (64, 1)):
         cold(f"disk O_DIRECT {t} threads {mib}MiB", lambda t=t, m=mib: read_files(files, t, m << 20, direct=True))

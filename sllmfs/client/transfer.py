@@ -261,11 +261,14 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
                 return
             results[link].links[_name(link)] = {**results[link].engine, "start": start, "end": time.perf_counter()}
 
-        # GPUs that ask the sidecar through one lease (no sibling) take turns: one thread for all of them
+        # GPUs that ask the sidecar through one lease (no sibling) take turns: one thread for all of them.
+        # Copies this process makes itself take turns too: two engines pinning the same segments at
+        # once failed on the H200 pair (cudaMemcpyAsync: invalid argument), one after the other works
         asks = _gpu_copy() != "client"
         order: dict[int, list[Link]] = {}
         for link in jobs:
-            order.setdefault(id(held[link]) if asks and link[0] == "cuda" else id(link), []).append(link)
+            key = id(held[link]) if asks else -1
+            order.setdefault(key if link[0] == "cuda" else id(link), []).append(link)
         def run_in_turn(links: list[Link]) -> None:
             for x in links:
                 run(x)
