@@ -30,7 +30,7 @@ from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.common import options, variants, writeback
 from sllmfs.integrations.common.copy import copy_into
 from sllmfs.integrations.common.locate import Located
-from sllmfs.integrations.common.source import WeightSource
+from sllmfs.integrations.common.source import WeightSource, weights_as_filled
 from sllmfs.integrations.common.state import rank_state, state_problem
 from sllmfs.integrations.common.variants import RankVariant, layout_problem
 from sllmfs.integrations.vllm import VLLM
@@ -201,5 +201,6 @@ class SllmModelLoader(BaseModelLoader):
 
 
 def _hf_weights(lease: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU view) pairs in file order, tied names included (vLLM's models skip what they tie)."""
-    return iter(lease.tensors().items())
+    """(name, CPU view) pairs in file order, tied names included (vLLM's models skip what they tie),
+    each as soon as its bytes are verified: the first start streams beside the sidecar's fill."""
+    return weights_as_filled(lease)
