@@ -47,6 +47,16 @@ rm -f vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/vllm_flash_attn/_vllm_fa3_C.
 rm -f vllm/_flashmla_C.abi3.so vllm/_flashmla_extension_C.abi3.so vllm/_qutlass_C.abi3.so
 rm -f vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs
 rm -rf vllm/third_party/deep_gemm vllm/third_party/fmha_sm100 vllm/third_party/tml_fa4
+# vLLM imports vllm_flash_attn on CUDA at start-up (v1/attention/backends/fa_utils.py) even when the
+# Triton backend serves attention, and that package refuses to import without the FA kernels removed
+# above: in this measurement pack only, it imports and its functions fail if ever called
+python3 - <<'PY'
+p = "vllm/vllm_flash_attn/__init__.py"
+s = open(p).read()
+old = "if not (FA2_AVAILABLE or FA3_AVAILABLE):\n    raise ImportError("
+assert old in s, "vllm_flash_attn's import guard changed: update prepare-vllm-gpu.sh"
+open(p, "w").write(s.replace(old, "if False:  # sllmfs GPU pack: FA kernels left out, Triton attention\n    raise ImportError("))
+PY
 [ "$SM" = all ] || python3 "$HERE/prune_fatbin.py" "$SM" vllm/_C_stable_libtorch.abi3.so
 rm -f xgrammar/lib/libxgrammar.a                                 # static lib, build-time only
 strip --strip-debug xgrammar/*.so                                # debug info only

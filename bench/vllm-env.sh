@@ -12,4 +12,7 @@ if [ ! -f $VLLM_SITE/.ok ] || [ "$_vl_dir/vllm-site.tar.xz" -nt $VLLM_SITE/.ok ]
 fi
 export PYTHONPATH=$VLLM_SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# the pack carries no FlashInfer: vLLM's sampler would import it on CUDA (seen on the H200: the fast path
+# loaded, then ModuleNotFoundError: flashinfer); PyTorch's top-k/top-p sampler instead
+export VLLM_USE_FLASHINFER_SAMPLER=0
 command -v nvcc >/dev/null || export PATH=/usr/local/cuda/bin:$PATH
