@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
+from sllmfs.integrations.common.ahead import stored_for_rank_state
 from sllmfs.integrations.common.variants import RankVariant
 from sllmfs.integrations.sglang import LOAD_FORMAT, variants
 from sllmfs.store.store import Store
@@ -40,13 +40,7 @@ SAVE_MEM_FRACTION = 0.9  # SGLang leaves (1 - this) of the free memory measured 
 def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = None,
                 quantization: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``sglang.Engine`` that produce this model's per-rank variants."""
-    if tp_size < 1:
-        raise BadInput(f"--tensor-parallel-size {tp_size} must be 1 or more")
-    info = store.get(model)
-    if names.HF_VARIANT not in info.variants:
-        raise BadInput(f"model {model!r} has no hf variant; run `sllmfs save --model {model} ...` first")
-    if "config.json" not in info.files:
-        raise BadInput(f"model {model!r} was stored without config.json; SGLang cannot build it")
+    info = stored_for_rank_state(store, model, tp_size, "SGLang")
     args: dict[str, Any] = {
         "model_path": str(info.files_dir),  # config as saved; weights come from the loader
         "load_format": LOAD_FORMAT,

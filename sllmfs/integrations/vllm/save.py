@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.integrations.common import variants
+from sllmfs.integrations.common.ahead import stored_for_rank_state
 from sllmfs.integrations.vllm import LOAD_FORMAT, VLLM
 from sllmfs.store.store import Store
 
@@ -26,13 +26,7 @@ EngineFactory = Callable[..., Any]  # vllm.LLM, or a stand-in that loads the sam
 def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = None,
                 quantization: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` that produce this model's per-rank variants."""
-    if tp_size < 1:
-        raise BadInput(f"--tensor-parallel-size {tp_size} must be 1 or more")
-    info = store.get(model)
-    if names.HF_VARIANT not in info.variants:
-        raise BadInput(f"model {model!r} has no hf variant; run `sllmfs save --model {model} ...` first")
-    if "config.json" not in info.files:
-        raise BadInput(f"model {model!r} was stored without config.json; vLLM cannot build it")
+    info = stored_for_rank_state(store, model, tp_size, "vLLM")
     args: dict[str, Any] = {
         "model": str(info.files_dir),  # config (and tokenizer) as saved; weights come from the loader
         "load_format": LOAD_FORMAT,
