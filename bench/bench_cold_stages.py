@@ -41,6 +41,17 @@ from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sid
 ALIGN = 4096
 
 
+def _run_all(work: list[Callable[[], object]]) -> float:
+    """Seconds for one thread per callable to all finish."""
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=w) for w in work]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def fault_in(nbytes: int, huge: bool, threads: int) -> float:
     """GB/s of first-touch page faults on a fresh memfd map, as the fill causes them: ``threads``
     workers read /dev/zero into their share of the map (preadv drops the GIL; the kernel faults and
@@ -63,13 +74,7 @@ def fault_in(nbytes: int, huge: bool, threads: int) -> float:
                 os.preadv(zero, [view[off:min(off + (32 << 20), (i + 1) * step)]], 0)
         return run
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker(i)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = _run_all([worker(i) for i in range(threads)])
     os.close(zero)
     view.release()
     mm.close()
@@ -84,16 +89,7 @@ def prefault_rate(nbytes: int, threads: int) -> float:
     os.ftruncate(fd, nbytes)
     step = nbytes // threads // (2 << 20) * (2 << 20)
 
-    def worker(i: int) -> Callable[[], None]:
-        return lambda: os.posix_fallocate(fd, i * step, step)
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker(i)) for i in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = _run_all([lambda i=i: os.posix_fallocate(fd, i * step, step) for i in range(threads)])
     os.close(fd)
     return step * threads / seconds / 1e9
 

@@ -173,6 +173,13 @@ class Bench:
                 "--chunk-size", "64MiB"] + (["--mount", str(mnt)] if mount else [])
         return start_sidecar(self.store, sock, self.logs / f"sidecar-{name}.log", args), sock, mnt
 
+    def settle(self, part: dict[str, Any], runs: dict[str, Any]) -> None:
+        """Greedy ids compared across the starts that ran, and the path each sllm start took."""
+        ids = [r.get("ids") for r in runs.values() if "skipped" not in r]
+        part["identical"] = bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
+        part["paths"] = {k: r.get("sllm_path") for k, r in runs.items()}
+        self.write()
+
     def tiny(self) -> None:
         from sllmfs.ops.demo import build_model
 
@@ -201,10 +208,7 @@ class Bench:
                             "sllm", eager=True)
         finally:
             stop(side)
-        ids = [r.get("ids") for r in runs.values() if "skipped" not in r]
-        part["identical"] = bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
-        part["paths"] = {k: r.get("sllm_path") for k, r in runs.items()}
-        self.write()
+        self.settle(part, runs)
 
     def big(self, layers: int) -> None:
         from limits import pinned_peak
@@ -236,10 +240,7 @@ class Bench:
             self.engine(runs, "default_cold", "big default cold (caches dropped)", str(src), "auto")
         finally:
             stop(side)
-        ids = [r.get("ids") for r in runs.values() if "skipped" not in r]
-        part["identical"] = bool(ids) and ids[0] is not None and all(i == ids[0] for i in ids)
-        part["paths"] = {k: r.get("sllm_path") for k, r in runs.items()}
-        self.write()
+        self.settle(part, runs)
 
 
 def summary(result: dict[str, Any]) -> None:

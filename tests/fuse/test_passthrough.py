@@ -160,6 +160,14 @@ def _same_tensors(path: Path, ref: Path) -> None:
             assert raw(sf.get_tensor(k)) == raw(want.get_tensor(k)), k
 
 
+def _one_fallback_line(child: Child, why: str) -> None:
+    """The server stopped cleanly and said once, for the one file, why it is not in passthrough."""
+    code, err = child.stop()
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
+    assert len(lines) == 1 and why in lines[0], err
+
+
 def test_a_resident_file_is_read_by_the_kernel_and_never_reaches_the_daemon(
         served: tuple[Store, Path, Path, list[Child]], llama_dir: Path) -> None:
     store, mnt, flag, children = served
@@ -291,10 +299,7 @@ def test_no_memory_for_a_backing_reads_through_the_daemon_with_one_line_per_file
         _same_tensors(path, llama_dir / "model.safetensors")
     reads, built, _ = child.stats()
     assert reads > 0 and built == 0
-    code, err = child.stop()
-    assert code == 0
-    lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
-    assert len(lines) == 1 and "memory left" in lines[0], err
+    _one_fallback_line(child, "memory left")
 
 
 def test_a_tier_holding_the_file_backs_it_without_a_copy(served: tuple[Store, Path, Path, list[Child]],
@@ -314,10 +319,7 @@ def test_an_unsealed_tier_file_is_refused_with_one_line(served: tuple[Store, Pat
     path = mnt / "org" / "tiny" / "model.safetensors"
     for _ in range(2):
         assert path.read_bytes() == (llama_dir / "model.safetensors").read_bytes()
-    code, err = child.stop()
-    assert code == 0
-    lines = [ln for ln in err.splitlines() if "not in passthrough" in ln]
-    assert len(lines) == 1 and "not a sealed file" in lines[0], err
+    _one_fallback_line(child, "not a sealed file")
 
 
 def test_without_the_right_to_mount_pyfuse3_serves_with_one_line(served: tuple[Store, Path, Path, list[Child]],

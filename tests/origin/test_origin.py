@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +130,19 @@ def stored(tmp_path: Path, odd_ckpt: Path) -> Store:
     return store
 
 
+def _flip_in_origin(stored: Store, origin: Origin, at: int) -> Any:
+    """One bit flipped at byte ``at`` of the origin's copy of the biggest partition (its object
+    keeps size and metadata, so only the windows' checksums can tell); returns that partition."""
+    big = max(stored.get(MODEL).manifest("hf").partitions, key=lambda p: p.size)
+    key = origin.key(MODEL, f"variants/hf/{big.file}")
+    bucket = _bucket(origin)
+    head = bucket.head_object(Bucket=origin.bucket, Key=key)
+    data = bytearray(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
+    data[at] ^= 0xFF
+    bucket.put_object(Bucket=origin.bucket, Key=key, Body=bytes(data), Metadata=head["Metadata"])
+    return big
+
+
 def _committed(store: Store, name: str, timeout: float = 30) -> Store:
     """``store`` once ``name`` is in it: a streamed pull makes the lease ready before it commits to disk."""
     deadline = time.monotonic() + timeout
@@ -224,14 +238,7 @@ def test_killed_pull_publishes_nothing_and_resumes(stored: Store, origin: Origin
 def test_corrupt_object_is_refused_in_one_line_and_nothing_is_stored(stored: Store, origin: Origin,
                                                                      env: dict[str, str], tmp_path: Path) -> None:
     push_model(stored, MODEL, origin)
-    manifest = stored.get(MODEL).manifest("hf")
-    big = max(manifest.partitions, key=lambda p: p.size)
-    key = origin.key(MODEL, f"variants/hf/{big.file}")
-    bucket = _bucket(origin)
-    head = bucket.head_object(Bucket=origin.bucket, Key=key)
-    data = bytearray(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
-    data[20 << 20] ^= 0xFF  # one bit flip in the second part, same size, same metadata
-    bucket.put_object(Bucket=origin.bucket, Key=key, Body=bytes(data), Metadata=head["Metadata"])
+    big = _flip_in_origin(stored, origin, 20 << 20)  # in the second part, same size, same metadata
 
     fresh = tmp_path / "fresh"
     line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", str(origin), store=fresh, env=env,
@@ -505,14 +512,7 @@ def test_a_pull_streams_into_the_memory_tier(stored: Store, origin: Origin, env:
 def test_a_damaged_object_fails_the_streamed_lease_and_stores_nothing(stored: Store, origin: Origin,
                                                                       env: dict[str, str], tmp_path: Path) -> None:
     push_model(stored, MODEL, origin)
-    manifest = stored.get(MODEL).manifest("hf")
-    big = max(manifest.partitions, key=lambda p: p.size)
-    key = origin.key(MODEL, f"variants/hf/{big.file}")
-    bucket = _bucket(origin)
-    head = bucket.head_object(Bucket=origin.bucket, Key=key)
-    data = bytearray(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
-    data[len(data) - 10] ^= 0xFF
-    bucket.put_object(Bucket=origin.bucket, Key=key, Body=bytes(data), Metadata=head["Metadata"])
+    _flip_in_origin(stored, origin, -10)  # near the end: earlier ranges stream in first
     node = tmp_path / "node"
     with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, sd.connect() as c:
         with pytest.raises(Corrupt):
