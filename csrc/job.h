@@ -94,13 +94,6 @@ struct Engine::Job {
     }
   }
 
-  // A relay gives a block back (it stopped before copying it): the other paths take it.
-  void give_back(uint32_t id) {
-    std::lock_guard<std::mutex> lk(mu);
-    queue.push_front(id);
-    cv.notify_all();
-  }
-
   void worker_exit(bool registrar) {
     std::lock_guard<std::mutex> lk(mu);
     --workers_left;

@@ -91,6 +91,8 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
       const Block& b = job.plan.blocks[id];
       auto [a, e] = reg_range(job, b);
       if (!is_registered(a, e)) {  // register mode pins as it goes; the registrars may not have reached it
+        while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)  // as register_worker: no
+          std::this_thread::sleep_for(std::chrono::microseconds(50));          // pinning beside IPC opens
         bool owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
         std::lock_guard<std::mutex> rl(reg_mu_);
         regs_[a] = Reg{e, owned};

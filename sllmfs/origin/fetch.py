@@ -23,16 +23,16 @@ def ensure_local(store: Store, model: str, origin: Origin, *, threads: int = 16,
     """Make ``model`` present in the store, pulling it from ``origin`` if it is not (True: it was pulled).
     Concurrent callers for one model queue on its write lock; the first pulls, the others find it there.
     A model in neither place raises NotFound naming the origin; a damaged origin copy raises Corrupt
-    and stores nothing. ``on_plan``: told the checked plan before any large transfer; what it returns
-    is handed each verified range (the sidecar streams them into its memory tier)."""
+    and stores nothing. ``on_plan``: told the checked plan once this call holds the model's write lock
+    and downloads it (never while another writer does); what it returns is handed each verified range
+    (the sidecar streams them into its memory tier)."""
     names.check_model_name(model)
     if store.has(model):
         return False
     client = client or s3.connect(origin, threads)
     plan = plan_pull(client, origin, model, threads)
-    sink = on_plan(plan) if on_plan is not None else None
     result = run_pull(store, plan, client, threads=threads, progress=progress, wait=True, if_missing=True,
-                      on_range=sink)
+                      on_start=on_plan)
     if result.published:
         log.info("pulled model=%s from %s bytes=%d resumed=%d", model, origin, result.bytes_total,
                  result.bytes_resumed)

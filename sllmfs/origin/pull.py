@@ -95,11 +95,12 @@ def plan_pull(client: Any, origin: Origin, name: str, threads: int = 16) -> Pull
 
 def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, threads: int = 16,
              progress: Progress | None = None, wait: bool = False, if_missing: bool = False,
-             on_range: RangeSink | None = None) -> PullResult:
+             on_start: Callable[[PullPlan], RangeSink | None] | None = None) -> PullResult:
     """Download what the plan names into the pull's work folder, verified, and publish it.
     ``wait``: queue behind another writer of the model; ``if_missing``: return unpublished if the
-    model is in the store by then (another pull got it first); ``on_range``: handed every partition
-    range once verified (resumed ones too), before the model is published."""
+    model is in the store by then (another pull got it first); ``on_start``: told the plan once this
+    pull holds the model's write lock and will download it; what it returns is handed every
+    partition range once verified (resumed ones too), before the model is published."""
     progress = progress or (lambda n: None)
     name, origin = plan.name, plan.origin
     result = PullResult(bytes_total=plan.total_bytes)
@@ -110,6 +111,7 @@ def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, 
             if not force:
                 raise BadInput(f"model {name!r} is already in the store at {store.root}; pass --force to replace "
                                "it with the origin's copy")
+        on_range = on_start(plan) if on_start is not None else None
         work = pull_dir(store, name)
         work.mkdir(parents=True, exist_ok=True)
         _prune(work, {o.rel for o in plan.objs})

@@ -21,6 +21,7 @@ class PullFeed:
     def __init__(self, res: Resident):
         self.res = res
         self.fed = 0  # bytes landed
+        self.broken: str | None = None  # why the feed stopped: the download goes on to disk regardless
         self._lock = threading.Lock()
         self._index = {p.file: i for i, p in enumerate(res.manifest.partitions)}
         self._prefix = f"variants/{res.variant}/"
@@ -30,9 +31,16 @@ class PullFeed:
         return self.fed == self.res.manifest.total_bytes
 
     def __call__(self, rel: str, off: int, data: bytes) -> None:
-        """One verified range of an origin object (other variants' objects are not ours)."""
-        if not rel.startswith(self._prefix):
+        """One verified range of an origin object (other variants' objects are not ours). Never raises:
+        a problem here stops the feed (the resident then fails) but not the pull storing the model."""
+        if self.broken is not None or not rel.startswith(self._prefix):
             return
+        try:
+            self._land(rel, off, data)
+        except Exception as e:  # noqa: BLE001  # a bug or a closed map: this copy in memory only
+            self.broken = f"{rel} at {off}: {type(e).__name__}: {e}"
+
+    def _land(self, rel: str, off: int, data: bytes) -> None:
         part = self._index.get(rel[len(self._prefix):])
         res = self.res
         if part is None or res.closed:
