@@ -25,7 +25,7 @@ from sglang.srt.model_loader.loader import get_model_loader  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from sllmfs.core.errors import BadInput, NotFound  # noqa: E402
-from sllmfs.integrations.sglang import patch, plugin  # noqa: E402
+from sllmfs.integrations.sglang import compat, patch, plugin  # noqa: E402
 from sllmfs.integrations.sglang.loader import SllmModelLoader  # noqa: E402
 from tests.support.cli import one_line_error  # noqa: E402
 
@@ -108,7 +108,9 @@ def test_unknown_extra_config_is_one_clear_error(registered: None) -> None:
 
 # -- the patch ------------------------------------------------------------------
 
-PATCHED = ["sglang/srt/configs/load_config.py", "sglang/srt/server_args.py", "sglang/srt/model_loader/loader.py"]
+# the installed release's patch: LoadFormat, the --load-format choices (server_args.py up to 0.5.19,
+# arg_groups/choices.py after), get_model_loader
+PATCHED = [fp.path for fp in patch.parse(patch.patch_file(compat.installed_version()).read_text())]
 
 
 @pytest.fixture
@@ -127,7 +129,7 @@ def sglang_copy(tmp_path: Path) -> Path:
 def test_patch_applies_checks_and_reverts(sglang_copy: Path) -> None:
     originals = {rel: (sglang_copy / rel).read_text() for rel in PATCHED}
     report = patch.check(sglang_copy)
-    assert report.version == "0.5.17" and report.state == patch.NOT_APPLIED
+    assert report.version == compat.installed_version() and report.state == patch.NOT_APPLIED
     assert patch.apply(sglang_copy).state == patch.APPLIED
     assert 'SLLM = "sllm"' in (sglang_copy / PATCHED[0]).read_text()
     assert patch.apply(sglang_copy).state == patch.APPLIED  # twice is harmless
