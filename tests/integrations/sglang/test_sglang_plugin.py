@@ -1,4 +1,4 @@
-"""The SGLang plugin and patch against the real SGLang 0.5.17 package (pure-Python parts, CPU).
+"""The SGLang plugin and patch against the installed SGLang release (pure-Python parts, CPU).
 
 Needs SGLang importable: run .ci/install-sglang.sh, then .venv-sglang/bin/python -m pytest.
 Skips otherwise (fails instead when SLLMFS_REQUIRE_SGLANG=1, as in CI).
@@ -221,3 +221,82 @@ def test_loader_is_imported_before_the_load_phase_clock() -> None:
             print(fmt, "sllmfs.integrations.sglang.loader" in sys.modules)
     """)
     assert out.split() == ["auto", "False", "sllm", "True"]
+
+
+# -- releases ----------------------------------------------------------------------
+
+
+def test_supported_range() -> None:
+    assert compat.is_supported(compat.installed_version())
+    for version, ok in [("0.5.16", False), ("0.5.17", True), ("0.5.20", True), ("0.5.23", True),
+                        ("0.5.23.post1", True), ("0.5.24rc1", False), ("0.5.24", False), ("0.6.0", False),
+                        ("0.0.0.dev0", False), ("main", False)]:
+        assert compat.is_supported(version) is ok, version
+    problem = compat.version_problem("0.5.24")
+    assert problem and "\n" not in problem and "SGLang 0.5.17 to 0.5.23" in problem and "0.5.24" in problem
+    assert compat.version_problem("0.5.17") is None
+
+
+def test_another_release_is_refused_with_one_line(tmp_path: Path) -> None:
+    """As if SGLang 0.5.24 were installed: --load-format sllm is one line where the CLI builds its
+    ServerArgs and where LoadConfig is built (Engine, schedulers); other load formats are untouched."""
+    from sllmfs.ops.demo import build_model
+
+    model = str(build_model(tmp_path / "m", "llama"))  # 0.5.17's ServerArgs reads its config.json
+    out = _python("""
+        import sglang.version
+        sglang.version.__version__ = "0.5.24"
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.configs.load_config import LoadConfig
+        from sglang.srt.server_args import prepare_server_args
+        from sllmfs.core.errors import BadInput
+        try:
+            prepare_server_args(["--model-path", MODEL, "--device", "cpu", "--load-format", "sllm"])
+        except SystemExit as e:
+            print("CLI", e.code)
+        try:
+            LoadConfig(load_format="sllm")
+        except BadInput as e:
+            print("LOADCONFIG", e)
+        print("AUTO", prepare_server_args(["--model-path", MODEL, "--device", "cpu"]).load_format)
+    """.replace("MODEL", repr(model)))
+    lines = out.splitlines()
+    assert lines[0].startswith("CLI sllmfs: --load-format sllm supports SGLang 0.5.17 to 0.5.23, this is SGLang 0.5.24")
+    assert lines[1].startswith("LOADCONFIG --load-format sllm supports SGLang 0.5.17 to 0.5.23")
+    assert lines[2] == "AUTO auto" and len(lines) == 3
+
+
+def test_overlap_startup_is_refused_with_one_line() -> None:
+    """SGLang's own launcher with --startup-weight-load-mode overlap (0.5.23): one line, exit status 1,
+    before any process starts."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    if "--startup-weight-load-mode" not in parser._option_string_actions:
+        pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "sglang.launch_server", "--model-path",
+                           "/mnt/sllm/none", "--load-format", "sllm", "--startup-weight-load-mode", "overlap"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1
+    ours = [line for line in proc.stderr.splitlines() if "sllmfs" in line or "Traceback" in line]
+    assert ours == [f"sllmfs: {compat.overlap_problem('sllm', 'overlap')}"], proc.stderr[-3000:]
+    assert compat.overlap_problem("sllm", "serial") is None and compat.overlap_problem("auto", "overlap") is None
+
+
+def test_preloaded_weights_bytes_is_honest() -> None:
+    """No weight of ours is on the GPU before SGLang samples its free memory: 0, which SGLang (0.5.19+)
+    accepts and adds nothing for."""
+    import types
+
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    loader = SllmModelLoader(LoadConfig(load_format=SllmModelLoader))
+    assert loader.preloaded_weights_bytes == 0 and type(loader.preloaded_weights_bytes) is int
+    prop = getattr(ModelRunner, "preloaded_weights_bytes", None)
+    if isinstance(prop, property):  # 0.5.19+: SGLang's own check of the value
+        assert prop.fget(types.SimpleNamespace(loader=loader)) == 0
