@@ -14,8 +14,8 @@ What changed between 0.5.17 and 0.5.23 that matters to us (read from the wheels)
 - 0.5.20: ServerArgs fields moved to ``arg_groups/``; ``LOAD_FORMAT_CHOICES`` and
   ``add_load_format_choices`` are re-exported by ``server_args`` (the same list object).
 - 0.5.21: ``loader._post_load_weights`` was renamed ``post_load_weights``.
-- 0.5.23: ``--startup-weight-load-mode overlap`` admits only SGLang's own DefaultModelLoader
-  (sllm's fast path copies beside the model build instead); see ``overlap_problem``.
+- 0.5.18: ``--startup-weight-load-mode overlap`` (the issue met it in 0.5.23) admits only SGLang's
+  own DefaultModelLoader (sllm's fast path copies beside the model build instead); ``overlap_problem``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ OVERLAP_MODE = "overlap"
 def overlap_problem(load_format: Any, startup_weight_load_mode: Any) -> str | None:
     """Why ``--startup-weight-load-mode overlap`` cannot run with ``--load-format sllm``, or None.
 
-    SGLang 0.5.23's overlap mode builds the model on sentinel weights, captures CUDA graphs,
+    SGLang's overlap mode (0.5.18+) builds the model on sentinel weights, captures CUDA graphs,
     then commits the checkpoint through its DefaultModelLoader's resolve/commit steps; it
     admits no other loader (StartupWeightLoadManager: "DefaultModelLoader only") and would
     fail in each scheduler after the model config is read. We say so once, at startup."""

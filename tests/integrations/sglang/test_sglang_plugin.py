@@ -268,8 +268,8 @@ def test_another_release_is_refused_with_one_line(tmp_path: Path) -> None:
 
 
 def test_overlap_startup_is_refused_with_one_line() -> None:
-    """SGLang's own launcher with --startup-weight-load-mode overlap (0.5.23): one line, exit status 1,
-    before any process starts."""
+    """SGLang's own launcher (``python -m sglang.launch_server``, run through the CPU import shim) with
+    --startup-weight-load-mode overlap (0.5.18+): one line, exit status 1, before any process starts."""
     import argparse
 
     from sglang.srt.server_args import ServerArgs
@@ -278,10 +278,13 @@ def test_overlap_startup_is_refused_with_one_line() -> None:
     ServerArgs.add_cli_args(parser)
     if "--startup-weight-load-mode" not in parser._option_string_actions:
         pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "sglang.launch_server", "--model-path",
-                           "/mnt/sllm/none", "--load-format", "sllm", "--startup-weight-load-mode", "overlap"],
+    launch = ("from tests.support.sglang_env import import_sglang; import_sglang()\n"  # CPU torch: torchvision
+              "import runpy; runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", launch, "--model-path", "/mnt/sllm/none",
+                           "--load-format", "sllm", "--startup-weight-load-mode", "overlap"],
                           capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                                 os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 1
     ours = [line for line in proc.stderr.splitlines() if "sllmfs" in line or "Traceback" in line]
     assert ours == [f"sllmfs: {compat.overlap_problem('sllm', 'overlap')}"], proc.stderr[-3000:]
