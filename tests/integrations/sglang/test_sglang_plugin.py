@@ -267,7 +267,7 @@ def test_another_release_is_refused_with_one_line(tmp_path: Path) -> None:
     assert lines[2] == "AUTO auto" and len(lines) == 3
 
 
-def test_overlap_startup_is_refused_with_one_line() -> None:
+def test_overlap_startup_is_refused_with_one_line(tmp_path: Path) -> None:
     """SGLang's own launcher (``python -m sglang.launch_server``, run through the CPU import shim) with
     --startup-weight-load-mode overlap (0.5.18+): one line, exit status 1, before any process starts."""
     import argparse
@@ -278,9 +278,12 @@ def test_overlap_startup_is_refused_with_one_line() -> None:
     ServerArgs.add_cli_args(parser)
     if "--startup-weight-load-mode" not in parser._option_string_actions:
         pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
+    from sllmfs.ops.demo import build_model
+
+    model = str(build_model(tmp_path / "m", "llama"))  # up to 0.5.19 ServerArgs reads its config.json first
     launch = ("from tests.support.sglang_env import import_sglang; import_sglang()\n"  # CPU torch: torchvision
               "import runpy; runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", launch, "--model-path", "/mnt/sllm/none",
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", launch, "--model-path", model, "--device", "cpu",
                            "--load-format", "sllm", "--startup-weight-load-mode", "overlap"],
                           capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
