@@ -306,3 +306,39 @@ def test_preloaded_weights_bytes_is_honest() -> None:
     prop = getattr(ModelRunner, "preloaded_weights_bytes", None)
     if isinstance(prop, property):  # 0.5.19+: SGLang's own check of the value
         assert prop.fget(types.SimpleNamespace(loader=loader)) == 0
+
+
+def test_overlap_is_refused_where_load_config_is_built(tmp_path: Path) -> None:
+    """The Python Engine never runs the CLI's check: a scheduler with the overlap mode published refuses
+    --load-format sllm with one line where it builds its LoadConfig, before SGLang's own loader checks."""
+    from sglang.srt import runtime_context
+
+    from sllmfs.ops.demo import build_model
+
+    if not hasattr(runtime_context, "publish"):
+        pytest.skip(f"SGLang {compat.installed_version()} publishes no runtime context")
+    model = str(build_model(tmp_path / "m", "llama"))
+    out = _python("""
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.configs.load_config import LoadConfig
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+        from sllmfs.core.errors import BadInput
+        try:
+            sa = ServerArgs(model_path=MODEL, device="cpu", load_format="sllm", startup_weight_load_mode="overlap")
+        except TypeError:
+            print("NO OVERLAP MODE")
+            raise SystemExit(0)
+        if hasattr(sa, "resolve_once"):
+            sa.resolve_once()
+        publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0))
+        try:
+            LoadConfig(load_format="sllm")
+        except BadInput as e:
+            print("REFUSED", e)
+        print("AUTO", LoadConfig(load_format="auto").load_format.value)
+    """.replace("MODEL", repr(model)))
+    if out.strip() == "NO OVERLAP MODE":
+        pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
+    assert out.splitlines() == [f"REFUSED {compat.overlap_problem('sllm', 'overlap')}", "AUTO auto"]
