@@ -12,13 +12,16 @@ cd "$(dirname "$0")/.."
 export PIP_CACHE_DIR=${SLLMFS_PIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sllmfs-ci/pip}
 ROOT=${SGLANG_RELEASES_DIR:-.venv-sglang-releases}
 for release in ${*:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
+  # model_executor.model_runner imports the HTTP stack from 0.5.19 on (.venv-sglang-0.5.23 has it)
+  EXTRA=()
   case "$release" in
-    0.5.18|0.5.19|0.5.20|0.5.21) VENV=.venv-sglang ;;
+    0.5.18|0.5.19|0.5.20|0.5.21) VENV=.venv-sglang
+      EXTRA=("uvicorn==0.54.0" "fastapi==0.165.0" "opentelemetry-api==1.45.2" "setproctitle==1.3.8") ;;
     0.5.22) VENV=.venv-sglang-0.5.23 ;;
     *) echo "install-sglang-between: $release is not between 0.5.17 and 0.5.23" >&2; exit 2 ;;
   esac
   [ -d "$ROOT/$release/sglang" ] || "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    --no-deps --target "$ROOT/$release" "sglang==$release"
+    --no-deps --target "$ROOT/$release" "sglang==$release" "${EXTRA[@]}"
   echo "== SGLang $release on $VENV"
   PYTHONPATH="$ROOT/$release:." SLLMFS_REQUIRE_SGLANG=1 "$VENV/bin/python" -W ignore -m pytest -q \
     -p no:cacheprovider tests/integrations/sglang/test_sglang_plugin.py
