@@ -9,7 +9,6 @@
 #     .ci/install-sglang.sh && .ci/install-sglang.sh 0.5.23 && .ci/install-sglang-between.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_CACHE_DIR=${SLLMFS_PIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sllmfs-ci/pip}
 ROOT=${SGLANG_RELEASES_DIR:-.venv-sglang-releases}
 for release in ${*:-0.5.18 0.5.19 0.5.20 0.5.21 0.5.22}; do
   # model_executor.model_runner imports the HTTP stack from 0.5.19 on (.venv-sglang-0.5.23 has it)

@@ -15,17 +15,19 @@
 # The releases between (0.5.18-0.5.22) are claimed through the same adapter and were import-checked,
 # not run here (README: "SGLang releases").
 #
-# Idempotent: a second run checks the imports and returns. Downloads go through a pip cache that
-# outlives the venvs (SLLMFS_PIP_CACHE, default ~/.cache/sllmfs-ci/pip): a CI run on the same
-# machine fetches nothing again. Measured on the 2-core VM: 0.5.23 from scratch 84 s with a warm
-# pip cache (torch from local disk 41 s of it).
+# Idempotent: a second run checks the imports and returns (~16 s). The pinned wheels are kept in a
+# wheelhouse that outlives the venvs (SLLMFS_WHEELHOUSE, default ~/.cache/sllmfs-ci/wheels; pip's own
+# cache stays empty here: this machine's package mirror answers uncacheable), so a CI run on the same
+# machine downloads nothing again. Measured on the 2-core VM, 0.5.23 from scratch: 149 s with an
+# empty wheelhouse, 80 s with a full one (torch 2.14.1 from local disk ~41 s of it); both while
+# another test run shared the cores.
 # SGLANG_VENV overrides the venv path; PYTHON the interpreter that owns the main environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SGLANG_VERSION=${1:-0.5.17}
 PYTHON=${PYTHON:-python3}
-export PIP_CACHE_DIR=${SLLMFS_PIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sllmfs-ci/pip}
+WHEELHOUSE=${SLLMFS_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/sllmfs-ci/wheels}
 
 # Just enough for sglang.srt.{configs.load_config,server_args,model_loader.loader,plugins} and
 # model_executor.model_runner to import, with their own requirements, all pinned and installed with
@@ -83,7 +85,11 @@ CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==$TORCH" >"$CONSTRAINTS"
 
-"${PIP[@]}" --no-deps -c "$CONSTRAINTS" "sglang==$SGLANG_VERSION" "${DEPS[@]}"
+mkdir -p "$WHEELHOUSE"
+# what the wheelhouse lacks is fetched once ("File was already downloaded" for the rest), then installed from it
+"$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --find-links "$WHEELHOUSE" \
+  -d "$WHEELHOUSE" "sglang==$SGLANG_VERSION" "${DEPS[@]}"
+"${PIP[@]}" --no-deps --no-index --find-links "$WHEELHOUSE" -c "$CONSTRAINTS" "sglang==$SGLANG_VERSION" "${DEPS[@]}"
 
 "$VENV/bin/python" -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v == "'"$TORCH"'" else f"torch changed to {v}")'
 PYTHONPATH=. "$VENV/bin/python" -W ignore -c "$PROBE"
