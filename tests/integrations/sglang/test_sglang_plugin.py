@@ -315,7 +315,7 @@ def test_overlap_is_refused_where_load_config_is_built(tmp_path: Path) -> None:
 
     from sllmfs.ops.demo import build_model
 
-    if not hasattr(runtime_context, "SpawnRanks"):  # 0.5.20+
+    if not hasattr(runtime_context, "SpawnRanks"):  # 0.5.21+
         pytest.skip(f"SGLang {compat.installed_version()} publishes no rank placement")
     model = str(build_model(tmp_path / "m", "llama"))
     out = _python("""
