@@ -81,12 +81,14 @@ def work_root() -> Path:
 
 
 def activate(store: Store | None = None, *, framework: str = "sglang",
-             key: KernelKey | None = None) -> Activation | None:
-    """Serve this start's kernel caches from the store (see the module's doc); None when not serving."""
+             key: KernelKey | None = None, engine_defaults: dict[str, str] | None = None) -> Activation | None:
+    """Serve this start's kernel caches from the store (see the module's doc); None when not serving.
+    ``engine_defaults``: values the engine itself put in those variables on import (SGLang >= 0.5.18
+    sets them under its own cache dir); such a value is the engine's, not the user's, so it is replaced."""
     if os.environ.get(MARK) or not env_flag(SWITCH, True):
         return None
     try:
-        act = _activate(store, framework, key)
+        act = _activate(store, framework, key, engine_defaults or {})
     except Exception as e:  # any failure: the engine runs with its default caches
         print(f"sllmfs: warning: kernel caches not served from the store for this start: {e}", file=sys.stderr)
         act = None
@@ -95,9 +97,11 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
     return act
 
 
-def _activate(store: Store | None, framework: str, key: KernelKey | None) -> Activation | None:
+def _activate(store: Store | None, framework: str, key: KernelKey | None,
+              engine_defaults: dict[str, str]) -> Activation | None:
     kinds = {**CACHE_VARS, **FRAMEWORK_CACHE_VARS.get(framework, {})}
-    managed = [k for k, (var, _) in kinds.items() if not os.environ.get(var)]
+    managed = [k for k, (var, _) in kinds.items()
+               if not os.environ.get(var) or os.environ.get(var) == engine_defaults.get(var)]
     if not managed:
         return None  # the user placed every cache
     if store is None:

@@ -15,12 +15,12 @@ from itertools import chain
 from typing import Any
 
 import torch
-from sglang.srt.model_loader.loader import _post_load_weights
 from torch import nn
 
 from sllmfs.integrations.common import overlap
 from sllmfs.integrations.common.copy import copy_into, copy_spans
 from sllmfs.integrations.common.state import rank_state, state_problem
+from sllmfs.integrations.sglang.compat import post_load_weights
 from sllmfs.integrations.torch import mirror_layout
 
 log = logging.getLogger("sllmfs.integrations.sglang")
@@ -62,7 +62,7 @@ def _load_after_build(lease: Any, new_model: Callable[[], nn.Module]) -> nn.Modu
     t2 = time.perf_counter()
     state = _checked_state(model, lease)
     copy_into(lease, {name: t.data for name, t in state.items()}, log=log)
-    _post_load_weights(model)
+    post_load_weights(model)
     log.info("sllmfs: fast path: model init %.3f s, post-process %.3f s, fill %.3f s",
              t1 - t0, t2 - t1, time.perf_counter() - t2)
     return model
@@ -97,7 +97,7 @@ def _load_beside_build(lease: Any, new_model: Callable[[], nn.Module], target: t
     for dst, stored in from_block:
         dst.copy_(stored)  # copied along in a run: no second trip over PCIe
     copy_into(lease, rest, log=log)
-    _post_load_weights(model)
+    post_load_weights(model)
     unused = sum(lease.entries[n].nbytes for n in plan.views.values() if n not in owned)
     if unused:
         log.warning("sllmfs: %.2f GB of the copied block holds no tensor of the model (%d of %d planned tensors "

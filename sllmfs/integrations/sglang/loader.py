@@ -82,6 +82,11 @@ def load_any_tp(model: nn.Module, lease: Lease, target_device: torch.device,
 
 
 class SllmModelLoader(BaseModelLoader):
+    # SGLang >= 0.5.19 adds this to the free GPU memory it sampled before the load, for weights already
+    # resident then (a weight daemon's). Ours are allocated and copied during the load, as the default
+    # loader's are; the sidecar holds host memory only. So none: 0, said here rather than inherited.
+    preloaded_weights_bytes: int = 0
+
     def __init__(self, load_config: LoadConfig, *, source_factory: options.SourceFactory | None = None):
         super().__init__(load_config)
         extra = options.extra_config(load_config.model_loader_extra_config, EXTRA_KEYS)

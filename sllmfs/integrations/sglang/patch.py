@@ -1,9 +1,11 @@
-"""Apply, check or revert patches/sglang-0.5.17-sllm.patch on an installed SGLang.
+"""Apply, check or revert patches/sglang-<release>-sllm.patch on an installed SGLang.
 
-The patch is a plain unified diff relative to site-packages. We apply it
-ourselves (exact context, any line offset, no fuzz) so no ``patch`` binary is
-needed, and every file is replaced atomically: a half-patched SGLang is
-impossible. The plugin makes ``--load-format sllm`` work without any of this.
+One patch per supported release (sllmfs.integrations.sglang.compat), picked by the release
+installed where the patch goes (its dist-info, else ``sglang/_version.py``). The patch is a
+plain unified diff relative to site-packages. We apply it ourselves (exact context, any line
+offset, no fuzz) so no ``patch`` binary is needed, and every file is replaced atomically: a
+half-patched SGLang is impossible. The plugin makes ``--load-format sllm`` work without any
+of this.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sllmfs.core.errors import BadInput, NotFound
+from sllmfs.integrations.sglang import compat
 
-SGLANG_VERSION = "0.5.17"
-PATCH_NAME = f"sglang-{SGLANG_VERSION}-sllm.patch"
+PATCHES = Path(__file__).resolve().parents[3] / "patches"  # sllmfs/integrations/sglang/ -> checkout
 APPLIED, NOT_APPLIED, CONFLICT = "applied", "not applied", "conflict"
 _HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
 
@@ -36,13 +38,29 @@ class FilePatch:
     hunks: list[Hunk] = field(default_factory=list)
 
 
-def patch_file() -> Path:
-    """The shipped patch: patches/ in a source checkout."""
-    here = Path(__file__).resolve().parents[3] / "patches" / PATCH_NAME  # sllmfs/integrations/sglang/ -> checkout
+def patch_name(version: str) -> str:
+    return f"sglang-{version}-sllm.patch"
+
+
+def shipped() -> list[str]:
+    """The releases a patch is shipped for, oldest first."""
+    found = [p.name.removeprefix("sglang-").removesuffix("-sllm.patch") for p in PATCHES.glob("sglang-*-sllm.patch")]
+    return sorted(found, key=lambda v: compat.release(v) or (0, 0, 0))
+
+
+def patch_file(version: str | None) -> Path:
+    """The shipped patch for SGLang ``version`` (patches/ in a source checkout)."""
+    if version is None:
+        raise NotFound("cannot tell which SGLang release is installed there (no sglang dist-info or "
+                       "sglang/_version.py); pass the site-packages that holds SGLang")
+    here = PATCHES / patch_name(version)
     if here.is_file():
         return here
-    raise NotFound(f"{PATCH_NAME} is not shipped with this sllmfs install; use a source checkout "
-                   "(patches/) or rely on the plugin, which needs no patch")
+    if not PATCHES.is_dir():
+        raise NotFound("the SGLang patches are not shipped with this sllmfs install; use a source checkout "
+                       "(patches/) or rely on the plugin, which needs no patch")
+    raise NotFound(f"no patch for SGLang {version} (patches exist for {', '.join(shipped()) or 'none'}); "
+                   "the sllmfs plugin makes --load-format sllm work without a patch")
 
 
 def parse(text: str) -> list[FilePatch]:
@@ -106,14 +124,24 @@ def _rewrite(lines: list[str], fp: FilePatch, reverse: bool) -> list[str]:
 def site_packages() -> Path:
     spec = importlib.util.find_spec("sglang")  # finds the package without importing it
     if spec is None or not spec.origin:
-        raise NotFound("SGLang is not installed in this Python; `pip install sglang==0.5.17` first")
+        raise NotFound("SGLang is not installed in this Python; "
+                       f"`pip install 'sglang>={compat.OLDEST},<={compat.NEWEST}'` first")
     return Path(spec.origin).parent.parent
 
 
 def installed_version(root: Path) -> str | None:
+    """The SGLang release under ``root``: its dist-info, else the package's version file (a copied package)."""
     for dist in importlib.metadata.distributions(path=[str(root)]):
         if (dist.metadata["Name"] or "").lower() == "sglang":
             return dist.version
+    for name in ("_version.py", "version.py"):  # setuptools-scm writes the first; the second imports it
+        try:
+            text = (root / "sglang" / name).read_text()
+        except OSError:
+            continue
+        m = re.search(r"""^__version__\s*=\s*(?:version\s*=\s*)?["']([^"']+)["']""", text, re.M)
+        if m:
+            return m[1]
     return None
 
 
@@ -129,37 +157,39 @@ class Report:
         return states.pop() if len(states) == 1 else CONFLICT
 
 
-def _read(root: Path, fp: FilePatch) -> list[str]:
+def _read(root: Path, fp: FilePatch, version: str | None) -> list[str]:
     try:
         return (root / fp.path).read_text().split("\n")
     except FileNotFoundError:
-        raise NotFound(f"{root / fp.path} is missing: is SGLang {SGLANG_VERSION} installed there?") from None
+        raise NotFound(f"{root / fp.path} is missing: is SGLang {version or ''} installed there?") from None
 
 
 def check(root: Path | None = None, patch: Path | None = None) -> Report:
     root = root or site_packages()
-    fps = parse((patch or patch_file()).read_text())
-    return Report(root, installed_version(root), {fp.path: _file_state(_read(root, fp), fp) for fp in fps})
+    version = installed_version(root)
+    fps = parse((patch or patch_file(version)).read_text())
+    return Report(root, version, {fp.path: _file_state(_read(root, fp, version), fp) for fp in fps})
 
 
 def apply(root: Path | None = None, patch: Path | None = None, *, reverse: bool = False) -> Report:
     """Apply (or revert) the patch; already-done files are left alone. Returns the final check."""
     root = root or site_packages()
-    patch = patch or patch_file()
+    patch = patch or patch_file(installed_version(root))
     report = check(root, patch)
-    if report.version is not None and report.version != SGLANG_VERSION:
-        raise BadInput(f"installed SGLang is {report.version}, the patch is for {SGLANG_VERSION}; "
-                       "skip the patch: the sllmfs plugin makes --load-format sllm work without it")
+    meant_for = patch.name.removeprefix("sglang-").removesuffix("-sllm.patch")
+    if report.version is not None and report.version != meant_for:
+        raise BadInput(f"installed SGLang is {report.version}, {patch.name} is for {meant_for}; "
+                       f"use {patch_name(report.version)} or the sllmfs plugin, which needs no patch")
     bad = [p for p, s in report.files.items() if s == CONFLICT]
     if bad:
         raise BadInput(f"{root / bad[0]} does not match the patch (edited, or another SGLang build); "
-                       f"reinstall SGLang {SGLANG_VERSION} or use the plugin without the patch")
+                       f"reinstall SGLang {report.version} or use the plugin without the patch")
     todo = NOT_APPLIED if not reverse else APPLIED
     for fp in parse(patch.read_text()):
         if report.files[fp.path] != todo:
             continue
         target = root / fp.path
-        new = "\n".join(_rewrite(_read(root, fp), fp, reverse))
+        new = "\n".join(_rewrite(_read(root, fp, report.version), fp, reverse))
         tmp = target.with_name(f".{target.name}.sllmfs-tmp")
         tmp.write_text(new)
         os.chmod(tmp, target.stat().st_mode & 0o7777)

@@ -9,8 +9,14 @@ process (CLI before argument parsing, Engine before ServerArgs, every scheduler
   ``LoadFormat("sllm")``; ``get_model_loader`` already instantiates a
   ``load_format`` that is a loader class, so no other SGLang code is hooked.
 
-With patches/sglang-0.5.17-sllm.patch applied, ``LoadFormat.SLLM`` exists and
+With patches/sglang-<release>-sllm.patch applied, ``LoadFormat.SLLM`` exists and
 the patched ``get_model_loader`` builds the loader; the hook then steps aside.
+
+Releases: those of sllmfs.integrations.sglang.compat (0.5.17 to 0.5.23). Starting
+with ``--load-format sllm`` on another release, or with 0.5.23's
+``--startup-weight-load-mode overlap``, is refused with one line: by the CLI before
+anything starts (``prepare_server_args``), and again where ``LoadConfig`` is built
+(the Python ``Engine`` and every scheduler).
 
 Diagnostics: with ``SLLMFS_PROFILE_LOAD=<folder>`` each process profiles SGLang's
 whole ``ModelRunner.load_model`` (the "Load weight" phase) into that folder.
@@ -22,9 +28,11 @@ import os
 from typing import Any
 
 from sllmfs.core.config import env_str
-from sllmfs.integrations.sglang import LOAD_FORMAT
+from sllmfs.core.errors import BadInput
+from sllmfs.integrations.sglang import LOAD_FORMAT, compat
 
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
+CLI_TARGET = "sglang.srt.server_args.prepare_server_args"  # argv -> ServerArgs, in the launching process
 LOAD_PHASE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"  # SGLang times this
 PROFILE_ENV = "SLLMFS_PROFILE_LOAD"
 _registered = False
@@ -37,17 +45,48 @@ def register() -> None:
         return
     from sllmfs.integrations.kernel_cache import activate  # kernel caches from the store (#21): first process only
 
-    activate(framework="sglang")
+    activate(framework="sglang", engine_defaults=compat.cache_defaults())
     from sglang.srt import server_args
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    if LOAD_FORMAT not in server_args.LOAD_FORMAT_CHOICES:
+    if LOAD_FORMAT not in server_args.LOAD_FORMAT_CHOICES:  # the same list object in every release
         server_args.add_load_format_choices([LOAD_FORMAT])
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
-    HookRegistry.register(LOAD_PHASE_TARGET, _import_loader_first, HookType.AROUND)
-    if env_str(PROFILE_ENV):
-        HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
+    HookRegistry.register(CLI_TARGET, _refuse_at_launch, HookType.AROUND)
+    if compat.is_supported(compat.installed_version()):  # elsewhere these targets may not exist
+        HookRegistry.register(LOAD_PHASE_TARGET, _import_loader_first, HookType.AROUND)
+        if env_str(PROFILE_ENV):
+            HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
     _registered = True
+
+
+def startup_problem(load_format: Any, startup_weight_load_mode: Any = None) -> str | None:
+    """Why SGLang cannot start with this load format here (release, startup mode), or None."""
+    if not (isinstance(load_format, str) and load_format.lower() == LOAD_FORMAT):
+        return None
+    return compat.version_problem(compat.installed_version()) or compat.overlap_problem(
+        load_format, startup_weight_load_mode)
+
+
+def _refuse_at_launch(original: Any, *args: Any, **kwargs: Any) -> Any:
+    """The CLI's ServerArgs: a start that cannot work ends here with one line and exit status 1, as
+    argparse ends a bad flag (this function only ever runs for the command line)."""
+    server_args = original(*args, **kwargs)
+    problem = startup_problem(getattr(server_args, "load_format", None),
+                              getattr(server_args, "startup_weight_load_mode", None))
+    if problem:
+        raise SystemExit(f"sllmfs: {problem}")
+    return server_args
+
+
+def _published_startup_mode() -> Any:
+    """``--startup-weight-load-mode`` of this process's published config (0.5.23+), else None."""
+    try:
+        from sglang.srt.runtime_context import get_model
+
+        return getattr(get_model(), "startup_weight_load_mode", None)
+    except (ImportError, ValueError, RuntimeError, AttributeError):  # older release, or nothing published
+        return None
 
 
 def _import_loader_first(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -81,6 +120,10 @@ def _profiled(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _verify_load_format(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     fmt = self.load_format
+    is_sllm = (isinstance(fmt, str) and fmt.lower() == LOAD_FORMAT) or getattr(fmt, "value", None) == LOAD_FORMAT
+    problem = startup_problem(LOAD_FORMAT, _published_startup_mode()) if is_sllm else None
+    if problem:
+        raise BadInput(problem)
     if isinstance(fmt, str) and fmt.lower() == LOAD_FORMAT and not _patched():
         from sllmfs.integrations.sglang.loader import SllmModelLoader
 

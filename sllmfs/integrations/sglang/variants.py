@@ -2,6 +2,19 @@
 
 e.g. ``sglang.tp2.r0.bfloat16.none.v0.5.17``; the key and the layout recorded in
 the manifest (``sglang_version``) are those every earlier sllmfs wrote.
+
+Across releases: a variant holds the state SGLang's model classes and their
+post-processing made, so another release may use it only when it lays the state
+out the same way, byte for byte. Between 0.5.17 and 0.5.23 every file that shapes
+even a dense model's rank state changed in every release (layers/linear.py,
+layers/quantization/unquant.py, layers/vocab_parallel_embedding.py,
+models/llama.py, qwen2.py, model_loader/weight_utils.py), so no release is known
+to share another's layout: the release stays in the key and in the recorded layout,
+each release writes and reads its own (a start on a new release takes the any-TP
+path once and writes its own; the older release's variant stays for it), and a
+variant whose recorded release differs from its key is refused
+(``common.variants.layout_problem``). Tested with real SGLang in
+tests/integrations/sglang/test_sglang_e2e.py.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ class SllmTinyForCausalLM(nn.Module):
     SGLang's column- and row-parallel layers shard them (rows of qkv/gate_up, columns of o/down)."""
 
     def __init__(self, config: object, quant_config: object = None, **kw: object) -> None:
-        from sglang.srt.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from sglang.srt.runtime_context import get_parallel  # every release 0.5.17-0.5.23
 
         super().__init__()
         c: Any = config
-        self.tp, self.rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        self.tp, self.rank = get_parallel().tp_size, get_parallel().tp_rank
         hidden, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
         kv = c.num_key_value_heads * (hidden // c.num_attention_heads)
         self.hidden, self.kv, self.inter = hidden // self.tp, kv // self.tp, inter // self.tp  # this rank's rows
@@ -104,18 +104,35 @@ def prepare(tmp: Path) -> None:
     shutil.copytree(store.get("org/tiny").path / "files", mnt / "org" / "tiny")
 
 
-def main(tmp: Path, port: int, rank: int, world: int) -> None:
+def store_other_release(store: Any, config: Any, model_config: Any, release: str) -> str:
+    """This rank's state as SGLang ``release`` would have written it, every byte zero (a start that
+    used it would serve zeros): the variant another release left in the store. Its key."""
+    import dataclasses
+
+    from sllmfs.integrations.common import writeback
+    from sllmfs.integrations.common.state import rank_state
+    from sllmfs.integrations.sglang.loader import current_variant
+
+    with torch.device("cpu"):
+        model = SllmTinyForCausalLM(config).to(model_config.dtype)
+    other = dataclasses.replace(current_variant(model_config), version=release)
+    zeros = {name: torch.zeros_like(t) for name, t in rank_state(model).items()}
+    writeback.write_rank_state(store, "org/tiny", other, writeback.snapshot(zeros))
+    return other.key
+
+
+def main(tmp: Path, port: int, rank: int, world: int, other_release: str = "") -> None:
     from safetensors.torch import load_file
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
     from sglang.srt.model_loader.loader import get_model_loader
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+    from sglang.srt.server_args import ServerArgs
 
     from sllmfs.store.store import Store
+    from tests.support.sglang_env import start_rank
 
     ModelRegistry.models["SllmTinyForCausalLM"] = SllmTinyForCausalLM
     store = Store(tmp / "store")
@@ -123,11 +140,10 @@ def main(tmp: Path, port: int, rank: int, world: int) -> None:
     extra = json.dumps({"sllm_storage_path": str(store.root), "sllm_write_back": "sync"})
     sa = ServerArgs(model_path=str(tmp / "mnt" / "org" / "tiny"), device="cpu", load_format="sllm",
                     model_loader_extra_config=extra, tp_size=world)
-    set_global_server_args_for_scheduler(sa)
-    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(world, backend="gloo")
+    start_rank(sa, rank=rank, world=world, port=port)
     mc = ModelConfig.from_server_args(sa)
+    if other_release:
+        print(f"r{rank} other", store_other_release(store, mc.hf_config, mc, other_release))
 
     def load() -> tuple[Any, nn.Module]:
         lc = LoadConfig(load_format=sa.load_format, model_loader_extra_config=sa.model_loader_extra_config)
@@ -156,12 +172,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ranks(tmp: Path, world: int) -> list[str]:
+def _ranks(tmp: Path, world: int, other_release: str = "") -> list[str]:
     """Run ``world`` ranks of ``main`` at once; their output lines."""
     prepare(tmp)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
-    procs = [subprocess.Popen([sys.executable, "-W", "ignore", __file__, str(tmp), str(port), str(r), str(world)],
+    procs = [subprocess.Popen([sys.executable, "-W", "ignore", __file__, str(tmp), str(port), str(r), str(world),
+                               other_release],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]
     lines = []
@@ -172,15 +189,36 @@ def _ranks(tmp: Path, world: int) -> list[str]:
     return lines
 
 
+def _release() -> str:
+    from sllmfs.integrations.sglang import compat
+
+    return compat.installed_version()
+
+
 def test_load_model_any_tp_then_fast(tmp_path: Path) -> None:
     out = _ranks(tmp_path, 1)
-    assert "r0 first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v0.5.17']" in out
+    assert f"r0 first any-tp ['hf', 'sglang.tp1.r0.bfloat16.none.v{_release()}']" in out
+    assert "r0 second fast beside the build" in out and "r0 E2E OK torch.bfloat16" in out
+
+
+def test_a_variant_of_another_release_is_not_used(tmp_path: Path) -> None:
+    """Each release reads only the state its own release wrote (sglang/variants.py says why): with only
+    another supported release's variant stored (zeros, so using it would fail the byte checks), the start
+    takes the any-TP path, writes its own, and the other release's variant stays for that release."""
+    from sllmfs.integrations.sglang import compat
+
+    other = compat.NEWEST if _release() != compat.NEWEST else compat.OLDEST
+    out = _ranks(tmp_path, 1, other)
+    theirs, mine = f"sglang.tp1.r0.bfloat16.none.v{other}", f"sglang.tp1.r0.bfloat16.none.v{_release()}"
+    assert f"r0 other {theirs}" in out
+    assert f"r0 first any-tp {sorted(['hf', theirs, mine])}" in out
     assert "r0 second fast beside the build" in out and "r0 E2E OK torch.bfloat16" in out
 
 
 def test_two_ranks_write_and_read_their_own_variants(tmp_path: Path) -> None:
     out = _ranks(tmp_path, 2)
-    both = "['hf', 'sglang.tp2.r0.bfloat16.none.v0.5.17', 'sglang.tp2.r1.bfloat16.none.v0.5.17']"
+    v = _release()
+    both = f"['hf', 'sglang.tp2.r0.bfloat16.none.v{v}', 'sglang.tp2.r1.bfloat16.none.v{v}']"
     for r in (0, 1):
         assert f"r{r} first any-tp {both}" in out
         assert f"r{r} second fast beside the build" in out and f"r{r} E2E OK torch.bfloat16" in out
@@ -190,4 +228,4 @@ if __name__ == "__main__":
     from tests.support.sglang_env import import_sglang
 
     import_sglang()
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

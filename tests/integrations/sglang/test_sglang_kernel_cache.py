@@ -18,6 +18,7 @@ from tests.support.sglang_env import require_sglang
 require_sglang()
 
 from sllmfs.integrations import kernel_cache  # noqa: E402
+from sllmfs.integrations.sglang import compat  # noqa: E402
 from sllmfs.store import kernels  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 
@@ -63,4 +64,5 @@ def test_register_points_the_caches_at_the_store_once_per_start(tmp_path: Path) 
     assert mine["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "user-inductor")  # the user's setting stays
     assert theirs == mine  # the scheduler process uses the same directories
     [entry], _ = kernels.entries(store)  # published at exit
-    assert entry.key.startswith("sglang-0.5.17-") and [f.path for f in entry.files] == ["triton/k.cubin"]
+    assert entry.key.startswith(f"sglang-{compat.installed_version()}-")
+    assert [f.path for f in entry.files] == ["triton/k.cubin"]

@@ -1,4 +1,4 @@
-"""The SGLang plugin and patch against the real SGLang 0.5.17 package (pure-Python parts, CPU).
+"""The SGLang plugin and patch against the installed SGLang release (pure-Python parts, CPU).
 
 Needs SGLang importable: run .ci/install-sglang.sh, then .venv-sglang/bin/python -m pytest.
 Skips otherwise (fails instead when SLLMFS_REQUIRE_SGLANG=1, as in CI).
@@ -25,7 +25,7 @@ from sglang.srt.model_loader.loader import get_model_loader  # noqa: E402
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
 from sllmfs.core.errors import BadInput, NotFound  # noqa: E402
-from sllmfs.integrations.sglang import patch, plugin  # noqa: E402
+from sllmfs.integrations.sglang import compat, patch, plugin  # noqa: E402
 from sllmfs.integrations.sglang.loader import SllmModelLoader  # noqa: E402
 from tests.support.cli import one_line_error  # noqa: E402
 
@@ -108,7 +108,9 @@ def test_unknown_extra_config_is_one_clear_error(registered: None) -> None:
 
 # -- the patch ------------------------------------------------------------------
 
-PATCHED = ["sglang/srt/configs/load_config.py", "sglang/srt/server_args.py", "sglang/srt/model_loader/loader.py"]
+# the installed release's patch: LoadFormat, the --load-format choices (server_args.py up to 0.5.19,
+# arg_groups/choices.py after), get_model_loader
+PATCHED = [fp.path for fp in patch.parse(patch.patch_file(compat.installed_version()).read_text())]
 
 
 @pytest.fixture
@@ -127,7 +129,7 @@ def sglang_copy(tmp_path: Path) -> Path:
 def test_patch_applies_checks_and_reverts(sglang_copy: Path) -> None:
     originals = {rel: (sglang_copy / rel).read_text() for rel in PATCHED}
     report = patch.check(sglang_copy)
-    assert report.version == "0.5.17" and report.state == patch.NOT_APPLIED
+    assert report.version == compat.installed_version() and report.state == patch.NOT_APPLIED
     assert patch.apply(sglang_copy).state == patch.APPLIED
     assert 'SLLM = "sllm"' in (sglang_copy / PATCHED[0]).read_text()
     assert patch.apply(sglang_copy).state == patch.APPLIED  # twice is harmless
@@ -219,3 +221,124 @@ def test_loader_is_imported_before_the_load_phase_clock() -> None:
             print(fmt, "sllmfs.integrations.sglang.loader" in sys.modules)
     """)
     assert out.split() == ["auto", "False", "sllm", "True"]
+
+
+# -- releases ----------------------------------------------------------------------
+
+
+def test_supported_range() -> None:
+    assert compat.is_supported(compat.installed_version())
+    for version, ok in [("0.5.16", False), ("0.5.17", True), ("0.5.20", True), ("0.5.23", True),
+                        ("0.5.23.post1", True), ("0.5.24rc1", False), ("0.5.24", False), ("0.6.0", False),
+                        ("0.0.0.dev0", False), ("main", False)]:
+        assert compat.is_supported(version) is ok, version
+    problem = compat.version_problem("0.5.24")
+    assert problem and "\n" not in problem and "SGLang 0.5.17 to 0.5.23" in problem and "0.5.24" in problem
+    assert compat.version_problem("0.5.17") is None
+
+
+def test_another_release_is_refused_with_one_line(tmp_path: Path) -> None:
+    """As if SGLang 0.5.24 were installed: --load-format sllm is one line where the CLI builds its
+    ServerArgs and where LoadConfig is built (Engine, schedulers); other load formats are untouched."""
+    from sllmfs.ops.demo import build_model
+
+    model = str(build_model(tmp_path / "m", "llama"))  # 0.5.17's ServerArgs reads its config.json
+    out = _python("""
+        import sglang.version
+        sglang.version.__version__ = "0.5.24"
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.configs.load_config import LoadConfig
+        from sglang.srt.server_args import prepare_server_args
+        from sllmfs.core.errors import BadInput
+        try:
+            prepare_server_args(["--model-path", MODEL, "--device", "cpu", "--load-format", "sllm"])
+        except SystemExit as e:
+            print("CLI", e.code)
+        try:
+            LoadConfig(load_format="sllm")
+        except BadInput as e:
+            print("LOADCONFIG", e)
+        print("AUTO", prepare_server_args(["--model-path", MODEL, "--device", "cpu"]).load_format)
+    """.replace("MODEL", repr(model)))
+    lines = out.splitlines()
+    assert lines[0].startswith("CLI sllmfs: --load-format sllm supports SGLang 0.5.17 to 0.5.23, this is SGLang 0.5.24")
+    assert lines[1].startswith("LOADCONFIG --load-format sllm supports SGLang 0.5.17 to 0.5.23")
+    assert lines[2] == "AUTO auto" and len(lines) == 3
+
+
+def test_overlap_startup_is_refused_with_one_line(tmp_path: Path) -> None:
+    """SGLang's own launcher (``python -m sglang.launch_server``, run through the CPU import shim) with
+    --startup-weight-load-mode overlap (0.5.18+): one line, exit status 1, before any process starts."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    if "--startup-weight-load-mode" not in parser._option_string_actions:
+        pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
+    from sllmfs.ops.demo import build_model
+
+    model = str(build_model(tmp_path / "m", "llama"))  # up to 0.5.19 ServerArgs reads its config.json first
+    launch = ("from tests.support.sglang_env import import_sglang; import_sglang()\n"  # CPU torch: torchvision
+              "import runpy; runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", launch, "--model-path", model, "--device", "cpu",
+                           "--load-format", "sllm", "--startup-weight-load-mode", "overlap"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                                                 os.environ.get("PYTHONPATH")]))})
+    assert proc.returncode == 1
+    ours = [line for line in proc.stderr.splitlines() if "sllmfs" in line or "Traceback" in line]
+    assert ours == [f"sllmfs: {compat.overlap_problem('sllm', 'overlap')}"], proc.stderr[-3000:]
+    assert compat.overlap_problem("sllm", "serial") is None and compat.overlap_problem("auto", "overlap") is None
+
+
+def test_preloaded_weights_bytes_is_honest() -> None:
+    """No weight of ours is on the GPU before SGLang samples its free memory: 0, which SGLang (0.5.19+)
+    accepts and adds nothing for."""
+    import types
+
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    loader = SllmModelLoader(LoadConfig(load_format=SllmModelLoader))
+    assert loader.preloaded_weights_bytes == 0 and type(loader.preloaded_weights_bytes) is int
+    prop = getattr(ModelRunner, "preloaded_weights_bytes", None)
+    if isinstance(prop, property):  # 0.5.19+: SGLang's own check of the value
+        assert prop.fget(types.SimpleNamespace(loader=loader)) == 0
+
+
+def test_overlap_is_refused_where_load_config_is_built(tmp_path: Path) -> None:
+    """The Python Engine never runs the CLI's check: a scheduler with the overlap mode published refuses
+    --load-format sllm with one line where it builds its LoadConfig, before SGLang's own loader checks."""
+    from sglang.srt import runtime_context
+
+    from sllmfs.ops.demo import build_model
+
+    if not hasattr(runtime_context, "SpawnRanks"):  # 0.5.21+
+        pytest.skip(f"SGLang {compat.installed_version()} publishes no rank placement")
+    model = str(build_model(tmp_path / "m", "llama"))
+    out = _python("""
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.configs.load_config import LoadConfig
+        from sglang.srt.runtime_context import SpawnRanks, publish
+        from sglang.srt.server_args import ServerArgs
+        from sllmfs.core.errors import BadInput
+        try:
+            sa = ServerArgs(model_path=MODEL, device="cpu", load_format="sllm", startup_weight_load_mode="overlap")
+        except TypeError:
+            print("NO OVERLAP MODE")
+            raise SystemExit(0)
+        if hasattr(sa, "resolve_once"):
+            sa.resolve_once()
+        publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0))
+        try:
+            LoadConfig(load_format="sllm")
+        except BadInput as e:
+            print("REFUSED", e)
+        print("AUTO", LoadConfig(load_format="auto").load_format.value)
+    """.replace("MODEL", repr(model)))
+    if out.strip() == "NO OVERLAP MODE":
+        pytest.skip(f"SGLang {compat.installed_version()} has no --startup-weight-load-mode")
+    assert out.splitlines() == [f"REFUSED {compat.overlap_problem('sllm', 'overlap')}", "AUTO auto"]
