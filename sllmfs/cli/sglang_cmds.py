@@ -18,7 +18,7 @@ def patch_sglang(
     site_packages: Optional[Path] = typer.Option(
         None, "--site-packages", help="Directory holding the sglang package (default: the one Python imports)."),
 ) -> None:
-    """Make `sllm` a built-in SGLang 0.5.17 load format (optional: the plugin works without it)."""
+    """Make `sllm` a built-in load format of the installed SGLang release (optional: the plugin works without it)."""
     from sllmfs.integrations.sglang import patch
 
     if check and revert:

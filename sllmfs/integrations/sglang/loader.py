@@ -37,7 +37,7 @@ from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.common import options, overlap, writeback
 from sllmfs.integrations.common.locate import Located
-from sllmfs.integrations.common.source import Lease, WeightSource
+from sllmfs.integrations.common.source import Lease, WeightSource, weights_as_filled
 from sllmfs.integrations.common.state import rank_state
 from sllmfs.integrations.common.variants import layout_problem
 from sllmfs.integrations.sglang import fastpath, variants
@@ -65,8 +65,9 @@ def current_variant(model_config: ModelConfig, draft_model_idx: int | None = Non
 
 
 def hf_weights(lease: Lease, draft_model_idx: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU view) pairs in file order, as ``model.load_weights`` expects them."""
-    pairs = iter(lease.tensors().items())  # file order, tied names included; waits for the whole variant
+    """(name, CPU view) pairs in file order, as ``model.load_weights`` expects them, tied names included,
+    each as soon as its bytes are verified: the first start streams beside the sidecar's fill."""
+    pairs = weights_as_filled(lease)
     if draft_model_idx is not None:  # multi-layer MTP draft: SGLang's own filter
         return DefaultModelLoader._filter_mtp_weights(pairs, "", draft_model_idx)
     return pairs
