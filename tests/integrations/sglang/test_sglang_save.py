@@ -137,7 +137,7 @@ def test_engine_output_goes_to_stderr_and_the_report_to_stdout(stored_llama: Sto
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[3])!r}]  # and tests.support
         from test_sglang_save import stand_in
         from sllmfs.integrations.sglang.save import save_rank_variants
         from sllmfs.store.store import Store
