@@ -40,6 +40,9 @@ def demo(workdir: Optional[str] = typer.Option(
 
 
 def _demo(work: Path) -> None:
+    # transformers' from_pretrained makes torch inductor's cache dir (<tmp>/torchinductor_<user>), empty:
+    # keep it in the scratch dir so a demo leaves nothing behind (a user's own setting wins)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "torchinductor"))
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
