@@ -40,7 +40,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     leases = [{"id": i, "model": r.model, "variant": r.variant, "pid": c.pid, "uid": c.uid}
               for c in conns for i, r in c.leases.items()]
     c = cache.counters
-    filled = c.bytes_filled + sum(f.res.filled for f in cache.fills)  # fills in progress count as they go
+    in_progress = [r for r in tier.entries.values() if r.state == "filling"]  # fills and streaming pulls
+    filled = c.bytes_filled + sum(r.filled for r in in_progress)  # count as they go
     return {"pid": os.getpid(), "storage_path": str(store.root), "gpus": cache.gpu.buses,
             "relay": cache.gpu.relay_status(),  # what relaying others' loads cost each GPU (issue 26)
             "origin": str(cache.origin) if cache.origin else None,
