@@ -9,6 +9,7 @@ from typing import Any
 from sllmfs.core import names
 from sllmfs.core.config import load_settings
 from sllmfs.core.errors import BadInput
+from sllmfs.integrations.common import writeback
 from sllmfs.integrations.common.locate import Located, locate
 from sllmfs.integrations.common.source import SidecarSource, StoreSource, WeightSource
 
@@ -50,3 +51,25 @@ def weight_source(extra: Mapping[str, Any], where: Located) -> WeightSource:
     if extra.get("sllm_storage_path"):
         return StoreSource(where.model, where.storage_path)
     return SidecarSource(where.model, where.socket)
+
+
+class LoaderSettings:
+    """What every ``--load-format sllm`` loader (SGLang's, vLLM's) keeps from its load config: a mixin
+    beside the framework's own ``BaseModelLoader``."""
+
+    extra: dict[str, Any]
+    write_back_mode: str
+    source_factory: SourceFactory
+    write_back: writeback.WriteBack | None
+    path_taken: str | None
+
+    def _read_config(self, raw: Mapping[str, Any] | None, keys: set[str],
+                     source_factory: SourceFactory | None) -> None:
+        self.extra = extra_config(raw, keys)
+        self.write_back_mode = writeback.mode(self.extra.get("sllm_write_back"))
+        self.source_factory = source_factory or self._default_source
+        self.write_back = None  # the last one started (tests, save)
+        self.path_taken = None  # "fast" | "any-tp"
+
+    def _default_source(self, where: Located) -> WeightSource:
+        return weight_source(self.extra, where)

@@ -82,7 +82,7 @@ def load_any_tp(model: nn.Module, lease: Lease, target_device: torch.device,
     DefaultModelLoader.load_weights_and_postprocess(model, hf_weights(lease, draft_model_idx), target_device)
 
 
-class SllmModelLoader(BaseModelLoader):
+class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
     # SGLang >= 0.5.19 adds this to the free GPU memory it sampled before the load, for weights already
     # resident then (a weight daemon's). Ours are allocated and copied during the load, as the default
     # loader's are; the sidecar holds host memory only. So none: 0, said here rather than inherited.
@@ -90,13 +90,8 @@ class SllmModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig, *, source_factory: options.SourceFactory | None = None):
         super().__init__(load_config)
-        extra = options.extra_config(load_config.model_loader_extra_config, EXTRA_KEYS)
-        self.extra = extra
-        self.write_back_mode = writeback.mode(extra.get("sllm_write_back"))
-        self.source_factory = source_factory or self._default_source
-        self.write_back: writeback.WriteBack | None = None  # the last one started (tests, save)
-        self.path_taken: str | None = None  # "fast" | "any-tp"
-        self.overlap = _truthy(extra.get("sllm_overlap", True))
+        self._read_config(load_config.model_loader_extra_config, EXTRA_KEYS, source_factory)
+        self.overlap = _truthy(self.extra.get("sllm_overlap", True))
         self.copy_ran: str | None = None  # fast path: fastpath.AFTER or BESIDE the model build
         self._candidates: overlap.Candidates | None = None  # from the any-TP build, for write-back's plan
         self._base: Identity | None = None  # the hf version the any-TP path loaded
@@ -105,9 +100,6 @@ class SllmModelLoader(BaseModelLoader):
 
     def _locate(self, model_config: ModelConfig) -> Located:
         return options.located(self.extra, model_config.model_path)
-
-    def _default_source(self, located: Located) -> WeightSource:
-        return options.weight_source(self.extra, located)
 
     def download_model(self, model_config: ModelConfig) -> None:
         located = self._locate(model_config)

@@ -30,7 +30,7 @@ from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.common import options, variants, writeback
 from sllmfs.integrations.common.copy import copy_into
 from sllmfs.integrations.common.locate import Located
-from sllmfs.integrations.common.source import WeightSource, weights_as_filled
+from sllmfs.integrations.common.source import weights_as_filled
 from sllmfs.integrations.common.state import rank_state, state_problem
 from sllmfs.integrations.common.variants import RankVariant, layout_problem
 from sllmfs.integrations.vllm import VLLM
@@ -82,21 +82,13 @@ def per_rank_problem(vllm_config: VllmConfig, model: nn.Module | None = None) ->
     return None
 
 
-class SllmModelLoader(BaseModelLoader):
+class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
     def __init__(self, load_config: LoadConfig, *, source_factory: options.SourceFactory | None = None):
         super().__init__(load_config)
-        extra = options.extra_config(load_config.model_loader_extra_config, EXTRA_KEYS)
-        self.extra = extra
-        self.write_back_mode = writeback.mode(extra.get("sllm_write_back"))
-        self.source_factory = source_factory or self._default_source
-        self.write_back: writeback.WriteBack | None = None  # the last one started (tests)
-        self.path_taken: str | None = None  # "fast" | "any-tp"
+        self._read_config(load_config.model_loader_extra_config, EXTRA_KEYS, source_factory)
 
     def _locate(self, model_config: ModelConfig) -> Located:
         return options.located(self.extra, model_config.model)
-
-    def _default_source(self, located: Located) -> WeightSource:
-        return options.weight_source(self.extra, located)
 
     def download_model(self, model_config: ModelConfig) -> None:
         with self.source_factory(self._locate(model_config)).open(HF_VARIANT):
