@@ -70,12 +70,8 @@ if [ -x "$VENV/bin/python" ] && PYTHONPATH=. "$VENV/bin/python" -W ignore -c "$P
   exit 0
 fi
 
-MAIN_SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-VENV_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# addsitedir (not a bare path) so the main environment's own .pth files (editable installs) apply too;
-# written first, so pip sees what the main environment has and does not install it again
-echo "import site; site.addsitedir('$MAIN_SITE')" >"$VENV_SITE/zz-sllmfs-main-env.pth"
+# shellcheck source=.ci/joined-venv.sh
+source .ci/joined-venv.sh  # (the cwd is the repo root)
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if [ ${#OWN_TORCH[@]} -gt 0 ]; then
   "${PIP[@]}" "${OWN_TORCH[@]}"  # with its dependencies (CUDA libraries, triton) from the local disk

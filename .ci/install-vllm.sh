@@ -34,12 +34,8 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -W ignore -c "$PROBE" 2>/dev/
   exit 0
 fi
 
-MAIN_SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-VENV_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# addsitedir (not a bare path) so the main environment's own .pth files (the editable sllmfs, its
-# entry points) apply too; the venv's own torch comes first on sys.path
-echo "import site; site.addsitedir('$MAIN_SITE')" >"$VENV_SITE/zz-sllmfs-main-env.pth"
+# shellcheck source=.ci/joined-venv.sh
+source .ci/joined-venv.sh  # (the cwd is the repo root)
 
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch with its own pinned requirements (CUDA libraries, triton): `import torch` loads them even on a CPU
