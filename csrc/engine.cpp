@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include "pins.h"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -11,6 +13,7 @@
 
 #include "errors.h"
 #include "job.h"
+#include "pins.h"
 #include "relay.h"
 
 namespace sllm {
@@ -71,8 +74,7 @@ void Engine::close() {
   }
   {
     std::lock_guard<std::mutex> rl(reg_mu_);
-    for (auto& [a, r] : regs_)
-      if (r.owned) target_->unregister_range(reinterpret_cast<void*>(a));
+    for (auto& [a, e] : regs_) Pins::of(*target_).release(*target_, a);
     regs_.clear();
   }
   {
@@ -100,7 +102,7 @@ size_t Engine::release(uintptr_t base, uint64_t len) {
   std::lock_guard<std::mutex> rl(reg_mu_);
   size_t n = 0;
   for (auto it = regs_.lower_bound(down(base, kPage)); it != regs_.end() && it->first < base + len;) {
-    if (it->second.owned) target_->unregister_range(reinterpret_cast<void*>(it->first));
+    Pins::of(*target_).release(*target_, it->first);  // unpins when no other engine holds it
     it = regs_.erase(it);
     ++n;
   }
@@ -110,7 +112,7 @@ size_t Engine::release(uintptr_t base, uint64_t len) {
 uint64_t Engine::registered_bytes() {
   std::lock_guard<std::mutex> rl(reg_mu_);
   uint64_t n = 0;
-  for (auto& [a, r] : regs_) n += r.end - a;
+  for (auto& [a, e] : regs_) n += e - a;
   return n;
 }
 
@@ -130,17 +132,45 @@ Registered Engine::register_segment(uintptr_t base, uint64_t len) {
     auto it = regs_.lower_bound(a);
     overlap = it != regs_.end() && it->first < e;
   }
-  // Blocks an earlier copy pinned one by one: unpin them, pin the whole once.
+  // Blocks an earlier copy pinned one by one: unpin them, pin the whole once (around the pins
+  // another engine of this process still holds).
   if (overlap) release(a, e - a);
   target_->bind_thread();
-  bool owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
-  {
-    std::lock_guard<std::mutex> rl(reg_mu_);
-    regs_[a] = Reg{e, owned};
-  }
-  r.bytes = owned ? e - a : 0;
+  r.bytes = pin(a, e);
   r.seconds = since(t);
   return r;
+}
+
+uint64_t Engine::pin(uintptr_t a, uintptr_t e, uint64_t* calls) {
+  std::vector<Pins::Ticket> got = Pins::of(*target_).cover(*target_, a, e);
+  std::vector<uintptr_t> extra;  // pins this engine already held (one reference per engine)
+  uint64_t now = 0;
+  {
+    std::lock_guard<std::mutex> rl(reg_mu_);
+    for (const Pins::Ticket& tk : got) {
+      if (tk.pinned_now) now += tk.end - tk.start;
+      if (!regs_.emplace(tk.start, tk.end).second) extra.push_back(tk.start);
+    }
+  }
+  for (uintptr_t x : extra) Pins::of(*target_).release(*target_, x);
+  if (calls) {
+    for (const Pins::Ticket& tk : got) *calls += tk.pinned_now;
+  }
+  return now;
+}
+
+void Engine::copy_pinned(uint8_t* dst, const uint8_t* src, uint64_t n, void* stream) {
+  const auto s0 = reinterpret_cast<uintptr_t>(src);
+  for (uintptr_t s = s0, end = s0 + n; s < end;) {
+    uintptr_t stop = end;
+    {
+      std::lock_guard<std::mutex> rl(reg_mu_);
+      auto it = regs_.upper_bound(s);
+      if (it != regs_.begin() && std::prev(it)->second > s) stop = std::min(end, std::prev(it)->second);
+    }
+    target_->copy(dst + (s - s0), reinterpret_cast<const void*>(s), stop - s, stream);
+    s = stop;
+  }
 }
 
 uintptr_t Engine::open_ipc(const void* handle, const std::string& bus) {
@@ -177,11 +207,16 @@ size_t Engine::open_ipc_count() {
 }
 
 bool Engine::is_registered(uintptr_t a, uintptr_t e) {
+  // Every page of [a, e) in pins this engine holds (pins are disjoint; several may cover it back to back).
   std::lock_guard<std::mutex> rl(reg_mu_);
   auto it = regs_.upper_bound(a);
   if (it == regs_.begin()) return false;
   --it;
-  return it->first <= a && it->second.end >= e;
+  for (uintptr_t at = a; it != regs_.end() && it->first <= at; ++it) {
+    at = std::max(at, it->second);
+    if (at >= e) return true;
+  }
+  return false;
 }
 
 // The page range a block pins: its bytes widened to 2 MiB (huge pages pin
@@ -277,9 +312,9 @@ void Engine::register_worker(Job& job, int index) {
         while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)
           std::this_thread::sleep_for(std::chrono::microseconds(50));
         auto t = Clock::now();
-        bool owned;
+        uint64_t now, calls = 0;
         try {
-          owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
+          now = pin(a, e, &calls);
         } catch (const EngineError& err) {
           if (job.stage_threads == 0) throw;
           // Pinning refused (limits, odd mapping): leave this and the rest to the stagers.
@@ -290,16 +325,14 @@ void Engine::register_worker(Job& job, int index) {
           break;
         }
         job.register_ns += static_cast<uint64_t>(since(t) * 1e9);
-        ++job.register_calls;
-        if (owned) job.newly_registered += e - a;
-        std::lock_guard<std::mutex> rl(reg_mu_);
-        regs_[a] = Reg{e, owned};
+        job.newly_registered += now;
+        job.register_calls += calls;
       }
       void* stream = streams_[turn++ % streams_.size()];
       const uint8_t* base = job.segs[b.seg].base;
       for (size_t u = b.u0; u < b.u1; ++u) {
         const Unit& unit = job.plan.units[u];
-        target_->copy(job.dst(unit), base + unit.off, unit.n, stream);
+        copy_pinned(job.dst(unit), base + unit.off, unit.n, stream);
       }
       if (job.direct) job.direct->queued(stream, b.bytes);
       job.registered += b.bytes;

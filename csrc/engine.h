@@ -132,10 +132,6 @@ class Engine {
     std::vector<void*> events;
     size_t cur = 0;
   };
-  struct Reg {
-    uintptr_t end;
-    bool owned;
-  };
   struct Job;
   struct RelayRun;
 
@@ -149,6 +145,12 @@ class Engine {
   void grow_lane(Lane& lane, double* seconds);
   std::pair<uintptr_t, uintptr_t> reg_range(const Job& job, const Block& b) const;
   bool is_registered(uintptr_t a, uintptr_t e);
+  // Pins [a, e) through the process's Pins (shared with this process's other engines) and keeps one
+  // reference per pin; returns the bytes pinned now, and the pins made now in *calls.
+  uint64_t pin(uintptr_t a, uintptr_t e, uint64_t* calls = nullptr);
+  // A copy out of pinned host memory: one copy per pin the source crosses (the driver refuses one
+  // that spans two).
+  void copy_pinned(uint8_t* dst, const uint8_t* src, uint64_t n, void* stream);
 
   EngineConfig cfg_;
   std::unique_ptr<Target> target_;
@@ -156,7 +158,7 @@ class Engine {
   std::vector<Lane> lanes_;
   std::mutex copy_mu_;
   std::mutex reg_mu_;
-  std::map<uintptr_t, Reg> regs_;
+  std::map<uintptr_t, uintptr_t> regs_;  // start -> end of each pin (Pins) this engine holds a reference to
   std::mutex ipc_mu_;
   std::map<uintptr_t, int> ipc_;  // opened address -> times opened
   bool closed_ = false;

@@ -93,9 +93,7 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
       if (!is_registered(a, e)) {  // register mode pins as it goes; the registrars may not have reached it
         while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)  // as register_worker: no
           std::this_thread::sleep_for(std::chrono::microseconds(50));          // pinning beside IPC opens
-        bool owned = target_->register_range(reinterpret_cast<void*>(a), e - a);
-        std::lock_guard<std::mutex> rl(reg_mu_);
-        regs_[a] = Reg{e, owned};
+        pin(a, e);
       }
       const uint8_t* base = job.segs[b.seg].base;
       try {
@@ -110,7 +108,7 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
               fill = 0;
             }
             uint64_t k = std::min(unit.n - off, run.slot_bytes - fill);
-            target_->copy(run.staging + cur * run.slot_bytes + fill, base + unit.off + off, k, run.streams[cur]);
+            copy_pinned(run.staging + cur * run.slot_bytes + fill, base + unit.off + off, k, run.streams[cur]);
             hops.push_back({dst + off, fill, k});
             fill += k;
             off += k;
@@ -127,7 +125,7 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
         target_->bind_device(here);
         for (size_t u = b.u0; u < b.u1; ++u) {
           const Unit& unit = job.plan.units[u];
-          target_->copy(job.dst(unit), base + unit.off, unit.n, streams_[0]);
+          copy_pinned(job.dst(unit), base + unit.off, unit.n, streams_[0]);
         }
         job.done += b.bytes;
         target_->bind_device(run.peer);  // the cleanup below is on the peer

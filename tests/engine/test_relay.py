@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cudart import FAKE_PEER_CUDART
-
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the stand-in runtime")
 
 # A checkpoint-like segment: tensors from a few bytes to several slots, odd sizes, 4 KiB aligned.
@@ -51,15 +49,6 @@ def same(dst):  # every tensor checksummed as the store checks it
 def engine(**kw):
     return ce.CopyEngine(target="cuda", device=0, chunk_bytes=2 * MiB, register_threads=2, **kw)
 """
-
-
-@pytest.fixture(scope="module")
-def fake_lib(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fakecuda")
-    (d / "fake.c").write_text(FAKE_PEER_CUDART)
-    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(d / "libfakecudart.so"), str(d / "fake.c")],
-                   check=True)
-    return d / "libfakecudart.so"
 
 
 def run(lib: Path, code: str, **env: str) -> dict:

@@ -58,7 +58,9 @@ int fake_open_handles(void) { return opened; }
 # per GPU (default unlimited); FAKE_CUDA_PEER_FAIL_AFTER=N fails every peer copy after the first N.
 # fake_peer_bytes(dev) counts bytes that left dev by
 # peer copies, fake_h2d_bytes(dev) bytes uploaded by streams of dev,
-# fake_device_peak(dev) the most device memory dev held at once, fake_device_now(dev).
+# fake_device_peak(dev) the most device memory dev held at once, fake_device_now(dev); host
+# registrations follow the driver's rules (below), fake_bad_copies() counts copies they refused,
+# fake_pins() the registrations (and cudaHostAlloc blocks) alive.
 FAKE_PEER_CUDART = r"""
 #include <fcntl.h>
 #include <pthread.h>
@@ -77,6 +79,16 @@ static pthread_mutex_t g = PTHREAD_MUTEX_INITIALIZER;
 static long long peer_out[MAXDEV], h2d[MAXDEV], dev_now[MAXDEV], dev_peak[MAXDEV];
 static int enabled[MAXDEV][MAXDEV];
 static unsigned seed = 7;
+/* Page-locked host memory as the driver keeps it: a process-wide table of registrations (and
+   cudaHostAlloc allocations). Registering any page already in one is 712; unregistering needs the
+   exact start; an H2D copy whose source is neither wholly inside one registration nor wholly
+   outside all of them is cudaErrorInvalidValue (the driver's rule for cuMemcpy*). */
+typedef struct { uintptr_t a, e; int alloc; } Pin;
+static Pin pins[4096]; static int npins = 0; static long long bad_copies = 0;
+static int pin_overlapping(uintptr_t a, uintptr_t e) {  /* caller holds g */
+  for (int i = 0; i < npins; ++i) if (pins[i].a < e && a < pins[i].e) return i;
+  return -1;
+}
 
 typedef struct Op { int kind; void* dst; const void* src; size_t n; struct Ev* ev; long gen; struct Op* next; } Op;
 typedef struct Ev { pthread_mutex_t mu; pthread_cond_t cv; long rec, fin; } Ev;
@@ -177,8 +189,19 @@ E cudaEventSynchronize(void* e) {
   pthread_mutex_unlock(&v->mu); return 0;
 }
 E cudaEventQuery(void* e) { Ev* v = e; return v->fin >= v->rec ? 0 : 600; }
+static int pins_of(uintptr_t a, uintptr_t e) {  /* 1: one pin holds [a, e); 0: none touches it; -1: mixed */
+  int i = pin_overlapping(a, e);
+  if (i < 0) return 0;
+  return pins[i].a <= a && e <= pins[i].e ? 1 : -1;
+}
 E cudaMemcpyAsync(void* d, const void* s, size_t n, int k, void* st) {
-  if (k == 1) { pthread_mutex_lock(&g); h2d[((St*)st)->dev] += n; pthread_mutex_unlock(&g); }
+  if (k == 1) {
+    pthread_mutex_lock(&g);
+    int mixed = pins_of((uintptr_t)s, (uintptr_t)s + n) < 0;
+    if (mixed) ++bad_copies; else h2d[((St*)st)->dev] += n;
+    pthread_mutex_unlock(&g);
+    if (mixed) return 1;
+  }
   return enqueue(d, s, n, st);
 }
 static long peer_calls = 0;
@@ -210,18 +233,54 @@ E cudaFree(void* p) {
   memset(p, 0x5A, b[0]);  /* a copy still reading it would carry this */
   free(b); return 0;
 }
-E cudaHostRegister(void* p, size_t n, unsigned f) { return 0; }
-E cudaHostUnregister(void* p) { return 0; }
-E cudaHostAlloc(void** p, size_t n, unsigned f) { *p = malloc(n); return 0; }
-E cudaFreeHost(void* p) { free(p); return 0; }
+static E add_pin(uintptr_t a, uintptr_t e, int alloc) {
+  pthread_mutex_lock(&g);
+  int i = pin_overlapping(a, e);
+  E rc = i >= 0 ? (pins[i].alloc ? 1 : 712) : npins == 4096 ? 2 : 0;
+  if (rc == 0) { pins[npins].a = a; pins[npins].e = e; pins[npins].alloc = alloc; ++npins; }
+  pthread_mutex_unlock(&g);
+  return rc;
+}
+static E drop_pin(uintptr_t a, int alloc) {
+  E rc = 713;  /* cudaErrorHostMemoryNotRegistered */
+  pthread_mutex_lock(&g);
+  for (int i = 0; i < npins; ++i)
+    if (pins[i].a <= a && a < pins[i].e) {
+      if (pins[i].a != a || pins[i].alloc != alloc) { rc = 1; break; }
+      pins[i] = pins[--npins]; rc = 0; break;
+    }
+  pthread_mutex_unlock(&g);
+  return rc;
+}
+E cudaHostRegister(void* p, size_t n, unsigned f) {
+  uintptr_t a = (uintptr_t)p & ~(uintptr_t)4095, e = ((uintptr_t)p + n + 4095) & ~(uintptr_t)4095;
+  return n == 0 ? 1 : add_pin(a, e, 0);
+}
+E cudaHostUnregister(void* p) { return drop_pin((uintptr_t)p, 0); }
+E cudaHostAlloc(void** p, size_t n, unsigned f) {
+  *p = malloc(n);
+  return add_pin((uintptr_t)*p, (uintptr_t)*p + n, 1);
+}
+E cudaFreeHost(void* p) { drop_pin((uintptr_t)p, 1); free(p); return 0; }
 E cudaGetLastError(void) { return 0; }
 const char* cudaGetErrorName(E e) {
   return e == 1 ? "cudaErrorInvalidValue" : e == 2 ? "cudaErrorMemoryAllocation" : e == 101 ? "cudaErrorInvalidDevice"
-       : e == 217 ? "cudaErrorPeerAccessUnsupported" : e == 400 ? "cudaErrorInvalidResourceHandle" : "cudaErrorUnknown";
+       : e == 217 ? "cudaErrorPeerAccessUnsupported" : e == 400 ? "cudaErrorInvalidResourceHandle"
+       : e == 712 ? "cudaErrorHostMemoryAlreadyRegistered" : e == 713 ? "cudaErrorHostMemoryNotRegistered"
+       : "cudaErrorUnknown";
 }
 const char* cudaGetErrorString(E e) { return "fake"; }
 E cudaRuntimeGetVersion(int* v) { *v = 13000; return 0; }
-E cudaPointerGetAttributes(void* a, const void* p) { memset(a, 0, 16); return 0; }
+E cudaPointerGetAttributes(void* at, const void* p) {  /* type 1 (cudaMemoryTypeHost) inside a pin */
+  memset(at, 0, 16);
+  pthread_mutex_lock(&g);
+  int i = pin_overlapping((uintptr_t)p, (uintptr_t)p + 1);
+  pthread_mutex_unlock(&g);
+  if (i >= 0) *(int*)at = 1;
+  return 0;
+}
+long long fake_bad_copies(void) { return bad_copies; }
+int fake_pins(void) { return npins; }  /* registrations and cudaHostAlloc blocks alive */
 /* A handle is a host address in this process, or "MEMFD:pid:fd:size": another process's memfd
    (its "GPU memory"), mapped shared here, so a sidecar's copies land in the client process. */
 static void* maps[1024]; static size_t map_len[1024];
