@@ -133,12 +133,14 @@ def register_rate(nbytes: int, huge: bool) -> float:
     return nbytes / seconds / 1e9
 
 
-def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: bool) -> float:
-    """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache."""
+def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: bool,
+                 extra: list[str] | None = None) -> float:
+    """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache;
+    ``extra``: more sidecar flags (the read shape)."""
     sock = work / f"fill-{threads}.sock"
     proc = start_sidecar(store, sock, work / f"fill-{threads}.log",
                          ["--mem-pool-size", "48GB", "--num-thread", str(threads), "--chunk-size", chunk,
-                          "--no-gpu-warmup"])
+                          "--no-gpu-warmup", *(extra or [])])
     try:
         if cold and not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
@@ -239,8 +241,10 @@ def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Calla
     next to the fill's own shape (a peer read it faster than our 16 x 32 MiB buffered limit)."""
     for dev in Path("/sys/block").glob("*/queue/read_ahead_kb"):
         nr = dev.parent / "nr_requests"  # zram and loop devices lack some queue files
+        mx = dev.parent / "max_sectors_kb"
         print(f"{dev.parent.parent.name}: read_ahead_kb={dev.read_text().strip()} "
-              f"nr_requests={nr.read_text().strip() if nr.exists() else '-'}", flush=True)
+              f"nr_requests={nr.read_text().strip() if nr.exists() else '-'} "
+              f"max_sectors_kb={mx.read_text().strip() if mx.exists() else '-'}", flush=True)
     cold("disk O_DIRECT 1 thread 64MiB", lambda: read_files(files, 1, 64 << 20, direct=True))
     for t, mib in ((16, 32), (32, 8), (64, 4), (64, 1)):
         cold(f"disk O_DIRECT {t} threads {mib}MiB", lambda t=t, m=mib: read_files(files, t, m << 20, direct=True))
@@ -248,6 +252,15 @@ def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Calla
         cold(f"disk buffered {t} threads {mib}MiB", lambda t=t, m=mib: read_files(files, t, m << 20, direct=False))
     for t, chunk in ((16, "32MiB"), (32, "8MiB")):
         cold(f"sidecar fill cold {t} threads {chunk}", lambda t=t, c=chunk: sidecar_fill(store, work, t, c, cold=True))
+    # fastsafetensors' cold shape (its nogds reader: O_DIRECT, 16 threads x 512 KiB from one cursor,
+    # 8 MiB in flight) beat us on the H200 (NOTES-cold.md): the raw shapes around it, then the fill in it
+    for t, kib in ((16, 512), (8, 512), (32, 256), (16, 1024)):
+        cold(f"disk O_DIRECT {t} threads {kib}KiB", lambda t=t, k=kib: read_files(files, t, k << 10, direct=True))
+    cold("disk buffered 16 threads 512KiB", lambda: read_files(files, 16, 512 << 10, direct=False))
+    for t, read in ((16, "512KiB"), (8, "1MiB")):
+        cold(f"sidecar fill cold {t} threads direct {read} reads",
+             lambda t=t, r=read: sidecar_fill(store, work, t, "4MiB", cold=True,
+                                              extra=["--fill-direct", "--fill-read-size", r]))
 
 
 def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk: bool) -> None:

@@ -38,6 +38,11 @@ def start(
                                              + _default("the CPU count, at most 16")),
     chunk_size: Optional[str] = typer.Option(None, "--chunk-size", help="Fill read size, e.g. 32MiB (4 MiB units)."
                                              + _default("32MiB")),
+    fill_direct: Optional[bool] = typer.Option(
+        None, "--fill-direct/--no-fill-direct", help="Fills read the store past the page cache (O_DIRECT)."
+        + _default("--no-fill-direct")),
+    fill_read_size: Optional[str] = typer.Option(None, "--fill-read-size", help="Each fill read, e.g. 512KiB "
+                                                 "(4 KiB units; 0: one read per --chunk-size)." + _default("0")),
     mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."
                                                 + _default("half of the machine's memory")),
     disk_size: Optional[str] = typer.Option(None, "--disk-size", help="Store budget, e.g. 1TB (0: unbounded)."
@@ -68,12 +73,15 @@ def start(
         raise BadInput("--host/--port were sllm-store's gRPC address; sllmfs serves a Unix socket: use "
                        "--socket PATH (and --metrics-port PORT for Prometheus)")
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
-                             chunk_size=chunk_size, mem_pool_size=mem_pool_size, disk_size=disk_size,
+                             chunk_size=chunk_size, fill_direct=fill_direct, fill_read_size=fill_read_size,
+                             mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
                              metrics_port=metrics_port, gpu_warmup=gpu_warmup, prefault=prefault, origin=origin,
                              origin_endpoint=origin_endpoint)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
+    if settings.fill_read_size % 4096:
+        raise BadInput(f"--fill-read-size {settings.fill_read_size} must be a multiple of 4 KiB (O_DIRECT's unit)")
     if settings.origin:  # a bad URL is refused here, not at the first miss
         from sllmfs.origin.url import parse
 

@@ -55,6 +55,11 @@ class Settings:
     # thread on the H200 VM, bench/NOTES-cold.md), so it wants threads; 4 filled at 4.6 GB/s, 16 at 10.1
     num_thread: int = field(default_factory=lambda: min(16, os.cpu_count() or 4))
     chunk_size: int = 32 << 20
+    # how a fill reads the store: past the page cache (O_DIRECT) or not, and in reads of this size
+    # within each chunk (0: one read per chunk). Defaults are the shape measured best so far
+    # (bench/NOTES-cold.md run 5); a peer's O_DIRECT 16 x 512 KiB is next to measure.
+    fill_direct: bool = False
+    fill_read_size: int = 0
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False
@@ -72,7 +77,7 @@ class Settings:
         self.socket = self.socket or str(_default_runtime_dir() / "sllmfs.sock")
 
 
-_SIZES = {"chunk_size", "mem_pool_size", "disk_size"}
+_SIZES = {"chunk_size", "fill_read_size", "mem_pool_size", "disk_size"}
 
 
 def config_file() -> Path:

@@ -150,7 +150,8 @@ class Cache:
             self.counters.misses += 1
             res = self.tier.reserve(model, variant, manifest, ident)
             try:
-                fill = Fill(res, pinned, self.settings.chunk_size)
+                fill = Fill(res, pinned, self.settings.chunk_size, direct=self.settings.fill_direct,
+                            read_size=self.settings.fill_read_size)
             except SllmfsError:
                 res.state = "failed"
                 self.tier.drop(res, why="fill failed")

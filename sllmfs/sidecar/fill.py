@@ -4,10 +4,14 @@
 tensors are ready first), read them with ``preadv`` into the segment map, verify
 each 4 MiB window against the manifest's checksums and publish its readiness byte.
 A short file or a checksum mismatch marks the window failed and fails the fill.
+``direct`` reads past the page cache (O_DIRECT: aligned, the file's unaligned tail
+buffered; a filesystem without it reads buffered) and ``read_size`` splits a piece
+into reads of that size (0: one), the shape the disk is read in.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -24,8 +28,10 @@ def round_chunk(chunk_size: int) -> int:
 
 
 class Fill:
-    def __init__(self, res: Resident, variant_dir: Path, chunk_size: int):
+    def __init__(self, res: Resident, variant_dir: Path, chunk_size: int, *, direct: bool = False,
+                 read_size: int = 0):
         self.res = res
+        self._read_size = read_size
         self.stop = False
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -34,11 +40,28 @@ class Fill:
                       for i, p in enumerate(res.manifest.partitions) for off in range(0, p.size, step)]
         self._next = 0
         self._files = Partitions(variant_dir, res.manifest.partitions)  # through the pinned directory
+        # the same files again for O_DIRECT, if asked (fd -1: this filesystem has none, read buffered)
+        self._direct = Partitions(variant_dir, res.manifest.partitions, direct=True) if direct else None
         try:
             self._files.open_all()  # every file now: one version, whatever is committed meanwhile
+            if self._direct is not None:
+                self._direct.open_all()
+                self._same_files()
         except OSError as e:  # a planted link or FIFO is Corrupt already
             raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
                           f"({e.strerror}); run `sllmfs verify --model {res.model}`") from None
+
+    def _same_files(self) -> None:
+        """Both opens must be one file each (a directory swapped between them: read buffered only)."""
+        assert self._direct is not None
+        for i in range(len(self.res.manifest.partitions)):
+            fd = self._direct.fd(i)
+            if fd >= 0:
+                a, b = os.fstat(self._files.fd(i)), os.fstat(fd)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    self._direct.close()
+                    self._direct = None
+                    return
 
     @property
     def total(self) -> int:
@@ -68,9 +91,25 @@ class Fill:
     def _read(self, part: int, dest: memoryview, off: int) -> None:
         # preadv into the map: threads fault pages in parallel. (sendfile into the memfd was
         # faster for one thread but serializes all writers on the inode lock; hugetlb takes no write.)
-        done = self._files.read_into(part, dest, off)
+        step = self._read_size or len(dest)
+        done = 0
+        while done < len(dest):
+            n = min(step, len(dest) - done)
+            got = self._read_piece(part, dest[done:done + n], off + done)
+            done += got
+            if got < n:
+                break
         if done < len(dest):
             self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
+
+    def _read_piece(self, part: int, dest: memoryview, off: int) -> int:
+        aligned = len(dest) // 4096 * 4096  # O_DIRECT reads whole blocks; the file's tail goes buffered
+        if self._direct is None or aligned == 0 or self._direct.fd(part) < 0:
+            return self._files.read_into(part, dest, off)
+        done = self._direct.read_into(part, dest[:aligned], off)
+        if done == aligned and aligned < len(dest):
+            done += self._files.read_into(part, dest[aligned:], off + aligned)
+        return done
 
     def _verify(self, part: int, view: memoryview, off: int, n: int) -> None:
         p = self.res.manifest.partitions[part]
@@ -95,4 +134,6 @@ class Fill:
 
     def close(self) -> None:
         self._files.close()
+        if self._direct is not None:
+            self._direct.close()
 

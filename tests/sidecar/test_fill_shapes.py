@@ -1,0 +1,50 @@
+"""A fill read in another shape (O_DIRECT, small reads) lands the same verified bytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sllmfs.core.errors import Corrupt
+from tests.support.sidecar import make_model, sidecar
+
+# 12 KiB reads within 4 MiB pieces, past the page cache; tensors of 100,096 bytes leave every
+# partition file with a tail that is not a whole 4 KiB block (read buffered).
+SHAPE = ("--fill-direct", "--fill-read-size", "12KiB", "--chunk-size", "4MiB")
+
+
+def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path) -> None:
+    with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
+        want = make_model(sd.store, "org/m", tensors=40, nbytes=100_096, seed=3)
+        sizes = [p.stat().st_size for p in (sd.store / "models").rglob("data_*.bin")]
+        assert any(n % 4096 for n in sizes)
+        with c.acquire("org/m") as lease:
+            got = {k: v.tobytes() for k, v in lease.numpy().items()}
+        assert got == want
+
+
+def test_direct_fill_still_refuses_a_flipped_byte(tmp_path: Path) -> None:
+    with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
+        make_model(sd.store, "org/bad", tensors=8, nbytes=100_096, seed=4)
+        data = next((sd.store / "models").rglob("data_0.bin"))
+        size = data.stat().st_size
+        with open(data, "r+b") as f:  # in the buffered tail, past the last whole block
+            f.seek(size - 3)
+            b = f.read(1)
+            f.seek(size - 3)
+            f.write(bytes([b[0] ^ 0x40]))
+        lease = c.acquire("org/bad")
+        with pytest.raises(Corrupt, match="org/bad"):
+            lease.wait(timeout=30)
+        lease.release()
+
+
+def test_a_read_size_off_the_block_is_one_line(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(tmp_path / "s"),
+                        "--socket", str(tmp_path / "s.sock"), "--fill-read-size", "1000"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1].count("--fill-read-size 1000 must be a multiple of 4 KiB") == 1
