@@ -35,8 +35,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 MODEL = "bench/llama-2-7b-shaped"
+POOL = "48GB"  # the fills' memory budget (blanks are made up to it, as far as the hugetlb pool goes)
 
 from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sidecar, stop, timed_threads  # noqa: E402
+
+from sllmfs.sidecar import prefault  # noqa: E402
 
 ALIGN = 4096
 
@@ -138,10 +141,16 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
     """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache;
     ``extra``: more sidecar flags (the read shape)."""
     sock = work / f"fill-{threads}.sock"
-    proc = start_sidecar(store, sock, work / f"fill-{threads}.log",
-                         ["--mem-pool-size", "48GB", "--num-thread", str(threads), "--chunk-size", chunk,
-                          "--no-gpu-warmup", *(extra or [])])
+    log = work / f"fill-{threads}.log"
+    proc = start_sidecar(store, sock, log, ["--mem-pool-size", POOL, "--num-thread", str(threads), "--chunk-size",
+                                            chunk, "--no-gpu-warmup", *(extra or [])])
     try:
+        if "--no-prefault" not in (extra or []):  # the start-time blanks first: the fill should find them made
+            deadline = time.monotonic() + 300
+            while "as blank segments" not in log.read_text() and time.monotonic() < deadline:
+                if not prefault.hugepages_free()[0]:
+                    break  # no hugetlb pool: no blanks will come
+                time.sleep(0.1)
         if cold and not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
         if not cold:
@@ -160,9 +169,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--part", choices=["all", "faults", "disk"], default="all",
+    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks"], default="all",
                     help="faults: is a page's first touch in this VM the cost, or every fault? (repeated "
-                         "fault-in of the same reservation, fallocate, fills in a row)")
+                         "fault-in of the same reservation, fallocate, fills in a row); blanks: a fill from the "
+                         "page cache into the start-time blanks vs into fresh memory")
+    ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks)")
     args = ap.parse_args()
     from llama_shapes import write_checkpoint
 
@@ -190,6 +201,9 @@ def main() -> None:
     if args.part == "disk":
         _disk(store, work, files, cold)
         return _write(args, r, nbytes, True)
+    if args.part == "blanks":
+        _blanks(store, work, files, warm, args.threads)
+        return _write(args, r, nbytes, False)
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)
@@ -234,6 +248,21 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
         warm(f"sidecar fill page cache 16 threads #{rep}",
              lambda: sidecar_fill(store, work, 16, "32MiB", cold=False))
     warm("pinned H2D peak", pinned_peak)
+
+
+def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Callable[[], float]], None],
+            t: int) -> None:
+    """The fill from the page cache into segments made of start-time blanks (memory already faulted in)
+    vs into fresh memory, alternating, with the copy into memory already faulted in as the limit."""
+    if not prefault.hugepages_free()[0]:
+        raise SystemExit("no free hugetlb pages: reserve some (echo N > /proc/sys/vm/nr_hugepages) to compare")
+    read_files(files, t, 32 << 20, direct=False)
+    warm(f"page cache -> memory {t} threads (limit)", lambda: read_files(files, t, 32 << 20, direct=False))
+    for rep in (1, 2):
+        warm(f"sidecar fill page cache {t} threads, fresh #{rep}",
+             lambda: sidecar_fill(store, work, t, "32MiB", cold=False, extra=["--no-prefault"]))
+        warm(f"sidecar fill page cache {t} threads, blanks #{rep}",
+             lambda: sidecar_fill(store, work, t, "32MiB", cold=False))
 
 
 def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Callable[[], float]], None]) -> None:

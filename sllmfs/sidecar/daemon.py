@@ -78,7 +78,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
             if settings.prefault:
-                nursery.start_soon(partial(trio.to_thread.run_sync, prefault.run, tier.budget, settings.num_thread,
+                nursery.start_soon(partial(trio.to_thread.run_sync, prefault.run, tier.blanks, tier.budget,
+                                           settings.num_thread,
                                            abandon_on_cancel=True))
             if settings.gpu_warmup:  # once up: a start that fails says one line, not CUDA's news
                 nursery.start_soon(server.cache.warm_gpus)

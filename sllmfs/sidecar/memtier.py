@@ -21,6 +21,7 @@ from typing import Any
 
 from sllmfs.core.errors import BadInput
 from sllmfs.protocol.messages import Readiness, TensorRef
+from sllmfs.sidecar.prefault import Blanks
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 from sllmfs.store.store import Identity
 
@@ -45,11 +46,13 @@ class Segment:
     """A memfd that only the daemon's own mapping can write: sealed against writes before any
     client sees it (clients share the bytes; one must never change what the others read)."""
 
-    def __init__(self, name: str, size: int, *, huge: bool = True):
+    def __init__(self, name: str, size: int, *, huge: bool = True, blank: int | None = None):
+        """``blank``: a hugetlb memfd already faulted in (prefault.Blanks) to make it from; ours to close."""
         self.size = size
         self.huge = False
-        # hugetlb halves GPU registration cost; big segments round up (<2 MiB waste), small ones must fit
-        if huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN):
+        if blank is not None:
+            self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB, blank)
+        elif self.wants_huge(size, huge):
             self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB)
         if not self.huge:
             self._open(name, _round_up(max(size, 1), PAGE), 0)
@@ -58,9 +61,15 @@ class Segment:
             except (OSError, AttributeError):
                 pass
 
-    def _open(self, name: str, length: int, flag: int) -> None:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flag)
-        try:
+    @staticmethod
+    def wants_huge(size: int, huge: bool = True) -> bool:
+        # hugetlb halves GPU registration cost; big segments round up (<2 MiB waste), small ones must fit
+        return huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN)
+
+    def _open(self, name: str, length: int, flag: int, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flag)
+        try:  # a blank shrinks (the rest of its pages go back to the pool) or grows (only the rest faults)
             os.ftruncate(fd, length)
             mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
@@ -145,6 +154,7 @@ class MemoryTier:
         self.entries: dict[tuple[str, str], Resident] = {}
         self.retired: list[Resident] = []
         self.evictions = 0
+        self.blanks = Blanks()  # memory faulted in at start, not yet a segment (prefault.py)
 
     @property
     def used(self) -> int:
@@ -174,7 +184,15 @@ class MemoryTier:
                 f"model {model!r} [{variant}] needs {need} bytes but the memory pool is {self.budget}; "
                 "raise --mem-pool-size (or read it through the FUSE view, which streams from the store)"
             )
-        self._make_room(need, model)
+        # blanks first (their memory is this variant's now), then room for the rest
+        blanks = [self.blanks.take() if Segment.wants_huge(p.size) else None for p in manifest.partitions]
+        try:
+            self._make_room(need, model)
+        except BadInput:
+            for b in blanks:
+                if b is not None:
+                    self.blanks.put(*b)
+            raise
         base, acc = [], 0
         for n in nchunks:
             base.append(acc)
@@ -182,12 +200,15 @@ class MemoryTier:
         tag = f"sllmfs:{model}:{variant}"[:200]  # memfd names are at most 249 bytes; this is only a label
         made: list[Segment] = []
         try:
-            for p in manifest.partitions:
-                made.append(Segment(f"{tag}:{p.file}", p.size))
+            for p, b in zip(manifest.partitions, blanks, strict=True):
+                made.append(Segment(f"{tag}:{p.file}", p.size, blank=None if b is None else b[0]))
             ready = Segment(f"{tag}:ready", acc, huge=False)
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
             for seg in made:
                 seg.close()
+            for b in blanks[len(made) + 1:]:  # the one that failed closed itself
+                if b is not None:
+                    os.close(b[0])
             raise BadInput(f"cannot allocate memory for model {model!r} [{variant}]: {e.strerror}") from None
         segments = made
         for i, p in enumerate(manifest.partitions):  # empty partitions have nothing to wait for
@@ -200,7 +221,9 @@ class MemoryTier:
         return res
 
     def _make_room(self, need: int, model: str) -> None:
-        while self.used + need > self.budget:
+        while self.used + self.blanks.nbytes + need > self.budget:
+            if self.blanks.drop_one():  # unused memory goes first
+                continue
             idle = [r for r in self.entries.values() if not r.busy]
             if not idle:
                 raise BadInput(
@@ -242,6 +265,7 @@ class MemoryTier:
         return found
 
     def close_all(self) -> None:
+        self.blanks.close_all()
         for r in list(self.entries.values()) + self.retired:
             r.close()
         self.entries.clear()
