@@ -58,8 +58,8 @@ def start(
         None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start or at the first load."
         + _default("--gpu-warmup")),
     prefault: Optional[bool] = typer.Option(
-        None, "--prefault/--no-prefault", help="Touch the free hugetlb pages once at start: in a VM the first "
-        "fill then skips the host's first-touch cost." + _default("--prefault")),
+        None, "--prefault/--no-prefault", help="Fault in the free hugetlb pages at start as blank segments "
+        "(up to --mem-pool-size): fills then write into memory already faulted in." + _default("--prefault")),
     origin: Optional[str] = typer.Option(None, "--origin", help="Pull models missing from the store from this "
                                          "S3 origin, s3://bucket/prefix." + _default("none")),
     origin_endpoint: Optional[str] = typer.Option(None, "--origin-endpoint", help="The origin's S3 endpoint URL."

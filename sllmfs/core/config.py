@@ -68,7 +68,7 @@ class Settings:
     allow_uids: str = ""  # comma-separated uids besides the owner allowed on the socket
     group: str = ""  # group given access to socket, segments and mount
     gpu_warmup: bool = True  # start the GPU copy engines (and pin fills) at start, not at the first load
-    prefault: bool = True  # touch the free hugetlb pages once at start (sidecar/prefault.py says why)
+    prefault: bool = True  # fault in hugetlb blanks at start for the fills (sidecar/prefault.py says why)
     origin: str = ""  # s3://bucket/prefix the sidecar pulls missing models from ("": none)
     origin_endpoint: str = ""  # the origin's S3 endpoint ("": the AWS SDK's, e.g. $AWS_ENDPOINT_URL)
 
