@@ -84,6 +84,9 @@ class KernelDriver:
                     self._reply(req, b"")
                     nursery.cancel_scope.cancel()
                     return
+                elif req.opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+                    for inode, nlookup in kernel.forgotten(req):  # here, in order with the lookups answered
+                        self.ops.tree.forget(inode, nlookup)
                 elif req.opcode in kernel.NO_REPLY:
                     continue
                 else:
@@ -101,6 +104,7 @@ class KernelDriver:
             node = self.ops.tree.get(inode)
             resident[inode] = node is not None and self.ops.resident(node) is not None
         self.backings.expire(resident)
+        self._warned = {i for i in self._warned if self.ops.tree.get(i) is not None}  # forgotten inodes go
 
     def close(self) -> None:
         self.backings.close_all()
@@ -148,7 +152,11 @@ class KernelDriver:
             return
         if payload is None:
             self._reply(req, error=errno.ENOSYS)
-        elif not self._reply(req, *payload) and req.opcode in (Opcode.OPEN, Opcode.OPENDIR):
+        elif self._reply(req, *payload):
+            pass
+        elif req.opcode == Opcode.LOOKUP:  # interrupted: the kernel never got the inode Ops counted
+            self.ops.tree.forget(kernel.ENTRY_OUT.unpack_from(payload[0])[0], 1)
+        elif req.opcode in (Opcode.OPEN, Opcode.OPENDIR):
             # the opener gave up (a signal) before our answer: no RELEASE will come for this handle
             fh = kernel.OPEN_OUT.unpack_from(payload[0])[0]
             if req.opcode == Opcode.OPEN:
