@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmfs.core.errors import BadInput
-from sllmfs.protocol.messages import Readiness, TensorRef
+from sllmfs.protocol.messages import FailCause, Failure, Readiness, TensorRef
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 from sllmfs.store.store import Identity
 
@@ -111,6 +111,8 @@ class Resident:
     last_used: float = field(default_factory=time.monotonic)
     filled: int = 0  # bytes verified so far
     error: str | None = None  # set by a fill thread on the first bad window; the fill then winds down
+    # why it failed, set before any readiness byte says FAILED: a lease's `failure` reply (first one wins)
+    failure: Failure | None = None
     wire_tensors: list[list[Any]] = field(default_factory=list)
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
     closed: bool = False  # segments unmapped: nothing may touch them
@@ -127,6 +129,11 @@ class Resident:
     @property
     def busy(self) -> bool:
         return self.leases > 0 or self.pinned or self.state == "filling"
+
+    def fail(self, cause: FailCause, line: str) -> None:
+        """Record why this copy failed (before marking any window FAILED); the first reason stands."""
+        if self.failure is None:
+            self.failure = Failure(cause, line)
 
     def close(self) -> None:
         self.closed = True
