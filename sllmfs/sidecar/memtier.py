@@ -152,10 +152,25 @@ class MemoryTier:
         self.entries: dict[tuple[str, str], Resident] = {}
         self.retired: list[Resident] = []
         self.evictions = 0
+        self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
 
     @property
     def used(self) -> int:
-        return sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
+        return (sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
+                + self.mount_copies)
+
+    def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
+        """The mount wants ``nbytes`` for a passthrough copy of ``source``'s file: they count in the
+        budget like a resident's, evicting idle variants (never ``source``) to fit; False: no room."""
+        idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
+        if self.used - idle + nbytes > self.budget:
+            return False  # it would not fit even with every idle variant evicted: evict none
+        self._make_room(nbytes, source[0], keep=source)
+        self.mount_copies += nbytes
+        return True
+
+    def free_copy(self, nbytes: int) -> None:
+        self.mount_copies = max(0, self.mount_copies - nbytes)
 
     def get(self, model: str, variant: str) -> Resident | None:
         res = self.entries.get((model, variant))
@@ -206,9 +221,9 @@ class MemoryTier:
         self.entries[(model, variant)] = res
         return res
 
-    def _make_room(self, need: int, model: str) -> None:
+    def _make_room(self, need: int, model: str, keep: tuple[str, str] | None = None) -> None:
         while self.used + need > self.budget:
-            idle = [r for r in self.entries.values() if not r.busy]
+            idle = [r for k, r in self.entries.items() if not r.busy and k != keep]
             if not idle:
                 raise BadInput(
                     f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free "
