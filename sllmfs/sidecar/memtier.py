@@ -225,8 +225,10 @@ class MemoryTier:
         while self.used + need > self.budget:
             idle = [r for k, r in self.entries.items() if not r.busy and k != keep]
             if not idle:
+                copies = (f" (the mount's passthrough copies hold {self.mount_copies}: they go a minute after their "
+                          "files close)") if self.mount_copies else ""
                 raise BadInput(
-                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free "
+                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free{copies} "
                     "and every resident model is leased, pinned or filling; release leases, "
                     "`sllmfs unpin`, or raise --mem-pool-size"
                 )

@@ -103,3 +103,49 @@ def test_replaces_leave_a_bounded_table_and_every_guarantee(tmp_path: Path, driv
             proc.wait(timeout=30)
         finally:
             force_unmount(mnt)
+
+
+def test_forget_and_batch_forget_requests_name_every_inode_and_count() -> None:
+    from sllmfs.fuse import kernel
+
+    def request(opcode: int, nodeid: int, body: bytes) -> kernel.Request:
+        head = kernel.IN_HEADER.pack(kernel.IN_HEADER.size + len(body), opcode, 9, nodeid, 0, 0, 0, 0, 0)
+        return kernel.parse(memoryview(head + body))
+
+    assert kernel.forgotten(request(kernel.Opcode.FORGET, 42, kernel.FORGET_IN.pack(3))) == [(42, 3)]
+    batch = kernel.BATCH_FORGET_IN.pack(2, 0) + kernel.FORGET_ONE.pack(7, 1) + kernel.FORGET_ONE.pack(8, 5)
+    assert kernel.forgotten(request(kernel.Opcode.BATCH_FORGET, 0, batch)) == [(7, 1), (8, 5)]
+    short = kernel.BATCH_FORGET_IN.pack(3, 0) + kernel.FORGET_ONE.pack(7, 1)  # a count past the body: what came
+    assert kernel.forgotten(request(kernel.Opcode.BATCH_FORGET, 0, short)) == [(7, 1)]
+
+
+def test_the_table_keeps_current_versions_and_what_the_kernel_holds(tmp_path: Path) -> None:
+    from sllmfs.fuse.tree import Tree
+    from sllmfs.store.store import Store
+
+    store = tmp_path / "store"
+    make_model(store, MODEL, tensors=2, seed=0)
+    tree = Tree(Store(store), "/run/s.sock")
+
+    def look(*parts: str):  # type: ignore[no-untyped-def]
+        node = tree.root
+        for p in parts:
+            node = tree.child(node, p)
+            assert node is not None
+            tree.looked_up(node)
+        return node
+
+    old = look("org", "m", "model.safetensors")
+    look("org", "m", "model.safetensors")  # the kernel now holds it twice
+    make_model(store, MODEL, tensors=3, seed=1, force=True)
+    new = look("org", "m", "model.safetensors")
+    assert new.inode > old.inode and tree.get(old.inode) is old  # held: stays, and reads its own version
+    tree.forget(old.inode, 1)
+    assert tree.get(old.inode) is old  # one reference left
+    tree.forget(old.inode, 1)
+    assert tree.get(old.inode) is None  # forgotten and replaced: gone
+    tree.forget(new.inode, 1)
+    assert tree.get(new.inode) is new  # forgotten but current: a lookup finds it again, same number
+    assert look("org", "m", "model.safetensors") is new
+    tree.sweep()
+    assert tree.get(new.inode) is new and tree.get(tree.root.inode) is tree.root
