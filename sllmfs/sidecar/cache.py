@@ -367,8 +367,8 @@ class Cache:
         elif feed.broken:
             why, cause = f"{head} stopped ({feed.broken}); load it again", FailCause.INTERNAL
         else:
-            why, cause = (f"{head}: the store now holds another version than the one downloaded (saved or pulled "
-                          "meanwhile); load it again"), FailCause.REPLACED
+            why, cause = (f"{head}: the store's copy is not the one that streamed in (saved or pulled meanwhile); "
+                          "load it again"), FailCause.REPLACED
         self._finish(res, why, False, time.monotonic() - state.started, cause)
 
     async def _stored_version(self, res: Resident) -> tuple[Identity, Any] | None:
