@@ -98,7 +98,11 @@ def status(socket: Optional[str] = SocketOpt,
         print(json.dumps(st, indent=1))
         return
     mem, disk, n = st["memory"], st["disk"], st["counters"]
-    out.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}")
+    copies = mem.get("mount_copies", 0)  # a sidecar from before this field: none counted
+    blanks = mem.get("blanks", 0)
+    out.print(f"memory tier: {human(mem['used'])} of {human(mem['budget'])}"
+              + (f" ({human(copies)} in the mount's passthrough copies)" if copies else "")
+              + (f", {human(blanks)} faulted in for the next fills" if blanks else ""))
     out.print(f"disk tier:   {human(disk['used'])} of {human(disk['budget']) if disk['budget'] else 'unbounded'}")
     kc = st.get("kernel_caches") or {"entries": 0, "bytes": 0}
     out.print(f"kernel caches: {kc['entries']} ({human(kc['bytes'])}; `sllmfs kernels ls`)")

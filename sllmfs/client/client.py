@@ -27,14 +27,23 @@ from sllmfs.core.config import env_seconds
 from sllmfs.core.errors import Corrupt, Pulling, SllmfsError
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.protocol import wire
-from sllmfs.protocol.messages import Op, Readiness, SidecarError, TensorRef, raise_for
+from sllmfs.protocol.messages import FailCause, Op, Readiness, SidecarError, TensorRef, raise_for
 
-__all__ = ["Client", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
+__all__ = ["Client", "FillFailed", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
 log = logging.getLogger("sllmfs.client")
 PULL_TIMEOUT_S = 3600.0  # how long a request waits for a model coming from the origin (SLLMFS_PULL_TIMEOUT)
 REPLY_TIMEOUT = 60.0  # seconds a reply may take (SLLMFS_REPLY_TIMEOUT): ops answer at once, fills run behind
 SLOWEST_COPY = 100e6  # bytes/s: load_ipc replies once its bytes have landed; its wait grows with them
+
+
+class FillFailed(Corrupt):
+    """A leased variant's fill (from the store) or streaming pull (from the origin) failed: the message
+    is the sidecar's own line for it; ``cause`` what went wrong (decide on it, not on the text)."""
+
+    def __init__(self, line: str, cause: FailCause):
+        super().__init__(line)
+        self.cause = cause
 
 
 def connect(socket: str | None = None, *, timeout: float | None = None) -> Client:
@@ -274,8 +283,25 @@ class Lease:
         if window.count(Readiness.READY) == len(window):
             return True
         if Readiness.FAILED in window:
-            raise Corrupt(f"model {self.model!r} [{self.variant}] failed to fill (see the sidecar log)")
+            raise self.failure()
         return False
+
+    def failure(self) -> FillFailed:
+        """Why this lease's fill or pull failed, as the sidecar recorded it (ask once its readiness says
+        FAILED): the error to raise, with its cause."""
+        try:
+            reply = self.client._op(Op.FAILURE, lease=self.id)
+        except SllmfsError as e:  # a sidecar from before the `failure` op, or gone meanwhile
+            log.debug("asking why lease %d failed: %s", self.id, e)
+            reply = {}
+        if not reply.get("failed"):
+            return FillFailed(f"model {self.model!r} [{self.variant}] failed to fill (see the sidecar log)",
+                              FailCause.INTERNAL)
+        try:
+            cause = FailCause(str(reply.get("cause")))
+        except ValueError:  # a newer sidecar's cause: the line still says what happened
+            cause = FailCause.INTERNAL
+        return FillFailed(str(reply.get("error")), cause)
 
     def wait(self, partition: int | None = None, offset: int = 0, nbytes: int | None = None,
              timeout: float | None = None) -> None:

@@ -23,6 +23,7 @@ from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
 from sllmfs.engine.copy_engine import CopyEngine, CudaUnavailable, Segment, address_of
 from sllmfs.engine.ipc import export_targets  # imported up front: a first import inside a timed load costs ms
+from sllmfs.protocol.messages import Readiness
 from sllmfs.store.format import ALIGNMENT, HUGE_PAGE
 
 _log = logging.getLogger("sllmfs")
@@ -284,6 +285,8 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
             for t in threads:
                 t.join()
         if errors:
+            if lease.readiness.find(bytes([Readiness.FAILED])) >= 0:  # the fill or pull failed: its own reason
+                raise lease.failure() from errors[0]
             raise errors[0]
     for link in jobs:
         s = results[link]

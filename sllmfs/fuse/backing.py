@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -33,6 +34,19 @@ log = logging.getLogger(__name__)
 # file, verified, or None. For a memory tier that lays a variant out as its safetensors files: then
 # the backing is the tier's own memory (no copy, no second copy held); the fd is ours to close.
 ResidentFile = Callable[[str, str, Identity, str], "int | None"]
+
+class CopyBudget(Protocol):
+    """Whose memory budget a backing copy counts against (the sidecar's memory tier: --mem-pool-size)."""
+
+    def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
+        """Count ``nbytes`` more, making room if it can (never by evicting ``source``, the (model,
+        variant) the copy is made from); False: no room, the file is read through the daemon."""
+        ...
+
+    def free_copy(self, nbytes: int) -> None:
+        """A copy's bytes are given back."""
+        ...
+
 
 RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
@@ -104,8 +118,9 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class Backings:
     """The backing file of each passthrough inode, shared by its opens (the kernel insists on one)."""
 
-    def __init__(self, dev: int):
+    def __init__(self, dev: int, budget: CopyBudget | None = None):
         self.dev = dev
+        self.budget = budget  # None: copies count against nothing but the host's free memory
         self._by_inode: dict[int, Backing] = {}
         self._building: dict[int, trio.Event] = {}
 
@@ -124,11 +139,12 @@ class Backings:
         self._by_inode[inode].opens += 1
 
     async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
-                      file_fd: int | None = None) -> Backing:
+                      file_fd: int | None = None, source: tuple[str, str] = ("", "")) -> Backing:
         """The inode's backing, built on first use (concurrent first opens wait for one build);
         ``views``: the resident segments to build it from (None: only an existing one will do);
         ``label``: what the log line calls the file; ``file_fd``: the memory tier's own copy of the
-        file (a ResidentFile's answer, adopted instead of building one; closed here either way)."""
+        file (a ResidentFile's answer, adopted instead of building one; closed here either way);
+        ``source``: the (model, variant) the views are of (the budget never evicts it for the copy)."""
         while inode in self._building:
             await self._building[inode].wait()
         b = self._by_inode.get(inode)
@@ -143,14 +159,22 @@ class Backings:
             if synth.size > free:
                 raise OSError(errno.ENOMEM, f"{synth.size / 1e9:.2f} GB would not fit in the {max(free, 0) / 1e9:.2f} "
                                             "GB of memory left")
+            if self.budget is not None and not self.budget.hold_copy(synth.size, source):
+                raise OSError(errno.ENOMEM, f"a {synth.size / 1e9:.2f} GB copy does not fit in the memory pool "
+                                            "(--mem-pool-size) beside what is leased, pinned or filling")
             done = self._building[inode] = trio.Event()
             try:
                 t0 = time.perf_counter()
-                fd = await trio.to_thread.run_sync(build, synth, views)
                 try:
-                    backing_id = kernel.backing_open(self.dev, fd)
-                except OSError:
-                    os.close(fd)
+                    fd = await trio.to_thread.run_sync(build, synth, views)
+                    try:
+                        backing_id = kernel.backing_open(self.dev, fd)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                except BaseException:
+                    if self.budget is not None:
+                        self.budget.free_copy(synth.size)
                     raise
                 b = self._by_inode[inode] = Backing(fd, backing_id, synth.size)
                 log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s; "
@@ -198,3 +222,5 @@ class Backings:
         except OSError as e:
             log.debug("closing backing %d: %s", b.backing_id, e)
         os.close(b.fd)
+        if self.budget is not None and b.size:  # an adopted tier file (size 0) was never counted
+            self.budget.free_copy(b.size)

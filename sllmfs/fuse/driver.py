@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from sllmfs.fuse import kernel
-from sllmfs.fuse.backing import Backings, ResidentFile
+from sllmfs.fuse.backing import Backings, CopyBudget, ResidentFile
 from sllmfs.fuse.kernel import Opcode, Request
 from sllmfs.fuse.ops import Ops
 from sllmfs.fuse.tree import Node
@@ -46,14 +46,14 @@ class _Mode:
 
 class KernelDriver:
     def __init__(self, ops: Ops, mountpoint: Path, dev: int, *, passthrough: bool,
-                 resident_file: ResidentFile | None = None):
+                 resident_file: ResidentFile | None = None, copy_budget: CopyBudget | None = None):
         self.ops = ops
         self.resident_file = resident_file
         self.mountpoint = mountpoint
         self.dev = dev
         self.want_passthrough = passthrough
         self.passthrough = False  # known after INIT
-        self.backings = Backings(dev)
+        self.backings = Backings(dev, copy_budget)
         self._modes: dict[int, _Mode] = {}
         self._fh_inode: dict[int, int] = {}
         self._warned: set[int] = set()
@@ -84,6 +84,9 @@ class KernelDriver:
                     self._reply(req, b"")
                     nursery.cancel_scope.cancel()
                     return
+                elif req.opcode in (Opcode.FORGET, Opcode.BATCH_FORGET):
+                    for inode, nlookup in kernel.forgotten(req):  # here, in order with the lookups answered
+                        self.ops.tree.forget(inode, nlookup)
                 elif req.opcode in kernel.NO_REPLY:
                     continue
                 else:
@@ -101,6 +104,7 @@ class KernelDriver:
             node = self.ops.tree.get(inode)
             resident[inode] = node is not None and self.ops.resident(node) is not None
         self.backings.expire(resident)
+        self._warned = {i for i in self._warned if self.ops.tree.get(i) is not None}  # forgotten inodes go
 
     def close(self) -> None:
         self.backings.close_all()
@@ -148,7 +152,11 @@ class KernelDriver:
             return
         if payload is None:
             self._reply(req, error=errno.ENOSYS)
-        elif not self._reply(req, *payload) and req.opcode in (Opcode.OPEN, Opcode.OPENDIR):
+        elif self._reply(req, *payload):
+            pass
+        elif req.opcode == Opcode.LOOKUP:  # interrupted: the kernel never got the inode Ops counted
+            self.ops.tree.forget(kernel.ENTRY_OUT.unpack_from(payload[0])[0], 1)
+        elif req.opcode in (Opcode.OPEN, Opcode.OPENDIR):
             # the opener gave up (a signal) before our answer: no RELEASE will come for this handle
             fh = kernel.OPEN_OUT.unpack_from(payload[0])[0]
             if req.opcode == Opcode.OPEN:
@@ -220,8 +228,10 @@ class KernelDriver:
             file_fd = self._resident_file(node) if self.backings.get(inode) is None else None
             if views is not None or file_fd is not None or self.backings.get(inode) is not None:
                 try:
-                    label = f"{node.stored.model} {node.synth.name}" if node.stored else node.synth.name
-                    await self.backings.acquire(inode, node.synth, views, label, file_fd)
+                    st = node.stored
+                    label = f"{st.model} {node.synth.name}" if st else node.synth.name
+                    await self.backings.acquire(inode, node.synth, views, label, file_fd,
+                                                (st.model, st.key) if st else ("", ""))
                     use_backing = True
                 except OSError as e:  # no memory for the copy, or the kernel refused it: the daemon serves
                     if inode not in self._warned:  # one line per file, however often it is opened

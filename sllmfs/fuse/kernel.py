@@ -69,6 +69,9 @@ READ_IN = struct.Struct("<QQII")  # fh, offset, size, read_flags (lock_owner, fl
 RELEASE_IN = struct.Struct("<QII")  # fh, flags, release_flags
 GETXATTR_IN = struct.Struct("<II")  # size, padding; then the name
 GETXATTR_OUT = struct.Struct("<II")  # size, padding
+FORGET_IN = struct.Struct("<Q")  # nlookup
+BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy; then count FORGET_ONEs
+FORGET_ONE = struct.Struct("<QQ")  # nodeid, nlookup
 DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type; then the name, padded to 8
 KSTATFS = struct.Struct("<QQQQQIII4x24x")  # blocks bfree bavail files ffree, bsize namelen frsize
 
@@ -102,6 +105,15 @@ class Request:
 def parse(buf: memoryview) -> Request:
     length, opcode, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(buf)
     return Request(opcode, unique, nodeid, uid, gid, pid, buf[IN_HEADER.size:length])
+
+
+def forgotten(req: Request) -> list[tuple[int, int]]:
+    """(inode, nlookup) pairs of a FORGET or BATCH_FORGET: the references the kernel let go of."""
+    if req.opcode == Opcode.FORGET:
+        return [(req.nodeid, FORGET_IN.unpack_from(req.body)[0])]
+    count = BATCH_FORGET_IN.unpack_from(req.body)[0]
+    count = min(count, (len(req.body) - BATCH_FORGET_IN.size) // FORGET_ONE.size)  # never past what came
+    return [FORGET_ONE.unpack_from(req.body, BATCH_FORGET_IN.size + i * FORGET_ONE.size) for i in range(count)]
 
 
 def offered(flags: int, flags2: int) -> int:

@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -132,7 +132,14 @@ class Ops(pyfuse3.Operations):
             node = await self._from_origin(parent, os.fsdecode(name))  # only in namespace folders: no probe
         if node is None:  # of a missing file inside a model ever reaches the origin
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(node)
+        attr = self._attr(node)
+        self.tree.looked_up(node)  # the reply hands the kernel this inode (no await from here to the reply)
+        return attr
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """The kernel let go of inodes (pyfuse3 calls this; our driver calls ``tree.forget`` itself)."""
+        for inode, nlookup in inode_list:
+            self.tree.forget(inode, nlookup)
 
     async def _from_origin(self, parent: Node, name: str) -> Node | None:
         """A name the store lacks, looked up in the origin: a model is pulled (verified) before the
@@ -189,9 +196,11 @@ class Ops(pyfuse3.Operations):
         return pyfuse3.FileHandleT(fh)
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
         for name, attr, next_id in self.dir_entries(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, attr, next_id):
                 break
+            self.tree.looked_up(entries[next_id - 1][1])  # pyfuse3 answers with readdirplus: a lookup each
 
     def dir_entries(self, fh: int, start_id: int) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
         """The entries of an open directory from ``start_id`` on: name, attributes, the next id."""
@@ -202,6 +211,7 @@ class Ops(pyfuse3.Operations):
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._dirs.pop(fh, None)
+        self.tree.sweep()  # what listings made and no lookup took goes (it never sees a FORGET)
 
     # -- files ------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import trio
 
 from sllmfs.core.errors import BadInput
 from sllmfs.fuse import kernel, mount
-from sllmfs.fuse.backing import ResidentFile
+from sllmfs.fuse.backing import CopyBudget, ResidentFile
 from sllmfs.fuse.driver import KernelDriver
 from sllmfs.fuse.ops import OnMiss, Ops, ResidentView
 from sllmfs.fuse.tree import Tree
@@ -41,6 +41,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
                 gid: int | None = None, visible: Callable[[str], bool] | None = None,
                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None,
                 driver: str = "auto", passthrough: bool = True, resident_file: ResidentFile | None = None,
+                copy_budget: CopyBudget | None = None,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
@@ -50,6 +51,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
     (the sidecar's origin), in a worker thread. ``driver``: "kernel" (ours: passthrough), "pyfuse3",
     or "auto" (ours as root, else pyfuse3). ``passthrough``: off to serve every read ourselves.
     ``resident_file``: a memory tier that holds variants as their safetensors files (backing.py).
+    ``copy_budget``: what passthrough backing copies count against (the sidecar's memory tier).
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
@@ -57,7 +59,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
     if driver != "pyfuse3":
         dev = _mount_ourselves(mountpoint, required=driver == "kernel")
         if dev is not None:
-            await _serve_kernel(mountpoint, store, ops, dev, passthrough, resident_file, task_status)
+            await _serve_kernel(mountpoint, store, ops, dev, passthrough, resident_file, copy_budget, task_status)
             return
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options())
@@ -102,9 +104,11 @@ def _mount_ourselves(mountpoint: Path, *, required: bool) -> int | None:
 
 
 async def _serve_kernel(mountpoint: Path, store: Store, ops: Ops, dev: int, passthrough: bool,
-                        resident_file: ResidentFile | None, task_status: trio.TaskStatus[None]) -> None:
+                        resident_file: ResidentFile | None, copy_budget: CopyBudget | None,
+                        task_status: trio.TaskStatus[None]) -> None:
     try:
-        driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough, resident_file=resident_file)
+        driver = KernelDriver(ops, mountpoint, dev, passthrough=passthrough, resident_file=resident_file,
+                              copy_budget=copy_budget)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(driver.run)

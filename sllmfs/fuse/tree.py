@@ -13,6 +13,12 @@ contents are immutable for a given *stamp* (identity of model.json and of the
 variants folder); every file inode is keyed by what backs it (a synthesized
 file: its variant's ``Identity``), so a replaced model gets new inodes and the
 kernel's page cache never serves stale bytes.
+
+The table is pruned by the kernel's lookup-count contract: every reply that hands the kernel an
+inode (a lookup, a readdirplus entry) counts one (``looked_up``), the kernel's FORGETs take them
+back (``forget``), and an inode nobody counts goes once it is no longer the current version (the
+files of a model's current stamp, the root and the marker stay: a lookup finds them again). Inode
+numbers only grow, so a number the kernel may still hold is never given to something else.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class Node:
     children: dict[str, Node] | None = None
     prefix: tuple[str, ...] | None = None
     model_stamp: Stamp | None = None  # namespace dir that is also a model, as of this stamp
+    key: tuple[Any, ...] = ()  # what it shows (Tree._node): the same key, the same inode while it is held
 
     @property
     def dynamic(self) -> bool:
@@ -90,6 +97,8 @@ class Tree:
         self.visible = visible  # None: every model; else only those it admits (--registration-required)
         self._inodes: dict[tuple[Any, ...], int] = {}
         self._nodes: dict[int, Node] = {}
+        self._lookups: dict[int, int] = {}  # inode -> the kernel's lookup count (absent: zero)
+        self._pinned: set[int] = set()  # current versions: root, marker, the files of each model's current stamp
         self._next = ROOT_INODE
         self._content: dict[str, tuple[Stamp, dict[str, Node]]] = {}  # model -> (stamp, its files)
         self.started_ns = time.time_ns()
@@ -97,6 +106,7 @@ class Tree:
         # the store path lets SGLang's loader write its per-rank state back beside the model
         marker = marker_bytes(socket_path, str(store.root))
         self.marker = self._node(("marker",), is_dir=False, data=marker, size=len(marker), mtime_ns=self.started_ns)
+        self._pinned |= {self.root.inode, self.marker.inode}
 
     # -- inode table -----------------------------------------------------------
 
@@ -108,7 +118,7 @@ class Tree:
             self._next += 1
         node = self._nodes.get(ino)
         if node is None:
-            node = self._nodes[ino] = Node(ino, **kw)
+            node = self._nodes[ino] = Node(ino, key=key, **kw)
         return node
 
     def get(self, inode: int) -> Node | None:
@@ -117,6 +127,48 @@ class Tree:
     @property
     def inode_count(self) -> int:
         return len(self._nodes)
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel was handed ``node``'s inode (a lookup or readdirplus reply): one more reference.
+        A node swept meanwhile (a listing's snapshot outlives a sweep) comes back under its own number."""
+        self._nodes.setdefault(node.inode, node)
+        self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references (FORGET, BATCH_FORGET, pyfuse3's ``forget``)."""
+        left = self._lookups.get(inode, 0) - nlookup
+        if left > 0:
+            self._lookups[inode] = left
+            return
+        self._lookups.pop(inode, None)
+        self._prune(inode)
+
+    def sweep(self) -> None:
+        """Drop every node the kernel does not hold and that is not current (e.g. those a listing made
+        and no lookup followed; they would never see a FORGET)."""
+        for ino in [i for i in self._nodes if i not in self._lookups and i not in self._pinned]:
+            self._drop(ino)
+
+    def _prune(self, inode: int) -> None:
+        if inode not in self._lookups and inode not in self._pinned and inode in self._nodes:
+            self._drop(inode)
+
+    def _drop(self, inode: int) -> None:
+        key = self._nodes.pop(inode).key
+        if self._inodes.get(key) == inode:
+            del self._inodes[key]
+
+    def _set_content(self, name: str, content: tuple[Stamp, dict[str, Node]] | None) -> None:
+        """A model's current files (None: gone): the new ones stay, the old ones go once the kernel forgets them."""
+        old = self._content.pop(name, None)
+        before = _inodes_in(old[1]) if old else set()
+        after = _inodes_in(content[1]) if content else set()
+        if content is not None:
+            self._content[name] = content
+        self._pinned -= before - after
+        self._pinned |= after
+        for ino in before - after:
+            self._prune(ino)
 
     # -- namespace -------------------------------------------------------------
 
@@ -177,6 +229,9 @@ class Tree:
         depth = len(sub)
         stored = self._names()
         stamp = self._stamp(sub) if sub in stored else None
+        cached = self._content.get("/".join(sub))
+        if cached is not None and cached[0] != stamp:  # replaced or removed: its old files are no longer current
+            self._set_content("/".join(sub), None)
         if stamp is None and not any(len(p) > depth and p[:depth] == sub and self._stamp(p) for p in stored):
             return None
         return self._namespace(sub, stamp)
@@ -188,7 +243,7 @@ class Tree:
         prefix = node.prefix
         models = self.scan()
         for gone in [n for n in self._content if tuple(n.split("/")) not in models]:
-            del self._content[gone]  # removed models: drop their parsed manifests
+            self._set_content(gone, None)  # removed models: drop their parsed manifests
         out: dict[str, Node] = {}
         depth = len(prefix)
         for parts in models:
@@ -220,7 +275,7 @@ class Tree:
         except (SllmfsError, OSError, KeyError, TypeError, ValueError) as e:  # a damaged model hides, others stay
             log.warning("model %s is hidden from the mount: %s", name, e)  # once per stamp: the result is kept
             files = {}
-        self._content[name] = (stamp, files)
+        self._set_content(name, (stamp, files))
         return files
 
     def _build_model(self, name: str, stamp: Stamp) -> dict[str, Node]:
@@ -272,6 +327,16 @@ class Tree:
                 out[e.name] = self._node(("file", name, variant, vkey, e.name), is_dir=False, path=Path(e.path),
                                          size=e.stat(follow_symlinks=False).st_size, mtime_ns=mtime)
         return out
+
+
+def _inodes_in(files: dict[str, Node]) -> set[int]:
+    """The inodes of a model's files, those inside its adapters folders included."""
+    out = set()
+    for node in files.values():
+        out.add(node.inode)
+        if node.children is not None:
+            out |= _inodes_in(node.children)
+    return out
 
 
 def _identity(vdir: Path) -> Identity:

@@ -33,6 +33,9 @@ class StatusCollector:
         budget.add_metric(["memory"], s["memory"]["budget"])
         budget.add_metric(["disk"], s["disk"]["budget"] or 0)
         yield budget
+        yield GaugeMetricFamily("sllmfs_mount_copy_bytes", "Bytes of the memory tier held by the mount's passthrough "
+                                "backing copies (part of sllmfs_tier_bytes{tier=\"memory\"})",
+                                value=s["memory"].get("mount_copies", 0))
         models = GaugeMetricFamily("sllmfs_models", "Models per tier", labels=["tier"])
         for t in ("memory", "disk"):
             models.add_metric([t], sum(1 for m in s["models"] if m["tier"] == t))

@@ -30,6 +30,7 @@ class Op(StrEnum):
     REFRESH = "refresh"
     REGISTER = "register"
     LOAD_IPC = "load_ipc"
+    FAILURE = "failure"  # why a lease's fill or streaming pull failed (after readiness says FAILED)
 
 
 class Readiness(IntEnum):
@@ -42,6 +43,25 @@ class Readiness(IntEnum):
     PENDING = 0
     READY = 1  # in memory and verified
     FAILED = 2  # a read or checksum failed: the fill stopped
+
+
+class FailCause(StrEnum):
+    """Why a resident's fill (from the store) or streaming pull (from the origin) failed: the
+    ``failure`` reply's ``cause``, so a client decides on it, never on the line's text."""
+
+    DAMAGED = "damaged"  # a window fails its checksum, a data file or an origin object is short
+    READ = "read"  # the store's disk failed a read
+    ORIGIN = "origin"  # the origin is unreachable, refused the sidecar, or does not hold the model
+    REPLACED = "replaced"  # what the pull committed is not the version that streamed into memory
+    STOPPED = "stopped"  # the sidecar stopped the fill (it is shutting down)
+    INTERNAL = "internal"  # a sidecar bug (its log has the trace)
+
+
+class Failure(NamedTuple):
+    """A failed fill or pull: its cause and its one line (what, where, what to do)."""
+
+    cause: FailCause
+    line: str
 
 
 class TensorRef(NamedTuple):  # a tuple, not a dataclass: a 1,000-tensor lease decodes 3x faster (0.18 ms)

@@ -23,9 +23,9 @@ from sllmfs.origin import url as origin_url
 from sllmfs.origin.client import connect as origin_client
 from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.origin.pull import PullPlan, RangeSink
-from sllmfs.protocol.messages import Readiness
+from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar import disktier
-from sllmfs.sidecar.fill import Fill
+from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import MemoryTier, Resident
 from sllmfs.sidecar.pullfeed import PullFeed
@@ -114,7 +114,7 @@ class Cache:
             return res
         ident = self.identity(model, variant)  # one stat: notices `sllmfs save --force` and `rm`
         if res is not None and res.identity == ident and res.error:  # its fill is failing right now
-            raise Corrupt(_refusal(res.model, res.variant, res.error))
+            raise Corrupt(refusal(res.model, res.variant, res.error))
         if res is not None and res.identity == ident and res.state != "failed":
             self.counters.hits += 1
             return res
@@ -179,17 +179,26 @@ class Cache:
             self.fills.discard(fill)
         self._finish(res, fill.error, fill.stop, time.perf_counter() - t0)
 
-    def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float) -> None:
-        """A fill or a streamed pull ended: ready (and pinned for GPU copies), or failed and refused."""
+    def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float,
+                cause: FailCause = FailCause.INTERNAL) -> None:
+        """A fill or a streamed pull ended: ready (and pinned for GPU copies), or failed and refused.
+        ``cause``: a pull's (a fill's own threads recorded theirs as they failed)."""
         self.counters.bytes_filled += res.filled
         if error or stopped:
             res.state = "failed"
+            if error and res.identity is not None:
+                res.fail(cause, refusal(res.model, res.variant, error))  # a crash: the fill recorded nothing
+            elif error:
+                res.fail(cause, error)
+            else:
+                res.fail(FailCause.STOPPED, f"model {res.model!r} [{res.variant}]: the sidecar stopped filling it "
+                                            "(shutting down); load it again once it is back")
             ready = res.ready.mm
             for i in range(res.ready.size):  # clients waiting on unread windows learn at once
                 if ready[i] == Readiness.PENDING:
                     ready[i] = Readiness.FAILED
             if error and res.identity is not None:
-                self.refused[(res.model, res.variant)] = (res.identity, _refusal(res.model, res.variant, error))
+                self.refused[(res.model, res.variant)] = (res.identity, refusal(res.model, res.variant, error))
                 log.error("fill failed model=%s variant=%s: %s; refusing the model", res.model, res.variant, error)
             elif error:
                 log.error("streaming pull failed model=%s variant=%s: %s", res.model, res.variant, error)
@@ -353,9 +362,15 @@ class Cache:
             res.identity = stored[0]
             self._finish(res, None, False, time.monotonic() - state.started)
             return
-        why = (str(state.error) if state.error else f"streaming into memory stopped: {feed.broken}" if feed.broken
-               else "the stored copy is not the one downloaded")
-        self._finish(res, why, False, time.monotonic() - state.started)
+        head = f"model {res.model!r} [{res.variant}] streaming from {self.origin}"
+        if state.error is not None:
+            why, cause = f"{head} failed: {state.error}", _pull_cause(state.error)
+        elif feed.broken:
+            why, cause = f"{head} stopped ({feed.broken}); load it again", FailCause.INTERNAL
+        else:
+            why, cause = (f"{head}: the store's copy is not the one that streamed in (saved or pulled meanwhile); "
+                          "load it again"), FailCause.REPLACED
+        self._finish(res, why, False, time.monotonic() - state.started, cause)
 
     async def _stored_version(self, res: Resident) -> tuple[Identity, Any] | None:
         """The committed variant's identity and manifest, read through one directory fd (one version)."""
@@ -428,6 +443,10 @@ class Cache:
             await trio.sleep(DISK_LOOP_S)
 
 
-def _refusal(model: str, variant: str, why: str) -> str:
-    return (f"model {model!r} [{variant}] failed verification: {why}; "
-            f"run `sllmfs verify --model {model}` and save it again")
+def _pull_cause(e: SllmfsError) -> FailCause:
+    """What a failed pull's error says about the origin's copy, by its type (never its text)."""
+    if isinstance(e, Corrupt):
+        return FailCause.DAMAGED  # an object fails its checksum, is short, or its index lies
+    if isinstance(e, (BadInput, NotFound)):
+        return FailCause.ORIGIN  # unreachable, credentials refused, bucket or model gone
+    return FailCause.INTERNAL

@@ -72,7 +72,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
                 gid = grp.getgrnam(settings.group).gr_gid if settings.group else None
                 visible = server.registry.is_registered if settings.registration_required else None
                 await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use,
-                                            on_miss=server.cache.on_mount_miss if server.cache.origin else None),
+                                            on_miss=server.cache.on_mount_miss if server.cache.origin else None,
+                                            copy_budget=tier),  # passthrough copies count in --mem-pool-size
                                     Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:

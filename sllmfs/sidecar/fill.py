@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from sllmfs.core.errors import Corrupt
-from sllmfs.protocol.messages import Readiness
+from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.memtier import Resident
 from sllmfs.store.format import CHUNK_SIZE
 from sllmfs.store.reader import Partitions, window_ok
@@ -84,7 +84,7 @@ class Fill:
                 self._read(part, view[off:off + n], off)
                 self._verify(part, view, off, n)
             except OSError as e:  # EIO from a failing disk: this fill fails, the daemon goes on
-                self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}")
+                self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}", FailCause.READ)
             finally:
                 view.release()
 
@@ -100,7 +100,8 @@ class Fill:
             if got < n:
                 break
         if done < len(dest):
-            self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest")
+            self._fail(part, off + done, f"{self.res.manifest.partitions[part].file} is shorter than its manifest",
+                       FailCause.DAMAGED)
 
     def _read_piece(self, part: int, dest: memoryview, off: int) -> int:
         aligned = len(dest) // 4096 * 4096  # O_DIRECT reads whole blocks; the file's tail goes buffered
@@ -120,20 +121,28 @@ class Fill:
             if ready[base + k] == Readiness.FAILED:
                 continue
             if not window_ok(p, k, view[w:min(w + CHUNK_SIZE, p.size)]):
-                self._fail(part, w, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum")
+                self._fail(part, w, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum",
+                           FailCause.DAMAGED)
                 continue
             with self._lock:  # count before publishing: whoever sees the byte sees the count
                 self.res.filled += min(CHUNK_SIZE, p.size - w)
             ready[base + k] = Readiness.READY
 
-    def _fail(self, part: int, off: int, why: str) -> None:
-        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = Readiness.FAILED
-        with self._lock:
+    def _fail(self, part: int, off: int, why: str, cause: FailCause) -> None:
+        with self._lock:  # the reason first: a client that sees the FAILED byte asks for it at once
             self.error = self.error or why
             self.res.error = self.error
+            self.res.fail(cause, refusal(self.res.model, self.res.variant, why))
+        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = Readiness.FAILED
 
     def close(self) -> None:
         self._files.close()
         if self._direct is not None:
             self._direct.close()
 
+
+
+def refusal(model: str, variant: str, why: str) -> str:
+    """The one line a failed fill leaves: clients are refused with it until the store changes."""
+    return (f"model {model!r} [{variant}] failed verification: {why}; "
+            f"run `sllmfs verify --model {model}` and save it again")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmfs.core.errors import BadInput
-from sllmfs.protocol.messages import Readiness, TensorRef
+from sllmfs.protocol.messages import FailCause, Failure, Readiness, TensorRef
 from sllmfs.sidecar.prefault import Blanks
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 from sllmfs.store.store import Identity
@@ -120,6 +120,8 @@ class Resident:
     last_used: float = field(default_factory=time.monotonic)
     filled: int = 0  # bytes verified so far
     error: str | None = None  # set by a fill thread on the first bad window; the fill then winds down
+    # why it failed, set before any readiness byte says FAILED: a lease's `failure` reply (first one wins)
+    failure: Failure | None = None
     wire_tensors: list[list[Any]] = field(default_factory=list)
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
     closed: bool = False  # segments unmapped: nothing may touch them
@@ -136,6 +138,11 @@ class Resident:
     @property
     def busy(self) -> bool:
         return self.leases > 0 or self.pinned or self.state == "filling"
+
+    def fail(self, cause: FailCause, line: str) -> None:
+        """Record why this copy failed (before marking any window FAILED); the first reason stands."""
+        if self.failure is None:
+            self.failure = Failure(cause, line)
 
     def close(self) -> None:
         self.closed = True
@@ -155,10 +162,25 @@ class MemoryTier:
         self.retired: list[Resident] = []
         self.evictions = 0
         self.blanks = Blanks()  # memory faulted in at start, not yet a segment (prefault.py)
+        self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
 
     @property
     def used(self) -> int:
-        return sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
+        return (sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
+                + self.mount_copies)
+
+    def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
+        """The mount wants ``nbytes`` for a passthrough copy of ``source``'s file: they count in the
+        budget like a resident's, evicting idle variants (never ``source``) to fit; False: no room."""
+        idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
+        if self.used - idle + nbytes > self.budget:
+            return False  # it would not fit even with every idle variant evicted: evict none
+        self._make_room(nbytes, source[0], keep=source)
+        self.mount_copies += nbytes
+        return True
+
+    def free_copy(self, nbytes: int) -> None:
+        self.mount_copies = max(0, self.mount_copies - nbytes)
 
     def get(self, model: str, variant: str) -> Resident | None:
         res = self.entries.get((model, variant))
@@ -220,14 +242,16 @@ class MemoryTier:
         self.entries[(model, variant)] = res
         return res
 
-    def _make_room(self, need: int, model: str) -> None:
+    def _make_room(self, need: int, model: str, keep: tuple[str, str] | None = None) -> None:
         while self.used + self.blanks.nbytes + need > self.budget:
             if self.blanks.drop_one():  # unused memory goes first
                 continue
-            idle = [r for r in self.entries.values() if not r.busy]
+            idle = [r for k, r in self.entries.items() if not r.busy and k != keep]
             if not idle:
+                copies = (f" (the mount's passthrough copies hold {self.mount_copies}: they go a minute after their "
+                          "files close)") if self.mount_copies else ""
                 raise BadInput(
-                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free "
+                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free{copies} "
                     "and every resident model is leased, pinned or filling; release leases, "
                     "`sllmfs unpin`, or raise --mem-pool-size"
                 )

@@ -48,7 +48,7 @@ class Ops:
             Op.LIST: self.op_list, Op.ACQUIRE: self.op_acquire, Op.RELEASE: self.op_release,
             Op.STATUS: self.op_status, Op.PIN: self.op_pin, Op.UNPIN: self.op_unpin, Op.EVICT: self.op_evict,
             Op.REFRESH: self.op_refresh, Op.REGISTER: self.op_register, Op.FILES: self.op_files,
-            Op.LOAD_IPC: self.op_load_ipc,
+            Op.LOAD_IPC: self.op_load_ipc, Op.FAILURE: self.op_failure,
         }
 
     async def op_list(self, conn: Conn, msg: dict[str, Any]) -> Reply:
@@ -118,6 +118,16 @@ class Ops:
             raise BadInput(f"no lease {str(lease_id)[:40]!r} on this connection")
         self.end_lease(conn, lease_id, why="released")
         return {"ok": True}, []
+
+    async def op_failure(self, conn: Conn, msg: dict[str, Any]) -> Reply:
+        """Why a lease's fill or streaming pull failed (its readiness says FAILED): cause and line."""
+        lease_id = msg.get("lease")
+        if not isinstance(lease_id, int) or lease_id not in conn.leases:
+            raise BadInput(f"no lease {str(lease_id)[:40]!r} on this connection")
+        failure = conn.leases[lease_id].failure
+        if failure is None:
+            return {"ok": True, "failed": False}, []
+        return {"ok": True, "failed": True, "cause": failure.cause.value, "error": failure.line}, []
 
     def end_lease(self, conn: Conn, lease_id: int, *, why: str) -> None:
         res = conn.leases.pop(lease_id)

@@ -45,7 +45,10 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
     return {"pid": os.getpid(), "storage_path": str(store.root), "gpus": cache.gpu.buses,
             "relay": cache.gpu.relay_status(),  # what relaying others' loads cost each GPU (issue 26)
             "origin": str(cache.origin) if cache.origin else None,
-            "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired)},
+            # used counts the mount's passthrough copies too (mount_copies: their share of it)
+            "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired),
+                       "mount_copies": tier.mount_copies,
+                       "blanks": tier.blanks.nbytes},  # faulted in for fills, not in used; given back first
             "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
             "kernel_caches": {"entries": len(kernel_entries), "bytes": sum(e.size for e in kernel_entries)},
             "models": models, "leases": leases, "connections": len(conns),
