@@ -1,4 +1,4 @@
-"""Kernel cache commands: kernels ls, kernels rm."""
+"""Kernel cache commands: kernels ls, rm, push, pull."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from sllmfs.cli import app
+from sllmfs.cli.origin_cmds import EndpointOpt, origin_of
 from sllmfs.cli.progress import console, out
 from sllmfs.store.store import open_store
 
@@ -22,11 +23,21 @@ StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default
 def ls(
     storage_path: Optional[str] = StorageOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output, with what each key stands for."),
+    origin: Optional[str] = typer.Option(None, "--origin", help="List the entries an S3 origin holds instead."),
+    endpoint_url: Optional[str] = EndpointOpt,
 ) -> None:
     from sllmfs.store import kernels
 
-    store = open_store(storage_path)
-    good, bad = kernels.entries(store)
+    if origin is not None:
+        from sllmfs.origin import kernels as origin_kernels
+        from sllmfs.origin.client import connect
+
+        o = origin_of(origin, endpoint_url)
+        client = connect(o, 2)
+        good = [e for k in origin_kernels.remote_keys(client, o) if (e := origin_kernels.remote_entry(client, o, k))]
+        bad: list[tuple[str, str]] = []
+    else:
+        good, bad = kernels.entries(open_store(storage_path))
     for name, why in bad:  # one line each; the good entries are listed all the same
         console.print(f"sllmfs: warning: kernel cache {name} is not shown: {why}")
     if as_json:
@@ -48,3 +59,43 @@ def rm(
     store = open_store(storage_path, write=True)
     kernels.remove(store, key)
     out.print(f"removed kernel cache {key}")
+
+
+@kernels_app.command("push", help="Upload kernel cache entries to an S3 origin (only files it lacks; the "
+                     "origin's entry becomes the union).")
+def push(
+    keys: Optional[list[str]] = typer.Argument(None, help="Entries to push (default: every entry in the store)."),
+    to: str = typer.Option(..., "--to", help="Origin, s3://bucket/prefix."),
+    endpoint_url: Optional[str] = EndpointOpt,
+    storage_path: Optional[str] = StorageOpt,
+) -> None:
+    from sllmfs.origin import kernels as origin_kernels
+    from sllmfs.origin.client import connect
+    from sllmfs.store import kernels
+
+    store = open_store(storage_path)
+    o = origin_of(to, endpoint_url)
+    client = connect(o, 2)
+    for key in keys or [e.key for e in kernels.entries(store)[0]]:
+        n = origin_kernels.push(store, kernels.check_key(key), o, client)
+        out.print(f"pushed kernel cache {key} to {o}: {n} files sent")
+
+
+@kernels_app.command("pull", help="Bring kernel cache entries from an S3 origin into the store (every file "
+                     "checked; merged into the local entry).")
+def pull(
+    keys: list[str] = typer.Argument(..., help="Entries to pull (see `sllmfs kernels ls --origin URL`)."),
+    origin: str = typer.Option(..., "--from", help="Origin, s3://bucket/prefix."),
+    endpoint_url: Optional[str] = EndpointOpt,
+    storage_path: Optional[str] = StorageOpt,
+) -> None:
+    from sllmfs.origin import kernels as origin_kernels
+    from sllmfs.origin.client import connect
+    from sllmfs.store import kernels
+
+    store = open_store(storage_path, write=True)
+    o = origin_of(origin, endpoint_url)
+    client = connect(o, 2)
+    for key in keys:
+        n = origin_kernels.pull(store, kernels.check_key(key), o, client)
+        out.print(f"pulled kernel cache {key} from {o}: {n} files")

@@ -20,7 +20,7 @@ ThreadsOpt = typer.Option(16, "--num-thread", help="Parallel transfers (ranged G
 StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
 
 
-def _origin(url: str, endpoint_url: str | None):  # type: ignore[no-untyped-def]
+def origin_of(url: str, endpoint_url: str | None):  # type: ignore[no-untyped-def]
     from sllmfs.origin.url import parse
 
     return parse(url, load_settings(origin_endpoint=endpoint_url).origin_endpoint)
@@ -45,7 +45,7 @@ def push(
     from sllmfs.origin.push import push_model
 
     names.check_model_name(model)
-    origin = _origin(to, endpoint_url)
+    origin = origin_of(to, endpoint_url)
     store = open_store(storage_path)
     t0 = time.perf_counter()
     with byte_bar(f"push {model}", None) as advance:
@@ -71,7 +71,7 @@ def pull(
     from sllmfs.origin.pull import plan_pull, run_pull
 
     names.check_model_name(model)
-    origin = _origin(from_, endpoint_url)
+    origin = origin_of(from_, endpoint_url)
     threads = _threads(num_thread)
     store = open_store(storage_path, write=True)
     if store.has(model) and not force:  # before any transfer; run_pull checks again under the lock

@@ -64,6 +64,10 @@ def start(
                                          "S3 origin, s3://bucket/prefix." + _default("none")),
     origin_endpoint: Optional[str] = typer.Option(None, "--origin-endpoint", help="The origin's S3 endpoint URL."
                                                   + _default("the AWS SDK's: $AWS_ENDPOINT_URL, profile")),
+    origin_kernels: Optional[bool] = typer.Option(
+        None, "--origin-kernels/--no-origin-kernels", help="With --origin: push the store's kernel caches there "
+        "and pull the ones made for this node's GPUs (a new node starts with the fleet's compiled kernels)."
+        + _default("--origin-kernels")),
     host: Optional[str] = typer.Option(None, "--host", hidden=True, help="sllm-store's gRPC host: refused."),
     port: Optional[int] = typer.Option(None, "--port", hidden=True, help="sllm-store's gRPC port: refused."),
 ) -> None:
@@ -77,7 +81,7 @@ def start(
                              mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
                              metrics_port=metrics_port, gpu_warmup=gpu_warmup, prefault=prefault, origin=origin,
-                             origin_endpoint=origin_endpoint)
+                             origin_endpoint=origin_endpoint, origin_kernels=origin_kernels)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
     if settings.fill_read_size % 4096:

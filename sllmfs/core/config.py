@@ -71,6 +71,7 @@ class Settings:
     prefault: bool = True  # fault in hugetlb blanks at start for the fills (sidecar/prefault.py says why)
     origin: str = ""  # s3://bucket/prefix the sidecar pulls missing models from ("": none)
     origin_endpoint: str = ""  # the origin's S3 endpoint ("": the AWS SDK's, e.g. $AWS_ENDPOINT_URL)
+    origin_kernels: bool = True  # push the store's kernel caches to the origin, pull those for this node's GPUs
 
     def __post_init__(self) -> None:
         self.storage_path = self.storage_path or str(_default_storage())

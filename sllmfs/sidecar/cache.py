@@ -88,6 +88,8 @@ class Cache:
             nursery.start_soon(self._disk_loop)
             if self.origin is not None:
                 nursery.start_soon(self._origin_loop)
+                if self.settings.origin_kernels:
+                    nursery.start_soon(self._kernels_loop)
             nursery.start_soon(self._watch_store)
             task_status.started()
 
@@ -431,6 +433,27 @@ class Cache:
                 await trio.to_thread.run_sync(self._refresh_origin_copies, abandon_on_cancel=True)
             except Exception as e:  # an unreachable origin: status shows what it knew
                 log.warning("origin: %s", e)
+            await trio.sleep(DISK_LOOP_S)
+
+    async def _kernels_loop(self) -> None:
+        """Kernel caches to and from the origin (origin/kernels.py): at start (a new node gets what the
+        fleet compiled for its GPUs before its first engine starts), then every round."""
+        from sllmfs.origin import kernels as origin_kernels
+
+        assert self.origin is not None
+        origin = self.origin
+        pushed: dict[str, float] = {}
+        node = origin_kernels.node_facts()
+        said = ""
+        while True:
+            try:
+                await trio.to_thread.run_sync(lambda: origin_kernels.sync(self.store, origin, origin_client(origin, 2),
+                                                                          pushed, node), abandon_on_cancel=True)
+                said = ""
+            except Exception as e:  # read-only credentials, an unreachable origin: once per new reason
+                if str(e) != said:
+                    log.warning("origin kernel caches: %s", e)
+                    said = str(e)
             await trio.sleep(DISK_LOOP_S)
 
     async def _disk_loop(self) -> None:

@@ -79,7 +79,7 @@ def current(framework: str) -> KernelKey:
     extras = tuple((d, v) for d in ("flashinfer-python", "apache-tvm-ffi", "sgl-kernel") if (v := _version(d)))
     import torch
 
-    return KernelKey(gpu=gpu, capability=capability, driver=driver or _proc_driver(), cuda=torch.version.cuda or "",
+    return KernelKey(gpu=gpu, capability=capability, driver=driver or proc_driver(), cuda=torch.version.cuda or "",
                      torch=torch.__version__, triton=_version("triton"),
                      framework=f"{framework} {_version(framework)}".strip(), extras=extras)
 
@@ -134,7 +134,7 @@ def _join(models: set[tuple[str, str]]) -> tuple[str, str]:
     return "+".join(m for m, _ in ordered), "+".join(c for _, c in ordered)
 
 
-def _proc_driver() -> str:
+def proc_driver() -> str:
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
     except OSError:
@@ -201,7 +201,12 @@ def load_entry(store: Store, key: str) -> KernelEntry:
     return _parse(raw, key, path / MANIFEST)
 
 
-def _parse(raw: Any, key: str, where: Path) -> KernelEntry:
+def parse_entry(raw: Any, key: str, where: Path | str) -> KernelEntry:
+    """A kernel cache manifest (the store's, or the origin's copy of one) as an entry; Corrupt if not."""
+    return _parse(raw, key, where)
+
+
+def _parse(raw: Any, key: str, where: Path | str) -> KernelEntry:
     bad = Corrupt(f"kernel cache {key!r}: {where} is not a kernel cache manifest; "
                   f"run `sllmfs kernels rm {key}` (the next start compiles and stores it again)")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("version") != VERSION or \
@@ -345,13 +350,14 @@ def scan(dirs: Dirs) -> dict[str, tuple[int, int]]:
 
 
 def publish(store: Store, key: KernelKey | str, dirs: Dirs, *, wait_s: float = 30.0,
-            settle_s: float = 0.0) -> KernelEntry:
+            settle_s: float = 0.0, facts: dict[str, Any] | None = None) -> KernelEntry:
     """Merge the files under ``dirs`` into the entry ``key`` (the union; a path in both keeps the new
     bytes) and swap the result in atomically. Unchanged files are hard links to the entry's own.
     ``settle_s``: files changed more recently are left for a later publish (a compile killed at
-    exit may have left one half-written, whole-looking)."""
+    exit may have left one half-written, whole-looking). ``facts``: what a key given by name stands
+    for (an entry pulled from the origin)."""
     name = key.name if isinstance(key, KernelKey) else check_key(key)
-    facts = asdict(key) if isinstance(key, KernelKey) else {}
+    facts = asdict(key) if isinstance(key, KernelKey) else (facts or {})
     limit = max_entry_bytes()
     dest = entry_dir(store, name)
     with _locked(store, name, wait_s=wait_s), store.staging() as work:

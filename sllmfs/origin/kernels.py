@@ -1,0 +1,195 @@
+"""Kernel caches through the origin: what one node compiled, every node with the same stack gets.
+
+Layout under the origin's prefix: ``.kernels/<key>/manifest.json`` (the store entry's manifest:
+every file's path, size, xxh3_64, mtime and mode) and ``.kernels/<key>/<path>`` for each file. Model
+names start with a letter or digit, so ``.kernels`` never names a model.
+
+Push uploads the files the origin's manifest lacks (or names with another checksum), each read from the
+store and checked against the local entry, then the manifest: the union of the origin's and ours (a
+path in both keeps ours). Two nodes pushing at once may each write a manifest without the other's new
+files; those stay as objects and come back with that node's next push. Pull fetches the origin's
+manifest, then each file the local entry lacks, checks it against that manifest and merges it into the
+local entry (store.kernels.publish: the union, swapped in atomically). A file that fails its check is
+left out with one warning: the engine compiles that kernel again, it never loads a wrong byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.origin.client import errors, get_bytes, get_json_or_none
+from sllmfs.origin.url import Origin
+from sllmfs.store import kernels
+from sllmfs.store.format import MANIFEST, open_regular
+from sllmfs.store.kernels import KernelEntry, KernelFile
+from sllmfs.store.store import Store
+
+PREFIX = ".kernels"
+log = logging.getLogger("sllmfs.origin")
+
+
+def object_key(origin: Origin, key: str, rel: str = "") -> str:
+    base = f"{origin.prefix}/{PREFIX}/" if origin.prefix else f"{PREFIX}/"
+    return f"{base}{kernels.check_key(key)}/{rel}"
+
+
+def remote_keys(client: Any, origin: Origin) -> list[str]:
+    """The kernel cache entries the origin holds (names only)."""
+    base = f"{origin.prefix}/{PREFIX}/" if origin.prefix else f"{PREFIX}/"
+    found: list[str] = []
+    with errors(origin, "listing kernel caches"):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=origin.bucket, Prefix=base, Delimiter="/"):
+            for p in page.get("CommonPrefixes", []):
+                name = p["Prefix"][len(base):].rstrip("/")
+                try:
+                    found.append(kernels.check_key(name))
+                except Exception:  # not ours to read; listed by nobody
+                    continue
+    return found
+
+
+def remote_entry(client: Any, origin: Origin, key: str) -> KernelEntry | None:
+    """The origin's manifest of ``key``; None when it holds none. Corrupt when it is not one."""
+    name = object_key(origin, key, MANIFEST)
+    with errors(origin, f"reading s3://{origin.bucket}/{name}"):
+        raw = get_json_or_none(client, origin.bucket, name)
+    if raw is None:  # none there (an unreadable one is treated as absent: the next push rewrites it)
+        return None
+    return kernels.parse_entry(raw, key, f"s3://{origin.bucket}/{name}")
+
+
+def _manifest_bytes(entry: KernelEntry) -> bytes:
+    return json.dumps({"format": kernels.FORMAT, "version": kernels.VERSION, "key": entry.key, "facts": entry.facts,
+                       "created": entry.created, "updated": entry.updated,
+                       "files": [asdict(f) for f in entry.files]}, indent=1).encode()
+
+
+def push(store: Store, key: str, origin: Origin, client: Any) -> int:
+    """Upload the local entry ``key``'s files the origin lacks, then the merged manifest; returns how
+    many files went up. A local file that fails its checksum is not sent (one warning)."""
+    local = kernels.load_entry(store, key)
+    remote = remote_entry(client, origin, key)
+    have = {f.path: f for f in remote.files} if remote is not None else {}
+    src = kernels.entry_dir(store, key)
+    sent = 0
+    merged = dict(have)
+    for f in local.files:
+        if f.path in have and have[f.path].checksum == f.checksum and have[f.path].size == f.size:
+            continue
+        try:
+            data = _read_checked(src / f.path, f, store.root)
+        except (Corrupt, OSError) as e:
+            log.warning("sllmfs: kernel cache %r: %s not pushed (%s)", key, f.path, e)
+            continue
+        with errors(origin, f"uploading kernel cache file {f.path}"):
+            client.put_object(Bucket=origin.bucket, Key=object_key(origin, key, f.path), Body=data)
+        merged[f.path] = f
+        sent += 1
+    if sent or remote is None:
+        entry = KernelEntry(key, sorted(merged.values(), key=lambda f: f.path),
+                            min(local.created, remote.created) if remote else local.created,
+                            max(local.updated, remote.updated if remote else 0.0), local.facts or
+                            (remote.facts if remote else {}))
+        with errors(origin, f"uploading kernel cache manifest {key}"):
+            client.put_object(Bucket=origin.bucket, Key=object_key(origin, key, MANIFEST), Body=_manifest_bytes(entry))
+    return sent
+
+
+def pull(store: Store, key: str, origin: Origin, client: Any) -> int:
+    """Fetch the files of the origin's entry ``key`` that the local entry lacks, check each, merge them
+    in; returns how many arrived. NotFound when the origin has no such entry."""
+    remote = remote_entry(client, origin, key)
+    if remote is None:
+        raise NotFound(f"origin {origin} has no kernel cache {key!r} (see `sllmfs kernels ls --origin URL`)")
+    try:
+        local = {f.path: f for f in kernels.load_entry(store, key).files}
+    except (NotFound, Corrupt):
+        local = {}
+    want = [f for f in remote.files if not (f.path in local and local[f.path].checksum == f.checksum)]
+    if not want:
+        return 0
+    got = 0
+    with store.staging() as root:  # a private, locked directory the store's cleanup leaves alone
+        for f in want:
+            try:
+                with errors(origin, f"downloading kernel cache file {f.path}"):
+                    data = get_bytes(client, origin.bucket, object_key(origin, key, f.path))
+            except BadInput as e:  # that object is gone or unreadable: the rest still helps
+                log.warning("sllmfs: kernel cache %r: %s left out: %s", key, f.path, e)
+                continue
+            if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.checksum:
+                log.warning("sllmfs: kernel cache %r: %s from %s fails its checksum; left out (the engine "
+                            "compiles it again)", key, f.path, origin)
+                continue
+            dest = root / f.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            os.chmod(dest, f.mode)
+            os.utime(dest, ns=(f.mtime_ns, f.mtime_ns))  # ninja compares the files' times
+            got += 1
+        if got:
+            kernels.publish(store, key, root, facts=remote.facts)
+    return got
+
+
+def sync(store: Store, origin: Origin, client: Any, pushed: dict[str, float], node: tuple[str, str]) -> None:
+    """One round of the sidecar's: push each local entry updated since its last push (``pushed``:
+    key -> the entry's ``updated`` when pushed), pull each origin entry made for this node's GPUs and
+    driver (``node``: as NodeFacts reads them) that brings files the local entry lacks."""
+    good, _bad = kernels.entries(store)
+    local = {e.key: e for e in good}
+    for e in good:
+        if pushed.get(e.key, -1.0) < e.updated:
+            n = push(store, e.key, origin, client)
+            pushed[e.key] = e.updated
+            if n:
+                log.info("kernel cache %s: pushed %d files to %s", e.key, n, origin)
+    for key in remote_keys(client, origin):
+        remote = remote_entry(client, origin, key)
+        if remote is None or not for_node(remote.facts, node):
+            continue
+        have = {f.path: f.checksum for f in local[key].files} if key in local else {}
+        if all(have.get(f.path) == f.checksum for f in remote.files):
+            continue
+        n = pull(store, key, origin, client)
+        if n:
+            pushed[key] = kernels.load_entry(store, key).updated  # what came from the origin need not go back
+            log.info("kernel cache %s: pulled %d files from %s", key, n, origin)
+
+
+def node_facts() -> tuple[str, str]:
+    """(GPU models, driver) of this node as KernelKey names them, from the driver's /proc files (no CUDA,
+    no NVML library needed); ("", "") on a node without NVIDIA GPUs."""
+    models = set()
+    for info in Path("/proc/driver/nvidia/gpus").glob("*/information"):
+        try:
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    models.add(line.split(":", 1)[1].strip())
+        except OSError:
+            continue
+    return "+".join(sorted(models)), kernels.proc_driver()
+
+
+def for_node(facts: dict[str, Any], node: tuple[str, str]) -> bool:
+    """Whether an entry made with ``facts`` can serve this node: the same GPU models, and the same driver
+    where both are known (the key holds every other fact; engines restore only their own key)."""
+    gpu, driver = node
+    want_driver = str(facts.get("driver", ""))
+    return str(facts.get("gpu", "")) == gpu and (not want_driver or not driver or want_driver == driver)
+
+
+def _read_checked(path: Path, f: KernelFile, root: Path) -> bytes:
+    with os.fdopen(open_regular(path, below=root), "rb") as inp:
+        data = inp.read()
+    if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.checksum:
+        raise Corrupt(f"its bytes no longer match the entry's checksum ({len(data)} bytes, {f.size} recorded)")
+    return data
