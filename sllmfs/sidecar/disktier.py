@@ -1,5 +1,8 @@
 """The SSD tier's budget: remove least recently used models past --disk-size.
 
+Kernel cache entries (store/kernels.py) count against the budget too; once no model can go, the
+least recently updated entries go (the next start compiles, or the origin brings, them again).
+
 The SSD tier is a cache only of what can be fetched again: a model is evictable when its
 source is a Hugging Face cache entry that is still there (a later `sllmfs save` stores it
 again). A model saved from a local folder may be the only copy: never evicted, only
@@ -14,6 +17,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from sllmfs.store import kernels
 from sllmfs.store.store import ModelInfo, Store
 
 log = logging.getLogger("sllmfs.sidecar")
@@ -30,6 +34,14 @@ def disk_models(store: Store) -> tuple[dict[str, int], dict[str, bool]]:
         except (OSError, RuntimeError):  # removed while we walked it; a symlink loop in its source path
             sizes.pop(info.name, None)
     return sizes, refetch
+
+
+def kernel_entries(store: Store) -> list[kernels.KernelEntry]:
+    """The store's good kernel cache entries (a damaged one is the next publish's to replace)."""
+    try:
+        return kernels.entries(store)[0]
+    except OSError:
+        return []
 
 
 def refetchable(info: ModelInfo) -> bool:
@@ -52,7 +64,8 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
     if budget <= 0:
         return []
     sizes, _ = disk_models(store)
-    used = sum(sizes.values())
+    entries = kernel_entries(store)
+    used = sum(sizes.values()) + sum(k.size for k in entries)
     removed = []
     for name in sorted(sizes, key=store.last_used):
         if used <= budget:
@@ -70,6 +83,16 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
         used -= sizes[name]
         removed.append(name)
         log.info("evicted from disk model=%s bytes=%d (disk budget %d)", name, sizes[name], budget)
+    for k in sorted(entries, key=lambda k: k.updated):
+        if used <= budget:
+            break
+        try:
+            kernels.remove(store, k.key)
+        except Exception as err:  # noqa: BLE001 - in use (being published), or gone already
+            log.warning("disk tier: could not remove kernel cache %s: %s", k.key, err)
+            continue
+        used -= k.size
+        log.info("evicted from disk kernel cache=%s bytes=%d (disk budget %d)", k.key, k.size, budget)
     if used > budget:
         log.warning("disk tier over budget: %d of %d bytes; the rest is leased, pinned or the only copy "
                     "(saved from a local folder and not in an origin: `sllmfs rm` frees it)", used, budget)

@@ -49,7 +49,9 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired),
                        "mount_copies": tier.mount_copies,
                        "blanks": tier.blanks.nbytes},  # faulted in for fills, not in used; given back first
-            "disk": {"used": sum(sizes.values()), "budget": cache.settings.disk_size},
+            # used: models and kernel caches, as --disk-size counts them (disktier)
+            "disk": {"used": sum(sizes.values()) + sum(e.size for e in kernel_entries),
+                     "budget": cache.settings.disk_size},
             "kernel_caches": {"entries": len(kernel_entries), "bytes": sum(e.size for e in kernel_entries)},
             "models": models, "leases": leases, "connections": len(conns),
             "counters": {"hits": c.hits, "misses": c.misses, "fills": c.fills, "bytes_filled": filled,
