@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.store.format import PARTITION_TARGET, Manifest
+from sllmfs.store.format import PARTITION_TARGET, FileDigests, Manifest
 from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
+from sllmfs.store.metafiles import record_files, write_model_json
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
-from sllmfs.store.store import Store, write_model_json
+from sllmfs.store.store import Store
 from sllmfs.store.writer import VariantWriter
 
 
@@ -41,7 +42,9 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                 _copy_file(source / rel, model_files(model_dir) / rel)
             manifest = write_variant(ckpt, model_variant(model_dir, names.HF_VARIANT), names.HF_VARIANT, progress,
                                      partition_target)
-            write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
+            # digests of the copies as written (read back), so a copy that went wrong is never recorded good
+            write_model_json(model_dir, name, record_files(model_files(model_dir), ckpt.files),
+                             {"path": str(source), "kind": ckpt.kind})
             if store.has(name):
                 _keep_adapters(store, name, model_variants(model_dir))
             store.commit_model(model_dir, name, force=force)
@@ -80,10 +83,12 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
             on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             vdir = work / key
-            manifest = write_variant(ckpt, vdir, key, progress)
-            variant_files(vdir).mkdir()
+            variant_files(vdir).mkdir(parents=True)
             for rel in ckpt.files:
                 _copy_file(source / rel, variant_files(vdir) / rel)
+            # the manifest records the adapter's own files: it is written last, after them
+            manifest = write_variant(ckpt, vdir, key, progress,
+                                     file_digests=record_files(variant_files(vdir), ckpt.files))
             store.commit_variant(vdir, base, key, force=force)
     return manifest
 
@@ -103,9 +108,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
                   progress: Callable[[int], None] | None = None,
-                  partition_target: int = PARTITION_TARGET) -> Manifest:
+                  partition_target: int = PARTITION_TARGET, file_digests: FileDigests | None = None) -> Manifest:
     writer = VariantWriter(out_dir, variant, progress=progress, partition_target=partition_target)
     writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
+    writer.file_digests = file_digests
     fds: dict[Path, int] = {}
     try:
         for t in ckpt.tensors:
