@@ -88,10 +88,16 @@ def model_record(path: Path, name: str, meta: Any) -> ModelRecord:
     return ModelRecord(builtins.list(files), float(created), dict(source), digests)
 
 
-def write_model_json(model_dir: Path, name: str, digests: FileDigests, source: dict[str, Any]) -> None:
+def write_model_json(model_dir: Path, name: str, digests: FileDigests, source: dict[str, Any],
+                     created: float | None = None) -> None:
+    """A new model.json (a new file: one hard-linked from a live model is never written through)."""
     meta = {"format": "sllmfs-model", "version": MODEL_VERSION, "name": name, "files": sorted(digests),
-            FILE_DIGESTS: file_digests_json(digests), "created": time.time(), "source": source}
-    (model_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))
+            FILE_DIGESTS: file_digests_json(digests), "created": time.time() if created is None else created,
+            "source": source}
+    path = model_dir / MODEL_JSON
+    path.unlink(missing_ok=True)
+    path.write_text(json.dumps(meta, indent=1))
+    os.chmod(path, 0o640)
 
 
 def record_files(files_dir: Path, rels: builtins.list[str]) -> FileDigests:
@@ -190,8 +196,8 @@ def damaged(path: Path, why: str) -> Corrupt:
         return Corrupt(f"{where} {why}; its bytes are not served: save the model again")
     root, model, _rest = found
     hint = hint_flags(storage_path=str(root))
-    return Corrupt(f"{where} {why}; its bytes are not served: run `sllmfs verify --model {model}{hint}`, then save "
-                   f"the model again with --force (or pull it again)")
+    return Corrupt(f"{where} {why}; its bytes are not served: save the model again with --force or pull it again "
+                   f"(`sllmfs verify --model {model}{hint}` lists every damaged file)")
 
 
 def _open_variant(vdir: Path, model_fd: int, name: str) -> int:

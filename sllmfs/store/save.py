@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.store.format import PARTITION_TARGET, FileDigests, Manifest
+from sllmfs.store.format import MANIFEST, PARTITION_TARGET, FileDigests, Manifest, plain_name
 from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
 from sllmfs.store.metafiles import record_files, write_model_json
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
@@ -91,6 +91,38 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
                                      file_digests=record_files(variant_files(vdir), ckpt.files))
             store.commit_variant(vdir, base, key, force=force)
     return manifest
+
+
+def record_file_digests(store: Store, name: str) -> list[str]:
+    """``sllmfs verify --repair``: give a model saved by an older sllmfs the metadata file digests it
+    lacks (model.json's, each adapter manifest's), recorded from the files as they are now. Like a save,
+    the model is rebuilt in a work dir (every other file hard-linked: no copy, and the variants keep
+    their identities, so nothing resident is dropped) and swapped in by one exchange. Returns what got
+    digests: "files" and/or adapter keys; [] when there was nothing to do."""
+    with store.writing(name):
+        info = store.get(name)
+        adapters = [k for k in info.variants if k.startswith(names.ADAPTER_PREFIX)
+                    and info.manifest(k).file_digests is None and os.path.lexists(info.variant_files_dir(k))]
+        todo = (["files"] if info.file_digests is None else []) + adapters
+        if not todo:
+            return []
+        with store.staging() as work, _disk_errors(store):
+            model_dir = work / "model"
+            shutil.copytree(info.path, model_dir, symlinks=True, copy_function=_link_or_copy)
+            if info.file_digests is None:
+                write_model_json(model_dir, name, record_files(model_files(model_dir), info.files), info.source,
+                                 created=info.created)
+            for key in adapters:
+                vdir = model_variant(model_dir, key)
+                manifest = info.manifest(key)
+                files = sorted(f for f in os.listdir(variant_files(vdir)) if plain_name(f))
+                manifest.file_digests = record_files(variant_files(vdir), files)
+                manifest.validate(str(vdir))
+                (vdir / MANIFEST).unlink()  # a hard link to the live manifest: never written through
+                (vdir / MANIFEST).write_text(manifest.to_json())
+                os.chmod(vdir / MANIFEST, 0o640)
+            store.commit_model(model_dir, name, force=True)
+    return todo
 
 
 def _copy_file(src: Path, dst: Path) -> None:
