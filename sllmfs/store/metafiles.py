@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,14 @@ class MetaFiles:
     data: dict[str, bytes]  # name -> bytes, each matching its recorded size and digest when ``verified``
     verified: bool  # False: saved by an older sllmfs, no digests recorded
 
+    def write_to(self, dest: Path) -> Path:
+        """The checked bytes as a folder (``dest``, created) for a tool that wants a config path: point
+        it here, never at the store's files/, whose bytes may have changed since they were checked."""
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel, data in self.data.items():
+            (dest / rel).write_bytes(data)
+        return dest
+
 
 def read_meta_files(model_dir: Path, *, below: Path, variant: str | None = None,
                     only: str | None = None) -> MetaFiles:
@@ -125,8 +134,9 @@ def read_meta_files(model_dir: Path, *, below: Path, variant: str | None = None,
     with another's bytes), no symlink followed under ``below`` (the store's models/). Each must match
     its recorded size and xxh3_64, else Corrupt: one line naming model, file and the fix."""
     name = names.model_name_from_dirname(model_dir.name)
-    mfd = open_dir(model_dir, below=below)
-    try:
+    with ExitStack() as fds:
+        mfd = open_dir(model_dir, below=below)
+        fds.callback(os.close, mfd)
         if variant is None:
             record = model_record(model_dir / MODEL_JSON, name, read_json(model_dir / MODEL_JSON, dir_fd=mfd))
             fdir, wanted, digests = model_files(model_dir), record.files, record.file_digests
@@ -134,32 +144,23 @@ def read_meta_files(model_dir: Path, *, below: Path, variant: str | None = None,
         else:
             vdir = model_variant(model_dir, variant)
             vfd = _open_variant(vdir, mfd, name)
-            try:
-                digests = load_manifest(vdir, dir_fd=vfd).file_digests
-                fdir = variant_files(vdir)
-                dfd = _open_files_dir(fdir, vfd, missing_ok=not digests)
-            finally:
-                os.close(vfd)
+            fds.callback(os.close, vfd)
+            digests = load_manifest(vdir, dir_fd=vfd).file_digests
+            fdir = variant_files(vdir)
+            dfd = _open_files_dir(fdir, vfd, missing_ok=not digests)
+        if dfd >= 0:
+            fds.callback(os.close, dfd)
+        if variant is not None:
             present = sorted(f for f in os.listdir(dfd) if plain_name(f)) if dfd >= 0 else []
             wanted = sorted(digests) if digests is not None else present
             extra = sorted(set(present) - set(wanted))
             if extra:  # planted or left over: not what the adapter was saved with
-                if dfd >= 0:
-                    os.close(dfd)
                 raise damaged(fdir / extra[0], "is not a file this adapter was saved with")
-    finally:
-        os.close(mfd)
-    if only is not None:
-        if only not in wanted:
-            if dfd >= 0:
-                os.close(dfd)
-            raise NotFound(f"model {name!r} has no metadata file {only!r}")
-        wanted = [only]
-    try:
+        if only is not None:
+            if only not in wanted:
+                raise NotFound(f"model {name!r} has no metadata file {only!r}")
+            wanted = [only]
         data = {rel: _read_checked(fdir / rel, dfd, None if digests is None else digests[rel]) for rel in wanted}
-    finally:
-        if dfd >= 0:
-            os.close(dfd)
     return MetaFiles(name, variant, data, verified=digests is not None)
 
 

@@ -108,6 +108,8 @@ def test_save_records_each_metadata_file_and_readers_get_exactly_those_bytes(tmp
         "adapter_config.json": FileDigest.of(ADAPTER_CONFIG)}
     assert info.meta_files("lora.chat").data == {"adapter_config.json": ADAPTER_CONFIG}
     assert load_manifest(info.variant_dir("hf")).file_digests is None  # no files of its own
+    out = meta.write_to(tmp_path / "copy")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == meta.data
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
