@@ -13,11 +13,13 @@ and a good model must still read byte for byte. tests/store/test_hostile_store.p
 ``--trees`` damages the *tree* of stored models instead (``fuzz_trees``): each round restores the models it
 damaged last round, then replaces files and directories of one or two victims with symlinks (to /etc/shadow, to
 another model, dangling, loops), FIFOs, sockets, directories or files, truncates, extends or sparsely grows
-partitions, removes them, writes junk into model.json, drops permissions, and plants odd entries (newlines,
-255-byte names, undecodable bytes) under models/, variants/ and files/. After each round every untouched model
-must acquire and read byte for byte through the socket and the mount, `sllmfs ls` must list the good ones and
-one line per bad one, `status` must answer within 1 s, and no byte of a file outside the store (/etc/shadow, a
-planted secret) may be served. tests/store/test_hostile_trees.py runs it CI-sized.
+partitions, flips, truncates and extends metadata files in place, removes them, writes junk into model.json,
+drops permissions, and plants odd entries (newlines, 255-byte names, undecodable bytes) under models/, variants/
+and files/. After each round every untouched model must acquire and read byte for byte through the socket and the
+mount, `sllmfs ls` must list the good ones and one line per bad one, `status` must answer within 1 s, no byte of a
+file outside the store (/etc/shadow, a planted secret) may be served, and a victim whose config.json was changed
+or replaced must be refused it by the mount and the ``files`` op (its digest in model.json no longer matches).
+tests/store/test_hostile_trees.py runs it CI-sized.
 """
 
 from __future__ import annotations
