@@ -13,11 +13,13 @@ and a good model must still read byte for byte. tests/store/test_hostile_store.p
 ``--trees`` damages the *tree* of stored models instead (``fuzz_trees``): each round restores the models it
 damaged last round, then replaces files and directories of one or two victims with symlinks (to /etc/shadow, to
 another model, dangling, loops), FIFOs, sockets, directories or files, truncates, extends or sparsely grows
-partitions, removes them, writes junk into model.json, drops permissions, and plants odd entries (newlines,
-255-byte names, undecodable bytes) under models/, variants/ and files/. After each round every untouched model
-must acquire and read byte for byte through the socket and the mount, `sllmfs ls` must list the good ones and
-one line per bad one, `status` must answer within 1 s, and no byte of a file outside the store (/etc/shadow, a
-planted secret) may be served. tests/store/test_hostile_trees.py runs it CI-sized.
+partitions, flips, truncates and extends metadata files in place, removes them, writes junk into model.json,
+drops permissions, and plants odd entries (newlines, 255-byte names, undecodable bytes) under models/, variants/
+and files/. After each round every untouched model must acquire and read byte for byte through the socket and the
+mount, `sllmfs ls` must list the good ones and one line per bad one, `status` must answer within 1 s, no byte of a
+file outside the store (/etc/shadow, a planted secret) may be served, and a victim whose config.json was changed
+or replaced must be refused it by the mount and the ``files`` op (its digest in model.json no longer matches).
+tests/store/test_hostile_trees.py runs it CI-sized.
 """
 
 from __future__ import annotations
@@ -226,6 +228,7 @@ PARTITION, METADATA, MODEL_JSON, MANIFEST = ("variants/hf/data_0.bin", "files/co
 FILE_KINDS = ["symlink-shadow", "symlink-secret", "symlink-other", "symlink-dangling", "symlink-loop", "fifo",
               "socket", "directory", "perm-0000", "missing", "junk", "huge"]
 PARTITION_KINDS = ["truncate", "extend", "sparse-huge"]
+METADATA_KINDS = ["flip", "truncate", "extend", "sparse-huge"]  # bytes changed in place: only the digest can tell
 DIR_KINDS = ["symlink-other", "symlink-etc", "symlink-outside", "symlink-dangling", "symlink-loop", "file",
              "perm-0000", "missing", "junk-entries"]
 MODEL_KINDS = ["symlink-other", "file", "perm-0000", "models-junk"]
@@ -285,6 +288,14 @@ def _damage_file(t: Tree, model: str, rel: str, kind: str, rng: random.Random) -
     other = rng.choice([m for m in t.models if m != model])
     if kind == "perm-0000":
         os.chmod(p, 0)
+        return
+    if kind == "flip":  # one bit, same size, same inode: what rot on the disk does
+        with open(p, "r+b") as f:
+            at = rng.randrange(os.path.getsize(p))
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ (1 << rng.randrange(8))]))
         return
     if kind in ("truncate", "extend", "sparse-huge"):
         size = os.path.getsize(p)
@@ -381,9 +392,7 @@ def mutate_tree(t: Tree, model: str, rng: random.Random) -> tuple[str, list[str]
         return f"{where}: already damaged", []  # another model, which must stay untouched
     if where in ("partition", "metadata", "model.json", "manifest"):
         rel = {"partition": PARTITION, "metadata": METADATA, "model.json": MODEL_JSON, "manifest": MANIFEST}[where]
-        kinds = FILE_KINDS + (PARTITION_KINDS if where == "partition" else [])
-        if where == "metadata":  # metadata files carry no checksum: new bytes in one are not a tree's shape
-            kinds = [k for k in kinds if k not in ("junk", "huge")]
+        kinds = FILE_KINDS + {"partition": PARTITION_KINDS, "metadata": METADATA_KINDS}.get(where, [])
         if not os.path.isfile(t.mdir(model) / rel) or os.path.islink(t.mdir(model) / rel):
             return f"{where}: already damaged", []
         kind = rng.choice(kinds)
@@ -459,7 +468,9 @@ class _Round:
             self.bad(f"untouched {model} read wrong bytes through the mount")
         self.counts["untouched_reads"] += 1
 
-    def victim(self, model: str) -> None:
+    def victim(self, model: str, metadata_damaged: bool = False) -> None:
+        """``metadata_damaged``: its config.json was changed or replaced this round (not just chmod), so
+        neither the mount nor the files op may serve it: both must refuse (model.json holds its digest)."""
         want = self.t.tensors[model]
         try:
             files, failed = bounded(lambda: _read_all(self.mnt / model))
@@ -476,6 +487,8 @@ class _Round:
                  (rel == "model.safetensors" and _safe_tensors(data) == want)
             if not ok:
                 self.bad(f"victim {model}: the mount served {rel!r} ({len(data)} bytes) that is not the model's")
+        if metadata_damaged and "config.json" in files:
+            self.bad(f"victim {model}: the mount served a damaged config.json")
         try:
             with self.client.acquire(model) as lease:
                 lease.wait(timeout=STEP_TIMEOUT)
@@ -492,7 +505,10 @@ class _Round:
             self.served += meta.values()
             if any(v != self.t.config for v in meta.values()) or set(meta) - {"config.json"}:
                 self.bad(f"victim {model}: the files op served {sorted(meta)} that are not the model's")
+            if metadata_damaged:
+                self.bad(f"victim {model}: the files op served a damaged config.json")
         except SllmfsError as e:
+            self.counts["metadata_refused"] += metadata_damaged
             self.line(e, model)
 
     def line(self, e: Exception, model: str) -> None:
@@ -579,7 +595,7 @@ def fuzz_trees(tmp: Path, rounds: int = 40, seed: int = 0, check_ls: bool = True
     mnt = tmp / "mnt"
     counts: dict[str, Any] = {"rounds": 0, "mutations": 0, "untouched_reads": 0, "victim_served": 0,
                               "victim_refused": 0, "victim_mount_read_errors": 0, "status_max_ms": 0.0,
-                              "ls_runs": 0, "refusal_samples": {}}
+                              "ls_runs": 0, "metadata_refused": 0, "refusal_samples": {}}
     kinds: dict[str, int] = {}
     problems: list[str] = []
     damaged: list[str] = []
@@ -597,17 +613,21 @@ def fuzz_trees(tmp: Path, rounds: int = 40, seed: int = 0, check_ls: bool = True
                     junk.clear()
                     damaged = rng.sample(models, rng.choice([1, 1, 2]))
                     done = []
+                    meta_damaged = set()
                     for m in damaged:
                         for _ in range(rng.randint(1, 3)):
                             label, made = mutate_tree(t, m, rng)
                             done.append(f"{m} {label}")
+                            if label.startswith("metadata ") and label not in ("metadata perm-0000",
+                                                                               "metadata: already damaged"):
+                                meta_damaged.add(m)
                             kinds[label] = kinds.get(label, 0) + 1
                             junk += [store / "models" / name for name in _made_names(made)]
                     counts["mutations"] += len(done)
                     check = _Round(t, sd, client, mnt, counts, problems, f"round {r} [{'; '.join(done)}]")
                     try:
                         for m in damaged:
-                            check.victim(m)
+                            check.victim(m, m in meta_damaged)
                         untouched = [m for m in models if m not in damaged]
                         for m in untouched:
                             check.untouched(m)

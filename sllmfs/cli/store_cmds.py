@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -15,11 +16,12 @@ from sllmfs.cli import app
 from sllmfs.cli.progress import byte_bar, console, human, out
 from sllmfs.core import names
 from sllmfs.core.config import hint_flags
-from sllmfs.core.errors import BadInput, Corrupt
+from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.store import sources
+from sllmfs.store.metafiles import read_meta_files, unverified_line
 from sllmfs.store.reader import VariantReader, verify_variant
-from sllmfs.store.save import save_adapter, save_model
-from sllmfs.store.store import open_store
+from sllmfs.store.save import record_file_digests, save_adapter, save_model
+from sllmfs.store.store import ModelInfo, open_store
 
 StorageOpt = typer.Option(None, "--storage-path", help="Store directory (default: $SLLMFS_STORAGE_PATH or config).")
 
@@ -211,14 +213,22 @@ def rm(
     out.print(f"removed {what}; a running sidecar frees its memory copy as soon as no client holds it")
 
 
-@app.command(help="Re-read every stored byte and check it against its checksum.")
+@app.command(help="Re-read every stored byte (tensors and metadata files) and check it against its checksum.")
 def verify(
     model: str = typer.Option(..., "--model", help="Model name as stored (see `sllmfs ls`)."),
     variant: Optional[str] = typer.Option(None, "--variant", help="Only this variant (default: all)."),
+    repair: bool = typer.Option(False, "--repair", help="First record checksums for metadata files saved by an "
+                                "older sllmfs, from the files as they are now (saving again from the source is "
+                                "safer when you have it)."),
     storage_path: Optional[str] = StorageOpt,
 ) -> None:
-    store = open_store(storage_path)
+    store = open_store(storage_path, write=repair)
+    if repair:
+        added = record_file_digests(store, model)
+        console.print(f"sllmfs: recorded checksums for {', '.join(added)} of {model}" if added
+                      else f"sllmfs: {model} already has checksums for every metadata file; nothing to repair")
     info = store.get(model)
+    damaged = _verify_metadata(info, variant, store.root)
     for key in [variant] if variant else info.variants:
         m = info.manifest(key)
         with VariantReader(info.variant_dir(key), m) as reader:
@@ -230,3 +240,50 @@ def verify(
                               f"run `{_resave_command(info, storage_path)}` to store it again")
         out.print(f"ok {model} [{key}]: {len(m.tensors)} tensors, {human(m.total_bytes)} "
                       f"in {time.perf_counter() - t0:.2f} s")
+    if damaged:
+        raise Corrupt(f"model {model!r}: {damaged} metadata file(s) damaged (named above); "
+                      f"run `{_resave_command(info, storage_path)}` to store it again")
+
+
+def _verify_metadata(info: ModelInfo, variant: str | None, root: Path) -> int:
+    """Check the model's metadata files (and each adapter's own) against their recorded digests: one
+    line per damaged file on stderr, ``ok``/``unverified`` on stdout; returns how many are damaged."""
+    owners: list[str | None] = [None] if variant is None or not variant.startswith(names.ADAPTER_PREFIX) else []
+    owners += [k for k in ([variant] if variant else info.variants)
+               if k is not None and k.startswith(names.ADAPTER_PREFIX)]
+    damaged = 0
+    for owner in owners:
+        label = f"{info.name} [{owner}] files" if owner else f"{info.name} files"
+        try:
+            meta = info.meta_files(owner)
+        except Corrupt:  # name every damaged file, not just the first
+            damaged += _each_file(info, owner)
+            continue
+        if meta.verified:
+            out.print(f"ok {label}: {len(meta.data)} metadata files, {human(sum(map(len, meta.data.values())))}")
+        else:
+            out.print(f"unverified {label}: {len(meta.data)} metadata files carry no checksums")
+            console.print(f"sllmfs: {unverified_line(info.name, owner, root)}")
+    return damaged
+
+
+def _each_file(info: ModelInfo, owner: str | None) -> int:
+    vdir = info.variant_dir(owner) if owner else None
+    try:
+        rels = info.files if owner is None else sorted(os.listdir(info.variant_files_dir(owner)))
+    except OSError:
+        rels = []
+    bad = 0
+    for rel in rels:
+        try:
+            read_meta_files(info.path, below=info.path.parent, variant=owner, only=rel)
+        except (Corrupt, NotFound, OSError) as e:
+            console.print(f"sllmfs: {e}")
+            bad += 1
+    if not bad and vdir is not None:  # the adapter's record itself (a file too many, or one missing)
+        try:
+            info.meta_files(owner)
+        except Corrupt as e:
+            console.print(f"sllmfs: {e}")
+            bad += 1
+    return bad

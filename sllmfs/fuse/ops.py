@@ -20,17 +20,17 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
 from sllmfs.core.errors import SllmfsError
-from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles
+from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles, read_meta
 from sllmfs.fuse.synth import Piece
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
 from sllmfs.protocol.marker import SOCKET_XATTR as _SOCKET_XATTR
-from sllmfs.store.format import CHUNK_SIZE, open_regular
+from sllmfs.store.format import CHUNK_SIZE
 from sllmfs.store.store import Identity
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ POOL_SIZE = 64  # as many as requests in flight (max_background)
 @dataclass
 class _Open:
     node: Node
-    fds: list[int] = field(default_factory=list)  # a metadata file: [fd]
+    data: bytes | None = None  # a metadata file: its bytes, read whole at open and checked (storeio.read_meta)
     parts: PartitionFiles | None = None  # a synthesized file: its variant's data files
 
 
@@ -77,6 +77,7 @@ class Ops(pyfuse3.Operations):
         self._buffers: list[bytearray] = []  # reply buffers for store reads, reused
         self._checked: dict[Identity, Checked] = {}  # what store reads verified, per committed version
         self._current: dict[tuple[str, str], Identity] = {}  # (model, variant) -> the version last opened
+        self._warned: set[tuple[int, str]] = set()  # (inode, line): a damaged metadata file is logged once
 
     # -- attributes -------------------------------------------------------------
 
@@ -239,17 +240,36 @@ class Ops(pyfuse3.Operations):
             checked.opens += 1
             self.in_use[st.model] += 1
         elif node.path is not None:
-            try:  # never through a symlink, never blocking on a FIFO (it would stop every request)
-                h.fds = [open_regular(node.path, below=self.tree.store.models_dir)]
-            except OSError as e:
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-            except SllmfsError as e:
-                log.warning("%s", e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+            # the whole file, checked against its recorded digest; reads are served from these bytes only
+            h.data = await trio.to_thread.run_sync(self._meta_bytes, node)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = h
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True, direct_io=False)
+
+    def _meta_bytes(self, node: Node) -> bytes:
+        """A metadata file's verified bytes, or EIO for this open with one log line per file and failure."""
+        assert node.path is not None
+        try:
+            data = read_meta(self.tree.store, node.path)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except SllmfsError as e:  # damaged (checksum, size, a symlink or FIFO planted since the listing)
+            self._warn_once(node, str(e))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:  # anything else would end pyfuse3's main loop (and the mount)
+            log.exception("open of %s failed", node.path)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if len(data) != node.size:  # the listing saw another size: serving these bytes at that size is wrong
+            self._warn_once(node, f"{node.path} changed since the mount listed it ({node.size} bytes then, "
+                                  f"{len(data)} now); its reads fail with EIO: save the model again with --force")
+            raise pyfuse3.FUSEError(errno.EIO)
+        return data
+
+    def _warn_once(self, node: Node, line: str) -> None:
+        if (node.inode, line) not in self._warned:
+            self._warned.add((node.inode, line))
+            log.warning("%s", line)
 
     def opened(self, fh: int) -> Node | None:
         """The node an open file handle reads (the kernel driver decides passthrough from it)."""
@@ -270,8 +290,6 @@ class Ops(pyfuse3.Operations):
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
         h = self._open.pop(fh, None)
         if h:
-            for fd in h.fds:
-                os.close(fd)
             if h.parts is not None:
                 h.parts.close()
                 assert h.node.stored is not None
@@ -292,8 +310,10 @@ class Ops(pyfuse3.Operations):
         try:
             if node.data is not None:
                 return node.data[off:off + size]
+            if h.data is not None:
+                return h.data[off:off + size]
             if node.synth is None:
-                return await trio.to_thread.run_sync(os.pread, h.fds[0], size, off)
+                raise OSError(errno.EIO, "not a readable file")
             return await self._read_synth(h, off, size)  # type: ignore[return-value]  # any buffer works
         except BadWindow as e:
             if e.first:  # one line per bad window, however many reads hit it

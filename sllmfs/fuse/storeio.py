@@ -1,4 +1,9 @@
-"""Reading a variant's partitions for the FUSE view: checked, and without caching them twice.
+"""Reading the store for the FUSE view: partitions checked and not cached twice; metadata files checked.
+
+A metadata file (config.json, tokenizer.json, an adapter's own files) is read whole when opened and
+checked against the size and xxh3_64 recorded when it was saved (``read_meta``); the open handle
+serves those very bytes, so nothing changed on disk afterwards reaches a reader. A file that fails
+fails its open with EIO; every other file of the mount is served as before.
 
 Bytes read through the mount land in the kernel's page cache for the FUSE
 file (that is what makes re-reads fast). Reading the store file through the
@@ -29,7 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sllmfs.store.format import CHUNK_SIZE, Partition
+from sllmfs.store.metafiles import meta_file_place, read_meta_files, warn_unverified
 from sllmfs.store.reader import Identity, Partitions, pinned_variant, read_full, window_ok
+from sllmfs.store.store import Store
 
 DIRECT_ALIGN = 4096
 BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends
@@ -58,6 +65,16 @@ def _bounce() -> mmap.mmap:
     if buf is None:
         buf = _local.buf = mmap.mmap(-1, BOUNCE)  # page-aligned, reused: no fresh pages per read
     return buf
+
+
+def read_meta(store: Store, path: Path) -> bytes:
+    """The bytes of the metadata file at ``path`` (under the store's models/), whole and checked
+    (metafiles.read_meta_files: Corrupt when they differ from what was saved). A model saved before
+    sllmfs recorded digests is served unchecked, and logged once as such with the fix."""
+    model_dir, variant, rel = meta_file_place(store.models_dir, path)
+    meta = read_meta_files(model_dir, below=store.models_dir, variant=variant, only=rel)
+    warn_unverified(meta, store.root)
+    return meta.data[rel]
 
 
 class BadWindow(OSError):

@@ -19,6 +19,8 @@ from typing import Any
 from sllmfs.core import names
 from sllmfs.core.errors import Corrupt
 from sllmfs.store.format import MANIFEST, Manifest, Partition, digest, open_regular, plain_name
+from sllmfs.store.layout import variant_files
+from sllmfs.store.metafiles import MetaFiles, warn_unverified
 from sllmfs.store.store import MODEL_JSON, ModelInfo
 
 INDEX_FORMAT = "sllmfs-origin"
@@ -57,8 +59,15 @@ def local_objects(info: ModelInfo) -> tuple[list[Obj], dict[str, bytes]]:
         small[rel] = read_small(info.path / rel, below)
         objs.append(Obj(rel, len(small[rel]), digest(small[rel])))
 
-    for f in info.files:
-        add_small(f"files/{f}")
+    def add_meta(prefix: str, meta: MetaFiles) -> None:
+        """Metadata files as checked against their recorded digests: a damaged one stops the push here,
+        before anything is uploaded (the origin never gets bytes the store would not serve)."""
+        warn_unverified(meta, below.parent)
+        for f, data in sorted(meta.data.items()):
+            small[prefix + f] = data
+            objs.append(Obj(prefix + f, len(data), digest(data)))
+
+    add_meta("files/", info.meta_files())
     for key in info.variants:
         manifest = info.manifest(key)
         vdir = info.variant_dir(key)
@@ -73,10 +82,8 @@ def local_objects(info: ModelInfo) -> tuple[list[Obj], dict[str, bytes]]:
                 raise Corrupt(f"model {info.name!r} [{key}]: {p.file} is {st.st_size} bytes, its manifest says "
                               f"{p.size}; run `sllmfs verify --model {info.name}` and save it again")
             objs.append(Obj(rel, p.size, partition_digest(p), partition=True, windows=tuple(p.chunks)))
-        files_dir = vdir / "files"
-        if files_dir.is_dir():  # an adapter's own files (adapter_config.json, ...)
-            for f in sorted(os.listdir(files_dir)):
-                add_small(f"variants/{key}/files/{f}")
+        if os.path.lexists(variant_files(vdir)) or manifest.file_digests:  # an adapter's own files
+            add_meta(f"variants/{key}/files/", info.meta_files(key))
         add_small(f"variants/{key}/{MANIFEST}")
     add_small(MODEL_JSON)
     return objs, small

@@ -24,7 +24,18 @@ from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.origin import client as s3
 from sllmfs.origin.objects import Obj, check_manifest_matches, parse_index
 from sllmfs.origin.url import INDEX, Origin
-from sllmfs.store.format import CHUNK_SIZE, FORMAT_VERSION, MANIFEST, Manifest, _Bad, _parse, digest
+from sllmfs.store.format import (
+    CHUNK_SIZE,
+    FORMAT_VERSION,
+    MANIFEST,
+    FileDigest,
+    FileDigests,
+    Manifest,
+    _Bad,
+    _parse,
+    digest,
+    parse_file_digests,
+)
 from sllmfs.store.store import MODEL_JSON, Store
 
 Progress = Callable[[int], None]
@@ -244,3 +255,31 @@ def _check_model_json(origin: Origin, name: str, plan: PullPlan) -> None:
     if not isinstance(meta, dict) or meta.get("name") != name or not isinstance(meta.get("files"), list) \
             or set(meta["files"]) != files:
         raise _damaged(origin, name, MODEL_JSON, "does not describe the model and files the index lists")
+    try:
+        digests = parse_file_digests(meta)
+    except _Bad as e:
+        raise _damaged(origin, name, MODEL_JSON, f"is invalid ({e})") from None
+    _check_meta_files(origin, name, plan, "files/", files, digests)
+    for key, manifest in plan.manifests.items():
+        prefix = f"variants/{key}/files/"
+        own = {o.rel[len(prefix):] for o in plan.objs if o.rel.startswith(prefix)}
+        _check_meta_files(origin, name, plan, prefix, own, manifest.file_digests)
+
+
+def _check_meta_files(origin: Origin, name: str, plan: PullPlan, prefix: str, present: set[str],
+                      digests: FileDigests | None) -> None:
+    """Each metadata file downloaded matches the size and digest its model.json (or adapter manifest)
+    recorded at save, checked before anything is written: a pusher that read a damaged file, or an
+    origin object replaced together with its index entry, fails the pull here and the local copy stays
+    as it was. Without digests (saved by an older sllmfs) the index's checksums are all there is."""
+    if digests is None:
+        return
+    if set(digests) != present:
+        odd = sorted(set(digests) ^ present)[0]
+        raise _damaged(origin, name, prefix + odd, "is not one of the metadata files the model was saved with "
+                                                   "(or is missing)")
+    for f, want in digests.items():
+        data = plan.small[prefix + f]
+        if FileDigest.of(data) != want:
+            raise _damaged(origin, name, prefix + f, f"does not match the size and xxh3_64 recorded when the model "
+                                                     f"was saved ({want.size} bytes, {want.xxh3_64})")

@@ -6,29 +6,31 @@ raised and become error replies in the server. Protocol reference: docs/protocol
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from sllmfs.core import names
-from sllmfs.core.errors import BadInput, Corrupt, NotFound, SllmfsError
+from sllmfs.core.errors import BadInput, NotFound
 from sllmfs.protocol import wire
 from sllmfs.protocol.messages import Op
 from sllmfs.sidecar.cache import Cache
 from sllmfs.sidecar.memtier import Resident
-from sllmfs.store.format import CHUNK_SIZE, open_regular
+from sllmfs.store.format import CHUNK_SIZE
+from sllmfs.store.metafiles import MetaFiles, warn_unverified
 from sllmfs.store.store import Store
 
 log = logging.getLogger("sllmfs.sidecar")
 
 Reply = tuple[dict[str, Any], list[int]]
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x0001, 0x0002, 0x0004, 0x0008  # fcntl's, on every Linux
 
 
 @dataclass(eq=False)
@@ -94,19 +96,16 @@ class Ops:
         store = self.cache.store
         if self.cache.settings.registration_required and model not in self.cache.registry:
             raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
-        found = await trio.to_thread.run_sync(_metadata_files, store, model, variant)
+        # read whole and checked against the digests recorded at save (Corrupt: one line, no fd handed out);
+        # each client gets a sealed in-memory copy of those very bytes, never the store file itself
+        meta = await trio.to_thread.run_sync(_metadata_files, store, model, variant)
         fds: list[int] = []
         listing = []
         try:
-            for rel, path in found:
-                fd = open_regular(path, below=store.models_dir)  # no link followed, no FIFO waited on
-                fds.append(fd)
-                listing.append([rel, os.fstat(fd).st_size])
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            raise NotFound(f"model {model!r}: cannot open {Path(str(e.filename)).name} ({e.strerror})") from None
-        except SllmfsError:
+            for rel, data in meta.data.items():
+                fds.append(sealed_copy(data))
+                listing.append([rel, len(data)])
+        except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
@@ -215,22 +214,28 @@ def _variant_arg(msg: dict[str, Any]) -> str:
     return names.check_variant(variant)
 
 
-def _metadata_files(store: Store, model: str, variant: str) -> list[tuple[str, Path]]:
+def _metadata_files(store: Store, model: str, variant: str) -> MetaFiles:
     info = store.get(model)
-    vfiles = info.variant_files_dir(variant)  # adapters keep their own config beside their weights
-    if variant != names.HF_VARIANT and vfiles.is_dir():
-        rels = sorted(str(p.relative_to(vfiles)) for p in vfiles.rglob("*") if p.is_file())
-        base = vfiles
-    else:
-        if variant not in info.variants:
-            raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
-        rels, base = info.files, info.files_dir
-    out = []
-    for rel in rels:
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts:  # model.json is data: never follow it out of the store
-            raise Corrupt(f"model {model!r} lists a bad file name {rel!r}; save it again")
-        out.append((rel, base / rel))
-    if len(out) > wire.MAX_FDS:  # each is an open fd in the sidecar until the reply is sent
-        raise BadInput(f"model {model!r} has {len(out)} metadata files; the sidecar serves at most {wire.MAX_FDS}")
-    return out
+    if variant not in info.variants:
+        raise NotFound(f"model {model!r} has no variant {variant!r} (has: {', '.join(info.variants) or 'none'})")
+    own = variant != names.HF_VARIANT and os.path.lexists(info.variant_files_dir(variant))
+    meta = info.meta_files(variant if own else None)  # adapters keep their own config beside their weights
+    warn_unverified(meta, store.root)
+    if len(meta.data) > wire.MAX_FDS:  # each is an open fd in the sidecar until the reply is sent
+        raise BadInput(f"model {model!r} has {len(meta.data)} metadata files; the sidecar serves at most "
+                       f"{wire.MAX_FDS}")
+    return meta
+
+
+def sealed_copy(data: bytes) -> int:
+    """A read-only fd on a memfd holding ``data``, sealed: no process can change or resize it."""
+    fd = os.memfd_create("sllmfs-file", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, 0o400)  # no other uid may reopen it through /proc
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)

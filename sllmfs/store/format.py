@@ -42,6 +42,8 @@ MAX_DIMS = 64
 _DIGEST = re.compile(r"[0-9a-f]{16}")  # xxh3_64 as the writer prints it
 _TENSOR_FIELDS = {"dtype", "shape", "partition", "offset", "nbytes", "checksum"}
 _PARTITION_FIELDS = {"file", "size", "chunks"}
+_DIGEST_FIELDS = {"size", "xxh3_64"}
+FILE_DIGESTS = "file_digests"  # model.json's and an adapter manifest's field: {name: {size, xxh3_64}}
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -63,6 +65,23 @@ class Partition:
     chunks: list[str]  # xxh3_64 of each CHUNK_SIZE window of the file (the last may be short)
 
 
+@dataclass(frozen=True)
+class FileDigest:
+    """What a metadata file (config.json, tokenizer.json, an adapter's adapter_config.json) was when
+    saved: its size and the xxh3_64 of its bytes. Recorded in model.json (the model's files) and in an
+    adapter variant's manifest (its own files) under FILE_DIGESTS; every reader checks both."""
+
+    size: int
+    xxh3_64: str
+
+    @classmethod
+    def of(cls, data: Any) -> FileDigest:
+        return cls(len(data), digest(data))
+
+
+FileDigests = dict[str, FileDigest]  # file name -> what it was when saved
+
+
 @dataclass
 class Manifest:
     variant: str
@@ -74,6 +93,8 @@ class Manifest:
     chunk_size: int = CHUNK_SIZE
     checksum: str = CHECKSUM
     format_version: int = FORMAT_VERSION
+    # an adapter's own files (variants/<key>/files/); None: none, or saved before sllmfs recorded them
+    file_digests: FileDigests | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -95,6 +116,8 @@ class Manifest:
 
     def to_json(self) -> str:
         d = asdict(self)
+        if self.file_digests is None:
+            del d[FILE_DIGESTS]
         d = {"format": "sllmfs-variant", "format_version": d.pop("format_version"), **d}
         return json.dumps(d, separators=(",", ":"))
 
@@ -168,7 +191,34 @@ def _parse(d: dict[str, Any]) -> Manifest:
     metadata = _typed(d, "metadata", dict, {})
     if not _plain(metadata, 0):
         raise _Bad("metadata must hold plain JSON values (integers within 64 bits, at most 32 levels deep)")
-    return Manifest(variant, tensors, parts, dict(aliases), metadata, alignment, CHUNK_SIZE, CHECKSUM)
+    return Manifest(variant, tensors, parts, dict(aliases), metadata, alignment, CHUNK_SIZE, CHECKSUM,
+                    file_digests=parse_file_digests(d))
+
+
+def parse_file_digests(d: dict[str, Any]) -> FileDigests | None:
+    """The FILE_DIGESTS field of model.json or a manifest; None where it is absent (an older sllmfs
+    saved it: its files are served unverified, docs/format.md)."""
+    if FILE_DIGESTS not in d:
+        return None
+    raw = d[FILE_DIGESTS]
+    if not isinstance(raw, dict):
+        raise _Bad(f"{FILE_DIGESTS} must be a JSON object (got {_show(raw)})")
+    out: FileDigests = {}
+    for name, e in raw.items():
+        at = f"{FILE_DIGESTS}[{_show(name)}]"
+        if not plain_name(name):
+            raise _Bad(f"{at} must be a plain file name (no '/', no leading '.')")
+        _exact(e, _DIGEST_FIELDS, at)
+        size = _int(*_need(e, "size", at))
+        value, label = _need(e, "xxh3_64", at)
+        if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+            raise _Bad(f"{label} must be 16 lowercase hex digits (got {_show(value)})")
+        out[name] = FileDigest(size, value)
+    return out
+
+
+def file_digests_json(digests: FileDigests) -> dict[str, dict[str, Any]]:
+    return {name: {"size": d.size, "xxh3_64": d.xxh3_64} for name, d in sorted(digests.items())}
 
 
 def _tensor(t: Any, at: str, parts: list[Partition], alignment: int) -> TensorEntry:
@@ -297,6 +347,19 @@ def corrupt(path: str | os.PathLike[str], why: str) -> Corrupt:
 
 def describe(path: str | os.PathLike[str]) -> tuple[str, str]:
     """How users see a store path ("model 'org/m' [hf]: data_0.bin", else the path) and the fix for it."""
+    found = locate(path)
+    if found is None:
+        return _printable(os.path.abspath(path)), "save the model again"
+    root, name, rest = found
+    label = f"model {name!r}"
+    if rest[:1] == (VARIANTS,) and len(rest) > 1:
+        label, rest = f"{label} [{rest[1]}]", rest[2:]
+    rm = f"sllmfs rm --model {shlex.quote(name)}{hint_flags(storage_path=str(root))}"
+    return _printable(f"{label}: {'/'.join(rest) or 'its directory'}"), f"run `{rm}` and save it again"
+
+
+def locate(path: str | os.PathLike[str]) -> tuple[Path, str, tuple[str, ...]] | None:
+    """A store path as (store root, model name, path parts inside the model's directory); None outside a store."""
     p = Path(os.path.abspath(path))
     if p.parts[1:4] == ("proc", "self", "fd") and len(p.parts) > 4:  # a directory the server pinned by fd
         try:
@@ -307,13 +370,8 @@ def describe(path: str | os.PathLike[str]) -> tuple[str, str]:
     for i in range(len(parts) - 2, 0, -1):  # the innermost models/ of a store (a model may be called models)
         root = Path(*parts[:i])
         if parts[i] == MODELS and (root / STORE_MARKER).is_file():
-            name, rest = unquote(parts[i + 1]), parts[i + 2:]
-            label = f"model {name!r}"
-            if rest[:1] == (VARIANTS,) and len(rest) > 1:
-                label, rest = f"{label} [{rest[1]}]", rest[2:]
-            rm = f"sllmfs rm --model {shlex.quote(name)}{hint_flags(storage_path=str(root))}"
-            return _printable(f"{label}: {'/'.join(rest) or 'its directory'}"), f"run `{rm}` and save it again"
-    return _printable(str(p)), "save the model again"
+            return root, unquote(parts[i + 1]), parts[i + 2:]
+    return None
 
 
 def _printable(text: str) -> str:

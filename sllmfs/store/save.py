@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.store.format import PARTITION_TARGET, Manifest
+from sllmfs.store.format import MANIFEST, PARTITION_TARGET, FileDigests, Manifest, plain_name
 from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
+from sllmfs.store.metafiles import record_files, write_model_json
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
-from sllmfs.store.store import Store, write_model_json
+from sllmfs.store.store import Store
 from sllmfs.store.writer import VariantWriter
 
 
@@ -41,7 +42,9 @@ def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                 _copy_file(source / rel, model_files(model_dir) / rel)
             manifest = write_variant(ckpt, model_variant(model_dir, names.HF_VARIANT), names.HF_VARIANT, progress,
                                      partition_target)
-            write_model_json(model_dir, name, ckpt.files, {"path": str(source), "kind": ckpt.kind})
+            # digests of the copies as written (read back), so a copy that went wrong is never recorded good
+            write_model_json(model_dir, name, record_files(model_files(model_dir), ckpt.files),
+                             {"path": str(source), "kind": ckpt.kind})
             if store.has(name):
                 _keep_adapters(store, name, model_variants(model_dir))
             store.commit_model(model_dir, name, force=force)
@@ -80,12 +83,46 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
             on_scan(ckpt)
         with store.staging() as work, _disk_errors(store):
             vdir = work / key
-            manifest = write_variant(ckpt, vdir, key, progress)
-            variant_files(vdir).mkdir()
+            variant_files(vdir).mkdir(parents=True)
             for rel in ckpt.files:
                 _copy_file(source / rel, variant_files(vdir) / rel)
+            # the manifest records the adapter's own files: it is written last, after them
+            manifest = write_variant(ckpt, vdir, key, progress,
+                                     file_digests=record_files(variant_files(vdir), ckpt.files))
             store.commit_variant(vdir, base, key, force=force)
     return manifest
+
+
+def record_file_digests(store: Store, name: str) -> list[str]:
+    """``sllmfs verify --repair``: give a model saved by an older sllmfs the metadata file digests it
+    lacks (model.json's, each adapter manifest's), recorded from the files as they are now. Like a save,
+    the model is rebuilt in a work dir (every other file hard-linked: no copy, and the variants keep
+    their identities, so nothing resident is dropped) and swapped in by one exchange. Returns what got
+    digests: "files" and/or adapter keys; [] when there was nothing to do."""
+    with store.writing(name):
+        info = store.get(name)
+        adapters = [k for k in info.variants if k.startswith(names.ADAPTER_PREFIX)
+                    and info.manifest(k).file_digests is None and os.path.lexists(info.variant_files_dir(k))]
+        todo = (["files"] if info.file_digests is None else []) + adapters
+        if not todo:
+            return []
+        with store.staging() as work, _disk_errors(store):
+            model_dir = work / "model"
+            shutil.copytree(info.path, model_dir, symlinks=True, copy_function=_link_or_copy)
+            if info.file_digests is None:
+                write_model_json(model_dir, name, record_files(model_files(model_dir), info.files), info.source,
+                                 created=info.created)
+            for key in adapters:
+                vdir = model_variant(model_dir, key)
+                manifest = info.manifest(key)
+                files = sorted(f for f in os.listdir(variant_files(vdir)) if plain_name(f))
+                manifest.file_digests = record_files(variant_files(vdir), files)
+                manifest.validate(str(vdir))
+                (vdir / MANIFEST).unlink()  # a hard link to the live manifest: never written through
+                (vdir / MANIFEST).write_text(manifest.to_json())
+                os.chmod(vdir / MANIFEST, 0o640)
+            store.commit_model(model_dir, name, force=True)
+    return todo
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -103,9 +140,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
                   progress: Callable[[int], None] | None = None,
-                  partition_target: int = PARTITION_TARGET) -> Manifest:
+                  partition_target: int = PARTITION_TARGET, file_digests: FileDigests | None = None) -> Manifest:
     writer = VariantWriter(out_dir, variant, progress=progress, partition_target=partition_target)
     writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
+    writer.file_digests = file_digests
     fds: dict[Path, int] = {}
     try:
         for t in ckpt.tensors:

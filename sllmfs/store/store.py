@@ -30,13 +30,13 @@ from sllmfs.core.config import hint_flags, load_settings
 from sllmfs.core.errors import BadInput, NotFound, SllmfsError
 from sllmfs.store.format import (
     MANIFEST,
+    FileDigests,
     Manifest,
     check_regular,
     corrupt,
     load_manifest,
     open_dir,
     open_regular,
-    plain_name,
     read_json,
 )
 from sllmfs.store.layout import (
@@ -48,9 +48,10 @@ from sllmfs.store.layout import (
     model_variants,
     variant_files,
 )
+from sllmfs.store.metafiles import MetaFiles, model_record, read_meta_files
 from sllmfs.store.reader import Identity, variant_identity  # Identity: the sidecar and mount key by it
 
-STORE_VERSION = 1
+STORE_VERSION = 1  # store.json's version
 RECENT_NS = 2_000_000_000  # changed this recently: checked afresh by every listing (ctime may tick in whole seconds)
 
 
@@ -82,6 +83,7 @@ class ModelInfo:
     variants: list[str]
     created: float
     source: dict[str, Any]
+    file_digests: FileDigests | None = None  # the files' sizes and xxh3_64 as saved; None: an older sllmfs saved it
 
     @property
     def files_dir(self) -> Path:
@@ -107,6 +109,11 @@ class ModelInfo:
             return load_manifest(d, dir_fd=fd)
         finally:
             os.close(fd)
+
+    def meta_files(self, variant: str | None = None) -> MetaFiles:
+        """The model's metadata files (``variant``: an adapter's own), read whole and checked against their
+        recorded digests (metafiles.read_meta_files): serve these bytes, never the files on disk."""
+        return read_meta_files(self.path, below=self.path.parent, variant=variant)
 
     def file_path(self, rel: str) -> Path:
         """A metadata file's path, once it is known to be a regular file reached through no symlink."""
@@ -200,12 +207,13 @@ class Store:
                 meta = read_json(path / MODEL_JSON, dir_fd=fd)
             except FileNotFoundError:
                 raise missing from None
-            files, created, source = _model_record(path / MODEL_JSON, name, meta)
-            _check_files(model_files(path), fd, files)
+            record = model_record(path / MODEL_JSON, name, meta)
+            _check_files(model_files(path), fd, record.files)
             variants = _check_variants(model_variants(path), fd)
         finally:
             os.close(fd)
-        return ModelInfo(name=name, path=path, files=files, variants=variants, created=created, source=source)
+        return ModelInfo(name=name, path=path, files=record.files, variants=variants, created=record.created,
+                         source=record.source, file_digests=record.file_digests)
 
     def touch(self, name: str) -> None:
         """Record a use of ``name``, for the sidecar's SSD-tier LRU. Outside the model's folder:
@@ -490,22 +498,6 @@ def _refuse_foreign_dir(root: Path) -> None:
                        "pass a new or empty directory with --storage-path")
 
 
-def _model_record(path: Path, name: str, meta: Any) -> tuple[builtins.list[str], float, dict[str, str]]:
-    """model.json's fields, each checked (the mount turns ``created`` into 64-bit nanoseconds)."""
-    if not isinstance(meta, dict):
-        raise corrupt(path, "must hold a JSON object")
-    files, created, source = meta.get("files", []), meta.get("created", 0), meta.get("source", {})
-    if meta.get("name") != name:
-        raise corrupt(path, f"field 'name' must be {name!r}, the model whose directory holds it")
-    if not isinstance(files, builtins.list) or not all(plain_name(f) for f in files):
-        raise corrupt(path, "field 'files' must list plain file names (no '/', no leading '.')")
-    if type(created) not in (int, float) or not 0 <= created < 2**33:
-        raise corrupt(path, "field 'created' must be a time in seconds since 1970")
-    if not isinstance(source, dict) or not all(isinstance(v, str) for v in source.values()):
-        raise corrupt(path, "field 'source' must map names to strings")
-    return builtins.list(files), float(created), dict(source)
-
-
 def _check_files(files_dir: Path, model_fd: int, files: builtins.list[str]) -> None:
     """Metadata files are served as they are: regular files in a real files/ directory."""
     try:
@@ -584,9 +576,3 @@ def _dir_key(model_dir: Path) -> tuple[int, ...] | None:
     except OSError:
         return None
     return tuple(key) if time.time_ns() - newest > RECENT_NS else None
-
-
-def write_model_json(model_dir: Path, name: str, files: list[str], source: dict[str, Any]) -> None:
-    meta = {"format": "sllmfs-model", "version": STORE_VERSION, "name": name,
-            "files": sorted(files), "created": time.time(), "source": source}
-    (model_dir / MODEL_JSON).write_text(json.dumps(meta, indent=1))

@@ -23,6 +23,7 @@ from sllmfs.store.format import (
     CHUNK_SIZE,
     MANIFEST,
     PARTITION_TARGET,
+    FileDigests,
     Manifest,
     Partition,
     TensorEntry,
@@ -104,6 +105,7 @@ class VariantWriter:
         self.tensors: dict[str, TensorEntry] = {}
         self.aliases: dict[str, str] = {}
         self.metadata: dict[str, Any] = {}
+        self.file_digests: FileDigests | None = None  # an adapter's own files (format.FileDigest), set before finish
         self._parts: list[_PartitionFile] = []
         self._done: list[Partition] = []
         self._buf = bytearray(BLOCK)
@@ -171,7 +173,7 @@ class VariantWriter:
             self._done.append(self._parts[-1].close())
             self._parts = []
         m = Manifest(variant=self.variant, tensors=self.tensors, partitions=self._done,
-                     aliases=self.aliases, metadata=self.metadata)
+                     aliases=self.aliases, metadata=self.metadata, file_digests=self.file_digests)
         m.validate(str(self.out_dir))
         (self.out_dir / MANIFEST).write_text(m.to_json())
         os.chmod(self.out_dir / MANIFEST, 0o640)

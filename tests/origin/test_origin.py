@@ -528,3 +528,60 @@ def test_a_damaged_object_fails_the_streamed_lease_and_stores_nothing(stored: St
         with pytest.raises(Corrupt, match="fail their checksum"):  # remembered for a while: one line
             c.acquire(MODEL)
         assert all(m["name"] != MODEL for m in c.status()["models"])  # nothing stored, the daemon answers
+
+
+# -- metadata files: checked against model.json's digests on the way out and in ----------------------
+
+
+def test_push_refuses_a_damaged_metadata_file_before_uploading_anything(stored: Store, origin: Origin,
+                                                                        env: dict[str, str]) -> None:
+    path = stored.get(MODEL).files_dir / "config.json"
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x20
+    path.write_bytes(bytes(data))
+    line = one_line_error(sllmfs("push", "--model", MODEL, "--to", str(origin), store=stored.root, env=env,
+                                 check=False))
+    assert "files/config.json fails its xxh3_64 checksum" in line and MODEL in line
+    assert "Contents" not in _bucket(origin).list_objects_v2(Bucket=origin.bucket)  # nothing went up
+
+
+def _replace_in_origin(origin: Origin, rel: str, body: bytes) -> None:
+    """An origin object replaced together with its index entry (a pusher that read bad bytes, or a
+    hand): the index's own checksums agree, only the digests recorded at save can tell."""
+    from sllmfs.store.format import digest
+
+    bucket = _bucket(origin)
+    bucket.put_object(Bucket=origin.bucket, Key=origin.key(MODEL, rel), Body=body)
+    key = origin.key(MODEL, INDEX)
+    index = json.loads(bucket.get_object(Bucket=origin.bucket, Key=key)["Body"].read())
+    index["objects"][rel] = {"size": len(body), "digest": digest(body), "partition": False}
+    bucket.put_object(Bucket=origin.bucket, Key=key, Body=json.dumps(index).encode())
+
+
+@pytest.mark.parametrize("body", [b'{"model_type": "llamb"}', b'{"model_type": "llama"} ', b"{}"],
+                         ids=["flipped", "extended", "truncated"])
+def test_pull_refuses_metadata_that_differs_from_its_record_and_keeps_the_local_copy(
+        stored: Store, origin: Origin, env: dict[str, str], body: bytes) -> None:
+    push_model(stored, MODEL, origin)
+    _replace_in_origin(origin, "files/config.json", body)
+    before = _snapshot(stored, MODEL)
+    line = one_line_error(sllmfs("pull", "--model", MODEL, "--from", str(origin), "--force", store=stored.root,
+                                 env=env, check=False))
+    assert "files/config.json does not match the size and xxh3_64 recorded" in line and "--force" in line
+    assert _snapshot(stored, MODEL) == before  # the previous local copy, untouched
+    assert not pull_dir(stored, MODEL).exists() or not any(pull_dir(stored, MODEL).rglob("config.json"))
+
+
+def test_a_model_saved_before_digests_goes_through_the_origin_unverified(stored: Store, origin: Origin,
+                                                                         env: dict[str, str], tmp_path: Path) -> None:
+    from tests.store.test_metafiles import make_legacy
+
+    make_legacy(stored, MODEL)
+    pushed = sllmfs("push", "--model", MODEL, "--to", str(origin), store=stored.root, env=env)
+    assert "served unverified" in pushed.stderr and "--repair" in pushed.stderr
+    fresh = tmp_path / "fresh"
+    sllmfs("pull", "--model", MODEL, "--from", str(origin), store=fresh, env=env)
+    assert _snapshot(Store(fresh), MODEL) == _snapshot(stored, MODEL)
+    assert Store(fresh).get(MODEL).file_digests is None
+    sllmfs("verify", "--model", MODEL, "--repair", store=fresh)
+    assert Store(fresh).get(MODEL).meta_files().verified

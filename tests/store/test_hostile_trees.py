@@ -30,6 +30,7 @@ def test_fuzzed_store_trees_never_stop_the_daemon_nor_leak_outside_bytes(tmp_pat
     assert r["rounds"] == 40 and r["ls_runs"] == 40 and r["mutations"] >= 40, r
     assert r["problems"] == [] and r["daemon_alive"] and r["tracebacks"] == 0, r
     assert r["victim_refused"] > 0 and r["untouched_reads"] >= 40 * (fuzz_store.TREE_MODELS - 2), r
+    assert r["metadata_refused"] > 0, r  # changed metadata files are refused (their digests), not served
 
 
 def _store_with(tmp_path: Path, *models: str) -> Store:
