@@ -21,8 +21,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sllmfs.core.errors import BadInput, SllmfsError
@@ -37,12 +39,14 @@ SAVE_KV_TOKENS = 4096
 SAVE_MEM_FRACTION = 0.9  # SGLang leaves (1 - this) of the free memory measured before the load unused
 
 
-def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = None,
+def engine_args(store: Store, model: str, tp_size: int, *, config_dir: Path, dtype: str | None = None,
                 quantization: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``sglang.Engine`` that produce this model's per-rank variants."""
+    """Keyword arguments for ``sglang.Engine`` that produce this model's per-rank variants;
+    ``config_dir`` receives the model's checked metadata files (the engine reads its config there)."""
     info = stored_for_rank_state(store, model, tp_size, "SGLang")
     args: dict[str, Any] = {
-        "model_path": str(info.files_dir),  # config as saved; weights come from the loader
+        # config as saved, checked against its digests; weights come from the loader
+        "model_path": str(info.meta_files().write_to(config_dir)),
         "load_format": LOAD_FORMAT,
         "tp_size": tp_size,
         "model_loader_extra_config": json.dumps({
@@ -138,7 +142,15 @@ def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | N
     """Run SGLang once on ``model`` with ``tp_size`` ranks (unless a complete set is stored already);
     report what the store holds. ``command``: the engine's process (tests give a stand-in);
     ``say``: each stored key as soon as it is known."""
-    kwargs = engine_args(store, model, tp_size, dtype=dtype, quantization=quantization, extra=extra)
+    with tempfile.TemporaryDirectory(prefix="sllmfs-save-") as tmp:
+        return _save_rank_variants(store, model, tp_size, engine_args(
+            store, model, tp_size, config_dir=Path(tmp) / "config", dtype=dtype, quantization=quantization,
+            extra=extra), version, command, say)
+
+
+def _save_rank_variants(store: Store, model: str, tp_size: int, kwargs: dict[str, Any], version: str | None,
+                        command: Callable[[dict[str, Any]], Sequence[str]],
+                        say: Callable[[str], None]) -> SaveReport:
     version = version or installed_version()
     report = SaveReport(model, tp_size)
     done = _complete(rank_sets(store, model, tp_size, version), tp_size)

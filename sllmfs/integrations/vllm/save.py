@@ -10,6 +10,7 @@ that layout is then a fast-path start. Nothing here imports vLLM at import time.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from sllmfs.store.store import Store
 EngineFactory = Callable[..., Any]  # vllm.LLM, or a stand-in that loads the same way (CPU tests)
 
 
-def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = None,
+def engine_args(store: Store, model: str, tp_size: int, *, config_dir: Path, dtype: str | None = None,
                 quantization: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` that produce this model's per-rank variants."""
+    """Keyword arguments for ``vllm.LLM`` that produce this model's per-rank variants; ``config_dir``
+    receives the model's checked metadata files (the engine reads its config there)."""
     info = stored_for_rank_state(store, model, tp_size, "vLLM")
+    config = info.meta_files().write_to(config_dir)
     args: dict[str, Any] = {
-        "model": str(info.files_dir),  # config (and tokenizer) as saved; weights come from the loader
+        "model": str(config),  # config (and tokenizer) as saved, checked; weights come from the loader
         "load_format": LOAD_FORMAT,
         "tensor_parallel_size": tp_size,
         "model_loader_extra_config": {"sllm_model": model, "sllm_storage_path": str(store.root),
@@ -38,7 +41,7 @@ def engine_args(store: Store, model: str, tp_size: int, *, dtype: str | None = N
         # after the weights, vLLM sets up attention and its KV cache: the portable backend and a short
         # context keep a save from needing kernels (FA2/FA3) or KV memory it does not use
         "attention_backend": "TRITON_ATTN",
-        "max_model_len": min(256, _context_length(info.files_dir / "config.json")),
+        "max_model_len": min(256, _context_length(config / "config.json")),
     }
     if dtype:
         args["dtype"] = dtype
@@ -62,7 +65,14 @@ def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | N
     """Run vLLM once on ``model`` with ``tp_size`` ranks; return its per-rank variant keys.
 
     Ranks already stored for this layout are loaded by the fast path and kept as they are."""
-    kwargs = engine_args(store, model, tp_size, dtype=dtype, quantization=quantization)
+    with tempfile.TemporaryDirectory(prefix="sllmfs-save-") as tmp:
+        kwargs = engine_args(store, model, tp_size, config_dir=Path(tmp) / "config", dtype=dtype,
+                             quantization=quantization)
+        return _run(store, model, tp_size, kwargs, engine_factory, version)
+
+
+def _run(store: Store, model: str, tp_size: int, kwargs: dict[str, Any], engine_factory: EngineFactory | None,
+         version: str | None) -> list[str]:
     if engine_factory is None or version is None:
         try:
             import vllm

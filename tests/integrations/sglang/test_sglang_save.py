@@ -62,19 +62,21 @@ def stand_in(ranks: list[int], *, tp: int, end: str = "") -> object:
     return command
 
 
-def test_engine_args_hold_only_what_producing_the_state_needs(stored_llama: Store) -> None:
-    args = engine_args(stored_llama, "org/llama", 2, dtype="bfloat16")
+def test_engine_args_hold_only_what_producing_the_state_needs(stored_llama: Store, tmp_path: Path) -> None:
+    args = engine_args(stored_llama, "org/llama", 2, config_dir=tmp_path / "cfg", dtype="bfloat16")
     assert args["load_format"] == "sllm" and args["tp_size"] == 2 and args["dtype"] == "bfloat16"
-    assert (Path(args["model_path"]) / "config.json").is_file()
+    assert Path(args["model_path"]) == tmp_path / "cfg"  # the checked copy, not the store's files/
+    assert (Path(args["model_path"]) / "config.json").read_bytes() == \
+        (stored_llama.get("org/llama").files_dir / "config.json").read_bytes()
     extra = json.loads(args["model_loader_extra_config"])
     assert extra == {"sllm_model": "org/llama", "sllm_storage_path": str(stored_llama.root), "sllm_write_back": "sync"}
     assert args["disable_cuda_graph"] is True and args["skip_tokenizer_init"] is True
     assert args["max_total_tokens"] == SAVE_KV_TOKENS and args["max_running_requests"] == 1
     assert args["chunked_prefill_size"] <= SAVE_KV_TOKENS and args["disable_radix_cache"] is True
     with pytest.raises(BadInput, match="must be 1 or more"):
-        engine_args(stored_llama, "org/llama", 0)
+        engine_args(stored_llama, "org/llama", 0, config_dir=tmp_path / "x")
     with pytest.raises(NotFound, match="sllmfs save --model org/absent"):
-        engine_args(stored_llama, "org/absent", 1)
+        engine_args(stored_llama, "org/absent", 1, config_dir=tmp_path / "x")
 
 
 def test_sglang_0517_takes_the_engine_args_as_given(tmp_path: Path) -> None:
@@ -88,7 +90,7 @@ def test_sglang_0517_takes_the_engine_args_as_given(tmp_path: Path) -> None:
 
     store = Store(tmp_path / "store")  # a model of its own: SGLang pins the transformers that builds it
     save_model(store, "org/llama", build_model(tmp_path / "llama", "llama"))
-    args = engine_args(store, "org/llama", 2)
+    args = engine_args(store, "org/llama", 2, config_dir=tmp_path / "cfg")
     sa = ServerArgs(**args, device="cpu")  # no accelerator here: SGLang would refuse to pick a device
     assert sa.disable_cuda_graph and sa.skip_tokenizer_init and sa.disable_radix_cache
     assert sa.max_total_tokens == SAVE_KV_TOKENS and sa.max_running_requests == 1

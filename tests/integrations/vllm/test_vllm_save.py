@@ -50,7 +50,7 @@ def test_save_backend_vllm_then_the_fast_path(tmp_path: Path, checkpoint: Path, 
 def test_engine_args_are_vllms(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
     store = Store(tmp_path / "store")
     save_model(store, MODEL, checkpoint)
-    args = engine_args(store, MODEL, 2)
+    args = engine_args(store, MODEL, 2, config_dir=tmp_path / "cfg")
     assert args["tensor_parallel_size"] == 2 and args["load_format"] == "sllm"
     assert args["model_loader_extra_config"]["sllm_write_back"] == "sync"
     from vllm.engine.arg_utils import EngineArgs
@@ -62,9 +62,9 @@ def test_engine_args_are_vllms(tmp_path: Path, checkpoint: Path) -> None:  # noq
     assert AttentionConfig.validate_backend_before(args["attention_backend"]) is AttentionBackendEnum.TRITON_ATTN
     assert args["max_model_len"] == 256  # the tiny checkpoint's own context length: no more
     with pytest.raises(NotFound, match="not in the store"):
-        engine_args(store, "org/other", 1)
+        engine_args(store, "org/other", 1, config_dir=tmp_path / "x")
     with pytest.raises(BadInput, match="must be 1 or more"):
-        engine_args(store, MODEL, 0)
+        engine_args(store, MODEL, 0, config_dir=tmp_path / "x")
 
 
 def test_a_save_that_writes_no_rank_says_so(tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
