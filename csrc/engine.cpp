@@ -303,7 +303,7 @@ void Engine::register_worker(Job& job, int index) {
     auto next = [&]() -> int64_t {
       if (!job.direct) return job.claim(Claimer::Registrar);
       return job.direct->claim([&] { return job.claim(Claimer::Registrar); },
-                               [&](int64_t b) { return job.plan.blocks[b].bytes; });
+                               [&](int64_t b) { return job.plan.blocks[b].bytes; }, job.abort);
     };
     while ((id = next()) >= 0) {
       const Block& b = job.plan.blocks[id];
@@ -318,6 +318,7 @@ void Engine::register_worker(Job& job, int index) {
         } catch (const EngineError& err) {
           if (job.stage_threads == 0) throw;
           // Pinning refused (limits, odd mapping): leave this and the rest to the stagers.
+          if (job.direct) job.direct->dropped(b.bytes);
           std::lock_guard<std::mutex> lk(job.mu);
           job.queue.push_front(static_cast<uint32_t>(id));
           if (job.fallback.empty()) job.fallback = err.what();

@@ -18,9 +18,15 @@ InFlight::~InFlight() {
   for (auto& [ev, n] : events_) target_.destroy_event(ev);
 }
 
-int64_t InFlight::claim(const std::function<int64_t()>& claim, const std::function<uint64_t(int64_t)>& bytes) {
-  std::lock_guard<std::mutex> lk(mu_);
-  while (queued_ >= limit_ && !events_.empty()) {
+int64_t InFlight::claim(const std::function<int64_t()>& claim, const std::function<uint64_t(int64_t)>& bytes,
+                        const std::atomic<bool>& abort) {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (queued_ >= limit_) {
+    if (abort) return -1;
+    if (events_.empty()) {  // all claimed, none queued yet (still pinning): their events come
+      cv_.wait_for(lk, std::chrono::milliseconds(1));
+      continue;
+    }
     auto [ev, n] = events_.front();
     events_.pop_front();
     target_.wait(ev);
@@ -37,6 +43,13 @@ void InFlight::queued(void* stream, uint64_t bytes) {
   target_.record(ev, stream);
   std::lock_guard<std::mutex> lk(mu_);
   events_.emplace_back(ev, bytes);
+  cv_.notify_all();
+}
+
+void InFlight::dropped(uint64_t bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  queued_ -= bytes;
+  cv_.notify_all();
 }
 
 std::string Engine::peer_problem(int peer, Mode mode) {

@@ -75,7 +75,8 @@ def test_sidecar_relays_through_an_idle_gpu_and_reports_the_cost(tmp_path: Path)
     subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(tmp_path / "fake.c")], check=True)
     gpu0 = "0000:00:06.0"
     for setting, relays in (("auto", True), ("off", False)):
-        env = {"SLLMFS_CUDART": str(lib), "SLLMFS_RELAY": setting}
+        # links at 4 GB/s: the direct path's window (256 MiB) stays full long enough for the relay to take blocks
+        env = {"SLLMFS_CUDART": str(lib), "SLLMFS_RELAY": setting, "FAKE_CUDA_H2D_GBPS": "4"}
         with sidecar(tmp_path / setting, "--mem-pool-size", "1GiB", env=env) as sd:
             wait_log(sd, "gpu copy engine ready device=0000:00:07.0")
             expected = make_model(sd.store, "org/m", tensors=12, nbytes=40 << 20)  # 480 MiB: 8 blocks of 64
@@ -100,7 +101,8 @@ def test_sidecar_relays_through_an_idle_gpu_and_reports_the_cost(tmp_path: Path)
             assert {n: digest(v) for n, v in got.items()} == {n: digest(v) for n, v in expected.items()}
             st = sd.status()["relay"]
         if relays:
-            assert stats["relay_bytes"] > 0 and stats["relay_peers"].startswith("0000:00:07.0:")
+            said = {k: v for k, v in stats.items() if "relay" in k or "direct" in k or k == "mode"}
+            assert stats["relay_bytes"] > 0 and stats["relay_peers"].startswith("0000:00:07.0:"), said
             assert stats["direct_bytes"] + stats["relay_bytes"] == stats["bytes"] == total
             cost = st["peers"]["0000:00:07.0"]
             assert st["allowed"] == "auto" and cost["loads"] == 1 and cost["bytes"] == stats["relay_bytes"]

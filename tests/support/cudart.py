@@ -90,7 +90,9 @@ static int pin_overlapping(uintptr_t a, uintptr_t e) {  /* caller holds g */
   return -1;
 }
 
-typedef struct Op { int kind; void* dst; const void* src; size_t n; struct Ev* ev; long gen; struct Op* next; } Op;
+typedef struct Op {
+  int kind; void* dst; const void* src; size_t n; struct Ev* ev; long gen; long us; struct Op* next;
+} Op;
 typedef struct Ev { pthread_mutex_t mu; pthread_cond_t cv; long rec, fin; } Ev;
 typedef struct St {
   pthread_t th; pthread_mutex_t mu; pthread_cond_t cv; Op *head, *tail; int busy, quit, dev; struct St* nxt;
@@ -107,7 +109,7 @@ static void* run(void* a) {
     s->busy = 1;
     pthread_mutex_unlock(&s->mu);
     pthread_mutex_lock(&g); unsigned r = rand_r(&seed); pthread_mutex_unlock(&g);
-    usleep(r % 200);  /* GPUs finish whenever they like */
+    usleep(r % 200 + o->us);  /* GPUs finish whenever they like, and a link moves so many bytes a second */
     if (o->kind == 0) memcpy(o->dst, o->src, o->n);
     else { pthread_mutex_lock(&o->ev->mu); if (o->gen > o->ev->fin) o->ev->fin = o->gen;
            pthread_cond_broadcast(&o->ev->cv); pthread_mutex_unlock(&o->ev->mu); }
@@ -132,10 +134,15 @@ static void drain(St* s) {
   while (s->head || s->busy) pthread_cond_wait(&s->cv, &s->mu);
   pthread_mutex_unlock(&s->mu);
 }
-static E enqueue(void* d, const void* src, size_t n, void* st) {
-  Op* o = calloc(1, sizeof *o); o->kind = 0; o->dst = d; o->src = src; o->n = n;
+static E enqueue(void* d, const void* src, size_t n, void* st, long us) {
+  Op* o = calloc(1, sizeof *o); o->kind = 0; o->dst = d; o->src = src; o->n = n; o->us = us;
   push(st, o);
   return 0;
+}
+static long link_us(size_t n) {  /* FAKE_CUDA_H2D_GBPS: each H2D copy takes its bytes at that rate */
+  const char* s = getenv("FAKE_CUDA_H2D_GBPS");
+  double gbps = s ? atof(s) : 0;
+  return gbps > 0 ? (long)(n / (gbps * 1e3)) : 0;
 }
 static int peer_ok(int a, int b) {
   const char* s = getenv("FAKE_CUDA_NO_PEER");
@@ -202,7 +209,7 @@ E cudaMemcpyAsync(void* d, const void* s, size_t n, int k, void* st) {
     pthread_mutex_unlock(&g);
     if (mixed) return 1;
   }
-  return enqueue(d, s, n, st);
+  return enqueue(d, s, n, st, k == 1 ? link_us(n) : 0);
 }
 static long peer_calls = 0;
 E cudaMemcpyPeerAsync(void* d, int dd, const void* s, int sd, size_t n, void* st) {
@@ -210,7 +217,7 @@ E cudaMemcpyPeerAsync(void* d, int dd, const void* s, int sd, size_t n, void* st
   const char* fail = getenv("FAKE_CUDA_PEER_FAIL_AFTER");  /* a peer link that breaks part way */
   if (fail && __sync_fetch_and_add(&peer_calls, 1) >= atol(fail)) return 1;
   pthread_mutex_lock(&g); peer_out[sd] += n; pthread_mutex_unlock(&g);
-  return enqueue(d, s, n, st);
+  return enqueue(d, s, n, st, 0);
 }
 E cudaDeviceCanAccessPeer(int* can, int d, int p) { *can = d != p && peer_ok(d, p); return 0; }
 E cudaDeviceEnablePeerAccess(int p, unsigned f) {
