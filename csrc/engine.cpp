@@ -1,6 +1,5 @@
 #include "engine.h"
 
-#include "pins.h"
 
 #include <algorithm>
 #include <atomic>

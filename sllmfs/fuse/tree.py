@@ -132,6 +132,8 @@ class Tree:
         """The kernel was handed ``node``'s inode (a lookup or readdirplus reply): one more reference.
         A node swept meanwhile (a listing's snapshot outlives a sweep) comes back under its own number."""
         self._nodes.setdefault(node.inode, node)
+        if node.key:  # and the next lookup of that name answers the number the kernel holds
+            self._inodes.setdefault(node.key, node.inode)
         self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
 
     def forget(self, inode: int, nlookup: int) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from sllmfs.core.errors import BadInput, Corrupt, NotFound
+from sllmfs.core.errors import BadInput, Corrupt, NotFound, SllmfsError
 from sllmfs.origin.client import errors, get_bytes, get_json_or_none
 from sllmfs.origin.url import Origin
 from sllmfs.store import kernels
@@ -94,6 +95,11 @@ def push(store: Store, key: str, origin: Origin, client: Any) -> int:
         merged[f.path] = f
         sent += 1
     if sent or remote is None:
+        limit = kernels.max_entry_bytes()
+        if sum(f.size for f in merged.values()) > limit:  # every node would then download and refuse it
+            raise BadInput(f"kernel cache {key!r} in {origin} would hold more than {limit} bytes ({kernels.MAX_ENV}) "
+                           f"with this node's files; not pushed (run `sllmfs kernels rm {key}` here, or raise "
+                           f"{kernels.MAX_ENV} on every node)")
         entry = KernelEntry(key, sorted(merged.values(), key=lambda f: f.path),
                             min(local.created, remote.created) if remote else local.created,
                             max(local.updated, remote.updated if remote else 0.0), local.facts or
@@ -103,9 +109,12 @@ def push(store: Store, key: str, origin: Origin, client: Any) -> int:
     return sent
 
 
-def pull(store: Store, key: str, origin: Origin, client: Any) -> int:
+def pull(store: Store, key: str, origin: Origin, client: Any, failed: set[tuple[str, str, str]] | None = None) -> int:
     """Fetch the files of the origin's entry ``key`` that the local entry lacks, check each, merge them
-    in; returns how many arrived. NotFound when the origin has no such entry."""
+    in; returns how many arrived. ``failed``: (key, path, checksum) of files that did not check out,
+    left out now and in later pulls (until the origin names other bytes). NotFound when the origin has
+    no such entry; BadInput when the entry would pass the size limit (nothing is downloaded)."""
+    failed = set() if failed is None else failed
     remote = remote_entry(client, origin, key)
     if remote is None:
         raise NotFound(f"origin {origin} has no kernel cache {key!r} (see `sllmfs kernels ls --origin URL`)")
@@ -113,55 +122,94 @@ def pull(store: Store, key: str, origin: Origin, client: Any) -> int:
         local = {f.path: f for f in kernels.load_entry(store, key).files}
     except (NotFound, Corrupt):
         local = {}
-    want = [f for f in remote.files if not (f.path in local and local[f.path].checksum == f.checksum)]
+    want = [f for f in remote.files if (key, f.path, f.checksum) not in failed and not kernels.skipped(f.path)
+            and not (f.path in local and local[f.path].checksum == f.checksum)]
     if not want:
         return 0
+    limit = kernels.max_entry_bytes()
+    if sum(f.size for f in local.values()) + sum(f.size for f in want) > limit:
+        raise BadInput(f"kernel cache {key!r} from {origin} would hold more than {limit} bytes "
+                       f"({kernels.MAX_ENV}); not pulled")
     got = 0
     with store.staging() as root:  # a private, locked directory the store's cleanup leaves alone
         for f in want:
             try:
-                with errors(origin, f"downloading kernel cache file {f.path}"):
-                    data = get_bytes(client, origin.bucket, object_key(origin, key, f.path))
-            except BadInput as e:  # that object is gone or unreadable: the rest still helps
-                log.warning("sllmfs: kernel cache %r: %s left out: %s", key, f.path, e)
+                with errors(origin, f"downloading kernel cache file {f.path}"):  # never more than it should hold
+                    data = get_bytes(client, origin.bucket, object_key(origin, key, f.path), 0, f.size + 1) \
+                        if f.size else b""
+                if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.checksum:
+                    raise Corrupt(f"fails its checksum ({len(data)} bytes, {f.size} recorded)")
+                dest = root / f.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+                os.chmod(dest, f.mode | 0o600)  # ours to read and replace; the recorded bits on top
+                os.utime(dest, ns=(f.mtime_ns, f.mtime_ns))  # ninja compares the files' times
+            except (SllmfsError, OSError) as e:  # this file only: the engine compiles that kernel again
+                failed.add((key, f.path, f.checksum))
+                log.warning("sllmfs: kernel cache %r: %s from %s left out: %s", key, f.path, origin, e)
                 continue
-            if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.checksum:
-                log.warning("sllmfs: kernel cache %r: %s from %s fails its checksum; left out (the engine "
-                            "compiles it again)", key, f.path, origin)
-                continue
-            dest = root / f.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-            os.chmod(dest, f.mode)
-            os.utime(dest, ns=(f.mtime_ns, f.mtime_ns))  # ninja compares the files' times
             got += 1
         if got:
             kernels.publish(store, key, root, facts=remote.facts)
     return got
 
 
-def sync(store: Store, origin: Origin, client: Any, pushed: dict[str, float], node: tuple[str, str]) -> None:
-    """One round of the sidecar's: push each local entry updated since its last push (``pushed``:
-    key -> the entry's ``updated`` when pushed), pull each origin entry made for this node's GPUs and
-    driver (``node``: as NodeFacts reads them) that brings files the local entry lacks."""
+@dataclass
+class SyncState:
+    """What a sidecar's kernel sync remembers between rounds."""
+
+    node: tuple[str, str]  # this node's (GPU models, driver): node_facts()
+    pushed: dict[str, float] = field(default_factory=dict)  # key -> the entry's `updated` when last pushed
+    failed: set[tuple[str, str, str]] = field(default_factory=set)  # (key, path, checksum) a pull left out
+    evicted: set[str] = field(default_factory=set)  # keys the disk tier removed: not pulled back
+    said: dict[str, str] = field(default_factory=dict)  # key -> the last warning about it
+
+    def warn(self, key: str, line: str) -> None:
+        if self.said.get(key) != line:  # once per new reason, not every round
+            self.said[key] = line
+            log.warning("origin kernel caches: %s", line)
+
+
+def sync(store: Store, origin: Origin, client: Any, state: SyncState,
+         room_for: Callable[[int], bool] = lambda nbytes: True) -> None:
+    """One round of the sidecar's: push each local entry updated since its last push, pull each origin
+    entry made for this node's GPUs and driver that brings files the local entry lacks (and fits the
+    disk budget: ``room_for``). A key that fails (read-only credentials, a damaged manifest, the size
+    limit) is that key's warning; the others go on."""
     good, _bad = kernels.entries(store)
     local = {e.key: e for e in good}
     for e in good:
-        if pushed.get(e.key, -1.0) < e.updated:
+        if state.pushed.get(e.key, -1.0) >= e.updated:
+            continue
+        try:
             n = push(store, e.key, origin, client)
-            pushed[e.key] = e.updated
-            if n:
-                log.info("kernel cache %s: pushed %d files to %s", e.key, n, origin)
-    for key in remote_keys(client, origin):
-        remote = remote_entry(client, origin, key)
-        if remote is None or not for_node(remote.facts, node):
+        except SllmfsError as err:
+            state.warn(e.key, f"{e.key} not pushed: {err}")
             continue
-        have = {f.path: f.checksum for f in local[key].files} if key in local else {}
-        if all(have.get(f.path) == f.checksum for f in remote.files):
-            continue
-        n = pull(store, key, origin, client)
+        state.pushed[e.key] = e.updated
         if n:
-            pushed[key] = kernels.load_entry(store, key).updated  # what came from the origin need not go back
+            log.info("kernel cache %s: pushed %d files to %s", e.key, n, origin)
+    for key in remote_keys(client, origin):
+        if key in state.evicted:
+            continue
+        try:
+            remote = remote_entry(client, origin, key)
+            if remote is None or not for_node(remote.facts, state.node):
+                continue
+            have = {f.path: f.checksum for f in local[key].files} if key in local else {}
+            missing = [f for f in remote.files if have.get(f.path) != f.checksum and not kernels.skipped(f.path)
+                       and (key, f.path, f.checksum) not in state.failed]
+            if not missing:
+                continue
+            if not room_for(sum(f.size for f in missing)):
+                state.warn(key, f"{key} not pulled: the disk budget (--disk-size) has no room for it")
+                continue
+            n = pull(store, key, origin, client, state.failed)
+        except SllmfsError as err:
+            state.warn(key, f"{key} not pulled: {err}")
+            continue
+        if n:
+            state.pushed[key] = kernels.load_entry(store, key).updated  # what came from the origin need not go back
             log.info("kernel cache %s: pulled %d files from %s", key, n, origin)
 
 

@@ -22,6 +22,7 @@ from sllmfs.core.errors import BadInput, Corrupt, NotFound, Pulling, SllmfsError
 from sllmfs.origin import url as origin_url
 from sllmfs.origin.client import connect as origin_client
 from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
+from sllmfs.origin.kernels import SyncState, node_facts
 from sllmfs.origin.pull import PullPlan, RangeSink
 from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar import disktier
@@ -79,6 +80,9 @@ class Cache:
         self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often
         self._origin_misses: dict[str, float] = {}  # names the origin lacked -> when (the mount's lookups)
         self._pulls: dict[str, _Pull] = {}  # models coming from the origin for acquires (one pull each)
+        self.kernel_sync: SyncState | None = None  # kernel caches through the origin (origin/kernels.py)
+        if self.origin is not None and settings.origin_kernels:
+            self.kernel_sync = SyncState(node=node_facts())
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -88,7 +92,7 @@ class Cache:
             nursery.start_soon(self._disk_loop)
             if self.origin is not None:
                 nursery.start_soon(self._origin_loop)
-                if self.settings.origin_kernels:
+                if self.kernel_sync is not None:
                     nursery.start_soon(self._kernels_loop)
             nursery.start_soon(self._watch_store)
             task_status.started()
@@ -254,8 +258,9 @@ class Cache:
     async def enforce_disk(self) -> list[str]:
         protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
         protected |= {r.model for r in self.tier.retired}
+        evicted = self.kernel_sync.evicted if self.kernel_sync is not None else set()
         removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
-                                                protected, self._origin_holds_now)
+                                                protected, self._origin_holds_now, evicted.add)
         for name in removed:
             for (m, _), res in list(self.tier.entries.items()):
                 if m == name:
@@ -440,21 +445,25 @@ class Cache:
         fleet compiled for its GPUs before its first engine starts), then every round."""
         from sllmfs.origin import kernels as origin_kernels
 
-        assert self.origin is not None
-        origin = self.origin
-        pushed: dict[str, float] = {}
-        node = origin_kernels.node_facts()
-        said = ""
+        assert self.origin is not None and self.kernel_sync is not None
+        origin, state = self.origin, self.kernel_sync
+        client = None
         while True:
             try:
-                await trio.to_thread.run_sync(lambda: origin_kernels.sync(self.store, origin, origin_client(origin, 2),
-                                                                          pushed, node), abandon_on_cancel=True)
-                said = ""
-            except Exception as e:  # read-only credentials, an unreachable origin: once per new reason
-                if str(e) != said:
-                    log.warning("origin kernel caches: %s", e)
-                    said = str(e)
+                client = client or origin_client(origin, 2)
+                await trio.to_thread.run_sync(origin_kernels.sync, self.store, origin, client, state,
+                                              self._disk_room_for, abandon_on_cancel=True)
+            except Exception as e:  # an unreachable origin, no boto3: once per new reason
+                state.warn("", str(e))
             await trio.sleep(DISK_LOOP_S)
+
+    def _disk_room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the disk budget without removing anything (a worker thread)."""
+        if not self.settings.disk_size:
+            return True
+        sizes, _ = disktier.disk_models(self.store)
+        used = sum(sizes.values()) + sum(e.size for e in disktier.kernel_entries(self.store))
+        return used + nbytes <= self.settings.disk_size
 
     async def _disk_loop(self) -> None:
         while True:

@@ -79,8 +79,14 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
             if settings.prefault:
+                def room() -> int:  # read on the trio thread (it owns the tier), before each blank
+                    try:
+                        return trio.from_thread.run_sync(tier.blank_room)
+                    except (trio.RunFinishedError, trio.Cancelled):  # stopping: no more blanks
+                        return 0
+
                 nursery.start_soon(partial(trio.to_thread.run_sync, prefault.run, tier.blanks, tier.budget,
-                                           settings.num_thread,
+                                           settings.num_thread, room,
                                            abandon_on_cancel=True))
             if settings.gpu_warmup:  # once up: a start that fails says one line, not CUDA's news
                 nursery.start_soon(server.cache.warm_gpus)

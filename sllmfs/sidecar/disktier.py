@@ -58,9 +58,11 @@ def refetchable(info: ModelInfo) -> bool:
 
 
 def enforce_budget(store: Store, budget: int, protected: set[str],
-                   in_origin: Callable[[str], bool] = lambda name: False) -> list[str]:
+                   in_origin: Callable[[str], bool] = lambda name: False,
+                   kernel_removed: Callable[[str], None] = lambda key: None) -> list[str]:
     """Remove LRU unprotected, refetchable models until the store fits ``budget`` (0 = unbounded).
-    ``in_origin`` says whether the fleet's origin holds a model (so a later miss pulls it back)."""
+    ``in_origin`` says whether the fleet's origin holds a model (so a later miss pulls it back);
+    ``kernel_removed`` hears of each kernel cache entry removed (the origin sync does not pull it back)."""
     if budget <= 0:
         return []
     sizes, _ = disk_models(store)
@@ -92,6 +94,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
             log.warning("disk tier: could not remove kernel cache %s: %s", k.key, err)
             continue
         used -= k.size
+        kernel_removed(k.key)
         log.info("evicted from disk kernel cache=%s bytes=%d (disk budget %d)", k.key, k.size, budget)
     if used > budget:
         log.warning("disk tier over budget: %d of %d bytes; the rest is leased, pinned or the only copy "

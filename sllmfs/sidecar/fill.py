@@ -11,6 +11,7 @@ into reads of that size (0: one), the shape the disk is read in.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -47,7 +48,10 @@ class Fill:
             if self._direct is not None:
                 self._direct.open_all()
                 self._same_files()
-        except OSError as e:  # a planted link or FIFO is Corrupt already
+        except BaseException as e:
+            self.close()  # the opens that succeeded
+            if not isinstance(e, OSError):  # a planted link or FIFO is Corrupt already
+                raise
             raise Corrupt(f"model {res.model!r} [{res.variant}]: cannot open {Path(str(e.filename)).name} "
                           f"({e.strerror}); run `sllmfs verify --model {res.model}`") from None
 
@@ -107,7 +111,12 @@ class Fill:
         aligned = len(dest) // 4096 * 4096  # O_DIRECT reads whole blocks; the file's tail goes buffered
         if self._direct is None or aligned == 0 or self._direct.fd(part) < 0:
             return self._files.read_into(part, dest, off)
-        done = self._direct.read_into(part, dest[:aligned], off)
+        try:
+            done = self._direct.read_into(part, dest[:aligned], off)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return self._files.read_into(part, dest, off)  # opened O_DIRECT but refuses such reads: buffered
         if done == aligned and aligned < len(dest):
             done += self._files.read_into(part, dest[aligned:], off + aligned)
         return done

@@ -164,6 +164,13 @@ class MemoryTier:
         self.blanks = Blanks()  # memory faulted in at start, not yet a segment (prefault.py)
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
 
+    def blank_room(self) -> int:
+        """Bytes the start-time pass may still make blanks of (prefault.py): none once anything is
+        resident (a fill wants the hugetlb pool then), else the budget less the blanks made."""
+        if self.entries or self.retired or self.mount_copies:
+            return 0
+        return self.budget - self.blanks.nbytes
+
     @property
     def used(self) -> int:
         return (sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
@@ -210,7 +217,7 @@ class MemoryTier:
         blanks = [self.blanks.take() if Segment.wants_huge(p.size) else None for p in manifest.partitions]
         try:
             self._make_room(need, model)
-        except BadInput:
+        except BaseException:
             for b in blanks:
                 if b is not None:
                     self.blanks.put(*b)

@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sllmfs.store.format import HUGE_PAGE, PARTITION_TARGET
@@ -83,16 +84,19 @@ class Blanks:
             os.close(fd)
 
 
-def make_blanks(blanks: Blanks, budget: int, threads: int, size: int = BLANK) -> tuple[int, float]:
+def make_blanks(blanks: Blanks, budget: int, threads: int, size: int = BLANK,
+                room: Callable[[], int] | None = None) -> tuple[int, float]:
     """Fault in blanks of ``size`` while the hugetlb pool has one more free and ``budget`` room for it,
-    ``threads`` pieces at a time. Returns (bytes made, seconds); the first failure ends the pass quietly."""
+    ``threads`` pieces at a time. ``room``: asked before each blank, the bytes the memory tier still
+    lets blanks take (none once a fill has started: it wants the pool). Returns (bytes made, seconds);
+    the first failure ends the pass quietly."""
     # a quarter of the budget at most: a small tier still gets several (and a partition its own)
     size = min(size, max(MIN_BLANK, budget // 4 // HUGE_PAGE * HUGE_PAGE))
     made = 0
     t0 = time.perf_counter()
     zero = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        while not blanks.closed and made + size <= budget:
+        while not blanks.closed and made + size <= budget and (room is None or room() >= size):
             free, page = hugepages_free()
             if page != HUGE_PAGE or free * page < size:
                 break
@@ -149,9 +153,9 @@ def _faulted(zero: int, size: int, threads: int, piece: int = PIECE) -> int | No
     return fd
 
 
-def run(blanks: Blanks, budget: int, threads: int) -> None:
+def run(blanks: Blanks, budget: int, threads: int, room: Callable[[], int] | None = None) -> None:
     """Worker thread at start: make the blanks and log one line."""
-    made, seconds = make_blanks(blanks, budget, threads)
+    made, seconds = make_blanks(blanks, budget, threads, room=room)
     if made:
         log.info("faulted in %d bytes of hugetlb pages as blank segments in %.2f s (%.1f GB/s): fills write "
                  "into memory already faulted in", made, seconds, made / max(seconds, 1e-9) / 1e9)

@@ -322,6 +322,11 @@ def _restore_file(src: Path, f: KernelFile, dest: Path, root: Path) -> None:
 # -- publish ---------------------------------------------------------------------------------
 
 
+def skipped(rel: str) -> bool:
+    """Whether a publish leaves this file out (a lock, a half-written temp file): never worth fetching."""
+    return _skip(rel)
+
+
 def _skip(rel: str) -> bool:
     """Locks and half-written files the caches make while they compile (triton: tmp.pid_*)."""
     name = rel.rsplit("/", 1)[-1]

@@ -104,8 +104,9 @@ def write_model_json(model_dir: Path, name: str, digests: FileDigests, source: d
 def record_files(files_dir: Path, rels: builtins.list[str]) -> FileDigests:
     """What the files just written under ``files_dir`` are (read back from there, as readers will)."""
     out: FileDigests = {}
-    for rel in rels:
-        out[rel] = FileDigest.of((files_dir / rel).read_bytes())
+    for rel in rels:  # no symlink followed: a repair must not record a planted link's target
+        with os.fdopen(open_regular(files_dir / rel, below=files_dir), "rb") as f:
+            out[rel] = FileDigest.of(f.read())
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
+from sllmfs.core.errors import BadInput  # noqa: E402
 from sllmfs.origin import kernels as origin_kernels  # noqa: E402
 from sllmfs.origin.client import connect  # noqa: E402
 from sllmfs.origin.url import Origin  # noqa: E402
@@ -90,7 +91,7 @@ def test_a_damaged_object_is_left_out_never_restored(origin: Origin, env: dict[s
     client.put_object(Bucket=origin.bucket, Key=obj, Body=bytes(data))
     with caplog.at_level("WARNING"):
         assert origin_kernels.pull(b, H200.name, origin, client) == 3
-    assert f"{bad} from {origin} fails its checksum" in caplog.text
+    assert f"{bad} from {origin} left out: fails its checksum" in caplog.text
     assert restored(b, H200.name, tmp_path / "out") == {k: v for k, v in FILES.items() if k != bad}
 
 
@@ -113,3 +114,39 @@ def test_a_new_nodes_sidecar_gets_the_fleets_kernels_for_its_gpus(origin: Origin
         assert [e.key for e in kernels.entries(b)[0]] == [HERE.name]
         assert f"kernel cache {HERE.name}: pushed" not in sd.log()  # what came from the origin is not sent back
     assert restored(b, HERE.name, tmp_path / "out") == FILES
+
+
+def test_a_round_goes_on_past_a_damaged_key_and_does_not_fetch_a_bad_file_twice(
+        origin: Origin, env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    publish(a, HERE, FILES, tmp_path / "src")
+    client = connect(origin, 2)
+    origin_kernels.push(a, HERE.name, origin, client)
+    junk = KernelKey("", "", "", "", "0.0", "", "other 1.0").name  # sorts before HERE's key
+    client.put_object(Bucket=origin.bucket, Key=origin_kernels.object_key(origin, junk, "manifest.json"), Body=b"{}")
+    bad = "tvm-ffi/libsgl_kernel_ab.so"
+    obj = origin_kernels.object_key(origin, HERE.name, bad)
+    client.put_object(Bucket=origin.bucket, Key=obj, Body=b"not the kernel")
+    state = origin_kernels.SyncState(node=("", ""))
+    with caplog.at_level("WARNING"):
+        origin_kernels.sync(b, origin, client, state)
+        origin_kernels.sync(b, origin, client, state)  # a second round: nothing new to say or fetch
+    assert caplog.text.count(f"{junk} not pulled") == 1  # that key's one line, once
+    assert caplog.text.count(f"{bad} from {origin} left out") == 1
+    assert restored(b, HERE.name, tmp_path / "out") == {k: v for k, v in FILES.items() if k != bad}
+
+
+def test_an_entry_over_the_size_limit_is_neither_pushed_nor_pulled(origin: Origin, env: dict[str, str],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    publish(a, HERE, FILES, tmp_path / "src")
+    client = connect(origin, 2)
+    origin_kernels.push(a, HERE.name, origin, client)
+    publish(a, HERE, {"triton/zz/new.cubin": os.urandom(100)}, tmp_path / "more")  # one more to push
+    monkeypatch.setenv(kernels.MAX_ENV, "4KiB")  # nodes that allow less than the entry holds
+    with pytest.raises(BadInput, match="would hold more than 4096 bytes"):
+        origin_kernels.pull(b, HERE.name, origin, client)
+    assert kernels.entries(b)[0] == []
+    with pytest.raises(BadInput, match="not pushed"):
+        origin_kernels.push(a, HERE.name, origin, client)
