@@ -33,12 +33,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sllmfs.core.config import env_flag, env_seconds, load_settings
 from sllmfs.core.errors import BadInput, NotFound
-from sllmfs.store import kernels
-from sllmfs.store.kernels import KernelKey
-from sllmfs.store.store import Store
+
+if TYPE_CHECKING:  # imported where a start serves caches: every other process of it only reads MARK
+    from sllmfs.store.kernels import KernelKey
+    from sllmfs.store.store import Store
 
 SWITCH = "SLLMFS_KERNEL_CACHE"
 MARK = "SLLMFS_KERNEL_CACHE_DIR"  # the working dir; "-" when this start decided not to serve caches
@@ -99,6 +101,9 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
 
 def _activate(store: Store | None, framework: str, key: KernelKey | None,
               engine_defaults: dict[str, str]) -> Activation | None:
+    from sllmfs.store import kernels
+    from sllmfs.store.store import Store
+
     kinds = {**CACHE_VARS, **FRAMEWORK_CACHE_VARS.get(framework, {})}
     managed = [k for k, (var, _) in kinds.items()
                if not os.environ.get(var) or os.environ.get(var) == engine_defaults.get(var)]
@@ -179,6 +184,8 @@ class Publisher(threading.Thread):
     """Publishes the working dir's new files once it has been quiet for ``quiet`` seconds."""
 
     def __init__(self, store: Store, key: KernelKey, dirs: dict[str, Path], quiet: float):
+        from sllmfs.store import kernels
+
         super().__init__(name="sllmfs-kernel-cache", daemon=True)
         self.store, self.key, self.dirs, self.quiet = store, key, dirs, quiet
         # what the store holds: restored files are no news, anything else in the dir (left by a start
@@ -190,6 +197,8 @@ class Publisher(threading.Thread):
         self._warned = False
 
     def run(self) -> None:
+        from sllmfs.store import kernels
+
         seen, changed = self.published, time.monotonic()
         while not self._halt.wait(min(1.0, self.quiet / 4)):
             now = kernels.scan(self.dirs)
@@ -199,6 +208,8 @@ class Publisher(threading.Thread):
                 self.publish()
 
     def publish(self, settle_s: float = 0.0) -> None:
+        from sllmfs.store import kernels
+
         with self._mutex:
             snap = kernels.scan(self.dirs)
             if snap == self.published:

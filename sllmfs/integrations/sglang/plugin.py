@@ -20,20 +20,30 @@ anything starts (``prepare_server_args``), and again where ``LoadConfig`` is bui
 
 Diagnostics: with ``SLLMFS_PROFILE_LOAD=<folder>`` each process profiles SGLang's
 whole ``ModelRunner.load_model`` (the "Load weight" phase) into that folder.
+
+Cost: SGLang loads plugins first thing in every process (``load_plugins()``). The load phase's
+hooks wait for SGLang's own import of the model runner (integrations/common/after_import):
+resolving them there would import it in the launching process, which never needs it
+(1.3 s of imports on a CPU host; bench/bench_plugin_cost.py, bench/NOTES-coldstart.md #21.4).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput
+from sllmfs.integrations.common.after_import import after_import
 from sllmfs.integrations.sglang import LOAD_FORMAT, compat
 
 VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
 CLI_TARGET = "sglang.srt.server_args.prepare_server_args"  # argv -> ServerArgs, in the launching process
-LOAD_PHASE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"  # SGLang times this
+MODEL_RUNNER = "sglang.srt.model_executor.model_runner"  # imported by each scheduler, when it builds its model
+LOAD_PHASE_TARGET = f"{MODEL_RUNNER}.ModelRunner.load_model"  # SGLang times this
 PROFILE_ENV = "SLLMFS_PROFILE_LOAD"
 _registered = False
 
@@ -54,10 +64,27 @@ def register() -> None:
     HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
     HookRegistry.register(CLI_TARGET, _refuse_at_launch, HookType.AROUND)
     if compat.is_supported(compat.installed_version()):  # elsewhere these targets may not exist
-        HookRegistry.register(LOAD_PHASE_TARGET, _import_loader_first, HookType.AROUND)
-        if env_str(PROFILE_ENV):
-            HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
+        after_import(MODEL_RUNNER, _hook_load_phase)
     _registered = True
+
+
+def _hook_load_phase(model_runner: ModuleType) -> None:
+    """Around ``ModelRunner.load_model``, once SGLang imported it: the loader imported first, and the
+    profile when asked for (outermost, as SGLang's registry would stack them: it sees the import too)."""
+    _around(model_runner.ModelRunner, "load_model", _import_loader_first)
+    if env_str(PROFILE_ENV):
+        _around(model_runner.ModelRunner, "load_model", _profiled)
+
+
+def _around(cls: type, name: str, hook: Callable[..., Any]) -> None:
+    """``hook(original, self, *args, **kwargs)`` in place of the method (SGLang's AROUND convention)."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return hook(original, *args, **kwargs)
+
+    setattr(cls, name, wrapper)
 
 
 def startup_problem(load_format: Any, startup_weight_load_mode: Any = None) -> str | None:
