@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import importlib.util
 import json
@@ -184,6 +185,9 @@ def zygote(plan: dict[str, Any]) -> None:
         raise SystemExit(f"bench: cannot import what a {fw} {role} process imports first: {pre_why}")
     print("RESULT " + json.dumps({"pre": pre_names, "pre_failed": pre_why, "pre_s": time.perf_counter() - t}),
           flush=True)
+    if plan["fork"]:  # the imported objects out of the collector's reach: a child's collections would
+        gc.collect()  # otherwise touch (and so copy) the whole inherited heap, which no fresh process does
+        gc.freeze()
     for run in plan["runs"]:
         _prepare_state(plan, run)
         result = _forked(lambda run=run: _one(plan, run, later)) if plan["fork"] else _one(plan, run, later)
@@ -374,11 +378,11 @@ def summarize(fw: str, data: dict[str, Any]) -> dict[str, Any]:
         base = role_sum["without"][metric]["median"]
         base_cpu = role_sum["without"]["cpu_s"]["median"]
         if role_sum["without"]["plugin_loaded"] or not all(role_sum[n]["plugin_loaded"] for n in groups
-                                                          if n.startswith("with")):
+                                                          if n.startswith("with-")):
             raise SystemExit(f"bench: {fw} {role}: the engine's switch did not turn the plugin off and on as asked")
-        role_sum["added_s"] = {n[5:]: role_sum[n][metric]["median"] - base for n in groups if n.startswith("with")}
+        role_sum["added_s"] = {n[5:]: role_sum[n][metric]["median"] - base for n in groups if n.startswith("with-")}
         role_sum["added_cpu_s"] = {n[5:]: role_sum[n]["cpu_s"]["median"] - base_cpu for n in groups
-                                   if n.startswith("with")}
+                                   if n.startswith("with-")}
         summary[role] = role_sum
     first, worker = list(ROLES[fw])
     worker_added = max(summary[worker]["added_s"].values())

@@ -2,7 +2,7 @@
 
 SGLang ≥ 0.5.11 calls every plugin in that group from ``load_plugins()`` in each
 process (CLI before argument parsing, Engine before ServerArgs, every scheduler
-/TP worker), then applies the hooks registered here. Two things are needed:
+/TP worker). Two things are needed:
 
 - the CLI accepts ``--load-format sllm``: SGLang's own ``add_load_format_choices``;
 - ``LoadConfig`` turns ``"sllm"`` into our loader class instead of failing in
@@ -21,16 +21,18 @@ anything starts (``prepare_server_args``), and again where ``LoadConfig`` is bui
 Diagnostics: with ``SLLMFS_PROFILE_LOAD=<folder>`` each process profiles SGLang's
 whole ``ModelRunner.load_model`` (the "Load weight" phase) into that folder.
 
-Cost: SGLang loads plugins first thing in every process (``load_plugins()``). The load phase's
-hooks wait for SGLang's own import of the model runner (integrations/common/after_import):
-resolving them there would import it in the launching process, which never needs it
-(1.3 s of imports on a CPU host; bench/bench_plugin_cost.py, bench/NOTES-coldstart.md #21.4).
+Cost: SGLang loads plugins first thing in every process (``load_plugins()``). The hooks on
+``LoadConfig`` and on the load phase wait for SGLang's own import of their modules
+(integrations/common/after_import): resolving them at once would import the model runner in the
+launching process, which never needs it (1.3 s of imports on a CPU host; bench/bench_plugin_cost.py,
+bench/NOTES-coldstart.md #21.4).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -40,16 +42,19 @@ from sllmfs.core.errors import BadInput
 from sllmfs.integrations.common.after_import import after_import
 from sllmfs.integrations.sglang import LOAD_FORMAT, compat
 
-VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
-CLI_TARGET = "sglang.srt.server_args.prepare_server_args"  # argv -> ServerArgs, in the launching process
+LOAD_CONFIG = "sglang.srt.configs.load_config"  # LoadConfig._verify_load_format: where "sllm" becomes our loader
 MODEL_RUNNER = "sglang.srt.model_executor.model_runner"  # imported by each scheduler, when it builds its model
-LOAD_PHASE_TARGET = f"{MODEL_RUNNER}.ModelRunner.load_model"  # SGLang times this
 PROFILE_ENV = "SLLMFS_PROFILE_LOAD"
 _registered = False
 
 
 def register() -> None:
-    """Entry point ``sllmfs.integrations.sglang.plugin:register`` (no arguments, return value ignored)."""
+    """Entry point ``sllmfs.integrations.sglang.plugin:register`` (no arguments, return value ignored).
+
+    The hooks are SGLang's AROUND hooks (``hook(original, *args, **kwargs)``), applied here rather than
+    through its HookRegistry: applying one there walks every attribute of every loaded module for stale
+    references (``_propagate_patch``), ~20 ms per hook in each process; only ``prepare_server_args`` has
+    such references (``from ... import prepare_server_args`` in the launch module), rebound by name."""
     global _registered
     if _registered:
         return
@@ -57,15 +62,18 @@ def register() -> None:
 
     activate(framework="sglang", engine_defaults=compat.cache_defaults())
     from sglang.srt import server_args
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if LOAD_FORMAT not in server_args.LOAD_FORMAT_CHOICES:  # the same list object in every release
         server_args.add_load_format_choices([LOAD_FORMAT])
-    HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
-    HookRegistry.register(CLI_TARGET, _refuse_at_launch, HookType.AROUND)
+    _around(server_args, "prepare_server_args", _refuse_at_launch, rebind=True)  # argv -> ServerArgs, the CLI
+    after_import(LOAD_CONFIG, _hook_load_config)
     if compat.is_supported(compat.installed_version()):  # elsewhere these targets may not exist
         after_import(MODEL_RUNNER, _hook_load_phase)
     _registered = True
+
+
+def _hook_load_config(load_config: ModuleType) -> None:
+    _around(load_config.LoadConfig, "_verify_load_format", _verify_load_format)
 
 
 def _hook_load_phase(model_runner: ModuleType) -> None:
@@ -76,15 +84,20 @@ def _hook_load_phase(model_runner: ModuleType) -> None:
         _around(model_runner.ModelRunner, "load_model", _profiled)
 
 
-def _around(cls: type, name: str, hook: Callable[..., Any]) -> None:
-    """``hook(original, self, *args, **kwargs)`` in place of the method (SGLang's AROUND convention)."""
-    original = getattr(cls, name)
+def _around(owner: Any, name: str, hook: Callable[..., Any], *, rebind: bool = False) -> None:
+    """``hook(original, *args, **kwargs)`` in place of ``owner.name`` (a method: ``args[0]`` is self).
+    ``rebind``: also where a loaded module holds the original under the same name (``from x import f``)."""
+    original = getattr(owner, name)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return hook(original, *args, **kwargs)
 
-    setattr(cls, name, wrapper)
+    setattr(owner, name, wrapper)
+    if rebind:
+        for module in list(sys.modules.values()):
+            if getattr(module, "__dict__", {}).get(name) is original:
+                setattr(module, name, wrapper)
 
 
 def startup_problem(load_format: Any, startup_weight_load_mode: Any = None) -> str | None:
