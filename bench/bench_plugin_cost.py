@@ -69,7 +69,7 @@ ROLES: dict[str, dict[str, tuple[bool, list[list[str]], list[list[str]]]]] = {
     "vllm": {
         "frontend": (True, [["vllm.engine.arg_utils", "vllm.plugins"]],
                      [["vllm.entrypoints.openai.api_server"], ["vllm.v1.engine.async_llm"]]),
-        "engine-core": (False, [["vllm.v1.engine.core", "vllm.plugins"]],
+        "engine-core": (False, [["vllm.v1.engine.core", "vllm.plugins"], ["vllm.engine.arg_utils", "vllm.plugins"]],
                         [["vllm.v1.worker.gpu_model_runner"], ["vllm.model_executor.model_loader"]]),
     },
 }
