@@ -54,7 +54,8 @@ def register() -> None:
     The hooks are SGLang's AROUND hooks (``hook(original, *args, **kwargs)``), applied here rather than
     through its HookRegistry: applying one there walks every attribute of every loaded module for stale
     references (``_propagate_patch``), ~20 ms per hook in each process; only ``prepare_server_args`` has
-    such references (``from ... import prepare_server_args`` in the launch module), rebound by name."""
+    such references (``from ... import prepare_server_args`` in the launch module, run as ``__main__``),
+    rebound by name in SGLang's modules and ``__main__``."""
     global _registered
     if _registered:
         return
@@ -94,8 +95,9 @@ def _around(owner: Any, name: str, hook: Callable[..., Any], *, rebind: bool = F
         return hook(original, *args, **kwargs)
 
     setattr(owner, name, wrapper)
-    if rebind:
-        for module in list(sys.modules.values()):
+    if rebind:  # SGLang's launchers, and a user's script run as __main__
+        for mod_name in [n for n in sys.modules if n.startswith("sglang.") or n == "__main__"]:
+            module = sys.modules.get(mod_name)
             if getattr(module, "__dict__", {}).get(name) is original:
                 setattr(module, name, wrapper)
 

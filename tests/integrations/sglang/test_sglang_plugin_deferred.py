@@ -54,3 +54,22 @@ def test_the_load_phase_profile_still_wraps_the_loader_import(tmp_path: Path) ->
     assert out[-1] == "sllm loader imported True"
     written = sorted(p.suffix for p in (tmp_path / "prof").iterdir())
     assert written == [".prof", ".txt"]  # load-<pid>: written even when the load fails
+
+
+def test_the_launch_module_calls_the_hooked_prepare_server_args(tmp_path: Path) -> None:
+    """``launch_server`` imported ``prepare_server_args`` by name before the plugins load: the hook is
+    bound there too, so a start that cannot work ends at the command line with one line."""
+    from sllmfs.ops.demo import build_model
+
+    model = str(build_model(tmp_path / "m", "llama"))
+    launch = ("from tests.support.sglang_env import import_sglang; import_sglang()\n"
+              "from sllmfs.integrations.sglang import compat\n"
+              "compat.installed_version = lambda: '0.5.99'  # a release sllmfs does not support\n"
+              "import runpy; runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "SLLMFS_KERNEL_CACHE": "0"}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", launch, "--model-path", model, "--device", "cpu",
+                           "--load-format", "sllm"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if "sllmfs" in line or "Traceback" in line]
+    assert len(ours) == 1 and ours[0].startswith("sllmfs: --load-format sllm supports SGLang 0.5.17 to"), ours
