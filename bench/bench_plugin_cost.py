@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -128,13 +127,11 @@ def _measure(fw: str, role: str, later: list[list[str]]) -> dict[str, Any]:
     by_plugins = list(sys.modules)[before:]  # insertion order: what the call imported
     names, why = _import_first(later)
     t2, c2 = time.perf_counter(), time.process_time()
-    engine_modules = sorted(m for m in sys.modules if not m.startswith("sllmfs"))
     return {"plugins_s": t1 - t0, "later_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c0,
-            # the engine's own modules once the process has made its later imports: the same set with and
-            # without the plugin means it moved no import and added none but its own
-            "engine_modules": len(engine_modules),
-            "engine_modules_digest": hashlib.sha256("\n".join(engine_modules).encode()).hexdigest()[:16],
-            "engine_modules_by_plugins": sum(1 for m in by_plugins if not m.startswith("sllmfs")),
+            # every module but ours once the process has made its later imports: compared with and without
+            # the plugin (summarize), it shows what the plugin imported that the process would not have
+            "others_after": sorted(m for m in sys.modules if not m.startswith("sllmfs")),
+            "others_by_plugins": sorted(m for m in by_plugins if not m.startswith("sllmfs")),
             "plugins_cpu_s": c1 - c0, "modules_by_plugins": after_plugins - before,
             "modules_total": len(sys.modules) - before, "later": names, "later_failed": why,
             "sllmfs_modules": sorted(m for m in sys.modules if m.startswith("sllmfs")),
@@ -381,8 +378,6 @@ def summarize(fw: str, data: dict[str, Any]) -> dict[str, Any]:
                 continue
             role_sum[name] = {m: _stats([r[m] for r in rs]) for m in ("plugins_s", "later_s", "total_s", "cpu_s")}
             role_sum[name]["modules_by_plugins"] = statistics.median(r["modules_by_plugins"] for r in rs)
-            role_sum[name]["engine_modules_after"] = sorted({r["engine_modules_digest"] for r in rs})
-            role_sum[name]["engine_modules_count"] = sorted({r["engine_modules"] for r in rs})
             role_sum[name]["sidecar_lookup"] = any(r["sidecar_lookup"] for r in rs)
             role_sum[name]["plugin_loaded"] = all(r["plugin_loaded"] for r in rs)
         base = role_sum["without"][metric]["median"]
@@ -390,8 +385,11 @@ def summarize(fw: str, data: dict[str, Any]) -> dict[str, Any]:
         if role_sum["without"]["plugin_loaded"] or not all(role_sum[n]["plugin_loaded"] for n in groups
                                                           if n.startswith("with-")):
             raise SystemExit(f"bench: {fw} {role}: the engine's switch did not turn the plugin off and on as asked")
-        role_sum["same_engine_modules"] = {n[5:]: role_sum[n]["engine_modules_after"] == role_sum["without"][
-            "engine_modules_after"] for n in groups if n.startswith("with-")}
+        plain = set(groups["without"][0]["others_after"])
+        role_sum["modules_only_with"] = {n[5:]: sorted(set(groups[n][0]["others_after"]) - plain)
+                                         for n in groups if n.startswith("with-")}
+        for r in runs:
+            r.pop("others_after", None)  # thousands of names per run: the difference above is what matters
         role_sum["added_s"] = {n[5:]: role_sum[n][metric]["median"] - base for n in groups if n.startswith("with-")}
         role_sum["added_cpu_s"] = {n[5:]: role_sum[n]["cpu_s"]["median"] - base_cpu for n in groups
                                    if n.startswith("with-")}
@@ -417,9 +415,10 @@ def report(fw: str, summary: dict[str, Any]) -> None:
                       f"IQR {s['q1']:.4f}-{s['q3']:.4f}, n={s['n']}]  plugin call {v['plugins_s']['median']:.4f} s, "
                       f"cpu {v['cpu_s']['median']:.4f} s, +{v['modules_by_plugins']:.0f} modules")
         for state, d in rs["added_s"].items():
-            same = "the same engine modules as without" if rs["same_engine_modules"][state] else \
-                "OTHER engine modules than without (an import moved or added)"
-            print(f"  added by the plugin ({state}): {d:+.4f} s wall, {rs['added_cpu_s'][state]:+.4f} s CPU; {same}")
+            extra = rs["modules_only_with"][state]
+            print(f"  added by the plugin ({state}): {d:+.4f} s wall, {rs['added_cpu_s'][state]:+.4f} s CPU; "
+                  f"{len(extra)} modules not sllmfs' own that the process would not have had: "
+                  f"{', '.join(extra[:12])}{' ...' if len(extra) > 12 else ''}")
         if rs["later_failed"]:
             print(f"  (later imports not importable here: {rs['later_failed'][0][:160]})")
         for name, v in rs.items():
