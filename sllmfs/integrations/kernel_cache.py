@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sllmfs.core.config import env_flag, env_seconds, load_settings
 from sllmfs.core.errors import BadInput, NotFound
 
 if TYPE_CHECKING:  # imported where a start serves caches: every other process of it only reads MARK
@@ -87,7 +86,11 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
     """Serve this start's kernel caches from the store (see the module's doc); None when not serving.
     ``engine_defaults``: values the engine itself put in those variables on import (SGLang >= 0.5.18
     sets them under its own cache dir); such a value is the engine's, not the user's, so it is replaced."""
-    if os.environ.get(MARK) or not env_flag(SWITCH, True):
+    if os.environ.get(MARK):
+        return None  # a process of a start that decided (the only check its workers make)
+    from sllmfs.core.config import env_flag
+
+    if not env_flag(SWITCH, True):
         return None
     try:
         act = _activate(store, framework, key, engine_defaults or {})
@@ -101,6 +104,7 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
 
 def _activate(store: Store | None, framework: str, key: KernelKey | None,
               engine_defaults: dict[str, str]) -> Activation | None:
+    from sllmfs.core.config import env_seconds, load_settings
     from sllmfs.store import kernels
     from sllmfs.store.store import Store
 

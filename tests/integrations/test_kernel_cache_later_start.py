@@ -53,7 +53,7 @@ def test_a_process_of_a_started_engine_reads_only_the_mark(tmp_path: Path) -> No
         import os, sys
         from sllmfs.integrations.kernel_cache import activate
         print(activate(framework="sglang"), os.environ["TRITON_CACHE_DIR"])
-        print(sorted(m for m in sys.modules if m.startswith("sllmfs.store")))
+        print(sorted(m for m in sys.modules if m.startswith(("sllmfs.store", "sllmfs.core.config"))))
     """
     env = {**os.environ, "PYTHONPATH": str(REPO), "SLLMFS_KERNEL_CACHE_DIR": str(tmp_path / "work"),
            "TRITON_CACHE_DIR": str(tmp_path / "work/triton"), "SLLMFS_STORAGE_PATH": str(tmp_path / "nowhere")}

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput
 from sllmfs.integrations.common.after_import import after_import
 from sllmfs.integrations.sglang import LOAD_FORMAT, compat
@@ -80,6 +79,8 @@ def _hook_load_config(load_config: ModuleType) -> None:
 def _hook_load_phase(model_runner: ModuleType) -> None:
     """Around ``ModelRunner.load_model``, once SGLang imported it: the loader imported first, and the
     profile when asked for (outermost, as SGLang's registry would stack them: it sees the import too)."""
+    from sllmfs.core.config import env_str  # here: a process that never builds a model needs no config parser
+
     _around(model_runner.ModelRunner, "load_model", _import_loader_first)
     if env_str(PROFILE_ENV):
         _around(model_runner.ModelRunner, "load_model", _profiled)
@@ -146,6 +147,8 @@ def _profiled(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     import io
     import pstats
     from pathlib import Path
+
+    from sllmfs.core.config import env_str
 
     folder = Path(env_str(PROFILE_ENV))
     folder.mkdir(parents=True, exist_ok=True)
