@@ -60,12 +60,16 @@ class _Watcher:
             thens = _pending.pop(fullname, None)
         if not thens:
             return None
-        spec = _find_elsewhere(self, fullname, path, target)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            with _lock:  # not found (the importer gets its ImportError), or no loader we can follow
-                _pending.setdefault(fullname, [])[:0] = thens
-            return spec
-        spec.loader = _ThenLoader(spec.loader, thens)  # type: ignore[assignment]
+        spec = None
+        try:
+            spec = _find_elsewhere(self, fullname, path, target)
+        finally:
+            followed = spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module")
+            if not followed:  # not found (the importer gets its error), or a loader we cannot follow
+                with _lock:
+                    _pending.setdefault(fullname, [])[:0] = thens
+        if followed:
+            spec.loader = _ThenLoader(spec.loader, thens)  # type: ignore[union-attr]
         return spec
 
 
