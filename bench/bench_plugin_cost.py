@@ -1,6 +1,6 @@
 """What the sllmfs plugin adds to an engine start outside the load phase (issue #21.4: ≤ 0.1 s).
 
-    python bench/bench_plugin_cost.py [--framework sglang|vllm] [--reps 7] [--out bench/results/X.json]
+    python bench/bench_plugin_cost.py [--framework sglang|vllm] [--role R] [--reps 7] [--out bench/results/X.json]
 
 An engine loads its plugins first thing in every process (SGLang: ``load_plugins()`` in the launching
 process and in each scheduler; vLLM: ``load_general_plugins()`` in the API server, the engine core and
@@ -337,7 +337,7 @@ def run_framework(fw: str, args: argparse.Namespace, work: Path) -> dict[str, An
     store = {"empty": str(root / "store-empty"), "new-node": str(root / "store-entry"),
              "warm": str(root / "store-entry"), "tmpdir": str(tmpdir), "key": prep["key"]}
     out: dict[str, Any] = {"entry": prep, "roles": {}}
-    for role in ROLES[fw]:
+    for role in [r for r in ROLES[fw] if not args.role or r in args.role]:
         runs = _plan_runs(fw, role, store, args.reps)
         plans = [{"framework": fw, "role": role, "tmpdir": str(tmpdir), "fork": True, "runs": runs}] \
             if args.mode == "fork" else \
@@ -395,6 +395,8 @@ def summarize(fw: str, data: dict[str, Any]) -> dict[str, Any]:
                                    if n.startswith("with-")}
         summary[role] = role_sum
     first, worker = list(ROLES[fw])
+    if first not in summary or worker not in summary:
+        return summary  # one role measured (--role): no start figure
     worker_added = max(summary[worker]["added_s"].values())
     path = {s: summary[first]["added_s"][s] + worker_added for s in FIRST_STATES}
     summary["start_added_s"] = path
@@ -404,7 +406,7 @@ def summarize(fw: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(fw: str, summary: dict[str, Any]) -> None:
-    for role in ROLES[fw]:
+    for role in [r for r in ROLES[fw] if r in summary]:
         rs = summary[role]
         m = rs["metric"]
         print(f"{fw} {role} ({'plugin call + later imports' if m == 'total_s' else 'plugin call only'}):")
@@ -426,6 +428,8 @@ def report(fw: str, summary: dict[str, Any]) -> None:
                 parts = ", ".join(f"{k[:-2]} {s['median'] * 1e3:.1f}" for k, s in v.items()
                                   if isinstance(s, dict) and k.endswith("_s"))
                 print(f"  {name} (ms, medians): {parts}; restored {v['restored']}")
+    if "start_added_s" not in summary:
+        return
     for state, d in summary["start_added_s"].items():
         print(f"{fw} start, first process + one worker, kernel caches {state}: {d:+.4f} s "
               f"= {d / LIMIT_S:.2f} x the {LIMIT_S} s limit")
@@ -451,6 +455,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--framework", choices=sorted(ROLES), action="append",
                     help="default: each one importable here")
+    ap.add_argument("--role", action="append", choices=sorted({r for roles in ROLES.values() for r in roles}),
+                    help="only these processes (default: the first process and a worker of each engine)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--mode", choices=("fork", "spawn"), default="fork")
     ap.add_argument("--entry-files", type=int, default=99)
