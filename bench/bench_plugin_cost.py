@@ -330,7 +330,9 @@ def run_framework(fw: str, args: argparse.Namespace, work: Path) -> dict[str, An
     root.mkdir(parents=True, exist_ok=True)
     tmpdir = root / "tmp"
     tmpdir.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
+    # an installed sllmfs has its .pyc files (an editable checkout writes them on its first start): with
+    # PYTHONDONTWRITEBYTECODE every run would compile our modules again, a cost no real start pays
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(TMPDIR=str(tmpdir), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     [prep] = _results([sys.executable, str(Path(__file__).resolve()), "--prepare", fw, str(root),
                        str(args.entry_files), str(args.entry_mb)], env)
