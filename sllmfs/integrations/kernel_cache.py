@@ -33,12 +33,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sllmfs.core.config import env_flag, env_seconds, load_settings
 from sllmfs.core.errors import BadInput, NotFound
-from sllmfs.store import kernels
-from sllmfs.store.kernels import KernelKey
-from sllmfs.store.store import Store
+
+if TYPE_CHECKING:  # imported where a start serves caches: every other process of it only reads MARK
+    from sllmfs.store.kernels import KernelKey
+    from sllmfs.store.store import Store
 
 SWITCH = "SLLMFS_KERNEL_CACHE"
 MARK = "SLLMFS_KERNEL_CACHE_DIR"  # the working dir; "-" when this start decided not to serve caches
@@ -85,7 +86,11 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
     """Serve this start's kernel caches from the store (see the module's doc); None when not serving.
     ``engine_defaults``: values the engine itself put in those variables on import (SGLang >= 0.5.18
     sets them under its own cache dir); such a value is the engine's, not the user's, so it is replaced."""
-    if os.environ.get(MARK) or not env_flag(SWITCH, True):
+    if os.environ.get(MARK):
+        return None  # a process of a start that decided (the only check its workers make)
+    from sllmfs.core.config import env_flag
+
+    if not env_flag(SWITCH, True):
         return None
     try:
         act = _activate(store, framework, key, engine_defaults or {})
@@ -99,6 +104,10 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
 
 def _activate(store: Store | None, framework: str, key: KernelKey | None,
               engine_defaults: dict[str, str]) -> Activation | None:
+    from sllmfs.core.config import env_seconds, load_settings
+    from sllmfs.store import kernels
+    from sllmfs.store.store import Store
+
     kinds = {**CACHE_VARS, **FRAMEWORK_CACHE_VARS.get(framework, {})}
     managed = [k for k, (var, _) in kinds.items()
                if not os.environ.get(var) or os.environ.get(var) == engine_defaults.get(var)]
@@ -179,6 +188,8 @@ class Publisher(threading.Thread):
     """Publishes the working dir's new files once it has been quiet for ``quiet`` seconds."""
 
     def __init__(self, store: Store, key: KernelKey, dirs: dict[str, Path], quiet: float):
+        from sllmfs.store import kernels
+
         super().__init__(name="sllmfs-kernel-cache", daemon=True)
         self.store, self.key, self.dirs, self.quiet = store, key, dirs, quiet
         # what the store holds: restored files are no news, anything else in the dir (left by a start
@@ -190,6 +201,8 @@ class Publisher(threading.Thread):
         self._warned = False
 
     def run(self) -> None:
+        from sllmfs.store import kernels
+
         seen, changed = self.published, time.monotonic()
         while not self._halt.wait(min(1.0, self.quiet / 4)):
             now = kernels.scan(self.dirs)
@@ -199,6 +212,8 @@ class Publisher(threading.Thread):
                 self.publish()
 
     def publish(self, settle_s: float = 0.0) -> None:
+        from sllmfs.store import kernels
+
         with self._mutex:
             snap = kernels.scan(self.dirs)
             if snap == self.published:

@@ -285,8 +285,8 @@ def restore(store: Store, key: str, dirs: Dirs) -> int:
     done = 0
     for f in entry.files:
         kind, rel = f.path.split("/", 1)
-        if kind not in targets:
-            continue
+        if kind not in targets or os.path.lexists(targets[kind] / rel):
+            continue  # not asked for, or there already (a later start on this node): the engine's own file wins
         try:
             _restore_file(src, f, targets[kind] / rel, store.root)
             done += 1

@@ -2,7 +2,7 @@
 
 SGLang ≥ 0.5.11 calls every plugin in that group from ``load_plugins()`` in each
 process (CLI before argument parsing, Engine before ServerArgs, every scheduler
-/TP worker), then applies the hooks registered here. Two things are needed:
+/TP worker). Two things are needed:
 
 - the CLI accepts ``--load-format sllm``: SGLang's own ``add_load_format_choices``;
 - ``LoadConfig`` turns ``"sllm"`` into our loader class instead of failing in
@@ -20,26 +20,41 @@ anything starts (``prepare_server_args``), and again where ``LoadConfig`` is bui
 
 Diagnostics: with ``SLLMFS_PROFILE_LOAD=<folder>`` each process profiles SGLang's
 whole ``ModelRunner.load_model`` (the "Load weight" phase) into that folder.
+
+Cost: SGLang loads plugins first thing in every process (``load_plugins()``). The hooks on
+``LoadConfig`` and on the load phase wait for SGLang's own import of their modules
+(integrations/common/after_import): resolving them at once would import the model runner in the
+launching process, which never needs it (1.3 s of imports on a CPU host; bench/bench_plugin_cost.py,
+bench/NOTES-coldstart.md #21.4).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput
+from sllmfs.integrations.common.after_import import after_import
 from sllmfs.integrations.sglang import LOAD_FORMAT, compat
 
-VERIFY_TARGET = "sglang.srt.configs.load_config.LoadConfig._verify_load_format"
-CLI_TARGET = "sglang.srt.server_args.prepare_server_args"  # argv -> ServerArgs, in the launching process
-LOAD_PHASE_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"  # SGLang times this
+LOAD_CONFIG = "sglang.srt.configs.load_config"  # LoadConfig._verify_load_format: where "sllm" becomes our loader
+MODEL_RUNNER = "sglang.srt.model_executor.model_runner"  # imported by each scheduler, when it builds its model
 PROFILE_ENV = "SLLMFS_PROFILE_LOAD"
 _registered = False
 
 
 def register() -> None:
-    """Entry point ``sllmfs.integrations.sglang.plugin:register`` (no arguments, return value ignored)."""
+    """Entry point ``sllmfs.integrations.sglang.plugin:register`` (no arguments, return value ignored).
+
+    The hooks are SGLang's AROUND hooks (``hook(original, *args, **kwargs)``), applied here rather than
+    through its HookRegistry: applying one there walks every attribute of every loaded module for stale
+    references (``_propagate_patch``), ~20 ms per hook in each process; only ``prepare_server_args`` has
+    such references (``from ... import prepare_server_args`` in the launch module, run as ``__main__``),
+    rebound by name in SGLang's modules and ``__main__``."""
     global _registered
     if _registered:
         return
@@ -47,17 +62,45 @@ def register() -> None:
 
     activate(framework="sglang", engine_defaults=compat.cache_defaults())
     from sglang.srt import server_args
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if LOAD_FORMAT not in server_args.LOAD_FORMAT_CHOICES:  # the same list object in every release
         server_args.add_load_format_choices([LOAD_FORMAT])
-    HookRegistry.register(VERIFY_TARGET, _verify_load_format, HookType.AROUND)
-    HookRegistry.register(CLI_TARGET, _refuse_at_launch, HookType.AROUND)
+    _around(server_args, "prepare_server_args", _refuse_at_launch, rebind=True)  # argv -> ServerArgs, the CLI
+    after_import(LOAD_CONFIG, _hook_load_config)
     if compat.is_supported(compat.installed_version()):  # elsewhere these targets may not exist
-        HookRegistry.register(LOAD_PHASE_TARGET, _import_loader_first, HookType.AROUND)
-        if env_str(PROFILE_ENV):
-            HookRegistry.register(LOAD_PHASE_TARGET, _profiled, HookType.AROUND)
+        after_import(MODEL_RUNNER, _hook_load_phase)
     _registered = True
+
+
+def _hook_load_config(load_config: ModuleType) -> None:
+    _around(load_config.LoadConfig, "_verify_load_format", _verify_load_format)
+
+
+def _hook_load_phase(model_runner: ModuleType) -> None:
+    """Around ``ModelRunner.load_model``, once SGLang imported it: the loader imported first, and the
+    profile when asked for (outermost, as SGLang's registry would stack them: it sees the import too)."""
+    from sllmfs.core.config import env_str  # here: a process that never builds a model needs no config parser
+
+    _around(model_runner.ModelRunner, "load_model", _import_loader_first)
+    if env_str(PROFILE_ENV):
+        _around(model_runner.ModelRunner, "load_model", _profiled)
+
+
+def _around(owner: Any, name: str, hook: Callable[..., Any], *, rebind: bool = False) -> None:
+    """``hook(original, *args, **kwargs)`` in place of ``owner.name`` (a method: ``args[0]`` is self).
+    ``rebind``: also where a loaded module holds the original under the same name (``from x import f``)."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return hook(original, *args, **kwargs)
+
+    setattr(owner, name, wrapper)
+    if rebind:  # SGLang's launchers, and a user's script run as __main__
+        for mod_name in [n for n in sys.modules if n.startswith("sglang.") or n == "__main__"]:
+            module = sys.modules.get(mod_name)
+            if getattr(module, "__dict__", {}).get(name) is original:
+                setattr(module, name, wrapper)
 
 
 def startup_problem(load_format: Any, startup_weight_load_mode: Any = None) -> str | None:
@@ -104,6 +147,8 @@ def _profiled(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
     import io
     import pstats
     from pathlib import Path
+
+    from sllmfs.core.config import env_str
 
     folder = Path(env_str(PROFILE_ENV))
     folder.mkdir(parents=True, exist_ok=True)
