@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,53 +91,48 @@ class HeldOrigin:
         self.gate.set()
 
 
-def _leased_while_held(sd, proxy: HeldOrigin):  # type: ignore[no-untyped-def]
-    """A lease on the model while its bytes are still on their way (the proxy holds them)."""
-    c = sd.connect()
-    lease = c.acquire(MODEL)  # Pulling until the plan is read and the variant reserved in memory
-    assert proxy.holding.wait(30), "the pull never asked for the partitions' bytes"
-    assert not lease.ready(), "the bytes are held: the lease cannot be ready yet"
-    return c, lease
+@contextmanager
+def _pull_held(stored: Store, origin: Origin, env: dict[str, str],
+               tmp_path: Path) -> Iterator[tuple[Any, Any, Any, HeldOrigin]]:
+    """A node's sidecar (its origin behind the proxy) and a lease on the model while its bytes are still
+    on their way (the proxy holds them): (sidecar, client, lease, proxy)."""
+    proxy = HeldOrigin(env["SLLMFS_ORIGIN_ENDPOINT"])
+    try:
+        node_env = {**env, "SLLMFS_ORIGIN_ENDPOINT": proxy.url}
+        with sidecar(tmp_path, "--origin", str(origin), env=node_env, store=tmp_path / "node") as sd:
+            with sd.connect() as c:
+                lease = c.acquire(MODEL)  # Pulling until the plan is read and the variant reserved in memory
+                assert proxy.holding.wait(30), "the pull never asked for the partitions' bytes"
+                assert not lease.ready(), "the bytes are held: the lease cannot be ready yet"
+                yield sd, c, lease, proxy
+    finally:
+        proxy.die()
 
 
 def test_a_damaged_object_mid_pull_reaches_the_client_as_damaged(stored: Store, origin: Origin,
                                                                   env: dict[str, str], tmp_path: Path) -> None:
     push_model(stored, MODEL, origin)
     big = base._flip_in_origin(stored, origin, at=5 << 20)  # window 1 of the biggest partition
-    proxy = HeldOrigin(env["SLLMFS_ORIGIN_ENDPOINT"])
-    try:
-        node_env = {**env, "SLLMFS_ORIGIN_ENDPOINT": proxy.url}
-        with sidecar(tmp_path, "--origin", str(origin), env=node_env, store=tmp_path / "node") as sd:
-            c, lease = _leased_while_held(sd, proxy)
-            with c:
-                proxy.let_go()
-                with pytest.raises(FillFailed) as failed:
-                    lease.wait(timeout=60)
-                assert failed.value.cause == FailCause.DAMAGED
-                line = str(failed.value)
-                assert "\n" not in line and big.file in line and "fail their checksum" in line, line
-                assert "see the sidecar log" not in line
-                assert c.status()["pid"] == sd.proc.pid  # the daemon goes on
-                assert not Store(tmp_path / "node").has(MODEL)  # nothing damaged is committed
-    finally:
-        proxy.die()
+    with _pull_held(stored, origin, env, tmp_path) as (sd, c, lease, proxy):
+        proxy.let_go()
+        with pytest.raises(FillFailed) as failed:
+            lease.wait(timeout=60)
+        assert failed.value.cause == FailCause.DAMAGED
+        line = str(failed.value)
+        assert "\n" not in line and big.file in line and "fail their checksum" in line, line
+        assert "see the sidecar log" not in line
+        assert c.status()["pid"] == sd.proc.pid  # the daemon goes on
+        assert not Store(tmp_path / "node").has(MODEL)  # nothing damaged is committed
 
 
 def test_an_origin_that_goes_away_mid_pull_reaches_the_client_as_unreachable(
         stored: Store, origin: Origin, env: dict[str, str], tmp_path: Path) -> None:
     push_model(stored, MODEL, origin)
-    proxy = HeldOrigin(env["SLLMFS_ORIGIN_ENDPOINT"])
-    try:
-        node_env = {**env, "SLLMFS_ORIGIN_ENDPOINT": proxy.url}
-        with sidecar(tmp_path, "--origin", str(origin), env=node_env, store=tmp_path / "node") as sd:
-            c, lease = _leased_while_held(sd, proxy)
-            with c:
-                proxy.die()  # connections cut mid-request, new ones refused: boto3 retries, then gives up
-                with pytest.raises(FillFailed) as failed:
-                    lease.wait(timeout=120)
-                assert failed.value.cause == FailCause.ORIGIN
-                line = str(failed.value)
-                assert "\n" not in line and str(origin) in line and proxy.url in line, line
-                assert c.status()["pid"] == sd.proc.pid
-    finally:
-        proxy.die()
+    with _pull_held(stored, origin, env, tmp_path) as (sd, c, lease, proxy):
+        proxy.die()  # connections cut mid-request, new ones refused: boto3 retries, then gives up
+        with pytest.raises(FillFailed) as failed:
+            lease.wait(timeout=120)
+        assert failed.value.cause == FailCause.ORIGIN
+        line = str(failed.value)
+        assert "\n" not in line and str(origin) in line and proxy.url in line, line
+        assert c.status()["pid"] == sd.proc.pid

@@ -20,8 +20,10 @@ import msgpack
 import pytest
 
 import sllmfs.client.client as sc
+from sllmfs.client.client import FillFailed
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.protocol import wire
+from sllmfs.protocol.messages import FailCause
 from sllmfs.store.store import Store
 from tests.support.sidecar import Sidecar, cached_model, make_model, raw_hello, sidecar, wait_log
 
@@ -181,11 +183,15 @@ def test_corrupt_partition_is_refused_and_logged(tmp_path: Path) -> None:
             f.seek(5000)
             f.write(bytes([byte[0] ^ 0xFF]))
         lease = c.acquire("org/bad")
-        with pytest.raises(Corrupt, match="org/bad"):
+        with pytest.raises(FillFailed) as failed:  # a Corrupt: the client is told why, as the sidecar says it
             lease.wait(timeout=30)
         lease.release()
-        with pytest.raises(Corrupt, match="failed verification"):
+        assert failed.value.cause == FailCause.DAMAGED
+        line = str(failed.value)
+        assert "data_0.bin window 0 fails its" in line and "sllmfs verify --model org/bad" in line, line
+        with pytest.raises(Corrupt, match="failed verification") as refused:  # the next acquire: the same line
             c.acquire("org/bad")
+        assert str(refused.value) == line
         assert "fill failed model=org/bad" in wait_log(sd, "fill failed model=org/bad")
 
 
