@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,16 +76,22 @@ def _manifest_bytes(entry: KernelEntry) -> bytes:
 
 def push(store: Store, key: str, origin: Origin, client: Any) -> int:
     """Upload the local entry ``key``'s files the origin lacks, then the merged manifest; returns how
-    many files went up. A local file that fails its checksum is not sent (one warning)."""
+    many files went up. A local file that fails its checksum is not sent (one warning). BadInput, with
+    nothing uploaded, when the union would pass the size limit (every node would refuse to pull it)."""
     local = kernels.load_entry(store, key)
     remote = remote_entry(client, origin, key)
     have = {f.path: f for f in remote.files} if remote is not None else {}
+    new = [f for f in local.files
+           if not (f.path in have and have[f.path].checksum == f.checksum and have[f.path].size == f.size)]
+    limit = kernels.max_entry_bytes()
+    if sum(f.size for f in {**have, **{f.path: f for f in new}}.values()) > limit:
+        raise BadInput(f"kernel cache {key!r} in {origin} would hold more than {limit} bytes ({kernels.MAX_ENV}) "
+                       f"with this node's files; not pushed (run `sllmfs kernels rm {key}` here, or raise "
+                       f"{kernels.MAX_ENV} on every node)")
     src = kernels.entry_dir(store, key)
     sent = 0
     merged = dict(have)
-    for f in local.files:
-        if f.path in have and have[f.path].checksum == f.checksum and have[f.path].size == f.size:
-            continue
+    for f in new:
         try:
             data = _read_checked(src / f.path, f, store.root)
         except (Corrupt, OSError) as e:
@@ -95,11 +102,6 @@ def push(store: Store, key: str, origin: Origin, client: Any) -> int:
         merged[f.path] = f
         sent += 1
     if sent or remote is None:
-        limit = kernels.max_entry_bytes()
-        if sum(f.size for f in merged.values()) > limit:  # every node would then download and refuse it
-            raise BadInput(f"kernel cache {key!r} in {origin} would hold more than {limit} bytes ({kernels.MAX_ENV}) "
-                           f"with this node's files; not pushed (run `sllmfs kernels rm {key}` here, or raise "
-                           f"{kernels.MAX_ENV} on every node)")
         entry = KernelEntry(key, sorted(merged.values(), key=lambda f: f.path),
                             min(local.created, remote.created) if remote else local.created,
                             max(local.updated, remote.updated if remote else 0.0), local.facts or
@@ -109,12 +111,18 @@ def push(store: Store, key: str, origin: Origin, client: Any) -> int:
     return sent
 
 
-def pull(store: Store, key: str, origin: Origin, client: Any, failed: set[tuple[str, str, str]] | None = None) -> int:
+RETRY_BAD_S = 3600.0  # a file whose bytes failed their checksum is asked for again after this long
+
+
+def pull(store: Store, key: str, origin: Origin, client: Any, failed: dict[tuple[str, str, str], float] | None = None,
+         ) -> int:
     """Fetch the files of the origin's entry ``key`` that the local entry lacks, check each, merge them
-    in; returns how many arrived. ``failed``: (key, path, checksum) of files that did not check out,
-    left out now and in later pulls (until the origin names other bytes). NotFound when the origin has
-    no such entry; BadInput when the entry would pass the size limit (nothing is downloaded)."""
-    failed = set() if failed is None else failed
+    in; returns how many arrived. ``failed``: (key, path, checksum) -> when its bytes failed their check;
+    such a file is left out for RETRY_BAD_S. A download that fails otherwise (the origin unreachable, the
+    disk full) ends the pull with what arrived merged, and raises. NotFound when the origin has no such
+    entry; BadInput when the entry would pass the size limit (nothing is downloaded)."""
+    failed = {} if failed is None else failed
+    now = time.monotonic()
     remote = remote_entry(client, origin, key)
     if remote is None:
         raise NotFound(f"origin {origin} has no kernel cache {key!r} (see `sllmfs kernels ls --origin URL`)")
@@ -122,15 +130,16 @@ def pull(store: Store, key: str, origin: Origin, client: Any, failed: set[tuple[
         local = {f.path: f for f in kernels.load_entry(store, key).files}
     except (NotFound, Corrupt):
         local = {}
-    want = [f for f in remote.files if (key, f.path, f.checksum) not in failed and not kernels.skipped(f.path)
-            and not (f.path in local and local[f.path].checksum == f.checksum)]
+    want = [f for f in remote.files if now - failed.get((key, f.path, f.checksum), -RETRY_BAD_S) >= RETRY_BAD_S
+            and not kernels.skipped(f.path) and not (f.path in local and local[f.path].checksum == f.checksum)]
     if not want:
         return 0
     limit = kernels.max_entry_bytes()
-    if sum(f.size for f in local.values()) + sum(f.size for f in want) > limit:
+    if sum(f.size for f in {**local, **{f.path: f for f in want}}.values()) > limit:
         raise BadInput(f"kernel cache {key!r} from {origin} would hold more than {limit} bytes "
                        f"({kernels.MAX_ENV}); not pulled")
     got = 0
+    stopped: BaseException | None = None
     with store.staging() as root:  # a private, locked directory the store's cleanup leaves alone
         for f in want:
             try:
@@ -144,13 +153,18 @@ def pull(store: Store, key: str, origin: Origin, client: Any, failed: set[tuple[
                 dest.write_bytes(data)
                 os.chmod(dest, f.mode | 0o600)  # ours to read and replace; the recorded bits on top
                 os.utime(dest, ns=(f.mtime_ns, f.mtime_ns))  # ninja compares the files' times
-            except (SllmfsError, OSError) as e:  # this file only: the engine compiles that kernel again
-                failed.add((key, f.path, f.checksum))
+            except Corrupt as e:  # this file's bytes: the engine compiles that kernel again
+                failed[(key, f.path, f.checksum)] = now
                 log.warning("sllmfs: kernel cache %r: %s from %s left out: %s", key, f.path, origin, e)
                 continue
+            except (SllmfsError, OSError) as e:  # the origin or this disk, not the file: the next round retries
+                stopped = e
+                break
             got += 1
         if got:
             kernels.publish(store, key, root, facts=remote.facts)
+    if stopped is not None:
+        raise stopped
     return got
 
 
@@ -160,7 +174,7 @@ class SyncState:
 
     node: tuple[str, str]  # this node's (GPU models, driver): node_facts()
     pushed: dict[str, float] = field(default_factory=dict)  # key -> the entry's `updated` when last pushed
-    failed: set[tuple[str, str, str]] = field(default_factory=set)  # (key, path, checksum) a pull left out
+    failed: dict[tuple[str, str, str], float] = field(default_factory=dict)  # files whose bytes failed: when
     evicted: set[str] = field(default_factory=set)  # keys the disk tier removed: not pulled back
     said: dict[str, str] = field(default_factory=dict)  # key -> the last warning about it
 
@@ -178,6 +192,8 @@ def sync(store: Store, origin: Origin, client: Any, state: SyncState,
     limit) is that key's warning; the others go on."""
     good, _bad = kernels.entries(store)
     local = {e.key: e for e in good}
+    state.evicted -= set(local)  # made here again since the disk tier removed it: the fleet's files may follow
+    now = time.monotonic()
     for e in good:
         if state.pushed.get(e.key, -1.0) >= e.updated:
             continue
@@ -198,7 +214,7 @@ def sync(store: Store, origin: Origin, client: Any, state: SyncState,
                 continue
             have = {f.path: f.checksum for f in local[key].files} if key in local else {}
             missing = [f for f in remote.files if have.get(f.path) != f.checksum and not kernels.skipped(f.path)
-                       and (key, f.path, f.checksum) not in state.failed]
+                       and now - state.failed.get((key, f.path, f.checksum), -RETRY_BAD_S) >= RETRY_BAD_S]
             if not missing:
                 continue
             if not room_for(sum(f.size for f in missing)):

@@ -33,6 +33,7 @@ class Fill:
                  read_size: int = 0):
         self.res = res
         self._read_size = read_size
+        self._buffered_only: set[int] = set()  # partitions whose O_DIRECT reads were refused
         self.stop = False
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -109,14 +110,15 @@ class Fill:
 
     def _read_piece(self, part: int, dest: memoryview, off: int) -> int:
         aligned = len(dest) // 4096 * 4096  # O_DIRECT reads whole blocks; the file's tail goes buffered
-        if self._direct is None or aligned == 0 or self._direct.fd(part) < 0:
+        if self._direct is None or aligned == 0 or part in self._buffered_only or self._direct.fd(part) < 0:
             return self._files.read_into(part, dest, off)
         try:
             done = self._direct.read_into(part, dest[:aligned], off)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            return self._files.read_into(part, dest, off)  # opened O_DIRECT but refuses such reads: buffered
+            self._buffered_only.add(part)  # opened O_DIRECT but refuses such reads: buffered from here on
+            return self._files.read_into(part, dest, off)
         if done == aligned and aligned < len(dest):
             done += self._files.read_into(part, dest[aligned:], off + aligned)
         return done

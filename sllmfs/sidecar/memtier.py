@@ -235,9 +235,9 @@ class MemoryTier:
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
             for seg in made:
                 seg.close()
-            for b in blanks[len(made) + 1:]:  # the one that failed closed itself
+            for b in blanks[len(made) + 1:]:  # the one that failed closed itself; the rest are unused
                 if b is not None:
-                    os.close(b[0])
+                    self.blanks.put(*b)
             raise BadInput(f"cannot allocate memory for model {model!r} [{variant}]: {e.strerror}") from None
         segments = made
         for i, p in enumerate(manifest.partitions):  # empty partitions have nothing to wait for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import uuid
 from collections.abc import Iterator
@@ -90,3 +91,14 @@ def test_hooks_wait_through_a_failed_import_and_a_missing_module(modules: tuple[
     importlib.invalidate_caches()
     assert importlib.import_module(f"{pkg}.flaky").OK
     assert ran == [f"{pkg}.flaky"]
+
+
+def test_a_find_spec_probe_imports_nothing_and_keeps_the_hook(modules: tuple[Path, str]) -> None:
+    folder, pkg = modules
+    (folder / "probed.py").write_text("X = 1\n")
+    ran: list[str] = []
+    after_import(f"{pkg}.probed", lambda m: ran.append(m.__name__))
+    assert importlib.util.find_spec(f"{pkg}.probed") is not None  # is it there? (pkgutil, an availability check)
+    assert ran == [] and pending(f"{pkg}.probed")
+    importlib.import_module(f"{pkg}.probed")
+    assert ran == [f"{pkg}.probed"] and not pending(f"{pkg}.probed")

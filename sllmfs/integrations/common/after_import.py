@@ -56,20 +56,10 @@ class _Watcher:
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
         if fullname not in _pending:  # unlocked: a dict lookup on every import of the process
             return None
-        with _lock:
-            thens = _pending.pop(fullname, None)
-        if not thens:
-            return None
-        spec = None
-        try:
-            spec = _find_elsewhere(self, fullname, path, target)
-        finally:
-            followed = spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module")
-            if not followed:  # not found (the importer gets its error), or a loader we cannot follow
-                with _lock:
-                    _pending.setdefault(fullname, [])[:0] = thens
-        if followed:
-            spec.loader = _ThenLoader(spec.loader, thens)  # type: ignore[union-attr]
+        spec = _find_elsewhere(self, fullname, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            # the hooks stay pending until the module's code runs: a find_spec() probe imports nothing
+            spec.loader = _ThenLoader(spec.loader)  # type: ignore[assignment]
         return spec
 
 
@@ -87,8 +77,8 @@ def _find_elsewhere(me: _Watcher, fullname: str, path: Any, target: Any) -> Modu
 class _ThenLoader:
     """The module's own loader, then the hooks; the module keeps its real loader (``__loader__``)."""
 
-    def __init__(self, loader: Any, thens: list[Then]):
-        self.loader, self.thens = loader, thens
+    def __init__(self, loader: Any):
+        self.loader = loader
 
     def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)  # type: ignore[no-any-return]
@@ -98,14 +88,16 @@ class _ThenLoader:
             module.__loader__ = self.loader
         if module.__spec__ is not None and module.__spec__.loader is self:
             module.__spec__.loader = self.loader
+        with _lock:
+            thens = _pending.pop(module.__name__, [])
         try:
             self.loader.exec_module(module)
         except BaseException:
             with _lock:  # the import failed: the hooks wait for the next attempt
-                _pending.setdefault(module.__name__, [])[:0] = self.thens
+                _pending.setdefault(module.__name__, [])[:0] = thens
             raise
         done = sys.modules.get(module.__name__, module)  # a module may replace itself in sys.modules
-        for then in self.thens:
+        for then in thens:
             _run(then, done)
 
     def __getattr__(self, name: str) -> Any:

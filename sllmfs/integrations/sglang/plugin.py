@@ -97,7 +97,7 @@ def _around(owner: Any, name: str, hook: Callable[..., Any], *, rebind: bool = F
 
     setattr(owner, name, wrapper)
     if rebind:  # SGLang's launchers, and a user's script run as __main__
-        for mod_name in [n for n in sys.modules if n.startswith("sglang.") or n == "__main__"]:
+        for mod_name in [n for n in list(sys.modules) if n.startswith("sglang.") or n == "__main__"]:
             module = sys.modules.get(mod_name)
             if getattr(module, "__dict__", {}).get(name) is original:
                 setattr(module, name, wrapper)

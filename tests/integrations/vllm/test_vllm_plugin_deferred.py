@@ -8,9 +8,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from tests.support.vllm_env import require_vllm
 
-pytest.importorskip("vllm")
+require_vllm()  # (not importorskip("vllm"): pytest's rootdir puts tests/integrations on sys.path, where
+#               tests/integrations/vllm/ itself imports as a namespace package named vllm)
 
 PROBE = """
 import sys
