@@ -15,12 +15,11 @@ left out with one warning: the engine compiles that kernel again, it never loads
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,17 @@ PREFIX = ".kernels"
 log = logging.getLogger("sllmfs.origin")
 
 
+def _base(origin: Origin) -> str:
+    return f"{origin.prefix}/{PREFIX}/" if origin.prefix else f"{PREFIX}/"
+
+
 def object_key(origin: Origin, key: str, rel: str = "") -> str:
-    base = f"{origin.prefix}/{PREFIX}/" if origin.prefix else f"{PREFIX}/"
-    return f"{base}{kernels.check_key(key)}/{rel}"
+    return f"{_base(origin)}{kernels.check_key(key)}/{rel}"
 
 
 def remote_keys(client: Any, origin: Origin) -> list[str]:
     """The kernel cache entries the origin holds (names only)."""
-    base = f"{origin.prefix}/{PREFIX}/" if origin.prefix else f"{PREFIX}/"
+    base = _base(origin)
     found: list[str] = []
     with errors(origin, "listing kernel caches"):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=origin.bucket, Prefix=base, Delimiter="/"):
@@ -66,12 +68,6 @@ def remote_entry(client: Any, origin: Origin, key: str) -> KernelEntry | None:
     if raw is None:  # none there (an unreadable one is treated as absent: the next push rewrites it)
         return None
     return kernels.parse_entry(raw, key, f"s3://{origin.bucket}/{name}")
-
-
-def _manifest_bytes(entry: KernelEntry) -> bytes:
-    return json.dumps({"format": kernels.FORMAT, "version": kernels.VERSION, "key": entry.key, "facts": entry.facts,
-                       "created": entry.created, "updated": entry.updated,
-                       "files": [asdict(f) for f in entry.files]}, indent=1).encode()
 
 
 def push(store: Store, key: str, origin: Origin, client: Any) -> int:
@@ -107,7 +103,8 @@ def push(store: Store, key: str, origin: Origin, client: Any) -> int:
                             max(local.updated, remote.updated if remote else 0.0), local.facts or
                             (remote.facts if remote else {}))
         with errors(origin, f"uploading kernel cache manifest {key}"):
-            client.put_object(Bucket=origin.bucket, Key=object_key(origin, key, MANIFEST), Body=_manifest_bytes(entry))
+            client.put_object(Bucket=origin.bucket, Key=object_key(origin, key, MANIFEST),
+                              Body=kernels.manifest_bytes(entry))
     return sent
 
 
@@ -130,8 +127,7 @@ def pull(store: Store, key: str, origin: Origin, client: Any, failed: dict[tuple
         local = {f.path: f for f in kernels.load_entry(store, key).files}
     except (NotFound, Corrupt):
         local = {}
-    want = [f for f in remote.files if now - failed.get((key, f.path, f.checksum), -RETRY_BAD_S) >= RETRY_BAD_S
-            and not kernels.skipped(f.path) and not (f.path in local and local[f.path].checksum == f.checksum)]
+    want = _wanted(remote, {p: f.checksum for p, f in local.items()}, failed, now)
     if not want:
         return 0
     limit = kernels.max_entry_bytes()
@@ -166,6 +162,14 @@ def pull(store: Store, key: str, origin: Origin, client: Any, failed: dict[tuple
     if stopped is not None:
         raise stopped
     return got
+
+
+def _wanted(remote: KernelEntry, have: dict[str, str], failed: dict[tuple[str, str, str], float],
+            now: float) -> list[KernelFile]:
+    """The origin entry's files worth fetching: not held here with those bytes (``have``: path ->
+    checksum), not a name a publish skips, not failed within RETRY_BAD_S."""
+    return [f for f in remote.files if have.get(f.path) != f.checksum and not kernels.skipped(f.path)
+            and now - failed.get((remote.key, f.path, f.checksum), -RETRY_BAD_S) >= RETRY_BAD_S]
 
 
 @dataclass
@@ -213,8 +217,7 @@ def sync(store: Store, origin: Origin, client: Any, state: SyncState,
             if remote is None or not for_node(remote.facts, state.node):
                 continue
             have = {f.path: f.checksum for f in local[key].files} if key in local else {}
-            missing = [f for f in remote.files if have.get(f.path) != f.checksum and not kernels.skipped(f.path)
-                       and now - state.failed.get((key, f.path, f.checksum), -RETRY_BAD_S) >= RETRY_BAD_S]
+            missing = _wanted(remote, have, state.failed, now)
             if not missing:
                 continue
             if not room_for(sum(f.size for f in missing)):

@@ -201,6 +201,13 @@ def load_entry(store: Store, key: str) -> KernelEntry:
     return _parse(raw, key, path / MANIFEST)
 
 
+def manifest_bytes(entry: KernelEntry) -> bytes:
+    """An entry's manifest as the store (and the origin's copy of it) holds it; parse_entry reads it."""
+    return json.dumps({"format": FORMAT, "version": VERSION, "key": entry.key, "facts": entry.facts,
+                       "created": entry.created, "updated": entry.updated,
+                       "files": [asdict(f) for f in entry.files]}, indent=1).encode()
+
+
 def parse_entry(raw: Any, key: str, where: Path | str) -> KernelEntry:
     """A kernel cache manifest (the store's, or the origin's copy of one) as an entry; Corrupt if not."""
     return _parse(raw, key, where)
@@ -395,9 +402,7 @@ def publish(store: Store, key: KernelKey | str, dirs: Dirs, *, wait_s: float = 3
         now = time.time()
         entry = KernelEntry(name, sorted(files.values(), key=lambda f: f.path),
                             old.created if old else now, now, facts or (old.facts if old else {}))
-        (staged / MANIFEST).write_text(json.dumps({
-            "format": FORMAT, "version": VERSION, "key": name, "facts": entry.facts,
-            "created": entry.created, "updated": entry.updated, "files": [asdict(f) for f in entry.files]}, indent=1))
+        (staged / MANIFEST).write_bytes(manifest_bytes(entry))
         fsync_tree(staged)
         dest.parent.mkdir(exist_ok=True)
         if os.path.lexists(dest):
