@@ -263,15 +263,12 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
             results[link].links[_name(link)] = {**results[link].engine, "start": start, "end": time.perf_counter()}
 
         # GPUs that ask the sidecar through one lease (no sibling) take turns: one thread for all of them.
-        # Copies this process makes itself take turns too, until a GPU run shows them side by side: two
-        # engines pinning the same segments failed on the H200 pair (cudaMemcpyAsync: invalid argument;
-        # each pinned ranges of its own, a copy crossed from one's pin into the other's). Pins are now
-        # the process's (csrc/pins.h) and tests/engine/test_shared_pins.py runs both at once.
+        # Copies this process makes itself run side by side: the engines share the process's pins
+        # (csrc/pins.h; two engines pinning the same segments on their own once failed on the H200 pair).
         asks = _gpu_copy() != "client"
         order: dict[int, list[Link]] = {}
         for link in jobs:
-            key = id(held[link]) if asks else -1
-            order.setdefault(key if link[0] == "cuda" else id(link), []).append(link)
+            order.setdefault(id(held[link]) if asks and link[0] == "cuda" else id(link), []).append(link)
         def run_in_turn(links: list[Link]) -> None:
             for x in links:
                 run(x)
