@@ -72,10 +72,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
 
 
-def current(framework: str) -> KernelKey:
+def current(framework: str, *, facts_file: Path | None = None) -> KernelKey:
     """This process's key: GPU facts (torch if it already holds CUDA, else NVML, else torch), versions
-    from the installed distributions. ``framework`` is a distribution name ("sglang")."""
-    gpu, capability, driver = _gpu_facts()
+    from the installed distributions. ``framework`` is a distribution name ("sglang"). ``facts_file``:
+    where the GPU facts are kept for this boot and driver (a private directory of this user)."""
+    gpu, capability, driver = _gpu_facts() if facts_file is None else _kept_gpu_facts(facts_file)
     extras = tuple((d, v) for d in ("flashinfer-python", "apache-tvm-ffi", "sgl-kernel") if (v := _version(d)))
     import torch
 
@@ -90,6 +91,33 @@ def _version(dist: str) -> str:
     try:
         return version(dist)
     except PackageNotFoundError:
+        return ""
+
+
+def _kept_gpu_facts(path: Path) -> tuple[str, str, str]:
+    """The GPU facts of this boot and driver, asked once: NVML's import and init cost every starting
+    process 30-40 ms on the H200 machines (measured: `kernel_key` in bench_plugin_cost.py), and the
+    GPUs a node has, their models and its driver cannot change without a reboot or a driver reload."""
+    stamp = [_boot_id(), proc_driver(), os.environ.get("CUDA_VISIBLE_DEVICES", "")]
+    if not stamp[0] or not stamp[1]:
+        return _gpu_facts()  # no boot id or no NVIDIA driver: nothing tells when facts would change
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept = json.loads(path.read_text())
+        if kept["stamp"] == stamp and len(kept["facts"]) == 3 and all(isinstance(f, str) for f in kept["facts"]):
+            return (kept["facts"][0], kept["facts"][1], kept["facts"][2])
+    facts = _gpu_facts()
+    if facts[0]:
+        with contextlib.suppress(OSError):  # only a cache: the next process asks again
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"stamp": stamp, "facts": list(facts)}))
+            os.replace(tmp, path)
+    return facts
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
         return ""
 
 

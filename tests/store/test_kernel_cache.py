@@ -68,6 +68,34 @@ def test_key_is_readable_and_names_every_fact() -> None:
     assert KernelKey("", "", "", "", "2.11.0", "", "sglang 0.5.17").name.startswith("sglang-0.5.17-cpu-")
 
 
+def test_gpu_facts_are_asked_once_per_boot_and_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML's init costs a start 30-40 ms on the H200s: a later process of the same boot and driver
+    reads the facts kept; a reloaded driver, other visible GPUs or a damaged file ask again. (No GPU
+    here: the driver's version and NVML's answer stand in for the machine's.)"""
+    asked: list[int] = []
+    h200 = ("NVIDIA H200", "9.0", "580.159.04")
+    monkeypatch.setattr(kernels, "_gpu_facts", lambda: asked.append(1) or h200)
+    monkeypatch.setattr(kernels, "proc_driver", lambda: "580.159.04")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    kept = tmp_path / "gpu-facts.json"
+    first = kernels.current("sglang", facts_file=kept)
+    assert kernels.current("sglang", facts_file=kept) == first and len(asked) == 1
+    assert (first.gpu, first.capability, first.driver) == h200
+    monkeypatch.setattr(kernels, "proc_driver", lambda: "590.10")  # the driver was reloaded
+    kernels.current("sglang", facts_file=kept)
+    assert len(asked) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    kernels.current("sglang", facts_file=kept)
+    assert len(asked) == 3
+    kept.write_text('{"stamp": 1, "facts": ')
+    kernels.current("sglang", facts_file=kept)
+    assert len(asked) == 4 and json.loads(kept.read_text())["facts"] == list(h200)
+    monkeypatch.setattr(kernels, "proc_driver", lambda: "")  # no NVIDIA driver: nothing kept, nothing read
+    kept.unlink()
+    kernels.current("sglang", facts_file=kept)
+    assert len(asked) == 5 and not kept.exists()
+
+
 def test_publish_then_restore_is_byte_identical(store: Store, tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_tree(src, FIRST)
