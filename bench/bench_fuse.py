@@ -45,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 CHUNK = 16 << 20
 TENSOR = 16 << 20
 HERE = Path(__file__).resolve().parent
@@ -241,6 +242,14 @@ def gbps(nbytes: int, secs: float) -> float:
     return round(nbytes / secs / 1e9, 3)
 
 
+def _shmem_mode() -> str:
+    """Transparent huge pages for shmem (the passthrough copies use them where mappings may ask)."""
+    try:
+        return Path(SHMEM_THP).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=1.0)
@@ -393,6 +402,7 @@ def main() -> None:
         "command": " ".join(["python", "bench/bench_fuse.py", *sys.argv[1:]]),
         "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
         "file_bytes": size, "device": args.device, "kernel_fuse_config": fuse_config,
+        "shmem_enabled": _shmem_mode(),
         "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "drop_caches": can_drop, "repeat": args.repeat, "unit": "GB/s (1e9 B/s), best of repeat",
         "results": results, "peers": peers,

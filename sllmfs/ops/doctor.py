@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sllmfs.core.config import Settings
+from sllmfs.core.pages import SHMEM_THP, shmem_thp
 
 
 @dataclass
@@ -52,12 +53,12 @@ def _big_pages() -> list[Check]:
                          "sysctl vm.nr_hugepages=<model GiB * 512> (GPU registration is ~2x cheaper)"))
     except (OSError, ValueError):
         out.append(Check("hugetlb pages", "warn", "cannot read /proc/sys/vm/nr_hugepages"))
-    shmem = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+    shmem = Path(SHMEM_THP)
     if shmem.exists():
-        mode = shmem.read_text().strip()
-        ok = "[advise]" in mode or "[always]" in mode or "[within_size]" in mode
-        out.append(Check("shmem THP", "ok" if ok else "warn", mode,
-                         "" if ok else "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled"))
+        ok = shmem_thp()
+        out.append(Check("shmem THP", "ok" if ok else "warn", shmem.read_text().strip(),
+                         "" if ok else "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled "
+                         "(the mount's passthrough copies fault 2 MiB pages, in parallel)"))
     return out
 
 
