@@ -9,7 +9,13 @@ GETs + atomic commit) vs boto3 ``download_file`` of the same partition objects, 
 default TransferConfig and with one matched to sllmfs (16 threads, 16 MiB parts); and a sidecar
 started with --origin on an empty store, from the acquire to every byte in its memory tier and
 verified (the pull streams into the tier as it downloads) vs the same boto3 download. Ratio > 1:
-sllmfs is faster.
+sllmfs is faster. ``--device cuda:0``: that last figure ends with every tensor in GPU memory instead
+(`load_dict` on the miss: the sidecar pulls and the GPU copy streams behind the verified windows),
+each tensor compared with the checkpoint's.
+
+On the GPU machine (boto3 + moto packed by bench/prepare-origin-gpu.sh; carry .gpu-origin):
+    source bench/gpu_setup.sh && source .gpu-origin/origin-env.sh &&
+    python3 bench/bench_origin.py --mb 4096 --repeat 2 --device cuda:0
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--endpoint-url")
     ap.add_argument("--bucket")
+    ap.add_argument("--device", help="end the streamed pull in this device's memory (cuda:0; cpu on a CPU host)")
     args = ap.parse_args()
 
     import boto3
@@ -143,8 +150,16 @@ def main() -> None:
                         time.sleep(0.05)
                 else:
                     raise SystemExit("the sidecar did not start")
+                if args.device:
+                    from sllmfs.integrations.torch import load_dict  # imported before the clock starts
                 with c:
                     t0 = time.perf_counter()
+                    if args.device:
+                        got = load_dict("bench/m", device_map={"": args.device}, socket=str(sock))
+                        _sync(args.device)
+                        seconds = time.perf_counter() - t0
+                        _same_as_checkpoint(got, scratch / "ckpt" / "model.safetensors")
+                        return seconds
                     with c.acquire("bench/m") as lease:
                         lease.wait(timeout=600)
                     return time.perf_counter() - t0
@@ -180,14 +195,18 @@ def main() -> None:
               f"{gbs / down['default']:.3f} GB/s, matched {gbs / down['matched']:.3f} GB/s | ratio "
               f"{down['default'] / pull_s:.2f} / {down['matched'] / pull_s:.2f}")
         stream_s = best["streamed"]
-        print(f"pull into a sidecar's memory (acquire -> all verified in memory, streamed) {gbs / stream_s:.3f} GB/s | "
+        where = f"{args.device} (load_dict on the miss -> every tensor there, checked)" if args.device else \
+            "a sidecar's memory (acquire -> all verified in memory, streamed)"
+        print(f"pull into {where} {gbs / stream_s:.3f} GB/s | "
               f"ratio to boto3 download_file default {down['default'] / stream_s:.2f} / matched "
               f"{down['matched'] / stream_s:.2f}")
         out = Path(__file__).parent / "results" / f"origin-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}.json"
         out.write_text(json.dumps({
             "bench": "origin", "host": socket.gethostname(), "cpus": os.cpu_count(), "bytes": nbytes,
             "server": "moto" if server else endpoint, "threads": threads, "repeat": args.repeat,
-            "gbps": {"push": gbs / push_s, "pull": gbs / pull_s, "streamed_into_memory": gbs / stream_s,
+            "device": args.device,
+            "gbps": {"push": gbs / push_s, "pull": gbs / pull_s,
+                     ("streamed_to_" + args.device if args.device else "streamed_into_memory"): gbs / stream_s,
                      **{f"boto3_upload_{n}": gbs / t for n, t in up.items()},
                      **{f"boto3_download_{n}": gbs / t for n, t in down.items()}},
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -198,6 +217,24 @@ def main() -> None:
         if server is not None:
             server.terminate()
             server.wait(10)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _same_as_checkpoint(got: dict, path: Path) -> None:  # type: ignore[type-arg]
+    """Every tensor the load placed equals the checkpoint's (a pull that served a wrong byte fails the run)."""
+    from safetensors.torch import load_file
+
+    want = load_file(str(path))
+    bad = [n for n, t in want.items() if n not in got or not bool((got[n].cpu() == t).all())]
+    if bad or len(got) != len(want):
+        raise SystemExit(f"streamed pull to the device: {len(bad)} tensor(s) differ from the checkpoint (first: "
+                         f"{bad[:1]}), {len(got)} loaded of {len(want)}")
 
 
 if __name__ == "__main__":
