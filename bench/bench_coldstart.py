@@ -1,6 +1,7 @@
 """Launch to first token: a real SGLang engine in a fresh process, every phase of its start.
 
     source bench/gpu_setup.sh && python bench/bench_coldstart.py --workdir /tmp/cs [--layers 32]
+    ... --part pairs --pairs 3      (#21.3: is sllm ready sooner, by its load phase? one ~8 min call)
 
 Each start is a new Python process (what `launch_server` costs a user), CUDA graphs on and the
 default memory fraction. Wall clocks from the parent: process start, `import sglang`, engine ready,
@@ -154,6 +155,57 @@ def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
         side.stop()
 
 
+def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int) -> dict[str, Any]:
+    """Is an sllm memory-tier start ready sooner than the default loader's by (its load phase - 0.3 s)
+    (#21.3)? One warm machine (kernel caches shared), the sllm first start to write the per-rank state
+    back, then ``n`` pairs of starts, the order alternating so drift favours neither. A start's noise
+    (process spawn, imports: several seconds) is far larger than the ~2 s in question, so each pair's
+    difference is kept and the median of them judged, on the engine's own start (Engine() to ready)
+    and on the wall clock from the launch to ready."""
+    import statistics
+
+    store = work / "store"
+    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
+                    str(src), "--storage-path", str(store), "--force"], check=True)
+    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-pairs.log")
+    view = str(side.mnt / "bench" / "llama-7b")
+    home = work / "home-pairs"
+    got: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    try:
+        keep("pairs_sllm_first", start("sllm first (any-TP, write-back)", view, "sllm", home, logs,
+                                       extra='{"sllm_write_back": "sync"}'))
+        keep("pairs_default_warmup", start("default, warm-up", str(src), "auto", home, logs))
+        for i in range(n):
+            one = {}
+            for kind in (("default", "sllm") if i % 2 == 0 else ("sllm", "default")):
+                r = start(f"pair {i} {kind}", str(src) if kind == "default" else view,
+                          "auto" if kind == "default" else "sllm", home, logs)
+                keep(f"pair{i}_{kind}", r)
+                one[kind] = r
+            got.append((one["default"], one["sllm"]))
+    finally:
+        side.stop()
+
+    def ready(r: dict[str, Any]) -> float:  # launch to engine ready (the first token minus its generate)
+        return float(r.get("first_token_wall_s", float("nan"))) - float(r.get("first_generate_s", float("nan")))
+
+    ok = [(d, m) for d, m in got if d.get("rc") == 0 and m.get("rc") == 0 and m.get("sllm_path") == "fast"
+          and d.get("load_weight_s") is not None and "engine_s" in d and "engine_s" in m]
+    if not ok:
+        raise SystemExit("pairs: no pair where both starts ran and sllm took the fast path")
+    need = statistics.median(float(d["load_weight_s"]) for d, _ in ok) - 0.3
+    engine = statistics.median(float(d["engine_s"]) - float(m["engine_s"]) for d, m in ok)
+    wall = statistics.median(ready(d) - ready(m) for d, m in ok)
+    out = {"pairs": len(ok), "goal_sooner_s": need, "engine_sooner_s_median": engine, "ready_sooner_s_median": wall,
+           "engine_sooner_s": [float(d["engine_s"]) - float(m["engine_s"]) for d, m in ok],
+           "ready_sooner_s": [ready(d) - ready(m) for d, m in ok]}
+    print(f"sllm ready sooner than default (median of {len(ok)} pairs): engine {engine:.2f} s, "
+          f"from launch {wall:.2f} s; goal >= {need:.2f} s (default load phase - 0.3): "
+          f"engine {engine / need:.2f}x, launch {wall / need:.2f}x",
+          flush=True)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:5])
@@ -162,8 +214,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-coldstart")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--src", default=None, help="reuse a checkpoint folder")
-    ap.add_argument("--part", choices=["default", "sllm", "kernels", "all"], default="all",
-                    help="kernels: fresh machines whose kernel caches come from the store, next to a warm one")
+    ap.add_argument("--part", choices=["default", "sllm", "kernels", "pairs", "all"], default="all",
+                    help="kernels: fresh machines whose kernel caches come from the store, next to a warm one; "
+                         "pairs: warm-machine starts, default and sllm hit alternating (is sllm ready sooner?)")
+    ap.add_argument("--pairs", type=int, default=3, help="--part pairs: default/sllm pairs after the first start")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     from llama_shapes import write_checkpoint
@@ -212,6 +266,8 @@ def main() -> None:
             keep("sllm_cold_warm_machine", start("sllm cold (tier empty, no page cache)", view, "sllm", warm, logs))
         finally:
             side.stop()
+    if a.part == "pairs":
+        result["pairs"] = pairs(src, work, logs, keep, a.pairs)
     if a.part == "kernels":
         kernels(src, work, logs, keep)
         result["kernel_entries"] = subprocess.run([sys.executable, "-m", "sllmfs", "kernels", "ls", "--storage-path",
