@@ -19,7 +19,10 @@ each 4 MiB window of a partition, as the sidecar's fill checks it). The first
 read that touches a window reads and hashes the whole window, once: the verdict
 is kept per committed version (``Checked``), and the last few verified windows
 stay in memory while the version is open, so the other requests of a
-sequential read in that window cost no second disk read.
+sequential read in that window cost no second disk read. The kernel asks for
+1 MiB at a time, 16 MiB ahead: a handful of 4 MiB window reads in flight keeps a
+disk well under its speed, so read-ahead threads read and check the next
+``AHEAD`` windows of the partition a reader is in, and the reader finds them kept.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sllmfs.store.format import CHUNK_SIZE, Partition
@@ -41,6 +45,8 @@ from sllmfs.store.store import Store
 DIRECT_ALIGN = 4096
 BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends
 KEPT_WINDOWS = 8  # per open version: a 16 MiB read-ahead spans 5 windows, plus slack for a second reader
+AHEAD = 16  # windows read (and checked) ahead of a reader: 64 MiB in flight, what a disk needs to stream
+AHEAD_THREADS = 16
 SPARE_WINDOWS = 2  # evicted window buffers kept for reuse: no fresh pages to fault in per window
 LOCK_STRIPES = 64  # window locks, shared round-robin: enough that neighbouring windows never wait on each other
 UNCHECKED, GOOD, BAD = 0, 1, 2
@@ -48,6 +54,8 @@ PAGE = mmap.PAGESIZE
 CACHESTAT = 451  # one number on every architecture (Linux >= 6.5)
 
 _local = threading.local()
+_ahead_pool: list[ThreadPoolExecutor] = []  # made on first use, shared by every open version
+_ahead_lock = threading.Lock()
 _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat = [True]  # False once the kernel says it has no cachestat
 
@@ -101,6 +109,24 @@ class Checked:
         self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
         self._spares: list[mmap.mmap] = []
+        self._ahead: set[tuple[int, int]] = set()  # windows being read ahead
+
+    def claim_ahead(self, part: int, window: int) -> bool:
+        """Whether to read ``window`` ahead: not kept, not known bad, not already being read ahead."""
+        key = (part, window)
+        with self._mutex:
+            if self.opens <= 0 or key in self._kept or key in self._ahead or self.state[part][window] == BAD:
+                return False
+            self._ahead.add(key)
+            return True
+
+    def done_ahead(self, part: int, window: int) -> None:
+        with self._mutex:
+            self._ahead.discard((part, window))
+
+    def is_kept(self, part: int, window: int) -> bool:
+        with self._mutex:
+            return (part, window) in self._kept
 
     def lock(self, part: int, window: int) -> threading.Lock:
         return self._stripes[(part * 7919 + window) % LOCK_STRIPES]
@@ -127,7 +153,8 @@ class Checked:
             if self.opens <= 0:
                 return  # closed meanwhile: nothing to keep it for
             self._kept[(part, window)] = buf
-            if len(self._kept) > KEPT_WINDOWS:
+            # room for what every open handle reads ahead: readers of several files of one version at once
+            while len(self._kept) > KEPT_WINDOWS + AHEAD * min(self.opens, 4):
                 self._spare(self._kept.popitem(last=False)[1])
 
     def give_back(self, buf: mmap.mmap) -> None:
@@ -181,12 +208,29 @@ class PartitionFiles:
             start = window * CHUNK_SIZE
             stop = min(end, start + CHUNK_SIZE)
             piece = dst[pos - offset:stop - offset]
+            self._read_ahead(part, window)
             if not c.copy_kept(part, window, piece, pos - start):
                 if c.state[part][window] == GOOD:
                     self._read(part, piece, pos)  # verified before, no longer kept: read it again
                 else:
                     self._check(part, window, piece, pos - start)
             pos = stop
+
+    def _read_ahead(self, part: int, window: int) -> None:
+        """Have the next ``AHEAD`` windows of the partition read and checked by the read-ahead threads:
+        the kernel asks for 1 MiB at a time, 16 MiB ahead, and one 4 MiB window at a time keeps a disk
+        far from its speed (NOTES-mount.md). Each job reads through its own duplicates of the fds, so
+        closing this handle never waits for it, nor lets a reused fd number feed it another file."""
+        c = self.checked
+        for w in range(window + 1, min(window + 1 + AHEAD, len(c.state[part]))):
+            if not c.claim_ahead(part, w):
+                continue
+            try:
+                fds = (os.dup(self.cached[part]), os.dup(self.direct[part]) if self.direct[part] >= 0 else -1)
+            except OSError:
+                c.done_ahead(part, w)
+                return
+            _pool().submit(_fetch_ahead, c, part, w, fds)
 
     def _check(self, part: int, window: int, piece: memoryview, at: int) -> None:
         """Read and hash the whole window once; concurrent readers of it wait, then copy."""
@@ -218,24 +262,7 @@ class PartitionFiles:
             c.keep(part, window, buf)
 
     def _read_window(self, part: int, buf: mmap.mmap, offset: int, n: int) -> int:
-        """Read ``n`` bytes at ``offset`` into the page-aligned ``buf``; returns how many the file had."""
-        whole = memoryview(buf)
-        done = _from_cache(self.cached[part], whole[:n], offset)
-        fd = self.direct[part]
-        if done < n and fd >= 0:
-            done -= done % DIRECT_ALIGN  # O_DIRECT wants file offset and memory aligned
-            span = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # within buf: windows are whole pages
-            while done < n:
-                got = os.preadv(fd, [whole[done:span]], offset + done)
-                if got <= 0:
-                    break
-                done += got
-                if got % DIRECT_ALIGN:
-                    break  # the end of the file
-            done = min(done, n)
-        if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
-            done += read_full(self.cached[part], whole[done:n], offset + done)
-        return done
+        return _read_window(self.cached[part], self.direct[part], buf, offset, n)
 
     def _read(self, part: int, dst: memoryview, offset: int) -> None:
         """Read already verified bytes: page cache if there, else O_DIRECT through a bounce buffer."""
@@ -261,6 +288,65 @@ class PartitionFiles:
             dst[:got] = buf[skip:skip + got]
             dst = dst[got:]
             offset += got
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _ahead_lock:
+        if not _ahead_pool:
+            _ahead_pool.append(ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="sllmfs-readahead"))
+        return _ahead_pool[0]
+
+
+def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int]) -> None:
+    """Read and check one window ahead of its reader and keep it. Anything wrong (a short file, a bad
+    checksum, an I/O error) is left for the reader itself to meet and report, once."""
+    lock = c.lock(part, window)
+    try:
+        if not lock.acquire(blocking=False):
+            return  # a reader (or a window sharing the stripe) is at it: never make a reader wait
+        try:
+            if c.is_kept(part, window) or c.state[part][window] == BAD:
+                return
+            p = c.partitions[part]
+            n = min(CHUNK_SIZE, p.size - window * CHUNK_SIZE)
+            buf = c.buffer()
+            try:
+                got = _read_window(fds[0], fds[1], buf, window * CHUNK_SIZE, n)
+            except OSError:
+                c.give_back(buf)
+                return
+            if got < n or (c.state[part][window] != GOOD and not window_ok(p, window, memoryview(buf)[:n])):
+                c.give_back(buf)
+                return
+            c.state[part][window] = GOOD
+            c.keep(part, window, buf)
+        finally:
+            lock.release()
+    finally:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        c.done_ahead(part, window)
+
+
+def _read_window(cached: int, direct: int, buf: mmap.mmap, offset: int, n: int) -> int:
+    """Read ``n`` bytes at ``offset`` into the page-aligned ``buf``; returns how many the file had."""
+    whole = memoryview(buf)
+    done = _from_cache(cached, whole[:n], offset)
+    if done < n and direct >= 0:
+        done -= done % DIRECT_ALIGN  # O_DIRECT wants file offset and memory aligned
+        span = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # within buf: windows are whole pages
+        while done < n:
+            got = os.preadv(direct, [whole[done:span]], offset + done)
+            if got <= 0:
+                break
+            done += got
+            if got % DIRECT_ALIGN:
+                break  # the end of the file
+        done = min(done, n)
+    if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
+        done += read_full(cached, whole[done:n], offset + done)
+    return done
 
 
 def _all_cached(fd: int, offset: int, n: int) -> bool | None:

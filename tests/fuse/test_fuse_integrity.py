@@ -114,7 +114,7 @@ def test_each_window_is_read_and_hashed_once(tmp_path: Path, monkeypatch: pytest
     store = Store(tmp_path / "store")
     want = save(store, "m", seed=1)
     hashed = count_calls(monkeypatch, reader, "digest")
-    windows = count_calls(monkeypatch, storeio.PartitionFiles, "_read_window")
+    windows = count_calls(monkeypatch, storeio, "_read_window")  # a reader's and the read-ahead's
     rereads = count_calls(monkeypatch, storeio.PartitionFiles, "_read")
     ops = Ops(Tree(store, SOCKET), None)
     nwindows = -(-store.get("m").manifest("hf").partitions[0].size // CHUNK_SIZE)
@@ -131,6 +131,72 @@ def test_each_window_is_read_and_hashed_once(tmp_path: Path, monkeypatch: pytest
         assert rereads[0] > 0
 
     trio.run(main)
+
+
+def test_a_sequential_reader_is_served_windows_the_read_ahead_checked(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request at a time (no parallelism of its own): the windows after the first are read and
+    verified by the read-ahead threads, each once, and the bytes are the checkpoint's."""
+    store = Store(tmp_path / "store")
+    want = save(store, "m", seed=3, shapes=[(768, 1024)] * 12)  # 36 MiB: 9 windows
+    by_reader = count_calls(monkeypatch, storeio.PartitionFiles, "_read_window")  # the reader's own reads
+    reads = count_calls(monkeypatch, storeio, "_read_window")  # everyone's
+    hashed = count_calls(monkeypatch, reader, "digest")
+    ops = Ops(Tree(store, SOCKET), None)
+    nwindows = -(-store.get("m").manifest("hf").partitions[0].size // CHUNK_SIZE)
+
+    async def main() -> None:
+        inode = await lookup(ops, "m", "model.safetensors")
+        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+        try:
+            first = bytes(await ops.read(pyfuse3.FileHandleT(fh), 0, MiB))  # window 0: the reader's own read
+            checked = next(iter(ops._checked.values()))
+            with trio.fail_after(30):  # the read-ahead checks and keeps the windows after it
+                while not all(checked.is_kept(0, w) for w in range(1, nwindows)):
+                    await trio.sleep(0.01)
+            size = ops.tree.get(inode).size  # type: ignore[union-attr]
+            rest = b""
+            for off in range(MiB, size, MiB):
+                rest += bytes(await ops.read(pyfuse3.FileHandleT(fh), off, MiB))
+        finally:
+            await ops.release(fh)
+        assert tensors(first + rest) == want
+        assert reads[0] == nwindows and hashed[0] == nwindows  # every window read and hashed exactly once
+        assert by_reader[0] == 1  # window 0; every later window was served from the read-ahead
+
+    trio.run(main)
+
+
+def test_a_bad_window_ahead_of_the_reader_is_reported_by_the_reader_once(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The read-ahead leaves a window that fails its checksum to the reader: the reads of that window
+    fail with EIO and one log line, the windows before it read fine."""
+    store = Store(tmp_path / "store")
+    save(store, "m", seed=4, shapes=[(768, 1024)] * 12)
+    flip_byte(store, "m", 6 * CHUNK_SIZE + 100)
+    ops = Ops(Tree(store, SOCKET), None)
+
+    async def main() -> None:
+        inode = await lookup(ops, "m", "model.safetensors")
+        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+        try:
+            assert len(await ops.read(pyfuse3.FileHandleT(fh), 0, MiB)) == MiB  # starts the read-ahead
+            await trio.sleep(0.5)  # the read-ahead reached the bad window meanwhile
+            failed = 0
+            for off in range(0, ops.tree.get(inode).size, MiB):  # type: ignore[union-attr]
+                try:
+                    await ops.read(pyfuse3.FileHandleT(fh), off, MiB)
+                except pyfuse3.FUSEError as e:
+                    assert e.errno == errno.EIO
+                    failed += 1
+            assert failed >= 4  # every request that touches window 6 (4 MiB of 1 MiB requests, plus the header shift)
+        finally:
+            await ops.release(fh)
+
+    with caplog.at_level("WARNING"):
+        trio.run(main)
+    lines = [r for r in caplog.records if "window 6" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_resident_bytes_of_the_same_version_are_served_without_hashing(tmp_path: Path,
