@@ -45,7 +45,6 @@ import sys
 import time
 from pathlib import Path
 
-SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 CHUNK = 16 << 20
 TENSOR = 16 << 20
 HERE = Path(__file__).resolve().parent
@@ -242,14 +241,6 @@ def gbps(nbytes: int, secs: float) -> float:
     return round(nbytes / secs / 1e9, 3)
 
 
-def _shmem_mode() -> str:
-    """Transparent huge pages for shmem (the passthrough copies use them where mappings may ask)."""
-    try:
-        return Path(SHMEM_THP).read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=1.0)
@@ -396,13 +387,16 @@ def main() -> None:
                 print(f"{key}: {got_tmpfs.get('skipped') or got_tmpfs.get('error')} / "
                       f"{got_mount.get('skipped') or got_mount.get('error')}", flush=True)
     tmpfs_file.unlink()
+    from sllmfs.core.pages import shmem_thp_modes
+
+    defrag = Path("/sys/kernel/mm/transparent_hugepage/defrag")
     out = HERE / "results" / f"fuse-{platform.node()}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(["python", "bench/bench_fuse.py", *sys.argv[1:]]),
         "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
         "file_bytes": size, "device": args.device, "kernel_fuse_config": fuse_config,
-        "shmem_enabled": _shmem_mode(),
+        "shmem_thp": shmem_thp_modes(), "thp_defrag": defrag.read_text().strip() if defrag.exists() else "unknown",
         "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
         "drop_caches": can_drop, "repeat": args.repeat, "unit": "GB/s (1e9 B/s), best of repeat",
         "results": results, "peers": peers,

@@ -157,7 +157,7 @@ def _pieces(fw: str) -> dict[str, Any]:
     from sllmfs.store import kernels
     from sllmfs.store.store import Store
 
-    key = timed("kernel_key", lambda: kernels.current(fw, facts_file=kc.work_root() / "gpu-facts.json"))
+    key = timed("kernel_key", lambda: kernels.current(fw, facts_dir=kc.work_root()))
     store = timed("store_open", lambda: Store(load_settings().storage_path, create=False, cleanup=False))
     defaults = {}
     if fw == "sglang":

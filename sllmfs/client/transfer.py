@@ -222,13 +222,23 @@ class _Engines:
             return self._open[key]
 
     def close(self) -> None:
+        """Release and close every engine, even after one fails (each holds pins and a pinned ring);
+        the first failure is raised once all are closed."""
+        failed: BaseException | None = None
         for engine, segs in self._open.values():
             try:
                 for s in segs:
                     engine.release(s)
+            except BaseException as e:
+                failed = failed or e
             finally:
-                engine.close()
+                try:
+                    engine.close()
+                except BaseException as e:
+                    failed = failed or e
         self._open.clear()
+        if failed is not None:
+            raise failed
 
 
 Job = Callable[["Lease", _Engines], LoadStats]  # one device's copy, given the lease to copy from
@@ -269,6 +279,7 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
         order: dict[int, list[Link]] = {}
         for link in jobs:
             order.setdefault(id(held[link]) if asks and link[0] == "cuda" else id(link), []).append(link)
+
         def run_in_turn(links: list[Link]) -> None:
             for x in links:
                 run(x)

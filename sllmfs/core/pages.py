@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 SHMEM_THP = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+SHMEM_THP_2M = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"  # Linux >= 6.10
+_ON = ("advise", "always", "within_size", "force")
 
 
-def shmem_thp(path: str = SHMEM_THP) -> bool:
+def shmem_thp(path: str = SHMEM_THP, size_path: str = SHMEM_THP_2M) -> bool:
     """Whether a shmem mapping that asks (MADV_HUGEPAGE) gets transparent 2 MiB pages: the mode in
-    brackets is advise, always, within_size or force (`sllmfs doctor` says how to set it)."""
+    brackets is advise, always, within_size or force, and the 2 MiB size (where the kernel sets sizes
+    apart) inherits it or is on itself (`sllmfs doctor` says how to set it)."""
+    mode = _mode(path)
+    if mode not in _ON:
+        return False
+    per_size = _mode(size_path)
+    return per_size is None or per_size == "inherit" or per_size in _ON
+
+
+def shmem_thp_modes(path: str = SHMEM_THP, size_path: str = SHMEM_THP_2M) -> str:
+    """The two settings as the kernel shows them (for doctor and the benches)."""
+    return f"shmem_enabled={_mode(path)} 2048kB={_mode(size_path)}"
+
+
+def _mode(path: str) -> str | None:
+    """The bracketed choice of a sysfs multiple-choice file; None when the file is not there."""
     try:
         with open(path) as f:
-            mode = f.read()
+            text = f.read()
     except OSError:
-        return False
-    return any(f"[{m}]" in mode for m in ("advise", "always", "within_size", "force"))
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None

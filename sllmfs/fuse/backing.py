@@ -56,7 +56,7 @@ RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never ea
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
 COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to spread over threads
 COPY_THREADS = min(8, os.cpu_count() or 1)
-MAPPED_COPY_THREADS = min(16, os.cpu_count() or 1)  # faults of huge pages scale with threads (NOTES-mount.md)
+MAPPED_COPY_THREADS = min(16, len(os.sched_getaffinity(0)))  # faults of huge pages scale with threads (NOTES-mount.md)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -103,19 +103,25 @@ def _copy_mapped(fd: int, size: int, jobs: list[tuple[int, memoryview]]) -> None
     try:
         with contextlib.suppress(OSError, AttributeError):
             mm.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB pages: 512x fewer faults, each zeroed in the kernel
-        _copy_into(np.frombuffer(mm, dtype=np.uint8), jobs)  # the array is gone when it returns
-    finally:
-        with contextlib.suppress(BufferError):  # still exported only when the copy failed (the fd goes)
-            mm.close()  # before sealing: F_SEAL_WRITE refuses a file with a writable shared mapping
+        _copy_into(np.frombuffer(mm, dtype=np.uint8), jobs)  # no view of the map outlives the call
+    except BaseException:
+        with contextlib.suppress(BufferError):  # a view still held by the failure: it goes with the fd
+            mm.close()
+        raise
+    mm.close()  # before sealing: F_SEAL_WRITE refuses a file with a writable shared mapping
 
 
-def _copy_into(dst: np.ndarray, jobs: list[tuple[int, memoryview]]) -> None:
+def _copy_into(dst: np.ndarray | None, jobs: list[tuple[int, memoryview]]) -> None:
     def copy(job: tuple[int, memoryview]) -> None:  # numpy copies without the GIL
-        np.copyto(dst[job[0]:job[0] + len(job[1])], np.frombuffer(job[1], dtype=np.uint8))
+        assert dst is not None
+        np.copyto(dst[job[0]:job[0] + job[1].nbytes], np.frombuffer(job[1], dtype=np.uint8))
 
-    with ThreadPoolExecutor(MAPPED_COPY_THREADS, thread_name_prefix="sllmfs-backing") as pool:
-        for _ in pool.map(copy, jobs):
-            pass
+    try:
+        with ThreadPoolExecutor(MAPPED_COPY_THREADS, thread_name_prefix="sllmfs-backing") as pool:
+            for _ in pool.map(copy, jobs):
+                pass
+    finally:
+        dst = None  # the closure's cell too: a traceback holding these frames holds no view of the map
 
 
 def room() -> int:

@@ -119,7 +119,7 @@ def _activate(store: Store | None, framework: str, key: KernelKey | None,
         except NotFound:
             return None  # no store on this host: nothing to serve, nowhere to keep them
     root = _private_dir(work_root())
-    key = key or kernels.current(framework, facts_file=root / "gpu-facts.json")
+    key = key or kernels.current(framework, facts_dir=root)
     _sweep(root, keep=key.name)
     work = root / key.name
     lock_fd = os.open(root / f"{key.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

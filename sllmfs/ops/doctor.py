@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sllmfs.core.config import Settings
-from sllmfs.core.pages import SHMEM_THP, shmem_thp
+from sllmfs.core.pages import SHMEM_THP, shmem_thp, shmem_thp_modes
 
 
 @dataclass
@@ -53,10 +53,9 @@ def _big_pages() -> list[Check]:
                          "sysctl vm.nr_hugepages=<model GiB * 512> (GPU registration is ~2x cheaper)"))
     except (OSError, ValueError):
         out.append(Check("hugetlb pages", "warn", "cannot read /proc/sys/vm/nr_hugepages"))
-    shmem = Path(SHMEM_THP)
-    if shmem.exists():
+    if Path(SHMEM_THP).exists():
         ok = shmem_thp()
-        out.append(Check("shmem THP", "ok" if ok else "warn", shmem.read_text().strip(),
+        out.append(Check("shmem THP", "ok" if ok else "warn", shmem_thp_modes(),
                          "" if ok else "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled "
                          "(the mount's passthrough copies fault 2 MiB pages, in parallel)"))
     return out

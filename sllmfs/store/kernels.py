@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -72,17 +73,51 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
 
 
-def current(framework: str, *, facts_file: Path | None = None) -> KernelKey:
+def current(framework: str, *, facts_dir: Path | None = None) -> KernelKey:
     """This process's key: GPU facts (torch if it already holds CUDA, else NVML, else torch), versions
-    from the installed distributions. ``framework`` is a distribution name ("sglang"). ``facts_file``:
-    where the GPU facts are kept for this boot and driver (a private directory of this user)."""
-    gpu, capability, driver = _gpu_facts() if facts_file is None else _kept_gpu_facts(facts_file)
+    from the installed distributions. ``framework`` is a distribution name ("sglang"). ``facts_dir``:
+    where GPU facts are kept for this boot and driver (a private directory of this user)."""
+    gpu, capability, driver = _gpu_facts() if facts_dir is None else _kept_gpu_facts(facts_dir)
     extras = tuple((d, v) for d in ("flashinfer-python", "apache-tvm-ffi", "sgl-kernel") if (v := _version(d)))
     import torch
 
     return KernelKey(gpu=gpu, capability=capability, driver=driver or proc_driver(), cuda=torch.version.cuda or "",
                      torch=torch.__version__, triton=_version("triton"),
                      framework=f"{framework} {_version(framework)}".strip(), extras=extras)
+
+
+def _kept_gpu_facts(folder: Path) -> tuple[str, str, str]:
+    """The GPU facts of this boot and driver, asked once: NVML's import and init cost every starting
+    process 30-40 ms on the H200 machines (measured: `kernel_key` in bench_plugin_cost.py), and the
+    GPUs a node has, their models and its driver cannot change without a reboot or a driver reload.
+    One file per (boot, driver, visible GPUs): starts with other CUDA_VISIBLE_DEVICES keep their own."""
+    stamp = [_boot_id(), proc_driver(), os.environ.get("CUDA_VISIBLE_DEVICES", "")]
+    if not stamp[0] or not stamp[1]:
+        return _gpu_facts()  # no boot id or no NVIDIA driver: nothing tells when facts would change
+    path = folder / f"gpu-facts-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
+        with open(path, "rb") as f:
+            kept = json.loads(f.read(4096))
+        facts = kept["facts"]
+        if kept["stamp"] == stamp and isinstance(facts, list) and len(facts) == 3 and \
+                all(isinstance(x, str) for x in facts):
+            return (facts[0], facts[1], facts[2])
+    facts_now = _gpu_facts()
+    if facts_now[0]:
+        _keep(path, json.dumps({"stamp": stamp, "facts": list(facts_now)}).encode())
+    return facts_now
+
+
+def _keep(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all; it is only a cache: a failure leaves nothing behind."""
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)
 
 
 def _version(dist: str) -> str:
@@ -92,26 +127,6 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return ""
-
-
-def _kept_gpu_facts(path: Path) -> tuple[str, str, str]:
-    """The GPU facts of this boot and driver, asked once: NVML's import and init cost every starting
-    process 30-40 ms on the H200 machines (measured: `kernel_key` in bench_plugin_cost.py), and the
-    GPUs a node has, their models and its driver cannot change without a reboot or a driver reload."""
-    stamp = [_boot_id(), proc_driver(), os.environ.get("CUDA_VISIBLE_DEVICES", "")]
-    if not stamp[0] or not stamp[1]:
-        return _gpu_facts()  # no boot id or no NVIDIA driver: nothing tells when facts would change
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        kept = json.loads(path.read_text())
-        if kept["stamp"] == stamp and len(kept["facts"]) == 3 and all(isinstance(f, str) for f in kept["facts"]):
-            return (kept["facts"][0], kept["facts"][1], kept["facts"][2])
-    facts = _gpu_facts()
-    if facts[0]:
-        with contextlib.suppress(OSError):  # only a cache: the next process asks again
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"stamp": stamp, "facts": list(facts)}))
-            os.replace(tmp, path)
-    return facts
 
 
 def _boot_id() -> str:

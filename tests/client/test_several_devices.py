@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from sllmfs.client import transfer
@@ -49,6 +50,37 @@ def test_each_device_copies_at_once_and_every_byte_lands(tmp_path: Path) -> None
                 assert t.numpy().tobytes() == expected[name], name
         (a0, a1), (b0, b1) = [(s["start"], s["end"]) for s in stats.links.values()]
         assert a0 < b1 and b0 < a1  # the windows each link reports overlap
+
+
+@pytest.mark.parametrize(("copies", "siblings", "together"), [
+    ("client", True, True),  # this process copies: each GPU on its own thread (the engines share pins)
+    ("auto", True, True),  # the sidecar copies: each further GPU through a sibling lease of its own
+    ("auto", False, False),  # no sibling to be had: one connection answers one request, so in turn
+])
+def test_gpu_links_copy_at_once_unless_they_share_a_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               copies: str, siblings: bool, together: bool) -> None:
+    monkeypatch.setenv("SLLMFS_GPU_COPY", copies)
+    if not siblings:
+        monkeypatch.setattr(transfer, "_sibling", lambda lease: None)
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "org/m", tensors=2, nbytes=1 << 16)
+        with sd.connect() as c, c.acquire("org/m") as lease:
+            both_in = threading.Barrier(2, timeout=5)
+            ran: dict[tuple[str, int], tuple[int, bool]] = {}
+
+            def job(link: tuple[str, int]) -> transfer.Job:
+                def copy(held: object, engines: transfer._Engines) -> transfer.LoadStats:
+                    ran[link] = (threading.get_ident(), held is lease)
+                    if together:
+                        both_in.wait()  # BrokenBarrierError if the two GPUs' jobs ran one after the other
+                    return transfer.LoadStats()
+                return copy
+
+            gpus = [("cuda", 0), ("cuda", 1)]
+            transfer._all_links(lease, {link: job(link) for link in gpus})
+    assert len({t for t, _ in ran.values()}) == (2 if together else 1)
+    # the second GPU asks through a lease of its own when the sidecar copies; this process needs none
+    assert ran[("cuda", 1)][1] is (copies == "client" or not siblings)
 
 
 def test_a_sibling_lease_maps_the_same_memory_or_none(tmp_path: Path) -> None:

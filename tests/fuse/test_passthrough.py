@@ -59,9 +59,9 @@ if mode == "no-cap":  # a container without CAP_SYS_ADMIN: mount(2) is refused, 
     def refused(*a, **k):
         raise OSError(errno.EPERM, "Operation not permitted")
     kernel.mount = refused
-if mode == "mapped":  # the copy through a mapping of the memfd (the default where shmem THP is on)
-    mapped_build = backing.build
-    backing.build = lambda synth, views: mapped_build(synth, views, mapped=True)
+if mode in ("mapped", "pwrite"):  # the copy through a mapping (the default where shmem THP is on), or pwrite
+    chosen_build = backing.build
+    backing.build = lambda synth, views: chosen_build(synth, views, mapped=mode == "mapped")
 files = {}
 if mode.startswith("tier-files"):  # a tier that holds the variant as its safetensors file
     import os
@@ -175,7 +175,7 @@ def _one_fallback_line(child: Child, why: str) -> None:
 def test_a_resident_file_is_read_by_the_kernel_and_never_reaches_the_daemon(
         served: tuple[Store, Path, Path, list[Child]], llama_dir: Path, copy: str) -> None:
     store, mnt, flag, children = served
-    children.append(child := Child(store.root, mnt, "org/tiny", flag, "mapped" if copy == "mapped" else "passthrough"))
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, copy))
     path = mnt / "org" / "tiny" / "model.safetensors"
     _same_tensors(path, llama_dir / "model.safetensors")
     with open(path, "rb") as f:

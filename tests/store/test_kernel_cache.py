@@ -69,31 +69,49 @@ def test_key_is_readable_and_names_every_fact() -> None:
 
 
 def test_gpu_facts_are_asked_once_per_boot_and_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """NVML's init costs a start 30-40 ms on the H200s: a later process of the same boot and driver
-    reads the facts kept; a reloaded driver, other visible GPUs or a damaged file ask again. (No GPU
-    here: the driver's version and NVML's answer stand in for the machine's.)"""
+    """NVML's init costs a start 30-40 ms on the H200s: a later process of the same boot, driver and
+    visible GPUs reads the facts kept; another boot, a reloaded driver, other visible GPUs or a damaged
+    or planted file ask again. (No GPU here: the driver's version, the boot id and NVML's answer stand
+    in for the machine's.)"""
     asked: list[int] = []
     h200 = ("NVIDIA H200", "9.0", "580.159.04")
     monkeypatch.setattr(kernels, "_gpu_facts", lambda: asked.append(1) or h200)
     monkeypatch.setattr(kernels, "proc_driver", lambda: "580.159.04")
+    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-1")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    kept = tmp_path / "gpu-facts.json"
-    first = kernels.current("sglang", facts_file=kept)
-    assert kernels.current("sglang", facts_file=kept) == first and len(asked) == 1
-    assert (first.gpu, first.capability, first.driver) == h200
+
+    def key() -> KernelKey:
+        return kernels.current("sglang", facts_dir=tmp_path)
+
+    first = key()
+    assert key() == first and len(asked) == 1 and (first.gpu, first.capability, first.driver) == h200
+    [kept] = tmp_path.glob("gpu-facts-*.json")
+    assert not list(tmp_path.glob(".gpu-facts-*"))  # no temporary file left behind
     monkeypatch.setattr(kernels, "proc_driver", lambda: "590.10")  # the driver was reloaded
-    kernels.current("sglang", facts_file=kept)
+    key()
     assert len(asked) == 2
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    kernels.current("sglang", facts_file=kept)
+    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-2")
+    key()
     assert len(asked) == 3
-    kept.write_text('{"stamp": 1, "facts": ')
-    kernels.current("sglang", facts_file=kept)
-    assert len(asked) == 4 and json.loads(kept.read_text())["facts"] == list(h200)
-    monkeypatch.setattr(kernels, "proc_driver", lambda: "")  # no NVIDIA driver: nothing kept, nothing read
-    kept.unlink()
-    kernels.current("sglang", facts_file=kept)
-    assert len(asked) == 5 and not kept.exists()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # its own file: the other visible set keeps its own
+    key()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    key()
+    assert len(asked) == 4
+    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-1")
+    monkeypatch.setattr(kernels, "proc_driver", lambda: "580.159.04")
+    stamp = json.loads(kept.read_text())["stamp"]
+    for planted in ('{"stamp": 1, "facts": ', json.dumps({"stamp": stamp, "facts": [1, 2, 3]}),
+                    json.dumps({"stamp": stamp, "facts": ["a", "b"]}), "[" * 100_000):
+        kept.write_text(planted)
+        assert key() == first  # asked again, and the file repaired
+    assert len(asked) == 8 and json.loads(kept.read_text())["facts"] == list(h200)
+    monkeypatch.setattr(kernels, "proc_driver", lambda: "")  # no NVIDIA driver: nothing read, nothing kept
+    kept.write_text(json.dumps({"stamp": stamp, "facts": ["planted", "1.0", "1"]}))
+    for f in tmp_path.glob("gpu-facts-*.json"):
+        if f != kept:
+            f.unlink()
+    assert key().gpu == "NVIDIA H200" and len(asked) == 9 and len(list(tmp_path.glob("gpu-facts-*.json"))) == 1
 
 
 def test_publish_then_restore_is_byte_identical(store: Store, tmp_path: Path) -> None:
