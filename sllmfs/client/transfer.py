@@ -194,7 +194,11 @@ def _copy_rows(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[
         if copied is not None:
             return copied
     engine, segs = engines.get(lease, target, device, mode)
-    return engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout)
+    return engine.copy(segs, np.array(rows, dtype=np.uint64), timeout=timeout, progress=engines.check)
+
+
+class Cancelled(Exception):
+    """A device's copy stopped because another device's copy of the same load failed."""
 
 
 Link = tuple[str, int]  # ("cuda", 1) or ("host", 0): one copy engine and one PCIe link (or memcpy) each
@@ -213,6 +217,12 @@ class _Engines:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[tuple[int, str, int], tuple[CopyEngine, list[Any]]] = {}
+        self.stop = threading.Event()  # one device's copy failed: the others stop at their next block
+
+    def check(self, done: int, total: int) -> None:
+        """The engines' progress callback: raising stops that copy (the load fails anyway)."""
+        if self.stop.is_set():
+            raise Cancelled("another device's copy of this load failed")
 
     def get(self, lease: Lease, target: str, device: int, mode: str) -> tuple[CopyEngine, list[Any]]:
         key = (id(lease), target, device)
@@ -269,6 +279,7 @@ def _all_links(lease: Lease, jobs: dict[Link, Job]) -> LoadStats:
                 results[link] = jobs[link](held[link], engines)
             except BaseException as e:  # re-raised below, in the caller's thread
                 errors.append(e)
+                engines.stop.set()  # the load fails: the other devices need not copy their share
                 return
             results[link].links[_name(link)] = {**results[link].engine, "start": start, "end": time.perf_counter()}
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sllmfs.client import transfer
+from sllmfs.core.errors import BadInput
 from sllmfs.store.save import save_model
 from sllmfs.store.store import Store
 from tests.support.sidecar import make_model, sidecar
@@ -81,6 +82,28 @@ def test_gpu_links_copy_at_once_unless_they_share_a_connection(tmp_path: Path, m
     assert len({t for t, _ in ran.values()}) == (2 if together else 1)
     # the second GPU asks through a lease of its own when the sidecar copies; this process needs none
     assert ran[("cuda", 1)][1] is (copies == "client" or not siblings)
+
+
+def test_a_failed_device_copy_stops_the_others_and_its_error_is_raised(tmp_path: Path) -> None:
+    """The load fails when one device's copy fails: the other devices are told to stop (their engines'
+    progress check raises), and the caller gets the first device's own error, not a cancellation."""
+    with sidecar(tmp_path) as sd:
+        make_model(sd.store, "org/m", tensors=2, nbytes=1 << 16)
+        with sd.connect() as c, c.acquire("org/m") as lease:
+            told: list[bool] = []
+
+            def broken(held: object, engines: transfer._Engines) -> transfer.LoadStats:
+                raise BadInput("tensor 'x': stored shape [2], target [3]")
+
+            def waiting(held: object, engines: transfer._Engines) -> transfer.LoadStats:
+                told.append(engines.stop.wait(10))
+                with pytest.raises(transfer.Cancelled):
+                    engines.check(0, 1)  # what its copy engine calls between blocks
+                raise transfer.Cancelled("stopped")
+
+            with pytest.raises(BadInput, match="stored shape"):
+                transfer._all_links(lease, {("host", 0): broken, ("host", 1): waiting})
+    assert told == [True]
 
 
 def test_a_sibling_lease_maps_the_same_memory_or_none(tmp_path: Path) -> None:
