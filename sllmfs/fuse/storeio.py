@@ -318,8 +318,8 @@ def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int]) -> No
             if got < n or (c.state[part][window] != GOOD and not window_ok(p, window, memoryview(buf)[:n])):
                 c.give_back(buf)
                 return
+            c.keep(part, window, buf)  # kept first: a reader that sees GOOD finds the bytes, never rereads them
             c.state[part][window] = GOOD
-            c.keep(part, window, buf)
         finally:
             lock.release()
     finally:
