@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -85,6 +86,64 @@ def fault_in(nbytes: int, huge: bool, threads: int) -> float:
     return step * threads / seconds / 1e9
 
 
+def copy_into_map(files: list[Path], threads: int, piece: int, *, read: int = 0, verify: str = "none") -> float:
+    """GB/s of page cache -> one hugetlb map of the files' size, faulted in first (as the blanks are),
+    ``threads`` workers taking ``piece``-byte pieces in file order, each read (``read`` bytes at a
+    time, 0: at once) to its own place: the fill's shape, where the 32 MiB buffer the plain limit
+    reuses stays in the caches. ``verify``: none; after (xxh3 over each 4 MiB window once the whole
+    piece is read, the fill's old order); each (xxh3 over each read right after it)."""
+    import xxhash
+
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    mapped = -(-total // (2 << 20)) * (2 << 20)
+    try:
+        os.ftruncate(fd, mapped)
+        mm = mmap.mmap(fd, mapped, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.posix_fallocate(fd, 0, mapped)  # faulted in before the clock starts, as blanks are
+    except OSError as e:
+        os.close(fd)
+        raise SystemExit(f"cannot map {mapped} bytes of hugetlb (reserve more pages): {e}") from None
+    view = memoryview(mm)
+    jobs, base = [], 0
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    for i, size in enumerate(sizes):
+        jobs += [(fds[i], off, base + off, min(piece, size - off)) for off in range(0, size, piece)]
+        base += size
+    lock = threading.Lock()
+    done = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                fd_, off, at, n = jobs.pop(0)
+            got = 0
+            step = read or n
+            while got < n:
+                k = min(step, n - got)
+                got += os.preadv(fd_, [view[at + got:at + got + k]], off + got)
+                if verify == "each":
+                    xxhash.xxh3_64_intdigest(view[at + got - k:at + got])
+            if verify == "after":
+                for w in range(at, at + n, 4 << 20):
+                    xxhash.xxh3_64_intdigest(view[w:min(w + (4 << 20), at + n)])
+            with lock:
+                done[0] += got
+
+    seconds = timed_threads(worker, threads)
+    for f in fds:
+        os.close(f)
+    view.release()
+    mm.close()
+    os.close(fd)
+    if done[0] != total:
+        raise SystemExit(f"bench: copied {done[0]} of {total} bytes into the map")
+    return total / seconds / 1e9
+
+
 def prefault_rate(nbytes: int, threads: int) -> float:
     """GB/s of fallocate() on a fresh hugetlb memfd, ``threads`` ranges at once: the kernel allocates
     and zeroes the pages without a user page fault each (what a pre-faulting tier would pay)."""
@@ -137,9 +196,10 @@ def register_rate(nbytes: int, huge: bool) -> float:
 
 
 def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: bool,
-                 extra: list[str] | None = None) -> float:
-    """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache;
-    ``extra``: more sidecar flags (the read shape)."""
+                 extra: list[str] | None = None, own: list[float] | None = None) -> float:
+    """GB/s of the sidecar filling its memory tier (`load --warm`, the CLI's start included), from disk
+    or from the page cache; ``extra``: more sidecar flags (the read shape); ``own``: gets the rate the
+    sidecar logged (the fill's threads alone)."""
     sock = work / f"fill-{threads}.sock"
     log = work / f"fill-{threads}.log"
     proc = start_sidecar(store, sock, log, ["--mem-pool-size", POOL, "--num-thread", str(threads), "--chunk-size",
@@ -161,6 +221,11 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
     finally:
         stop(proc)
     files = sorted(store.rglob("data_*.bin"))
+    if own is not None:  # the sidecar's own figure: its worker threads only, without the CLI's start
+        rates = re.findall(r"filled model=.* rate=([0-9.]+)GB/s", log.read_text())
+        if not rates:
+            raise SystemExit(f"bench: the sidecar logged no fill rate:\n{log.read_text()[-2000:]}")
+        own.append(float(rates[-1]))
     return sum(f.stat().st_size for f in files) / seconds / 1e9
 
 
@@ -196,7 +261,7 @@ def main() -> None:
 
     def warm(label: str, fn: Callable[[], float]) -> None:
         r[label] = measured(label, fn())
-        print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
+        print(f"{label:<50}{r[label]:>8.2f} GB/s", flush=True)
 
     if args.part == "disk":
         _disk(store, work, files, cold)
@@ -253,16 +318,24 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
 def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Callable[[], float]], None],
             t: int) -> None:
     """The fill from the page cache into segments made of start-time blanks (memory already faulted in)
-    vs into fresh memory, alternating, with the copy into memory already faulted in as the limit."""
+    vs into fresh memory, alternating, with the copy into memory already faulted in as the limit; the
+    fill's copy + checksum modelled in this process (one map, no sidecar) in the old order (hash the
+    piece after reading it) and the new (hash each read as it lands, in the caches); and the rate the
+    sidecar logs (its threads alone) next to the CLI's end to end figure."""
     if not prefault.hugepages_free()[0]:
         raise SystemExit("no free hugetlb pages: reserve some (echo N > /proc/sys/vm/nr_hugepages) to compare")
     read_files(files, t, 32 << 20, direct=False)
     warm(f"page cache -> memory {t} threads (limit)", lambda: read_files(files, t, 32 << 20, direct=False))
+    piece, read = 32 << 20, 1 << 20
+    warm(f"page cache -> map {t} threads (limit, the fill's places)", lambda: copy_into_map(files, t, piece))
+    warm(f"map + xxh3 after each piece {t} threads", lambda: copy_into_map(files, t, piece, verify="after"))
+    warm(f"map + xxh3 each 1MiB read {t} threads", lambda: copy_into_map(files, t, piece, read=read, verify="each"))
     for rep in (1, 2):
-        warm(f"sidecar fill page cache {t} threads, fresh #{rep}",
-             lambda: sidecar_fill(store, work, t, "32MiB", cold=False, extra=["--no-prefault"]))
-        warm(f"sidecar fill page cache {t} threads, blanks #{rep}",
-             lambda: sidecar_fill(store, work, t, "32MiB", cold=False))
+        for kind, extra in (("fresh", ["--no-prefault"]), ("blanks", [])):
+            own: list[float] = []
+            warm(f"sidecar fill page cache {t} threads, {kind} #{rep}",
+                 lambda e=extra, o=own: sidecar_fill(store, work, t, "32MiB", cold=False, extra=e, own=o))
+            warm(f"  its own rate (sidecar log), {kind} #{rep}", lambda o=own: o[0])
 
 
 def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Callable[[], float]], None]) -> None:
@@ -304,6 +377,11 @@ def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk
         print(f"\n{nbytes / 1e9:.2f} GB stored; ratio to the disk's sequential O_DIRECT read ({seq:.2f} GB/s):")
         for k, v in r.items():
             print(f"{k:<34}{v:>8.2f}{v / seq:>8.2f}")
+    limit = next((v for k, v in r.items() if "(limit, the fill's places)" in k), None)
+    if limit is not None:
+        print(f"\nratio to the copy into the fill's places ({limit:.2f} GB/s):")
+        for k, v in r.items():
+            print(f"{k:<50}{v:>8.2f}{v / limit:>8.2f}")
     print(f"-> {dest}")
 
 
