@@ -8,7 +8,7 @@ A short file or a checksum mismatch marks the window failed and fails the fill.
 What the page cache holds is copied in ``CACHED_READ`` reads that do not wait for the
 disk (RWF_NOWAIT), each checksummed right after it lands, while it is still in the
 CPU's caches: a piece copied whole and then checksummed is read back from memory,
-a third pass over the bytes (0.67 of the copy's rate on the CPU VM, NOTES-cold run 7).
+a third pass over the bytes (~0.7 of the copy's rate on the CPU VM, NOTES-cold run 7).
 From the first byte the page cache lacks, the rest of the piece is read the disk's
 way: ``direct`` reads past the page cache (O_DIRECT: aligned, the file's unaligned
 tail buffered; a filesystem without it reads buffered) and ``read_size`` splits it
@@ -115,7 +115,7 @@ class Fill:
         """Copy and check windows of [off, end) while the page cache has their bytes. Returns where
         it ran out (``end``: all done) and the check of the window it ran out in, fed up to there."""
         if self._direct is not None or part in self._waiting_only:
-            return off, None  # O_DIRECT was asked for: the page cache is not to be used
+            return off, None  # O_DIRECT was asked for, or this filesystem has no RWF_NOWAIT
         p = self.res.manifest.partitions[part]
         fd = self._files.fd(part)
         at = off
