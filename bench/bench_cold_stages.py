@@ -346,8 +346,8 @@ def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
     secs: dict[str, float] = {}
     old_order = (str(HERE / "old_fill_order.py"),)  # the same daemon with the fill's order before run 7
     for rep in (1, 2):
-        for kind, extra, program in (("blanks, old order", [], old_order), ("blanks", [], ("-m", "sllmfs")),
-                                     ("fresh", ["--no-prefault"], ("-m", "sllmfs"))):
+        kinds = [("blanks, old order", [], old_order), ("blanks", [], ("-m", "sllmfs"))]
+        for kind, extra, program in [*kinds[::1 if rep == 1 else -1], ("fresh", ["--no-prefault"], ("-m", "sllmfs"))]:
             own: dict[str, float] = {}
             warm(f"sidecar fill page cache {t} threads, {kind} #{rep}",
                  lambda e=extra, o=own, p=program: sidecar_fill(store, work, t, "32MiB", cold=False, extra=e, own=o,
@@ -367,7 +367,8 @@ def _cold_fill(store: Path, work: Path, files: list[Path], cold: Callable[[str, 
     old_order = (str(HERE / "old_fill_order.py"),)
     for rep in (1, 2):
         cold(f"disk buffered {t} threads 32MiB #{rep}", lambda: read_files(files, t, 32 << 20, direct=False))
-        for kind, program in (("old order", old_order), ("", ("-m", "sllmfs"))):
+        # each order first once: the first fill after the disk's read ran slower here, whichever it was
+        for kind, program in (("old order", old_order), ("", ("-m", "sllmfs")))[::1 if rep == 1 else -1]:
             own: dict[str, float] = {}
             name = f"sidecar fill cold {t} threads 32MiB{', ' + kind if kind else ''} #{rep}"
             warm(name,  # it drops the page cache itself, after the blanks
@@ -412,7 +413,7 @@ def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk
         result["seconds"] = seconds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-{args.part}.json"  # two parts in one minute: two files
     dest.write_text(json.dumps(result, indent=1))
     if with_disk:
         seq = r["disk O_DIRECT 1 thread 64MiB"]
