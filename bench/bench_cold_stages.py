@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -85,6 +86,64 @@ def fault_in(nbytes: int, huge: bool, threads: int) -> float:
     return step * threads / seconds / 1e9
 
 
+def copy_into_map(files: list[Path], threads: int, piece: int, *, read: int = 0, verify: str = "none") -> float:
+    """GB/s of page cache -> one hugetlb map of the files' size, faulted in first (as the blanks are),
+    ``threads`` workers taking ``piece``-byte pieces in file order, each read (``read`` bytes at a
+    time, 0: at once) to its own place: the fill's shape, where the 32 MiB buffer the plain limit
+    reuses stays in the caches. ``verify``: none; after (xxh3 over each 4 MiB window once the whole
+    piece is read, the fill's old order); each (xxh3 over each read right after it)."""
+    import xxhash
+
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    fd = os.memfd_create("bench", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    mapped = -(-total // (2 << 20)) * (2 << 20)
+    try:
+        os.ftruncate(fd, mapped)
+        mm = mmap.mmap(fd, mapped, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.posix_fallocate(fd, 0, mapped)  # faulted in before the clock starts, as blanks are
+    except OSError as e:
+        os.close(fd)
+        raise SystemExit(f"cannot map {mapped} bytes of hugetlb (reserve more pages): {e}") from None
+    view = memoryview(mm)
+    jobs, base = [], 0
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    for i, size in enumerate(sizes):
+        jobs += [(fds[i], off, base + off, min(piece, size - off)) for off in range(0, size, piece)]
+        base += size
+    lock = threading.Lock()
+    done = [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                fd_, off, at, n = jobs.pop(0)
+            got = 0
+            step = read or n
+            while got < n:
+                k = min(step, n - got)
+                got += os.preadv(fd_, [view[at + got:at + got + k]], off + got)
+                if verify == "each":
+                    xxhash.xxh3_64_intdigest(view[at + got - k:at + got])
+            if verify == "after":
+                for w in range(at, at + n, 4 << 20):
+                    xxhash.xxh3_64_intdigest(view[w:min(w + (4 << 20), at + n)])
+            with lock:
+                done[0] += got
+
+    seconds = timed_threads(worker, threads)
+    for f in fds:
+        os.close(f)
+    view.release()
+    mm.close()
+    os.close(fd)
+    if done[0] != total:
+        raise SystemExit(f"bench: copied {done[0]} of {total} bytes into the map")
+    return total / seconds / 1e9
+
+
 def prefault_rate(nbytes: int, threads: int) -> float:
     """GB/s of fallocate() on a fresh hugetlb memfd, ``threads`` ranges at once: the kernel allocates
     and zeroes the pages without a user page fault each (what a pre-faulting tier would pay)."""
@@ -137,13 +196,17 @@ def register_rate(nbytes: int, huge: bool) -> float:
 
 
 def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: bool,
-                 extra: list[str] | None = None) -> float:
-    """GB/s of the sidecar filling its memory tier (`load --warm`), from disk or from the page cache;
-    ``extra``: more sidecar flags (the read shape)."""
+                 extra: list[str] | None = None, own: dict[str, float] | None = None,
+                 program: tuple[str, ...] = ("-m", "sllmfs")) -> float:
+    """GB/s of the sidecar filling its memory tier (`load --warm`, the CLI's start included), from disk
+    or from the page cache; ``extra``: more sidecar flags (the read shape); ``own``: gets the rate the
+    sidecar logged (the fill's threads alone, "gbps") and the seconds of the same `load --warm` once
+    the model is resident ("cli_s": the CLI's start and round trip, in the first figure too);
+    ``program``: the daemon python runs (bench/old_fill_order.py: the fill's order before run 7)."""
     sock = work / f"fill-{threads}.sock"
     log = work / f"fill-{threads}.log"
     proc = start_sidecar(store, sock, log, ["--mem-pool-size", POOL, "--num-thread", str(threads), "--chunk-size",
-                                            chunk, "--no-gpu-warmup", *(extra or [])])
+                                            chunk, "--no-gpu-warmup", *(extra or [])], program=program)
     try:
         if "--no-prefault" not in (extra or []):  # the start-time blanks first: the fill should find them made
             deadline = time.monotonic() + 300
@@ -155,12 +218,22 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
         if not cold:
             read_files(sorted(store.rglob("data_*.bin")), 16, 32 << 20, direct=False)  # all in the page cache
+        load = [sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock)]
         t0 = time.perf_counter()
-        sh(sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock))
+        sh(*load)
         seconds = time.perf_counter() - t0
+        if own is not None:  # the same command once resident: what the CLI costs without a fill
+            t0 = time.perf_counter()
+            sh(*load)
+            own["cli_s"] = time.perf_counter() - t0
     finally:
         stop(proc)
     files = sorted(store.rglob("data_*.bin"))
+    if own is not None:  # the sidecar's own figure: its worker threads only, without the CLI's start
+        rates = re.findall(r"filled model=.* rate=([0-9.]+)GB/s", log.read_text())
+        if not rates:
+            raise SystemExit(f"bench: the sidecar logged no fill rate:\n{log.read_text()[-2000:]}")
+        own["gbps"] = float(rates[-1])
     return sum(f.stat().st_size for f in files) / seconds / 1e9
 
 
@@ -169,11 +242,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks"], default="all",
+    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks", "cold-fill"], default="all",
                     help="faults: is a page's first touch in this VM the cost, or every fault? (repeated "
                          "fault-in of the same reservation, fallocate, fills in a row); blanks: a fill from the "
-                         "page cache into the start-time blanks vs into fresh memory")
-    ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks)")
+                         "page cache into the start-time blanks vs into fresh memory; cold-fill: the fill from "
+                         "disk next to the disk's buffered read in its shape")
+    ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks, cold-fill)")
     args = ap.parse_args()
     from llama_shapes import write_checkpoint
 
@@ -192,18 +266,21 @@ def main() -> None:
         if not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): cold stages cannot be measured")
         r[label] = measured(label, fn())
-        print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
+        print(f"{label:<50}{r[label]:>8.2f} GB/s", flush=True)
 
     def warm(label: str, fn: Callable[[], float]) -> None:
         r[label] = measured(label, fn())
-        print(f"{label:<34}{r[label]:>8.2f} GB/s", flush=True)
+        print(f"{label:<50}{r[label]:>8.2f} GB/s", flush=True)
 
     if args.part == "disk":
         _disk(store, work, files, cold)
         return _write(args, r, nbytes, True)
     if args.part == "blanks":
-        _blanks(store, work, files, warm, args.threads)
-        return _write(args, r, nbytes, False)
+        secs = _blanks(store, work, files, warm, args.threads)
+        return _write(args, r, nbytes, False, secs)
+    if args.part == "cold-fill":
+        secs = _cold_fill(store, work, files, cold, warm, args.threads)
+        return _write(args, r, nbytes, False, secs)
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)
@@ -251,18 +328,54 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
 
 
 def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Callable[[], float]], None],
-            t: int) -> None:
+            t: int) -> dict[str, float]:
     """The fill from the page cache into segments made of start-time blanks (memory already faulted in)
-    vs into fresh memory, alternating, with the copy into memory already faulted in as the limit."""
+    in the fill's old order (bench/old_fill_order.py) and its own, and into fresh memory, alternating,
+    with the copy into memory already faulted in as the limit; the fill's copy + checksum modelled in
+    this process (one map, no sidecar) in the old order (hash the piece after reading it) and the new
+    (hash each read as it lands, in the caches); and the rate the sidecar logs (its threads alone)
+    next to the CLI's end to end figure (and the CLI's own seconds)."""
     if not prefault.hugepages_free()[0]:
         raise SystemExit("no free hugetlb pages: reserve some (echo N > /proc/sys/vm/nr_hugepages) to compare")
     read_files(files, t, 32 << 20, direct=False)
     warm(f"page cache -> memory {t} threads (limit)", lambda: read_files(files, t, 32 << 20, direct=False))
+    piece, read = 32 << 20, 1 << 20
+    warm(f"page cache -> map {t} threads (limit, the fill's places)", lambda: copy_into_map(files, t, piece))
+    warm(f"map + xxh3 after each piece {t} threads", lambda: copy_into_map(files, t, piece, verify="after"))
+    warm(f"map + xxh3 each 1MiB read {t} threads", lambda: copy_into_map(files, t, piece, read=read, verify="each"))
+    secs: dict[str, float] = {}
+    old_order = (str(HERE / "old_fill_order.py"),)  # the same daemon with the fill's order before run 7
     for rep in (1, 2):
-        warm(f"sidecar fill page cache {t} threads, fresh #{rep}",
-             lambda: sidecar_fill(store, work, t, "32MiB", cold=False, extra=["--no-prefault"]))
-        warm(f"sidecar fill page cache {t} threads, blanks #{rep}",
-             lambda: sidecar_fill(store, work, t, "32MiB", cold=False))
+        kinds = [("blanks, old order", [], old_order), ("blanks", [], ("-m", "sllmfs"))]
+        for kind, extra, program in [*kinds[::1 if rep == 1 else -1], ("fresh", ["--no-prefault"], ("-m", "sllmfs"))]:
+            own: dict[str, float] = {}
+            warm(f"sidecar fill page cache {t} threads, {kind} #{rep}",
+                 lambda e=extra, o=own, p=program: sidecar_fill(store, work, t, "32MiB", cold=False, extra=e, own=o,
+                                                                program=p))
+            warm(f"  its own rate (sidecar log), {kind} #{rep}", lambda o=own: o["gbps"])
+            secs[f"`load --warm` once resident (the CLI alone), {kind} #{rep}"] = own["cli_s"]
+            print(f"  `load --warm` once resident (the CLI alone)      {own['cli_s']:>8.3f} s", flush=True)
+    return secs
+
+
+def _cold_fill(store: Path, work: Path, files: list[Path], cold: Callable[[str, Callable[[], float]], None],
+               warm: Callable[[str, Callable[[], float]], None], t: int) -> dict[str, float]:
+    """The fill from disk (page cache dropped) in its old order and its own, alternating with the disk's
+    buffered read in the fill's shape (``t`` threads x 32 MiB): the page-cache path must leave this
+    one as it was."""
+    secs: dict[str, float] = {}
+    old_order = (str(HERE / "old_fill_order.py"),)
+    for rep in (1, 2):
+        cold(f"disk buffered {t} threads 32MiB #{rep}", lambda: read_files(files, t, 32 << 20, direct=False))
+        # each order first once: the first fill after the disk's read ran slower here, whichever it was
+        for kind, program in (("old order", old_order), ("", ("-m", "sllmfs")))[::1 if rep == 1 else -1]:
+            own: dict[str, float] = {}
+            name = f"sidecar fill cold {t} threads 32MiB{', ' + kind if kind else ''} #{rep}"
+            warm(name,  # it drops the page cache itself, after the blanks
+                 lambda o=own, p=program: sidecar_fill(store, work, t, "32MiB", cold=True, own=o, program=p))
+            warm(f"  its own rate (sidecar log){', ' + kind if kind else ''} #{rep}", lambda o=own: o["gbps"])
+            secs[f"`load --warm` once resident (the CLI alone), {kind or 'new order'} #{rep}"] = own["cli_s"]
+    return secs
 
 
 def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Callable[[], float]], None]) -> None:
@@ -292,18 +405,26 @@ def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Calla
                                               extra=["--fill-direct", "--fill-read-size", r]))
 
 
-def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk: bool) -> None:
+def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk: bool,
+           seconds: dict[str, float] | None = None) -> None:
     result = {"bench": "cold-stages", "host": platform.node(), "stored_bytes": nbytes, "gbps": r,
               "command": "python bench/bench_cold_stages.py " + " ".join(sys.argv[1:])}
+    if seconds:
+        result["seconds"] = seconds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-{args.part}.json"  # two parts in one minute: two files
     dest.write_text(json.dumps(result, indent=1))
     if with_disk:
         seq = r["disk O_DIRECT 1 thread 64MiB"]
         print(f"\n{nbytes / 1e9:.2f} GB stored; ratio to the disk's sequential O_DIRECT read ({seq:.2f} GB/s):")
         for k, v in r.items():
             print(f"{k:<34}{v:>8.2f}{v / seq:>8.2f}")
+    limit = next((v for k, v in r.items() if "(limit, the fill's places)" in k), None)
+    if limit is not None:
+        print(f"\nratio to the copy into the fill's places ({limit:.2f} GB/s):")
+        for k, v in r.items():
+            print(f"{k:<50}{v:>8.2f}{v / limit:>8.2f}")
     print(f"-> {dest}")
 
 

@@ -117,15 +117,16 @@ def timed_threads(worker: Callable[[], None], threads: int) -> float:
 
 
 def start_sidecar(store: Path, sock: Path, log: Path, extra_args: list[str] | tuple[str, ...] = (),
-                  timeout: float = 120.0) -> subprocess.Popen[bytes]:
-    """`sllmfs start` in the background; returns once its socket (and its mount, with --mount) is up."""
+                  timeout: float = 120.0, program: tuple[str, ...] = ("-m", "sllmfs")) -> subprocess.Popen[bytes]:
+    """`sllmfs start` in the background; returns once its socket (and its mount, with --mount) is up.
+    ``program``: what python runs instead of `-m sllmfs` (a bench's variant of the daemon)."""
     extra = list(extra_args)
     mount = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
     if mount is not None:
         mount.mkdir(parents=True, exist_ok=True)
     _remove_stale_socket(sock)
     with open(log, "w") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store),
+        proc = subprocess.Popen([sys.executable, *program, "start", "--storage-path", str(store),
                                  "--socket", str(sock), *extra], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     # the mount's marker file shows once the FUSE view answers, which is after the socket listens

@@ -71,6 +71,21 @@ def window_ok(p: Partition, k: int, data: Any) -> bool:
     return k < len(p.chunks) and digest(data) == p.chunks[k]
 
 
+class WindowCheck:
+    """``window_ok`` fed as the window's bytes land, in reads of any size: the fill checksums each
+    read while its bytes are still in the CPU's caches instead of reading 4 MiB back from memory."""
+
+    def __init__(self, p: Partition, k: int):
+        self.partition, self.index = p, k
+        self._hash = xxhash.xxh3_64()  # the streamed form of format.digest: the same hex, one window
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+
+    def ok(self) -> bool:
+        return self.index < len(self.partition.chunks) and self._hash.hexdigest() == self.partition.chunks[self.index]
+
+
 def windows(p: Partition) -> int:
     return -(-p.size // CHUNK_SIZE)
 
