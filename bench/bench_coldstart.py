@@ -132,14 +132,20 @@ def start(label: str, model_path: str, load_format: str, home: Path, logs: Path,
     return res
 
 
-def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
-    """Machine A compiles and publishes its kernels to the store; machine B starts fresh from the
-    store's copy, then again warm; the default loader on warm B for the load-phase comparison."""
+def served(src: Path, work: Path, logs: Path, log_name: str) -> tuple[Path, Sidecar, str]:
+    """The checkpoint saved into a store and a sidecar (with its mount) serving it: (store, sidecar,
+    the model's folder in the mount)."""
     store = work / "store"
     subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
                     str(src), "--storage-path", str(store), "--force"], check=True)
-    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-kernels.log")
-    view = str(side.mnt / "bench" / "llama-7b")
+    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / log_name)
+    return store, side, str(side.mnt / "bench" / "llama-7b")
+
+
+def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
+    """Machine A compiles and publishes its kernels to the store; machine B starts fresh from the
+    store's copy, then again warm; the default loader on warm B for the load-phase comparison."""
+    store, side, view = served(src, work, logs, "sidecar-kernels.log")
     new_node()
     try:
         keep("sllm_first_start_machine_a", start("sllm first start, machine A (fresh)", view, "sllm",
@@ -164,11 +170,7 @@ def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int) -> dict[str, Any
     and on the wall clock from the launch to ready."""
     import statistics
 
-    store = work / "store"
-    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
-                    str(src), "--storage-path", str(store), "--force"], check=True)
-    side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar-pairs.log")
-    view = str(side.mnt / "bench" / "llama-7b")
+    _, side, view = served(src, work, logs, "sidecar-pairs.log")
     home = work / "home-pairs"
     got: list[tuple[dict[str, Any], dict[str, Any]]] = []
     try:
@@ -249,11 +251,7 @@ def main() -> None:
         result["kernel_caches_written"] = written(fresh)
         keep("default_warm_machine", start("default, warm machine", str(src), "auto", fresh, logs))
     if a.part in ("sllm", "all"):
-        store = work / "store"
-        subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
-                        str(src), "--storage-path", str(store), "--force"], check=True)
-        side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / "sidecar.log")
-        view = str(side.mnt / "bench" / "llama-7b")
+        _, side, view = served(src, work, logs, "sidecar.log")
         warm = work / "home-sllm"
         try:
             keep("sllm_first_start", start("sllm first (any-TP, write-back)", view, "sllm", warm, logs,
