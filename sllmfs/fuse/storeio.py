@@ -48,7 +48,6 @@ KEPT_WINDOWS = 8  # per open version: a 16 MiB read-ahead spans 5 windows, plus 
 AHEAD = 16  # windows read (and checked) ahead of a reader: 64 MiB in flight, what a disk needs to stream
 AHEAD_THREADS = 16
 SPARE_WINDOWS = 2  # evicted window buffers kept for reuse: no fresh pages to fault in per window
-LOCK_STRIPES = 64  # window locks, shared round-robin: enough that neighbouring windows never wait on each other
 UNCHECKED, GOOD, BAD = 0, 1, 2
 PAGE = mmap.PAGESIZE
 CACHESTAT = 451  # one number on every architecture (Linux >= 6.5)
@@ -106,40 +105,56 @@ class Checked:
         self.state = [bytearray(-(-p.size // CHUNK_SIZE)) for p in self.partitions]
         self.opens = 0  # changed on the trio thread only
         self._mutex = threading.Lock()  # guards the kept windows and spares
-        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._locks: dict[tuple[int, int], threading.Lock] = {}  # one per window: no reader waits on another's
         self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
         self._spares: list[mmap.mmap] = []
         self._ahead: set[tuple[int, int]] = set()  # windows being read ahead
+        self._ahead_bad: set[tuple[int, int]] = set()  # the read-ahead found them bad: left to their reader
+        self._passed: set[tuple[int, int]] = set()  # kept windows a reader has read to their end
 
     def claim_ahead(self, part: int, window: int) -> bool:
         """Whether to read ``window`` ahead: not kept, not known bad, not already being read ahead."""
         key = (part, window)
         with self._mutex:
-            if self.opens <= 0 or key in self._kept or key in self._ahead or self.state[part][window] == BAD:
+            if self.opens <= 0 or key in self._kept or key in self._ahead or key in self._ahead_bad or \
+                    self.state[part][window] == BAD:
                 return False
             self._ahead.add(key)
             return True
 
-    def done_ahead(self, part: int, window: int) -> None:
+    def done_ahead(self, part: int, window: int, *, bad: bool = False) -> None:
         with self._mutex:
             self._ahead.discard((part, window))
+            if bad:
+                self._ahead_bad.add((part, window))
 
     def is_kept(self, part: int, window: int) -> bool:
         with self._mutex:
             return (part, window) in self._kept
 
     def lock(self, part: int, window: int) -> threading.Lock:
-        return self._stripes[(part * 7919 + window) % LOCK_STRIPES]
+        with self._mutex:
+            return self._locks.setdefault((part, window), threading.Lock())
 
     def copy_kept(self, part: int, window: int, dst: memoryview, at: int) -> bool:
         """Copy ``dst`` from a kept window buffer (``at``: offset in the window), if it is kept."""
         with self._mutex:  # copy under the lock: an evicted buffer is reused at once
-            buf = self._kept.get((part, window))
+            key = (part, window)
+            buf = self._kept.get(key)
             if buf is None:
                 return False
-            self._kept.move_to_end((part, window))
             dst[:] = memoryview(buf)[at:at + len(dst)]
+            self._kept.move_to_end(key, last=key not in self._passed)
             return True
+
+    def passed(self, part: int, window: int) -> None:
+        """A reader read ``window`` to its end: it goes first when room is needed (it stays so, though
+        requests in flight finish it out of order), so the windows read ahead outlive it."""
+        key = (part, window)
+        with self._mutex:
+            if key in self._kept:
+                self._passed.add(key)
+                self._kept.move_to_end(key, last=False)
 
     def buffer(self) -> mmap.mmap:
         with self._mutex:
@@ -155,7 +170,9 @@ class Checked:
             self._kept[(part, window)] = buf
             # room for what every open handle reads ahead: readers of several files of one version at once
             while len(self._kept) > KEPT_WINDOWS + AHEAD * min(self.opens, 4):
-                self._spare(self._kept.popitem(last=False)[1])
+                gone, old = self._kept.popitem(last=False)
+                self._passed.discard(gone)
+                self._spare(old)
 
     def give_back(self, buf: mmap.mmap) -> None:
         with self._mutex:
@@ -169,6 +186,7 @@ class Checked:
         """The last handle on this version closed: free its window memory (the verdicts stay)."""
         with self._mutex:
             self._kept.clear()
+            self._passed.clear()
             self._spares.clear()
 
 
@@ -177,6 +195,7 @@ class PartitionFiles:
 
     def __init__(self, variant_dir: Path, identity: Identity, checked: Checked, *, below: Path | None = None):
         self.checked = checked
+        self._last: dict[int, int] = {}  # partition -> the window this handle read last
         # open through the directory, after checking it still holds this version: a replace puts
         # a new directory in place, so files opened by path could belong to the next version.
         # No symlink is followed under ``below`` (the store's models/), nor to a data file.
@@ -208,12 +227,18 @@ class PartitionFiles:
             start = window * CHUNK_SIZE
             stop = min(end, start + CHUNK_SIZE)
             piece = dst[pos - offset:stop - offset]
-            self._read_ahead(part, window)
             if not c.copy_kept(part, window, piece, pos - start):
                 if c.state[part][window] == GOOD:
                     self._read(part, piece, pos)  # verified before, no longer kept: read it again
                 else:
                     self._check(part, window, piece, pos - start)
+            if stop == min(start + CHUNK_SIZE, c.partitions[part].size):
+                c.passed(part, window)
+            last = self._last.get(part)
+            if last is None or window > last or window < last - 1:  # requests in flight arrive out of order
+                self._last[part] = window
+            if last is not None and last - 1 <= window <= last + 1:  # reading on (a header scan or a jump: no)
+                self._read_ahead(part, window)
             pos = stop
 
     def _read_ahead(self, part: int, window: int) -> None:
@@ -225,12 +250,18 @@ class PartitionFiles:
         for w in range(window + 1, min(window + 1 + AHEAD, len(c.state[part]))):
             if not c.claim_ahead(part, w):
                 continue
+            fds = [-1, -1]
             try:
-                fds = (os.dup(self.cached[part]), os.dup(self.direct[part]) if self.direct[part] >= 0 else -1)
-            except OSError:
+                fds[0] = os.dup(self.cached[part])
+                if self.direct[part] >= 0:
+                    fds[1] = os.dup(self.direct[part])
+                _pool().submit(_fetch_ahead, c, part, w, (fds[0], fds[1]), self._last)
+            except (OSError, RuntimeError):  # no fd left, or the pool is shut down (exiting): no read-ahead
+                for fd in fds:
+                    if fd >= 0:
+                        os.close(fd)
                 c.done_ahead(part, w)
                 return
-            _pool().submit(_fetch_ahead, c, part, w, fds)
 
     def _check(self, part: int, window: int, piece: memoryview, at: int) -> None:
         """Read and hash the whole window once; concurrent readers of it wait, then copy."""
@@ -297,13 +328,16 @@ def _pool() -> ThreadPoolExecutor:
         return _ahead_pool[0]
 
 
-def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int]) -> None:
+def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int], reader_at: dict[int, int]) -> None:
     """Read and check one window ahead of its reader and keep it. Anything wrong (a short file, a bad
-    checksum, an I/O error) is left for the reader itself to meet and report, once."""
+    checksum, an I/O error) is left for the reader itself to meet and report, once; the read-ahead does
+    not try that window again. ``reader_at``: where the handle that asked reads now (a job its reader
+    overtook has nothing left to do)."""
     lock = c.lock(part, window)
+    bad = False
     try:
-        if not lock.acquire(blocking=False):
-            return  # a reader (or a window sharing the stripe) is at it: never make a reader wait
+        if c.opens <= 0 or window <= reader_at.get(part, -1) or not lock.acquire(blocking=False):
+            return  # every handle closed, the reader is past it or at it: never make a reader wait
         try:
             if c.is_kept(part, window) or c.state[part][window] == BAD:
                 return
@@ -314,9 +348,11 @@ def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int]) -> No
                 got = _read_window(fds[0], fds[1], buf, window * CHUNK_SIZE, n)
             except OSError:
                 c.give_back(buf)
+                bad = True
                 return
             if got < n or (c.state[part][window] != GOOD and not window_ok(p, window, memoryview(buf)[:n])):
                 c.give_back(buf)
+                bad = True
                 return
             c.keep(part, window, buf)  # kept first: a reader that sees GOOD finds the bytes, never rereads them
             c.state[part][window] = GOOD
@@ -326,7 +362,7 @@ def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int]) -> No
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        c.done_ahead(part, window)
+        c.done_ahead(part, window, bad=bad)
 
 
 def _read_window(cached: int, direct: int, buf: mmap.mmap, offset: int, n: int) -> int:
