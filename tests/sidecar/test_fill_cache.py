@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import runpy
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -173,6 +174,36 @@ def test_the_fill_hands_over_where_the_page_cache_runs_out(tmp_path: Path, keep:
         # pieces 0 and 1 ran out inside windows 0 and 2; piece 2 came whole from the cache
         assert fill.handovers == 2
         assert fill.cached_bytes == ran_out + (10 * MIB - 8 * MIB) + (len(want) - 16 * MIB)
+
+
+class _PatchyCache(Fill):
+    """The page cache runs out at any byte, not only at page boundaries the kernel would choose:
+    a read that does not wait gets a random part of what it asked for, or EAGAIN."""
+
+    rng = random.Random(0)
+
+    def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
+        r = self.rng.random()
+        if not flags or r >= 0.4:
+            return super()._preadv(fd, dest, off, flags)
+        if r < 0.2 or len(dest) < 2:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return super()._preadv(fd, dest[:self.rng.randrange(1, len(dest))], off, flags)
+
+
+def test_the_cache_running_out_at_any_byte_fills_the_same_bytes(tmp_path: Path) -> None:
+    with _resident(tmp_path, seed=13) as (res, vdir, want):
+        for trial in range(20):
+            fill = _PatchyCache(res, vdir, 8 * MIB)
+            fill.rng = random.Random(trial)
+            res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
+            res.segments[0].mm[:len(want)] = bytes(len(want))
+            res.filled = 0
+            _run(fill)
+            assert fill.error is None, trial
+            assert bytes(res.segments[0].mm[:len(want)]) == want, trial
+            assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
+            assert 0 < fill.cached_bytes < len(want), trial
 
 
 class _FailingDisk(Fill):
