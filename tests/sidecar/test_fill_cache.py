@@ -243,6 +243,19 @@ def test_a_failing_disk_fails_the_window_it_hit(tmp_path: Path, gaps: tuple[tupl
         assert res.filled == _ready_bytes(res)  # counted: exactly the windows published READY
 
 
+def test_a_failure_never_takes_back_a_window_published_ready(tmp_path: Path) -> None:
+    """Whatever fails later names a READY window (its bytes verified, maybe copied already): it stays
+    READY, the fill fails with that one line."""
+    with _resident(tmp_path, seed=14) as (res, vdir, _):
+        fill = Fill(res, vdir, 8 * MIB)
+        _run(fill)
+        assert _readiness(res) == [R] * 6
+        fill._fail(0, 9 * MIB, "data_0.bin: something late", FailCause.READ)
+        assert _readiness(res) == [R] * 6 and res.filled == _ready_bytes(res)
+        assert fill.error == "data_0.bin: something late"
+        assert res.failure is not None and res.failure.cause == FailCause.READ
+
+
 def test_direct_on_a_filesystem_without_it_still_reads_the_page_cache(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     def no_direct(path: object, *, flags: int = 0, **kw: object) -> int:
