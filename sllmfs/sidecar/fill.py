@@ -13,7 +13,11 @@ From the first byte the page cache lacks, the rest of the piece is read the disk
 way: ``direct`` reads past the page cache (O_DIRECT: aligned, the file's unaligned
 tail buffered; a filesystem without it reads buffered) and ``read_size`` splits it
 into reads of that size (0: one); its windows are checksummed after the read (the
-disk, not the checksum, bounds that path).
+disk, not the checksum, bounds that path). With ``direct`` the page-cache path is left
+out (the point of O_DIRECT is not to touch it) except on a filesystem without O_DIRECT.
+
+An error reading fails the window holding the byte it hit (a window already READY was
+verified and stays so) and the fill as a whole, with one line.
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ def round_chunk(chunk_size: int) -> int:
     return max(1, -(-chunk_size // CHUNK_SIZE)) * CHUNK_SIZE
 
 
+class ReadFailed(Exception):
+    """A read of a partition failed at byte ``at`` (EIO from a failing disk): its window fails."""
+
+    def __init__(self, at: int, error: OSError):
+        super().__init__(at, error)
+        self.at, self.error = at, error
+
+
 class Fill:
     def __init__(self, res: Resident, variant_dir: Path, chunk_size: int, *, direct: bool = False,
                  read_size: int = 0):
@@ -46,6 +58,8 @@ class Fill:
         self._waiting_only: set[int] = set()  # partitions whose filesystem refuses reads that do not wait
         self.stop = False
         self.error: str | None = None
+        self.cached_bytes = 0  # copied from the page cache, checked as they landed
+        self.handovers = 0  # pieces whose page cache ran out partway: the rest read waiting, checked after
         self._lock = threading.Lock()
         step = round_chunk(chunk_size)
         self._jobs = [(i, off, min(step, p.size - off))
@@ -95,52 +109,67 @@ class Fill:
         while (job := self._take()) is not None:
             part, off, n = job
             view = memoryview(self.res.segments[part].mm)
-            end = off + n
             try:
-                at, check = self._from_cache(part, view, off, end)
-                if at < end:  # the page cache ran out: the rest from the disk, checked after
-                    self._read(part, view[at:end], at)
-                    if check is not None:  # the window it ran out in: what it had is hashed already
-                        wend = min((check.index + 1) * CHUNK_SIZE, end)
-                        check.update(view[at:wend])
-                        self._settle(part, check.index, check.ok())
-                        at = wend
-                    self._verify(part, view, at, end - at)
-            except OSError as e:  # EIO from a failing disk: this fill fails, the daemon goes on
-                self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}", FailCause.READ)
+                self._piece(part, view, off, off + n)
+            except ReadFailed as e:  # EIO from a failing disk: this fill fails, the daemon goes on
+                self._fail(part, e.at, f"{self.res.manifest.partitions[part].file}: {e.error.strerror or e.error}",
+                           FailCause.READ)
             finally:
                 view.release()
+
+    def _piece(self, part: int, view: memoryview, off: int, end: int) -> None:
+        at, check = self._from_cache(part, view, off, end)
+        if at == end:
+            return
+        if at > off:
+            with self._lock:
+                self.handovers += 1
+        self._read(part, view[at:end], at)  # the page cache ran out: the rest from the disk, checked after
+        if check is not None:  # the window it ran out in: what it had is hashed already
+            wend = min((check.index + 1) * CHUNK_SIZE, end)
+            check.update(view[at:wend])
+            self._settle(part, check.index, check.ok())
+            at = wend
+        self._verify(part, view, at, end - at)
+
+    def _reads_direct(self, part: int) -> bool:
+        """O_DIRECT was asked for and this partition's filesystem does it."""
+        return self._direct is not None and self._direct.fd(part) >= 0 and part not in self._buffered_only
 
     def _from_cache(self, part: int, view: memoryview, off: int, end: int) -> tuple[int, WindowCheck | None]:
         """Copy and check windows of [off, end) while the page cache has their bytes. Returns where
         it ran out (``end``: all done) and the check of the window it ran out in, fed up to there."""
-        if self._direct is not None or part in self._waiting_only:
-            return off, None  # O_DIRECT was asked for, or this filesystem has no RWF_NOWAIT
+        if self._reads_direct(part) or part in self._waiting_only:
+            return off, None  # O_DIRECT was asked for (and works here), or this filesystem has no RWF_NOWAIT
         p = self.res.manifest.partitions[part]
         fd = self._files.fd(part)
         at = off
-        while at < end:
-            check = WindowCheck(p, at // CHUNK_SIZE)
-            wend = min(at + CHUNK_SIZE, end)
-            while at < wend:
-                want = min(CACHED_READ, wend - at)
-                got = self._read_cached(part, fd, view[at:at + want], at)
-                check.update(view[at:at + got])
-                at += got
-                if got < want:  # not (all) cached, or the file ends: the caller reads on, waiting
-                    return at, check
-            self._settle(part, check.index, check.ok())
-        return at, None
+        try:
+            while at < end:
+                check = WindowCheck(p, at // CHUNK_SIZE)
+                wend = min(at + CHUNK_SIZE, end)
+                while at < wend:
+                    want = min(CACHED_READ, wend - at)
+                    got = self._read_cached(part, fd, view[at:at + want], at)
+                    check.update(view[at:at + got])
+                    at += got
+                    if got < want:  # not (all) cached, or the file ends: the caller reads on, waiting
+                        return at, check
+                self._settle(part, check.index, check.ok())
+            return at, None
+        finally:
+            with self._lock:
+                self.cached_bytes += at - off
 
     def _read_cached(self, part: int, fd: int, dest: memoryview, off: int) -> int:
         """Bytes read without waiting for the disk: short (or 0) where the page cache lacks them."""
         try:
-            return os.preadv(fd, [dest], off, os.RWF_NOWAIT)
+            return self._preadv(fd, dest, off, os.RWF_NOWAIT)
         except BlockingIOError:  # EAGAIN: the first page is not cached
             return 0
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
+                raise ReadFailed(off, e) from e
             self._waiting_only.add(part)  # this filesystem has no such reads: every read waits
             return 0
 
@@ -161,18 +190,36 @@ class Fill:
 
     def _read_piece(self, part: int, dest: memoryview, off: int) -> int:
         aligned = len(dest) // 4096 * 4096  # O_DIRECT reads whole blocks; the file's tail goes buffered
-        if self._direct is None or aligned == 0 or part in self._buffered_only or self._direct.fd(part) < 0:
-            return self._files.read_into(part, dest, off)
+        if aligned == 0 or not self._reads_direct(part):
+            return self._read_full(self._files.fd(part), dest, off)
+        assert self._direct is not None
         try:
-            done = self._direct.read_into(part, dest[:aligned], off)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
+            done = self._read_full(self._direct.fd(part), dest[:aligned], off)
+        except ReadFailed as e:
+            if e.error.errno != errno.EINVAL:
                 raise
             self._buffered_only.add(part)  # opened O_DIRECT but refuses such reads: buffered from here on
-            return self._files.read_into(part, dest, off)
+            return self._read_full(self._files.fd(part), dest, off)
         if done == aligned and aligned < len(dest):
-            done += self._files.read_into(part, dest[aligned:], off + aligned)
+            done += self._read_full(self._files.fd(part), dest[aligned:], off + aligned)
         return done
+
+    def _read_full(self, fd: int, dest: memoryview, off: int) -> int:
+        """Bytes read into ``dest`` until it is full or the file ends; an error says at which byte."""
+        done = 0
+        while done < len(dest):
+            try:
+                n = self._preadv(fd, dest[done:], off + done)
+            except OSError as e:
+                raise ReadFailed(off + done, e) from e
+            if n <= 0:
+                break
+            done += n
+        return done
+
+    def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
+        """Every read of the fill: one ``preadv`` (the one place a test puts a failing disk)."""
+        return os.preadv(fd, [dest], off, flags)
 
     def _verify(self, part: int, view: memoryview, off: int, n: int) -> None:
         p = self.res.manifest.partitions[part]
@@ -199,11 +246,15 @@ class Fill:
         ready[base + k] = Readiness.READY
 
     def _fail(self, part: int, off: int, why: str, cause: FailCause) -> None:
+        """Fail the fill, and the window holding byte ``off`` unless it is READY (its bytes were
+        verified: a client may be copying them already)."""
         with self._lock:  # the reason first: a client that sees the FAILED byte asks for it at once
             self.error = self.error or why
             self.res.error = self.error
             self.res.fail(cause, refusal(self.res.model, self.res.variant, why))
-        self.res.ready.mm[self.res.chunk_base[part] + off // CHUNK_SIZE] = Readiness.FAILED
+        k = self.res.chunk_base[part] + off // CHUNK_SIZE
+        if self.res.ready.mm[k] != Readiness.READY:
+            self.res.ready.mm[k] = Readiness.FAILED
 
     def close(self) -> None:
         self._files.close()

@@ -1,35 +1,67 @@
-"""A fill copies what the page cache holds in small reads checked as they land, and reads the rest
-waiting for the disk: a file partly in the page cache (gaps starting inside a window) lands the same
-verified bytes, and a bad byte or a short file on either side of a gap is refused."""
+"""A fill copies what the page cache holds in small reads checked as they land, and from the first
+byte it lacks reads the piece on waiting for the disk. Every test first makes sure the page cache
+really lacks the gaps (and holds the rest): the kernel keeps a large folio that straddles an evicted
+range, so the gaps are whole 2 MiB folios, or such a range with its start read back in small pages.
+
+Through the daemon: a file partly in the page cache fills the same bytes, and a flipped byte on
+either side of the point the cache runs out (inside a window) or a short file is refused. In this
+process (the fill's own counts): the hand-overs happen where the gaps start, a failing disk fails
+the window it hit (never one verified READY), and O_DIRECT asked for on a filesystem without it
+still copies from the page cache."""
 
 from __future__ import annotations
 
+import errno
 import os
+import random
+import runpy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+import sllmfs.store.reader as reader
 from sllmfs.client.client import FillFailed
-from sllmfs.protocol.messages import FailCause
+from sllmfs.fuse.storeio import _all_cached
+from sllmfs.protocol.messages import FailCause, Readiness
+from sllmfs.sidecar.fill import Fill
+from sllmfs.sidecar.memtier import MemoryTier, Resident
+from sllmfs.store.format import CHUNK_SIZE, load_manifest
+from sllmfs.store.reader import variant_identity
 from tests.support.sidecar import make_model, sidecar, wait_log
 
 MIB = 1 << 20
-# 2 windows a piece; the gaps start inside windows 0 and 2 and end inside windows 0 and 3
+PAGE = 4096
+# 8 MiB pieces: 2 windows each. The cache runs out at 2 MiB (inside window 0) and at 10 MiB
+# (inside window 2); window 3 is half gap, half cached (read waiting all the same).
 SHAPE = ("--chunk-size", "8MiB", "--num-thread", "2")
-GAPS = ((MIB + MIB // 2, MIB), (9 * MIB, 4 * MIB))
+GAPS = ((2 * MIB, 2 * MIB), (10 * MIB, 4 * MIB))
+# read back into the cache in small pages: window 0 then runs out at 2.5 MiB, in a short RWF_NOWAIT read
+SHORT = ((2 * MIB, MIB // 2),)
+R, F, P = Readiness.READY, Readiness.FAILED, Readiness.PENDING
 
 
 def _data(store: Path, model: str) -> Path:
     return next((store / "models").glob(f"{model.replace('/', '%2F')}/variants/hf/data_0.bin"))
 
 
-def _evict(path: Path, gaps: tuple[tuple[int, int], ...] = GAPS) -> None:
-    """Drop these ranges of the file from the page cache (its pages written back first)."""
-    fd = os.open(path, os.O_RDWR)
+def _evict(path: Path, gaps: tuple[tuple[int, int], ...] = GAPS, keep: tuple[tuple[int, int], ...] = ()) -> None:
+    """Drop ``gaps`` of the file from the page cache (written back first), read ``keep`` back without
+    readahead, and check the page cache now lacks exactly the gaps less ``keep``."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         for off, n in gaps:
             os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # this descriptor only: no readahead past keep
+        for off, n in keep:
+            assert len(os.pread(fd, n, off)) == n
+        for at in range(0, os.fstat(fd).st_size, PAGE):
+            lacked = any(o <= at < o + n for o, n in gaps) and not any(o <= at < o + n for o, n in keep)
+            cached = _all_cached(fd, at, PAGE)
+            assert cached is not None, "this kernel has no cachestat: cannot check what is cached"
+            assert cached is not lacked, f"page at {at} of {path.name}: cached={cached}, wanted {not lacked}"
     finally:
         os.close(fd)
 
@@ -62,17 +94,23 @@ def test_a_file_partly_in_the_page_cache_fills_the_same_bytes(tmp_path: Path) ->
         assert "filled model=org/m" in wait_log(sd, "filled model=org/m")
 
 
-@pytest.mark.parametrize(("at", "window"), [
-    (2 * MIB + 100, 0),  # in a gap that starts inside its window: half hashed from the cache, half after
-    (12 * MIB + 7, 3),  # in a window the gap covers to its end
-    (17 * MIB + 3, 4),  # in a window read wholly from the cache
+@pytest.mark.parametrize(("at", "window", "keep"), [
+    (2 * MIB - 7, 0, ()),  # the window the cache runs out in (at 2 MiB): a byte hashed as it landed
+    (2 * MIB + 100, 0, ()),  # ... and one of its bytes read waiting, hashed after
+    (2 * MIB + MIB // 2 - 1, 0, SHORT),  # runs out at 2.5 MiB in a short read: the last byte it got
+    (2 * MIB + MIB // 2, 0, SHORT),  # ... and the first it did not
+    (10 * MIB - 5, 2, ()),  # the second piece: cache side of 10 MiB
+    (10 * MIB + 3, 2, ()),  # ... disk side
+    (13 * MIB + 7, 3, ()),  # in a window read wholly waiting
+    (17 * MIB + 3, 4, ()),  # in a window read wholly from the cache
 ])
-def test_a_flipped_byte_is_refused_cached_or_not(tmp_path: Path, at: int, window: int) -> None:
+def test_a_flipped_byte_is_refused_cached_or_not(tmp_path: Path, at: int, window: int,
+                                                 keep: tuple[tuple[int, int], ...]) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
         make_model(sd.store, "org/bad", tensors=24, nbytes=MIB, seed=6)
         data = _data(sd.store, "org/bad")
         _flip(data, at)
-        _evict(data)
+        _evict(data, keep=keep)
         failed = _refusal(c, "org/bad")
         assert failed.cause == FailCause.DAMAGED
         assert f"data_0.bin window {window} fails its" in str(failed), str(failed)
@@ -87,3 +125,173 @@ def test_a_short_file_is_refused_past_a_gap(tmp_path: Path) -> None:
         failed = _refusal(c, "org/short")
         assert failed.cause == FailCause.DAMAGED
         assert "data_0.bin is shorter than its manifest" in str(failed), str(failed)
+
+
+# -- in this process: the fill's counts and readiness bytes ------------------------------------------
+
+
+@contextmanager
+def _resident(tmp_path: Path, seed: int) -> Iterator[tuple[Resident, Path, bytes]]:
+    """A 24 MiB model saved (one partition: 3 pieces, 6 windows) and a resident copy to fill."""
+    store = tmp_path / "store"
+    make_model(store, "org/m", tensors=24, nbytes=MIB, seed=seed)
+    vdir = _data(store, "org/m").parent
+    manifest = load_manifest(vdir)
+    assert len(manifest.partitions) == 1 and 20 * MIB < manifest.partitions[0].size <= 24 * MIB + MIB
+    res = MemoryTier(1 << 30).reserve("org/m", "hf", manifest, variant_identity(vdir))
+    try:
+        yield res, vdir, (vdir / manifest.partitions[0].file).read_bytes()
+    finally:
+        res.close()
+
+
+def _run(fill: Fill) -> None:
+    try:
+        fill.worker()  # one thread: the pieces in file order
+    finally:
+        fill.close()
+
+
+def _readiness(res: Resident) -> list[int]:
+    return list(res.ready.mm[:len(res.manifest.partitions[0].chunks)])
+
+
+def _ready_bytes(res: Resident) -> int:
+    size = res.manifest.partitions[0].size
+    return sum(min(CHUNK_SIZE, size - k * CHUNK_SIZE) for k, r in enumerate(_readiness(res)) if r == R)
+
+
+@pytest.mark.parametrize(("keep", "ran_out"), [((), 2 * MIB), (SHORT, 2 * MIB + MIB // 2)])
+def test_the_fill_hands_over_where_the_page_cache_runs_out(tmp_path: Path, keep: tuple[tuple[int, int], ...],
+                                                           ran_out: int) -> None:
+    with _resident(tmp_path, seed=8) as (res, vdir, want):
+        _evict(vdir / "data_0.bin", keep=keep)
+        fill = Fill(res, vdir, 8 * MIB)
+        _run(fill)
+        assert fill.error is None
+        assert bytes(res.segments[0].mm[:len(want)]) == want
+        assert _readiness(res) == [R] * 6 and res.filled == len(want)
+        # pieces 0 and 1 ran out inside windows 0 and 2; piece 2 came whole from the cache
+        assert fill.handovers == 2
+        assert fill.cached_bytes == ran_out + (10 * MIB - 8 * MIB) + (len(want) - 16 * MIB)
+
+
+class _PatchyCache(Fill):
+    """The page cache runs out at any byte, not only at page boundaries the kernel would choose:
+    a read that does not wait gets a random part of what it asked for, or EAGAIN."""
+
+    rng = random.Random(0)
+
+    def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
+        r = self.rng.random()
+        if not flags or r >= 0.4:
+            return super()._preadv(fd, dest, off, flags)
+        if r < 0.2 or len(dest) < 2:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return super()._preadv(fd, dest[:self.rng.randrange(1, len(dest))], off, flags)
+
+
+def test_the_cache_running_out_at_any_byte_fills_the_same_bytes(tmp_path: Path) -> None:
+    with _resident(tmp_path, seed=13) as (res, vdir, want):
+        for trial in range(20):
+            fill = _PatchyCache(res, vdir, 8 * MIB)
+            fill.rng = random.Random(trial)
+            res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
+            res.segments[0].mm[:len(want)] = bytes(len(want))
+            res.filled = 0
+            _run(fill)
+            assert fill.error is None, trial
+            assert bytes(res.segments[0].mm[:len(want)]) == want, trial
+            assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
+            assert 0 < fill.cached_bytes < len(want), trial
+
+
+class _FailingDisk(Fill):
+    """The disk fails at byte ``bad``: a waiting read lands the bytes before it, one from it is EIO
+    (a bad sector). What the page cache holds reads fine."""
+
+    bad = 0
+
+    def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
+        if flags or not off <= self.bad < off + len(dest):
+            return super()._preadv(fd, dest, off, flags)
+        if off < self.bad:
+            return super()._preadv(fd, dest[:self.bad - off], off, flags)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.parametrize(("gaps", "keep", "bad", "readiness"), [
+    # the cache runs out at 13 MiB (window 3) after window 2 was published READY from it
+    (((12 * MIB, 2 * MIB),), ((12 * MIB, MIB),), 13 * MIB + 64 * 1024, [R, R, R, F, P, P]),
+    # the disk fails in the window the cache ran out in (at 10 MiB)
+    (GAPS, (), 11 * MIB, [R, R, F, P, P, P]),
+    # ... or in the window after it: the one it ran out in was read, never verified (PENDING)
+    (GAPS, (), 15 * MIB, [R, R, P, F, P, P]),
+])
+def test_a_failing_disk_fails_the_window_it_hit(tmp_path: Path, gaps: tuple[tuple[int, int], ...],
+                                                keep: tuple[tuple[int, int], ...], bad: int,
+                                                readiness: list[int]) -> None:
+    with _resident(tmp_path, seed=9) as (res, vdir, _):
+        _evict(vdir / "data_0.bin", gaps=gaps, keep=keep)
+        fill = _FailingDisk(res, vdir, 8 * MIB)
+        fill.bad = bad
+        _run(fill)
+        assert fill.error == f"data_0.bin: {os.strerror(errno.EIO)}"
+        assert res.failure is not None and res.failure.cause == FailCause.READ
+        assert fill.error in res.failure.line
+        assert _readiness(res) == readiness
+        assert res.filled == _ready_bytes(res)  # counted: exactly the windows published READY
+
+
+def test_a_failure_never_takes_back_a_window_published_ready(tmp_path: Path) -> None:
+    """Whatever fails later names a READY window (its bytes verified, maybe copied already): it stays
+    READY, the fill fails with that one line."""
+    with _resident(tmp_path, seed=14) as (res, vdir, _):
+        fill = Fill(res, vdir, 8 * MIB)
+        _run(fill)
+        assert _readiness(res) == [R] * 6
+        fill._fail(0, 9 * MIB, "data_0.bin: something late", FailCause.READ)
+        assert _readiness(res) == [R] * 6 and res.filled == _ready_bytes(res)
+        assert fill.error == "data_0.bin: something late"
+        assert res.failure is not None and res.failure.cause == FailCause.READ
+
+
+def test_direct_on_a_filesystem_without_it_still_reads_the_page_cache(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_direct(path: object, *, flags: int = 0, **kw: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))  # as such a filesystem answers
+        return open_regular(path, flags=flags, **kw)  # type: ignore[arg-type]
+
+    open_regular = reader.open_regular
+    with _resident(tmp_path, seed=10) as (res, vdir, want):
+        _evict(vdir / "data_0.bin", gaps=())  # all cached
+        monkeypatch.setattr(reader, "open_regular", no_direct)
+        fill = Fill(res, vdir, 8 * MIB, direct=True)
+        _run(fill)
+        assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
+        assert fill.cached_bytes == len(want) and fill.handovers == 0
+
+
+def test_direct_where_the_filesystem_has_it_leaves_the_page_cache_out(tmp_path: Path) -> None:
+    with _resident(tmp_path, seed=11) as (res, vdir, want):
+        _evict(vdir / "data_0.bin", gaps=())
+        fill = Fill(res, vdir, 8 * MIB, direct=True)
+        _run(fill)
+        assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
+        assert fill.cached_bytes == 0
+
+
+def test_the_old_order_bench_reads_every_piece_waiting(tmp_path: Path) -> None:
+    """bench/old_fill_order.py's patch (not run as a script: nothing started) leaves the page cache out."""
+    old = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "old_fill_order.py"))
+
+    class OldOrder(Fill):
+        _from_cache = old["_whole_pieces"]
+
+    with _resident(tmp_path, seed=12) as (res, vdir, want):
+        _evict(vdir / "data_0.bin", gaps=())  # all cached: the new order would copy it all from there
+        fill = OldOrder(res, vdir, 8 * MIB)
+        _run(fill)
+        assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
+        assert _readiness(res) == [R] * 6 and fill.cached_bytes == 0
