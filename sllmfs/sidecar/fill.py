@@ -114,6 +114,8 @@ class Fill:
             except ReadFailed as e:  # EIO from a failing disk: this fill fails, the daemon goes on
                 self._fail(part, e.at, f"{self.res.manifest.partitions[part].file}: {e.error.strerror or e.error}",
                            FailCause.READ)
+            except OSError as e:  # any other failure of the piece: where is not known, the fill fails all the same
+                self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}", FailCause.READ)
             finally:
                 view.release()
 
