@@ -183,10 +183,11 @@ class Cache:
         finally:
             fill.close()
             self.fills.discard(fill)
-        self._finish(res, fill.error, fill.stop, time.perf_counter() - t0)
+        self._finish(res, fill.error, fill.stop, time.perf_counter() - t0,
+                     detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}")
 
     def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float,
-                cause: FailCause = FailCause.INTERNAL) -> None:
+                cause: FailCause = FailCause.INTERNAL, detail: str = "") -> None:
         """A fill or a streamed pull ended: ready (and pinned for GPU copies), or failed and refused.
         ``cause``: a pull's (a fill's own threads recorded theirs as they failed)."""
         self.counters.bytes_filled += res.filled
@@ -211,9 +212,9 @@ class Cache:
         else:
             res.state = "ready"
             self.counters.fills += 1
-            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s%s", res.model, res.variant,
+            log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s%s%s", res.model, res.variant,
                      res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0,
-                     " (streamed from the origin)" if res.source == "origin" else "")
+                     " (streamed from the origin)" if res.source == "origin" else "", detail)
             if self.gpu.active and res.unpin is None and self._nursery is not None:
                 self._nursery.start_soon(self._pin, res)
         if res.state == "failed" and not res.retired:
