@@ -19,10 +19,7 @@ each 4 MiB window of a partition, as the sidecar's fill checks it). The first
 read that touches a window reads and hashes the whole window, once: the verdict
 is kept per committed version (``Checked``), and the last few verified windows
 stay in memory while the version is open, so the other requests of a
-sequential read in that window cost no second disk read. The kernel asks for
-1 MiB at a time, 16 MiB ahead: a handful of 4 MiB window reads in flight keeps a
-disk well under its speed, so read-ahead threads read and check the next
-``AHEAD`` windows of the partition a reader is in, and the reader finds them kept.
+sequential read in that window cost no second disk read.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sllmfs.store.format import CHUNK_SIZE, Partition
@@ -45,16 +41,13 @@ from sllmfs.store.store import Store
 DIRECT_ALIGN = 4096
 BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends
 KEPT_WINDOWS = 8  # per open version: a 16 MiB read-ahead spans 5 windows, plus slack for a second reader
-AHEAD = 16  # windows read (and checked) ahead of a reader: 64 MiB in flight, what a disk needs to stream
-AHEAD_THREADS = 16
 SPARE_WINDOWS = 2  # evicted window buffers kept for reuse: no fresh pages to fault in per window
+LOCK_STRIPES = 64  # window locks, shared round-robin: enough that neighbouring windows never wait on each other
 UNCHECKED, GOOD, BAD = 0, 1, 2
 PAGE = mmap.PAGESIZE
 CACHESTAT = 451  # one number on every architecture (Linux >= 6.5)
 
 _local = threading.local()
-_ahead_pool: list[ThreadPoolExecutor] = []  # made on first use, shared by every open version
-_ahead_lock = threading.Lock()
 _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat = [True]  # False once the kernel says it has no cachestat
 
@@ -105,56 +98,22 @@ class Checked:
         self.state = [bytearray(-(-p.size // CHUNK_SIZE)) for p in self.partitions]
         self.opens = 0  # changed on the trio thread only
         self._mutex = threading.Lock()  # guards the kept windows and spares
-        self._locks: dict[tuple[int, int], threading.Lock] = {}  # one per window: no reader waits on another's
+        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
         self._spares: list[mmap.mmap] = []
-        self._ahead: set[tuple[int, int]] = set()  # windows being read ahead
-        self._ahead_bad: set[tuple[int, int]] = set()  # the read-ahead found them bad: left to their reader
-        self._passed: set[tuple[int, int]] = set()  # kept windows a reader has read to their end
-
-    def claim_ahead(self, part: int, window: int) -> bool:
-        """Whether to read ``window`` ahead: not kept, not known bad, not already being read ahead."""
-        key = (part, window)
-        with self._mutex:
-            if self.opens <= 0 or key in self._kept or key in self._ahead or key in self._ahead_bad or \
-                    self.state[part][window] == BAD:
-                return False
-            self._ahead.add(key)
-            return True
-
-    def done_ahead(self, part: int, window: int, *, bad: bool = False) -> None:
-        with self._mutex:
-            self._ahead.discard((part, window))
-            if bad:
-                self._ahead_bad.add((part, window))
-
-    def is_kept(self, part: int, window: int) -> bool:
-        with self._mutex:
-            return (part, window) in self._kept
 
     def lock(self, part: int, window: int) -> threading.Lock:
-        with self._mutex:
-            return self._locks.setdefault((part, window), threading.Lock())
+        return self._stripes[(part * 7919 + window) % LOCK_STRIPES]
 
     def copy_kept(self, part: int, window: int, dst: memoryview, at: int) -> bool:
         """Copy ``dst`` from a kept window buffer (``at``: offset in the window), if it is kept."""
         with self._mutex:  # copy under the lock: an evicted buffer is reused at once
-            key = (part, window)
-            buf = self._kept.get(key)
+            buf = self._kept.get((part, window))
             if buf is None:
                 return False
+            self._kept.move_to_end((part, window))
             dst[:] = memoryview(buf)[at:at + len(dst)]
-            self._kept.move_to_end(key, last=key not in self._passed)
             return True
-
-    def passed(self, part: int, window: int) -> None:
-        """A reader read ``window`` to its end: it goes first when room is needed (it stays so, though
-        requests in flight finish it out of order), so the windows read ahead outlive it."""
-        key = (part, window)
-        with self._mutex:
-            if key in self._kept:
-                self._passed.add(key)
-                self._kept.move_to_end(key, last=False)
 
     def buffer(self) -> mmap.mmap:
         with self._mutex:
@@ -168,11 +127,8 @@ class Checked:
             if self.opens <= 0:
                 return  # closed meanwhile: nothing to keep it for
             self._kept[(part, window)] = buf
-            # room for what every open handle reads ahead: readers of several files of one version at once
-            while len(self._kept) > KEPT_WINDOWS + AHEAD * min(self.opens, 4):
-                gone, old = self._kept.popitem(last=False)
-                self._passed.discard(gone)
-                self._spare(old)
+            if len(self._kept) > KEPT_WINDOWS:
+                self._spare(self._kept.popitem(last=False)[1])
 
     def give_back(self, buf: mmap.mmap) -> None:
         with self._mutex:
@@ -186,7 +142,6 @@ class Checked:
         """The last handle on this version closed: free its window memory (the verdicts stay)."""
         with self._mutex:
             self._kept.clear()
-            self._passed.clear()
             self._spares.clear()
 
 
@@ -195,7 +150,6 @@ class PartitionFiles:
 
     def __init__(self, variant_dir: Path, identity: Identity, checked: Checked, *, below: Path | None = None):
         self.checked = checked
-        self._last: dict[int, int] = {}  # partition -> the window this handle read last
         # open through the directory, after checking it still holds this version: a replace puts
         # a new directory in place, so files opened by path could belong to the next version.
         # No symlink is followed under ``below`` (the store's models/), nor to a data file.
@@ -232,36 +186,7 @@ class PartitionFiles:
                     self._read(part, piece, pos)  # verified before, no longer kept: read it again
                 else:
                     self._check(part, window, piece, pos - start)
-            if stop == min(start + CHUNK_SIZE, c.partitions[part].size):
-                c.passed(part, window)
-            last = self._last.get(part)
-            if last is None or window > last or window < last - 1:  # requests in flight arrive out of order
-                self._last[part] = window
-            if last is not None and last - 1 <= window <= last + 1:  # reading on (a header scan or a jump: no)
-                self._read_ahead(part, window)
             pos = stop
-
-    def _read_ahead(self, part: int, window: int) -> None:
-        """Have the next ``AHEAD`` windows of the partition read and checked by the read-ahead threads:
-        the kernel asks for 1 MiB at a time, 16 MiB ahead, and one 4 MiB window at a time keeps a disk
-        far from its speed (NOTES-mount.md). Each job reads through its own duplicates of the fds, so
-        closing this handle never waits for it, nor lets a reused fd number feed it another file."""
-        c = self.checked
-        for w in range(window + 1, min(window + 1 + AHEAD, len(c.state[part]))):
-            if not c.claim_ahead(part, w):
-                continue
-            fds = [-1, -1]
-            try:
-                fds[0] = os.dup(self.cached[part])
-                if self.direct[part] >= 0:
-                    fds[1] = os.dup(self.direct[part])
-                _pool().submit(_fetch_ahead, c, part, w, (fds[0], fds[1]), self._last)
-            except (OSError, RuntimeError):  # no fd left, or the pool is shut down (exiting): no read-ahead
-                for fd in fds:
-                    if fd >= 0:
-                        os.close(fd)
-                c.done_ahead(part, w)
-                return
 
     def _check(self, part: int, window: int, piece: memoryview, at: int) -> None:
         """Read and hash the whole window once; concurrent readers of it wait, then copy."""
@@ -293,7 +218,24 @@ class PartitionFiles:
             c.keep(part, window, buf)
 
     def _read_window(self, part: int, buf: mmap.mmap, offset: int, n: int) -> int:
-        return _read_window(self.cached[part], self.direct[part], buf, offset, n)
+        """Read ``n`` bytes at ``offset`` into the page-aligned ``buf``; returns how many the file had."""
+        whole = memoryview(buf)
+        done = _from_cache(self.cached[part], whole[:n], offset)
+        fd = self.direct[part]
+        if done < n and fd >= 0:
+            done -= done % DIRECT_ALIGN  # O_DIRECT wants file offset and memory aligned
+            span = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # within buf: windows are whole pages
+            while done < n:
+                got = os.preadv(fd, [whole[done:span]], offset + done)
+                if got <= 0:
+                    break
+                done += got
+                if got % DIRECT_ALIGN:
+                    break  # the end of the file
+            done = min(done, n)
+        if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
+            done += read_full(self.cached[part], whole[done:n], offset + done)
+        return done
 
     def _read(self, part: int, dst: memoryview, offset: int) -> None:
         """Read already verified bytes: page cache if there, else O_DIRECT through a bounce buffer."""
@@ -319,70 +261,6 @@ class PartitionFiles:
             dst[:got] = buf[skip:skip + got]
             dst = dst[got:]
             offset += got
-
-
-def _pool() -> ThreadPoolExecutor:
-    with _ahead_lock:
-        if not _ahead_pool:
-            _ahead_pool.append(ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="sllmfs-readahead"))
-        return _ahead_pool[0]
-
-
-def _fetch_ahead(c: Checked, part: int, window: int, fds: tuple[int, int], reader_at: dict[int, int]) -> None:
-    """Read and check one window ahead of its reader and keep it. Anything wrong (a short file, a bad
-    checksum, an I/O error) is left for the reader itself to meet and report, once; the read-ahead does
-    not try that window again. ``reader_at``: where the handle that asked reads now (a job its reader
-    overtook has nothing left to do)."""
-    lock = c.lock(part, window)
-    bad = False
-    try:
-        if c.opens <= 0 or window <= reader_at.get(part, -1) or not lock.acquire(blocking=False):
-            return  # every handle closed, the reader is past it or at it: never make a reader wait
-        try:
-            if c.is_kept(part, window) or c.state[part][window] == BAD:
-                return
-            p = c.partitions[part]
-            n = min(CHUNK_SIZE, p.size - window * CHUNK_SIZE)
-            buf = c.buffer()
-            try:
-                got = _read_window(fds[0], fds[1], buf, window * CHUNK_SIZE, n)
-            except OSError:
-                c.give_back(buf)
-                bad = True
-                return
-            if got < n or (c.state[part][window] != GOOD and not window_ok(p, window, memoryview(buf)[:n])):
-                c.give_back(buf)
-                bad = True
-                return
-            c.keep(part, window, buf)  # kept first: a reader that sees GOOD finds the bytes, never rereads them
-            c.state[part][window] = GOOD
-        finally:
-            lock.release()
-    finally:
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
-        c.done_ahead(part, window, bad=bad)
-
-
-def _read_window(cached: int, direct: int, buf: mmap.mmap, offset: int, n: int) -> int:
-    """Read ``n`` bytes at ``offset`` into the page-aligned ``buf``; returns how many the file had."""
-    whole = memoryview(buf)
-    done = _from_cache(cached, whole[:n], offset)
-    if done < n and direct >= 0:
-        done -= done % DIRECT_ALIGN  # O_DIRECT wants file offset and memory aligned
-        span = -(-n // DIRECT_ALIGN) * DIRECT_ALIGN  # within buf: windows are whole pages
-        while done < n:
-            got = os.preadv(direct, [whole[done:span]], offset + done)
-            if got <= 0:
-                break
-            done += got
-            if got % DIRECT_ALIGN:
-                break  # the end of the file
-        done = min(done, n)
-    if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
-        done += read_full(cached, whole[done:n], offset + done)
-    return done
 
 
 def _all_cached(fd: int, offset: int, n: int) -> bool | None:

@@ -90,14 +90,6 @@ async def read_handle(ops: Ops, fh: int, size: int, step: int = 128 << 10, paral
     return bytes(out)
 
 
-async def read_file_with(ops: Ops, inode: int, *, step: int, parallel: int) -> bytes:
-    fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
-    try:
-        return await read_handle(ops, fh, ops.tree.get(inode).size, step=step, parallel=parallel)  # type: ignore[union-attr]
-    finally:
-        await ops.release(fh)
-
-
 async def read_file(ops: Ops, inode: int) -> bytes:
     fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
     try:
@@ -122,7 +114,7 @@ def test_each_window_is_read_and_hashed_once(tmp_path: Path, monkeypatch: pytest
     store = Store(tmp_path / "store")
     want = save(store, "m", seed=1)
     hashed = count_calls(monkeypatch, reader, "digest")
-    windows = count_calls(monkeypatch, storeio, "_read_window")  # a reader's and the read-ahead's
+    windows = count_calls(monkeypatch, storeio.PartitionFiles, "_read_window")
     rereads = count_calls(monkeypatch, storeio.PartitionFiles, "_read")
     ops = Ops(Tree(store, SOCKET), None)
     nwindows = -(-store.get("m").manifest("hf").partitions[0].size // CHUNK_SIZE)
@@ -139,117 +131,6 @@ def test_each_window_is_read_and_hashed_once(tmp_path: Path, monkeypatch: pytest
         assert rereads[0] > 0
 
     trio.run(main)
-
-
-def test_a_sequential_reader_is_served_windows_the_read_ahead_checked(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """One request at a time (no parallelism of its own): the windows after the first are read and
-    verified by the read-ahead threads, each once, and the bytes are the checkpoint's."""
-    store = Store(tmp_path / "store")
-    want = save(store, "m", seed=3, shapes=[(768, 1024)] * 12)  # 36 MiB: 9 windows
-    by_reader = count_calls(monkeypatch, storeio.PartitionFiles, "_read_window")  # the reader's own reads
-    reads = count_calls(monkeypatch, storeio, "_read_window")  # everyone's
-    hashed = count_calls(monkeypatch, reader, "digest")
-    ops = Ops(Tree(store, SOCKET), None)
-    nwindows = -(-store.get("m").manifest("hf").partitions[0].size // CHUNK_SIZE)
-
-    async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
-        try:
-            # window 0 twice: the reader's own read, then a sequential one, which starts the read-ahead
-            first = b"".join([bytes(await ops.read(pyfuse3.FileHandleT(fh), off, MiB)) for off in (0, MiB)])
-            checked = next(iter(ops._checked.values()))
-            with trio.fail_after(30):  # the read-ahead checks and keeps the windows after it
-                while not all(checked.is_kept(0, w) for w in range(1, nwindows)):
-                    await trio.sleep(0.01)
-            size = ops.tree.get(inode).size  # type: ignore[union-attr]
-            rest = b""
-            for off in range(2 * MiB, size, MiB):
-                rest += bytes(await ops.read(pyfuse3.FileHandleT(fh), off, MiB))
-        finally:
-            await ops.release(fh)
-        assert tensors(first + rest) == want
-        assert reads[0] == nwindows and hashed[0] == nwindows  # every window read and hashed exactly once
-        assert by_reader[0] == 1  # window 0; every later window was served from the read-ahead
-
-    trio.run(main)
-
-
-def test_a_long_sequential_read_reads_each_window_once_while_the_read_ahead_runs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """45 windows, more than the read-ahead may keep: the windows behind the reader go first, so what
-    was read ahead is still there when the reader arrives (no second trip to the disk for it)."""
-    store = Store(tmp_path / "store")
-    want = save(store, "m", seed=5, shapes=[(768, 1024)] * 60)  # 180 MiB: 45 windows
-    reads = count_calls(monkeypatch, storeio, "_read_window")
-    hashed = count_calls(monkeypatch, reader, "digest")
-    ops = Ops(Tree(store, SOCKET), None)
-    nwindows = -(-store.get("m").manifest("hf").partitions[0].size // CHUNK_SIZE)
-
-    async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        assert tensors(await read_file_with(ops, inode, step=MiB, parallel=4)) == want
-
-    trio.run(main)
-    assert hashed[0] == nwindows  # each window verified once
-    # each once, but for the odd window a late read-ahead job lost and read again (a loaded machine);
-    # windows read ahead and evicted before their reader came would make it ~1.5x
-    assert reads[0] <= nwindows + nwindows // 5, (reads[0], nwindows)
-
-
-def test_a_small_read_reads_nothing_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A header scan (one small read, then close) costs one window, not the 64 MiB after it."""
-    store = Store(tmp_path / "store")
-    save(store, "m", seed=6, shapes=[(768, 1024)] * 12)
-    reads = count_calls(monkeypatch, storeio, "_read_window")
-    ops = Ops(Tree(store, SOCKET), None)
-
-    async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
-        await ops.read(pyfuse3.FileHandleT(fh), 0, 4096)
-        await ops.release(fh)
-        await trio.sleep(0.3)  # a read-ahead, had one started, would have read by now
-
-    trio.run(main)
-    assert reads[0] == 1
-
-
-def test_a_bad_window_ahead_of_the_reader_is_reported_by_the_reader_once(tmp_path: Path,
-                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """The read-ahead leaves a window that fails its checksum to the reader: the reads of that window
-    fail with EIO and one log line, the windows before it read fine."""
-    store = Store(tmp_path / "store")
-    save(store, "m", seed=4, shapes=[(768, 1024)] * 12)
-    flip_byte(store, "m", 6 * CHUNK_SIZE + 100)
-    ops = Ops(Tree(store, SOCKET), None)
-
-    async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
-        try:
-            for off in (0, MiB):  # a sequential start: the read-ahead runs
-                assert len(await ops.read(pyfuse3.FileHandleT(fh), off, MiB)) == MiB
-            checked = next(iter(ops._checked.values()))
-            with trio.fail_after(30):  # the read-ahead met the bad window and left it to the reader
-                while (0, 6) not in checked._ahead_bad:
-                    await trio.sleep(0.01)
-            failed = 0
-            for off in range(0, ops.tree.get(inode).size, MiB):  # type: ignore[union-attr]
-                try:
-                    await ops.read(pyfuse3.FileHandleT(fh), off, MiB)
-                except pyfuse3.FUSEError as e:
-                    assert e.errno == errno.EIO
-                    failed += 1
-            assert failed >= 4  # every request that touches window 6 (4 MiB of 1 MiB requests, plus the header shift)
-        finally:
-            await ops.release(fh)
-
-    with caplog.at_level("WARNING"):
-        trio.run(main)
-    lines = [r for r in caplog.records if "window 6" in r.getMessage()]
-    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_resident_bytes_of_the_same_version_are_served_without_hashing(tmp_path: Path,
