@@ -32,3 +32,18 @@ def _mode(path: str) -> str | None:
         return None
     start, end = text.find("["), text.find("]")
     return text[start + 1:end] if 0 <= start < end else None
+
+
+def thp_file_counts(path: str = "/proc/vmstat") -> tuple[int, int]:
+    """(shmem/file huge pages allocated, allocations that fell back to 4 KiB pages) since boot, host-wide:
+    the difference across a copy says whether it got its 2 MiB pages. (0, 0) where vmstat is not there."""
+    counts = {"thp_file_alloc": 0, "thp_file_fallback": 0}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in counts:
+                    counts[key] = int(value)
+    except (OSError, ValueError):
+        pass
+    return counts["thp_file_alloc"], counts["thp_file_fallback"]

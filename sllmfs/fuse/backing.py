@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 import trio
 
-from sllmfs.core.pages import shmem_thp
+from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
 from sllmfs.store.store import Identity
@@ -203,7 +203,7 @@ class Backings:
                                             "(--mem-pool-size) beside what is leased, pinned or filling")
             done = self._building[inode] = trio.Event()
             try:
-                t0 = time.perf_counter()
+                t0, pages0 = time.perf_counter(), thp_file_counts()
                 try:
                     fd = await trio.to_thread.run_sync(build, synth, views)
                     try:
@@ -216,8 +216,10 @@ class Backings:
                         self.budget.free_copy(synth.size)
                     raise
                 b = self._by_inode[inode] = Backing(fd, backing_id, synth.size)
-                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s; "
-                         "the kernel serves its reads", label, synth.size / 1e9, time.perf_counter() - t0)
+                pages1 = thp_file_counts()  # host-wide: what else got huge pages meanwhile counts too
+                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s "
+                         "(2 MiB pages %d, fell back %d); the kernel serves its reads", label, synth.size / 1e9,
+                         time.perf_counter() - t0, pages1[0] - pages0[0], pages1[1] - pages0[1])
             finally:
                 del self._building[inode]
                 done.set()

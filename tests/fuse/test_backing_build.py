@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sllmfs.core.pages import shmem_thp
+from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import backing
 from sllmfs.fuse.synth import Extent, SynthFile
 
@@ -82,3 +82,10 @@ def test_shmem_thp_reads_the_global_and_the_2mib_settings(tmp_path: Path, mode: 
             f.write_text(text + "\n")
         files.append(str(f))
     assert shmem_thp(*files) is on
+
+
+def test_thp_file_counts_reads_vmstat(tmp_path: Path) -> None:
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("nr_free_pages 10\nthp_file_alloc 19962\nthp_file_fallback 3\nthp_file_fallback_charge 7\n")
+    assert thp_file_counts(str(vmstat)) == (19962, 3)
+    assert thp_file_counts(str(tmp_path / "absent")) == (0, 0)

@@ -60,6 +60,7 @@ def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path
         assert proc.stdout is not None
         log = proc.stdout.read()  # resident: opened in passthrough on a copy of the memory tier's bytes
         assert "passthrough: org/tiny model.safetensors" in log, log
+        assert "(2 MiB pages " in log, log  # whether the copy got huge pages (NOTES-mount.md)
     finally:
         if proc.poll() is None:
             proc.kill()
