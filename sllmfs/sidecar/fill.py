@@ -31,7 +31,7 @@ from sllmfs.core.errors import Corrupt
 from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.memtier import Resident
 from sllmfs.store.format import CHUNK_SIZE
-from sllmfs.store.reader import Partitions, WindowCheck, window_ok
+from sllmfs.store.reader import Partitions, ReadFailed, WindowCheck, read_full, window_ok
 
 CACHED_READ = 1 << 20  # a read from the page cache: its checksum finds it in L2 (512 KiB-2 MiB alike)
 
@@ -39,14 +39,6 @@ CACHED_READ = 1 << 20  # a read from the page cache: its checksum finds it in L2
 def round_chunk(chunk_size: int) -> int:
     """Fill pieces are whole checksum windows."""
     return max(1, -(-chunk_size // CHUNK_SIZE)) * CHUNK_SIZE
-
-
-class ReadFailed(Exception):
-    """A read of a partition failed at byte ``at`` (EIO from a failing disk): its window fails."""
-
-    def __init__(self, at: int, error: OSError):
-        super().__init__(at, error)
-        self.at, self.error = at, error
 
 
 class Fill:
@@ -207,17 +199,7 @@ class Fill:
         return done
 
     def _read_full(self, fd: int, dest: memoryview, off: int) -> int:
-        """Bytes read into ``dest`` until it is full or the file ends; an error says at which byte."""
-        done = 0
-        while done < len(dest):
-            try:
-                n = self._preadv(fd, dest[done:], off + done)
-            except OSError as e:
-                raise ReadFailed(off + done, e) from e
-            if n <= 0:
-                break
-            done += n
-        return done
+        return read_full(fd, dest, off, lambda fd_, bufs, at: self._preadv(fd_, bufs[0], at))
 
     def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
         """Every read of the fill: one ``preadv`` (the one place a test puts a failing disk)."""

@@ -282,11 +282,25 @@ def _culprit(reader: VariantReader, inside: list[tuple[str, Any]]) -> str:
     return ""
 
 
-def read_full(fd: int, dst: memoryview, offset: int) -> int:
-    """Bytes read into ``dst`` from ``offset`` until it is full or the file ends."""
+class ReadFailed(OSError):
+    """A read of a store file failed at byte ``at`` (EIO from a failing disk, say): ``error`` is the
+    read's own error, whose errno and message this one carries."""
+
+    def __init__(self, at: int, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.at, self.error = at, error
+
+
+def read_full(fd: int, dst: memoryview, offset: int, preadv: Callable[..., int] | None = None) -> int:
+    """Bytes read into ``dst`` from ``offset`` until it is full or the file ends; an error is a
+    ``ReadFailed`` naming the byte it hit. ``preadv(fd, buffers, offset)``: os.preadv by default."""
+    read = preadv or os.preadv
     done = 0
     while done < len(dst):
-        n = os.preadv(fd, [dst[done:]], offset + done)
+        try:
+            n = read(fd, [dst[done:]], offset + done)
+        except OSError as e:
+            raise ReadFailed(offset + done, e) from e
         if n <= 0:
             break
         done += n
