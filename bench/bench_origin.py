@@ -15,7 +15,8 @@ each tensor compared with the checkpoint's.
 
 On the GPU machine (boto3 + moto packed by bench/prepare-origin-gpu.sh; carry .gpu-origin):
     source bench/gpu_setup.sh && source .gpu-origin/origin-env.sh &&
-    python3 bench/bench_origin.py --mb 4096 --repeat 2 --device cuda:0
+    python3 bench/bench_origin.py --mb 512 --repeat 1 --device cuda:0 --out $OUT
+moto is the bound there (~0.05-0.2 GB/s): 512 MB runs ~100 s; 4096 MB ran past 400 s.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--endpoint-url")
     ap.add_argument("--bucket")
     ap.add_argument("--device", help="end the streamed pull in this device's memory (cuda:0; cpu on a CPU host)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                    help="folder for the JSON (on the GPU machine: $OUT, or it stays there)")
     args = ap.parse_args()
 
     import boto3
@@ -180,6 +183,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, fn in runs.items():
                 best[name] = min(best[name], _best(fn, 1))
+                # moto serves ~0.05-0.2 GB/s: a large --mb runs for minutes, so say where it is
+                print(f"  {name}: {nbytes / 1e9 / best[name]:.3f} GB/s", file=sys.stderr, flush=True)
             best["streamed"] = min(best["streamed"], streamed())
         push_s, pull_s = best["push"], best["pull"]
         up = {n: best[f"up-{n}"] for n in configs}
@@ -200,7 +205,8 @@ def main() -> None:
         print(f"pull into {where} {gbs / stream_s:.3f} GB/s | "
               f"ratio to boto3 download_file default {down['default'] / stream_s:.2f} / matched "
               f"{down['matched'] / stream_s:.2f}")
-        out = Path(__file__).parent / "results" / f"origin-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        out = args.out / f"origin-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M')}.json"
         out.write_text(json.dumps({
             "bench": "origin", "host": socket.gethostname(), "cpus": os.cpu_count(), "bytes": nbytes,
             "server": "moto" if server else endpoint, "threads": threads, "repeat": args.repeat,

@@ -151,28 +151,29 @@ def _pieces(fw: str) -> dict[str, Any]:
 
     plugin = timed("import_plugin", lambda: importlib.import_module(PLUGIN_MODULE[fw]))
     kc = timed("import_kernel_cache", lambda: importlib.import_module("sllmfs.integrations.kernel_cache"))
-    timed("import_store", lambda: (importlib.import_module("sllmfs.store.kernels"),
-                                   importlib.import_module("sllmfs.store.store")))
-    from sllmfs.core.config import load_settings
-    from sllmfs.store import kernels
-    from sllmfs.store.store import Store
+    # the store's own modules load in the activation's thread, beside the start: only the key's here
+    timed("import_key", lambda: (importlib.import_module("sllmfs.store.kernel_key"),
+                                 importlib.import_module("sllmfs.store.layout")))
+    from sllmfs.store import kernel_key
 
-    key = timed("kernel_key", lambda: kernels.current(fw, facts_dir=kc.work_root()))
-    store = timed("store_open", lambda: Store(load_settings().storage_path, create=False, cleanup=False))
+    key = timed("kernel_key", lambda: kernel_key.current(fw))
     defaults = {}
     if fw == "sglang":
         from sllmfs.integrations.sglang import compat
 
         defaults = timed("engine_cache_defaults", compat.cache_defaults)
-    act = timed("activate", lambda: kc.activate(store, framework=fw, key=key, engine_defaults=defaults))
-    out["restored"] = act.restored if act else None
-    out["publisher"] = bool(act and act.publisher and act.publisher.is_alive())
+    act = timed("activate", lambda: kc.activate(framework=fw, key=key, engine_defaults=defaults))
+    # not on the start's path: how long the restore ran beside it, after activate() returned
+    out["restored"] = timed("restore_beside", lambda: act.wait_restored(60)) if act else None
+    out["publisher"] = bool(act and act.keeper.store is not None and act.keeper.is_alive())
     timed("register_rest", plugin.register)  # the hooks; activate() returns at once now (MARK is set)
     if fw == "sglang":
         from sglang.srt.plugins.hook_registry import HookRegistry
 
         timed("apply_hooks", HookRegistry.apply_hooks)
     if act:
+        from sllmfs.store import kernels
+
         out["files_in_workdir"] = len(timed("publisher_scan", lambda: kernels.scan(act.dirs)))
     out["sidecar_lookup"] = "sllmfs.integrations.common.locate" in sys.modules
     return out
@@ -243,7 +244,7 @@ def _fill_workdir(fw: str, env: dict[str, str]) -> dict[str, Any]:
     from sllmfs.integrations import kernel_cache
 
     act = kernel_cache.activate(framework=fw)
-    return {"restored": act.restored if act else None}
+    return {"restored": act.wait_restored(60) if act else None}
 
 
 # -- the store the runs read ------------------------------------------------------------------------
@@ -254,12 +255,12 @@ def prepare(fw: str, root: Path, files: int, mbytes: float) -> None:
     files of the sizes a start writes: the H200's SGLang entry held 99 files, 8.1 MB)."""
     import random
 
-    from sllmfs.store import kernels
+    from sllmfs.store import kernel_key, kernels
     from sllmfs.store.store import Store
 
     Store(root / "store-empty")
     store = Store(root / "store-entry")
-    key = kernels.current(fw)
+    key = kernel_key.current(fw)
     src = root / "compiled"
     rng = random.Random(0)
     each = max(1, int(mbytes * 1e6 / max(files, 1)))

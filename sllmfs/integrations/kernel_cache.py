@@ -1,13 +1,16 @@
 """An engine's kernel caches, served from the store and published back to it.
 
 ``activate()`` runs once per start, in the first process that loads an sllmfs plugin (before any
-kernel is compiled): it restores the store's entry for this GPU and software stack into the working
-directory ``$TMPDIR/sllmfs-kernels-<uid>/<key>``, points the engine's caches there (TRITON_CACHE_DIR,
-TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR, and for vLLM VLLM_CACHE_ROOT;
-a variable the user set is left alone), and marks the environment (SLLMFS_KERNEL_CACHE_DIR) so the
-worker processes it starts inherit the directories instead of activating again. A thread in that
-process publishes new files back once the directory has been quiet for SLLMFS_KERNEL_CACHE_QUIET
-seconds, and once more at exit.
+kernel is compiled): it points the engine's caches at the working directory
+``$TMPDIR/sllmfs-kernels-<uid>/<key>`` (TRITON_CACHE_DIR, TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE,
+TORCHINDUCTOR_CACHE_DIR, and for vLLM VLLM_CACHE_ROOT; a variable the user set is left alone), marks the
+environment (SLLMFS_KERNEL_CACHE_DIR) so the worker processes it starts inherit the directories instead
+of activating again, and returns. A thread in that process restores the store's entry for this GPU and
+software stack into the directory, then publishes new files back once the directory has been quiet for
+SLLMFS_KERNEL_CACHE_QUIET seconds, and once more at exit. The restore runs beside the start (a new
+node's 99 files took ~39 ms on the H200s, in a call the limit gives 0.1 s): the engine compiles its
+first kernel seconds later, and a cache that finds a file missing compiles it, never reads half of one
+(each file appears whole, by link).
 
 The working directory's path is the same on every start and every node: tvm-ffi and flashinfer
 build with ninja from a build.ninja that names its sources by absolute path, so a cache restored
@@ -35,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sllmfs.core.errors import BadInput, NotFound
+from sllmfs.core.errors import BadInput
 
-if TYPE_CHECKING:  # imported where a start serves caches: every other process of it only reads MARK
-    from sllmfs.store.kernels import KernelKey
+if TYPE_CHECKING:  # imported where a start serves caches (the store's, in the thread): the others read MARK
+    from sllmfs.store.kernel_key import KernelKey
     from sllmfs.store.store import Store
 
 SWITCH = "SLLMFS_KERNEL_CACHE"
@@ -59,20 +62,22 @@ FRAMEWORK_CACHE_VARS = {"vllm": {"vllm": ("VLLM_CACHE_ROOT", "")}}
 
 @dataclass
 class Activation:
-    store: Store
     key: KernelKey
     work: Path
     dirs: dict[str, Path]  # kind -> the folder the engine's cache writes into
-    restored: int
-    publisher: Publisher | None = None
+    keeper: Keeper
     _lock_fd: int = field(default=-1, repr=False)
+
+    def wait_restored(self, timeout: float | None = None) -> int:
+        """How many files the restore brought, once it is over (it runs beside the start)."""
+        self.keeper.restore_done.wait(timeout)
+        return self.keeper.restored
 
     def close(self) -> None:
         """At exit, in the activating process only: a last publish. The working dir stays (see above)."""
         if self._lock_fd < 0:
             return  # closed already
-        if self.publisher is not None:
-            self.publisher.close()
+        self.keeper.close()
         os.close(self._lock_fd)
         self._lock_fd = -1
 
@@ -104,44 +109,39 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
 
 def _activate(store: Store | None, framework: str, key: KernelKey | None,
               engine_defaults: dict[str, str]) -> Activation | None:
+    # only what deciding needs, imported here: the store's modules load in the thread, beside the start
     from sllmfs.core.config import env_seconds, load_settings
-    from sllmfs.store import kernels
-    from sllmfs.store.store import Store
+    from sllmfs.store import kernel_key
+    from sllmfs.store.layout import Layout
 
     kinds = {**CACHE_VARS, **FRAMEWORK_CACHE_VARS.get(framework, {})}
     managed = [k for k, (var, _) in kinds.items()
                if not os.environ.get(var) or os.environ.get(var) == engine_defaults.get(var)]
     if not managed:
         return None  # the user placed every cache
-    if store is None:
-        try:
-            store = Store(load_settings().storage_path, create=False, cleanup=False)
-        except NotFound:
-            return None  # no store on this host: nothing to serve, nowhere to keep them
+    where: Store | Path = store if store is not None else Path(load_settings().storage_path).expanduser().absolute()
+    if isinstance(where, Path) and not Layout(where).holds_store():
+        return None  # no store on this host: nothing to serve, nowhere to keep them
     root = _private_dir(work_root())
-    key = key or kernels.current(framework, facts_dir=root)
+    key = key or kernel_key.current(framework)
     _sweep(root, keep=key.name)
     work = root / key.name
     lock_fd = os.open(root / f"{key.name}.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)  # shared by the starts using it; a sweep takes it exclusive
     work.mkdir(exist_ok=True)  # after the lock: a sweep between the two would remove it under us
     dirs = {k: work / k / kinds[k][1] for k in managed}
-    act = Activation(store, key, work, dirs, 0, _lock_fd=lock_fd)
     try:
-        act.restored = kernels.restore(store, key.name, dirs)
         for k in managed:
             dirs[k].mkdir(parents=True, exist_ok=True)
-        if _writable(store):
-            act.publisher = Publisher(store, key, dirs, env_seconds(QUIET, DEFAULT_QUIET))
     except BaseException:
-        act.close()
+        os.close(lock_fd)
         raise
+    act = Activation(key, work, dirs, Keeper(where, key, dirs, env_seconds(QUIET, DEFAULT_QUIET)), _lock_fd=lock_fd)
     for k in managed:
         os.environ[kinds[k][0]] = str(work / k)
     os.environ[MARK] = str(work)
     atexit.register(_at_exit, act, os.getpid())
-    if act.publisher is not None:
-        act.publisher.start()
+    act.keeper.start()
     return act
 
 
@@ -184,17 +184,19 @@ def _sweep(root: Path, *, keep: str) -> None:
             os.close(fd)
 
 
-class Publisher(threading.Thread):
-    """Publishes the working dir's new files once it has been quiet for ``quiet`` seconds."""
+class Keeper(threading.Thread):
+    """Restores the store's entry into the working dir, then publishes the dir's new files once it has
+    been quiet for ``quiet`` seconds (a store this process cannot write is only read)."""
 
-    def __init__(self, store: Store, key: KernelKey, dirs: dict[str, Path], quiet: float):
-        from sllmfs.store import kernels
-
+    def __init__(self, store: Store | Path, key: KernelKey, dirs: dict[str, Path], quiet: float):
         super().__init__(name="sllmfs-kernel-cache", daemon=True)
-        self.store, self.key, self.dirs, self.quiet = store, key, dirs, quiet
+        self.where, self.key, self.dirs, self.quiet = store, key, dirs, quiet
+        self.store: Store | None = None  # opened in the thread; None until then, or when it could not be
+        self.restored = 0
+        self.restore_done = threading.Event()
         # what the store holds: restored files are no news, anything else in the dir (left by a start
         # that died before publishing, say) goes out with the first publish
-        self.published = {p: v for p, v in kernels.recorded(store, key.name).items() if p.split("/", 1)[0] in dirs}
+        self.published: dict[str, tuple[int, int]] = {}
         self.publishes = 0
         self._mutex = threading.Lock()
         self._halt = threading.Event()
@@ -202,7 +204,22 @@ class Publisher(threading.Thread):
 
     def run(self) -> None:
         from sllmfs.store import kernels
+        from sllmfs.store.store import Store
 
+        try:
+            store = self.where if not isinstance(self.where, Path) else \
+                Store(self.where, create=False, cleanup=False)
+            self.restored = kernels.restore(store, self.key.name, self.dirs)
+            if _writable(store):
+                self.published = {p: v for p, v in kernels.recorded(store, self.key.name).items()
+                                  if p.split("/", 1)[0] in self.dirs}
+                self.store = store
+        except Exception as e:  # the engine compiles what is missing, as with no store
+            self._warn(f"sllmfs: warning: kernel caches not restored from the store for this start: {e}")
+        finally:
+            self.restore_done.set()
+        if self.store is None:
+            return
         seen, changed = self.published, time.monotonic()
         while not self._halt.wait(min(1.0, self.quiet / 4)):
             now = kernels.scan(self.dirs)
@@ -215,6 +232,8 @@ class Publisher(threading.Thread):
         from sllmfs.store import kernels
 
         with self._mutex:
+            if self.store is None:
+                return
             snap = kernels.scan(self.dirs)
             if snap == self.published:
                 return
@@ -222,10 +241,13 @@ class Publisher(threading.Thread):
                 kernels.publish(self.store, self.key, self.dirs, wait_s=10.0, settle_s=settle_s)
                 self.publishes += 1
             except Exception as e:
-                if not self._warned:
-                    print(f"sllmfs: warning: kernel caches not stored: {e}", file=sys.stderr)
-                    self._warned = True
+                self._warn(f"sllmfs: warning: kernel caches not stored: {e}")
             self.published = snap  # failed or not: the same files are not tried again
+
+    def _warn(self, line: str) -> None:
+        if not self._warned:
+            print(line, file=sys.stderr)
+            self._warned = True
 
     def close(self) -> None:
         self._halt.set()

@@ -28,7 +28,7 @@ import xxhash
 from sllmfs.core.errors import BadInput, Corrupt, NotFound, SllmfsError
 from sllmfs.origin.client import errors, get_bytes, get_json_or_none
 from sllmfs.origin.url import Origin
-from sllmfs.store import kernels
+from sllmfs.store import kernel_key, kernels
 from sllmfs.store.format import MANIFEST, open_regular
 from sllmfs.store.kernels import KernelEntry, KernelFile
 from sllmfs.store.store import Store
@@ -235,15 +235,7 @@ def sync(store: Store, origin: Origin, client: Any, state: SyncState,
 def node_facts() -> tuple[str, str]:
     """(GPU models, driver) of this node as KernelKey names them, from the driver's /proc files (no CUDA,
     no NVML library needed); ("", "") on a node without NVIDIA GPUs."""
-    models = set()
-    for info in Path("/proc/driver/nvidia/gpus").glob("*/information"):
-        try:
-            for line in info.read_text().splitlines():
-                if line.startswith("Model:"):
-                    models.add(line.split(":", 1)[1].strip())
-        except OSError:
-            continue
-    return "+".join(sorted(models)), kernels.proc_driver()
+    return kernel_key.node_gpus(), kernel_key.proc_driver()
 
 
 def for_node(facts: dict[str, Any], node: tuple[str, str]) -> bool:

@@ -5,7 +5,7 @@ Layout::
     <root>/kernels/<key>/manifest.json          every file: path, size, checksum (xxh3_64), mtime, mode
     <root>/kernels/<key>/<kind>/...             triton, tvm-ffi, flashinfer, inductor, vllm: the cache's own tree
 
-The key names what makes the files valid (GPU and compute capability, driver, CUDA, torch, triton,
+The key (``kernel_key.py``) names what makes the files valid (GPU model, driver, CUDA, torch, triton,
 the framework and its kernel libraries). The caches are content-addressed inside (their file names
 carry hashes of source and options), so the union of two starts' files is valid for both: a publish
 merges, never replaces what another node added. An entry is rebuilt under ``tmp/`` and swapped in
@@ -15,14 +15,12 @@ with one ``renameat2(RENAME_EXCHANGE)``, so a reader sees the old or the new ent
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ import xxhash
 from sllmfs.core.config import env_str, parse_size
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.store.format import MANIFEST, open_regular, read_json
+from sllmfs.store.kernel_key import KernelKey
 from sllmfs.store.store import Store, exchange, fsync_dir, fsync_tree
 
 KINDS = ("triton", "tvm-ffi", "flashinfer", "inductor", "vllm")  # vllm: VLLM_CACHE_ROOT (its torch.compile cache)
@@ -44,146 +43,6 @@ DEFAULT_MAX = 2 << 30
 _KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _BUF = 1 << 20
 log = logging.getLogger("sllmfs.store.kernels")
-
-
-@dataclass(frozen=True)
-class KernelKey:
-    """What a kernel cache is valid for; ``name`` is its entry's directory in the store."""
-
-    gpu: str  # "NVIDIA H200" (several models: sorted, joined by "+"); "" without a GPU
-    capability: str  # "9.0"
-    driver: str  # "570.86.15"
-    cuda: str  # the CUDA runtime torch was built with, "12.8"
-    torch: str
-    triton: str
-    framework: str  # "sglang 0.5.17"
-    extras: tuple[tuple[str, str], ...] = ()  # kernel libraries present: (("flashinfer", "0.5.3"), ...)
-
-    @property
-    def name(self) -> str:
-        """A readable slug plus a hash of every fact: ``sglang-0.5.17-h200-sm90-3f2a9c1b7d4e``."""
-        facts = json.dumps(asdict(self), sort_keys=True).encode()
-        gpu = re.sub(r"^nvidia-", "", _slug(self.gpu))[:24] or "cpu"
-        sm = f"-sm{self.capability.replace('.', '')}" if self.capability else ""
-        slug = f"{_slug(self.framework)[:40] or 'engine'}-{gpu}{sm}"
-        return f"{slug}-{hashlib.sha256(facts).hexdigest()[:12]}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
-
-
-def current(framework: str, *, facts_dir: Path | None = None) -> KernelKey:
-    """This process's key: GPU facts (torch if it already holds CUDA, else NVML, else torch), versions
-    from the installed distributions. ``framework`` is a distribution name ("sglang"). ``facts_dir``:
-    where GPU facts are kept for this boot and driver (a private directory of this user)."""
-    gpu, capability, driver = _gpu_facts() if facts_dir is None else _kept_gpu_facts(facts_dir)
-    extras = tuple((d, v) for d in ("flashinfer-python", "apache-tvm-ffi", "sgl-kernel") if (v := _version(d)))
-    import torch
-
-    return KernelKey(gpu=gpu, capability=capability, driver=driver or proc_driver(), cuda=torch.version.cuda or "",
-                     torch=torch.__version__, triton=_version("triton"),
-                     framework=f"{framework} {_version(framework)}".strip(), extras=extras)
-
-
-def _kept_gpu_facts(folder: Path) -> tuple[str, str, str]:
-    """The GPU facts of this boot and driver, asked once: NVML's import and init cost every starting
-    process 30-40 ms on the H200 machines (measured: `kernel_key` in bench_plugin_cost.py), and the
-    GPUs a node has, their models and its driver cannot change without a reboot or a driver reload.
-    One file per (boot, driver, visible GPUs): starts with other CUDA_VISIBLE_DEVICES keep their own."""
-    stamp = [_boot_id(), proc_driver(), os.environ.get("CUDA_VISIBLE_DEVICES", "")]
-    if not stamp[0] or not stamp[1]:
-        return _gpu_facts()  # no boot id or no NVIDIA driver: nothing tells when facts would change
-    path = folder / f"gpu-facts-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
-        with open(path, "rb") as f:
-            kept = json.loads(f.read(4096))
-        facts = kept["facts"]
-        if kept["stamp"] == stamp and isinstance(facts, list) and len(facts) == 3 and \
-                all(isinstance(x, str) for x in facts):
-            return (facts[0], facts[1], facts[2])
-    facts_now = _gpu_facts()
-    if facts_now[0]:
-        _keep(path, json.dumps({"stamp": stamp, "facts": list(facts_now)}).encode())
-    return facts_now
-
-
-def _keep(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all; it is only a cache: a failure leaves nothing behind."""
-    with contextlib.suppress(OSError):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError:
-            os.unlink(tmp)
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return ""
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _gpu_facts() -> tuple[str, str, str]:
-    """(GPU model(s), compute capability, driver). NVML first where CUDA is not up yet: it creates no
-    CUDA context and leaves a process free to fork."""
-    import torch
-
-    if not torch.cuda.is_initialized():
-        try:
-            return _nvml_facts()
-        except Exception:  # no pynvml, no driver: torch decides
-            pass
-    if not torch.cuda.is_available():
-        return "", "", ""
-    models = set()
-    for i in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(i)
-        models.add((torch.cuda.get_device_name(i), f"{major}.{minor}"))
-    return _join(models) + ("",)
-
-
-def _nvml_facts() -> tuple[str, str, str]:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        models = set()
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            models.add((name.decode() if isinstance(name, bytes) else name, f"{major}.{minor}"))
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return _join(models) + (driver.decode() if isinstance(driver, bytes) else driver,)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _join(models: set[tuple[str, str]]) -> tuple[str, str]:
-    ordered = sorted(models)
-    return "+".join(m for m, _ in ordered), "+".join(c for _, c in ordered)
-
-
-def proc_driver() -> str:
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-    except OSError:
-        return ""
-    m = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d[\d.]+)", text)
-    return m.group(1) if m else ""
 
 
 # -- entries ---------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ class Layout:
         self.kernels_dir = root / KERNELS
         self.pulls_dir = root / PULLS
 
+    def holds_store(self) -> bool:
+        """Whether a store is there (its marker and models dir): what opening one without creating it asks."""
+        return self.marker.is_file() and self.models_dir.is_dir()
+
     def model_dir(self, name: str) -> Path:
         return self.models_dir / names.model_dirname(name)
 

@@ -163,7 +163,7 @@ class Store:
                     f"cannot use storage path {self.root}: {e.strerror}; "
                     "pick a writable directory with --storage-path"
                 ) from None
-        elif not (marker.is_file() and self.models_dir.is_dir()):
+        elif not self.layout.holds_store():
             raise NotFound(f"no sllmfs store at {self.root}; check --storage-path (or $SLLMFS_STORAGE_PATH), "
                            "or run `sllmfs save` to create one there")
         # listing's verdict per model directory, as of its _dir_key: status and metrics list often

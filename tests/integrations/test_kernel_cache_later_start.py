@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from sllmfs.store import kernels
-from sllmfs.store.kernels import KernelKey
+from sllmfs.store.kernel_key import KernelKey
 from sllmfs.store.store import Store
 
-KEY = KernelKey(gpu="NVIDIA H200", capability="9.0", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
+KEY = KernelKey(gpu="NVIDIA H200", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
                 triton="3.5.1", framework="sglang 0.5.17")
 FILES = {"triton/ab/k.cubin": os.urandom(4000), "triton/ab/k.json": b'{"n": 1}', "tvm-ffi/lib.so": os.urandom(900)}
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from sllmfs.origin import kernels as origin_kernels  # noqa: E402
 from sllmfs.origin.client import connect  # noqa: E402
 from sllmfs.origin.url import Origin  # noqa: E402
 from sllmfs.store import kernels  # noqa: E402
-from sllmfs.store.kernels import KernelKey  # noqa: E402
+from sllmfs.store.kernel_key import KernelKey  # noqa: E402
 from sllmfs.store.store import Store  # noqa: E402
 from tests.origin import test_origin as base  # noqa: E402
 from tests.support.cli import sllmfs  # noqa: E402
@@ -26,8 +26,8 @@ from tests.support.sidecar import sidecar, wait_log  # noqa: E402
 server, env, origin = base.server, base.env, base.origin  # the origin tests' moto server and bucket
 
 # what this CPU node is (no NVIDIA GPU), and a key made on an H200 node
-HERE = KernelKey(gpu="", capability="", driver="", cuda="", torch="2.13.0", triton="", framework="sglang 0.5.17")
-H200 = KernelKey(gpu="NVIDIA H200", capability="9.0", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
+HERE = KernelKey(gpu="", driver="", cuda="", torch="2.13.0", triton="", framework="sglang 0.5.17")
+H200 = KernelKey(gpu="NVIDIA H200", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
                  triton="3.5.1", framework="sglang 0.5.17")
 FILES = {"triton/ab12/_fwd_kernel.cubin": os.urandom(5000), "triton/ab12/_fwd_kernel.json": b'{"n": 1}',
          "tvm-ffi/libsgl_kernel_ab.so": os.urandom(3000), "flashinfer/90/cached_ops/norm/norm.so": os.urandom(700)}
@@ -122,7 +122,7 @@ def test_a_round_goes_on_past_a_damaged_key_and_does_not_fetch_a_bad_file_twice(
     publish(a, HERE, FILES, tmp_path / "src")
     client = connect(origin, 2)
     origin_kernels.push(a, HERE.name, origin, client)
-    junk = KernelKey("", "", "", "", "0.0", "", "other 1.0").name  # sorts before HERE's key
+    junk = KernelKey("", "", "", "0.0", "", "other 1.0").name  # sorts before HERE's key
     client.put_object(Bucket=origin.bucket, Key=origin_kernels.object_key(origin, junk, "manifest.json"), Body=b"{}")
     bad = "tvm-ffi/libsgl_kernel_ab.so"
     obj = origin_kernels.object_key(origin, HERE.name, bad)

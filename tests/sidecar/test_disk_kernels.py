@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from sllmfs.store import kernels
-from sllmfs.store.kernels import KernelKey
+from sllmfs.store.kernel_key import KernelKey
 from sllmfs.store.store import Store
 from tests.support.sidecar import make_model, sidecar, wait_log
 
@@ -15,7 +15,7 @@ from tests.support.sidecar import make_model, sidecar, wait_log
 def entry(store: Store, framework: str, tmp: Path) -> kernels.KernelEntry:
     (tmp / "triton" / "k").mkdir(parents=True)
     (tmp / "triton" / "k" / "kernel.cubin").write_bytes(os.urandom(600 << 10))
-    return kernels.publish(store, KernelKey("", "", "", "", "2.13.0", "", framework), tmp)
+    return kernels.publish(store, KernelKey("", "", "", "2.13.0", "", framework), tmp)
 
 
 def test_kernel_caches_count_in_the_disk_budget(tmp_path: Path) -> None:

@@ -16,12 +16,12 @@ import pytest
 
 from sllmfs.core.errors import BadInput, Corrupt, NotFound
 from sllmfs.integrations import kernel_cache
-from sllmfs.store import kernels
-from sllmfs.store.kernels import KernelKey
+from sllmfs.store import kernel_key, kernels
+from sllmfs.store.kernel_key import KernelKey
 from sllmfs.store.store import Store
 from tests.support.cli import one_line_error, sllmfs
 
-KEY = KernelKey(gpu="NVIDIA H200", capability="9.0", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
+KEY = KernelKey(gpu="NVIDIA H200", driver="570.86.15", cuda="12.8", torch="2.11.0+cu128",
                 triton="3.5.1", framework="sglang 0.5.17", extras=(("flashinfer-python", "0.5.3"),))
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,59 +59,42 @@ FIRST = {"triton/ab12/_fwd_kernel.cubin": os.urandom(5000), "triton/ab12/_fwd_ke
 
 
 def test_key_is_readable_and_names_every_fact() -> None:
-    assert KEY.name.startswith("sglang-0.5.17-h200-sm90-")
+    assert KEY.name.startswith("sglang-0.5.17-h200-")
     assert kernels.check_key(KEY.name) == KEY.name
     for change in ({"driver": "580.1"}, {"cuda": "12.9"}, {"torch": "2.11.1"}, {"triton": "3.6.0"},
-                   {"gpu": "NVIDIA H100 80GB HBM3"}, {"capability": "9.1"}, {"extras": ()}):
+                   {"gpu": "NVIDIA H100 80GB HBM3"}, {"extras": ()}):
         other = KernelKey(**{**KEY.__dict__, **change})
         assert other.name != KEY.name, change
-    assert KernelKey("", "", "", "", "2.11.0", "", "sglang 0.5.17").name.startswith("sglang-0.5.17-cpu-")
+    assert KernelKey("", "", "", "2.11.0", "", "sglang 0.5.17").name.startswith("sglang-0.5.17-cpu-")
 
 
-def test_gpu_facts_are_asked_once_per_boot_and_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """NVML's init costs a start 30-40 ms on the H200s: a later process of the same boot, driver and
-    visible GPUs reads the facts kept; another boot, a reloaded driver, other visible GPUs or a damaged
-    or planted file ask again. (No GPU here: the driver's version, the boot id and NVML's answer stand
-    in for the machine's.)"""
-    asked: list[int] = []
-    h200 = ("NVIDIA H200", "9.0", "580.159.04")
-    monkeypatch.setattr(kernels, "_gpu_facts", lambda: asked.append(1) or h200)
-    monkeypatch.setattr(kernels, "proc_driver", lambda: "580.159.04")
-    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-1")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+def test_gpu_facts_come_from_the_drivers_proc_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key's GPU facts from /proc/driver/nvidia (NVML's init cost a start 30-40 ms on the H200s):
+    every GPU's model, sorted and joined, and the driver; NVML and torch are not asked where the files
+    answer. (No GPU here: a tree shaped like the H200 machines' stands in for the driver's.)"""
+    proc = tmp_path / "nvidia"
+    for bus, model in (("0000:00:07.0", "NVIDIA H200"), ("0000:00:06.0", "NVIDIA H100 80GB HBM3"),
+                       ("0000:00:08.0", "NVIDIA H200")):
+        (proc / "gpus" / bus).mkdir(parents=True)
+        (proc / "gpus" / bus / "information").write_text(
+            f"Model: \t\t {model}\nIRQ:   \t\t 41\nBus Type: \t PCIe\nBus Location: \t {bus}\n")
+    (proc / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  "
+                                  "Release Build  (nixbld@)  \nGCC version:  gcc version 15.3.0 (GCC) \n")
+    assert kernel_key.node_gpus(proc) == "NVIDIA H100 80GB HBM3+NVIDIA H200"
+    assert kernel_key.proc_driver(proc) == "580.159.04"
+    assert (kernel_key.node_gpus(tmp_path / "none"), kernel_key.proc_driver(tmp_path / "none")) == ("", "")
 
-    def key() -> KernelKey:
-        return kernels.current("sglang", facts_dir=tmp_path)
+    def asked() -> tuple[str, str]:
+        raise AssertionError("NVML or torch asked although the driver's files answer")
 
-    first = key()
-    assert key() == first and len(asked) == 1 and (first.gpu, first.capability, first.driver) == h200
-    [kept] = tmp_path.glob("gpu-facts-*.json")
-    assert not list(tmp_path.glob(".gpu-facts-*"))  # no temporary file left behind
-    monkeypatch.setattr(kernels, "proc_driver", lambda: "590.10")  # the driver was reloaded
-    key()
-    assert len(asked) == 2
-    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-2")
-    key()
-    assert len(asked) == 3
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # its own file: the other visible set keeps its own
-    key()
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    key()
-    assert len(asked) == 4
-    monkeypatch.setattr(kernels, "_boot_id", lambda: "boot-1")
-    monkeypatch.setattr(kernels, "proc_driver", lambda: "580.159.04")
-    stamp = json.loads(kept.read_text())["stamp"]
-    for planted in ('{"stamp": 1, "facts": ', json.dumps({"stamp": stamp, "facts": [1, 2, 3]}),
-                    json.dumps({"stamp": stamp, "facts": ["a", "b"]}), "[" * 100_000):
-        kept.write_text(planted)
-        assert key() == first  # asked again, and the file repaired
-    assert len(asked) == 8 and json.loads(kept.read_text())["facts"] == list(h200)
-    monkeypatch.setattr(kernels, "proc_driver", lambda: "")  # no NVIDIA driver: nothing read, nothing kept
-    kept.write_text(json.dumps({"stamp": stamp, "facts": ["planted", "1.0", "1"]}))
-    for f in tmp_path.glob("gpu-facts-*.json"):
-        if f != kept:
-            f.unlink()
-    assert key().gpu == "NVIDIA H200" and len(asked) == 9 and len(list(tmp_path.glob("gpu-facts-*.json"))) == 1
+    monkeypatch.setattr(kernel_key, "PROC", proc)
+    monkeypatch.setattr(kernel_key, "_asked_gpu_facts", asked)
+    key = kernel_key.current("sglang")
+    assert (key.gpu, key.driver) == ("NVIDIA H100 80GB HBM3+NVIDIA H200", "580.159.04")
+    assert key.name.startswith("sglang-h100-80gb-hbm3-")  # the slug keeps 24 characters of the models
+    monkeypatch.setattr(kernel_key, "_asked_gpu_facts", lambda: ("NVIDIA H200", "580.159.04"))
+    (proc / "version").unlink()  # no driver files: NVML (here its stand-in) answers
+    assert (kernel_key.current("sglang").gpu, kernel_key.current("sglang").driver) == ("NVIDIA H200", "580.159.04")
 
 
 def test_publish_then_restore_is_byte_identical(store: Store, tmp_path: Path) -> None:
@@ -288,6 +271,7 @@ def test_a_cache_dir_the_user_set_is_respected(store: Store, tmp_path: Path, cle
     act = kernel_cache.activate(store, key=KEY)
     assert act is not None
     try:
+        assert act.wait_restored(30) == sum(not k.startswith("triton/") for k in FIRST)  # beside the start
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine") and "triton" not in act.dirs
         assert not (tmp_path / "mine").exists()  # nothing restored into the user's own cache
         assert os.environ[kernel_cache.MARK] == str(act.work)
@@ -343,7 +327,7 @@ from pathlib import Path
 from sllmfs.integrations.kernel_cache import MARK, activate
 act = activate(framework="sglang")
 assert act is not None and os.environ[MARK] == str(act.work)
-print("restored", act.restored)
+print("restored", act.wait_restored(30))
 triton = Path(os.environ["TRITON_CACHE_DIR"])
 for rel, data in {files!r}.items():
     p = triton / rel if rel.startswith("t-") else Path(os.environ["TVM_FFI_CACHE_DIR"]) / rel
@@ -356,9 +340,9 @@ subprocess.run([sys.executable, "-c", worker], check=True)
 if {wait_quiet!r}:  # the quiet-period publish, while the engine still runs
     from sllmfs.store import kernels
     deadline = time.monotonic() + 30
-    while act.publisher.publishes == 0 and time.monotonic() < deadline:
+    while act.keeper.publishes == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    print("published while running", act.publisher.publishes)
+    print("published while running", act.keeper.publishes)
 else:  # settle: the exit publish leaves files changed in the last moments (maybe half-written)
     time.sleep(0.5)
 print("work", act.work)
