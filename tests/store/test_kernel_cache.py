@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -283,6 +284,32 @@ def test_a_cache_dir_the_user_set_is_respected(store: Store, tmp_path: Path, cle
         act.close()
     assert act.work == kernel_cache.work_root() / KEY.name  # the same path on every start and node
     assert act.work.is_dir()  # kept: the next start on this node only tops it up
+
+
+def test_a_worker_waits_for_the_restore_of_a_live_start_only(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    """The restore runs beside the launcher; a worker of the start (MARK set) returns from activate()
+    once the launcher's restoring mark is gone, and does not wait on the mark of a process that died
+    mid-restore."""
+    work = tmp_path / "work"
+    work.mkdir()
+    clean_env.setenv(kernel_cache.MARK, str(work))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (work / f"{kernel_cache.RESTORING}{dead.stdout.strip()}").touch()
+    t = time.monotonic()
+    assert kernel_cache.activate() is None
+    assert time.monotonic() - t < kernel_cache.RESTORE_WAIT_S / 2  # not the bound: no live restore
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = work / f"{kernel_cache.RESTORING}{launcher.pid}"
+        live.touch()
+        timer = threading.Timer(0.3, live.unlink)
+        timer.start()
+        assert kernel_cache.activate() is None
+        assert not live.exists()  # it returned after the restore ended, not before
+        timer.join()
+    finally:
+        launcher.kill()
+        launcher.wait()
 
 
 def test_a_working_dir_root_of_someone_else_is_refused(store: Store, clean_env: pytest.MonkeyPatch,

@@ -76,10 +76,17 @@ def test_plugin_points_the_caches_at_the_store_once_per_start(tmp_path: Path) ->
 
 
 RESTORED = """
+import os, subprocess, sys
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # the launcher: the restore runs beside it
+# the engine core, a process of its own that compiles: it loads the plugins first, which wait for the restore
+core = '''
 import os
 from vllm.plugins import load_general_plugins
 load_general_plugins()
 root, triton = os.environ["VLLM_CACHE_ROOT"], os.environ["TRITON_CACHE_DIR"]
 print(open(os.path.join(root, "torch_compile_cache", "h1", "rank_0_0", "model.py")).read())
 print(open(os.path.join(triton, "k.cubin")).read())
+'''
+subprocess.run([sys.executable, "-c", core], check=True)
 """
