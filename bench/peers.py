@@ -660,9 +660,13 @@ class Bench:
     def mount_copies(self) -> int:
         """Bytes the mount holds in passthrough copies now (the sidecar's status)."""
         from sllmfs.client import client as sidecar_client
+        from sllmfs.core.errors import SllmfsError
 
-        with sidecar_client.connect(str(self.sock)) as c:
-            return int(c.status()["memory"].get("mount_copies", 0))
+        try:
+            with sidecar_client.connect(str(self.sock)) as c:
+                return int(c.status()["memory"].get("mount_copies", 0))
+        except SllmfsError as e:  # as the CLI's failures: the rows not run say why
+            raise SystemExit(f"sllmfs status failed: {e}") from None
 
     def copies_gone(self) -> float:
         """Wait until the mount holds no passthrough copy (after an eviction); the seconds it took."""
