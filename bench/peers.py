@@ -4,7 +4,7 @@ On the GPU machine, from the repo root (the peers' wheels travel in .whl/):
 
     source bench/gpu_setup.sh 16384 >/dev/null 2>&1; python3 -m pip install -q --no-index --no-deps \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH; \
-        python3 bench/peers.py --part main --out $OUT          # then --part scaling, --part sglang
+        python3 bench/peers.py --part main --out $OUT          # then --part mount, scaling, sglang
 
 Parts (each fits one 10-minute device call; --budget skips what would not finish in time):
   main     a Llama-2-7B-shaped bf16 checkpoint (random weights, 13.48 GB, 291 tensors) loaded by
@@ -466,6 +466,7 @@ class Bench:
         self.result: dict[str, Any] = {
             "bench": "peers", "part": args.part, "command": "python3 bench/peers.py " + " ".join(sys.argv[1:]),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "device": args.device,
+            "kernel": platform.release(), "shmem_thp": shmem_thp_setting(),  # the mount's copies use 2 MiB pages
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "versions": {d: dist_version(d) for d in DISTS}, "budget_s": self.budget,
             "limits": {}, "checkpoints": {}, "runs": []}
@@ -677,6 +678,14 @@ class Bench:
                                  "after the model was evicted: a reader of the view would find a warm copy")
             time.sleep(0.25)
         return time.monotonic() - t0
+
+
+def shmem_thp_setting() -> str | None:
+    """transparent_hugepage/shmem_enabled as the kernel shows it ([advise]: the passthrough copies may ask)."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text().strip()
+    except OSError:
+        return None
 
 
 def fresh_path(folder: Path, stem: str) -> Path:
