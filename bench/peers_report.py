@@ -6,7 +6,8 @@
 Merges the JSON files (a later file's load replaces an earlier one's of the same checkpoint, loader and
 placement), prints a Markdown table of the main checkpoint (GB/s and seconds per placement, the ratio to
 the pinned H2D peak measured in the same run, the ratio to the best peer in that column; sllmfs rows in
-bold) and the scaling figures, and draws the PNG: GB/s per loader and placement with the pinned peak,
+bold), the readers through the mount against the same readers from tmpfs and the disk (`--part mount`,
+issue 20's goals) and the scaling figures, and draws the PNG: GB/s per loader and placement with the pinned peak,
 load time against checkpoint size, GB/s for 100 vs 10,000 tensors. --readme replaces the text between
 `<!-- peers:begin -->` and `<!-- peers:end -->` with the table and the image (or prints that block when
 the markers are missing).
@@ -17,11 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from peers import GOAL_COLD_VS_DISK, GOAL_HIT_VS_TMPFS, MOUNT_READERS  # noqa: E402  (which reader each mount row is: peers.py's contract)
+
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 
 # row order, label, sllmfs's own row
@@ -32,11 +38,15 @@ ROWS = (("safetensors", "safetensors `load_file`", False),
         ("instanttensor", "InstantTensor", False),
         ("sglang", "SGLang default loader ¹", False),
         ("sllmfs", "**sllmfs**, handles → GPU", True),
-        ("sllmfs-fuse", "**sllmfs**, FUSE view + safetensors", True))
+        ("sllmfs-fuse", "**sllmfs**, FUSE view + safetensors", True),
+        ("fastsafetensors@mount", "**sllmfs**, FUSE view + fastsafetensors", True),
+        ("instanttensor@mount", "**sllmfs**, FUSE view + InstantTensor", True))
 SHORT = {"safetensors": "safetensors\nload_file", "transformers": "transformers\nfrom_pretrained",
          "fastsafetensors": "fastsafetensors\n(no GDS)", "runai": "Run:ai Model\nStreamer",
          "instanttensor": "InstantTensor", "sglang": "SGLang\ndefault loader", "sllmfs": "sllmfs\nhandles → GPU",
-         "sllmfs-fuse": "sllmfs FUSE view\n+ safetensors"}  # plot labels
+         "sllmfs-fuse": "sllmfs FUSE view\n+ safetensors",
+         "fastsafetensors@mount": "sllmfs FUSE view\n+ fastsafetensors",
+         "instanttensor@mount": "sllmfs FUSE view\n+ InstantTensor"}  # plot labels
 LABEL = {key: SHORT[key].replace("\n", " ") for key in SHORT}
 SLLMFS = {key for key, _, ours in ROWS if ours}
 # column, header, the placement each row reports there (sllmfs: the sidecar owns the placement)
@@ -162,6 +172,53 @@ FOOTNOTES = ("¹ SGLang's \"Load weight end\" (its model construction included; 
              "³ sllmfs only: a hit in the sidecar's memory tier, set against the best peer of any column. "
              "Cold: page cache dropped (sllmfs: evicted "
              "too). ✗: wrong bytes.")
+
+
+MOUNT_LABEL = {"safetensors": "safetensors `load_file`", "fastsafetensors": "fastsafetensors (no GDS)",
+               "instanttensor": "InstantTensor", "cat": "`cat` (plain read, no GPU)"}
+
+
+def mount_ratio(res: Results, r: dict[str, Any] | None, key: str) -> tuple[float, float] | None:
+    """(ratio, the figure it is set against) of a mount row: vs_tmpfs / vs_disk as peers.py recorded them,
+    or (files from before those fields) the same file's tmpfs load of the same reader and its disk limit."""
+    if not good(r):
+        return None
+    if key in r:
+        v = r[key]
+        return (v["ratio"], v["gbps"]) if "ratio" in v else None
+    if key == "vs_disk":
+        return (r["gbps"] / r["disk"], r["disk"]) if r.get("disk") and r["placement"] == "cold" else None
+    pair = res.get(r["group"], r["case"], MOUNT_READERS[r["loader"]], "tmpfs")
+    if good(pair) and pair["source"] == r["source"]:
+        return r["gbps"] / pair["gbps"], pair["gbps"]
+    return None
+
+
+def mount_table(res: Results) -> str:
+    """Each reader through the mount (a model resident in the memory tier, and cold) beside itself from
+    tmpfs and the disk, in the same run: issue 20's goals are 0.8x and 0.9x."""
+    case = main_case(res)
+    readers = [m for m in MOUNT_READERS if case and any(res.get("main", case, m, p) for p in ("hit", "cold"))]
+    if not readers:
+        return "(no runs through the mount in these results)"
+    assert case is not None
+    head = ["reader", "tmpfs GB/s", "mount, memory tier GB/s", "/ tmpfs", "mount, cold GB/s", "/ disk"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for m in readers:
+        peer = MOUNT_READERS[m]
+        tmpfs = res.get("main", case, peer, "tmpfs")
+        row = [MOUNT_LABEL.get(peer, peer), f"{tmpfs['gbps']:.2f}" if good(tmpfs) else status(tmpfs) or "—"]
+        for placement, key in (("hit", "vs_tmpfs"), ("cold", "vs_disk")):
+            r = res.get("main", case, m, placement)
+            ratio = mount_ratio(res, r, key)
+            row += [f"{r['gbps']:.2f}" if good(r) else status(r) or "—",
+                    f"{ratio[0]:.2f}× of {ratio[1]:.2f}" if ratio else ""]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append(f"\nGoals (issue 20): through the mount of a model in the memory tier ≥ {GOAL_HIT_VS_TMPFS}× the same "
+                 f"reader from tmpfs; cold ≥ {GOAL_COLD_VS_DISK}× the disk's read. Each row in a fresh process; a "
+                 "memory-tier row starts with no passthrough copy and the page cache dropped (its first open "
+                 "makes the copy); cold: evicted, page cache dropped.")
+    return "\n".join(lines)
 
 
 def scaling_table(res: Results) -> str:
@@ -309,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--readme", type=Path, help="README to update between the peers markers")
     args = ap.parse_args(argv)
     res = load(args.results)
-    print(caption(res) + "\n\n" + main_table(res) + "\n\n" + FOOTNOTES + "\n\n" + scaling_table(res) + "\n")
+    print(caption(res) + "\n\n" + main_table(res) + "\n\n" + FOOTNOTES + "\n\n" + mount_table(res) + "\n\n"
+          + scaling_table(res) + "\n")
     plot(res, args.png)
     print(f"-> {args.png}")
     if args.readme:
