@@ -5,8 +5,10 @@ not the safetensors file), and FUSE passthrough needs a kernel file that *is* th
 the first open of a resident variant's safetensors file we copy its bytes, from the segments the
 sidecar verified as it filled them, into a memfd (header + tensors back to back), seal it, and
 let the kernel serve every read and mmap of it from there. The copy costs memory: one more copy
-of that file while it is open and for ``LINGER`` seconds after (loaders open a file several times),
-never longer than its variant stays resident. Only verified bytes of one committed version go in,
+of that file while it is open and for ``LINGER`` seconds after (loaders open a file several times);
+an unopened one goes at the first expiry pass after its variant leaves the tier (every few seconds:
+until then an open may still be served from it, the same verified bytes of the same version, and its
+bytes still count against the memory budget). Only verified bytes of one committed version go in,
 and a replaced model gets new inodes (tree.py), so a backing never shows stale bytes.
 """
 
