@@ -8,9 +8,12 @@ environment (SLLMFS_KERNEL_CACHE_DIR) so the worker processes it starts inherit 
 of activating again, and returns. A thread in that process restores the store's entry for this GPU and
 software stack into the directory, then publishes new files back once the directory has been quiet for
 SLLMFS_KERNEL_CACHE_QUIET seconds, and once more at exit. The restore runs beside the start (a new
-node's 99 files took ~39 ms on the H200s, in a call the limit gives 0.1 s): the engine compiles its
-first kernel seconds later, and a cache that finds a file missing compiles it, never reads half of one
-(each file appears whole, by link).
+node's 99 files: 59 ms on the H200s, where the plugin's whole call may take 0.1 s): the launcher does
+not compile, and the processes that do wait for it, bounded by RESTORE_WAIT_S: a worker that loads the
+plugin in ``activate()``, a child forked from the launcher in an at-fork hook (both through a locked
+mark file, ``RestoreMark``). Past the bound a cache sees some files and not others: each file appears
+whole (by link), in path order, so Triton's and vLLM's data files come before the index files that
+name them, and a missing one is compiled again.
 
 The working directory's path is the same on every start and every node: tvm-ffi and flashinfer
 build with ninja from a build.ninja that names its sources by absolute path, so a cache restored
@@ -93,7 +96,7 @@ def activate(store: Store | None = None, *, framework: str = "sglang",
     sets them under its own cache dir); such a value is the engine's, not the user's, so it is replaced."""
     if mark := os.environ.get(MARK):
         if mark != "-":  # a process of a start that serves caches: its kernels come after the restore
-            _await_restore(Path(mark))
+            await_restore(Path(mark))
         return None  # a process of a start that decided (the only check its workers make)
     from sllmfs.core.config import env_flag
 
@@ -139,51 +142,100 @@ def _activate(store: Store | None, framework: str, key: KernelKey | None,
         os.close(lock_fd)
         raise
     act = Activation(key, work, dirs, Keeper(where, key, dirs, env_seconds(QUIET, DEFAULT_QUIET)), _lock_fd=lock_fd)
-    act.keeper.restoring = _restoring_mark(work)
+    act.keeper.mark = RestoreMark.make(work)
     for k in managed:
         os.environ[kinds[k][0]] = str(work / k)
     os.environ[MARK] = str(work)
     atexit.register(_at_exit, act, os.getpid())
+    global _ACTIVE
+    _ACTIVE = act
     act.keeper.start()
     return act
 
 
-RESTORING = ".restoring-"  # + the activating pid: a file in the working dir while its restore runs
+RESTORING = ".restoring-"  # + the launcher's pid: in the working dir, locked, while its restore runs
 RESTORE_WAIT_S = 10.0
+_ACTIVE: Activation | None = None  # this process's activation: a forked child waits for its restore
 
 
-def _restoring_mark(work: Path) -> Path | None:
-    path = work / f"{RESTORING}{os.getpid()}"
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    except OSError:
-        return None  # workers then do not wait: a kernel they miss is compiled, never read half-made
-    return path
+@dataclass
+class RestoreMark:
+    """A file in the working dir holding a POSIX lock (``lockf``) while the launcher restores. The lock
+    is the liveness: it dies with the launcher in any pid namespace, and a forked child does not
+    inherit it, so a mark a killed launcher left is known stale and removed by the next worker."""
 
+    path: Path
+    fd: int
 
-def _await_restore(work: Path) -> None:
-    """A worker starts compiling only after the start's restore (it runs beside the launcher, ~60 ms
-    for 99 files on the H200s): a file not restored yet would be compiled again for nothing. Bounded,
-    and a mark whose process is gone (killed mid-restore) is not waited for."""
-    deadline = time.monotonic() + RESTORE_WAIT_S
-    while time.monotonic() < deadline:
+    @classmethod
+    def make(cls, work: Path) -> RestoreMark | None:
+        name = f"{RESTORING}{os.getpid()}"
+        tmp = work / f".new{name}"  # locked before it gets its name: no worker sees it unlocked
         try:
-            marks = [n for n in os.listdir(work) if n.startswith(RESTORING)]
+            fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None  # workers then do not wait: a kernel they miss is compiled, never read half-made
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            os.rename(tmp, work / name)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+        return cls(work / name, fd)
+
+    def end(self) -> None:
+        """The restore is over: the name goes first, then the lock (a waiting worker sees either)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def await_restore(work: Path) -> None:
+    """A worker starts compiling only after the start's restore (it runs beside the launcher: 16-60 ms
+    on the H200s): a file not restored yet would be compiled again for nothing. Bounded; a mark whose
+    lock is free (its launcher died mid-restore) is removed, not waited for. This process's own mark
+    is not waited for (the launcher calling again)."""
+    own = f"{RESTORING}{os.getpid()}"
+    deadline = time.monotonic() + RESTORE_WAIT_S
+    while True:
+        try:
+            marks = [n for n in os.listdir(work) if n.startswith(RESTORING) and n != own]
         except OSError:
             return
-        if not any(_alive(n[len(RESTORING):]) for n in marks):
+        if not any([_restoring(work / n) for n in marks]) or time.monotonic() >= deadline:
             return
         time.sleep(0.01)
 
 
-def _alive(pid: str) -> bool:
+def _restoring(path: Path) -> bool:
+    """Whether a live launcher holds this mark; a stale one is removed."""
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone: that restore ended
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held
+            return True
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # free: its launcher is gone (or just ended it, having unlinked it already)
         return False
-    except PermissionError:
-        return True
-    return True
+    finally:
+        os.close(fd)  # and with it this process's lock
+
+
+def _after_fork_in_child() -> None:
+    """A child forked from the launcher (vLLM's default for its engine core) has no keeper thread and
+    did not load the plugins again: it waits here for the restore its parent runs."""
+    act = _ACTIVE
+    if act is not None and not act.keeper.restore_done.is_set():
+        await_restore(act.work)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _at_exit(act: Activation, pid: int) -> None:
@@ -235,7 +287,7 @@ class Keeper(threading.Thread):
         self.store: Store | None = None  # opened in the thread; None until then, or when it could not be
         self.restored = 0
         self.restore_done = threading.Event()
-        self.restoring: Path | None = None  # the mark workers wait on (_await_restore) while this restores
+        self.mark: RestoreMark | None = None  # what workers wait on (await_restore) while this restores
         # what the store holds: restored files are no news, anything else in the dir (left by a start
         # that died before publishing, say) goes out with the first publish
         self.published: dict[str, tuple[int, int]] = {}
@@ -245,24 +297,23 @@ class Keeper(threading.Thread):
         self._warned = False
 
     def run(self) -> None:
-        from sllmfs.store import kernels
-        from sllmfs.store.store import Store
-
         try:
+            from sllmfs.store import kernels
+            from sllmfs.store.store import Store
+
             store = self.where if not isinstance(self.where, Path) else \
                 Store(self.where, create=False, cleanup=False)
-            self.restored = kernels.restore(store, self.key.name, self.dirs)
-            if _writable(store):
+            if _writable(store):  # first: a restore that fails or stops still leaves the start its publish
                 self.published = {p: v for p, v in kernels.recorded(store, self.key.name).items()
                                   if p.split("/", 1)[0] in self.dirs}
                 self.store = store
+            self.restored = kernels.restore(store, self.key.name, self.dirs, stop=self._halt.is_set)
         except Exception as e:  # the engine compiles what is missing, as with no store
             self._warn(f"sllmfs: warning: kernel caches not restored from the store for this start: {e}")
         finally:
+            if self.mark is not None:
+                self.mark.end()
             self.restore_done.set()
-            if self.restoring is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.restoring)
         if self.store is None:
             return
         seen, changed = self.published, time.monotonic()

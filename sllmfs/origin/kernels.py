@@ -242,6 +242,8 @@ def for_node(facts: dict[str, Any], node: tuple[str, str]) -> bool:
     """Whether an entry made with ``facts`` can serve this node: the same GPU models, and the same driver
     where both are known (the key holds every other fact; engines restore only their own key)."""
     gpu, driver = node
+    if "capability" in facts:
+        return False  # made before the key left the capability out: no start of this version asks for it
     want_driver = str(facts.get("driver", ""))
     return str(facts.get("gpu", "")) == gpu and (not want_driver or not driver or want_driver == driver)
 

@@ -60,15 +60,16 @@ def current(framework: str) -> KernelKey:
 
 def node_gpus(proc: Path | None = None) -> str:
     """The node's GPU models as the driver names them ("NVIDIA H200"; several: sorted, joined by "+"),
-    all of them as NVML lists them, whatever CUDA_VISIBLE_DEVICES says; "" without the driver's files."""
+    all those NVML lists (not the ones excluded from use), whatever CUDA_VISIBLE_DEVICES says; "" without
+    the driver's files."""
     models = set()
     for info in (proc or PROC).glob("gpus/*/information"):
         try:
-            for line in info.read_text().splitlines():
-                if line.startswith("Model:"):
-                    models.add(line.split(":", 1)[1].strip())
+            fields = dict(line.split(":", 1) for line in info.read_text().splitlines() if ":" in line)
         except OSError:
             continue
+        if "Model" in fields and fields.get("GPU Excluded", "No").strip() != "Yes":
+            models.add(fields["Model"].strip())
     return "+".join(sorted(models))
 
 

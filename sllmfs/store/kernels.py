@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,10 +178,12 @@ def _kind_dirs(dirs: Dirs) -> dict[str, Path]:
     return {k: Path(dirs) / k for k in KINDS}
 
 
-def restore(store: Store, key: str, dirs: Dirs) -> int:
+def restore(store: Store, key: str, dirs: Dirs, *, stop: Callable[[], bool] = lambda: False) -> int:
     """Copy the entry's verified files into ``dirs`` (new files only, nothing overwritten); returns how
     many were restored. A file that fails its checksum, size or type is skipped with a warning:
-    the engine compiles that kernel again rather than load wrong bytes."""
+    the engine compiles that kernel again rather than load wrong bytes. ``stop``: asked before each
+    file (a start that exits does not wait for the rest). Files come in path order, so in Triton's and
+    vLLM's layouts the data files come before the index files that name them."""
     try:
         entry = load_entry(store, key)
     except NotFound:
@@ -193,6 +195,8 @@ def restore(store: Store, key: str, dirs: Dirs) -> int:
     targets = _kind_dirs(dirs)
     done = 0
     for f in entry.files:
+        if stop():
+            break
         kind, rel = f.path.split("/", 1)
         if kind not in targets or os.path.lexists(targets[kind] / rel):
             continue  # not asked for, or there already (a later start on this node): the engine's own file wins

@@ -150,3 +150,13 @@ def test_an_entry_over_the_size_limit_is_neither_pushed_nor_pulled(origin: Origi
     assert kernels.entries(b)[0] == []
     with pytest.raises(BadInput, match="not pushed"):
         origin_kernels.push(a, HERE.name, origin, client)
+
+
+def test_a_node_takes_entries_of_its_gpus_and_driver_made_by_this_key_format() -> None:
+    node = ("NVIDIA H200", "580.159.04")
+    assert origin_kernels.for_node({"gpu": "NVIDIA H200", "driver": "580.159.04"}, node)
+    assert origin_kernels.for_node({"gpu": "NVIDIA H200", "driver": ""}, node)  # driver unknown there
+    assert not origin_kernels.for_node({"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04"}, node)
+    assert not origin_kernels.for_node({"gpu": "NVIDIA H200", "driver": "570.86.15"}, node)
+    # keyed with the compute capability (before it left the key): no start asks for it any more
+    assert not origin_kernels.for_node({"gpu": "NVIDIA H200", "capability": "9.0", "driver": "580.159.04"}, node)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -81,6 +80,8 @@ def test_gpu_facts_come_from_the_drivers_proc_files(tmp_path: Path, monkeypatch:
             f"Model: \t\t {model}\nIRQ:   \t\t 41\nBus Type: \t PCIe\nBus Location: \t {bus}\n")
     (proc / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  "
                                   "Release Build  (nixbld@)  \nGCC version:  gcc version 15.3.0 (GCC) \n")
+    (proc / "gpus" / "0000:00:09.0").mkdir()  # excluded from use: NVML does not list it either
+    (proc / "gpus" / "0000:00:09.0" / "information").write_text("Model: \t\t NVIDIA A100\nGPU Excluded:\t Yes\n")
     assert kernel_key.node_gpus(proc) == "NVIDIA H100 80GB HBM3+NVIDIA H200"
     assert kernel_key.proc_driver(proc) == "580.159.04"
     assert (kernel_key.node_gpus(tmp_path / "none"), kernel_key.proc_driver(tmp_path / "none")) == ("", "")
@@ -286,30 +287,92 @@ def test_a_cache_dir_the_user_set_is_respected(store: Store, tmp_path: Path, cle
     assert act.work.is_dir()  # kept: the next start on this node only tops it up
 
 
+LAUNCHER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)  # what RestoreMark.make holds while the restore runs
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+os.unlink(sys.argv[1])
+os.close(fd)
+time.sleep(30)
+"""
+
+
 def test_a_worker_waits_for_the_restore_of_a_live_start_only(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
-    """The restore runs beside the launcher; a worker of the start (MARK set) returns from activate()
-    once the launcher's restoring mark is gone, and does not wait on the mark of a process that died
-    mid-restore."""
+    """A worker of the start (MARK set) returns from activate() once the launcher's restore is over;
+    a mark nobody holds (its launcher killed mid-restore, whatever its pid became) is removed, not
+    waited for."""
     work = tmp_path / "work"
     work.mkdir()
     clean_env.setenv(kernel_cache.MARK, str(work))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (work / f"{kernel_cache.RESTORING}{dead.stdout.strip()}").touch()
+    stale = work / f"{kernel_cache.RESTORING}1"  # pid 1 lives; the mark's lock does not
+    stale.touch()
     t = time.monotonic()
     assert kernel_cache.activate() is None
-    assert time.monotonic() - t < kernel_cache.RESTORE_WAIT_S / 2  # not the bound: no live restore
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert time.monotonic() - t < kernel_cache.RESTORE_WAIT_S / 2 and not stale.exists()
+    live = work / f"{kernel_cache.RESTORING}2"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(live), "0.3"], stdout=subprocess.PIPE, text=True)
     try:
-        live = work / f"{kernel_cache.RESTORING}{launcher.pid}"
-        live.touch()
-        timer = threading.Timer(0.3, live.unlink)
-        timer.start()
+        assert launcher.stdout is not None and launcher.stdout.readline().strip() == "locked"
+        t = time.monotonic()
         assert kernel_cache.activate() is None
+        waited = time.monotonic() - t
         assert not live.exists()  # it returned after the restore ended, not before
-        timer.join()
+        assert waited < kernel_cache.RESTORE_WAIT_S / 2  # and not by running into the bound
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_the_restore_runs_beside_the_start_and_a_fork_waits_for_it(
+        store: Store, tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    """activate() returns with the restore still running (made slow here); a child forked then, as vLLM
+    forks its engine core, finds every file restored; the mark is gone once the restore ends."""
+    write_tree(tmp_path / "a", FIRST)
+    kernels.publish(store, KEY, tmp_path / "a")
+    real = kernels.restore
+
+    def slow(*args: object, **kw: object) -> int:
+        time.sleep(0.5)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    clean_env.setattr(kernels, "restore", slow)
+    act = kernel_cache.activate(store, key=KEY)
+    assert act is not None
+    try:
+        assert not act.keeper.restore_done.is_set()  # the start goes on meanwhile
+        marks = [p.name for p in act.work.glob(f"{kernel_cache.RESTORING}*")]
+        assert marks == [f"{kernel_cache.RESTORING}{os.getpid()}"]
+        pid = os.fork()
+        if pid == 0:  # the child: the at-fork hook waited; everything must be there now
+            ok = sorted(len(p.read_bytes()) for p in act.work.rglob("*") if p.is_file()) == \
+                sorted(map(len, FIRST.values()))  # and no mark left
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert act.wait_restored(30) == len(FIRST)
+        assert not list(act.work.glob(f"{kernel_cache.RESTORING}*"))
+    finally:
+        act.close()
+
+
+def test_a_failed_restore_is_one_warning_and_the_start_still_publishes(
+        store: Store, tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(*args: object, **kw: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    clean_env.setattr(kernels, "restore", broken)
+    clean_env.setenv(kernel_cache.QUIET, "0.1")  # the exit publish takes files quiet for that long
+    act = kernel_cache.activate(store, key=KEY)
+    assert act is not None
+    assert act.wait_restored(30) == 0 and not list(act.work.glob(f"{kernel_cache.RESTORING}*"))
+    (act.dirs["triton"] / "k.cubin").write_bytes(b"compiled by this start")
+    time.sleep(0.3)
+    act.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sllmfs: warning: kernel caches not restored")
+    assert kernels.recorded(store, KEY.name).keys() == {"triton/k.cubin"}
 
 
 def test_a_working_dir_root_of_someone_else_is_refused(store: Store, clean_env: pytest.MonkeyPatch,
