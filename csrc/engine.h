@@ -66,6 +66,9 @@ struct CopyStats {
   uint64_t bytes = 0, staged_bytes = 0, registered_bytes = 0, newly_registered_bytes = 0;
   uint64_t blocks = 0, units = 0, register_calls = 0;
   double seconds = 0, register_seconds = 0, ring_alloc_seconds = 0, first_ready_seconds = 0;
+  // when the last block's bytes were all ready; pinning's first start and last end (-1: no pin made);
+  // the last block handed to a stream. All seconds since the copy started, as `seconds`.
+  double last_ready_seconds = 0, pin_start_seconds = -1, pin_end_seconds = -1, last_queued_seconds = 0;
   std::string register_fallback;  // why the register path stopped part way, if it did
   std::vector<RelayStats> relays;
 };

@@ -171,6 +171,7 @@ class Cache:
         res = fill.res
         self.fills.add(fill)
         t0 = time.perf_counter()
+        res.timeline.fill_start = time.monotonic()
         log.info("fill started model=%s variant=%s bytes=%d threads=%d", res.model, res.variant, fill.total,
                  self.settings.num_thread)
         try:
@@ -183,8 +184,13 @@ class Cache:
         finally:
             fill.close()
             self.fills.discard(fill)
+        tl = res.timeline
+        tl.fill_end = time.monotonic()
         self._finish(res, fill.error, fill.stop, time.perf_counter() - t0,
-                     detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}")
+                     detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}"
+                            f" blanks={tl.from_blanks}/{tl.partitions} alloc_s={tl.alloc_s:.3f}"
+                            f" first_ready_s={max(0.0, tl.first_ready - tl.fill_start):.3f}"
+                            f" acquire_to_end_s={tl.fill_end - tl.reserved:.3f}")
 
     def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float,
                 cause: FailCause = FailCause.INTERNAL, detail: str = "") -> None:
@@ -249,8 +255,10 @@ class Cache:
             log.exception("GPU warm-up failed")
 
     async def _pin(self, res: Resident) -> None:
+        t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(self.gpu.pin, res)
+            res.timeline.pin_s = time.monotonic() - t0
         except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
             log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
 

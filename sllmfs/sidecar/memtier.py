@@ -102,6 +102,32 @@ class Segment:
         os.close(self.fd)
 
 
+@dataclass
+class Timeline:
+    """When a resident copy's memory and bytes arrived, in ``time.monotonic()`` seconds: one clock for
+    every process on the node, so a bench lines these up with its own (the tier-empty load, issue 18).
+    0.0: not (yet) happened."""
+    reserved: float = 0.0  # reserve() began: the acquire that missed
+    alloc_s: float = 0.0  # reserve's own seconds (blanks taken, segments made, room made)
+    from_blanks: int = 0  # partitions made from start-time blanks (the rest: fresh memory)
+    partitions: int = 0
+    fill_start: float = 0.0  # the fill's threads were started
+    first_ready: float = 0.0  # its first window verified and published READY
+    last_ready: float = 0.0  # its last window published READY
+    fill_end: float = 0.0  # its threads all ended
+    pin_s: float = 0.0  # the after-fill pin for GPU copies (gpucopy.pin), when it ran
+
+    def ready(self, now: float) -> None:
+        """A window was published READY at ``now`` (fill threads: float stores are atomic under the GIL)."""
+        if not self.first_ready:
+            self.first_ready = now
+        if now > self.last_ready:
+            self.last_ready = now
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
 @dataclass(eq=False)
 class Resident:
     model: str
@@ -126,6 +152,7 @@ class Resident:
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
     closed: bool = False  # segments unmapped: nothing may touch them
     source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def nbytes(self) -> int:
@@ -205,6 +232,7 @@ class MemoryTier:
 
     def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity | None) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
+        t0 = time.monotonic()
         need = sum(_round_up(max(p.size, 1), PAGE) for p in manifest.partitions)
         nchunks = [max(1, -(-p.size // CHUNK_SIZE)) for p in manifest.partitions]
         need += _round_up(sum(nchunks), PAGE)
@@ -244,6 +272,8 @@ class MemoryTier:
             if p.size == 0:
                 ready.mm[base[i]] = Readiness.READY
         res = Resident(model, variant, manifest, identity, segments, ready, base)
+        res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0,
+                                from_blanks=sum(b is not None for b in blanks), partitions=len(blanks))
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
                             for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res

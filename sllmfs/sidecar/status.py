@@ -34,7 +34,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             "registered": name in cache.registry,
             "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
                           "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
-                          "huge_pages": all(s.huge for s in r.segments)} for r in resident],
+                          "huge_pages": all(s.huge for s in r.segments),
+                          "timeline": r.timeline.as_dict()} for r in resident],  # time.monotonic() of each step
             "leased": any(m == name for m, _ in leased),
         })
     leases = [{"id": i, "model": r.model, "variant": r.variant, "pid": c.pid, "uid": c.uid}
