@@ -96,8 +96,9 @@ void Engine::close() {
   streams_.clear();
 }
 
-size_t Engine::release(uintptr_t base, uint64_t len) {
-  std::lock_guard<std::mutex> lk(copy_mu_);  // never while a copy reads from it
+size_t Engine::release(uintptr_t base, uint64_t len, bool idle) {
+  std::unique_lock<std::mutex> lk(copy_mu_, std::defer_lock);
+  if (!idle) lk.lock();  // never while a copy reads from it
   std::lock_guard<std::mutex> rl(reg_mu_);
   size_t n = 0;
   for (auto it = regs_.lower_bound(down(base, kPage)); it != regs_.end() && it->first < base + len;) {

@@ -113,8 +113,10 @@ class Engine {
   // they hold and stop; the direct path takes the rest (another load wants a relaying GPU).
   void stop_relays() { relay_stop_ = true; }
   Mode mode() const { return cfg_.mode; }
-  // Drops cached registrations inside [base, base+len): call before unmapping.
-  size_t release(uintptr_t base, uint64_t len);
+  // Drops cached registrations inside [base, base+len): call before unmapping. Waits for a running
+  // copy (it may read them) unless `idle`: for memory no copy can read (the sidecar's blanks, which
+  // are not segments yet), so a shrink at reserve never waits behind another model's copy.
+  size_t release(uintptr_t base, uint64_t len, bool idle = false);
   uint64_t registered_bytes();
   // Pins a whole segment now (off the load path) and caches it like the
   // blocks a copy pins; later copies from it go straight to the GPU.

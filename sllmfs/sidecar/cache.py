@@ -248,6 +248,13 @@ class Cache:
         filled before they existed."""
         try:
             await trio.to_thread.run_sync(self.gpu.warm_up)
+            if self.gpu.active:  # blanks pinned now, off any load: a load into them pins nothing (NOTES-cold run 9)
+                self.tier.release_pins = self.gpu.release
+                t0 = time.perf_counter()
+                n = await trio.to_thread.run_sync(self.tier.blanks.pin_all, self.gpu.pin_blank)
+                if n:
+                    log.info("pinned %d blank segments for GPU copies in %.2f s (blanks made later are pinned "
+                             "as they are made)", n, time.perf_counter() - t0)
             for res in list(self.tier.entries.values()):
                 if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
                     await self._pin(res)

@@ -35,6 +35,7 @@ from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
 from sllmfs.engine.relay import Relay
 from sllmfs.sidecar.memtier import Resident
+from sllmfs.sidecar.prefault import PIN_PIECE, Blank
 from sllmfs.store.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 
 log = logging.getLogger("sllmfs.sidecar")
@@ -287,6 +288,35 @@ class GpuCopier:
             return
         log.info("pinned model=%s variant=%s for GPU copies newly_pinned=%d register_s=%.3f seconds=%.3f",
                  res.model, res.variant, pinned, pin_s, time.perf_counter() - t0)
+
+    def pin_blank(self, blank: Blank) -> None:
+        """Worker thread: pin a blank for GPU copies, in PIN_PIECE pieces, with every engine (the
+        first pins, the others share: csrc/pins.h), so a segment made of it needs no pin when a load
+        copies it. No bus lock: a blank is no copy's source yet. A refused pin leaves it unpinned
+        (loads then pin as they copy, as without)."""
+        from sllmfs.engine.copy_engine import CopyError
+
+        pairs = self._pairs()
+        if not pairs:
+            return
+        base = blank.address
+        tried = []
+        try:
+            for engine, _lock in pairs:
+                tried.append(engine)
+                for off in range(0, blank.length, PIN_PIECE):
+                    engine.register((base + off, min(PIN_PIECE, blank.length - off), 0, 0))
+        except (CopyError, ValueError) as e:
+            for engine in tried:
+                engine.release((base, blank.length, 0, 0), idle=True)
+            log.warning("could not pin a blank segment for GPU copies (%s); loads pin as they copy", e)
+            return
+        blank.unpin = self._unpin_idle
+
+    def _unpin_idle(self, address: int, length: int) -> None:
+        """Unpin what a blank (or a segment made of one that no copy has read) holds in [address, +length)."""
+        for engine, _lock in self._pairs():
+            engine.release((address, length, 0, 0), idle=True)
 
     def release(self, res: Resident) -> None:
         """Unpin a resident's segments in every engine (before they are unmapped)."""
