@@ -28,6 +28,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 POOL = "48GB"  # as bench/peers.py: 8 blanks of 4 GiB on 16384 hugetlb pages, 4 per load of 13.48 GB
+# the daemon as it is (blanks pinned for GPU copies at start) and as it was (bench/unpinned_blanks.py)
+DAEMONS = (("pinned blanks", ("-m", "sllmfs")), ("unpinned blanks (before run 9)", (str(HERE / "unpinned_blanks.py"),)))
 
 
 def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
@@ -58,17 +60,14 @@ def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
 def run(store: Path, work: Path, src_file: Path, model: str, device: str, threads: int, reps: int,
         pool: str = POOL) -> dict[str, Any]:
     import peers
-    from limits import read_files, sh, start_sidecar, stop
-
-    from sllmfs.client.client import connect
+    from limits import read_files
 
     ref = work / "reference.json"
     if not ref.exists() or ref.stat().st_mtime < src_file.stat().st_mtime:
         ref.write_text(json.dumps(peers.reference(src_file)))
     files = sorted(store.rglob("data_*.bin"))
     found: dict[str, Any] = {"bench": "cold-stages", "part": "warm-load", "device": device, "threads": threads,
-                             "pool": pool,
-                             "limits": {}, "loads": []}
+                             "pool": pool, "limits": {}, "loads": []}
     limits = found["limits"]
     read_files(files, threads, 32 << 20, direct=False)
     from bench_cold_stages import copy_into_map
@@ -79,11 +78,32 @@ def run(store: Path, work: Path, src_file: Path, model: str, device: str, thread
         it = _peers_child("instanttensor", str(src_file), device, "--placement", "warm", "--ref", str(ref))
         limits["instanttensor_page_cache"] = {k: it.get(k) for k in ("seconds", "gbps", "ok", "mismatches",
                                                                      "skipped", "error")}
-    sock, log = work / "warmload.sock", work / "warmload-sidecar.log"
+    for label, program in DAEMONS:
+        found["loads"] += _one_sidecar(label, program, store, work, files, model, device, threads, reps, pool, ref)
+    _summary(found)
+    bad = [x["name"] for x in found["loads"] if x.get("ok") is False or "error" in x]
+    if bad:
+        raise SystemExit(f"bench: load(s) failed or read wrong bytes: {bad}; see {work}/warmload-*.log")
+    return found
+
+
+def _one_sidecar(label: str, program: tuple[str, ...], store: Path, work: Path, files: list[Path], model: str,
+                 device: str, threads: int, reps: int, pool: str, ref: Path) -> list[dict[str, Any]]:
+    """A sidecar (``program``: which daemon): its blanks made, the model filled once, then ``reps`` times
+    evicted and loaded with the files in the page cache, then once from the memory tier."""
+    from limits import read_files, sh, start_sidecar, stop
+
+    from sllmfs.client.client import connect
+
+    tag = label.split()[0]
+    sock, log = work / f"warmload-{tag}.sock", work / f"warmload-{tag}.log"
     proc = start_sidecar(store, sock, log, ["--mem-pool-size", pool, "--num-thread", str(threads),
-                                            "--chunk-size", "64MiB"])
+                                            "--chunk-size", "64MiB"], program=program)
+    rows = []
     try:
-        _wait_blanks(log)  # the start-time blanks, as in a long-lived sidecar
+        _wait_blanks(log)  # the start-time blanks (and, on a GPU, their pins), as in a long-lived sidecar
+        if device != "cpu" and tag == "pinned":
+            _wait_text(log, "blank segments for GPU copies", 120)
         sh(sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", str(sock))
         pins = _pinned(log)
         for rep in range(1, reps + 1):
@@ -91,17 +111,17 @@ def run(store: Path, work: Path, src_file: Path, model: str, device: str, thread
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", model, "--socket", str(sock))
             read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
             pins = _pinned(log)
-            found["loads"].append(_one(f"tier empty, page cache #{rep}", sock, model, device, ref, connect))
+            rows.append(_one(f"{label}: tier empty, page cache #{rep}", sock, model, device, ref, connect))
         _wait_pins(log, pins, device)
-        found["loads"].append(_one("memory-tier hit", sock, model, device, ref, connect))
+        rows.append(_one(f"{label}: memory-tier hit", sock, model, device, ref, connect))
     finally:
         stop(proc)
-    found["sidecar_log"] = [ln for ln in log.read_text(errors="replace").splitlines()
-                            if re.search(r"filled|pinned|gpu copy|lease taken|blank|evicted", ln)][-40:]
-    bad = [x["name"] for x in found["loads"] if x.get("ok") is False or "error" in x]
-    if bad:
-        raise SystemExit(f"bench: load(s) failed or read wrong bytes: {bad}; see {log}")
-    return found
+        for r in rows:
+            r["sidecar"] = label
+        rows.append({"name": f"{label}: sidecar log", "log": [
+            ln for ln in log.read_text(errors="replace").splitlines()
+            if re.search(r"filled|pinned|gpu copy|lease taken|blank|evicted", ln)][-40:]})
+    return rows
 
 
 def _peers_child(task: str, path: str, device: str, *extra: str) -> dict[str, Any]:
@@ -122,6 +142,12 @@ def _wait_pins(log: Path, before: int, device: str) -> None:
         deadline = time.monotonic() + 120
         while _pinned(log) <= before and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _wait_text(log: Path, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _wait_blanks(log: Path, seconds: float = 300) -> None:
@@ -202,3 +228,19 @@ def phases(got: dict[str, Any], tl: dict[str, Any]) -> dict[str, float]:
     if tl.get("pin_s"):
         out["after-fill pin of the segments (off the load), ms"] = tl["pin_s"] * 1e3
     return out
+
+
+def _summary(found: dict[str, Any]) -> None:
+    lim = found["limits"]
+    print(f"\nlimits: page cache -> map {lim['page_cache_to_map_gbps']:.1f} GB/s, pinned H2D peak "
+          f"{lim.get('pinned_h2d_peak_gbps')}, InstantTensor page cache {lim.get('instanttensor_page_cache')}")
+    print(f"{'load':<58}{'s':>7}{'GB/s':>7}{'blanks':>8}{'pinned GB':>10}{'last READY':>11}{'landed':>8}")
+    for x in found["loads"]:
+        if "seconds" not in x:
+            continue
+        tl, e, ph = x.get("timeline", {}), x.get("engine", {}), x.get("phases_ms", {})
+        blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}" if tl.get("reserved", 0) >= x["t0"] else "-"
+        pinned = f"{e['newly_registered_bytes'] / 1e9:.2f}" if "copy_started_at" in e else "-"  # the sidecar's copy
+        print(f"{x['name']:<58}{x['seconds']:>7.3f}{x['gbps']:>7.1f}{blanks:>8}"
+              f"{pinned:>10}{ph.get('last window READY', 0):>11.0f}"
+              f"{ph.get('copy: every byte landed', ph.get('load_dict returns (synchronized)', 0)):>8.0f}")
