@@ -25,7 +25,7 @@ from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.origin.kernels import SyncState, node_facts
 from sllmfs.origin.pull import PullPlan, RangeSink
 from sllmfs.protocol.messages import FailCause, Readiness
-from sllmfs.sidecar import disktier
+from sllmfs.sidecar import disktier, prefault
 from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import MemoryTier, Resident
@@ -84,6 +84,8 @@ class Cache:
         if self.origin is not None and settings.origin_kernels:
             self.kernel_sync = SyncState(node=node_facts())
         self._nursery: trio.Nursery | None = None
+        self._blanking = False  # a blank pass runs (one at a time)
+        self._blank_again = False  # memory was freed meanwhile: one more pass after it
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The background loops (disk budget, store watch); fills and pins start in this nursery too."""
@@ -95,11 +97,44 @@ class Cache:
                 if self.kernel_sync is not None:
                     nursery.start_soon(self._kernels_loop)
             nursery.start_soon(self._watch_store)
+            if self.settings.prefault:  # memory given back becomes blanks again once no fill runs
+                self.tier.on_freed = self.reblank
             task_status.started()
 
     def start_soon(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None, "Cache.run has not started"
         self._nursery.start_soon(fn, *args)
+
+    def reblank(self) -> None:
+        """The trio thread, after memory was given back or a fill ended: a blank pass, in the background."""
+        if self._nursery is not None and self.settings.prefault:
+            self._nursery.start_soon(self.blank_pass)
+
+    async def blank_pass(self) -> None:
+        """Fault in blanks while the budget has room and no fill runs (prefault.py): at start, and after
+        an eviction or a fill; one pass at a time (a request meanwhile runs one more after it). On a GPU
+        node each blank is pinned as it is made (once warm_gpus set the hook)."""
+        if self._blanking:
+            self._blank_again = True
+            return
+        self._blanking = True
+        tier = self.tier
+
+        def room() -> int:  # read on the trio thread (it owns the tier), before each blank
+            try:
+                return trio.from_thread.run_sync(tier.blank_room)
+            except (trio.RunFinishedError, trio.Cancelled):  # stopping: no more blanks
+                return 0
+
+        try:
+            while True:
+                self._blank_again = False
+                await trio.to_thread.run_sync(prefault.run, tier.blanks, tier.budget, self.settings.num_thread, room,
+                                              abandon_on_cancel=True)
+                if not self._blank_again:
+                    break
+        finally:
+            self._blanking = False
 
     def stop_fills(self) -> None:
         for f in self.fills:
@@ -226,6 +261,7 @@ class Cache:
         if res.state == "failed" and not res.retired:
             self.tier.drop(res, why="fill failed")
         self.tier.settle(res)
+        self.reblank()  # the hugetlb pool is the fills' no more: what the budget has left may become blanks
 
     async def refresh(self) -> tuple[list[dict[str, str]], list[str]]:
         """Re-read the store: drop resident copies it replaced, forget refusals, enforce the disk budget.

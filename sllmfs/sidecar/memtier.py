@@ -230,13 +230,16 @@ class MemoryTier:
         # pinned, so a resident made of pinned blanks is unpinned before its maps go
         self.release_pins: Callable[[Resident], None] | None = None
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
+        self.on_freed: Callable[[], None] | None = None  # a resident's memory was just given back (the cache re-blanks)
 
     def blank_room(self) -> int:
-        """Bytes the start-time pass may still make blanks of (prefault.py): none once anything is
-        resident (a fill wants the hugetlb pool then), else the budget less the blanks made."""
-        if self.entries or self.retired or self.mount_copies:
+        """Bytes a blank pass may still make blanks of (prefault.py): none while a fill or a streamed pull
+        runs (it wants the hugetlb pool and the cores), else the budget less what is used and the blanks
+        made: memory an eviction freed becomes blanks again (pinned ones on a GPU node), so the next
+        tier-empty load neither faults nor pins (NOTES-cold run 9)."""
+        if any(r.state == "filling" for r in self.entries.values()):
             return 0
-        return self.budget - self.blanks.nbytes
+        return max(0, self.budget - self.used - self.blanks.nbytes)
 
     @property
     def used(self) -> int:
@@ -349,13 +352,18 @@ class MemoryTier:
             res.retired = True
             self.retired.append(res)
         else:
-            res.close()
+            self._free(res)
 
     def settle(self, res: Resident) -> None:
         """Free a retired entry whose last lease or fill just ended."""
         if res.retired and not res.leases and res.state != "filling" and res in self.retired:
             self.retired.remove(res)
-            res.close()
+            self._free(res)
+
+    def _free(self, res: Resident) -> None:
+        res.close()
+        if self.on_freed is not None:
+            self.on_freed()
 
     def evict(self, model: str, variant: str | None = None) -> list[Resident]:
         found = [r for (m, v), r in self.entries.items() if m == model and variant in (None, v)]

@@ -96,6 +96,12 @@ class Blanks:
         with self._lock:
             return sum(b.length for b in self._free)
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Of ``nbytes``, what is pinned for GPU copies."""
+        with self._lock:
+            return sum(b.length for b in self._free if b.unpin is not None)
+
     def put(self, blank: Blank) -> None:
         with self._lock:  # pin_all sets pin under this lock: a blank is either listed before it or pinned here
             pin = None if blank.unpin is not None else self.pin
@@ -222,4 +228,5 @@ def run(blanks: Blanks, budget: int, threads: int, room: Callable[[], int] | Non
     made, seconds = make_blanks(blanks, budget, threads, room=room)
     if made:
         log.info("faulted in %d bytes of hugetlb pages as blank segments in %.2f s (%.1f GB/s): fills write "
-                 "into memory already faulted in", made, seconds, made / max(seconds, 1e-9) / 1e9)
+                 "into memory already faulted in (blanks now %d bytes, %d pinned for GPU copies)", made, seconds,
+                 made / max(seconds, 1e-9) / 1e9, blanks.nbytes, blanks.pinned_bytes)

@@ -49,7 +49,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             # used counts the mount's passthrough copies too (mount_copies: their share of it)
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired),
                        "mount_copies": tier.mount_copies,
-                       "blanks": tier.blanks.nbytes},  # faulted in for fills, not in used; given back first
+                       "blanks": tier.blanks.nbytes,  # faulted in for fills, not in used; given back first
+                       "blanks_pinned": tier.blanks.pinned_bytes},  # of those, pinned for GPU copies
             # used: models and kernel caches, as --disk-size counts them (disktier)
             "disk": {"used": sum(sizes.values()) + sum(e.size for e in kernel_entries),
                      "budget": cache.settings.disk_size},

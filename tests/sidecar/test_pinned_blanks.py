@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_a_resident_made_of_pinned_blanks_pins_nothing_and_gives_every_pin_back(
         tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     for mod in (prefault, memtier, gpucopy):
         monkeypatch.setattr(mod, "PIN_PIECE", 8 * MiB)  # a 64 MiB blank: eight pins
+    monkeypatch.setenv("SLLMFS_RELAY", "off")  # one link: the copy's pins are all the registrars'
     gpu = gpucopy.GpuCopier()
     assert gpu.warm_up() == ["0000:00:06.0", "0000:00:07.0"]
     base = fake_cuda.fake_pins()
@@ -123,7 +125,11 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
         tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL) -> None:
     env = {"SLLMFS_CUDART": os.environ["SLLMFS_CUDART"]}
     with sidecar(tmp_path, "--mem-pool-size", "256MiB", env=env) as sd:
-        assert "pinned" in wait_log(sd, "blank segments for GPU copies")
+        wait_log(sd, "as blank segments")
+        deadline = time.monotonic() + 30  # pinned as they are made, or once the engines exist
+        while (mem := sd.status()["memory"])["blanks_pinned"] < mem["blanks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mem["blanks_pinned"] == mem["blanks"] > 0
         expected = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB)  # one 64 MiB partition: a blank
         with sd.connect() as c, c.acquire("org/m") as lease:
             total = sum(len(v) for v in expected.values())

@@ -203,3 +203,29 @@ def test_a_segment_keeps_its_blanks_pins_below_the_cut(hugepages: int, pin_piece
     grown.close()
     blanks.close_all()
     assert not pins.held
+
+
+def test_memory_an_eviction_gives_back_becomes_blanks_again(tmp_path: Path, hugepages: int) -> None:
+    """The start-time blanks serve the first fills only: once a fill took one and the model is evicted,
+    its pages come back to the pool and a blank pass makes a blank of them again (the next tier-empty
+    load then writes into memory faulted in, and pinned on a GPU node); none while a fill runs."""
+    import time
+
+    def blanks(c: object) -> int:
+        return int(c.status()["memory"]["blanks"])  # type: ignore[attr-defined]
+
+    with sidecar(tmp_path) as sd, sd.connect() as c:
+        wait_log(sd, "as blank segments")
+        full = blanks(c)
+        assert full == 256 * MiB  # the test budget, in 64 MiB blanks
+        want = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB)  # one 64 MiB partition: one blank
+        with c.acquire("org/m") as lease:
+            assert {k: v.tobytes() for k, v in lease.numpy().items()} == want
+        assert blanks(c) == full - 64 * MiB  # the budget has no room for another while it is resident
+        assert c.evict("org/m") == ["hf"]
+        deadline = time.monotonic() + 30
+        while blanks(c) < full and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blanks(c) == full and sd.log().count("as blank segments") == 2
+        with c.acquire("org/m") as lease:  # and into a blank again: the same bytes
+            assert {k: v.tobytes() for k, v in lease.numpy().items()} == want
