@@ -103,16 +103,17 @@ def _one_sidecar(label: str, program: tuple[str, ...], store: Path, work: Path, 
     try:
         _wait_blanks(log)  # the start-time blanks (and, on a GPU, their pins), as in a long-lived sidecar
         if device != "cpu" and tag == "pinned":
-            _wait_text(log, "blank segments for GPU copies", 120)
-        sh(sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", str(sock))
+            _wait_pinned_blanks(sock)
         pins = _pinned(log)
+        sh(sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", str(sock))
         for rep in range(1, reps + 1):
-            _wait_pins(log, pins, device)
+            _wait_pins(sock, log, pins, device, model)
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", model, "--socket", str(sock))
             read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
+            _wait_blank_pass(sock)
             pins = _pinned(log)
             rows.append(_one(f"{label}: tier empty, page cache #{rep}", sock, model, device, ref, connect))
-        _wait_pins(log, pins, device)
+        _wait_pins(sock, log, pins, device, model)
         rows.append(_one(f"{label}: memory-tier hit", sock, model, device, ref, connect))
     finally:
         stop(proc)
@@ -135,19 +136,54 @@ def _pinned(log: Path) -> int:
     return log.read_text(errors="replace").count("for GPU copies")
 
 
-def _wait_pins(log: Path, before: int, device: str) -> None:
+def _timeline(sock: Path, model: str) -> dict[str, Any]:
+    from sllmfs.client.client import connect
+
+    with connect(str(sock)) as c:
+        st = c.status()
+    return next((v["timeline"] for m in st["models"] for v in m["variants"] if m["name"] == model), {})
+
+
+def _wait_pins(sock: Path, log: Path, before: int, device: str, model: str) -> None:
     """On a GPU the sidecar pins a fill's segments once it ends (re-pinning what the copy pinned in
-    blocks): wait for that, so that the next load does not run beside it."""
-    if device != "cpu":
-        deadline = time.monotonic() + 120
-        while _pinned(log) <= before and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
-def _wait_text(log: Path, text: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in log.read_text(errors="replace") and time.monotonic() < deadline:
+    blocks) unless they came pinned with their blanks: wait for that, so the next load does not run beside it."""
+    if device == "cpu":
+        return
+    deadline = time.monotonic() + 120
+    while _pinned(log) <= before and time.monotonic() < deadline:
+        tl = _timeline(sock, model)
+        if tl.get("pinned_blanks") and tl.get("fill_end"):
+            return  # its pins came with its blanks: no pin after the fill
         time.sleep(0.1)
+
+
+def _wait_blank_pass(sock: Path, seconds: float = 60) -> None:
+    """After an eviction the sidecar makes blanks of the memory it gave back (and pins them): wait until
+    the blanks stop growing, as a load a while after an eviction would find them."""
+    from sllmfs.client.client import connect
+
+    last, steady, deadline = -1, 0, time.monotonic() + seconds
+    while time.monotonic() < deadline and steady < 5:
+        with connect(str(sock)) as c:
+            mem = c.status()["memory"]
+        now = (mem["blanks"], mem.get("blanks_pinned", 0))
+        steady = steady + 1 if now == last else 0
+        last = now
+        time.sleep(0.1)
+
+
+def _wait_pinned_blanks(sock: Path, seconds: float = 120) -> None:
+    """Until every blank is pinned for GPU copies (status), as in a sidecar up for a while."""
+    from sllmfs.client.client import connect
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with connect(str(sock)) as c:
+            mem = c.status()["memory"]
+        if mem["blanks"] and mem.get("blanks_pinned", 0) >= mem["blanks"]:
+            return
+        time.sleep(0.1)
+    print(f"bench: blanks not all pinned after {seconds:.0f} s: {mem}", flush=True)
 
 
 def _wait_blanks(log: Path, seconds: float = 300) -> None:
@@ -192,7 +228,7 @@ def phases(got: dict[str, Any], tl: dict[str, Any]) -> dict[str, float]:
     miss = tl.get("reserved", 0) >= t0  # reserved by this load: the tier was empty
     if miss:
         at("acquire reaches the tier (reserve starts)", tl["reserved"])
-        blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}"
+        blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}, pinned {tl.get('pinned_blanks', 0)}"
         out[f"  reserve's own ms (partitions from blanks {blanks})"] = tl["alloc_s"] * 1e3
         at("fill threads start", tl.get("fill_start"))
         at("first window READY", tl.get("first_ready"))
@@ -239,7 +275,8 @@ def _summary(found: dict[str, Any]) -> None:
         if "seconds" not in x:
             continue
         tl, e, ph = x.get("timeline", {}), x.get("engine", {}), x.get("phases_ms", {})
-        blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}" if tl.get("reserved", 0) >= x["t0"] else "-"
+        blanks = (f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}"
+                  f"{'p' if tl.get('pinned_blanks') else ''}" if tl.get("reserved", 0) >= x["t0"] else "-")
         pinned = f"{e['newly_registered_bytes'] / 1e9:.2f}" if "copy_started_at" in e else "-"  # the sidecar's copy
         print(f"{x['name']:<58}{x['seconds']:>7.3f}{x['gbps']:>7.1f}{blanks:>8}"
               f"{pinned:>10}{ph.get('last window READY', 0):>11.0f}"

@@ -147,6 +147,7 @@ class Timeline:
     reserved: float = 0.0  # reserve() began: the acquire that missed
     alloc_s: float = 0.0  # reserve's own seconds (blanks taken, segments made, room made)
     from_blanks: int = 0  # partitions made from start-time blanks (the rest: fresh memory)
+    pinned_blanks: int = 0  # of those, pinned for GPU copies already (their pins came along)
     partitions: int = 0
     fill_start: float = 0.0  # the fill's threads were started
     first_ready: float = 0.0  # its first window verified and published READY
@@ -320,7 +321,8 @@ class MemoryTier:
             assert release is not None, "blanks are pinned only once release_pins is set"
             res.unpin = lambda: release(res)
         res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0,
-                                from_blanks=sum(b is not None for b in blanks), partitions=len(blanks))
+                                from_blanks=sum(b is not None for b in blanks), partitions=len(blanks),
+                                pinned_blanks=sum(seg.pinned for seg in segments))
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
                             for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res

@@ -101,7 +101,8 @@ def test_a_resident_made_of_pinned_blanks_pins_nothing_and_gives_every_pin_back(
         expected = make_model(store, name, tensors=tensors, nbytes=nbytes, seed=len(name))
         vdir = store / "models" / name.replace("/", "%2F") / "variants" / "hf"
         res = tier.reserve(name, "hf", load_manifest(vdir), variant_identity(vdir))
-        assert res.timeline.from_blanks == 1 and res.segments[0].pinned and res.unpin is not None
+        assert res.timeline.from_blanks == res.timeline.pinned_blanks == 1 and res.segments[0].pinned
+        assert res.unpin is not None
         fill = Fill(res, vdir, 8 * MiB)
         fill.worker()
         fill.close()
