@@ -133,7 +133,8 @@ def _peers_child(task: str, path: str, device: str, *extra: str) -> dict[str, An
 
 
 def _pinned(log: Path) -> int:
-    return log.read_text(errors="replace").count("for GPU copies")
+    """The after-fill pins so far (`pinned model=... for GPU copies`; blank lines say "for GPU copies" too)."""
+    return log.read_text(errors="replace").count("pinned model=")
 
 
 def _timeline(sock: Path, model: str) -> dict[str, Any]:
