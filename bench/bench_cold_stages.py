@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 MODEL = "bench/llama-2-7b-shaped"
 POOL = "48GB"  # the fills' memory budget (blanks are made up to it, as far as the hugetlb pool goes)
 
+import warmload  # noqa: E402
 from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sidecar, stop, timed_threads  # noqa: E402
 
 from sllmfs.sidecar import prefault  # noqa: E402
@@ -242,13 +243,22 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks", "cold-fill"], default="all",
+    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks", "cold-fill", "warm-load"], default="all",
                     help="faults: is a page's first touch in this VM the cost, or every fault? (repeated "
                          "fault-in of the same reservation, fallocate, fills in a row); blanks: a fill from the "
                          "page cache into the start-time blanks vs into fresh memory; cold-fill: the fill from "
-                         "disk next to the disk's buffered read in its shape")
-    ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks, cold-fill)")
+                         "disk next to the disk's buffered read in its shape; warm-load: the tier-empty "
+                         "page-cache load_dict, phase by phase (bench/warmload.py)")
+    ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks, cold-fill, warm-load)")
+    ap.add_argument("--device", default="cuda:0", help="--part warm-load: where load_dict puts the tensors "
+                                                        "('cpu' on a machine without a GPU: the client copies)")
+    ap.add_argument("--pool", default=warmload.POOL, help="--part warm-load: the sidecar's --mem-pool-size")
+    ap.add_argument("--reps", type=int, default=2, help="--part warm-load: tier-empty loads (each a fresh process)")
+    ap.add_argument("--child-load", nargs=4, metavar=("SOCKET", "MODEL", "DEVICE", "REF"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_load:
+        print("RESULT " + json.dumps(warmload.child(*args.child_load), default=str), flush=True)
+        return
     from llama_shapes import write_checkpoint
 
     work = Path(args.workdir)
@@ -281,6 +291,17 @@ def main() -> None:
     if args.part == "cold-fill":
         secs = _cold_fill(store, work, files, cold, warm, args.threads)
         return _write(args, r, nbytes, False, secs)
+    if args.part == "warm-load":
+        found = warmload.run(store, work, src / "model.safetensors", MODEL, args.device, args.threads, args.reps,
+                             args.pool)
+        found.update(command="python bench/bench_cold_stages.py " + " ".join(sys.argv[1:]), host=platform.node(),
+                     stored_bytes=nbytes)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-warm-load.json"
+        dest.write_text(json.dumps(found, indent=1))
+        print(f"-> {dest}")
+        return
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)

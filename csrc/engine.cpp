@@ -96,8 +96,9 @@ void Engine::close() {
   streams_.clear();
 }
 
-size_t Engine::release(uintptr_t base, uint64_t len) {
-  std::lock_guard<std::mutex> lk(copy_mu_);  // never while a copy reads from it
+size_t Engine::release(uintptr_t base, uint64_t len, bool idle) {
+  std::unique_lock<std::mutex> lk(copy_mu_, std::defer_lock);
+  if (!idle) lk.lock();  // never while a copy reads from it
   std::lock_guard<std::mutex> rl(reg_mu_);
   size_t n = 0;
   for (auto it = regs_.lower_bound(down(base, kPage)); it != regs_.end() && it->first < base + len;) {
@@ -282,6 +283,7 @@ void Engine::stage_worker(Job& job, int lane_id) {
         }
       }
       job.staged += b.bytes;
+      Job::keep_max(job.queued_last_ns, job.now_ns());
       job.done += b.bytes;
     }
     std::lock_guard<std::mutex> lk(job.mu);
@@ -311,6 +313,7 @@ void Engine::register_worker(Job& job, int index) {
         while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)
           std::this_thread::sleep_for(std::chrono::microseconds(50));
         auto t = Clock::now();
+        Job::keep_min(job.pin_first_ns, job.now_ns());
         uint64_t now, calls = 0;
         try {
           now = pin(a, e, &calls);
@@ -325,6 +328,7 @@ void Engine::register_worker(Job& job, int index) {
           break;
         }
         job.register_ns += static_cast<uint64_t>(since(t) * 1e9);
+        Job::keep_max(job.pin_last_ns, job.now_ns());
         job.newly_registered += now;
         job.register_calls += calls;
       }
@@ -335,6 +339,7 @@ void Engine::register_worker(Job& job, int index) {
         copy_pinned(job.dst(unit), base + unit.off, unit.n, stream);
       }
       if (job.direct) job.direct->queued(stream, b.bytes);
+      Job::keep_max(job.queued_last_ns, job.now_ns());
       job.registered += b.bytes;
       job.done += b.bytes;
     }
@@ -401,6 +406,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   const int nstage = mode == Mode::Register ? 0 : cfg_.stage_threads;
   const int nreg = mode == Mode::Stage ? 0 : cfg_.register_threads;
   Job job(segs, plan, nstage);
+  job.t0 = t0;
   // A stop asked before this copy's relays start still holds for it; the next copy starts afresh.
   struct ResetStop {
     std::atomic<bool>& flag;
@@ -511,6 +517,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
           first = false;
         }
         last_ready = Clock::now();
+        st.last_ready_seconds = since(t0);
         std::lock_guard<std::mutex> lk(job.mu);
         for (uint32_t id : ready) {
           auto [a, e] = reg_range(job, plan.blocks[id]);
@@ -577,6 +584,11 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   st.units = plan.units.size();
   st.register_calls = job.register_calls;
   st.register_seconds = job.register_ns / 1e9;
+  if (job.pin_first_ns.load() != UINT64_MAX) {
+    st.pin_start_seconds = job.pin_first_ns / 1e9;
+    st.pin_end_seconds = job.pin_last_ns / 1e9;
+  }
+  st.last_queued_seconds = job.queued_last_ns / 1e9;
   st.ring_alloc_seconds = job.ring_alloc_seconds;
   st.register_fallback = job.fallback;
   for (RelayRun& r : runs) st.relays.push_back(r.stats);

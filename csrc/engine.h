@@ -66,6 +66,9 @@ struct CopyStats {
   uint64_t bytes = 0, staged_bytes = 0, registered_bytes = 0, newly_registered_bytes = 0;
   uint64_t blocks = 0, units = 0, register_calls = 0;
   double seconds = 0, register_seconds = 0, ring_alloc_seconds = 0, first_ready_seconds = 0;
+  // when the last block's bytes were all ready; pinning's first start and last end (-1: no pin made);
+  // the last block handed to a stream. All seconds since the copy started, as `seconds`.
+  double last_ready_seconds = 0, pin_start_seconds = -1, pin_end_seconds = -1, last_queued_seconds = 0;
   std::string register_fallback;  // why the register path stopped part way, if it did
   std::vector<RelayStats> relays;
 };
@@ -110,8 +113,10 @@ class Engine {
   // they hold and stop; the direct path takes the rest (another load wants a relaying GPU).
   void stop_relays() { relay_stop_ = true; }
   Mode mode() const { return cfg_.mode; }
-  // Drops cached registrations inside [base, base+len): call before unmapping.
-  size_t release(uintptr_t base, uint64_t len);
+  // Drops cached registrations inside [base, base+len): call before unmapping. Waits for a running
+  // copy (it may read them) unless `idle`: for memory no copy can read (the sidecar's blanks, which
+  // are not segments yet), so a shrink at reserve never waits behind another model's copy.
+  size_t release(uintptr_t base, uint64_t len, bool idle = false);
   uint64_t registered_bytes();
   // Pins a whole segment now (off the load path) and caches it like the
   // blocks a copy pins; later copies from it go straight to the GPU.

@@ -37,6 +37,11 @@ struct Engine::Job {
   std::atomic<bool> abort{false};
   std::atomic<uint64_t> done{0}, staged{0}, registered{0}, newly_registered{0}, register_calls{0};
   std::atomic<uint64_t> register_ns{0};
+  // The copy's timeline (ns since it started): when pinning first began and last ended, when the last
+  // block was handed to a stream; with first/last_ready_seconds they say what bound a streaming copy
+  // (the fill, the pins or the link). Written by the workers, read once they have joined.
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  std::atomic<uint64_t> pin_first_ns{UINT64_MAX}, pin_last_ns{0}, queued_last_ns{0};
   double ring_alloc_seconds = 0;  // max over stagers: they allocate in parallel
   std::string fallback;
   std::unique_ptr<EngineError> error;
@@ -59,6 +64,19 @@ struct Engine::Job {
       std::this_thread::sleep_for(std::chrono::microseconds(10));
     }
     return reinterpret_cast<uint8_t*>(a + reinterpret_cast<uintptr_t>(u.dst));
+  }
+
+  uint64_t now_ns() const {
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  }
+  static void keep_min(std::atomic<uint64_t>& a, uint64_t v) {
+    for (uint64_t cur = a.load(); v < cur && !a.compare_exchange_weak(cur, v);) {
+    }
+  }
+  static void keep_max(std::atomic<uint64_t>& a, uint64_t v) {
+    for (uint64_t cur = a.load(); v > cur && !a.compare_exchange_weak(cur, v);) {
+    }
   }
 
   void fail(const EngineError& e) {

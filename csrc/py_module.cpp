@@ -6,7 +6,7 @@
 // Engine.copy_ipc(segments, pieces, handles, buses, timeout, progress, mode, relay) -> (dict, [addr])
 //   relay: None or {"peers": [ordinal], "slot_bytes", "slots", "direct_window"}; stats["relays"] says
 //   what each peer carried or why it did not.  Engine.stop_relays(): from another thread, mid-copy.
-// Engine.release(base, length) -> int;  Engine.registered_bytes() -> int;  Engine.close()
+// Engine.release(base, length, idle=False) -> int;  Engine.registered_bytes() -> int;  Engine.close()
 // Engine.register(base, length) -> dict;  Engine.open_ipc(handle, bus) -> int;  Engine.close_ipc(addr)
 // Engine.open_ipc_count() -> int;  Engine.bus_id() -> str
 // runtime_path(cudart, fallback) -> str;  device_by_bus(bus, cudart, fallback) -> int
@@ -221,11 +221,13 @@ PyObject* stats_dict(const sllm::CopyStats& s) {
   PyObject* relays = relays_list(s.relays);
   if (!relays) return nullptr;
   return Py_BuildValue(
-      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:K,s:K,s:s,s:N}", "bytes", (unsigned long long)s.bytes, "seconds",
+      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:d,s:d,s:d,s:d,s:K,s:K,s:s,s:N}", "bytes", (unsigned long long)s.bytes, "seconds",
       s.seconds, "gbps", gbps, "staged_bytes", (unsigned long long)s.staged_bytes, "registered_bytes",
       (unsigned long long)s.registered_bytes, "newly_registered_bytes", (unsigned long long)s.newly_registered_bytes,
       "register_seconds", s.register_seconds, "register_calls", (unsigned long long)s.register_calls,
-      "ring_alloc_seconds", s.ring_alloc_seconds, "first_ready_seconds", s.first_ready_seconds, "blocks",
+      "ring_alloc_seconds", s.ring_alloc_seconds, "first_ready_seconds", s.first_ready_seconds,
+      "last_ready_seconds", s.last_ready_seconds, "pin_start_seconds", s.pin_start_seconds, "pin_end_seconds",
+      s.pin_end_seconds, "last_queued_seconds", s.last_queued_seconds, "blocks",
       (unsigned long long)s.blocks, "units", (unsigned long long)s.units, "register_fallback",
       s.register_fallback.c_str(), "relays", relays);
 }
@@ -388,11 +390,12 @@ PyObject* engine_copy_ipc(EngineObject* self, PyObject* args, PyObject* kwds) {
 
 PyObject* engine_release(EngineObject* self, PyObject* args) {
   unsigned long long base, len;
-  if (!PyArg_ParseTuple(args, "KK", &base, &len)) return nullptr;
+  int idle = 0;
+  if (!PyArg_ParseTuple(args, "KK|p", &base, &len, &idle)) return nullptr;
   if (!need_engine(self)) return nullptr;
   size_t n;
   Py_BEGIN_ALLOW_THREADS;
-  n = self->engine->release(base, len);
+  n = self->engine->release(base, len, idle != 0);
   Py_END_ALLOW_THREADS;
   return PyLong_FromSize_t(n);
 }
@@ -503,7 +506,8 @@ PyMethodDef engine_methods[] = {
     {"copy", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_copy)),
      METH_VARARGS | METH_KEYWORDS, "copy(segments, pieces, timeout=-1, progress=None, mode=None) -> stats dict"},
     {"release", reinterpret_cast<PyCFunction>(engine_release), METH_VARARGS,
-     "release(base, length) -> number of cached registrations dropped"},
+     "release(base, length, idle=False) -> number of cached registrations dropped (idle: do not wait for a "
+     "running copy; only for memory no copy reads)"},
     {"registered_bytes", reinterpret_cast<PyCFunction>(engine_registered_bytes), METH_NOARGS,
      "bytes currently pinned in place (cached registrations)"},
     {"close", reinterpret_cast<PyCFunction>(engine_close), METH_NOARGS, "synchronize, unpin, free the ring"},

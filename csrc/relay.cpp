@@ -106,7 +106,14 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
       if (!is_registered(a, e)) {  // register mode pins as it goes; the registrars may not have reached it
         while (!job.opens_done.load(std::memory_order_acquire) && !job.abort)  // as register_worker: no
           std::this_thread::sleep_for(std::chrono::microseconds(50));          // pinning beside IPC opens
-        pin(a, e);
+        auto tp = Clock::now();
+        Job::keep_min(job.pin_first_ns, job.now_ns());
+        uint64_t calls = 0;
+        job.newly_registered += pin(a, e, &calls);  // counted as the registrars' pins are: the copy's stats
+        job.register_calls += calls;
+        job.register_ns += static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - tp).count());
+        Job::keep_max(job.pin_last_ns, job.now_ns());
       }
       const uint8_t* base = job.segs[b.seg].base;
       try {
@@ -146,6 +153,7 @@ void Engine::relay_worker(Job& job, RelayRun& run) {
       }
       fill = run.slot_bytes;  // next block starts a fresh slot: a block's bytes land before it counts as done
       run.stats.bytes += b.bytes;
+      Job::keep_max(job.queued_last_ns, job.now_ns());
       job.done += b.bytes;
     }
     if (relay_stop_ && run.stats.skipped.empty()) run.stats.skipped = "stopped: another load wanted this GPU";

@@ -181,12 +181,13 @@ class CopyEngine:
             return "register"
         return choose_mode(segments)
 
-    def release(self, segment: SegmentLike) -> int:
-        """Unpin a segment's cached registrations (before it is unmapped)."""
+    def release(self, segment: SegmentLike, *, idle: bool = False) -> int:
+        """Unpin a segment's cached registrations (before it is unmapped). Waits for a copy running on
+        this engine, unless ``idle``: memory no copy can be reading (never a copy's source yet)."""
         base, length = (segment.base, segment.length) if isinstance(segment, Segment) else segment[:2]
         for b in [b for b in self._pinned if base <= b < base + length]:
             del self._pinned[b]
-        return int(self._engine.release(base, length))
+        return int(self._engine.release(base, length, idle))
 
     def register(self, segment: SegmentLike) -> dict[str, Any]:
         """Pin a whole segment now and keep it pinned (cached) until :meth:`release` or :meth:`close`.

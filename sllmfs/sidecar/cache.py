@@ -25,7 +25,7 @@ from sllmfs.origin.fetch import ensure_local, origin_holds, origin_kind
 from sllmfs.origin.kernels import SyncState, node_facts
 from sllmfs.origin.pull import PullPlan, RangeSink
 from sllmfs.protocol.messages import FailCause, Readiness
-from sllmfs.sidecar import disktier
+from sllmfs.sidecar import disktier, prefault
 from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
 from sllmfs.sidecar.memtier import MemoryTier, Resident
@@ -84,6 +84,8 @@ class Cache:
         if self.origin is not None and settings.origin_kernels:
             self.kernel_sync = SyncState(node=node_facts())
         self._nursery: trio.Nursery | None = None
+        self._blanking = False  # a blank pass runs (one at a time)
+        self._blank_again = False  # memory was freed meanwhile: one more pass after it
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The background loops (disk budget, store watch); fills and pins start in this nursery too."""
@@ -95,11 +97,44 @@ class Cache:
                 if self.kernel_sync is not None:
                     nursery.start_soon(self._kernels_loop)
             nursery.start_soon(self._watch_store)
+            if self.settings.prefault:  # memory given back becomes blanks again once no fill runs
+                self.tier.on_freed = self.reblank
             task_status.started()
 
     def start_soon(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None, "Cache.run has not started"
         self._nursery.start_soon(fn, *args)
+
+    def reblank(self) -> None:
+        """The trio thread, after memory was given back or a fill ended: a blank pass, in the background."""
+        if self._nursery is not None and self.settings.prefault:
+            self._nursery.start_soon(self.blank_pass)
+
+    async def blank_pass(self) -> None:
+        """Fault in blanks while the budget has room and no fill runs (prefault.py): at start, and after
+        an eviction or a fill; one pass at a time (a request meanwhile runs one more after it). On a GPU
+        node each blank is pinned as it is made (once warm_gpus set the hook)."""
+        if self._blanking:
+            self._blank_again = True
+            return
+        self._blanking = True
+        tier = self.tier
+
+        def room() -> int:  # read on the trio thread (it owns the tier), before each blank
+            try:
+                return trio.from_thread.run_sync(tier.blank_room)
+            except (trio.RunFinishedError, trio.Cancelled):  # stopping: no more blanks
+                return 0
+
+        try:
+            while True:
+                self._blank_again = False
+                await trio.to_thread.run_sync(prefault.run, tier.blanks, tier.budget, self.settings.num_thread, room,
+                                              abandon_on_cancel=True)
+                if not self._blank_again:
+                    break
+        finally:
+            self._blanking = False
 
     def stop_fills(self) -> None:
         for f in self.fills:
@@ -171,6 +206,7 @@ class Cache:
         res = fill.res
         self.fills.add(fill)
         t0 = time.perf_counter()
+        res.timeline.fill_start = time.monotonic()
         log.info("fill started model=%s variant=%s bytes=%d threads=%d", res.model, res.variant, fill.total,
                  self.settings.num_thread)
         try:
@@ -183,8 +219,13 @@ class Cache:
         finally:
             fill.close()
             self.fills.discard(fill)
+        tl = res.timeline
+        tl.fill_end = time.monotonic()
         self._finish(res, fill.error, fill.stop, time.perf_counter() - t0,
-                     detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}")
+                     detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}"
+                            f" blanks={tl.from_blanks}/{tl.partitions} alloc_s={tl.alloc_s:.3f}"
+                            f" first_ready_s={max(0.0, tl.first_ready - tl.fill_start):.3f}"
+                            f" acquire_to_end_s={tl.fill_end - tl.reserved:.3f}")
 
     def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float,
                 cause: FailCause = FailCause.INTERNAL, detail: str = "") -> None:
@@ -220,6 +261,7 @@ class Cache:
         if res.state == "failed" and not res.retired:
             self.tier.drop(res, why="fill failed")
         self.tier.settle(res)
+        self.reblank()  # the hugetlb pool is the fills' no more: what the budget has left may become blanks
 
     async def refresh(self) -> tuple[list[dict[str, str]], list[str]]:
         """Re-read the store: drop resident copies it replaced, forget refusals, enforce the disk budget.
@@ -242,6 +284,13 @@ class Cache:
         filled before they existed."""
         try:
             await trio.to_thread.run_sync(self.gpu.warm_up)
+            if self.gpu.active:  # blanks pinned now, off any load: a load into them pins nothing (NOTES-cold run 9)
+                self.tier.release_pins = self.gpu.release
+                t0 = time.perf_counter()
+                n = await trio.to_thread.run_sync(self.tier.blanks.pin_all, self.gpu.pin_blank)
+                if n:
+                    log.info("pinned %d blank segments for GPU copies in %.2f s (blanks made later are pinned "
+                             "as they are made)", n, time.perf_counter() - t0)
             for res in list(self.tier.entries.values()):
                 if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
                     await self._pin(res)
@@ -249,8 +298,10 @@ class Cache:
             log.exception("GPU warm-up failed")
 
     async def _pin(self, res: Resident) -> None:
+        t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(self.gpu.pin, res)
+            res.timeline.pin_s = time.monotonic() - t0
         except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
             log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
 

@@ -17,7 +17,6 @@ import trio
 from sllmfs.core.config import Settings, hint_flags
 from sllmfs.core.errors import BadInput, SllmfsError, user_error
 from sllmfs.ops.systemd import notify
-from sllmfs.sidecar import prefault
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.sidecar.memtier import MemoryTier
 from sllmfs.sidecar.server import Server
@@ -78,16 +77,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:
                 await nursery.start(_metrics, server, settings.metrics_port)
-            if settings.prefault:
-                def room() -> int:  # read on the trio thread (it owns the tier), before each blank
-                    try:
-                        return trio.from_thread.run_sync(tier.blank_room)
-                    except (trio.RunFinishedError, trio.Cancelled):  # stopping: no more blanks
-                        return 0
-
-                nursery.start_soon(partial(trio.to_thread.run_sync, prefault.run, tier.blanks, tier.budget,
-                                           settings.num_thread, room,
-                                           abandon_on_cancel=True))
+            if settings.prefault:  # blanks up to the budget now, and again whenever memory is given back
+                nursery.start_soon(server.cache.blank_pass)
             if settings.gpu_warmup:  # once up: a start that fails says one line, not CUDA's news
                 nursery.start_soon(server.cache.warm_gpus)
             log.info("serving socket=%s store=%s memory budget=%d disk budget=%d threads=%d chunk=%d",

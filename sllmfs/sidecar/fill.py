@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 from sllmfs.core.errors import Corrupt
@@ -227,6 +228,7 @@ class Fill:
             return
         with self._lock:  # count before publishing: whoever sees the byte sees the count
             self.res.filled += min(CHUNK_SIZE, p.size - k * CHUNK_SIZE)
+            self.res.timeline.ready(time.monotonic())
         ready[base + k] = Readiness.READY
 
     def _fail(self, part: int, off: int, why: str, cause: FailCause) -> None:

@@ -35,6 +35,7 @@ from sllmfs.core.config import env_str
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
 from sllmfs.engine.relay import Relay
 from sllmfs.sidecar.memtier import Resident
+from sllmfs.sidecar.prefault import PIN_PIECE, Blank
 from sllmfs.store.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
 
 log = logging.getLogger("sllmfs.sidecar")
@@ -126,11 +127,13 @@ class GpuCopier:
         if len(buses) != 1:
             raise BadInput(f"one load_ipc request per GPU, got devices {sorted(buses)}")
         bus = buses.pop()
+        asked = time.monotonic()
         engine, lock = self._engine(bus)
         segs = self._segments(res)
         self._want(bus, +1)
         try:
             with lock:
+                started = time.monotonic()  # the engine's clock starts here (its *_seconds count from it)
                 if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
                     res.unpin = lambda: self.release(res)
                 rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
@@ -142,6 +145,8 @@ class GpuCopier:
                 finally:
                     self._free_peers(bus, peers)
                 self._account(stats, peers, busy)
+            stats.update(copy_asked_at=asked, copy_started_at=started, copy_ended_at=time.monotonic())
+            stats.update({f"tier_{k}": v for k, v in res.timeline.as_dict().items()})  # the fill it streamed behind
             if stats["relay_peers"]:
                 log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
                          stats["relay_bytes"], stats["relay_peers"])
@@ -265,6 +270,8 @@ class GpuCopier:
         if res.unpin is not None or res.state != "ready" or res.closed or not pairs:
             return
         res.unpin = lambda: self.release(res)
+        t0 = time.perf_counter()
+        pinned, pin_s = 0, 0.0  # newly pinned bytes and the driver's seconds for them (a copy pinned the rest)
         try:
             segs = self._segments(res)
             for engine, lock in pairs:
@@ -273,11 +280,43 @@ class GpuCopier:
                         return
                     for s in segs:
                         if s.length:
-                            engine.register(s)
+                            got = engine.register(s)
+                            pinned += int(got.get("bytes", 0))
+                            pin_s += float(got.get("seconds", 0.0))
         except (CopyError, ValueError) as e:
             log.warning("could not pin model=%s variant=%s for GPU copies: %s", res.model, res.variant, e)
             return
-        log.info("pinned model=%s variant=%s for GPU copies", res.model, res.variant)
+        log.info("pinned model=%s variant=%s for GPU copies newly_pinned=%d register_s=%.3f seconds=%.3f",
+                 res.model, res.variant, pinned, pin_s, time.perf_counter() - t0)
+
+    def pin_blank(self, blank: Blank) -> None:
+        """Worker thread: pin a blank for GPU copies, in PIN_PIECE pieces, with every engine (the
+        first pins, the others share: csrc/pins.h), so a segment made of it needs no pin when a load
+        copies it. No bus lock: a blank is no copy's source yet. A refused pin leaves it unpinned
+        (loads then pin as they copy, as without)."""
+        from sllmfs.engine.copy_engine import CopyError
+
+        pairs = self._pairs()
+        if not pairs:
+            return
+        base = blank.address
+        tried = []
+        try:
+            for engine, _lock in pairs:
+                tried.append(engine)
+                for off in range(0, blank.length, PIN_PIECE):
+                    engine.register((base + off, min(PIN_PIECE, blank.length - off), 0, 0))
+        except (CopyError, ValueError) as e:
+            for engine in tried:
+                engine.release((base, blank.length, 0, 0), idle=True)
+            log.warning("could not pin a blank segment for GPU copies (%s); loads pin as they copy", e)
+            return
+        blank.unpin = self._unpin_idle
+
+    def _unpin_idle(self, address: int, length: int) -> None:
+        """Unpin what a blank (or a segment made of one that no copy has read) holds in [address, +length)."""
+        for engine, _lock in self._pairs():
+            engine.release((address, length, 0, 0), idle=True)
 
     def release(self, res: Resident) -> None:
         """Unpin a resident's segments in every engine (before they are unmapped)."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllmfs.core.errors import BadInput
+from sllmfs.engine.segments import address_of
 from sllmfs.protocol.messages import FailCause, Failure, Readiness, TensorRef
-from sllmfs.sidecar.prefault import Blanks
+from sllmfs.sidecar.prefault import PIN_PIECE, Blank, Blanks, Unpin
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
 from sllmfs.store.store import Identity
 
@@ -46,12 +47,14 @@ class Segment:
     """A memfd that only the daemon's own mapping can write: sealed against writes before any
     client sees it (clients share the bytes; one must never change what the others read)."""
 
-    def __init__(self, name: str, size: int, *, huge: bool = True, blank: int | None = None):
+    def __init__(self, name: str, size: int, *, huge: bool = True, blank: Blank | None = None):
         """``blank``: a hugetlb memfd already faulted in (prefault.Blanks) to make it from; ours to close."""
         self.size = size
         self.huge = False
+        self.pinned = False  # holds pins its blank was given for GPU copies (the resident must unpin them)
+        self._unpin: Unpin | None = None
         if blank is not None:
-            self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB, blank)
+            self._from_blank(_round_up(size, HUGE_PAGE), blank)
         elif self.wants_huge(size, huge):
             self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB)
         if not self.huge:
@@ -66,6 +69,32 @@ class Segment:
         # hugetlb halves GPU registration cost; big segments round up (<2 MiB waste), small ones must fit
         return huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN)
 
+    def _from_blank(self, length: int, blank: Blank) -> None:
+        """Keep the blank's map, and its pins below the partition's end: only the pieces from the one
+        that crosses it on are unpinned, then the memfd shrinks (the rest of its pages go back to the
+        pool). The map then reaches past the end of the memfd: nothing touches a segment past its size.
+        A blank too small grows through a new map of the whole (only the rest faults; unpinned)."""
+        if length > blank.length:
+            blank.unpin_from(0)
+            blank.mm.close()
+            self._open("", length, os.MFD_HUGETLB, blank.fd)
+            return
+        if length < blank.length:
+            blank.unpin_from(length // PIN_PIECE * PIN_PIECE)  # pins of pages the shrink frees go first
+            try:
+                os.ftruncate(blank.fd, length)
+            except OSError:
+                blank.close()
+                raise
+        try:
+            self._seal(blank.fd)
+        except OSError:
+            blank.close()  # unpinned before its map goes
+            raise
+        self.pinned = blank.unpin is not None
+        self._unpin = blank.unpin  # what close() unpins with, if nothing did before
+        self.fd, self.mm, self.length, self.huge = blank.fd, blank.mm, length, True
+
     def _open(self, name: str, length: int, flag: int, fd: int | None = None) -> None:
         if fd is None:
             fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | flag)
@@ -78,28 +107,63 @@ class Segment:
                 return
             raise
         try:
-            os.fchmod(fd, 0o400)  # no other uid may reopen it (/proc/<pid>/fd) at all
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)  # never shrunk under a reader (SIGBUS)
+            self._seal(fd)
         except OSError:
             mm.close()
             os.close(fd)
             raise
+        self.fd, self.mm, self.length, self.huge = fd, mm, length, bool(flag)
+
+    @staticmethod
+    def _seal(fd: int) -> None:
+        """Sealed before any client sees it; the daemon's map, made before, stays the one writable map."""
+        os.fchmod(fd, 0o400)  # no other uid may reopen it (/proc/<pid>/fd) at all
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)  # never shrunk under a reader (SIGBUS)
         try:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
         except OSError as e:  # a kernel before 5.1: other uids are still kept out by the mode
             log.warning("cannot seal memory segments against writes (%s); Linux >= 5.1 can", e.strerror)
-        self.fd, self.mm, self.length, self.huge = fd, mm, length, bool(flag)
 
     def readonly_fd(self) -> int:
         """A fresh read-only open of the same memfd: what a client gets (it cannot write)."""
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
+        if self._unpin is not None:  # never unmapped pinned (a no-op once the resident's unpin ran)
+            self._unpin(address_of(self.mm), self.length)
+            self._unpin = None
         try:
             self.mm.close()
         except BufferError:
             pass  # a FUSE read still holds a view; the map goes when that view does
         os.close(self.fd)
+
+
+@dataclass
+class Timeline:
+    """When a resident copy's memory and bytes arrived, in ``time.monotonic()`` seconds: one clock for
+    every process on the node, so a bench lines these up with its own (the tier-empty load, issue 18).
+    0.0: not (yet) happened."""
+    reserved: float = 0.0  # reserve() began: the acquire that missed
+    alloc_s: float = 0.0  # reserve's own seconds (blanks taken, segments made, room made)
+    from_blanks: int = 0  # partitions made from start-time blanks (the rest: fresh memory)
+    pinned_blanks: int = 0  # of those, pinned for GPU copies already (their pins came along)
+    partitions: int = 0
+    fill_start: float = 0.0  # the fill's threads were started
+    first_ready: float = 0.0  # its first window verified and published READY
+    last_ready: float = 0.0  # its last window published READY
+    fill_end: float = 0.0  # its threads all ended
+    pin_s: float = 0.0  # the after-fill pin for GPU copies (gpucopy.pin), when it ran
+
+    def ready(self, now: float) -> None:
+        """A window was published READY at ``now`` (fill threads: float stores are atomic under the GIL)."""
+        if not self.first_ready:
+            self.first_ready = now
+        if now > self.last_ready:
+            self.last_ready = now
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(self).items()}
 
 
 @dataclass(eq=False)
@@ -126,6 +190,7 @@ class Resident:
     unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
     closed: bool = False  # segments unmapped: nothing may touch them
     source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
+    timeline: Timeline = field(default_factory=Timeline)
 
     @property
     def nbytes(self) -> int:
@@ -162,14 +227,20 @@ class MemoryTier:
         self.retired: list[Resident] = []
         self.evictions = 0
         self.blanks = Blanks()  # memory faulted in at start, not yet a segment (prefault.py)
+        # unpins a resident's segments for GPU copies (gpucopy.GpuCopier.release): set once blanks are
+        # pinned, so a resident made of pinned blanks is unpinned before its maps go
+        self.release_pins: Callable[[Resident], None] | None = None
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
+        self.on_freed: Callable[[], None] | None = None  # a resident's memory was just given back (the cache re-blanks)
 
     def blank_room(self) -> int:
-        """Bytes the start-time pass may still make blanks of (prefault.py): none once anything is
-        resident (a fill wants the hugetlb pool then), else the budget less the blanks made."""
-        if self.entries or self.retired or self.mount_copies:
+        """Bytes a blank pass may still make blanks of (prefault.py): none while a fill or a streamed pull
+        runs (it wants the hugetlb pool and the cores), else the budget less what is used and the blanks
+        made: memory an eviction freed becomes blanks again (pinned ones on a GPU node), so the next
+        tier-empty load neither faults nor pins (NOTES-cold run 9)."""
+        if any(r.state == "filling" for r in self.entries.values()):
             return 0
-        return self.budget - self.blanks.nbytes
+        return max(0, self.budget - self.used - self.blanks.nbytes)
 
     @property
     def used(self) -> int:
@@ -205,6 +276,7 @@ class MemoryTier:
 
     def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity | None) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
+        t0 = time.monotonic()
         need = sum(_round_up(max(p.size, 1), PAGE) for p in manifest.partitions)
         nchunks = [max(1, -(-p.size // CHUNK_SIZE)) for p in manifest.partitions]
         need += _round_up(sum(nchunks), PAGE)
@@ -220,7 +292,7 @@ class MemoryTier:
         except BaseException:
             for b in blanks:
                 if b is not None:
-                    self.blanks.put(*b)
+                    self.blanks.put(b)
             raise
         base, acc = [], 0
         for n in nchunks:
@@ -230,20 +302,27 @@ class MemoryTier:
         made: list[Segment] = []
         try:
             for p, b in zip(manifest.partitions, blanks, strict=True):
-                made.append(Segment(f"{tag}:{p.file}", p.size, blank=None if b is None else b[0]))
+                made.append(Segment(f"{tag}:{p.file}", p.size, blank=b))
             ready = Segment(f"{tag}:ready", acc, huge=False)
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
             for seg in made:
                 seg.close()
             for b in blanks[len(made) + 1:]:  # the one that failed closed itself; the rest are unused
                 if b is not None:
-                    self.blanks.put(*b)
+                    self.blanks.put(b)
             raise BadInput(f"cannot allocate memory for model {model!r} [{variant}]: {e.strerror}") from None
         segments = made
         for i, p in enumerate(manifest.partitions):  # empty partitions have nothing to wait for
             if p.size == 0:
                 ready.mm[base[i]] = Readiness.READY
         res = Resident(model, variant, manifest, identity, segments, ready, base)
+        if any(seg.pinned for seg in segments):  # pins came with its blanks: unpinned before its maps go
+            release = self.release_pins
+            assert release is not None, "blanks are pinned only once release_pins is set"
+            res.unpin = lambda: release(res)
+        res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0,
+                                from_blanks=sum(b is not None for b in blanks), partitions=len(blanks),
+                                pinned_blanks=sum(seg.pinned for seg in segments))
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
                             for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res
@@ -275,13 +354,18 @@ class MemoryTier:
             res.retired = True
             self.retired.append(res)
         else:
-            res.close()
+            self._free(res)
 
     def settle(self, res: Resident) -> None:
         """Free a retired entry whose last lease or fill just ended."""
         if res.retired and not res.leases and res.state != "filling" and res in self.retired:
             self.retired.remove(res)
-            res.close()
+            self._free(res)
+
+    def _free(self, res: Resident) -> None:
+        res.close()
+        if self.on_freed is not None:
+            self.on_freed()
 
     def evict(self, model: str, variant: str | None = None) -> list[Resident]:
         found = [r for (m, v), r in self.entries.items() if m == model and variant in (None, v)]

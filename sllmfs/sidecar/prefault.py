@@ -21,11 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sllmfs.engine.segments import address_of
 from sllmfs.store.format import HUGE_PAGE, PARTITION_TARGET
 
 log = logging.getLogger("sllmfs.sidecar")
 
 PIECE = 256 << 20  # per worker at a time
+# a blank is pinned for GPU copies in pieces this size, so a segment shrinking its blank to a partition
+# keeps the pins below the cut (unpins the rest); a multiple of the copy engine's 64 MiB blocks, so a
+# block never spans two pins
+PIN_PIECE = 256 << 20
 BLANK = PARTITION_TARGET  # a blank fits one partition of the store (a multiple of HUGE_PAGE)
 MIN_BLANK = 64 << 20
 
@@ -45,43 +50,107 @@ def hugepages_free(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int]:
     return free, size
 
 
+Unpin = Callable[[int, int], None]  # unpin the pin pieces starting in [address, address + length)
+
+
+class Blank:
+    """A hugetlb memfd faulted in, with the map it was faulted in through: kept, because a pin
+    (cudaHostRegister) belongs to a map, so a segment made of a pinned blank keeps its pins (a
+    tier-empty load then pins nothing on its path: bench/NOTES-cold.md, run 9)."""
+
+    def __init__(self, fd: int, length: int, mm: mmap.mmap):
+        self.fd, self.length, self.mm = fd, length, mm
+        self.unpin: Unpin | None = None  # set once pinned for GPU copies (in PIN_PIECE pieces)
+
+    @property
+    def address(self) -> int:
+        return address_of(self.mm)
+
+    def unpin_from(self, offset: int) -> None:
+        """Unpin every piece at or past ``offset`` (a multiple of PIN_PIECE): before the memfd shrinks
+        below them, or the map goes."""
+        if self.unpin is not None and offset < self.length:
+            self.unpin(self.address + offset, self.length - offset)
+        if offset == 0:
+            self.unpin = None
+
+    def close(self) -> None:
+        """Unpinned, unmapped, closed: its pages go back to the pool."""
+        self.unpin_from(0)
+        self.mm.close()
+        os.close(self.fd)
+
+
 class Blanks:
-    """Unused blanks (fd, length): made by the start-time thread, taken and dropped by the memory tier."""
+    """Unused blanks: made by the start-time thread, taken and dropped by the memory tier; pinned for
+    GPU copies by ``pin`` (the GPU copier's, once its engines exist) before they are offered."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: list[tuple[int, int]] = []
+        self._free: list[Blank] = []
         self.closed = False
+        self.pin: Callable[[Blank], None] | None = None
 
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(n for _, n in self._free)
+            return sum(b.length for b in self._free)
 
-    def put(self, fd: int, length: int) -> None:
+    @property
+    def pinned_bytes(self) -> int:
+        """Of ``nbytes``, what is pinned for GPU copies."""
         with self._lock:
-            if not self.closed:
-                self._free.append((fd, length))
+            return sum(b.length for b in self._free if b.unpin is not None)
+
+    def put(self, blank: Blank) -> None:
+        with self._lock:  # pin_all sets pin under this lock: a blank is either listed before it or pinned here
+            pin = None if blank.unpin is not None else self.pin
+            if pin is None and not self.closed:
+                self._free.append(blank)
                 return
-        os.close(fd)  # the tier closed meanwhile
+        if pin is not None:
+            pin(blank)  # before it is offered: a blank is never taken half pinned (a failed pin leaves it unpinned)
+            with self._lock:
+                if not self.closed:
+                    self._free.append(blank)
+                    return
+        blank.close()  # the tier closed meanwhile
 
-    def take(self) -> tuple[int, int] | None:
+    def take(self) -> Blank | None:
+        """A blank for a segment, a pinned one first."""
         with self._lock:
-            return self._free.pop() if self._free else None
+            at = next((i for i in range(len(self._free) - 1, -1, -1) if self._free[i].unpin is not None), -1)
+            return self._free.pop(at) if self._free else None
+
+    def pin_all(self, pin: Callable[[Blank], None]) -> int:
+        """From now on every blank is pinned by ``pin`` before it is offered; those offered already are
+        taken out one at a time, pinned and offered again (a worker thread: a pin takes a while, and a
+        fill meanwhile finds the others). Returns how many were pinned."""
+        with self._lock:
+            self.pin = pin
+        tried: set[int] = set()
+        while True:
+            with self._lock:
+                b = next((b for b in self._free if b.unpin is None and id(b) not in tried), None)
+                if b is None:
+                    return sum(1 for b in self._free if id(b) in tried and b.unpin is not None)
+                self._free.remove(b)
+            tried.add(id(b))
+            self.put(b)  # pinned there (a refused pin offers it unpinned)
 
     def drop_one(self) -> bool:
         """Give one blank's pages back to the pool; False when there is none."""
         got = self.take()
         if got is not None:
-            os.close(got[0])
+            got.close()
         return got is not None
 
     def close_all(self) -> None:
         with self._lock:
             self.closed = True
             free, self._free = self._free, []
-        for fd, _ in free:
-            os.close(fd)
+        for b in free:
+            b.close()
 
 
 def make_blanks(blanks: Blanks, budget: int, threads: int, size: int = BLANK,
@@ -100,18 +169,19 @@ def make_blanks(blanks: Blanks, budget: int, threads: int, size: int = BLANK,
             free, page = hugepages_free()
             if page != HUGE_PAGE or free * page < size:
                 break
-            fd = _faulted(zero, size, threads)
-            if fd is None:
+            blank = _faulted(zero, size, threads)
+            if blank is None:
                 break
-            blanks.put(fd, size)
+            blanks.put(blank)
             made += size
     finally:
         os.close(zero)
     return made, time.perf_counter() - t0
 
 
-def _faulted(zero: int, size: int, threads: int, piece: int = PIECE) -> int | None:
-    """A hugetlb memfd of ``size`` with every page faulted in, or None (no pool, or it ran dry)."""
+def _faulted(zero: int, size: int, threads: int, piece: int = PIECE) -> Blank | None:
+    """A hugetlb memfd of ``size`` with every page faulted in through the map it keeps, or None (no
+    pool, or it ran dry)."""
     try:
         fd = os.memfd_create("sllmfs:blank", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
     except OSError:
@@ -146,11 +216,11 @@ def _faulted(zero: int, size: int, threads: int, piece: int = PIECE) -> int | No
             t.join()
     finally:
         view.release()
-        mm.close()  # the pages stay in the memfd
     if failed[0]:
+        mm.close()
         os.close(fd)
         return None
-    return fd
+    return Blank(fd, size, mm)
 
 
 def run(blanks: Blanks, budget: int, threads: int, room: Callable[[], int] | None = None) -> None:
@@ -158,4 +228,5 @@ def run(blanks: Blanks, budget: int, threads: int, room: Callable[[], int] | Non
     made, seconds = make_blanks(blanks, budget, threads, room=room)
     if made:
         log.info("faulted in %d bytes of hugetlb pages as blank segments in %.2f s (%.1f GB/s): fills write "
-                 "into memory already faulted in", made, seconds, made / max(seconds, 1e-9) / 1e9)
+                 "into memory already faulted in (blanks now %d bytes, %d pinned for GPU copies)", made, seconds,
+                 made / max(seconds, 1e-9) / 1e9, blanks.nbytes, blanks.pinned_bytes)

@@ -34,7 +34,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             "registered": name in cache.registry,
             "variants": [{"variant": r.variant, "state": r.state, "bytes": r.nbytes, "filled": r.filled,
                           "total": r.data_bytes, "leases": r.leases, "pinned": r.pinned,
-                          "huge_pages": all(s.huge for s in r.segments)} for r in resident],
+                          "huge_pages": all(s.huge for s in r.segments),
+                          "timeline": r.timeline.as_dict()} for r in resident],  # time.monotonic() of each step
             "leased": any(m == name for m, _ in leased),
         })
     leases = [{"id": i, "model": r.model, "variant": r.variant, "pid": c.pid, "uid": c.uid}
@@ -48,7 +49,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             # used counts the mount's passthrough copies too (mount_copies: their share of it)
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired),
                        "mount_copies": tier.mount_copies,
-                       "blanks": tier.blanks.nbytes},  # faulted in for fills, not in used; given back first
+                       "blanks": tier.blanks.nbytes,  # faulted in for fills, not in used; given back first
+                       "blanks_pinned": tier.blanks.pinned_bytes},  # of those, pinned for GPU copies
             # used: models and kernel caches, as --disk-size counts them (disktier)
             "disk": {"used": sum(sizes.values()) + sum(e.size for e in kernel_entries),
                      "budget": cache.settings.disk_size},

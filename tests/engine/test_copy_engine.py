@@ -284,3 +284,35 @@ def test_cuda_path_against_a_fake_runtime(tmp_path: Path):
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["cudaMemcpyAsync: cudaErrorInvalidValue (1): invalid argument"] * 3
+
+
+@pytest.mark.parametrize("mode", ["stage", "register"])
+def test_streaming_copy_reports_its_timeline(segments, mode):
+    """The stats place the copy behind its fill: first and last block ready, pins, last block queued,
+    all in seconds from the copy's start (bench_cold_stages --part warm-load reads them)."""
+    datas, maps = segments
+    data, cs = datas[0], 4 * MiB
+    ready = np.zeros(-(-data.nbytes // cs), np.uint8)
+    dst = make_dst(data.nbytes)
+    pieces = np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64)
+    held = 0.2  # the last window arrives this long after the copy started
+
+    def fill() -> None:
+        ready[:-1] = Readiness.READY
+        time.sleep(held)
+        ready[-1] = Readiness.READY
+
+    th = threading.Thread(target=fill)
+    with ce.CopyEngine(target="host", mode=mode, threads=2, chunk_bytes=4 * MiB) as eng:
+        t0 = time.monotonic()
+        th.start()
+        st = eng.copy([ce.Segment.from_buffer(maps[0], ready, cs)], pieces, timeout=10)
+        wall = time.monotonic() - t0
+    th.join()
+    assert np.array_equal(dst, data)
+    assert 0 <= st["first_ready_seconds"] <= st["last_ready_seconds"] <= st["last_queued_seconds"] <= st["seconds"]
+    assert st["last_ready_seconds"] >= held * 0.9 and st["seconds"] <= wall
+    if mode == "stage":
+        assert st["pin_start_seconds"] == st["pin_end_seconds"] == -1  # nothing pinned
+    else:
+        assert 0 <= st["pin_start_seconds"] <= st["pin_end_seconds"] <= st["last_queued_seconds"]

@@ -295,3 +295,30 @@ def test_the_old_order_bench_reads_every_piece_waiting(tmp_path: Path) -> None:
         _run(fill)
         assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
         assert _readiness(res) == [R] * 6 and fill.cached_bytes == 0
+
+
+def test_status_gives_the_fill_timeline_on_the_clients_clock(tmp_path: Path) -> None:
+    """A tier-empty load's steps, each a time.monotonic() every process on the node shares
+    (bench_cold_stages --part warm-load lines them up with its own call); evicted and filled
+    again, the timeline is the new fill's."""
+    import time
+
+    with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
+        want = make_model(sd.store, "org/t", tensors=24, nbytes=MIB, seed=9)
+        for _ in range(2):
+            asked = time.monotonic()
+            with c.acquire("org/t") as lease:
+                got = {k: v.tobytes() for k, v in lease.numpy().items()}
+            assert got == want
+            wait_log(sd, "filled model=org/t")
+            deadline = time.monotonic() + 30
+            while True:
+                variants = [v for m in c.status()["models"] if m["name"] == "org/t" for v in m["variants"]]
+                tl = variants[0]["timeline"]
+                if tl["fill_end"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert asked <= tl["reserved"] <= tl["fill_start"] <= tl["first_ready"] <= tl["last_ready"] \
+                <= tl["fill_end"] <= time.monotonic()
+            assert tl["partitions"] == 1 and 0 <= tl["from_blanks"] <= 1 and tl["alloc_s"] >= 0
+            assert c.evict("org/t") == ["hf"]

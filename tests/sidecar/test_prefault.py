@@ -3,11 +3,13 @@ hugetlb pages."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sllmfs.engine.segments import address_of
 from sllmfs.sidecar import prefault
 from sllmfs.sidecar.memtier import Segment
 from tests.support.sidecar import make_model, sidecar, wait_log
@@ -77,13 +79,22 @@ def test_a_segment_shrinks_or_grows_its_blank(hugepages: int) -> None:
     blanks = prefault.Blanks()
     prefault.make_blanks(blanks, budget=128 * MiB, threads=2, size=64 * MiB)
     before = free_pages()
-    fd, _ = blanks.take()
-    small = Segment("t:small", 40 * MiB, blank=fd)  # shrinks: 12 pages back to the pool
+    blank = blanks.take()
+    assert blank is not None
+    kept = blank.address
+    small = Segment("t:small", 40 * MiB, blank=blank)  # shrinks: 12 pages back to the pool
     assert small.huge and small.length == 40 * MiB and free_pages() == before + 12
+    assert address_of(small.mm) == kept  # the blank's own map (a pin of it would still hold)
     small.mm[: 5] = b"bytes"
     assert bytes(small.mm[:5]) == b"bytes" and small.mm[40 * MiB - 1] == 0
-    fd, _ = blanks.take()
-    big = Segment("t:big", 70 * MiB, blank=fd)  # grows: 3 more pages, faulted from the pool when written
+    fd = small.readonly_fd()  # what a client maps: the same bytes, the memfd's new size
+    try:
+        assert os.fstat(fd).st_size == 40 * MiB and os.pread(fd, 5, 0) == b"bytes"
+    finally:
+        os.close(fd)
+    blank = blanks.take()
+    assert blank is not None
+    big = Segment("t:big", 70 * MiB, blank=blank)  # grows: 3 more pages, faulted from the pool when written
     assert big.huge and big.length == 70 * MiB and free_pages() == before + 12
     assert big.mm[64 * MiB - 1] == 0
     for off in range(64 * MiB, 70 * MiB, 2 * MiB):
@@ -107,3 +118,115 @@ def test_daemon_fills_into_blanks_unless_told_not_to(tmp_path: Path, hugepages: 
     with sidecar(tmp_path / "off", "--no-prefault", "--log-level", "debug") as sd:
         assert "serving socket=" in wait_log(sd, "serving socket=")
         assert "as blank segments" not in sd.log() and free_pages() == hugepages
+
+
+class Pins:
+    """Stands in for the GPU copier's pins (CUDA is not on this machine): records what is pinned and
+    unpinned, in pin pieces, and checks a range is unpinned while its pages are still there."""
+
+    def __init__(self) -> None:
+        self.held: set[tuple[int, int]] = set()  # (address, length) of each piece pinned
+        self.refuse = False
+
+    def pin(self, blank: prefault.Blank) -> None:
+        if self.refuse:
+            return  # a refused pin leaves the blank unpinned, as GpuCopier.pin_blank does
+        for off in range(0, blank.length, prefault.PIN_PIECE):
+            self.held.add((blank.address + off, min(prefault.PIN_PIECE, blank.length - off)))
+        blank.unpin = self.unpin
+
+    def unpin(self, address: int, length: int) -> None:
+        self.held -= {p for p in self.held if address <= p[0] < address + length}
+
+    def of(self, address: int, length: int = 64 * MiB) -> list[int]:
+        """Offsets of the pieces held in the blank at ``address``."""
+        return sorted(a - address for a, _ in self.held if address <= a < address + length)
+
+
+@pytest.fixture
+def pin_pieces(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Pin pieces of 8 MiB, so a 64 MiB test blank has eight."""
+    monkeypatch.setattr(prefault, "PIN_PIECE", 8 * MiB)
+    import sllmfs.sidecar.memtier as memtier
+
+    monkeypatch.setattr(memtier, "PIN_PIECE", 8 * MiB)
+    return 8 * MiB
+
+
+def test_blanks_are_pinned_before_they_are_offered(hugepages: int, pin_pieces: int) -> None:
+    blanks = prefault.Blanks()
+    prefault.make_blanks(blanks, budget=128 * MiB, threads=2, size=64 * MiB)  # two, made before any GPU
+    pins = Pins()
+    assert blanks.pin_all(pins.pin) == 2
+    assert len(pins.held) == 16  # 2 x 8 pieces
+    prefault.make_blanks(blanks, budget=64 * MiB, threads=2, size=64 * MiB)  # a third, pinned as it is put
+    assert len(pins.held) == 24
+    pins.refuse = True  # a blank the driver refuses is still offered, unpinned, after the pinned ones
+    prefault.make_blanks(blanks, budget=64 * MiB, threads=2, size=64 * MiB)
+    assert len(pins.held) == 24 and blanks.nbytes == 256 * MiB
+    got = [blanks.take() for _ in range(4)]
+    assert [b.unpin is not None for b in got if b] == [True, True, True, False]
+    for b in got:
+        assert b is not None
+        blanks.put(b)
+    assert blanks.drop_one()  # a pinned blank dropped: unpinned before its map goes
+    assert len(pins.held) == 16
+    blanks.close_all()
+    assert not pins.held and blanks.nbytes == 0
+
+
+def test_a_segment_keeps_its_blanks_pins_below_the_cut(hugepages: int, pin_pieces: int) -> None:
+    blanks = prefault.Blanks()
+    prefault.make_blanks(blanks, budget=192 * MiB, threads=2, size=64 * MiB)
+    pins = Pins()
+    blanks.pin_all(pins.pin)
+    blank = blanks.take()
+    assert blank is not None
+    at = blank.address
+    seg = Segment("t:cut", 20 * MiB + 5, blank=blank)  # 22 MiB: pieces 0 and 8 MiB kept, 16 MiB on unpinned
+    assert seg.pinned and pins.of(at) == [0, 8 * MiB] and seg.length == 22 * MiB
+    seg.mm[20 * MiB:20 * MiB + 5] = b"tail!"  # the partition's last bytes, in the unpinned piece
+    assert bytes(seg.mm[20 * MiB:20 * MiB + 5]) == b"tail!"
+    seg.close()  # never unmapped pinned
+    assert pins.of(at) == []
+    blank = blanks.take()
+    assert blank is not None
+    at = blank.address
+    whole = Segment("t:whole", 64 * MiB, blank=blank)  # fits: every piece kept
+    assert whole.pinned and len(pins.of(at)) == 8
+    whole.close()
+    blank = blanks.take()
+    assert blank is not None
+    at = blank.address
+    grown = Segment("t:grown", 70 * MiB, blank=blank)  # a new map: its blank's pins cannot come along
+    assert not grown.pinned and pins.of(at) == [] and grown.huge
+    grown.close()
+    blanks.close_all()
+    assert not pins.held
+
+
+def test_memory_an_eviction_gives_back_becomes_blanks_again(tmp_path: Path, hugepages: int) -> None:
+    """The start-time blanks serve the first fills only: once a fill took one and the model is evicted,
+    its pages come back to the pool and a blank pass makes a blank of them again (the next tier-empty
+    load then writes into memory faulted in, and pinned on a GPU node); none while a fill runs."""
+    import time
+
+    def blanks(c: object) -> int:
+        return int(c.status()["memory"]["blanks"])  # type: ignore[attr-defined]
+
+    with sidecar(tmp_path) as sd, sd.connect() as c:
+        wait_log(sd, "as blank segments")
+        full = blanks(c)
+        assert full == 256 * MiB  # the test budget, in 64 MiB blanks
+        want = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB)  # one 64 MiB partition: one blank
+        with c.acquire("org/m") as lease:
+            assert {k: v.tobytes() for k, v in lease.numpy().items()} == want
+        # one blank became its segment, one was given back for its readiness page: no room for another
+        assert blanks(c) == full - 128 * MiB
+        assert c.evict("org/m") == ["hf"]
+        deadline = time.monotonic() + 30
+        while blanks(c) < full and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blanks(c) == full and sd.log().count("as blank segments") == 2
+        with c.acquire("org/m") as lease:  # and into a blank again: the same bytes
+            assert {k: v.tobytes() for k, v in lease.numpy().items()} == want

@@ -1,0 +1,156 @@
+"""Blanks pinned for GPU copies at start (NOTES-cold run 9): a segment made of one keeps its pins, so
+a tier-empty load pins nothing on its path; every pin is given back before its pages are unmapped.
+
+Against the stand-in CUDA runtime (tests/support/cudart.py), whose pin table follows the driver's
+rules (a page pinned twice is 712, an unpin needs the exact start, a copy spanning two pins is
+refused and counted): in this process, so the test reads that table (fake_pins) after each step;
+and through the daemon, where a load into a segment made of a pinned blank reports no new pins."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sllmfs.sidecar import gpucopy, memtier, prefault
+from sllmfs.sidecar.fill import Fill
+from sllmfs.store.format import digest, load_manifest
+from sllmfs.store.reader import variant_identity
+from tests.support.cudart import FAKE_PEER_CUDART
+from tests.support.sidecar import make_model, sidecar, wait_log
+
+MiB = 1 << 20
+NR = Path("/proc/sys/vm/nr_hugepages")
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the fake CUDA runtime")
+
+
+@pytest.fixture
+def hugepages() -> Iterator[int]:
+    try:
+        before = int(NR.read_text())
+        NR.write_text(str(before + 192))
+    except OSError:
+        pytest.skip("cannot reserve hugetlb pages here (needs root and vm.nr_hugepages)")
+    try:
+        free, size = prefault.hugepages_free()
+        if size != 2 * MiB or free < 192:
+            pytest.skip(f"the kernel reserved {free} free pages of {size} bytes, not 192 of 2 MiB")
+        yield free
+    finally:
+        NR.write_text(str(before))
+
+
+@pytest.fixture
+def fake_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+    lib = tmp_path / "libfakecudart.so"
+    (tmp_path / "fake.c").write_text(FAKE_PEER_CUDART)
+    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(tmp_path / "fake.c")], check=True)
+    monkeypatch.setenv("SLLMFS_CUDART", str(lib))
+    fake = ctypes.CDLL(str(lib))  # the handle the engine opens too: one pin table
+    fake.fake_pins.restype = ctypes.c_int
+    fake.fake_bad_copies.restype = ctypes.c_longlong
+    return fake
+
+
+def _copy_to_fake_gpu(gpu: gpucopy.GpuCopier, res: memtier.Resident, expected: dict[str, bytes]) -> dict:
+    """load_ipc as the op runs it: the client's "GPU memory" is a memfd the fake maps through its handle."""
+    total = sum(len(v) for v in expected.values())
+    fd = os.memfd_create("fake-gpu0")
+    try:
+        os.ftruncate(fd, total)
+        handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+        blocks = [{"handle": handle, "size": total, "device": "0000:00:06.0"}]
+        at, where, pieces = 0, {}, []
+        for name, t in res.manifest.tensors.items():
+            pieces.append([t.partition, t.offset, 0, at, t.nbytes])
+            where[name] = (at, t.nbytes)
+            at += t.nbytes
+        stats, close = gpu.copy(res, blocks, pieces, 60.0)
+        close()
+        got = {n: os.pread(fd, k, a) for n, (a, k) in where.items()}
+    finally:
+        os.close(fd)
+    assert {n: digest(v) for n, v in got.items()} == {n: digest(v) for n, v in expected.items()}
+    return stats
+
+
+def test_a_resident_made_of_pinned_blanks_pins_nothing_and_gives_every_pin_back(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    for mod in (prefault, memtier, gpucopy):
+        monkeypatch.setattr(mod, "PIN_PIECE", 8 * MiB)  # a 64 MiB blank: eight pins
+    monkeypatch.setenv("SLLMFS_RELAY", "off")  # one link: the copy's pins are all the registrars'
+    gpu = gpucopy.GpuCopier()
+    assert gpu.warm_up() == ["0000:00:06.0", "0000:00:07.0"]
+    base = fake_cuda.fake_pins()
+    tier = memtier.MemoryTier(512 * MiB)
+    prefault.make_blanks(tier.blanks, budget=192 * MiB, threads=2, size=64 * MiB)
+    tier.release_pins = gpu.release
+    assert tier.blanks.pin_all(gpu.pin_blank) == 3
+    assert fake_cuda.fake_pins() == base + 24  # the second engine shares the first's pins
+
+    store = tmp_path / "store"
+    cases = {"org/whole": (4, 16 * MiB), "org/cut": (5, 4 * MiB)}  # 64 MiB; 20 MiB, its blank shrunk
+    for name, (tensors, nbytes) in cases.items():
+        expected = make_model(store, name, tensors=tensors, nbytes=nbytes, seed=len(name))
+        vdir = store / "models" / name.replace("/", "%2F") / "variants" / "hf"
+        res = tier.reserve(name, "hf", load_manifest(vdir), variant_identity(vdir))
+        assert res.timeline.from_blanks == res.timeline.pinned_blanks == 1 and res.segments[0].pinned
+        assert res.unpin is not None
+        fill = Fill(res, vdir, 8 * MiB)
+        fill.worker()
+        fill.close()
+        assert not fill.error
+        res.state = "ready"
+        stats = _copy_to_fake_gpu(gpu, res, expected)
+        if name == "org/whole":  # every page of it came pinned
+            assert stats["newly_registered_bytes"] == 0 and stats["register_calls"] == 0
+        else:  # pins past the 16 MiB cut went before the shrink; the copy pinned the last 4-ish MiB itself
+            assert 0 < stats["newly_registered_bytes"] <= 8 * MiB
+        assert tier.evict(name, "hf") == [res]
+    assert fake_cuda.fake_bad_copies() == 0
+    assert fake_cuda.fake_pins() == base + 8  # the two residents' pins all given back; the third blank's held
+    tier.close_all()
+    assert fake_cuda.fake_pins() == base
+    for engine, _lock in gpu._pairs():
+        engine.close()
+
+
+def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL) -> None:
+    env = {"SLLMFS_CUDART": os.environ["SLLMFS_CUDART"]}
+    with sidecar(tmp_path, "--mem-pool-size", "256MiB", env=env) as sd:
+        wait_log(sd, "as blank segments")
+        deadline = time.monotonic() + 30  # pinned as they are made, or once the engines exist
+        while (mem := sd.status()["memory"])["blanks_pinned"] < mem["blanks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mem["blanks_pinned"] == mem["blanks"] > 0
+        expected = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB)  # one 64 MiB partition: a blank
+        with sd.connect() as c, c.acquire("org/m") as lease:
+            total = sum(len(v) for v in expected.values())
+            fd = os.memfd_create("fake-gpu0")
+            os.ftruncate(fd, total)
+            handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+            at, where, pieces = 0, {}, []
+            for name, ref in lease.entries.items():
+                pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])
+                where[name] = (at, ref.nbytes)
+                at += ref.nbytes
+            stats = lease.copy_to_gpu([{"handle": handle, "size": total, "device": "0000:00:06.0"}], pieces, 60)
+            mem = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r", shape=(total,))
+            got = {n: bytes(mem[a:a + k]) for n, (a, k) in where.items()}
+            del mem
+            os.close(fd)
+        assert got == expected
+        assert stats["newly_registered_bytes"] == 0 and stats["tier_from_blanks"] == 1
+        with sd.connect() as c:
+            assert c.evict("org/m") == ["hf"]  # its pins given back, then its pages
+            with c.acquire("org/m") as lease:  # filled again into the next pinned blank
+                assert {k: v.tobytes() for k, v in lease.numpy().items()} == expected
+        assert "Traceback" not in sd.log()
