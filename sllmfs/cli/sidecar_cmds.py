@@ -58,8 +58,9 @@ def start(
         None, "--gpu-warmup/--no-gpu-warmup", help="Start GPU copy engines at start or at the first load."
         + _default("--gpu-warmup")),
     prefault: Optional[bool] = typer.Option(
-        None, "--prefault/--no-prefault", help="Fault in the free hugetlb pages at start as blank segments "
-        "(up to --mem-pool-size): fills then write into memory already faulted in." + _default("--prefault")),
+        None, "--prefault/--no-prefault", help="Fault in the free hugetlb pages as blank segments (up to "
+        "--mem-pool-size), at start and again after evictions, pinned for GPU copies on a GPU node: fills then "
+        "write into memory already faulted in and pinned." + _default("--prefault")),
     origin: Optional[str] = typer.Option(None, "--origin", help="Pull models missing from the store from this "
                                          "S3 origin, s3://bucket/prefix." + _default("none")),
     origin_endpoint: Optional[str] = typer.Option(None, "--origin-endpoint", help="The origin's S3 endpoint URL."
