@@ -2,6 +2,7 @@
 
     source bench/gpu_setup.sh && python bench/bench_coldstart.py --workdir /tmp/cs [--layers 32]
     ... --part pairs --pairs 3      (#21.3: is sllm ready sooner, by its load phase? one ~8 min call)
+    ... --part pairs --pairs 1 --with-mount-default   (+ the default loader on the mount: whose seconds?)
 
 Each start is a new Python process (what `launch_server` costs a user), CUDA graphs on and the
 default memory fraction. Wall clocks from the parent: process start, `import sglang`, engine ready,
@@ -26,13 +27,111 @@ import time
 from pathlib import Path
 from typing import Any
 
+_T_FILE = time.time()  # when this process began running this file (SGLang's spawned children run it first)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_sglang import PROMPTS, Sidecar  # noqa: E402
 from limits import drop_caches  # noqa: E402
 
+MARKS_ENV = "SLLMFS_BENCH_MARKS"  # a start's marks file: one JSON line per mark, from each of its processes
+MEMINFO = ("MemAvailable", "Cached", "Dirty", "HugePages_Free")
 TIMINGS = re.compile(r"Engine startup timings \(s\): load_weight=([0-9.]+), kv_cache_allocation=([0-9.]+), "
                      r"scheduler_e2e=([0-9.]+), cuda_graph=\{([^}]*)\}")
+
+
+def mark(what: str, t: float | None = None) -> None:
+    """Append one time mark of this start (any of its processes) to the start's marks file."""
+    path = os.environ.get(MARKS_ENV)
+    if not path:
+        return
+    line = json.dumps({"what": what, "t": time.time() if t is None else t, "pid": os.getpid()}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one small O_APPEND write: lines from several processes never interleave
+    finally:
+        os.close(fd)
+
+
+def watch_scheduler() -> None:
+    """In SGLang's spawned children: mark when the scheduler module is imported and Scheduler() begins
+    (where SGLang's scheduler_e2e clock starts), without importing anything sooner than SGLang does."""
+    from sllmfs.integrations.common.after_import import after_import
+
+    def hooked(module: Any) -> None:
+        mark("scheduler_module")
+        init = module.Scheduler.__init__
+
+        def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+            mark("scheduler_init")
+            init(self, *args, **kwargs)
+
+        module.Scheduler.__init__ = timed
+
+    after_import("sglang.srt.managers.scheduler", hooked)
+
+
+def watch_engine(engine: Any) -> None:
+    """In the launching process: mark SGLang's launch of its processes (after ServerArgs), the scheduler
+    spawn and the tokenizer manager's end (SGLang logs 'No chat template found' there)."""
+    launch, spawn, tokenizer = (engine._launch_subprocesses.__func__, engine._launch_scheduler_processes.__func__,
+                                engine.init_tokenizer_manager_func)
+
+    def launched(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        mark("launch")
+        return launch(cls, *args, **kwargs)
+
+    def spawned(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        mark("spawn")
+        return spawn(cls, *args, **kwargs)
+
+    def tokenizer_made(*args: Any, **kwargs: Any) -> Any:
+        out = tokenizer(*args, **kwargs)
+        mark("tokenizer_manager")
+        return out
+
+    engine._launch_subprocesses = classmethod(launched)
+    engine._launch_scheduler_processes = classmethod(spawned)
+    engine.init_tokenizer_manager_func = staticmethod(tokenizer_made)
+
+
+def phases(marks: list[dict[str, Any]], res: dict[str, Any]) -> dict[str, float]:
+    """Where the time outside SGLang's scheduler clock goes, from a start's marks (seconds).
+    spawn_s: Engine() to the scheduler's spawn (ServerArgs, plugins); child_python_s: spawn to the child
+    running this file; child_imports_s: to SGLang's scheduler module imported; to_scheduler_s: to
+    Scheduler() (load_plugins, configure, publish); after_scheduler_s: Scheduler() + scheduler_e2e to ready."""
+    first: dict[str, dict[str, Any]] = {}
+    for m in marks:
+        first.setdefault(m["what"], m)
+    need = ("engine", "spawn", "scheduler_init", "ready")
+    if any(k not in first for k in need):
+        return {}
+    sched_pid = first["scheduler_init"]["pid"]
+    child = next((m for m in marks if m["what"] == "child_main" and m["pid"] == sched_pid), None)
+    t = {k: float(v["t"]) for k, v in first.items()}
+    out = {"spawn_s": t["spawn"] - t["engine"], "scheduler_init_at_s": t["scheduler_init"] - t["engine"]}
+    if "launch" in t:
+        out["server_args_s"] = t["launch"] - t["engine"]
+    if "tokenizer_manager" in t:
+        out["tokenizer_manager_to_scheduler_s"] = t["scheduler_init"] - t["tokenizer_manager"]
+    if child is not None and "scheduler_module" in t:
+        out.update(child_python_s=float(child["t"]) - t["spawn"],
+                   child_imports_s=t["scheduler_module"] - float(child["t"]),
+                   to_scheduler_s=t["scheduler_init"] - t["scheduler_module"])
+    if res.get("scheduler_e2e_s") is not None:
+        out["after_scheduler_s"] = t["ready"] - t["scheduler_init"] - float(res["scheduler_e2e_s"])
+    return out
+
+
+def meminfo_gb() -> dict[str, float]:
+    """The host's memory at a start (a start slowed by page-cache eviction shows here)."""
+    got: dict[str, float] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in MEMINFO:
+                n = int(rest.split()[0])
+                got[name] = round(n * (2 << 20 if name.startswith("HugePages") else 1024) / 1e9, 2)
+    return got
 
 
 def child(model_path: str, load_format: str, extra: str) -> None:
@@ -45,8 +144,10 @@ def child(model_path: str, load_format: str, extra: str) -> None:
     marks["import_sglang_s"] = time.perf_counter() - t
     import sglang.srt.server_args  # noqa: F401  (every start imports these: not the plugin's cost)
     import torch  # noqa: F401
+    from sglang.srt.entrypoints.engine import Engine
     from sglang.srt.plugins import load_plugins
 
+    watch_engine(Engine)
     t = time.perf_counter()  # what our plugin adds outside the load phase (the Engine's own call is then a no-op)
     load_plugins()
     marks["plugins_s"] = time.perf_counter() - t
@@ -54,9 +155,12 @@ def child(model_path: str, load_format: str, extra: str) -> None:
                               sampling_backend="pytorch", attention_backend="triton", random_seed=0, log_level="info")
     if extra:
         kw["model_loader_extra_config"] = extra
+    kw.update(json.loads(os.environ.get("SLLMFS_BENCH_ENGINE_KW", "{}")))  # e.g. {"device": "cpu"}: a CPU smoke
     t = time.perf_counter()
+    mark("engine")
     llm = sglang.Engine(**kw)
     marks["engine_s"] = time.perf_counter() - t
+    mark("ready")
     t = time.perf_counter()
     llm.generate(input_ids=PROMPTS[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
     marks["first_generate_s"] = time.perf_counter() - t
@@ -108,12 +212,17 @@ def written(home: Path) -> dict[str, dict[str, int]]:
 def start(label: str, model_path: str, load_format: str, home: Path, logs: Path, extra: str = "",
           store: Path | None = None) -> dict[str, Any]:
     machine = store_env(home, store) if store else cache_env(home)
-    env = {**os.environ, **machine, "SLLMFS_BENCH_SPAWN": repr(time.time())}
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
+    marks_file = logs / (name + ".marks.jsonl")
+    marks_file.unlink(missing_ok=True)
+    mem = meminfo_gb()
+    env = {**os.environ, **machine, MARKS_ENV: str(marks_file), "SLLMFS_BENCH_SPAWN": repr(time.time())}
     proc = subprocess.run([sys.executable, __file__, "--child", model_path, load_format, extra],
                           capture_output=True, text=True, timeout=560, env=env)
     log = proc.stdout + proc.stderr
-    (logs / (re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") + ".log")).write_text(log)
-    res: dict[str, Any] = {"label": label, "rc": proc.returncode}
+    (logs / (name + ".log")).write_text(log)
+    res: dict[str, Any] = {"label": label, "rc": proc.returncode, "model_path": model_path,
+                           "load_format": load_format, "meminfo_gb": mem}
     for line in log.splitlines():
         if line.startswith("RESULT "):
             res.update(json.loads(line[7:]))
@@ -125,10 +234,16 @@ def start(label: str, model_path: str, load_format: str, home: Path, logs: Path,
     path = re.findall(r"sllmfs: loaded .* by the ([a-z-]+) path in ([0-9.]+) s", log)
     if path:
         res["sllm_path"], res["sllm_load_s"] = path[-1][0], float(path[-1][1])
+    if "engine_s" in res and "scheduler_e2e_s" in res:
+        res["outside_scheduler_s"] = float(res["engine_s"]) - float(res["scheduler_e2e_s"])
+    if marks_file.exists():
+        res["phases"] = phases([json.loads(x) for x in marks_file.read_text().splitlines() if x.strip()], res)
     if proc.returncode:
         res["error_tail"] = log.splitlines()[-20:]
+    ph = {k.removesuffix("_s"): round(v, 2) for k, v in res.get("phases", {}).items()}
     print(f"  {label:<34} rc={proc.returncode} first token {res.get('first_token_wall_s', float('nan')):.1f} s "
-          f"load_weight {res.get('load_weight_s')} path={res.get('sllm_path')}", file=sys.stderr, flush=True)
+          f"load_weight {res.get('load_weight_s')} path={res.get('sllm_path')} outside the scheduler "
+          f"{res.get('outside_scheduler_s', float('nan')):.2f} s {ph}", file=sys.stderr, flush=True)
     return res
 
 
@@ -161,46 +276,67 @@ def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
         side.stop()
 
 
-def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int) -> dict[str, Any]:
+KINDS = {"default": "the default loader, the plain folder", "mount-default": "the default loader, the mount",
+         "sllm": "--load-format sllm, the mount"}
+
+
+def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: bool = False) -> dict[str, Any]:
     """Is an sllm memory-tier start ready sooner than the default loader's by (its load phase - 0.3 s)
     (#21.3)? One warm machine (kernel caches shared), the sllm first start to write the per-rank state
     back, then ``n`` pairs of starts, the order alternating so drift favours neither. A start's noise
     (process spawn, imports: several seconds) is far larger than the ~2 s in question, so each pair's
     difference is kept and the median of them judged, on the engine's own start (Engine() to ready)
-    and on the wall clock from the launch to ready."""
+    and on the wall clock from the launch to ready. ``mount_default``: each pair also starts the default
+    loader on the mount's folder (a triple, the order rotating), which tells the mount's share of a
+    difference outside the load phase from the sllm loader's; every start records its phases outside
+    SGLang's scheduler clock (``phases``), each kind's median is printed."""
     import statistics
 
     _, side, view = served(src, work, logs, "sidecar-pairs.log")
     home = work / "home-pairs"
-    got: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    kinds = ["default", "mount-default", "sllm"] if mount_default else ["default", "sllm"]
+    got: list[dict[str, dict[str, Any]]] = []
     try:
         keep("pairs_sllm_first", start("sllm first (any-TP, write-back)", view, "sllm", home, logs,
                                        extra='{"sllm_write_back": "sync"}'))
         keep("pairs_default_warmup", start("default, warm-up", str(src), "auto", home, logs))
         for i in range(n):
             one = {}
-            for kind in (("default", "sllm") if i % 2 == 0 else ("sllm", "default")):
+            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)] if mount_default else \
+                (kinds if i % 2 == 0 else kinds[::-1])
+            for kind in order:
                 r = start(f"pair {i} {kind}", str(src) if kind == "default" else view,
-                          "auto" if kind == "default" else "sllm", home, logs)
+                          "sllm" if kind == "sllm" else "auto", home, logs)
                 keep(f"pair{i}_{kind}", r)
                 one[kind] = r
-            got.append((one["default"], one["sllm"]))
+            got.append(one)
     finally:
         side.stop()
 
     def ready(r: dict[str, Any]) -> float:  # launch to engine ready (the first token minus its generate)
         return float(r.get("first_token_wall_s", float("nan"))) - float(r.get("first_generate_s", float("nan")))
 
-    ok = [(d, m) for d, m in got if d.get("rc") == 0 and m.get("rc") == 0 and m.get("sllm_path") == "fast"
-          and d.get("load_weight_s") is not None and "engine_s" in d and "engine_s" in m]
+    ok = [(g["default"], g["sllm"]) for g in got
+          if g["default"].get("rc") == 0 and g["sllm"].get("rc") == 0 and g["sllm"].get("sllm_path") == "fast"
+          and g["default"].get("load_weight_s") is not None and "engine_s" in g["default"] and "engine_s" in g["sllm"]]
     if not ok:
         raise SystemExit("pairs: no pair where both starts ran and sllm took the fast path")
     need = statistics.median(float(d["load_weight_s"]) for d, _ in ok) - 0.3
     engine = statistics.median(float(d["engine_s"]) - float(m["engine_s"]) for d, m in ok)
     wall = statistics.median(ready(d) - ready(m) for d, m in ok)
-    out = {"pairs": len(ok), "goal_sooner_s": need, "engine_sooner_s_median": engine, "ready_sooner_s_median": wall,
-           "engine_sooner_s": [float(d["engine_s"]) - float(m["engine_s"]) for d, m in ok],
-           "ready_sooner_s": [ready(d) - ready(m) for d, m in ok]}
+    out: dict[str, Any] = {"pairs": len(ok), "goal_sooner_s": need, "engine_sooner_s_median": engine,
+                           "ready_sooner_s_median": wall,
+                           "engine_sooner_s": [float(d["engine_s"]) - float(m["engine_s"]) for d, m in ok],
+                           "ready_sooner_s": [ready(d) - ready(m) for d, m in ok]}
+    out["outside_scheduler_median_s"] = by_kind = {}
+    for kind in kinds:  # where a kind's extra seconds outside the scheduler's clock are, phase by phase
+        runs = [g[kind] for g in got if g[kind].get("rc") == 0]
+        keys = ["outside_scheduler_s", "load_weight_s"] + sorted({k for r in runs for k in r.get("phases", {})})
+        by_kind[kind] = {k: statistics.median(vals) for k in keys
+                         if (vals := [float(r[k] if k in r else r["phases"][k]) for r in runs
+                                      if k in r or k in r.get("phases", {})])}
+        print(f"{KINDS[kind]:<36} median of {len(runs)}: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in by_kind[kind].items()), flush=True)
     print(f"sllm ready sooner than default (median of {len(ok)} pairs): engine {engine:.2f} s, "
           f"from launch {wall:.2f} s; goal >= {need:.2f} s (default load phase - 0.3): "
           f"engine {engine / need:.2f}x, launch {wall / need:.2f}x",
@@ -220,6 +356,8 @@ def main() -> None:
                     help="kernels: fresh machines whose kernel caches come from the store, next to a warm one; "
                          "pairs: warm-machine starts, default and sllm hit alternating (is sllm ready sooner?)")
     ap.add_argument("--pairs", type=int, default=3, help="--part pairs: default/sllm pairs after the first start")
+    ap.add_argument("--with-mount-default", action="store_true",
+                    help="--part pairs: each pair also starts the default loader on the mount's folder")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     from llama_shapes import write_checkpoint
@@ -265,7 +403,7 @@ def main() -> None:
         finally:
             side.stop()
     if a.part == "pairs":
-        result["pairs"] = pairs(src, work, logs, keep, a.pairs)
+        result["pairs"] = pairs(src, work, logs, keep, a.pairs, a.with_mount_default)
     if a.part == "kernels":
         kernels(src, work, logs, keep)
         result["kernel_entries"] = subprocess.run([sys.executable, "-m", "sllmfs", "kernels", "ls", "--storage-path",
@@ -283,6 +421,10 @@ def main() -> None:
               f"{r.get('kv_cache_s') or float('nan'):>6.2f}{g:>8.1f}")
     print(f"greedy ids identical: {result['identical']}  -> {dest}")
 
+
+if __name__ == "__mp_main__" and os.environ.get(MARKS_ENV):  # a process SGLang spawned for a timed start
+    mark("child_main", _T_FILE)
+    watch_scheduler()
 
 if __name__ == "__main__":
     main()
