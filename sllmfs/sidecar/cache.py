@@ -89,17 +89,20 @@ class Cache:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The background loops (disk budget, store watch); fills and pins start in this nursery too."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._disk_loop)
-            if self.origin is not None:
-                nursery.start_soon(self._origin_loop)
-                if self.kernel_sync is not None:
-                    nursery.start_soon(self._kernels_loop)
-            nursery.start_soon(self._watch_store)
-            if self.settings.prefault:  # memory given back becomes blanks again once no fill runs
-                self.tier.on_freed = self.reblank
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._disk_loop)
+                if self.origin is not None:
+                    nursery.start_soon(self._origin_loop)
+                    if self.kernel_sync is not None:
+                        nursery.start_soon(self._kernels_loop)
+                nursery.start_soon(self._watch_store)
+                if self.settings.prefault:  # memory given back becomes blanks again once no fill runs
+                    self.tier.on_freed = self.reblank
+                task_status.started()
+        finally:
+            self._nursery = None  # a lease ending at shutdown starts no blank pass in a closed nursery
 
     def start_soon(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None, "Cache.run has not started"
@@ -133,6 +136,8 @@ class Cache:
                                               abandon_on_cancel=True)
                 if not self._blank_again:
                     break
+        except Exception:  # blanks only speed fills up: a pass that fails (EMFILE, a pin) never stops the daemon
+            log.exception("making blank segments failed; fills write into fresh memory")
         finally:
             self._blanking = False
 
@@ -256,7 +261,7 @@ class Cache:
             log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s%s%s", res.model, res.variant,
                      res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0,
                      " (streamed from the origin)" if res.source == "origin" else "", detail)
-            if self.gpu.active and res.unpin is None and self._nursery is not None:
+            if self.gpu.active and not res.gpu_pinned and self._nursery is not None:
                 self._nursery.start_soon(self._pin, res)
         if res.state == "failed" and not res.retired:
             self.tier.drop(res, why="fill failed")
@@ -292,7 +297,7 @@ class Cache:
                     log.info("pinned %d blank segments for GPU copies in %.2f s (blanks made later are pinned "
                              "as they are made)", n, time.perf_counter() - t0)
             for res in list(self.tier.entries.values()):
-                if self.gpu.active and res.state == "ready" and res.unpin is None and not res.retired:
+                if self.gpu.active and res.state == "ready" and not res.gpu_pinned and not res.retired:
                     await self._pin(res)
         except Exception:  # never the daemon: loads start their engines themselves
             log.exception("GPU warm-up failed")

@@ -267,9 +267,13 @@ class GpuCopier:
         from sllmfs.engine.copy_engine import CopyError
 
         pairs = self._pairs()
-        if res.unpin is not None or res.state != "ready" or res.closed or not pairs:
+        if res.gpu_pinned or res.state != "ready" or res.closed or not pairs:
             return
-        res.unpin = lambda: self.release(res)
+        # a segment cut from a pinned blank holds pins below its cut only, and a partition not in
+        # hugetlb pages holds none: pinned whole here, or one such partition stages the whole model
+        res.gpu_pinned = True
+        if res.unpin is None:
+            res.unpin = lambda: self.release(res)
         t0 = time.perf_counter()
         pinned, pin_s = 0, 0.0  # newly pinned bytes and the driver's seconds for them (a copy pinned the rest)
         try:
@@ -294,7 +298,6 @@ class GpuCopier:
         first pins, the others share: csrc/pins.h), so a segment made of it needs no pin when a load
         copies it. No bus lock: a blank is no copy's source yet. A refused pin leaves it unpinned
         (loads then pin as they copy, as without)."""
-        from sllmfs.engine.copy_engine import CopyError
 
         pairs = self._pairs()
         if not pairs:
@@ -306,7 +309,7 @@ class GpuCopier:
                 tried.append(engine)
                 for off in range(0, blank.length, PIN_PIECE):
                     engine.register((base + off, min(PIN_PIECE, blank.length - off), 0, 0))
-        except (CopyError, ValueError) as e:
+        except Exception as e:  # whatever it was: every engine tried gives its pieces back, the blank stays unpinned
             for engine in tried:
                 engine.release((base, blank.length, 0, 0), idle=True)
             log.warning("could not pin a blank segment for GPU copies (%s); loads pin as they copy", e)

@@ -187,7 +187,8 @@ class Resident:
     # why it failed, set before any readiness byte says FAILED: a lease's `failure` reply (first one wins)
     failure: Failure | None = None
     wire_tensors: list[list[Any]] = field(default_factory=list)
-    unpin: Callable[[], None] | None = None  # set when the GPU copier pinned the segments
+    unpin: Callable[[], None] | None = None  # set when any of its segments holds pins (a copy's, its blanks')
+    gpu_pinned: bool = False  # the copier pinned its segments whole after the fill (blanks' pins are not that)
     closed: bool = False  # segments unmapped: nothing may touch them
     source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
     timeline: Timeline = field(default_factory=Timeline)

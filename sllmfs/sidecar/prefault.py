@@ -109,17 +109,22 @@ class Blanks:
                 self._free.append(blank)
                 return
         if pin is not None:
-            pin(blank)  # before it is offered: a blank is never taken half pinned (a failed pin leaves it unpinned)
+            try:
+                pin(blank)  # before it is offered: a blank is never taken half pinned (a failed pin leaves it unpinned)
+            except BaseException:
+                blank.close()  # not listed, so not left mapped with nobody to close it
+                raise
             with self._lock:
                 if not self.closed:
                     self._free.append(blank)
                     return
         blank.close()  # the tier closed meanwhile
 
-    def take(self) -> Blank | None:
-        """A blank for a segment, a pinned one first."""
+    def take(self, *, pinned: bool = True) -> Blank | None:
+        """A blank for a segment, a pinned one first (``pinned=False``: an unpinned one first)."""
         with self._lock:
-            at = next((i for i in range(len(self._free) - 1, -1, -1) if self._free[i].unpin is not None), -1)
+            at = next((i for i in range(len(self._free) - 1, -1, -1)
+                       if (self._free[i].unpin is not None) == pinned), -1)
             return self._free.pop(at) if self._free else None
 
     def pin_all(self, pin: Callable[[Blank], None]) -> int:
@@ -139,8 +144,9 @@ class Blanks:
             self.put(b)  # pinned there (a refused pin offers it unpinned)
 
     def drop_one(self) -> bool:
-        """Give one blank's pages back to the pool; False when there is none."""
-        got = self.take()
+        """Give one blank's pages back to the pool, an unpinned one first (the pinned are worth more, and
+        an unpin costs); False when there is none."""
+        got = self.take(pinned=False)
         if got is not None:
             got.close()
         return got is not None

@@ -154,3 +154,73 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
             with c.acquire("org/m") as lease:  # filled again into the next pinned blank
                 assert {k: v.tobytes() for k, v in lease.numpy().items()} == expected
         assert "Traceback" not in sd.log()
+
+
+def test_a_model_with_a_small_partition_copies_in_register_mode_from_pinned_blanks(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition that is not whole 2 MiB pages (here 3 MiB) holds no blank pins below its cut: the
+    after-fill pin still pins every segment whole, or the copy engine stages the whole model (review)."""
+    from safetensors.numpy import save_file
+
+    from sllmfs.store.save import save_model
+    from sllmfs.store.store import Store
+
+    monkeypatch.setenv("SLLMFS_RELAY", "off")
+    gpu = gpucopy.GpuCopier()
+    gpu.warm_up()
+    rng = np.random.default_rng(1)
+    arrays = {f"a.{i}": rng.standard_normal(16 * MiB // 4).astype(np.float32) for i in range(4)}
+    arrays["z.small"] = rng.standard_normal(3 * MiB // 4).astype(np.float32)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(arrays, str(src / "model.safetensors"))
+    (src / "config.json").write_text('{"model_type": "test"}')
+    store = Store(tmp_path / "store")
+    save_model(store, "org/mixed", src, partition_target=64 * MiB)
+    vdir = store.variant_path("org/mixed", "hf")
+    man = load_manifest(vdir)
+    assert len(man.partitions) == 2  # 64 MiB and the 3 MiB tail
+    tier = memtier.MemoryTier(512 * MiB)
+    prefault.make_blanks(tier.blanks, budget=128 * MiB, threads=2, size=64 * MiB)
+    tier.release_pins = gpu.release
+    assert tier.blanks.pin_all(gpu.pin_blank) == 2
+    res = tier.reserve("org/mixed", "hf", man, variant_identity(vdir))
+    try:
+        fill = Fill(res, vdir, 8 * MiB)
+        fill.worker()
+        fill.close()
+        assert not fill.error
+        res.state = "ready"
+        gpu.pin(res)  # what the fill's end does
+        assert res.gpu_pinned
+        expected = {k: v.tobytes() for k, v in arrays.items()}
+        modes = [_copy_to_fake_gpu(gpu, res, expected)["mode"] for _ in range(2)]
+        assert modes == ["register", "register"]
+    finally:
+        tier.evict("org/mixed", "hf")
+        tier.close_all()
+
+
+def test_a_blank_pass_that_fails_does_not_stop_the_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The pass runs after every eviction and fill now: an error in it (EMFILE, say) is one log line,
+    and the next pass may run (review)."""
+    import errno
+    import logging
+
+    import trio
+
+    from sllmfs.sidecar.cache import Cache
+
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(prefault, "run", broken)
+    cache = Cache.__new__(Cache)  # only what blank_pass reads
+    cache._blanking, cache._blank_again = False, False
+    cache.tier = memtier.MemoryTier(64 * MiB)
+    cache.settings = type("S", (), {"num_thread": 2})()  # type: ignore[assignment]
+    with caplog.at_level(logging.ERROR):
+        trio.run(cache.blank_pass)
+        trio.run(cache.blank_pass)
+    assert caplog.text.count("making blank segments failed") == 2 and not cache._blanking

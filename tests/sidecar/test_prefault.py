@@ -169,7 +169,9 @@ def test_blanks_are_pinned_before_they_are_offered(hugepages: int, pin_pieces: i
     for b in got:
         assert b is not None
         blanks.put(b)
-    assert blanks.drop_one()  # a pinned blank dropped: unpinned before its map goes
+    assert blanks.drop_one()  # the unpinned one goes first: the pinned are worth more
+    assert len(pins.held) == 24 and blanks.nbytes == 192 * MiB
+    assert blanks.drop_one()  # then a pinned blank: unpinned before its map goes
     assert len(pins.held) == 16
     blanks.close_all()
     assert not pins.held and blanks.nbytes == 0
