@@ -291,6 +291,7 @@ class Cache:
             await trio.to_thread.run_sync(self.gpu.warm_up)
             if self.gpu.active:  # blanks pinned now, off any load: a load into them pins nothing (NOTES-cold run 9)
                 self.tier.release_pins = self.gpu.release
+                self.tier.copying = self.gpu.busy
                 t0 = time.perf_counter()
                 n = await trio.to_thread.run_sync(self.tier.blanks.pin_all, self.gpu.pin_blank)
                 if n:

@@ -160,6 +160,11 @@ class GpuCopier:
 
         return stats, close
 
+    def busy(self) -> bool:
+        """Whether a load is bound for any GPU now (copying or waiting to). Read without the lock (the
+        trio thread asks; engines are built under it): a moment stale at worst, which only delays a blank."""
+        return bool(self._loading)
+
     def _want(self, bus: str, delta: int) -> None:
         """A load bound for ``bus`` arrives (+1) or ends (-1). On arrival a relay through ``bus`` stops:
         it finishes the block it holds (64 MiB, ~1 ms) and the rest of that load goes direct."""

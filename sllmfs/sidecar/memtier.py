@@ -233,14 +233,15 @@ class MemoryTier:
         self.release_pins: Callable[[Resident], None] | None = None
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
         self.on_freed: Callable[[], None] | None = None  # a resident's memory was just given back (the cache re-blanks)
+        self.copying: Callable[[], bool] = lambda: False  # a GPU copy runs now (the cache sets it: GpuCopier.busy)
 
     def blank_room(self) -> int:
         """Bytes a blank pass may still make blanks of (prefault.py): none while a fill or a streamed pull
-        runs (it wants the hugetlb pool and the cores), else the budget less what is used and the blanks
-        made: memory an eviction freed becomes blanks again (pinned ones on a GPU node), so the next
-        tier-empty load neither faults nor pins (NOTES-cold run 9)."""
-        if any(r.state == "filling" for r in self.entries.values()):
-            return 0
+        runs (it wants the hugetlb pool and the cores) or a GPU copy does (it wants the pins), else the
+        budget less what is used and the blanks made: memory an eviction freed becomes blanks again
+        (pinned ones on a GPU node), so the next tier-empty load neither faults nor pins (NOTES-cold run 9)."""
+        if any(r.state == "filling" for r in (*self.entries.values(), *self.retired)) or self.copying():
+            return 0  # a blank's faults and pins would slow them: the pass waits for the next free moment
         return max(0, self.budget - self.used - self.blanks.nbytes)
 
     @property

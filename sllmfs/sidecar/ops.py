@@ -193,6 +193,7 @@ class Ops:
         stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout))
         stats["wall_s"] = time.perf_counter() - t0
         self.cache.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
+        self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d",
                  res.model, res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0),
                  stats["wall_s"], stats.get("gbps", 0.0), stats.get("ipc_opens", 0))

@@ -178,6 +178,9 @@ def make_blanks(blanks: Blanks, budget: int, threads: int, size: int = BLANK,
             blank = _faulted(zero, size, threads)
             if blank is None:
                 break
+            if room is not None and room() < size:  # a reserve took the room while it faulted in: give it back
+                blank.close()
+                break
             blanks.put(blank)
             made += size
     finally:

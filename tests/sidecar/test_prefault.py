@@ -69,6 +69,16 @@ def test_budget_bounds_the_blanks(hugepages: int) -> None:
     blanks.close_all()
 
 
+def test_a_blank_whose_room_a_reserve_took_meanwhile_is_given_back(hugepages: int) -> None:
+    """The tier's room is asked before a blank is faulted in and again before it is offered: a reserve
+    that took the room meanwhile (the budget) keeps it, and the blank's pages go back to the pool."""
+    blanks = prefault.Blanks()
+    asked = iter([64 * MiB, 0])  # room before the fault, none after it
+    made, _ = prefault.make_blanks(blanks, budget=128 * MiB, threads=2, size=64 * MiB, room=lambda: next(asked, 0))
+    assert made == 0 and blanks.nbytes == 0
+    assert prefault.hugepages_free()[0] * prefault.HUGE_PAGE >= 64 * MiB  # its pages are back in the pool
+
+
 def test_no_pool_makes_nothing() -> None:
     if free_pages():
         pytest.skip("this machine has free hugetlb pages")
