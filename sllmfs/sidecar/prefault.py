@@ -136,6 +136,8 @@ class Blanks:
         tried: set[int] = set()
         while True:
             with self._lock:
+                if self.closed:  # stopping: the rest stay unpinned (close_all closes them)
+                    return sum(1 for b in self._free if id(b) in tried and b.unpin is not None)
                 b = next((b for b in self._free if b.unpin is None and id(b) not in tried), None)
                 if b is None:
                     return sum(1 for b in self._free if id(b) in tried and b.unpin is not None)
