@@ -799,13 +799,7 @@ def part_main(b: Bench) -> None:
     b.reference(ck)
     for loader in PEERS:
         b.load("main", ck, loader, "warm", target(loader, ck.dir))
-    if any(map(b.wants, PEERS)):
-        with tmpfs_copy(ck) as shm:
-            for loader in PEERS:
-                if isinstance(shm, str):
-                    b.skip("main", ck, loader, "tmpfs", shm)
-                else:
-                    b.load("main", ck, loader, "tmpfs", target(loader, shm))
+    tmpfs_rows(b, ck, [loader for loader in PEERS if b.wants(loader)])
     if sllm:
         sllmfs_rows(b, ck, save_error)
     for loader in PEERS:
@@ -814,6 +808,18 @@ def part_main(b: Bench) -> None:
 
 SLLMFS_ROWS = (("sllmfs", "cold"), ("sllmfs", "hit"), ("sllmfs", "warm"), ("sllmfs-fuse", "hit"),
                ("sllmfs-fuse", "cold"))
+
+
+def tmpfs_rows(b: Bench, ck: Ckpt, loaders: list[str]) -> None:
+    """Each loader from a tmpfs copy of the checkpoint (the column the others are set against)."""
+    if not loaders:
+        return
+    with tmpfs_copy(ck) as shm:
+        for loader in loaders:
+            if isinstance(shm, str):
+                b.skip("main", ck, loader, "tmpfs", shm)
+            else:
+                b.load("main", ck, loader, "tmpfs", target(loader, shm))
 
 
 def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
@@ -849,14 +855,7 @@ def part_mount(b: Bench) -> None:
     save_error = b.save_model(ck)
     b.limits(ck.file)
     b.reference(ck)
-    pairs = [peer for peer in MOUNT_READERS.values() if b.wants(peer)]
-    if pairs:
-        with tmpfs_copy(ck) as shm:
-            for peer in pairs:
-                if isinstance(shm, str):
-                    b.skip("main", ck, peer, "tmpfs", shm)
-                else:
-                    b.load("main", ck, peer, "tmpfs", target(peer, shm))
+    tmpfs_rows(b, ck, [peer for peer in MOUNT_READERS.values() if b.wants(peer)])
     if save_error:
         for reader, placement in MOUNT_ROWS:
             b.skip("main", ck, reader, placement, save_error)

@@ -24,27 +24,18 @@ from sllmfs.sidecar.fill import Fill
 from sllmfs.store.format import digest, load_manifest
 from sllmfs.store.reader import variant_identity
 from tests.support.cudart import FAKE_PEER_CUDART
+from tests.support.hugepages import reserved_hugepages
 from tests.support.sidecar import make_model, sidecar, wait_log
 
 MiB = 1 << 20
-NR = Path("/proc/sys/vm/nr_hugepages")
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the fake CUDA runtime")
 
 
 @pytest.fixture
 def hugepages() -> Iterator[int]:
-    try:
-        before = int(NR.read_text())
-        NR.write_text(str(before + 192))
-    except OSError:
-        pytest.skip("cannot reserve hugetlb pages here (needs root and vm.nr_hugepages)")
-    try:
-        free, size = prefault.hugepages_free()
-        if size != 2 * MiB or free < 192:
-            pytest.skip(f"the kernel reserved {free} free pages of {size} bytes, not 192 of 2 MiB")
+    """192 more 2 MiB pages reserved for the test (root), given back after."""
+    with reserved_hugepages(192) as free:
         yield free
-    finally:
-        NR.write_text(str(before))
 
 
 @pytest.fixture

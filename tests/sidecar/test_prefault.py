@@ -12,27 +12,17 @@ import pytest
 from sllmfs.engine.segments import address_of
 from sllmfs.sidecar import prefault
 from sllmfs.sidecar.memtier import Segment
+from tests.support.hugepages import reserved_hugepages
 from tests.support.sidecar import make_model, sidecar, wait_log
 
-NR = Path("/proc/sys/vm/nr_hugepages")
 MiB = 1 << 20
 
 
 @pytest.fixture
 def hugepages() -> Iterator[int]:
     """128 more 2 MiB pages reserved for the test (root), given back after."""
-    try:
-        before = int(NR.read_text())
-        NR.write_text(str(before + 128))
-    except OSError:
-        pytest.skip("cannot reserve hugetlb pages here (needs root and vm.nr_hugepages)")
-    try:
-        free, size = prefault.hugepages_free()
-        if size != 2 << 20 or free < 128:
-            pytest.skip(f"the kernel reserved {free} free pages of {size} bytes, not 128 of 2 MiB")
+    with reserved_hugepages(128) as free:
         yield free
-    finally:
-        NR.write_text(str(before))
 
 
 def free_pages() -> int:
