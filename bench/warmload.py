@@ -137,24 +137,13 @@ def _pinned(log: Path) -> int:
     return log.read_text(errors="replace").count("pinned model=")
 
 
-def _timeline(sock: Path, model: str) -> dict[str, Any]:
-    from sllmfs.client.client import connect
-
-    with connect(str(sock)) as c:
-        st = c.status()
-    return next((v["timeline"] for m in st["models"] for v in m["variants"] if m["name"] == model), {})
-
-
 def _wait_pins(sock: Path, log: Path, before: int, device: str, model: str) -> None:
-    """On a GPU the sidecar pins a fill's segments once it ends (re-pinning what the copy pinned in
-    blocks) unless they came pinned with their blanks: wait for that, so the next load does not run beside it."""
+    """On a GPU the sidecar pins a fill's segments once it ends (re-pinning what the copy or its blanks
+    pinned in pieces): wait for that, so the next load does not run beside it."""
     if device == "cpu":
         return
     deadline = time.monotonic() + 120
     while _pinned(log) <= before and time.monotonic() < deadline:
-        tl = _timeline(sock, model)
-        if tl.get("pinned_blanks") and tl.get("fill_end"):
-            return  # its pins came with its blanks: no pin after the fill
         time.sleep(0.1)
 
 

@@ -261,6 +261,8 @@ class MemoryTier:
 
     def free_copy(self, nbytes: int) -> None:
         self.mount_copies = max(0, self.mount_copies - nbytes)
+        if nbytes and self.on_freed is not None:  # blanks dropped for the copy may come back
+            self.on_freed()
 
     def get(self, model: str, variant: str) -> Resident | None:
         res = self.entries.get((model, variant))

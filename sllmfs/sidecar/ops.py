@@ -190,10 +190,12 @@ class Ops:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
             raise BadInput("load_ipc 'timeout' must be a number of seconds in (0, 3600]")
         t0 = time.perf_counter()
-        stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout))
+        try:
+            stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout))
+        finally:
+            self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         stats["wall_s"] = time.perf_counter() - t0
         self.cache.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
-        self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d",
                  res.model, res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0),
                  stats["wall_s"], stats.get("gbps", 0.0), stats.get("ipc_opens", 0))
