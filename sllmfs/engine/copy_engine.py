@@ -177,9 +177,19 @@ class CopyEngine:
     def _auto_mode(self, segments: Sequence[SegmentLike]) -> str:
         # Segments pinned by register() copy at link speed whatever their page size.
         live = [(int(b), int(n)) for b, n, _, _ in segment_tuples(segments) if n > 0]
-        if live and all(self._pinned.get(b, 0) >= b + n for b, n in live):
+        if live and all(self._covered(b, b + n) for b, n in live):
             return "register"
         return choose_mode(segments)
+
+    def _covered(self, start: int, end: int) -> bool:
+        """Whether register() calls pinned [start, end) end to end (one call, or pieces that meet)."""
+        at = start
+        while at < end:
+            nxt = self._pinned.get(at, 0)
+            if nxt <= at:
+                return False
+            at = nxt
+        return True
 
     def release(self, segment: SegmentLike, *, idle: bool = False) -> int:
         """Unpin a segment's cached registrations (before it is unmapped). Waits for a copy running on

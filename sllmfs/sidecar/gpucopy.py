@@ -274,8 +274,9 @@ class GpuCopier:
         pairs = self._pairs()
         if res.gpu_pinned or res.state != "ready" or res.closed or not pairs:
             return
-        # a segment cut from a pinned blank holds pins below its cut only, and a partition not in
-        # hugetlb pages holds none: pinned whole here, or one such partition stages the whole model
+        # a segment cut from a pinned blank holds pins below its cut only (the rest is pinned here: pinning
+        # it whole would re-pin the pieces), a partition not in hugetlb pages holds none (pinned whole
+        # here, or one such partition stages the whole model: the copy engine's _auto_mode)
         res.gpu_pinned = True
         if res.unpin is None:
             res.unpin = lambda: self.release(res)
@@ -287,11 +288,17 @@ class GpuCopier:
                 with lock:
                     if res.closed:
                         return
-                    for s in segs:
-                        if s.length:
+                    for seg, s in zip(res.segments, segs, strict=True):
+                        if not s.length:
+                            continue
+                        if seg.pinned and seg.pinned_below:  # its blank's pieces stay: only the rest, if any
+                            if s.length <= seg.pinned_below:
+                                continue
+                            got = engine.register((s.base + seg.pinned_below, s.length - seg.pinned_below, 0, 0))
+                        else:
                             got = engine.register(s)
-                            pinned += int(got.get("bytes", 0))
-                            pin_s += float(got.get("seconds", 0.0))
+                        pinned += int(got.get("bytes", 0))
+                        pin_s += float(got.get("seconds", 0.0))
         except (CopyError, ValueError) as e:
             log.warning("could not pin model=%s variant=%s for GPU copies: %s", res.model, res.variant, e)
             return

@@ -52,6 +52,7 @@ class Segment:
         self.size = size
         self.huge = False
         self.pinned = False  # holds pins its blank was given for GPU copies (the resident must unpin them)
+        self.pinned_below = 0  # those pins cover [0, pinned_below): whole PIN_PIECE pieces, or all of it
         self._unpin: Unpin | None = None
         if blank is not None:
             self._from_blank(_round_up(size, HUGE_PAGE), blank)
@@ -92,6 +93,8 @@ class Segment:
             blank.close()  # unpinned before its map goes
             raise
         self.pinned = blank.unpin is not None
+        if self.pinned:  # an exact fit keeps every piece; a cut keeps those below the crossing one
+            self.pinned_below = length if length == blank.length else length // PIN_PIECE * PIN_PIECE
         self._unpin = blank.unpin  # what close() unpins with, if nothing did before
         self.fd, self.mm, self.length, self.huge = blank.fd, blank.mm, length, True
 

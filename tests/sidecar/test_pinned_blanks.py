@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,16 +39,24 @@ def hugepages() -> Iterator[int]:
         yield free
 
 
+_FAKE: dict[str, Any] = {}  # one stand-in per process: the native module opens the runtime once
+
+
 @pytest.fixture
-def fake_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
-    lib = tmp_path / "libfakecudart.so"
-    (tmp_path / "fake.c").write_text(FAKE_PEER_CUDART)
-    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(tmp_path / "fake.c")], check=True)
-    monkeypatch.setenv("SLLMFS_CUDART", str(lib))
-    fake = ctypes.CDLL(str(lib))  # the handle the engine opens too: one pin table
-    fake.fake_pins.restype = ctypes.c_int
-    fake.fake_bad_copies.restype = ctypes.c_longlong
-    return fake
+def fake_cuda(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> ctypes.CDLL:
+    """The stand-in runtime the copy engines of this process use; its pin table is shared by the tests
+    in it, so each counts from its own start (``base``)."""
+    if "handle" not in _FAKE:
+        d = tmp_path_factory.mktemp("fakecudart")
+        lib = d / "libfakecudart.so"
+        (d / "fake.c").write_text(FAKE_PEER_CUDART)
+        subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(d / "fake.c")], check=True)
+        fake = ctypes.CDLL(str(lib))  # the handle the engine opens too: one pin table
+        fake.fake_pins.restype = ctypes.c_int
+        fake.fake_bad_copies.restype = ctypes.c_longlong
+        _FAKE.update(lib=lib, handle=fake)
+    monkeypatch.setenv("SLLMFS_CUDART", str(_FAKE["lib"]))
+    return _FAKE["handle"]
 
 
 def _copy_to_fake_gpu(gpu: gpucopy.GpuCopier, res: memtier.Resident, expected: dict[str, bytes]) -> dict:
@@ -215,3 +224,41 @@ def test_a_blank_pass_that_fails_does_not_stop_the_daemon(
         trio.run(cache.blank_pass)
         trio.run(cache.blank_pass)
     assert caplog.text.count("making blank segments failed") == 2 and not cache._blanking
+
+
+def test_the_after_fill_pin_of_a_cut_blank_pins_only_past_its_pieces(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 MiB partition in a 64 MiB blank keeps the pieces below 16 MiB: the after-fill pin adds the
+    rest, one pin, instead of re-pinning the whole (review: ~0.6 s for 13.48 GB on one GPU), and the
+    copy then runs in register mode over pieces and tail without pinning anything itself."""
+    for mod in (prefault, memtier, gpucopy):
+        monkeypatch.setattr(mod, "PIN_PIECE", 8 * MiB)
+    monkeypatch.setenv("SLLMFS_RELAY", "off")
+    gpu = gpucopy.GpuCopier()
+    gpu.warm_up()
+    base, bad = fake_cuda.fake_pins(), fake_cuda.fake_bad_copies()
+    tier = memtier.MemoryTier(512 * MiB)
+    prefault.make_blanks(tier.blanks, budget=64 * MiB, threads=2, size=64 * MiB)
+    tier.release_pins = gpu.release
+    assert tier.blanks.pin_all(gpu.pin_blank) == 1
+    expected = make_model(tmp_path / "store", "org/cut", tensors=5, nbytes=4 * MiB)
+    vdir = tmp_path / "store" / "models" / "org%2Fcut" / "variants" / "hf"
+    res = tier.reserve("org/cut", "hf", load_manifest(vdir), variant_identity(vdir))
+    seg = res.segments[0]
+    assert seg.pinned and seg.pinned_below == 16 * MiB and seg.size > seg.pinned_below
+    assert fake_cuda.fake_pins() == base + 2  # the pieces below the cut
+    fill = Fill(res, vdir, 8 * MiB)
+    fill.worker()
+    fill.close()
+    assert not fill.error
+    res.state = "ready"
+    gpu.pin(res)
+    assert res.gpu_pinned and fake_cuda.fake_pins() == base + 3  # one more: the tail, the pieces kept
+    stats = _copy_to_fake_gpu(gpu, res, expected)
+    assert stats["mode"] == "register" and stats["newly_registered_bytes"] == 0
+    assert fake_cuda.fake_bad_copies() == bad
+    assert tier.evict("org/cut", "hf") == [res]
+    assert fake_cuda.fake_pins() == base
+    tier.close_all()
+    for engine, _lock in gpu._pairs():
+        engine.close()
