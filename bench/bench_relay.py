@@ -431,6 +431,8 @@ def tiny_load(connect: Any, sock: str, digest: Any) -> dict[str, Any]:
     """One load into a memfd playing GPU 0 (the stand-in runtime maps it in the sidecar through the handle)."""
     import numpy as np
 
+    from tests.support.cudart import memfd_handle
+
     with connect(sock) as c, c.acquire(MODEL) as lease:
         lease.wait(timeout=60)
         views = lease.tensors()
@@ -440,7 +442,7 @@ def tiny_load(connect: Any, sock: str, digest: Any) -> dict[str, Any]:
             os.ftruncate(fd, total)
             mem = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r+", shape=(total,))
             mem[:] = 0xEE
-            handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+            handle = memfd_handle(fd, total)
             at, where, pieces = 0, {}, []
             for name, ref in lease.entries.items():
                 pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])

@@ -107,13 +107,13 @@ def _one_sidecar(label: str, program: tuple[str, ...], store: Path, work: Path, 
         pins = _pinned(log)
         sh(sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", str(sock))
         for rep in range(1, reps + 1):
-            _wait_pins(sock, log, pins, device, model)
+            _wait_pins(log, pins, device)
             sh(sys.executable, "-m", "sllmfs", "evict", "--model", model, "--socket", str(sock))
             read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
             _wait_blank_pass(sock)
             pins = _pinned(log)
             rows.append(_one(f"{label}: tier empty, page cache #{rep}", sock, model, device, ref, connect))
-        _wait_pins(sock, log, pins, device, model)
+        _wait_pins(log, pins, device)
         rows.append(_one(f"{label}: memory-tier hit", sock, model, device, ref, connect))
     finally:
         stop(proc)
@@ -137,7 +137,7 @@ def _pinned(log: Path) -> int:
     return log.read_text(errors="replace").count("pinned model=")
 
 
-def _wait_pins(sock: Path, log: Path, before: int, device: str, model: str) -> None:
+def _wait_pins(log: Path, before: int, device: str) -> None:
     """On a GPU the sidecar pins a fill's segments once it ends (re-pinning what the copy or its blanks
     pinned in pieces): wait for that, so the next load does not run beside it."""
     if device == "cpu":

@@ -136,8 +136,8 @@ class Cache:
                                               abandon_on_cancel=True)
                 if not self._blank_again:
                     break
-        except Exception:  # blanks only speed fills up: a pass that fails (EMFILE, a pin) never stops the daemon
-            log.exception("making blank segments failed; fills write into fresh memory")
+        except Exception as e:  # blanks only speed fills up: a pass that fails (EMFILE, a pin) never stops the daemon
+            log.error("making blank segments failed (%s); fills write into fresh memory until a later pass", e)
         finally:
             self._blanking = False
 

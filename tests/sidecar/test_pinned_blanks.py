@@ -24,7 +24,7 @@ from sllmfs.sidecar import gpucopy, memtier, prefault
 from sllmfs.sidecar.fill import Fill
 from sllmfs.store.format import digest, load_manifest
 from sllmfs.store.reader import variant_identity
-from tests.support.cudart import FAKE_PEER_CUDART
+from tests.support.cudart import FAKE_PEER_CUDART, memfd_handle
 from tests.support.hugepages import reserved_hugepages
 from tests.support.sidecar import make_model, sidecar, wait_log
 
@@ -65,7 +65,7 @@ def _copy_to_fake_gpu(gpu: gpucopy.GpuCopier, res: memtier.Resident, expected: d
     fd = os.memfd_create("fake-gpu0")
     try:
         os.ftruncate(fd, total)
-        handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+        handle = memfd_handle(fd, total)
         blocks = [{"handle": handle, "size": total, "device": "0000:00:06.0"}]
         at, where, pieces = 0, {}, []
         for name, t in res.manifest.tensors.items():
@@ -136,7 +136,7 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
             total = sum(len(v) for v in expected.values())
             fd = os.memfd_create("fake-gpu0")
             os.ftruncate(fd, total)
-            handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+            handle = memfd_handle(fd, total)
             at, where, pieces = 0, {}, []
             for name, ref in lease.entries.items():
                 pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sllmfs.core.errors import BadInput, SidecarCannotCopy
-from tests.support.cudart import FAKE_IPC_CUDART
+from tests.support.cudart import FAKE_IPC_CUDART, memfd_handle
 from tests.support.sidecar import make_model, sidecar, wait_log
 
 
@@ -87,7 +87,7 @@ def test_sidecar_relays_through_an_idle_gpu_and_reports_the_cost(tmp_path: Path)
                 os.ftruncate(fd, total)
                 mem = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r+", shape=(total,))
                 mem[:] = 0xEE  # poison
-                handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+                handle = memfd_handle(fd, total)
                 blocks = [{"handle": handle, "size": total, "device": gpu0}]
                 at, where, pieces = 0, {}, []
                 for name, ref in lease.entries.items():
@@ -141,7 +141,7 @@ def test_no_relay_through_a_gpu_another_process_is_loading(tmp_path: Path) -> No
             total = sum(len(v) for v in expected.values())
             fd = os.memfd_create("fake-gpu0")
             os.ftruncate(fd, total)
-            handle = f"MEMFD:{os.getpid()}:{fd}:{total}".encode().ljust(64, b"\0")
+            handle = memfd_handle(fd, total)
             blocks = [{"handle": handle, "size": total, "device": "0000:00:06.0"}]
             at, pieces = 0, []
             for ref in lease.entries.values():

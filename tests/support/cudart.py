@@ -349,3 +349,11 @@ int nvmlDeviceGetPcieThroughput(void* h, int counter, unsigned* kbps) {
   return 0;
 }
 """
+
+
+def memfd_handle(fd: int, size: int) -> bytes:
+    """The 64-byte "IPC handle" the stand-ins above open as another process's memory: this process's
+    memfd ``fd`` of ``size`` bytes (the C side parses it: "MEMFD:pid:fd:size")."""
+    import os
+
+    return f"MEMFD:{os.getpid()}:{fd}:{size}".encode().ljust(64, b"\0")
