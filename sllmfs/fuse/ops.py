@@ -3,9 +3,10 @@
 Reads of synthesized files resolve to header bytes and partition ranges. A
 variant that is resident in the memory tier (this very version: its identity)
 is served by slicing its segments (no copy on our side; the sidecar verified
-them as it filled them); otherwise the ranges are read from the store's data
-files in a worker thread (``storeio``, which checks every window's checksum
-once), while the kernel's read-ahead keeps many such requests in flight.
+them as it filled them). A variant not resident is filled into the tier at a
+handle's first tensor read, and reads wait for their windows (``incoming``);
+where it cannot be, the ranges are read from the store's data files in a worker
+thread (``storeio``, which checks every window's checksum once).
 Contents never change for a given inode, so the kernel may keep its page cache
 across opens (``keep_cache``): re-reads never reach us.
 
@@ -26,6 +27,7 @@ import pyfuse3
 import trio
 
 from sllmfs.core.errors import SllmfsError
+from sllmfs.fuse.incoming import Incoming, Warm, wait_for
 from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles, read_meta
 from sllmfs.fuse.synth import Piece
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
@@ -51,6 +53,8 @@ class _Open:
     node: Node
     data: bytes | None = None  # a metadata file: its bytes, read whole at open and checked (storeio.read_meta)
     parts: PartitionFiles | None = None  # a synthesized file: its variant's data files
+    incoming: Incoming | None = None  # its variant filling into the memory tier (asked at the first tensor read)
+    warming: trio.Event | None = None  # set once that ask is answered (reads meanwhile wait for it)
 
 
 # Asked about a path the store lacks ("org" or "org/m"): "model" once the model is in the store
@@ -63,10 +67,11 @@ class Ops(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, tree: Tree, resident_view: ResidentView | None, gid: int | None = None,
-                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None):
+                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None, warm: Warm | None = None):
         super().__init__()
         self.tree = tree
         self.on_miss = on_miss
+        self.warm = warm  # fills a variant into the memory tier for a cold reader (None: the store serves)
         # models with a weights file open through the mount (the sidecar's disk budget leaves them alone)
         self.in_use: Counter[str] = in_use if in_use is not None else Counter()
         self.gid = gid  # with a group: root:group and no bits for others (the kernel checks, default_permissions)
@@ -354,6 +359,8 @@ class Ops(pyfuse3.Operations):
         assert synth is not None
         pieces = synth.resolve(off, size)
         views = self._resident(h.node)
+        if views is None and self.warm is not None and any(p.partition >= 0 for p in pieces):
+            views = await self._incoming(h, pieces)
         if len(pieces) == 1:
             p = pieces[0]
             end = p.source_offset + p.length
@@ -374,6 +381,26 @@ class Ops(pyfuse3.Operations):
             if len(buf) == POOL_BUFFER and len(self._buffers) < POOL_SIZE:
                 self._buffers.append(buf)
         return out
+
+    async def _incoming(self, h: _Open, pieces: list[Piece]) -> list[memoryview] | None:
+        """The variant's views once the windows of ``pieces`` are in the memory tier, the fill asked
+        for at this handle's first tensor read; None: read the store (no fill, or it failed or went)."""
+        st = h.node.stored
+        assert st is not None and self.warm is not None
+        if h.warming is None:
+            h.warming = trio.Event()
+            try:
+                h.incoming = await self.warm(st.model, st.key, st.identity)
+            finally:
+                h.warming.set()
+        else:
+            await h.warming.wait()
+        if h.incoming is None:
+            return None
+        views = await wait_for(h.incoming, pieces)
+        if views is None:
+            h.incoming = None  # failed or gone: this handle reads the store from now on
+        return views
 
     async def _fill(self, h: _Open, pieces: list[Piece], views: list[memoryview] | None, out: memoryview) -> None:
         synth = h.node.synth

@@ -21,6 +21,7 @@ from sllmfs.core.errors import BadInput
 from sllmfs.fuse import kernel, mount
 from sllmfs.fuse.backing import CopyBudget, ResidentFile
 from sllmfs.fuse.driver import KernelDriver
+from sllmfs.fuse.incoming import Warm
 from sllmfs.fuse.ops import OnMiss, Ops, ResidentView
 from sllmfs.fuse.tree import Tree
 from sllmfs.store.store import Store
@@ -41,7 +42,7 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
                 gid: int | None = None, visible: Callable[[str], bool] | None = None,
                 in_use: Counter[str] | None = None, on_miss: OnMiss | None = None,
                 driver: str = "auto", passthrough: bool = True, resident_file: ResidentFile | None = None,
-                copy_budget: CopyBudget | None = None,
+                copy_budget: CopyBudget | None = None, warm: Warm | None = None,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``store`` read-only at ``mountpoint`` until cancelled (or unmounted from outside).
 
@@ -52,10 +53,11 @@ async def serve(mountpoint: Path, store: Store, resident_view: ResidentView | No
     or "auto" (ours as root, else pyfuse3). ``passthrough``: off to serve every read ourselves.
     ``resident_file``: a memory tier that holds variants as their safetensors files (backing.py).
     ``copy_budget``: what passthrough backing copies count against (the sidecar's memory tier).
+    ``warm``: fills a variant into the memory tier for a cold reader (``incoming``; the sidecar's).
     """
     mountpoint = Path(mountpoint).absolute()
     mount.prepare(mountpoint)
-    ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use, on_miss)
+    ops = Ops(Tree(store, socket_path, visible), resident_view, gid, in_use, on_miss, warm)
     if driver != "pyfuse3":
         dev = _mount_ourselves(mountpoint, required=driver == "kernel")
         if dev is not None:

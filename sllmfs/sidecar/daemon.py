@@ -19,6 +19,7 @@ from sllmfs.core.errors import BadInput, SllmfsError, user_error
 from sllmfs.ops.systemd import notify
 from sllmfs.sidecar.fill import round_chunk
 from sllmfs.sidecar.memtier import MemoryTier
+from sllmfs.sidecar.mountfill import MountFill
 from sllmfs.sidecar.server import Server
 from sllmfs.store.store import Store
 
@@ -72,7 +73,8 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
                 visible = server.registry.is_registered if settings.registration_required else None
                 await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use,
                                             on_miss=server.cache.on_mount_miss if server.cache.origin else None,
-                                            copy_budget=tier),  # passthrough copies count in --mem-pool-size
+                                            copy_budget=tier,  # passthrough copies count in --mem-pool-size
+                                            warm=MountFill(server.cache)),  # cold reads ride a tier fill
                                     Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)
             if settings.metrics_port:

@@ -1,0 +1,76 @@
+"""The mount's cold reads ride a fill of the memory tier (``fuse/incoming.py`` says why).
+
+A reader of the mount gets no lease: `sllmfs evict` and the LRU treat the copy as they would without it.
+Once the copy is freed (or failed, or replaced in the store) the reader's next read goes to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sllmfs.core.errors import SllmfsError
+from sllmfs.fuse.incoming import Incoming
+from sllmfs.protocol.messages import Readiness
+from sllmfs.sidecar.cache import Cache
+from sllmfs.sidecar.memtier import Resident
+from sllmfs.store.format import CHUNK_SIZE
+from sllmfs.store.store import Identity
+
+log = logging.getLogger("sllmfs.sidecar")
+
+
+class TierIncoming:
+    """A resident copy as the mount reads it while (and after) its fill runs. Trio thread only: the
+    tier frees memory there too, so a state() that found the copy alive holds until the next await."""
+
+    def __init__(self, res: Resident):
+        self.res = res
+
+    def _alive(self) -> bool:
+        return not self.res.closed and self.res.state != "failed"
+
+    def state(self, part: int, lo: int, hi: int) -> Readiness | None:
+        if not self._alive():
+            return None
+        res = self.res
+        ready, base = res.ready.mm, res.chunk_base[part]
+        for k in range(lo // CHUNK_SIZE, (max(hi, lo + 1) - 1) // CHUNK_SIZE + 1):
+            s = ready[base + k]
+            if s != Readiness.READY:
+                return Readiness.FAILED if s == Readiness.FAILED else Readiness.PENDING
+        return Readiness.READY
+
+    def views(self) -> list[memoryview] | None:
+        if not self._alive():
+            return None
+        return [memoryview(s.mm)[: s.size] for s in self.res.segments]
+
+
+class MountFill:
+    """``fuse.incoming.Warm`` for the sidecar's mount: the variant's resident copy (a hit, or a fill
+    started from the store like any miss), when it is exactly the version the reader opened."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self._said: set[tuple[str, str, Identity, str]] = set()  # one line per version and outcome
+
+    async def __call__(self, model: str, variant: str, identity: Identity) -> Incoming | None:
+        try:
+            res = await self.cache.resident(model, variant)
+        except SllmfsError as e:  # no room in the pool, refused as damaged, removed: the store serves
+            self._once(model, variant, identity, "reads of the mount come from the store: %s", e)
+            return None
+        except Exception:  # a bug here must not fail the read: the store serves it
+            log.exception("mount: model=%s variant=%s: filling it for a reader failed", model, variant)
+            return None
+        if res.identity != identity:  # replaced since the reader opened it: its reads stay on that version
+            return None
+        if res.state == "filling":
+            self._once(model, variant, identity, "reads of the mount wait for its fill into the memory tier")
+        return TierIncoming(res)
+
+    def _once(self, model: str, variant: str, identity: Identity, line: str, *args: object) -> None:
+        key = (model, variant, identity, line)
+        if key not in self._said:
+            self._said.add(key)
+            log.info("mount: model=%s variant=%s " + line, model, variant, *args)
