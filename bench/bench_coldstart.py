@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -210,13 +211,14 @@ def written(home: Path) -> dict[str, dict[str, int]]:
 
 
 def start(label: str, model_path: str, load_format: str, home: Path, logs: Path, extra: str = "",
-          store: Path | None = None) -> dict[str, Any]:
+          store: Path | None = None, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     machine = store_env(home, store) if store else cache_env(home)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")
     marks_file = logs / (name + ".marks.jsonl")
     marks_file.unlink(missing_ok=True)
     mem = meminfo_gb()
-    env = {**os.environ, **machine, MARKS_ENV: str(marks_file), "SLLMFS_BENCH_SPAWN": repr(time.time())}
+    env = {**os.environ, **machine, **(env_extra or {}), MARKS_ENV: str(marks_file),
+           "SLLMFS_BENCH_SPAWN": repr(time.time())}
     proc = subprocess.run([sys.executable, __file__, "--child", model_path, load_format, extra],
                           capture_output=True, text=True, timeout=560, env=env)
     log = proc.stdout + proc.stderr
@@ -277,10 +279,12 @@ def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
 
 
 KINDS = {"default": "the default loader, the plain folder", "mount-default": "the default loader, the mount",
-         "sllm": "--load-format sllm, the mount"}
+         "sllm": "--load-format sllm, the mount",
+         "sllm-no-kernel-cache": "sllm, kernel caches not served"}
 
 
-def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: bool = False) -> dict[str, Any]:
+def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: bool = False,
+          no_kernel_cache: bool = False) -> dict[str, Any]:
     """Is an sllm memory-tier start ready sooner than the default loader's by (its load phase - 0.3 s)
     (#21.3)? One warm machine (kernel caches shared), the sllm first start to write the per-rank state
     back, then ``n`` pairs of starts, the order alternating so drift favours neither. A start's noise
@@ -289,12 +293,17 @@ def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: b
     and on the wall clock from the launch to ready. ``mount_default``: each pair also starts the default
     loader on the mount's folder (a triple, the order rotating), which tells the mount's share of a
     difference outside the load phase from the sllm loader's; every start records its phases outside
-    SGLang's scheduler clock (``phases``), each kind's median is printed."""
+    SGLang's scheduler clock (``phases``), each kind's median is printed. ``no_kernel_cache``: each pair
+    also starts the sllm loader with the plugin's kernel caches off (SLLMFS_KERNEL_CACHE=0): both sllm
+    starts of 2026-12-01 spent 2.2-4 s more than the default's in the scheduler child's imports, and the
+    caches' directories are what else differs between them."""
     import statistics
 
     _, side, view = served(src, work, logs, "sidecar-pairs.log")
     home = work / "home-pairs"
     kinds = ["default", "mount-default", "sllm"] if mount_default else ["default", "sllm"]
+    if no_kernel_cache:
+        kinds.append("sllm-no-kernel-cache")
     got: list[dict[str, dict[str, Any]]] = []
     try:
         keep("pairs_sllm_first", start("sllm first (any-TP, write-back)", view, "sllm", home, logs,
@@ -302,11 +311,12 @@ def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: b
         keep("pairs_default_warmup", start("default, warm-up", str(src), "auto", home, logs))
         for i in range(n):
             one = {}
-            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)] if mount_default else \
+            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)] if len(kinds) > 2 else \
                 (kinds if i % 2 == 0 else kinds[::-1])
             for kind in order:
                 r = start(f"pair {i} {kind}", str(src) if kind == "default" else view,
-                          "sllm" if kind == "sllm" else "auto", home, logs)
+                          "sllm" if kind.startswith("sllm") else "auto", home, logs,
+                          env_extra={"SLLMFS_KERNEL_CACHE": "0"} if kind == "sllm-no-kernel-cache" else None)
                 keep(f"pair{i}_{kind}", r)
                 one[kind] = r
             got.append(one)
@@ -358,6 +368,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="--part pairs: default/sllm pairs after the first start")
     ap.add_argument("--with-mount-default", action="store_true",
                     help="--part pairs: each pair also starts the default loader on the mount's folder")
+    ap.add_argument("--with-sllm-no-kernel-cache", action="store_true",
+                    help="--part pairs: each pair also starts the sllm loader with the kernel caches not served")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
     from llama_shapes import write_checkpoint
@@ -403,7 +415,7 @@ def main() -> None:
         finally:
             side.stop()
     if a.part == "pairs":
-        result["pairs"] = pairs(src, work, logs, keep, a.pairs, a.with_mount_default)
+        result["pairs"] = pairs(src, work, logs, keep, a.pairs, a.with_mount_default, a.with_sllm_no_kernel_cache)
     if a.part == "kernels":
         kernels(src, work, logs, keep)
         result["kernel_entries"] = subprocess.run([sys.executable, "-m", "sllmfs", "kernels", "ls", "--storage-path",
@@ -420,6 +432,9 @@ def main() -> None:
               f"{r.get('engine_s', float('nan')):>8.1f}{r.get('load_weight_s') or float('nan'):>7.2f}"
               f"{r.get('kv_cache_s') or float('nan'):>6.2f}{g:>8.1f}")
     print(f"greedy ids identical: {result['identical']}  -> {dest}")
+    # one archive: the GPU machine hands back at most 8 files (2026-12-01 lost four logs to that)
+    shutil.make_archive(str(dest.with_suffix("")) + "-logs", "gztar", logs)
+    shutil.rmtree(logs)
 
 
 if __name__ == "__mp_main__" and os.environ.get(MARKS_ENV):  # a process SGLang spawned for a timed start
