@@ -6,7 +6,13 @@ Reads the first --gb of FILE with O_DIRECT (page cache bypassed) at each (thread
 thread taking the next block from a shared counter, and prints GB/s per pair. The single-thread 64 MiB
 row is the "disk read" limit that bench/peers.py uses; the others show what a deeper queue gets.
 """
-import argparse, json, mmap, os, sys, threading, time
+import argparse
+import json
+import mmap
+import os
+import sys
+import threading
+import time
 
 
 def run(path: str, nbytes: int, threads: int, block: int) -> float:
