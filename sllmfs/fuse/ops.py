@@ -27,7 +27,7 @@ import pyfuse3
 import trio
 
 from sllmfs.core.errors import SllmfsError
-from sllmfs.fuse.incoming import Incoming, Warm, wait_for
+from sllmfs.fuse.incoming import START_AFTER, Incoming, Warm, wait_for
 from sllmfs.fuse.storeio import BadWindow, Checked, PartitionFiles, read_meta
 from sllmfs.fuse.synth import Piece
 from sllmfs.fuse.tree import Node, StoredVariant, Tree
@@ -53,8 +53,9 @@ class _Open:
     node: Node
     data: bytes | None = None  # a metadata file: its bytes, read whole at open and checked (storeio.read_meta)
     parts: PartitionFiles | None = None  # a synthesized file: its variant's data files
-    incoming: Incoming | None = None  # its variant filling into the memory tier (asked at the first tensor read)
-    warming: trio.Event | None = None  # set once that ask is answered (reads meanwhile wait for it)
+    incoming: Incoming | None = None  # its variant's copy in the memory tier, filling or ready
+    warming: trio.Event | None = None  # a fill was asked for: set once answered (reads meanwhile wait)
+    tensor_bytes: int = 0  # asked for so far: past incoming.START_AFTER a fill is started
 
 
 # Asked about a path the store lacks ("org" or "org/m"): "model" once the model is in the store
@@ -359,8 +360,11 @@ class Ops(pyfuse3.Operations):
         assert synth is not None
         pieces = synth.resolve(off, size)
         views = self._resident(h.node)
-        if views is None and self.warm is not None and any(p.partition >= 0 for p in pieces):
-            views = await self._incoming(h, pieces)
+        if views is None and self.warm is not None and h.parts is not None:
+            tensor = sum(p.length for p in pieces if p.partition >= 0)
+            if tensor:
+                h.tensor_bytes += tensor
+                views = await self._incoming(h, pieces)
         if len(pieces) == 1:
             p = pieces[0]
             end = p.source_offset + p.length
@@ -383,23 +387,30 @@ class Ops(pyfuse3.Operations):
         return out
 
     async def _incoming(self, h: _Open, pieces: list[Piece]) -> list[memoryview] | None:
-        """The variant's views once the windows of ``pieces`` are in the memory tier, the fill asked
-        for at this handle's first tensor read; None: read the store (no fill, or it failed or went)."""
+        """The variant's views once the windows of ``pieces`` are in the memory tier: a copy there
+        already (filling or not), or one this handle starts past START_AFTER bytes; None: read the store
+        (no copy yet, no room, or it failed or went)."""
         st = h.node.stored
         assert st is not None and self.warm is not None
-        if h.warming is None:
-            h.warming = trio.Event()
+        if h.warming is None and h.incoming is None:
+            start = h.tensor_bytes >= START_AFTER
+            if start:
+                h.warming = trio.Event()
             try:
-                h.incoming = await self.warm(st.model, st.key, st.identity)
+                h.incoming = await self.warm(st.model, st.key, st.identity, start)
             finally:
-                h.warming.set()
-        else:
+                if h.warming is not None:
+                    h.warming.set()
+        elif h.warming is not None:
             await h.warming.wait()
         if h.incoming is None:
             return None
         views = await wait_for(h.incoming, pieces)
-        if views is None:
-            h.incoming = None  # failed or gone: this handle reads the store from now on
+        if views is None:  # failed or gone: this handle reads the store from now on, starting nothing
+            h.incoming = None
+            if h.warming is None:
+                h.warming = trio.Event()
+                h.warming.set()
         return views
 
     async def _fill(self, h: _Open, pieces: list[Piece], views: list[memoryview] | None, out: memoryview) -> None:

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sllmfs.core.errors import BadInput
 from sllmfs.engine.segments import address_of
@@ -142,6 +142,9 @@ class Segment:
         os.close(self.fd)
 
 
+FillState = Literal["filling", "ready", "failed"]  # a resident copy: bytes arriving, all checked, refused
+
+
 @dataclass
 class Timeline:
     """When a resident copy's memory and bytes arrived, in ``time.monotonic()`` seconds: one clock for
@@ -180,7 +183,7 @@ class Resident:
     segments: list[Segment]
     ready: Segment
     chunk_base: list[int]  # index of each partition's first readiness byte
-    state: str = "filling"  # filling | ready | failed
+    state: FillState = "filling"
     leases: int = 0
     pinned: bool = False
     retired: bool = False  # replaced or evicted while leased: freed when its leases end

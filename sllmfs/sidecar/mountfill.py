@@ -47,14 +47,19 @@ class TierIncoming:
 
 
 class MountFill:
-    """``fuse.incoming.Warm`` for the sidecar's mount: the variant's resident copy (a hit, or a fill
-    started from the store like any miss), when it is exactly the version the reader opened."""
+    """``fuse.incoming.Warm`` for the sidecar's mount: the variant's resident copy (a hit, or with
+    ``start`` a fill started from the store like any miss), when it is exactly the version the reader
+    opened."""
 
     def __init__(self, cache: Cache):
         self.cache = cache
         self._said: set[tuple[str, str, Identity, str]] = set()  # one line per version and outcome
 
-    async def __call__(self, model: str, variant: str, identity: Identity) -> Incoming | None:
+    async def __call__(self, model: str, variant: str, identity: Identity, start: bool) -> Incoming | None:
+        if not start:  # join a copy that is there; start nothing
+            res = self.cache.tier.get(model, variant)
+            ok = res is not None and res.identity == identity and res.state != "failed" and not res.closed
+            return TierIncoming(res) if ok and res is not None else None
         try:
             res = await self.cache.resident(model, variant)
         except SllmfsError as e:  # no room in the pool, refused as damaged, removed: the store serves
