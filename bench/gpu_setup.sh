@@ -6,6 +6,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 [ -z "${NO_SGLANG:-}" ] && [ -f .gpu/sglang-env.sh ] && source .gpu/sglang-env.sh
 [ -f .gpu/fuse-env.sh ] && source .gpu/fuse-env.sh
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -i warning || true
+# The fill hashes with python xxhash: 4.1+ dispatches to the CPU's widest vectors (bench/NOTES-cold.md run 10).
+if ls .gpu/wheels/xxhash-*.whl >/dev/null 2>&1 && ! python3 -c "import sys, xxhash; sys.exit(tuple(map(int, xxhash.VERSION.split('.')[:2])) < (4, 1))"; then
+  python3 -m pip install -q --no-index --no-deps .gpu/wheels/xxhash-*.whl 2>&1 | grep -v -i warning || true
+fi
+python3 -c "import xxhash; print('xxhash', xxhash.VERSION)"
 python3 -c "import sllmfs._native, trio, pyfuse3; print('sllmfs ready')"
 # The memory tier uses hugetlb memfds when pages are reserved: GPU registration is ~2x cheaper.
 echo "${1:-8192}" > /proc/sys/vm/nr_hugepages || true
