@@ -160,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/sllmfs-direct"))
-    ap.add_argument("--repeat", type=int, default=3, help="pairs per pattern (mount, then tmpfs)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per pattern (mount, backing, tmpfs in turn)")
     ap.add_argument("--depth", type=int, default=128, help="io_uring reads in flight (InstantTensor: up to 512)")
     ap.add_argument("--threads", type=int, default=16, help="pread and mmap threads (fastsafetensors: 16)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py loaders (instanttensor, fastsafetensors)")
