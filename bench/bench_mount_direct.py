@@ -149,6 +149,12 @@ def peer_load(peer: str, path: Path, device: str, ref: Path, env: dict[str, str]
     return {"error": (proc.stdout + proc.stderr).splitlines()[-5:]}
 
 
+def why_not(got: dict[str, object]) -> str:
+    """A peer load without a figure: its skip reason, or the last line of its error."""
+    err = got.get("error")
+    return str(got.get("skipped") or (err[-1] if isinstance(err, list) and err else err))
+
+
 # the setting that makes each peer read the mount as it reads tmpfs
 PEER_SETTINGS = {"instanttensor": {"INSTANTTENSOR_BACKEND": "MMAP"},
                  "fastsafetensors": {"FASTSAFETENSORS_ODIRECT": "0"}}
@@ -245,17 +251,18 @@ def main() -> None:
                 got_t = peer_load(peer, tmpfs_file, args.device, ref, env)
                 got_m = peer_load(peer, fuse_file, args.device, ref, env)
                 key = f"{peer} ({setting}: {env or 'none'})"
-                row: dict[str, object] = {"tmpfs": got_t, "mount": got_m}
+                peer_row: dict[str, object] = {"tmpfs": got_t, "mount": got_m}
                 if "gbps" in got_t and "gbps" in got_m:
-                    t, m = float(got_t["gbps"]), float(got_m["gbps"])  # type: ignore[arg-type]
-                    row["ratio"] = round(m / measured(f"tmpfs for {key}", t), 2)
-                    print(f"{key:60s} mount {m:6.2f}  tmpfs {t:6.2f} GB/s  ratio {m / t:4.2f}  checked "
-                          f"{got_m.get('ok')}/{got_t.get('ok')}  chosen {got_m.get('settings', {}).get('chosen', '')}",
+                    on_tmpfs, on_mount = float(str(got_t["gbps"])), float(str(got_m["gbps"]))
+                    peer_row["ratio"] = round(on_mount / measured(f"tmpfs for {key}", on_tmpfs), 2)
+                    settings = got_m.get("settings")
+                    chosen = settings.get("chosen", "") if isinstance(settings, dict) else ""
+                    print(f"{key:60s} mount {on_mount:6.2f}  tmpfs {on_tmpfs:6.2f} GB/s  ratio "
+                          f"{on_mount / on_tmpfs:4.2f}  checked {got_m.get('ok')}/{got_t.get('ok')}  chosen {chosen}",
                           flush=True)
                 else:
-                    print(f"{key}: {got_t.get('skipped') or got_t.get('error')} / "
-                          f"{got_m.get('skipped') or got_m.get('error')}", flush=True)
-                peers[key] = row
+                    print(f"{key}: tmpfs {why_not(got_t)} / mount {why_not(got_m)}", flush=True)
+                peers[key] = peer_row
         results["peers (backing held: no copy inside these timers)"] = peers
         os.close(held)
     finally:
