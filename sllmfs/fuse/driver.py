@@ -206,6 +206,11 @@ class KernelDriver:
             size = kernel.GETXATTR_IN.unpack_from(body)[0]
             names = await ops.listxattr(pyfuse3.InodeT(req.nodeid), ctx)
             return [_sized(b"".join(bytes(n) + b"\0" for n in names), size)]
+        if op == Opcode.POLL:
+            # ENOSYS: the kernel asks no more and calls every file of the mount readable. That is why io_uring
+            # runs its reads of the mount in the reader's submitting thread, never io-wq (bench/NOTES-mount.md,
+            # "O_DIRECT and io_uring readers"); no poll answer avoids that without a round trip per read.
+            return None
         return None  # ACCESS (the kernel checks: default_permissions) and every write: ENOSYS / EROFS by the VFS
 
     def _readdir(self, fh: int, offset: int, size: int) -> bytes:

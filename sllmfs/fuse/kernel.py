@@ -38,6 +38,7 @@ class Opcode(IntEnum):
     ACCESS = 34
     INTERRUPT = 36
     DESTROY = 38
+    POLL = 40
     BATCH_FORGET = 42
 
 
