@@ -44,6 +44,8 @@ from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sid
 from sllmfs.sidecar import prefault  # noqa: E402
 
 ALIGN = 4096
+# the fill's page-cache read sizes tried beside its 1 MiB (the first also as a whole daemon, --part blanks)
+SMALL_READS_KIB = (256, 64)
 
 
 def _run_all(work: list[Callable[[], object]]) -> float:
@@ -351,11 +353,11 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
 def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Callable[[], float]], None],
             t: int) -> dict[str, float]:
     """The fill from the page cache into segments made of start-time blanks (memory already faulted in)
-    in the fill's old order (bench/old_fill_order.py) and its own, and into fresh memory, alternating,
-    with the copy into memory already faulted in as the limit; the fill's copy + checksum modelled in
-    this process (one map, no sidecar) in the old order (hash the piece after reading it) and the new
-    (hash each read as it lands, in the caches); and the rate the sidecar logs (its threads alone)
-    next to the CLI's end to end figure (and the CLI's own seconds)."""
+    with its page-cache reads as they are (1 MiB) and smaller (bench/fill_read_size.py), and into fresh
+    memory, alternating, with the copy into memory already faulted in as the limit; the fill's copy +
+    checksum modelled in this process (one map, no sidecar) in the old order (hash the piece after
+    reading it) and the new (hash each read as it lands) at 1 MiB and smaller reads; and the rate the
+    sidecar logs (its threads alone) next to the CLI's end to end figure (and the CLI's own seconds)."""
     if not prefault.hugepages_free()[0]:
         raise SystemExit("no free hugetlb pages: reserve some (echo N > /proc/sys/vm/nr_hugepages) to compare")
     read_files(files, t, 32 << 20, direct=False)
@@ -364,10 +366,13 @@ def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
     warm(f"page cache -> map {t} threads (limit, the fill's places)", lambda: copy_into_map(files, t, piece))
     warm(f"map + xxh3 after each piece {t} threads", lambda: copy_into_map(files, t, piece, verify="after"))
     warm(f"map + xxh3 each 1MiB read {t} threads", lambda: copy_into_map(files, t, piece, read=read, verify="each"))
+    for kib in SMALL_READS_KIB:  # does a smaller read stay in L2 until its checksum? (NOTES-cold run 11)
+        warm(f"map + xxh3 each {kib}KiB read {t} threads",
+             lambda k=kib: copy_into_map(files, t, piece, read=k << 10, verify="each"))
     secs: dict[str, float] = {}
-    old_order = (str(HERE / "old_fill_order.py"),)  # the same daemon with the fill's order before run 7
+    small = (str(HERE / "fill_read_size.py"), str(SMALL_READS_KIB[0]))  # the daemon, its page-cache reads smaller
     for rep in (1, 2):
-        kinds = [("blanks, old order", [], old_order), ("blanks", [], ("-m", "sllmfs"))]
+        kinds = [(f"blanks, {SMALL_READS_KIB[0]} KiB reads", [], small), ("blanks", [], ("-m", "sllmfs"))]
         for kind, extra, program in [*kinds[::1 if rep == 1 else -1], ("fresh", ["--no-prefault"], ("-m", "sllmfs"))]:
             own: dict[str, float] = {}
             warm(f"sidecar fill page cache {t} threads, {kind} #{rep}",

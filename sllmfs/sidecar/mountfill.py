@@ -53,7 +53,9 @@ class MountFill:
 
     def __init__(self, cache: Cache):
         self.cache = cache
-        self._said: set[tuple[str, str, Identity, str]] = set()  # one line per version and outcome
+        # one line per version and outcome: (model, variant) -> (the version said of, lines said); a new
+        # version starts afresh, so this holds one entry per variant however often models are replaced
+        self._said: dict[tuple[str, str], tuple[Identity, set[str]]] = {}
 
     async def __call__(self, model: str, variant: str, identity: Identity, start: bool) -> Incoming | None:
         if not start:  # join a copy that is there; start nothing
@@ -75,7 +77,9 @@ class MountFill:
         return TierIncoming(res)
 
     def _once(self, model: str, variant: str, identity: Identity, line: str, *args: object) -> None:
-        key = (model, variant, identity, line)
-        if key not in self._said:
-            self._said.add(key)
+        said = self._said.get((model, variant))
+        if said is None or said[0] != identity:
+            said = self._said[(model, variant)] = (identity, set())
+        if line not in said[1]:
+            said[1].add(line)
             log.info("mount: model=%s variant=%s " + line, model, variant, *args)

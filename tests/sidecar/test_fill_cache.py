@@ -322,3 +322,28 @@ def test_status_gives_the_fill_timeline_on_the_clients_clock(tmp_path: Path) -> 
                 <= tl["fill_end"] <= time.monotonic()
             assert tl["partitions"] == 1 and 0 <= tl["from_blanks"] <= 1 and tl["alloc_s"] >= 0
             assert c.evict("org/t") == ["hf"]
+
+
+@pytest.mark.parametrize("kib", [256, 64])
+def test_smaller_page_cache_reads_fill_the_same_bytes_and_refuse_a_flip(tmp_path: Path, kib: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/fill_read_size.py's patch (NOTES-cold run 11): the page-cache path in reads of ``kib`` KiB
+    checks every window the same way: all cached, the bytes are exact; a flipped byte fails its window."""
+    import sllmfs.sidecar.fill as fill_mod
+
+    patch = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "fill_read_size.py"))
+    monkeypatch.setattr(fill_mod, "CACHED_READ", fill_mod.CACHED_READ)  # restored after the test
+    patch["set_read_size"](kib)
+    assert fill_mod.CACHED_READ == kib << 10
+    with _resident(tmp_path, seed=14) as (res, vdir, want):
+        _evict(vdir / "data_0.bin", gaps=())  # all cached: every window comes in reads of kib KiB
+        fill = Fill(res, vdir, 8 * MIB)
+        _run(fill)
+        assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
+        assert _readiness(res) == [R] * 6 and fill.cached_bytes == len(want)
+    with _resident(tmp_path / "flip", seed=15) as (res, vdir, want):
+        _flip(vdir / "data_0.bin", 9 * MIB + kib * 1024 + 3)  # window 2, inside its second read
+        _evict(vdir / "data_0.bin", gaps=())
+        fill = Fill(res, vdir, 8 * MIB)
+        _run(fill)
+        assert fill.error is not None and _readiness(res)[2] == F
