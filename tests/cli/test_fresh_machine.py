@@ -223,7 +223,8 @@ def test_interrupted_load_leaves_no_temp_dir(tmp_path: Path, llama_dir: Path) ->
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/llama", llama_dir)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            for _attempt in range(5):  # catch it while its temp dir exists
+            interrupted = False
+            for _attempt in range(10):  # catch it while its temp dir exists
                 proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "load", "--model", "org/llama",
                                          "--backend", "transformers", "--device", "cpu", "--socket",
                                          str(sd.socket)], env={**os.environ, "TMPDIR": str(scratch)},
@@ -233,10 +234,17 @@ def test_interrupted_load_leaves_no_temp_dir(tmp_path: Path, llama_dir: Path) ->
                 if proc.poll() is None:
                     proc.send_signal(sig)
                     _, err = proc.communicate(timeout=60)
-                    assert proc.returncode == 130, err
                     assert "Traceback" not in err
-                    break
-                proc.communicate()
+                    # 0: on a busy machine the load can end (dir removed, model loaded) before the signal
+                    # lands, as late as the interpreter's exit, where Python no longer runs handlers
+                    assert proc.returncode in (130, 0), err
+                    assert not list(scratch.iterdir())
+                    if proc.returncode == 130:  # typer's exit for an interrupt
+                        interrupted = True
+                        break
+                else:
+                    proc.communicate()
+            assert interrupted, f"no load was caught while its temp dir existed ({sig!r})"
             assert not list(scratch.iterdir())
 
 
