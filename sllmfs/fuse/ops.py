@@ -393,14 +393,16 @@ class Ops(pyfuse3.Operations):
         st = h.node.stored
         assert st is not None and self.warm is not None
         if h.warming is None and h.incoming is None:
-            start = h.tensor_bytes >= START_AFTER
-            if start:
-                h.warming = trio.Event()
-            try:
-                h.incoming = await self.warm(st.model, st.key, st.identity, start)
-            finally:
-                if h.warming is not None:
-                    h.warming.set()
+            if h.tensor_bytes >= START_AFTER:
+                h.warming = warming = trio.Event()  # reads meanwhile wait for this answer
+                try:
+                    h.incoming = await self.warm(st.model, st.key, st.identity, True)
+                finally:
+                    warming.set()
+            else:  # join only; another read of this handle may have started a fill while this one asked
+                joined = await self.warm(st.model, st.key, st.identity, False)
+                if h.warming is None and h.incoming is None:
+                    h.incoming = joined
         elif h.warming is not None:
             await h.warming.wait()
         if h.incoming is None:

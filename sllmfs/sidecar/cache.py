@@ -11,6 +11,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +216,13 @@ class Cache:
         log.info("fill started model=%s variant=%s bytes=%d threads=%d", res.model, res.variant, fill.total,
                  self.settings.num_thread)
         try:
+            # the fill's own threads: on trio's shared limiter (40), a few fills at once (the mount starts
+            # them too) would starve every other to_thread call (store reads, manifests) until one ends
+            threads = max(1, self.settings.num_thread)
+            own = trio.CapacityLimiter(threads)
             async with trio.open_nursery() as n:
-                for _ in range(max(1, self.settings.num_thread)):
-                    n.start_soon(trio.to_thread.run_sync, fill.worker)
+                for _ in range(threads):
+                    n.start_soon(partial(trio.to_thread.run_sync, fill.worker, limiter=own))
         except Exception as e:  # a bug fails this fill, never the daemon
             log.exception("fill crashed model=%s variant=%s", res.model, res.variant)
             fill.error = fill.error or f"internal error: {type(e).__name__}"

@@ -60,8 +60,11 @@ class MountFill:
     async def __call__(self, model: str, variant: str, identity: Identity, start: bool) -> Incoming | None:
         if not start:  # join a copy that is there; start nothing
             res = self.cache.tier.get(model, variant)
-            ok = res is not None and res.identity == identity and res.state != "failed" and not res.closed
+            ok = (res is not None and res.identity == identity and res.state != "failed" and not res.closed
+                  and not res.error)  # a fill failing right now: the store answers (its window fails there)
             return TierIncoming(res) if ok and res is not None else None
+        if self.cache.identity(model, variant) != identity:  # replaced since the reader opened it: filling
+            return None  # the new version would evict others for a reader that never reads it
         try:
             res = await self.cache.resident(model, variant)
         except SllmfsError as e:  # no room in the pool, refused as damaged, removed: the store serves

@@ -217,6 +217,12 @@ def test_evict_typo_warm_progress_and_rm_frees_memory(tmp_path: Path) -> None:
         assert st["memory"]["used"] == 0 and not st["models"]
 
 
+def _default_sigint() -> None:
+    """A test run started in the background by a shell (`.ci/run &`) ignores SIGINT, and so would the
+    load it starts (Python keeps an ignored SIGINT ignored): the user's Ctrl-C is what is tested here."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_load_leaves_no_temp_dir(tmp_path: Path, llama_dir: Path) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -228,7 +234,8 @@ def test_interrupted_load_leaves_no_temp_dir(tmp_path: Path, llama_dir: Path) ->
                 proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "load", "--model", "org/llama",
                                          "--backend", "transformers", "--device", "cpu", "--socket",
                                          str(sd.socket)], env={**os.environ, "TMPDIR": str(scratch)},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=_default_sigint)
                 while proc.poll() is None and not list(scratch.glob("sllmfs-meta-*")):
                     time.sleep(0.002)
                 if proc.poll() is None:

@@ -23,6 +23,7 @@ from tests.support import uring
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root")
+needs_uring = pytest.mark.skipif(not uring.available(), reason="io_uring refused here (seccomp or io_uring_disabled)")
 
 CHUNK = 64 << 10  # several reads in flight on the small test model; O_DIRECT-aligned
 
@@ -64,6 +65,7 @@ def test_o_direct_preads_from_threads_are_served_by_passthrough_with_exact_bytes
     assert child.stats() == (0, 1, 0)  # no READ reached the daemon; one backing
 
 
+@needs_uring
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 @pytest.mark.parametrize("punt", [False, True], ids=["default", "iosqe_async"])
 def test_io_uring_reads_are_served_by_passthrough_with_exact_bytes(served, llama_dir: Path, direct: bool,  # noqa: F811
@@ -100,6 +102,7 @@ def _io_wq_workers(path: Path, punt: bool) -> int:
     return int(out.stdout.strip())
 
 
+@needs_uring
 def test_io_uring_reads_of_the_mount_run_in_the_submitting_thread_and_tmpfs_reads_in_io_wq(
         served, llama_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     """The kernel's behaviour the notes rest on (6.18): a FUSE file has a poll method and, with no poll

@@ -148,3 +148,26 @@ def test_a_small_read_starts_no_fill(tmp_path: Path) -> None:
         st = sd.status()
         assert _tier(st, "org/probe") != "memory" and st["counters"]["misses"] == 0, st
         assert "mount: model=org/probe" not in sd.log()
+
+
+def test_a_reader_of_a_replaced_version_starts_no_fill_of_the_new_one(tmp_path: Path) -> None:
+    """A handle opened before `save --force` keeps reading its own version from the store; past
+    START_AFTER it must not fill the new version (gigabytes it never reads, evicting others)."""
+    mnt, store = tmp_path / "mnt", tmp_path / "store"
+    old = make_model(store, "org/swap", tensors=TENSORS, nbytes=4 * MIB)
+    with sidecar(tmp_path, "--mount", str(mnt)) as sd:
+        _mounted(sd, mnt)
+        fd = os.open(mnt / "org" / "swap" / "model.safetensors", os.O_RDONLY)
+        try:
+            first = os.pread(fd, MIB, 0)  # the header: the handle is open on the old version
+            new = make_model(store, "org/swap", tensors=TENSORS, nbytes=4 * MIB, seed=9, force=True)
+            assert new != old
+            size = os.fstat(fd).st_size
+            data = first + b"".join(os.pread(fd, MIB, off) for off in range(MIB, size, MIB))
+        finally:
+            os.close(fd)
+        assert _tensors(data) == old
+        time.sleep(0.5)
+        st = sd.status()
+        assert st["counters"]["misses"] == 0 and _tier(st, "org/swap") != "memory", st
+        assert "fill started model=org/swap" not in sd.log()

@@ -12,6 +12,7 @@ FUSE file is) is read inline by the submitter, one read at a time, whatever the 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import resource
@@ -54,11 +55,22 @@ class Result:
 
 
 def _syscall(*args: int) -> int:
-    r = _libc.syscall(*[ctypes.c_long(a) for a in args])
-    if r < 0:
+    while True:
+        r = _libc.syscall(*[ctypes.c_long(a) for a in args])
+        if r >= 0:
+            return int(r)
         e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return int(r)
+        if e != errno.EINTR:
+            raise OSError(e, os.strerror(e))
+
+
+def available() -> bool:
+    """Whether this process may make a ring (seccomp or kernel.io_uring_disabled may refuse it)."""
+    try:
+        Ring(2).close()
+    except OSError:
+        return False
+    return True
 
 
 class Ring:
@@ -71,12 +83,21 @@ class Ring:
         sq_head, sq_tail, sq_mask, _, _, _, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask, _, _, cqes = p[19:25]
         if not features & _FEAT_SINGLE_MMAP:
+            os.close(self.fd)
             raise OSError(0, "io_uring without IORING_FEAT_SINGLE_MMAP (Linux < 5.4)")
         size = max(sq_array + self.sq_entries * 4, cqes + self.cq_entries * _CQE.size)
-        self.ring = mmap.mmap(self.fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                              mmap.PROT_READ | mmap.PROT_WRITE, offset=_OFF_SQ_RING)
-        self.sqes = mmap.mmap(self.fd, self.sq_entries * _SQE.size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                              mmap.PROT_READ | mmap.PROT_WRITE, offset=_OFF_SQES)
+        try:
+            self.ring = mmap.mmap(self.fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=_OFF_SQ_RING)
+            try:
+                self.sqes = mmap.mmap(self.fd, self.sq_entries * _SQE.size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=_OFF_SQES)
+            except OSError:
+                self.ring.close()
+                raise
+        except OSError:
+            os.close(self.fd)
+            raise
         self._sq = (sq_head, sq_tail, sq_mask, sq_array)
         self._cq = (cq_head, cq_tail, cq_mask, cqes)
 
@@ -93,10 +114,15 @@ class Ring:
         _SQE.pack_into(self.sqes, slot * _SQE.size, _OP_READ, _SQE_ASYNC if punt else 0, 0, fd, offset, addr,
                        length, 0, tag)
         self._set_u32(array_off + slot * 4, slot)
-        self._set_u32(tail_off, tail + 1)  # x86/arm64 Python: the stores above are visible first (GIL, TSO)
+        self._set_u32(tail_off, tail + 1)  # x86 (TSO): the stores above are visible first
 
     def submit_and_wait(self, to_submit: int, wait: int) -> None:
-        _syscall(_SYS_ENTER, self.fd, to_submit, wait, _ENTER_GETEVENTS, 0, 0)
+        took = _syscall(_SYS_ENTER, self.fd, to_submit, wait, _ENTER_GETEVENTS, 0, 0)
+        while took < to_submit:  # the kernel may take fewer than asked: the rest stay queued, submit them
+            more = _syscall(_SYS_ENTER, self.fd, to_submit - took, 0, 0, 0, 0)
+            if not more:
+                raise OSError(0, f"io_uring took {took} of {to_submit} reads and no more")
+            took += more
 
     def completions(self) -> list[tuple[int, int]]:
         head_off, tail_off, mask_off, cqes = self._cq
@@ -122,13 +148,23 @@ def read_file(path: str, *, chunk: int = 8 << 20, depth: int = 64, direct: bool 
     none: the reads are the figure)."""
     size = os.stat(path).st_size
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    ring = Ring(depth)
+    try:
+        ring = Ring(depth)
+    except OSError:
+        os.close(fd)
+        raise
     depth = min(depth, ring.sq_entries)
-    buffers = mmap.mmap(-1, depth * chunk, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    try:
+        buffers = mmap.mmap(-1, depth * chunk, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    except OSError:
+        ring.close()
+        os.close(fd)
+        raise
     base = ctypes.addressof(ctypes.c_char.from_buffer(buffers))
     view = memoryview(buffers)
+    inflight: dict[int, int] = {}  # buffer -> file offset
     try:
-        free, inflight = list(range(depth)), {}  # buffer -> file offset
+        free = list(range(depth))
         offset = done = 0
         t0, self0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_THREAD)
         proc0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -159,9 +195,10 @@ def read_file(path: str, *, chunk: int = 8 << 20, depth: int = 64, direct: bool 
         del base
         ring.close()
         os.close(fd)
-        try:
-            buffers.close()
-        except BufferError:
-            pass
+        if not inflight:  # an error left reads in flight: the kernel may still land them, so their buffers
+            try:  # stay mapped (leaked until the process ends) rather than under memory reused meanwhile
+                buffers.close()
+            except BufferError:
+                pass
     cpu = lambda r0, r1: (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)  # noqa: E731
     return Result(size, seconds, cpu(self0, self1), cpu(proc0, proc1))
