@@ -43,15 +43,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from bench.bench_fuse import Server, build, kernel_fuse_config
+from bench.bench_fuse import Server, build, kernel_fuse_config, py_read  # py_read: 16 MiB reads, one thread
 from tests.support import uring
 
 HERE = Path(__file__).resolve().parent
 PREAD_CHUNK, MMAP_CHUNK, URING_CHUNK = 16 << 20, 8 << 20, 8 << 20
+
+
+def _timed(work: Callable[[int], None], threads: int) -> float:
+    """Seconds for ``threads`` threads, ``work(i)`` each, to all finish."""
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def pread_threads(path: Path, threads: int, direct: bool) -> tuple[int, float]:
@@ -73,13 +85,7 @@ def pread_threads(path: Path, threads: int, direct: bool) -> tuple[int, float]:
             errors.append(e)
 
     try:
-        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-        t0 = time.perf_counter()
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        secs = time.perf_counter() - t0
+        secs = _timed(work, threads)
     finally:
         os.close(fd)
         for b in bufs:
@@ -103,26 +109,10 @@ def mmap_threads(path: Path, threads: int) -> tuple[int, float]:
             piece = src[at:at + MMAP_CHUNK]
             np.copyto(bufs[i][:len(piece)], piece)  # numpy copies without the GIL
 
-    pool = [threading.Thread(target=work, args=(i, src)) for i in range(threads)]
-    t0 = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    secs = time.perf_counter() - t0
-    del pool, src  # no view of the map left: it can close
+    secs = _timed(partial(work, src=src), threads)  # the partial goes with the call: no view left after
+    del src  # no view of the map left: it can close
     m.close()
     return size, secs
-
-
-def read_one_thread(path: Path) -> tuple[int, float]:
-    buf = bytearray(PREAD_CHUNK)
-    total = 0
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            total += n
-    return total, time.perf_counter() - t0
 
 
 def backing_path(server_pid: int, name: str) -> Path:
@@ -213,7 +203,7 @@ def main() -> None:
             f"pread O_DIRECT 16 MiB x{args.threads} threads": lambda p: pread_threads(p, args.threads, True),
             f"pread buffered 16 MiB x{args.threads} threads": lambda p: pread_threads(p, args.threads, False),
             f"mmap copy 8 MiB x{args.threads} threads": lambda p: mmap_threads(p, args.threads),
-            "read 16 MiB, one thread": read_one_thread,
+            "read 16 MiB, one thread": py_read,
         }
         for key, fn in patterns.items():
             runs: dict[str, list[float]] = {t: [] for t in targets}
