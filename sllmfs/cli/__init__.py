@@ -55,9 +55,13 @@ def main() -> None:
     except SllmfsError as e:
         print(f"sllmfs: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (typer answers one inside: exit 130, no line)
         print("sllmfs: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # Ctrl-C or SIGTERM in a command: say so, the exit status alone is easy to miss
+            print("sllmfs: interrupted", file=sys.stderr)
+        raise
     except BaseExceptionGroup as group:  # an error raised inside a trio nursery
         err = user_error(group)
         if err is None:

@@ -246,7 +246,8 @@ def test_interrupted_load_leaves_no_temp_dir(tmp_path: Path, llama_dir: Path) ->
                     # lands, as late as the interpreter's exit, where Python no longer runs handlers
                     assert proc.returncode in (130, 0), err
                     assert not list(scratch.iterdir())
-                    if proc.returncode == 130:  # typer's exit for an interrupt
+                    if proc.returncode == 130:
+                        assert err.strip().splitlines()[-1] == "sllmfs: interrupted", err
                         interrupted = True
                         break
                 else:
