@@ -365,10 +365,13 @@ def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
     piece, read = 32 << 20, 1 << 20
     warm(f"page cache -> map {t} threads (limit, the fill's places)", lambda: copy_into_map(files, t, piece))
     warm(f"map + xxh3 after each piece {t} threads", lambda: copy_into_map(files, t, piece, verify="after"))
-    warm(f"map + xxh3 each 1MiB read {t} threads", lambda: copy_into_map(files, t, piece, read=read, verify="each"))
-    for kib in SMALL_READS_KIB:  # does a smaller read stay in L2 until its checksum? (NOTES-cold run 11)
-        warm(f"map + xxh3 each {kib}KiB read {t} threads",
-             lambda k=kib: copy_into_map(files, t, piece, read=k << 10, verify="each"))
+    # does a smaller read stay in L2 until its checksum? (NOTES-cold run 11) Each size three times, the
+    # order turned each round, so one slow moment of the machine does not decide between them
+    sizes = [read >> 10, *SMALL_READS_KIB]
+    for rnd in (1, 2, 3):
+        for kib in sizes if rnd % 2 else sizes[::-1]:
+            warm(f"map + xxh3 each {kib}KiB read {t} threads #{rnd}",
+                 lambda k=kib: copy_into_map(files, t, piece, read=k << 10, verify="each"))
     secs: dict[str, float] = {}
     small = (str(HERE / "fill_read_size.py"), str(SMALL_READS_KIB[0]))  # the daemon, its page-cache reads smaller
     for rep in (1, 2):

@@ -335,14 +335,23 @@ def test_smaller_page_cache_reads_fill_the_same_bytes_and_refuse_a_flip(tmp_path
     monkeypatch.setattr(fill_mod, "CACHED_READ", fill_mod.CACHED_READ)  # restored after the test
     patch["set_read_size"](kib)
     assert fill_mod.CACHED_READ == kib << 10
+    sizes: list[int] = []  # of the reads that do not wait (the page-cache path)
+
+    class Counted(Fill):
+        def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
+            if flags:
+                sizes.append(len(dest))
+            return super()._preadv(fd, dest, off, flags)
+
     with _resident(tmp_path, seed=14) as (res, vdir, want):
         _evict(vdir / "data_0.bin", gaps=())  # all cached: every window comes in reads of kib KiB
-        fill = Fill(res, vdir, 8 * MIB)
+        fill = Counted(res, vdir, 8 * MIB)
         _run(fill)
         assert fill.error is None and bytes(res.segments[0].mm[:len(want)]) == want
         assert _readiness(res) == [R] * 6 and fill.cached_bytes == len(want)
+        assert max(sizes) == kib << 10 and len(sizes) >= len(want) // (kib << 10), (kib, len(sizes))
     with _resident(tmp_path / "flip", seed=15) as (res, vdir, want):
-        _flip(vdir / "data_0.bin", 9 * MIB + kib * 1024 + 3)  # window 2, inside its second read
+        _flip(vdir / "data_0.bin", 9 * MIB + kib * 1024 + 3)  # window 2 (8-12 MiB), a read past its first
         _evict(vdir / "data_0.bin", gaps=())
         fill = Fill(res, vdir, 8 * MIB)
         _run(fill)
