@@ -10,13 +10,6 @@ an unopened one goes at the first expiry pass after its variant leaves the tier 
 until then an open may still be served from it, the same verified bytes of the same version, and its
 bytes still count against the memory budget). Only verified bytes of one committed version go in,
 and a replaced model gets new inodes (tree.py), so a backing never shows stale bytes.
-
-A loader reads a sharded checkpoint's files one after another, so the first open of one file
-of a variant makes the others' backings ahead of their opens (``warm``, one at a time in file
-order, driver.py): each is copied while the loader reads the file before it. Those copies go
-only into free room of the budget (they evict nothing), and a file whose copy made ahead went
-unopened for ``LINGER`` gets none made ahead for ``UNWANTED_FOR`` (a reader of one shard must
-not cost a copy of the rest every minute).
 """
 
 from __future__ import annotations
@@ -51,10 +44,9 @@ ResidentFile = Callable[[str, str, Identity, str], "int | None"]
 class CopyBudget(Protocol):
     """Whose memory budget a backing copy counts against (the sidecar's memory tier: --mem-pool-size)."""
 
-    def hold_copy(self, nbytes: int, source: tuple[str, str], *, evict: bool = True) -> bool:
+    def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
         """Count ``nbytes`` more, making room if it can (never by evicting ``source``, the (model,
-        variant) the copy is made from; by evicting nothing unless ``evict``); False: no room, the
-        file is read through the daemon."""
+        variant) the copy is made from); False: no room, the file is read through the daemon."""
         ...
 
     def free_copy(self, nbytes: int) -> None:
@@ -64,7 +56,6 @@ class CopyBudget(Protocol):
 
 RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
-UNWANTED_FOR = 600.0  # a backing made ahead that nobody opened: none made ahead for that file this long
 COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to spread over threads
 COPY_THREADS = min(8, os.cpu_count() or 1)
 MAPPED_COPY_THREADS = min(16, len(os.sched_getaffinity(0)))  # faults of huge pages scale with threads (NOTES-mount.md)
@@ -78,7 +69,6 @@ class Backing:
     size: int
     opens: int = 0
     idle_since: float = field(default_factory=time.monotonic)
-    opened: bool = False  # False: made ahead of an open (warm) that has not come yet
 
 
 def build(synth: SynthFile, views: list[memoryview], *, mapped: bool | None = None) -> int:
@@ -174,7 +164,6 @@ class Backings:
         self.budget = budget  # None: copies count against nothing but the host's free memory
         self._by_inode: dict[int, Backing] = {}
         self._building: dict[int, trio.Event] = {}
-        self._unwanted: dict[int, float] = {}  # inode -> until when no warm is made for it (the last went unused)
 
     @property
     def bytes_held(self) -> int:
@@ -197,29 +186,6 @@ class Backings:
         ``label``: what the log line calls the file; ``file_fd``: the memory tier's own copy of the
         file (a ResidentFile's answer, adopted instead of building one; closed here either way);
         ``source``: the (model, variant) the views are of (the budget never evicts it for the copy)."""
-        b = await self._ensure(inode, synth, views, label, file_fd, source, ahead=False)
-        b.opens += 1
-        b.opened = True
-        return b
-
-    async def warm(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
-                   file_fd: int | None = None, source: tuple[str, str] = ("", "")) -> bool:
-        """Build the inode's backing before anyone opens it, only into free room of the budget (evicting
-        nothing); False: not made (no room, refused, or a warm of this file went unused recently)."""
-        left = self._unwanted.get(inode)
-        if left is not None and time.monotonic() < left:
-            if file_fd is not None:
-                os.close(file_fd)
-            return False
-        try:
-            await self._ensure(inode, synth, views, label, file_fd, source, ahead=True)
-        except OSError as e:
-            log.debug("no backing made ahead for %s: %s", label, e.strerror)
-            return False
-        return True
-
-    async def _ensure(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
-                      file_fd: int | None, source: tuple[str, str], *, ahead: bool) -> Backing:
         while inode in self._building:
             await self._building[inode].wait()
         b = self._by_inode.get(inode)
@@ -234,7 +200,7 @@ class Backings:
             if synth.size > free:
                 raise OSError(errno.ENOMEM, f"{synth.size / 1e9:.2f} GB would not fit in the {max(free, 0) / 1e9:.2f} "
                                             "GB of memory left")
-            if self.budget is not None and not self.budget.hold_copy(synth.size, source, evict=not ahead):
+            if self.budget is not None and not self.budget.hold_copy(synth.size, source):
                 raise OSError(errno.ENOMEM, f"a {synth.size / 1e9:.2f} GB copy does not fit in the memory pool "
                                             "(--mem-pool-size) beside what is leased, pinned or filling")
             done = self._building[inode] = trio.Event()
@@ -253,13 +219,13 @@ class Backings:
                     raise
                 b = self._by_inode[inode] = Backing(fd, backing_id, synth.size)
                 pages1 = thp_file_counts()  # host-wide: what else got huge pages meanwhile counts too
-                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file %sin %.2f s "
+                log.info("passthrough: %s (%.2f GB) copied from the memory tier into a backing file in %.2f s "
                          "(2 MiB pages %d, fell back %d); the kernel serves its reads", label, synth.size / 1e9,
-                         "ahead of its open (a file beside it was opened) " if ahead else "",
                          time.perf_counter() - t0, pages1[0] - pages0[0], pages1[1] - pages0[1])
             finally:
                 del self._building[inode]
                 done.set()
+        b.opens += 1
         return b
 
     def _adopt(self, inode: int, fd: int, synth: SynthFile) -> Backing:
@@ -285,12 +251,8 @@ class Backings:
         """Drop unopened backings idle past LINGER, or whose variant left the memory tier."""
         now = time.monotonic() if now is None else now
         for inode, b in list(self._by_inode.items()):
-            lingered = now - b.idle_since > LINGER
-            if b.opens == 0 and (lingered or not still_resident.get(inode, False)):
-                if lingered and not b.opened:  # made ahead and never opened: none ahead for it for a while
-                    self._unwanted[inode] = now + UNWANTED_FOR
+            if b.opens == 0 and (now - b.idle_since > LINGER or not still_resident.get(inode, False)):
                 self._drop(inode)
-        self._unwanted = {i: t for i, t in self._unwanted.items() if t > now}
 
     def close_all(self) -> None:
         for inode in list(self._by_inode):

@@ -57,15 +57,12 @@ class KernelDriver:
         self._modes: dict[int, _Mode] = {}
         self._fh_inode: dict[int, int] = {}
         self._warned: set[int] = set()
-        self._nursery: trio.Nursery | None = None  # run()'s: where backings are made ahead of their opens
-        self._warming: set[tuple[str, str, Any]] = set()  # variants whose files are being made ahead
 
     # -- the loop ----------------------------------------------------------------
 
     async def run(self) -> None:
         buf = bytearray(READ_BUFFER)  # one buffer, reused: requests are small (a read-only view gets no writes)
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             nursery.start_soon(self._expire_loop)
             while True:
                 try:
@@ -264,40 +261,8 @@ class KernelDriver:
         if use_backing:
             backing = self.backings.get(inode)
             assert backing is not None
-            if node is not None:
-                self._warm_beside(node)
             return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_PASSTHROUGH, backing.backing_id)
         return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_KEEP_CACHE if fi.keep_cache else 0, 0)
-
-    def _warm_beside(self, node: Node) -> None:
-        """A file of a resident variant was opened in passthrough: make its other files' backings now,
-        one at a time in the order loaders read them, so each is ready when the loader reaches it."""
-        st = node.stored
-        if st is None or self._nursery is None:
-            return
-        key = (st.model, st.key, st.identity)
-        todo = [n for n in self.ops.tree.variant_files(node)
-                if n.inode != node.inode and self.backings.get(n.inode) is None]
-        if todo and key not in self._warming:
-            self._warming.add(key)
-            self._nursery.start_soon(self._warm, key, todo)
-
-    async def _warm(self, key: tuple[str, str, Any], nodes: list[Node]) -> None:
-        try:
-            for n in nodes:
-                mode = self._modes.get(n.inode)
-                if (mode is not None and not mode.passthrough) or self.backings.get(n.inode) is not None:
-                    continue  # opened through the daemon meanwhile (its opens keep that mode), or made already
-                st, synth = n.stored, n.synth
-                assert st is not None and synth is not None
-                views, file_fd = self.ops.resident(n), self._resident_file(n)
-                if views is None and file_fd is None:
-                    return  # the variant left the memory tier
-                if not await self.backings.warm(n.inode, synth, views, f"{st.model} {synth.name}", file_fd,
-                                                (st.model, st.key)):
-                    return  # no free room (the next would not fit either), or not wanted
-        finally:
-            self._warming.discard(key)
 
     def _resident_file(self, node: Node) -> int | None:
         st, synth = node.stored, node.synth

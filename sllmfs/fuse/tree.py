@@ -266,26 +266,6 @@ class Tree:
         mtime = stamp[2] if stamp else self.started_ns
         return self._node(("ns", prefix, stamp), is_dir=True, prefix=prefix, model_stamp=stamp, mtime_ns=mtime)
 
-    def variant_files(self, node: Node) -> list[Node]:
-        """The synthesized files of the version ``node`` shows (its shards, in name order: the order
-        loaders read them), while that version is current; [] otherwise."""
-        st = node.stored
-        if st is None:
-            return []
-        cached = self._content.get(st.model)
-        if cached is None:
-            return []
-        out: list[Node] = []
-        todo = list(cached[1].values())
-        while todo:
-            n = todo.pop()
-            if n.children is not None:
-                todo.extend(n.children.values())  # an adapter's files sit in adapters/<name>/
-            elif n.synth is not None and n.stored is not None and \
-                    (n.stored.key, n.stored.identity) == (st.key, st.identity):
-                out.append(n)
-        return sorted(out, key=lambda n: n.synth.name if n.synth else "")
-
     # -- one model's files -----------------------------------------------------
 
     def _model_files(self, name: str, stamp: Stamp) -> dict[str, Node]:

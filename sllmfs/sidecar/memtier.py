@@ -255,19 +255,13 @@ class MemoryTier:
         return (sum(r.nbytes for r in self.entries.values()) + sum(r.nbytes for r in self.retired)
                 + self.mount_copies)
 
-    def hold_copy(self, nbytes: int, source: tuple[str, str], *, evict: bool = True) -> bool:
+    def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
         """The mount wants ``nbytes`` for a passthrough copy of ``source``'s file: they count in the
-        budget like a resident's, evicting idle variants (never ``source``; none unless ``evict``:
-        a copy made ahead of its open must not push out a model someone may start next) to fit;
-        False: no room."""
-        if not evict:  # only into free room: no variant evicted, no prefaulted blank dropped
-            if self.used + self.blanks.nbytes + nbytes > self.budget:
-                return False
-        else:
-            idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
-            if self.used - idle + nbytes > self.budget:
-                return False  # it would not fit even with every idle variant evicted: evict none
-            self._make_room(nbytes, source[0], keep=source)
+        budget like a resident's, evicting idle variants (never ``source``) to fit; False: no room."""
+        idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
+        if self.used - idle + nbytes > self.budget:
+            return False  # it would not fit even with every idle variant evicted: evict none
+        self._make_room(nbytes, source[0], keep=source)
         self.mount_copies += nbytes
         return True
 

@@ -62,12 +62,6 @@ if mode == "no-cap":  # a container without CAP_SYS_ADMIN: mount(2) is refused, 
 if mode in ("mapped", "pwrite"):  # the copy through a mapping (the default where shmem THP is on), or pwrite
     chosen_build = backing.build
     backing.build = lambda synth, views: chosen_build(synth, views, mapped=mode == "mapped")
-if mode.endswith("-sharded"):  # the checkpoint synthesized as several small files, as a loader meets a 7B's
-    import functools
-    import sllmfs.fuse.tree as tree
-    tree.layout = functools.partial(tree.layout, shard_limit=64 << 10)
-    if not mode.startswith("expiring"):
-        backing.LINGER = 30.0  # made-ahead backings wait for the test's opens
 files = {}
 if mode.startswith("tier-files"):  # a tier that holds the variant as its safetensors file
     import os

@@ -120,36 +120,3 @@ def test_a_copy_counts_in_the_pool_evicts_idle_variants_and_shows_in_status_and_
             assert mem["mount_copies"] == 0 and mem["used"] == 0, mem
         finally:
             force_unmount(mnt)
-
-
-def test_a_copy_made_ahead_of_its_open_fits_only_into_free_room(tmp_path: Path) -> None:
-    """In this process: the budget's answer to the mount. A copy asked for with ``evict=False`` (one made
-    ahead of its open) evicts no idle variant; an open's copy of the same size does."""
-    from sllmfs.sidecar.memtier import MemoryTier
-    from sllmfs.store.format import load_manifest
-    from sllmfs.store.reader import variant_identity
-
-    store = tmp_path / "store"
-    tier = MemoryTier(48 * MIB)
-    residents = []
-    for i, name in enumerate(("org/a", "org/b")):
-        make_model(store, name, tensors=4, nbytes=4 * MIB, seed=i)
-        vdir = next((store / "models").glob(f"{name.replace('/', '%2F')}/variants/hf"))
-        res = tier.reserve(name, "hf", load_manifest(vdir), variant_identity(vdir))
-        res.state = "ready"  # filled and idle: what an eviction may take
-        residents.append(res)
-    try:
-        free = tier.budget - tier.used
-        assert 0 < free < 16 * MIB, (tier.used, tier.budget)
-        assert not tier.hold_copy(free + 1, ("org/b", "hf"), evict=False)
-        assert set(tier.entries) == {("org/a", "hf"), ("org/b", "hf")} and tier.mount_copies == 0
-        assert tier.hold_copy(free, ("org/b", "hf"), evict=False)  # free room: taken, nothing evicted
-        assert set(tier.entries) == {("org/a", "hf"), ("org/b", "hf")} and tier.mount_copies == free
-        tier.free_copy(free)
-        assert tier.hold_copy(free + 1, ("org/b", "hf"))  # an open's copy: a, idle and not its source, goes
-        assert set(tier.entries) == {("org/b", "hf")} and tier.used <= tier.budget
-        tier.free_copy(free + 1)
-    finally:
-        for res in residents:
-            if not res.closed:
-                res.close()
