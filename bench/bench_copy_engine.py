@@ -3,8 +3,10 @@
     python bench/bench_copy_engine.py all --gib 8 --out DIR     # the full table (GPU machine)
     python bench/bench_copy_engine.py all --gib 0.25 --target host --quick   # smoke run anywhere
 
-`all` builds the segments once (a 4 KiB-page memfd and, when huge pages can be
-reserved, a 2 MiB hugetlb memfd, both holding the same bytes) and runs every
+`all` builds the segments once (a 4 KiB-page memfd; when huge pages can be
+reserved, a 2 MiB hugetlb memfd; where shmem gives mappings that ask 2 MiB
+transparent huge pages, a shmem memfd made of them: all holding the same bytes)
+and runs every
 case in a FRESH process that inherits the fd, so mapping, page faults,
 registration and ring allocation are all inside the timed region. Each case
 poisons the destination first and checks per-64 MiB sums after the copy.
@@ -79,6 +81,45 @@ def reserve_hugepages(size: int) -> str:
         return "" if got >= need else f"only {got} of {need} huge pages could be reserved"
     except OSError as e:
         return f"cannot reserve huge pages: {e}"
+
+
+def shmem_thp_mode() -> str:
+    """The host's shmem THP setting (the bracketed word), or why it is not known."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    except OSError as e:
+        return f"unknown ({e.strerror})"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+def shmem_huge_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("ShmemHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_thp_memfd(size: int, src: Any) -> tuple[int | None, str]:
+    """A plain shmem memfd written through a MADV_HUGEPAGE mapping: what a memory tier of sealed files
+    the mount can pass through would be (hugetlb memfds are refused as FUSE passthrough backings: ELOOP,
+    bench/NOTES-mount.md). Returns the fd (None: no 2 MiB pages here) and what share of it got them."""
+    import mmap
+
+    if shmem_thp_mode() not in ("always", "within_size", "advise", "force"):
+        return None, f"shmem THP is {shmem_thp_mode()!r}: no case (echo advise > .../shmem_enabled)"
+    before = shmem_huge_bytes()
+    fd = make_memfd(size, False)
+    m = mmap.mmap(fd, size)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (OSError, AttributeError) as e:
+        m.close()
+        os.close(fd)
+        return None, f"MADV_HUGEPAGE refused: {e}"
+    m[:] = src[:]
+    m.close()
+    share = (shmem_huge_bytes() - before) / size
+    return fd, f"{share:.2f} of it in 2 MiB pages (shmem_enabled {shmem_thp_mode()})"
 
 
 def make_memfd(size: int, huge: bool) -> int:
@@ -460,7 +501,7 @@ def run_vmm_client(a: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- parent side
 
 
-def cases(quick: bool, huge: bool) -> list[dict[str, Any]]:
+def cases(quick: bool, huge: bool, thp: bool = False) -> list[dict[str, Any]]:
     """Run 3 (see NOTES): lazy ring on 4 KiB pages, registration threads on huge pages, auto on both."""
     reg = dict(mode="register", threads=1)
     auto = dict(mode="auto", threads=0, reg_threads=0)
@@ -482,6 +523,12 @@ def cases(quick: bool, huge: bool) -> list[dict[str, Any]]:
                 dict(name="2m register-pipelined r16", pages="2m", reg_threads=16, **reg),
                 dict(name="2m stage t12 slot4M", pages="2m", mode="stage", threads=12, slot_mib=4),
             ]
+    if thp:  # could the memory tier be shmem files (passthrough-able) and keep the hit and fill rates?
+        c += [dict(name="thp register r1", pages="thp", **reg),
+              dict(name="thp register-pipelined r8", pages="thp", reg_threads=8, **reg)]
+        if not quick:
+            c += [dict(name="thp auto", pages="thp", **auto),
+                  dict(name="thp register-pipelined r12", pages="thp", reg_threads=12, **reg)]
     return c
 
 
@@ -525,9 +572,12 @@ def run_all(a: argparse.Namespace) -> None:
         except OSError as e:
             huge_note = f"hugetlb memfd failed: {e}"
             fds.pop("2m", None)
+    thp_fd, thp_note = make_thp_memfd(size, mm)
+    if thp_fd is not None:
+        fds["thp"] = thp_fd
     mm.close()
-    print(f"setup {time.perf_counter() - t:.1f}s huge={huge_note or 'ok'}", flush=True)
-    for c in cases(a.quick, "2m" in fds):
+    print(f"setup {time.perf_counter() - t:.1f}s huge={huge_note or 'ok'} thp={thp_note}", flush=True)
+    for c in cases(a.quick, "2m" in fds, "thp" in fds):
         fd = fds[c["pages"]]
         chunk = size if c.get("chunk_mib") == -1 else c.get("chunk_mib", 64)
         chunk_mib = chunk // MiB if c.get("chunk_mib") == -1 else chunk
@@ -568,6 +618,7 @@ def run_all(a: argparse.Namespace) -> None:
         )
     meta = {
         "huge_pages": huge_note or "ok",
+        "shmem_thp": thp_note,
         "size": size,
         "argv": sys.argv,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
