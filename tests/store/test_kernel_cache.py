@@ -490,3 +490,32 @@ def test_files_still_changing_are_left_for_a_later_publish(store: Store, tmp_pat
     for p in (tmp_path / "a").rglob("*"):
         os.utime(p, (old, old))
     assert len(kernels.publish(store, KEY, tmp_path / "a", settle_s=60).files) == len(FIRST)
+
+
+def test_a_quiet_published_dir_is_looked_at_less_and_a_later_kernel_still_goes_out(
+        store: Store, clean_env: pytest.MonkeyPatch) -> None:
+    """The keeper's scans back off once everything is published (the launching process serves requests
+    for hours; each scan holds the GIL), and reset when a file appears, which is then published."""
+    clean_env.setattr(kernel_cache, "SCAN_MAX_S", 0.4)
+    clean_env.setenv(kernel_cache.QUIET, "0.1")  # scans every 25 ms while files change
+    act = kernel_cache.activate(store, key=KEY)
+    assert act is not None
+    try:
+        assert act.wait_restored(30) == 0
+        (act.dirs["triton"] / "a.cubin").write_bytes(b"compiled at start")
+        deadline = time.monotonic() + 10
+        while act.keeper.publishes < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        before = act.keeper.scans
+        time.sleep(2.0)  # quiet: 25, 50, ... 400 ms apart, ~7 scans (80 at the start's pace)
+        quiet_scans = act.keeper.scans - before
+        assert 1 <= quiet_scans <= 12, quiet_scans
+        (act.dirs["triton"] / "b.cubin").write_bytes(b"a new shape, an hour in")
+        deadline = time.monotonic() + 0.4 + 0.1 + 5  # the longest look, the quiet, slack for a busy host
+        while act.keeper.publishes < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert kernels.recorded(store, KEY.name).keys() == {"triton/a.cubin", "triton/b.cubin"}
+    finally:
+        act.close()
