@@ -53,10 +53,14 @@ def origin_holds(store: Store, model: str, origin: Origin, *, client: Any = None
         if raw is None:
             return False
         remote = {(o.rel, o.size, o.digest) for o in parse_index(raw, model, origin.where(model, INDEX))}
+        must = [o for o in local if _must_be_held(o)]
+        if not all((o.rel, o.size, o.digest) in remote for o in must):
+            return False
+        with s3.errors(origin, f"check the objects of {model}"):  # the index may name objects replaced since
+            return all(s3.holds(client, origin.bucket, origin.key(model, o.rel), o.size, o.digest) for o in must)
     except (SllmfsError, OSError) as e:
         log.info("origin check model=%s: %s; keeping it on disk", model, e)
         return False
-    return all((o.rel, o.size, o.digest) in remote for o in local if _must_be_held(o))
 
 
 def _must_be_held(o: Obj) -> bool:

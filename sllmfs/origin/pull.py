@@ -11,6 +11,7 @@ again. Only a whole, verified copy is published, the way ``save`` publishes (Sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from sllmfs.store.format import (
     digest,
     parse_file_digests,
 )
-from sllmfs.store.store import MODEL_JSON, Store
+from sllmfs.store.store import MODEL_JSON, Store, fsync_tree
 
 Progress = Callable[[int], None]
 # (object's rel path, offset, its verified bytes) for each range as it lands (pull threads): how the
@@ -146,9 +147,19 @@ def run_pull(store: Store, plan: PullPlan, client: Any, *, force: bool = False, 
                 s3.settle(jobs)  # no job may still write to an fd closed below (its number reused)
                 for fd in fds:
                     os.close(fd)
+        fsync_tree(work)  # the long part of a commit, done where an interruption keeps the pull to resume
+        ours = os.stat(work).st_ino
         with store.staging() as staged:
             os.rename(work, staged / "model")
-            store.commit_model(staged / "model", name, force=force)
+            try:
+                store.commit_model(staged / "model", name, force=force)
+            except BaseException:
+                # not published (or published, and what sits here is the replaced copy): ours goes back
+                # to pulls/, verified, so the next pull resumes instead of fetching it all again
+                with contextlib.suppress(OSError):
+                    if os.stat(staged / "model").st_ino == ours:
+                        os.rename(staged / "model", work)
+                raise
         result.published = True
     return result
 

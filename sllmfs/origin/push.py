@@ -100,9 +100,7 @@ def _upload_batch(client: Any, pool: ThreadPoolExecutor, store: Store, model_dir
     try:
         for o in batch:
             key = origin.key(name, o.rel)
-            have = None if force else s3.head(client, origin.bucket, key)
-            if have and have.get("ContentLength") == o.size and \
-                    have.get("Metadata", {}).get(s3.META_DIGEST) == o.digest:
+            if not force and s3.holds(client, origin.bucket, key, o.size, o.digest):
                 result.skipped += 1
                 progress(o.size)
                 continue

@@ -318,12 +318,20 @@ class Cache:
 
     # -- disk ----------------------------------------------------------------
 
-    async def enforce_disk(self) -> list[str]:
+    def _disk_protected(self) -> set[str]:
+        """Models the disk budget must keep now: leased, pinned, filling, retired, or in the mount's use."""
         protected = {r.model for r in self.tier.entries.values() if r.busy} | set(self.mount_in_use)
-        protected |= {r.model for r in self.tier.retired}
+        return protected | {r.model for r in self.tier.retired}
+
+    def _in_use_now(self, model: str) -> bool:
+        """From the disk budget's thread: asked on the trio thread, where leases and fills change."""
+        return model in trio.from_thread.run_sync(self._disk_protected)
+
+    async def enforce_disk(self) -> list[str]:
         evicted = self.kernel_sync.evicted if self.kernel_sync is not None else set()
         removed = await trio.to_thread.run_sync(disktier.enforce_budget, self.store, self.settings.disk_size,
-                                                protected, self._origin_holds_now, evicted.add)
+                                                self._disk_protected(), self._origin_holds_now, evicted.add,
+                                                self._in_use_now)
         for name in removed:
             for (m, _), res in list(self.tier.entries.items()):
                 if m == name:

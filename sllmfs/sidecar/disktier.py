@@ -5,7 +5,8 @@ least recently updated entries go (the next start compiles, or the origin brings
 
 The SSD tier is a cache only of what can be fetched again: a model is evictable when its
 source is a Hugging Face cache entry that is still there (a later `sllmfs save` stores it
-again). A model saved from a local folder may be the only copy: never evicted, only
+again) and it has no adapter, or when the fleet's origin holds every object of it that cannot be
+made again (checked object by object). A model saved from a local folder may be the only copy: never evicted, only
 `sllmfs rm` removes it. "Used" is `Store.last_used` (used/<name>, touched by the sidecar on
 each acquire). Models that are leased or pinned (any variant) are never removed.
 """
@@ -17,6 +18,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from sllmfs.core.names import ADAPTER_PREFIX
 from sllmfs.store import kernels
 from sllmfs.store.store import ModelInfo, Store
 
@@ -45,7 +47,10 @@ def kernel_entries(store: Store) -> list[kernels.KernelEntry]:
 
 
 def refetchable(info: ModelInfo) -> bool:
-    """Can this model be stored again without the user? (Its HF cache entry is still there.)"""
+    """Can this model be stored again without the user? (Its HF cache entry is still there, and it has
+    no adapter: one is saved from the user's own folder, and only the origin can bring it back.)"""
+    if any(key.startswith(ADAPTER_PREFIX) for key in info.variants):
+        return False
     path = info.source.get("path")
     if not isinstance(path, str) or not Path(path).is_dir():
         return False
@@ -59,10 +64,13 @@ def refetchable(info: ModelInfo) -> bool:
 
 def enforce_budget(store: Store, budget: int, protected: set[str],
                    in_origin: Callable[[str], bool] = lambda name: False,
-                   kernel_removed: Callable[[str], None] = lambda key: None) -> list[str]:
+                   kernel_removed: Callable[[str], None] = lambda key: None,
+                   in_use_now: Callable[[str], bool] = lambda name: False) -> list[str]:
     """Remove LRU unprotected, refetchable models until the store fits ``budget`` (0 = unbounded).
     ``in_origin`` says whether the fleet's origin holds a model (so a later miss pulls it back);
-    ``kernel_removed`` hears of each kernel cache entry removed (the origin sync does not pull it back)."""
+    ``kernel_removed`` hears of each kernel cache entry removed (the origin sync does not pull it back);
+    ``in_use_now``: asked last, under the model's lock, right before it goes (``protected`` is a
+    snapshot, and the origin's answer may take seconds: a lease taken meanwhile keeps the model)."""
     if budget <= 0:
         return []
     sizes, _ = disk_models(store)
@@ -75,7 +83,7 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
         if name in protected:
             continue
         # decided under the model's lock: a save replacing it meanwhile is not what the origin holds
-        safe = functools.partial(_can_go, store, name, in_origin)
+        safe = functools.partial(_can_go, store, name, in_origin, in_use_now)
         try:
             if not store.remove(name, only_if=safe):
                 continue
@@ -102,8 +110,8 @@ def enforce_budget(store: Store, budget: int, protected: set[str],
     return removed
 
 
-def _can_go(store: Store, name: str, in_origin: Callable[[str], bool]) -> bool:
-    return is_refetchable(store, name) or in_origin(name)
+def _can_go(store: Store, name: str, in_origin: Callable[[str], bool], in_use_now: Callable[[str], bool]) -> bool:
+    return (is_refetchable(store, name) or in_origin(name)) and not in_use_now(name)
 
 
 def is_refetchable(store: Store, name: str) -> bool:

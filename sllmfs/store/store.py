@@ -373,10 +373,10 @@ class Store:
             except FileNotFoundError:
                 raise NotFound(f"model {name!r} is not in the store at {self.root}") from None
             fsync_dir(path.parent)
-        try:
-            self.layout.used_mark(name).unlink()
-        except OSError:
-            pass
+            try:  # under the lock: a save of the name right after keeps the mark it makes
+                self.layout.used_mark(name).unlink()
+            except OSError:
+                pass
         return True
 
     def remove_variant(self, name: str, key: str) -> None:
@@ -425,11 +425,15 @@ class Store:
             if not lock_path.with_suffix("").exists():
                 try:
                     fd = os.open(lock_path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     os.unlink(lock_path)
-                    os.close(fd)
                 except (BlockingIOError, FileNotFoundError):
-                    pass
+                    pass  # held: a writer between its lock and its mkdir
+                finally:
+                    os.close(fd)
         return removed
 
 

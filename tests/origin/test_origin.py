@@ -585,3 +585,40 @@ def test_a_model_saved_before_digests_goes_through_the_origin_unverified(stored:
     assert Store(fresh).get(MODEL).file_digests is None
     sllmfs("verify", "--model", MODEL, "--repair", store=fresh)
     assert Store(fresh).get(MODEL).meta_files().verified
+
+
+def test_disk_budget_keeps_a_model_whose_origin_object_was_replaced(stored: Store, origin: Origin) -> None:
+    """The origin's index is not enough: an object replaced since (a straggling or concurrent push of
+    another version) makes the origin's copy unusable, so the local one is the only good one: kept."""
+    from sllmfs.sidecar import disktier
+
+    push_model(stored, MODEL, origin)
+    assert origin_holds(stored, MODEL, origin)
+    part = sorted((stored.model_path(MODEL) / "variants" / "hf").glob("data_*"))[0]
+    _bucket(origin).put_object(Bucket=origin.bucket, Key=origin.key(MODEL, f"variants/hf/{part.name}"),
+                               Body=b"\0" * part.stat().st_size)  # same size, no digest of ours
+    assert not origin_holds(stored, MODEL, origin)
+    assert disktier.enforce_budget(stored, 1, set(), lambda n: origin_holds(stored, n, origin)) == []
+    assert stored.has(MODEL)
+
+
+def test_a_pull_interrupted_while_it_commits_resumes(stored: Store, origin: Origin, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or a failing fsync) during the commit keeps the verified pull: the next one resumes it."""
+    import sllmfs.store.store as store_module
+
+    push_model(stored, MODEL, origin)
+    fresh, client = Store(tmp_path / "fresh"), s3.connect(origin)
+    real = store_module.fsync_tree
+
+    def interrupted(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "fsync_tree", interrupted)  # inside the commit, after the pull's own
+    with pytest.raises(KeyboardInterrupt):
+        run_pull(fresh, plan_pull(client, origin, MODEL), client)
+    monkeypatch.setattr(store_module, "fsync_tree", real)
+    assert not fresh.has(MODEL) and pull_dir(fresh, MODEL).is_dir()
+    result = run_pull(Store(fresh.root), plan_pull(client, origin, MODEL), client)
+    assert result.published and result.bytes_fetched == 0 and result.bytes_resumed == result.bytes_total
+    assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
