@@ -6,7 +6,7 @@ is served by slicing its segments (no copy on our side; the sidecar verified
 them as it filled them). A variant not resident is filled into the tier at a
 handle's first tensor read, and reads wait for their windows (``incoming``);
 where it cannot be, the ranges are read from the store's data files in a worker
-thread (``storeio``, which checks every window's checksum once).
+thread (``storeio``, which checks a window's checksum each time it reads it from the store).
 Contents never change for a given inode, so the kernel may keep its page cache
 across opens (``keep_cache``): re-reads never reach us.
 

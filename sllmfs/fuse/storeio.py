@@ -15,11 +15,12 @@ read-ahead into the store file's page cache, the double caching we avoid
 (older kernels still probe that way).
 
 Every byte served has passed its window's checksum (the manifest's xxh3_64 of
-each 4 MiB window of a partition, as the sidecar's fill checks it). The first
-read that touches a window reads and hashes the whole window, once: the verdict
-is kept per committed version (``Checked``), and the last few verified windows
-stay in memory while the version is open, so the other requests of a
-sequential read in that window cost no second disk read.
+each 4 MiB window of a partition, as the sidecar's fill checks it). A read that
+touches a window not in memory reads and hashes the whole window: the last few
+verified windows stay in memory while the version is open (``Checked``), so the
+other requests of a sequential read in that window cost no second disk read, and
+a window read again after it left memory is hashed again (a bad verdict is kept:
+a window that failed fails at once).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from sllmfs.store.reader import Identity, Partitions, pinned_variant, read_full,
 from sllmfs.store.store import Store
 
 DIRECT_ALIGN = 4096
-BOUNCE = (1 << 20) + 2 * DIRECT_ALIGN  # one kernel request, plus alignment on both ends
 KEPT_WINDOWS = 8  # per open version: a 16 MiB read-ahead spans 5 windows, plus slack for a second reader
 SPARE_WINDOWS = 2  # evicted window buffers kept for reuse: no fresh pages to fault in per window
 LOCK_STRIPES = 64  # window locks, shared round-robin: enough that neighbouring windows never wait on each other
@@ -47,7 +47,6 @@ UNCHECKED, GOOD, BAD = 0, 1, 2
 PAGE = mmap.PAGESIZE
 CACHESTAT = 451  # one number on every architecture (Linux >= 6.5)
 
-_local = threading.local()
 _libc = ctypes.CDLL(None, use_errno=True)
 _cachestat = [True]  # False once the kernel says it has no cachestat
 
@@ -58,13 +57,6 @@ class _Range(ctypes.Structure):
 
 class _CacheStat(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
-
-
-def _bounce() -> mmap.mmap:
-    buf = getattr(_local, "buf", None)
-    if buf is None:
-        buf = _local.buf = mmap.mmap(-1, BOUNCE)  # page-aligned, reused: no fresh pages per read
-    return buf
 
 
 def read_meta(store: Store, path: Path) -> bytes:
@@ -89,8 +81,9 @@ class BadWindow(OSError):
 class Checked:
     """What is known of one committed version's windows, and the bytes of the last few verified.
 
-    The verdicts (one byte per 4 MiB window) live as long as the mount: a version's bytes never
-    change. The window buffers live only while a handle has the version open (``opens``).
+    The verdicts (one byte per 4 MiB window) live as long as the mount; only BAD is trusted without
+    reading (a committed version's files should never change, but a disk can: a window read again is
+    hashed again). The window buffers live only while a handle has the version open (``opens``).
     """
 
     def __init__(self, partitions: Sequence[Partition]):
@@ -181,23 +174,19 @@ class PartitionFiles:
             start = window * CHUNK_SIZE
             stop = min(end, start + CHUNK_SIZE)
             piece = dst[pos - offset:stop - offset]
-            if not c.copy_kept(part, window, piece, pos - start):
-                if c.state[part][window] == GOOD:
-                    self._read(part, piece, pos)  # verified before, no longer kept: read it again
-                else:
-                    self._check(part, window, piece, pos - start)
+            if not c.copy_kept(part, window, piece, pos - start):  # not in memory: read and hash it (again)
+                self._check(part, window, piece, pos - start)
             pos = stop
 
     def _check(self, part: int, window: int, piece: memoryview, at: int) -> None:
-        """Read and hash the whole window once; concurrent readers of it wait, then copy."""
+        """Read and hash the whole window; concurrent readers of it wait, then copy from the kept copy.
+        A window verified before and no longer kept is hashed again: the disk (or a hand on the store's
+        files) may have changed it since, and only the bytes just hashed are served."""
         c = self.checked
         with c.lock(part, window):
             if c.copy_kept(part, window, piece, at):
                 return
             state = c.state[part][window]
-            if state == GOOD:  # verified meanwhile, and already evicted again
-                self._read(part, piece, window * CHUNK_SIZE + at)
-                return
             p = c.partitions[part]
             if state == BAD:
                 raise BadWindow(part, window, f"{p.file} window {window} failed its checksum", first=False)
@@ -209,6 +198,8 @@ class PartitionFiles:
                 if got < n or not window_ok(p, window, view):
                     c.state[part][window] = BAD
                     why = "is shorter than its manifest says" if got < n else "fails its xxh3_64 checksum"
+                    if state == GOOD:
+                        why += " (it passed when first read: changed since)"
                     raise BadWindow(part, window, f"{p.file} window {window} {why}", first=True)
                 piece[:] = view[at:at + len(piece)]
                 c.state[part][window] = GOOD
@@ -236,31 +227,6 @@ class PartitionFiles:
         if done < n:  # no O_DIRECT here, or a short read: finish through the page cache
             done += read_full(self.cached[part], whole[done:n], offset + done)
         return done
-
-    def _read(self, part: int, dst: memoryview, offset: int) -> None:
-        """Read already verified bytes: page cache if there, else O_DIRECT through a bounce buffer."""
-        fd = self.cached[part]
-        done = _from_cache(fd, dst, offset)
-        if done < len(dst):
-            if self.direct[part] >= 0:
-                self._read_direct(self.direct[part], dst[done:], offset + done)
-            elif read_full(fd, dst[done:], offset + done) < len(dst) - done:
-                raise OSError(errno.EIO, "partition file is shorter than its manifest says")
-
-    def _read_direct(self, fd: int, dst: memoryview, offset: int) -> None:
-        buf = _bounce()
-        while len(dst):
-            start = offset - offset % DIRECT_ALIGN
-            skip = offset - start
-            want = min(len(dst), BOUNCE - skip)
-            span = -(-(skip + want) // DIRECT_ALIGN) * DIRECT_ALIGN
-            n = os.preadv(fd, [memoryview(buf)[:span]], start)
-            got = min(n - skip, want)  # the file's last block may be short
-            if got <= 0:
-                raise OSError(errno.EIO, "partition file is shorter than its manifest says")
-            dst[:got] = buf[skip:skip + got]
-            dst = dst[got:]
-            offset += got
 
 
 def _all_cached(fd: int, offset: int, n: int) -> bool | None:
