@@ -266,6 +266,8 @@ class Ops(pyfuse3.Operations):
         except Exception:  # anything else would end pyfuse3's main loop (and the mount)
             log.exception("open of %s failed", node.path)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if not self.tree.current(node):  # replaced since the lookup: the kernel looks the name up again
+            raise pyfuse3.FUSEError(errno.ESTALE)
         if len(data) != node.size:  # the listing saw another size: serving these bytes at that size is wrong
             self._warn_once(node, f"{node.path} changed since the mount listed it ({node.size} bytes then, "
                                   f"{len(data)} now); its reads fail with EIO: save the model again with --force")

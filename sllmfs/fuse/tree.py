@@ -266,6 +266,19 @@ class Tree:
         mtime = stamp[2] if stamp else self.started_ns
         return self._node(("ns", prefix, stamp), is_dir=True, prefix=prefix, model_stamp=stamp, mtime_ns=mtime)
 
+    def current(self, node: Node) -> bool:
+        """Whether a metadata file's node still shows what the store holds now (a handle on an old
+        version's inode, e.g. a working directory inside a replaced model, must not read the new
+        bytes through it). Other nodes: True (a synthesized file's open checks its own version)."""
+        kind, *rest = node.key or ("",)
+        if kind != "file":
+            return True
+        if len(rest) == 3:  # a model's file: (name, model.json's stamp, rel)
+            stamp = self._stamp(tuple(rest[0].split("/")))
+            return stamp is not None and stamp[:3] == rest[1]
+        name, variant, ident, _rel = rest  # an adapter's own file: that variant's identity
+        return bool(variant_identity(model_variants(self.store.model_path(name)) / variant) == ident)
+
     # -- one model's files -----------------------------------------------------
 
     def _model_files(self, name: str, stamp: Stamp) -> dict[str, Node]:

@@ -302,3 +302,37 @@ def test_a_replaced_model_is_read_new_through_the_daemon_mount_and_held_handles_
             assert tensors(path.read_bytes()) == other
         sd.proc.send_signal(signal.SIGTERM)
         assert sd.proc.wait(timeout=30) == 0
+
+
+def test_an_old_metadata_inode_never_reads_the_new_versions_bytes(tmp_path: Path) -> None:
+    """A kernel dentry of a replaced model (a shell's working directory inside it) opens the old
+    config.json inode: ESTALE, not the new file's bytes; a fresh lookup reads the new one."""
+    store = Store(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": np.ones(16, np.float32)}, str(src / "model.safetensors"))
+
+    def saved(config: str) -> None:
+        (src / "config.json").write_text(config)
+        save_model(store, "org/m", src, force=True)
+
+    saved('{"v": "old"}')
+    ops = Ops(Tree(store, SOCKET), None)
+
+    async def read_meta_file(inode: int) -> bytes:
+        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+        try:
+            return bytes(await ops.read(pyfuse3.FileHandleT(fh), 0, 100))
+        finally:
+            await ops.release(fh)
+
+    async def main() -> None:
+        old = await lookup(ops, "org", "m", "config.json")
+        assert await read_meta_file(old) == b'{"v": "old"}'
+        saved('{"v": "NEW"}')  # the same size: nothing but the version tells them apart
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await read_meta_file(old)
+        assert e.value.errno == errno.ESTALE
+        assert await read_meta_file(await lookup(ops, "org", "m", "config.json")) == b'{"v": "NEW"}'
+
+    trio.run(main)
