@@ -137,6 +137,22 @@ class KernelDriver:
                                    agreed & 0xFFFFFFFF, MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, 1,
                                    MAX_PAGES, 0, agreed >> 32, 1 if self.passthrough else 0)
         self._reply(req, out)
+        if self.passthrough:
+            self._probe_backing()
+
+    def _probe_backing(self) -> None:
+        """Register an empty file once: a kernel that offers passthrough may still refuse us backings
+        (FUSE_DEV_IOC_BACKING_OPEN wants CAP_SYS_ADMIN in the initial user namespace: root in a container's
+        own namespace mounts, but gets EPERM). Found now, not at each open after a copy made for nothing."""
+        fd = os.memfd_create("sllmfs-backing-probe", os.MFD_CLOEXEC)
+        try:
+            kernel.backing_close(self.dev, kernel.backing_open(self.dev, fd))
+        except OSError as e:
+            self.passthrough = False
+            log.warning("FUSE passthrough: the kernel refuses our backing files (%s): reads of the mount go through "
+                        "the daemon", e.strerror)
+        finally:
+            os.close(fd)
 
     # -- requests --------------------------------------------------------------------
 

@@ -52,6 +52,11 @@ driver.EXPIRE_EVERY = 0.2
 if mode == "no-passthrough-kernel":  # a kernel without FUSE passthrough (Linux < 6.9, or built without it)
     offered = kernel.offered
     kernel.offered = lambda flags, flags2: offered(flags, flags2) & ~kernel.PASSTHROUGH
+if mode == "no-backing":  # passthrough offered, but backings refused (root in a user namespace: EPERM)
+    import errno
+    def refused_backing(*a, **k):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    kernel.backing_open = refused_backing
 if mode == "no-room":  # the host (or the pod's cgroup) has no memory left for a copy
     backing.room = lambda: 1000
 if mode == "no-cap":  # a container without CAP_SYS_ADMIN: mount(2) is refused, fusermount3 still works
@@ -271,6 +276,21 @@ def test_a_kernel_without_passthrough_serves_through_the_daemon_with_one_line(
     assert code == 0
     lines = [ln for ln in err.splitlines() if "passthrough" in ln]
     assert len(lines) == 1 and "through the daemon" in lines[0], err
+
+
+def test_a_kernel_that_refuses_backings_is_found_at_init_and_nothing_is_copied(
+        served: tuple[Store, Path, Path, list[Child]], llama_dir: Path) -> None:
+    store, mnt, flag, children = served
+    children.append(child := Child(store.root, mnt, "org/tiny", flag, mode="no-backing"))
+    path = mnt / "org" / "tiny" / "model.safetensors"
+    for _ in range(2):  # no copy made and thrown away per open
+        _same_tensors(path, llama_dir / "model.safetensors")
+    reads, built, _ = child.stats()
+    assert reads > 0 and built == 0
+    code, err = child.stop()
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if "passthrough" in ln]
+    assert len(lines) == 1 and "refuses our backing files" in lines[0] and "through the daemon" in lines[0], err
 
 
 def test_sigterm_unmounts_while_a_passthrough_file_is_open_and_mapped(
