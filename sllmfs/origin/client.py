@@ -105,7 +105,6 @@ def head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-
 def holds(client: Any, bucket: str, key: str, size: int, digest: str) -> bool:
     """Is the object there with these bytes, as a push wrote it (its size, and the digest push put in
     its metadata)? An index alone does not say: a straggling or concurrent push may have replaced it."""
@@ -113,6 +112,7 @@ def holds(client: Any, bucket: str, key: str, size: int, digest: str) -> bool:
     if have is None:
         return False
     return bool(have.get("ContentLength") == size and have.get("Metadata", {}).get(META_DIGEST) == digest)
+
 
 def get_bytes(client: Any, bucket: str, key: str, offset: int | None = None, length: int | None = None) -> bytes:
     """A whole object, or ``length`` bytes of it from ``offset`` (a ranged GET)."""
