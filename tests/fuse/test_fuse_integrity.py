@@ -90,6 +90,13 @@ async def read_handle(ops: Ops, fh: int, size: int, step: int = 128 << 10, paral
     return bytes(out)
 
 
+async def open_file(ops: Ops, *parts: str) -> tuple[int, int, int]:
+    """(inode, size, file handle) of a file looked up by path and opened for reading."""
+    inode = await lookup(ops, *parts)
+    size = ops.tree.get(inode).size  # type: ignore[union-attr]
+    return inode, size, (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+
+
 async def read_file(ops: Ops, inode: int) -> bytes:
     fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
     try:
@@ -142,9 +149,7 @@ def test_a_window_changed_after_it_was_verified_is_refused_when_read_again(tmp_p
     ops = Ops(Tree(store, SOCKET), None)
 
     async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        size = ops.tree.get(inode).size  # type: ignore[union-attr]
-        fh = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+        _, size, fh = await open_file(ops, "m", "model.safetensors")
         try:
             assert tensors(await read_handle(ops, fh, size, parallel=1)) == want  # window 0 no longer kept
             flip_byte(store, "m", 100)
@@ -199,9 +204,7 @@ def test_open_after_a_replace_is_stale_and_a_held_handle_reads_its_own_version(t
     ops = Ops(Tree(store, SOCKET), None)
 
     async def main() -> None:
-        inode = await lookup(ops, "m", "model.safetensors")
-        size = ops.tree.get(inode).size  # type: ignore[union-attr]
-        held = (await ops.open(pyfuse3.InodeT(inode), pyfuse3.FlagT(os.O_RDONLY), CTX)).fh
+        inode, size, held = await open_file(ops, "m", "model.safetensors")
         first = bytes(await ops.read(held, 0, 4096))  # replies reuse buffers: copy
         new = save(store, "m", seed=2)  # same shapes, other weights
         # looked up before the replace, opened after: the name now means another version
