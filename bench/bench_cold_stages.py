@@ -237,6 +237,8 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
         if not rates:
             raise SystemExit(f"bench: the sidecar logged no fill rate:\n{log.read_text()[-2000:]}")
         own["gbps"] = float(rates[-1])
+        native = re.findall(r"filled model=.* native_reads=(True|False)", log.read_text())
+        own["native_reads"] = float(native[-1] == "True") if native else -1.0  # -1: a daemon before the switch
     return sum(f.stat().st_size for f in files) / seconds / 1e9
 
 
@@ -252,6 +254,8 @@ def main() -> None:
                          "disk next to the disk's buffered read in its shape; warm-load: the tier-empty "
                          "page-cache load_dict, phase by phase (bench/warmload.py)")
     ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks, cold-fill, warm-load)")
+    ap.add_argument("--small-reads", action="store_true", help="--part blanks: also the page-cache reads in "
+                    f"{'/'.join(map(str, SMALL_READS_KIB))} KiB (NOTES-cold run 11)")
     ap.add_argument("--device", default="cuda:0", help="--part warm-load: where load_dict puts the tensors "
                                                         "('cpu' on a machine without a GPU: the client copies)")
     ap.add_argument("--pool", default=warmload.POOL, help="--part warm-load: the sidecar's --mem-pool-size")
@@ -288,7 +292,7 @@ def main() -> None:
         _disk(store, work, files, cold)
         return _write(args, r, nbytes, True)
     if args.part == "blanks":
-        secs = _blanks(store, work, files, warm, args.threads)
+        secs = _blanks(store, work, files, warm, args.threads, args.small_reads)
         return _write(args, r, nbytes, False, secs)
     if args.part == "cold-fill":
         secs = _cold_fill(store, work, files, cold, warm, args.threads)
@@ -351,13 +355,14 @@ def _faults(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
 
 
 def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Callable[[], float]], None],
-            t: int) -> dict[str, float]:
+            t: int, small_reads: bool = False) -> dict[str, float]:
     """The fill from the page cache into segments made of start-time blanks (memory already faulted in)
-    with its page-cache reads as they are (1 MiB) and smaller (bench/fill_read_size.py), and into fresh
-    memory, alternating, with the copy into memory already faulted in as the limit; the fill's copy +
-    checksum modelled in this process (one map, no sidecar) in the old order (hash the piece after
-    reading it) and the new (hash each read as it lands) at 1 MiB and smaller reads; and the rate the
-    sidecar logs (its threads alone) next to the CLI's end to end figure (and the CLI's own seconds)."""
+    with its page-cache reads as they are (native: a window read and checksummed per call) and in Python
+    (bench/fill_python_reads.py: a GIL trip per 1 MiB read and per hash), and into fresh memory,
+    alternating, with the copy into memory already faulted in as the limit; the fill's copy + checksum
+    modelled in this process in Python (one map, no sidecar), hashing after each piece and after each
+    1 MiB read; and the rate the sidecar logs (its threads alone) next to the CLI's end to end figure
+    (and the CLI's own seconds). Smaller Python reads (NOTES-cold run 11): ``--small-reads``."""
     if not prefault.hugepages_free()[0]:
         raise SystemExit("no free hugetlb pages: reserve some (echo N > /proc/sys/vm/nr_hugepages) to compare")
     read_files(files, t, 32 << 20, direct=False)
@@ -367,20 +372,28 @@ def _blanks(store: Path, work: Path, files: list[Path], warm: Callable[[str, Cal
     warm(f"map + xxh3 after each piece {t} threads", lambda: copy_into_map(files, t, piece, verify="after"))
     # does a smaller read stay in L2 until its checksum? (NOTES-cold run 11) Each size three times, the
     # order turned each round, so one slow moment of the machine does not decide between them
-    sizes = [read >> 10, *SMALL_READS_KIB]
-    for rnd in (1, 2, 3):
+    sizes = [read >> 10, *(SMALL_READS_KIB if small_reads else ())]
+    for rnd in (1, 2, 3) if small_reads else (1,):
         for kib in sizes if rnd % 2 else sizes[::-1]:
             warm(f"map + xxh3 each {kib}KiB read {t} threads #{rnd}",
                  lambda k=kib: copy_into_map(files, t, piece, read=k << 10, verify="each"))
     secs: dict[str, float] = {}
-    small = (str(HERE / "fill_read_size.py"), str(SMALL_READS_KIB[0]))  # the daemon, its page-cache reads smaller
+    python = (str(HERE / "fill_python_reads.py"),)  # the daemon, its page-cache reads and hashes in Python
+    daemon = ("-m", "sllmfs")
     for rep in (1, 2):
-        kinds = [(f"blanks, {SMALL_READS_KIB[0]} KiB reads", [], small), ("blanks", [], ("-m", "sllmfs"))]
-        for kind, extra, program in [*kinds[::1 if rep == 1 else -1], ("fresh", ["--no-prefault"], ("-m", "sllmfs"))]:
+        kinds = [("blanks, python reads", [], python, 0.0), ("blanks", [], daemon, 1.0)]
+        if small_reads:
+            kinds.append((f"blanks, {SMALL_READS_KIB[0]} KiB reads", [],  # native or not, as the daemon binds
+                          (str(HERE / "fill_read_size.py"), str(SMALL_READS_KIB[0])), -1.0))
+        for kind, extra, program, native in [*kinds[::1 if rep == 1 else -1],
+                                             ("fresh", ["--no-prefault"], daemon, 1.0)]:
             own: dict[str, float] = {}
             warm(f"sidecar fill page cache {t} threads, {kind} #{rep}",
                  lambda e=extra, o=own, p=program: sidecar_fill(store, work, t, "32MiB", cold=False, extra=e, own=o,
                                                                 program=p))
+            if native >= 0 and own["native_reads"] != native:  # a label must say what ran
+                raise SystemExit(f"bench: '{kind}' ran with native_reads={own['native_reads']:.0f}: the native "
+                                 "module did not bind here (see the sidecar log) or the switch was not applied")
             warm(f"  its own rate (sidecar log), {kind} #{rep}", lambda o=own: o["gbps"])
             secs[f"`load --warm` once resident (the CLI alone), {kind} #{rep}"] = own["cli_s"]
             print(f"  `load --warm` once resident (the CLI alone)      {own['cli_s']:>8.3f} s", flush=True)

@@ -1,5 +1,5 @@
 """`sllmfs` whose fill copies what the page cache holds in reads of KIB KiB (the daemon's own:
-``sllmfs.sidecar.fill.CACHED_READ``, 1 MiB), for `bench_cold_stages.py --part blanks` to run beside
+``sllmfs.sidecar.fill.CACHED_READ`` and ``HASHED_READ``), for `bench_cold_stages.py --part blanks` to run beside
 the daemon as it is: does a smaller read keep the bytes in L2 for their checksum (NOTES-cold run 11)?
 
     python bench/fill_read_size.py KIB start --storage-path ... (any `sllmfs` command line after KIB)
@@ -27,6 +27,8 @@ def set_read_size(kib: int) -> None:
     if not isinstance(getattr(fill, "CACHED_READ", None), int):
         raise SystemExit("bench/fill_read_size.py: sllmfs.sidecar.fill has no CACHED_READ; update this script")
     fill.CACHED_READ = size
+    if isinstance(getattr(fill, "HASHED_READ", None), int):  # the native reads' size (NOTES-cold run 12)
+        fill.HASHED_READ = size
 
 
 if __name__ == "__main__":

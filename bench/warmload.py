@@ -28,8 +28,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 POOL = "48GB"  # as bench/peers.py: 8 blanks of 4 GiB on 16384 hugetlb pages, 4 per load of 13.48 GB
-# the daemon as it is (blanks pinned for GPU copies at start) and as it was (bench/unpinned_blanks.py)
-DAEMONS = (("pinned blanks", ("-m", "sllmfs")), ("unpinned blanks (before run 9)", (str(HERE / "unpinned_blanks.py"),)))
+# the daemon as it is (native hashed reads) and as it was before NOTES-cold run 12 (bench/fill_python_reads.py);
+# run 9's pair (blanks pinned at start, or not: bench/unpinned_blanks.py) is settled
+DAEMONS = (("native reads", ("-m", "sllmfs")), ("python reads (before run 12)", (str(HERE / "fill_python_reads.py"),)))
 
 
 def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def _one_sidecar(label: str, program: tuple[str, ...], store: Path, work: Path, 
     rows = []
     try:
         _wait_blanks(log)  # the start-time blanks (and, on a GPU, their pins), as in a long-lived sidecar
-        if device != "cpu" and tag == "pinned":
+        if device != "cpu":  # both daemons pin their blanks at start
             _wait_pinned_blanks(sock)
         pins = _pinned(log)
         sh(sys.executable, "-m", "sllmfs", "load", "--model", model, "--warm", "--socket", str(sock))

@@ -233,6 +233,7 @@ class Cache:
         tl.fill_end = time.monotonic()
         self._finish(res, fill.error, fill.stop, time.perf_counter() - t0,
                      detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}"
+                            f" native_reads={fill.hashed is not None}"
                             f" blanks={tl.from_blanks}/{tl.partitions} alloc_s={tl.alloc_s:.3f}"
                             f" first_ready_s={max(0.0, tl.first_ready - tl.fill_start):.3f}"
                             f" acquire_to_end_s={tl.fill_end - tl.reserved:.3f}")

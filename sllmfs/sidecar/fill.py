@@ -9,6 +9,8 @@ What the page cache holds is copied in ``CACHED_READ`` reads that do not wait fo
 disk (RWF_NOWAIT), each checksummed right after it lands, while it is still in the
 CPU's caches: a piece copied whole and then checksummed is read back from memory,
 a third pass over the bytes (~0.7 of the copy's rate on the CPU VM, NOTES-cold run 7).
+A window's reads and hashes are one native call where it binds (store/hashed_read.py:
+no trip through the GIL per read, which bounded 16 threads, NOTES-cold run 11).
 From the first byte the page cache lacks, the rest of the piece is read the disk's
 way: ``direct`` reads past the page cache (O_DIRECT: aligned, the file's unaligned
 tail buffered; a filesystem without it reads buffered) and ``read_size`` splits it
@@ -31,10 +33,12 @@ from pathlib import Path
 from sllmfs.core.errors import Corrupt
 from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.memtier import Resident
+from sllmfs.store import hashed_read
 from sllmfs.store.format import CHUNK_SIZE
 from sllmfs.store.reader import Partitions, ReadFailed, WindowCheck, read_full, window_ok
 
-CACHED_READ = 1 << 20  # a read from the page cache: its checksum finds it in L2 (512 KiB-2 MiB alike)
+CACHED_READ = 1 << 20  # a read from the page cache, in Python: fewer trips through the GIL (NOTES-cold run 11)
+HASHED_READ = 256 << 10  # the same, in the native call: smaller keeps it in L2 for its hash (run 12)
 
 
 def round_chunk(chunk_size: int) -> int:
@@ -43,10 +47,15 @@ def round_chunk(chunk_size: int) -> int:
 
 
 class Fill:
+    # the page-cache path's reads and checksums in one native call per window where it binds; a
+    # subclass that puts a failing disk behind ``_preadv`` sets False (the native reads skip it)
+    native_reads = True
+
     def __init__(self, res: Resident, variant_dir: Path, chunk_size: int, *, direct: bool = False,
                  read_size: int = 0):
         self.res = res
         self._read_size = read_size
+        self.hashed = hashed_read.read if self.native_reads else None
         self._buffered_only: set[int] = set()  # partitions whose O_DIRECT reads were refused
         self._waiting_only: set[int] = set()  # partitions whose filesystem refuses reads that do not wait
         self.stop = False
@@ -125,6 +134,7 @@ class Fill:
             check.update(view[at:wend])
             self._settle(part, check.index, check.ok())
             at = wend
+        at -= at % CHUNK_SIZE  # ran out inside a window with no check fed: hash that window whole
         self._verify(part, view, at, end - at)
 
     def _reads_direct(self, part: int) -> bool:
@@ -140,6 +150,9 @@ class Fill:
         fd = self._files.fd(part)
         at = off
         try:
+            if self.hashed is not None:
+                at = self._hashed_from_cache(part, fd, view, off, end)
+                return at, None
             while at < end:
                 check = WindowCheck(p, at // CHUNK_SIZE)
                 wend = min(at + CHUNK_SIZE, end)
@@ -155,6 +168,26 @@ class Fill:
         finally:
             with self._lock:
                 self.cached_bytes += at - off
+
+    def _hashed_from_cache(self, part: int, fd: int, view: memoryview, off: int, end: int) -> int:
+        """``_from_cache`` a window per native call; where the cache ran out (its window is hashed
+        again whole after the waiting read)."""
+        assert self.hashed is not None
+        p = self.res.manifest.partitions[part]
+        at = off
+        while at < end:
+            wend = min(at + CHUNK_SIZE, end)
+            got = self.hashed(fd, view[at:wend], at, HASHED_READ, os.RWF_NOWAIT)
+            if got.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._waiting_only.add(part)  # this filesystem has no such reads: every read waits
+            elif got.errno not in (0, errno.EAGAIN):  # EAGAIN: the page cache lacks the next page
+                raise ReadFailed(at + got.done, OSError(got.errno, os.strerror(got.errno)))
+            if got.done < wend - at:
+                return at + got.done
+            k = at // CHUNK_SIZE
+            self._settle(part, k, k < len(p.chunks) and got.digest == p.chunks[k])
+            at = wend
+        return at
 
     def _read_cached(self, part: int, fd: int, dest: memoryview, off: int) -> int:
         """Bytes read without waiting for the disk: short (or 0) where the page cache lacks them."""

@@ -27,6 +27,7 @@ from sllmfs.fuse.storeio import _all_cached
 from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.fill import Fill
 from sllmfs.sidecar.memtier import MemoryTier, Resident
+from sllmfs.store import hashed_read
 from sllmfs.store.format import CHUNK_SIZE, load_manifest
 from sllmfs.store.reader import variant_identity
 from tests.support.sidecar import make_model, sidecar, wait_log
@@ -180,6 +181,8 @@ class _PatchyCache(Fill):
     """The page cache runs out at any byte, not only at page boundaries the kernel would choose:
     a read that does not wait gets a random part of what it asked for, or EAGAIN."""
 
+    native_reads = False  # the faults are behind _preadv: the Python reads go through it
+
     rng = random.Random(0)
 
     def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
@@ -209,6 +212,8 @@ def test_the_cache_running_out_at_any_byte_fills_the_same_bytes(tmp_path: Path) 
 class _FailingDisk(Fill):
     """The disk fails at byte ``bad``: a waiting read lands the bytes before it, one from it is EIO
     (a bad sector). What the page cache holds reads fine."""
+
+    native_reads = False  # the faults are behind _preadv: the Python reads go through it
 
     bad = 0
 
@@ -241,6 +246,38 @@ def test_a_failing_disk_fails_the_window_it_hit(tmp_path: Path, gaps: tuple[tupl
         assert fill.error in res.failure.line
         assert _readiness(res) == readiness
         assert res.filled == _ready_bytes(res)  # counted: exactly the windows published READY
+
+
+class _FailingDiskNative(Fill):
+    """As _FailingDisk, for the native reads of the page-cache path: the real reads land the bytes
+    before ``bad``, then report EIO as the native module names it."""
+
+    bad = 0
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        real = self.hashed
+        assert real is not None
+
+        def failing(fd: int, dst: memoryview, off: int, step: int, flags: int = 0) -> hashed_read.Hashed:
+            if not off <= self.bad < off + len(dst):
+                return real(fd, dst, off, step, flags)
+            return real(fd, dst[:self.bad - off], off, step, flags)._replace(errno=errno.EIO)
+
+        self.hashed = failing
+
+
+@pytest.mark.skipif(hashed_read.read is None, reason="the native module did not bind")
+def test_a_failing_disk_under_the_native_reads_fails_the_window_it_hit(tmp_path: Path) -> None:
+    with _resident(tmp_path, seed=16) as (res, vdir, _):
+        _evict(vdir / "data_0.bin", gaps=())  # all cached: every window goes through the native reads
+        fill = _FailingDiskNative(res, vdir, 8 * MIB)
+        fill.bad = 13 * MIB + 64 * 1024
+        _run(fill)
+        assert fill.error == f"data_0.bin: {os.strerror(errno.EIO)}"
+        assert res.failure is not None and res.failure.cause == FailCause.READ
+        assert _readiness(res) == [R, R, R, F, P, P]
+        assert res.filled == _ready_bytes(res)
 
 
 def test_a_failure_never_takes_back_a_window_published_ready(tmp_path: Path) -> None:
@@ -338,6 +375,8 @@ def test_smaller_page_cache_reads_fill_the_same_bytes_and_refuse_a_flip(tmp_path
     sizes: list[int] = []  # of the reads that do not wait (the page-cache path)
 
     class Counted(Fill):
+        native_reads = False  # the reads counted are behind _preadv, which the native reads skip
+
         def _preadv(self, fd: int, dest: memoryview, off: int, flags: int = 0) -> int:
             if flags:
                 sizes.append(len(dest))

@@ -1,0 +1,63 @@
+"""Reads checksummed as they land: one native call reads a window and hashes each read while it is
+still in the CPU's caches, with no trip through the GIL per read (csrc/hashread.cpp).
+
+``read`` is None where the native module is missing or python xxhash's library does not expose xxh3
+(a build from source may hide its symbols), or where its digests would differ from python xxhash's
+(checked once on import): callers then read and hash in Python, the same bytes at a lower rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+
+class Hashed(NamedTuple):
+    done: int  # bytes that landed, from the start of the buffer
+    digest: str  # xxh3_64 of those bytes, hex as store.format.digest writes it
+    errno: int  # what stopped the reads early (0: a short read, or the buffer is full)
+
+
+def _bind() -> Callable[[int, memoryview, int, int, int], Hashed] | None:
+    try:
+        import xxhash._xxhash as ext  # the library python xxhash itself hashes with
+
+        import sllmfs._hashread as native
+    except ImportError:
+        return None
+    if not native.bind(ext.__file__):
+        log.info("xxhash's library exposes no xxh3: the fill hashes in Python")
+        return None
+
+    def read(fd: int, dst: memoryview, offset: int, step: int, flags: int = 0) -> Hashed:
+        done, value, err = native.read(fd, dst, offset, step, flags)
+        return Hashed(done, f"{value:016x}", err)
+
+    if not _agrees(read):
+        log.warning("native xxh3 disagrees with python xxhash %s: the fill hashes in Python", xxhash.VERSION)
+        return None
+    return read
+
+
+def _agrees(read: Callable[[int, memoryview, int, int, int], Hashed]) -> bool:
+    """Digests of reads in odd steps across xxh3's block sizes equal python xxhash's."""
+    data = os.urandom((1 << 20) + 4099)
+    fd = os.memfd_create("sllmfs-hash-check", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        for step, n in ((65536 + 7, len(data)), (1 << 20, len(data)), (240, 4000), (1 << 20, 0)):
+            got = read(fd, memoryview(bytearray(n)), 0, step, 0)
+            if got != Hashed(n, f"{xxhash.xxh3_64_intdigest(data[:n]):016x}", 0):
+                return False
+        return True
+    finally:
+        os.close(fd)
+
+
+read = _bind()

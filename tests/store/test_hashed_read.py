@@ -1,0 +1,72 @@
+"""The native hashed read (csrc/hashread.cpp) lands the bytes and hashes them as python xxhash does,
+stops where the page cache or the file runs out, and names the error that stopped it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from sllmfs.store import hashed_read
+
+pytestmark = pytest.mark.skipif(hashed_read.read is None, reason="the native module did not bind (see its log line)")
+MIB = 1 << 20
+
+
+def _hex(data: bytes) -> str:
+    return f"{xxhash.xxh3_64_intdigest(data):016x}"
+
+
+@pytest.mark.parametrize("step", [4096, 1 << 20, 300_001])
+def test_reads_land_the_bytes_and_hash_them_as_python_does(tmp_path: Path, step: int) -> None:
+    data = os.urandom(4 * MIB + 123)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert hashed_read.read is not None
+        dst = bytearray(4 * MIB)
+        got = hashed_read.read(fd, memoryview(dst), 77, step, 0)
+        assert got == hashed_read.Hashed(4 * MIB, _hex(data[77:77 + 4 * MIB]), 0)
+        assert bytes(dst) == data[77:77 + 4 * MIB]
+        past = bytearray(MIB)  # the file ends 123 bytes in: a short read, the digest of what landed
+        assert hashed_read.read(fd, memoryview(past), 4 * MIB, step, 0) == hashed_read.Hashed(123, _hex(data[-123:]), 0)
+        assert bytes(past[:123]) == data[-123:] and not any(past[123:])
+    finally:
+        os.close(fd)
+
+
+def test_reads_that_do_not_wait_stop_where_the_page_cache_does(tmp_path: Path) -> None:
+    data = os.urandom(8 * MIB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 4 * MIB, 4 * MIB, os.POSIX_FADV_DONTNEED)
+        assert hashed_read.read is not None
+        got = hashed_read.read(fd, memoryview(bytearray(8 * MIB)), 0, MIB, os.RWF_NOWAIT)
+        if got.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            pytest.skip(f"{tmp_path}'s filesystem has no RWF_NOWAIT reads")
+        assert got.done == 4 * MIB and got.digest == _hex(data[:4 * MIB]), got  # EAGAIN or a short read
+        assert got.errno in (0, errno.EAGAIN)
+    finally:
+        os.close(fd)
+
+
+def test_an_error_stops_the_reads_and_is_named(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: every read is EISDIR
+    try:
+        assert hashed_read.read is not None
+        got = hashed_read.read(fd, memoryview(bytearray(4096)), 0, 4096, 0)
+        assert got == hashed_read.Hashed(0, _hex(b""), errno.EISDIR)
+    finally:
+        os.close(fd)
+
+
+def test_a_read_only_buffer_is_refused() -> None:
+    assert hashed_read.read is not None
+    with pytest.raises(TypeError):
+        hashed_read.read(0, memoryview(b"abc"), 0, 4096, 0)
