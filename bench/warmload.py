@@ -221,6 +221,7 @@ def phases(got: dict[str, Any], tl: dict[str, Any]) -> dict[str, float]:
         at("acquire reaches the tier (reserve starts)", tl["reserved"])
         blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}, pinned {tl.get('pinned_blanks', 0)}"
         out[f"  reserve's own ms (partitions from blanks {blanks})"] = tl["alloc_s"] * 1e3
+        out["    of which cutting blanks to size (unpin past the end, shrink), ms"] = tl.get("cut_s", 0.0) * 1e3
         at("fill threads start", tl.get("fill_start"))
         at("first window READY", tl.get("first_ready"))
         at("last window READY", tl.get("last_ready"))

@@ -54,6 +54,7 @@ class Segment:
         self.pinned = False  # holds pins its blank was given for GPU copies (the resident must unpin them)
         self.pinned_below = 0  # those pins cover [0, pinned_below): whole PIN_PIECE pieces, or all of it
         self._unpin: Unpin | None = None
+        self.cut_s = 0.0  # seconds cutting its blank to size (NOTES-cold run 12: the reserve's share)
         if blank is not None:
             self._from_blank(_round_up(size, HUGE_PAGE), blank)
         elif self.wants_huge(size, huge):
@@ -81,12 +82,14 @@ class Segment:
             self._open("", length, os.MFD_HUGETLB, blank.fd)
             return
         if length < blank.length:
+            t0 = time.monotonic()
             blank.unpin_from(length // PIN_PIECE * PIN_PIECE)  # pins of pages the shrink frees go first
             try:
                 os.ftruncate(blank.fd, length)
             except OSError:
                 blank.close()
                 raise
+            self.cut_s = time.monotonic() - t0
         try:
             self._seal(blank.fd)
         except OSError:
@@ -152,6 +155,7 @@ class Timeline:
     0.0: not (yet) happened."""
     reserved: float = 0.0  # reserve() began: the acquire that missed
     alloc_s: float = 0.0  # reserve's own seconds (blanks taken, segments made, room made)
+    cut_s: float = 0.0  # of those, cutting blanks to size: unpinning the pieces past the end, the shrink
     from_blanks: int = 0  # partitions made from start-time blanks (the rest: fresh memory)
     pinned_blanks: int = 0  # of those, pinned for GPU copies already (their pins came along)
     partitions: int = 0
@@ -330,7 +334,7 @@ class MemoryTier:
             release = self.release_pins
             assert release is not None, "blanks are pinned only once release_pins is set"
             res.unpin = lambda: release(res)
-        res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0,
+        res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0, cut_s=sum(seg.cut_s for seg in segments),
                                 from_blanks=sum(b is not None for b in blanks), partitions=len(blanks),
                                 pinned_blanks=sum(seg.pinned for seg in segments))
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
