@@ -47,6 +47,7 @@ F symbol(void* lib, const char* name) {
 PyObject* mod_bind(PyObject*, PyObject* args) {
   const char* path = nullptr;
   if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
+  if (g_xxh3.update != nullptr) Py_RETURN_TRUE;  // bound once, for good: reads may be running on it
   void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);  // loaded already: this only takes a reference
   if (lib == nullptr) Py_RETURN_FALSE;
   Xxh3 x;
@@ -61,7 +62,7 @@ PyObject* mod_bind(PyObject*, PyObject* args) {
     dlclose(lib);
     Py_RETURN_FALSE;
   }
-  g_xxh3 = x;  // the library stays open: its functions are called for the life of the process
+  g_xxh3 = x;  // under the GIL, once; the library stays open for the life of the process
   Py_RETURN_TRUE;
 }
 
@@ -71,12 +72,13 @@ PyObject* mod_read(PyObject*, PyObject* args) {
   long long offset = 0;
   Py_ssize_t step = 0;
   if (!PyArg_ParseTuple(args, "iw*Lni", &fd, &dst, &offset, &step, &flags)) return nullptr;
-  if (g_xxh3.update == nullptr || step <= 0 || offset < 0) {
+  const Xxh3 x = g_xxh3;  // read under the GIL: the loop below runs without it
+  if (x.update == nullptr || step <= 0 || offset < 0) {
     PyBuffer_Release(&dst);
-    PyErr_SetString(PyExc_ValueError, g_xxh3.update ? "step must be > 0, offset >= 0" : "bind() first");
+    PyErr_SetString(PyExc_ValueError, x.update ? "step must be > 0, offset >= 0" : "bind() first");
     return nullptr;
   }
-  void* state = g_xxh3.create();
+  void* state = x.create();
   if (state == nullptr) {
     PyBuffer_Release(&dst);
     return PyErr_NoMemory();
@@ -87,7 +89,7 @@ PyObject* mod_read(PyObject*, PyObject* args) {
   int err = 0;
   uint64_t digest = 0;
   Py_BEGIN_ALLOW_THREADS
-  g_xxh3.reset(state);
+  x.reset(state);
   while (done < len) {
     const Py_ssize_t want = step < len - done ? step : len - done;
     struct iovec iov = {base + done, static_cast<size_t>(want)};
@@ -97,12 +99,12 @@ PyObject* mod_read(PyObject*, PyObject* args) {
       err = errno;
       break;
     }
-    g_xxh3.update(state, base + done, static_cast<size_t>(got));  // still in L2: the read just wrote it
+    x.update(state, base + done, static_cast<size_t>(got));  // still in L2: the read just wrote it
     done += got;
     if (got < want) break;  // the page cache ran out, or the file did
   }
-  digest = g_xxh3.digest(state);
-  g_xxh3.free(state);
+  digest = x.digest(state);
+  x.free(state);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&dst);
   return Py_BuildValue("nKi", done, static_cast<unsigned long long>(digest), err);

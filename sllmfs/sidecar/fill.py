@@ -134,7 +134,8 @@ class Fill:
             check.update(view[at:wend])
             self._settle(part, check.index, check.ok())
             at = wend
-        at -= at % CHUNK_SIZE  # ran out inside a window with no check fed: hash that window whole
+        else:  # the native reads ran out inside a window (no check fed): hash that window whole
+            at -= at % CHUNK_SIZE
         self._verify(part, view, at, end - at)
 
     def _reads_direct(self, part: int) -> bool:
@@ -151,7 +152,11 @@ class Fill:
         at = off
         try:
             if self.hashed is not None:
-                at = self._hashed_from_cache(part, fd, view, off, end)
+                try:
+                    at = self._hashed_from_cache(part, fd, view, off, end)
+                except ReadFailed as e:
+                    at = e.at  # what landed before it counts as copied from the cache
+                    raise
                 return at, None
             while at < end:
                 check = WindowCheck(p, at // CHUNK_SIZE)

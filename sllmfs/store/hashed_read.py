@@ -31,15 +31,23 @@ def _bind() -> Callable[[int, memoryview, int, int, int], Hashed] | None:
         import sllmfs._hashread as native
     except ImportError:
         return None
-    if not native.bind(ext.__file__):
-        log.info("xxhash's library exposes no xxh3: the fill hashes in Python")
+    try:
+        if not native.bind(ext.__file__):
+            log.info("xxhash's library exposes no xxh3: the fill hashes in Python")
+            return None
+    except (TypeError, AttributeError):  # an xxhash without a library file (__file__ None or missing)
         return None
 
     def read(fd: int, dst: memoryview, offset: int, step: int, flags: int = 0) -> Hashed:
         done, value, err = native.read(fd, dst, offset, step, flags)
         return Hashed(done, f"{value:016x}", err)
 
-    if not _agrees(read):
+    try:
+        agrees = _agrees(read)
+    except OSError as e:  # no memfd for the check (EMFILE, a sandbox): not proven, so not used
+        log.info("cannot check the native xxh3 (%s): the fill hashes in Python", e.strerror)
+        return None
+    if not agrees:
         log.warning("native xxh3 disagrees with python xxhash %s: the fill hashes in Python", xxhash.VERSION)
         return None
     return read

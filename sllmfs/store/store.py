@@ -339,9 +339,8 @@ class Store:
     def commit_variant(self, staged: Path, name: str, key: str, *, force: bool) -> None:
         """Publish one variant directory into an existing model, atomically (hold ``writing``)."""
         dest = self.get(name).variant_dir(key)
-        if not dest.parent.is_dir():
-            dest.parent.mkdir(exist_ok=True)
-            fsync_dir(dest.parent.parent)  # variants/ itself must survive a crash with what it will hold
+        dest.parent.mkdir(exist_ok=True)
+        fsync_dir(dest.parent.parent)  # variants/ itself must survive a crash with what it will hold
         self._publish(staged, dest, force=force, exists=f"model {name!r} already has variant {key!r}")
 
     def _publish(self, staged: Path, dest: Path, *, force: bool, exists: str) -> None:

@@ -34,6 +34,11 @@ from tests.support.sidecar import make_model, sidecar, wait_log
 
 MIB = 1 << 20
 PAGE = 4096
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
 # 8 MiB pieces: 2 windows each. The cache runs out at 2 MiB (inside window 0) and at 10 MiB
 # (inside window 2); window 3 is half gap, half cached (read waiting all the same).
 SHAPE = ("--chunk-size", "8MiB", "--num-thread", "2")
@@ -132,10 +137,11 @@ def test_a_short_file_is_refused_past_a_gap(tmp_path: Path) -> None:
 
 
 @contextmanager
-def _resident(tmp_path: Path, seed: int) -> Iterator[tuple[Resident, Path, bytes]]:
-    """A 24 MiB model saved (one partition: 3 pieces, 6 windows) and a resident copy to fill."""
+def _resident(tmp_path: Path, seed: int, nbytes: int = MIB) -> Iterator[tuple[Resident, Path, bytes]]:
+    """A 24 MiB model saved (one partition: 3 pieces, 6 windows) and a resident copy to fill;
+    ``nbytes`` a tensor (24 of them): another size ends the partition inside its last window."""
     store = tmp_path / "store"
-    make_model(store, "org/m", tensors=24, nbytes=MIB, seed=seed)
+    make_model(store, "org/m", tensors=24, nbytes=nbytes, seed=seed)
     vdir = _data(store, "org/m").parent
     manifest = load_manifest(vdir)
     assert len(manifest.partitions) == 1 and 20 * MIB < manifest.partitions[0].size <= 24 * MIB + MIB
@@ -207,6 +213,66 @@ def test_the_cache_running_out_at_any_byte_fills_the_same_bytes(tmp_path: Path) 
             assert bytes(res.segments[0].mm[:len(want)]) == want, trial
             assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
             assert 0 < fill.cached_bytes < len(want), trial
+
+
+@pytest.mark.parametrize("native", [True, False] if hashed_read.read is not None else [False])
+def test_a_short_last_window_the_cache_runs_out_in_is_counted_once(tmp_path: Path, native: bool) -> None:
+    """The partition ends 1/4 into window 5 (a 4 MiB window of ~1 MiB) and the cache runs out in it:
+    its bytes are exact, every window READY, and ``filled`` is the partition's size, on either path."""
+    with _resident(tmp_path, seed=17, nbytes=MIB - 40_960) as (res, vdir, want):
+        size = len(want)
+        assert size % CHUNK_SIZE and size // CHUNK_SIZE == 5
+        last = size // CHUNK_SIZE * CHUNK_SIZE
+        # the last window's whole folios out, its first two pages read back small: it runs out 8 KiB in
+        _evict(vdir / "data_0.bin", gaps=((last, _round_up(size, 2 * MIB) - last),), keep=((last, 2 * PAGE),))
+
+        class Chosen(Fill):
+            native_reads = native
+
+        fill = Chosen(res, vdir, 8 * MIB)
+        _run(fill)
+        assert fill.error is None and (fill.hashed is not None) is native
+        assert bytes(res.segments[0].mm[:size]) == want
+        assert _readiness(res) == [R] * 6 and res.filled == size
+        assert fill.handovers == 1 and fill.cached_bytes == last + 2 * PAGE
+
+
+class _PatchyNative(Fill):
+    """The native reads run out at any byte: a window's reads land a random part of it, then EAGAIN,
+    a short read, or a filesystem that refuses reads that do not wait."""
+
+    rng = random.Random(0)
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        real = self.hashed
+        assert real is not None
+
+        def patchy(fd: int, dst: memoryview, off: int, step: int, flags: int = 0) -> hashed_read.Hashed:
+            r = self.rng.random()
+            if r >= 0.5:
+                return real(fd, dst, off, step, flags)
+            got = real(fd, dst[:self.rng.randrange(0, len(dst))], off, step, flags)
+            why = (errno.EAGAIN, 0, errno.EOPNOTSUPP)[int(r * 6) % 3]
+            return got._replace(errno=why)
+
+        self.hashed = patchy
+
+
+@pytest.mark.skipif(hashed_read.read is None, reason="the native module did not bind")
+def test_the_native_reads_running_out_at_any_byte_fill_the_same_bytes(tmp_path: Path) -> None:
+    with _resident(tmp_path, seed=18, nbytes=MIB - 40_960) as (res, vdir, want):
+        for trial in range(20):
+            fill = _PatchyNative(res, vdir, 8 * MIB)
+            fill.rng = random.Random(trial)
+            res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
+            res.segments[0].mm[:len(want)] = bytes(len(want))
+            res.filled = 0
+            _run(fill)
+            assert fill.error is None, trial
+            assert bytes(res.segments[0].mm[:len(want)]) == want, trial
+            assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
+            assert 0 <= fill.cached_bytes <= len(want), trial
 
 
 class _FailingDisk(Fill):
@@ -369,7 +435,8 @@ def test_smaller_page_cache_reads_fill_the_same_bytes_and_refuse_a_flip(tmp_path
     import sllmfs.sidecar.fill as fill_mod
 
     patch = runpy.run_path(str(Path(__file__).resolve().parents[2] / "bench" / "fill_read_size.py"))
-    monkeypatch.setattr(fill_mod, "CACHED_READ", fill_mod.CACHED_READ)  # restored after the test
+    monkeypatch.setattr(fill_mod, "CACHED_READ", fill_mod.CACHED_READ)  # both restored after the test
+    monkeypatch.setattr(fill_mod, "HASHED_READ", fill_mod.HASHED_READ)
     patch["set_read_size"](kib)
     assert fill_mod.CACHED_READ == kib << 10
     sizes: list[int] = []  # of the reads that do not wait (the page-cache path)
