@@ -200,19 +200,27 @@ class _PatchyCache(Fill):
         return super()._preadv(fd, dest[:self.rng.randrange(1, len(dest))], off, flags)
 
 
+def _random_trials(patchy: type[Fill], res: Resident, vdir: Path, want: bytes) -> list[int]:
+    """20 fills of ``res`` by ``patchy`` (its ``rng`` seeded per trial), each from zeroed memory and
+    PENDING windows, each checked whole; the bytes each copied from the cache."""
+    cached = []
+    for trial in range(20):
+        fill = patchy(res, vdir, 8 * MIB)
+        fill.rng = random.Random(trial)  # type: ignore[attr-defined]
+        res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
+        res.segments[0].mm[:len(want)] = bytes(len(want))
+        res.filled = 0
+        _run(fill)
+        assert fill.error is None, trial
+        assert bytes(res.segments[0].mm[:len(want)]) == want, trial
+        assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
+        cached.append(fill.cached_bytes)
+    return cached
+
+
 def test_the_cache_running_out_at_any_byte_fills_the_same_bytes(tmp_path: Path) -> None:
     with _resident(tmp_path, seed=13) as (res, vdir, want):
-        for trial in range(20):
-            fill = _PatchyCache(res, vdir, 8 * MIB)
-            fill.rng = random.Random(trial)
-            res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
-            res.segments[0].mm[:len(want)] = bytes(len(want))
-            res.filled = 0
-            _run(fill)
-            assert fill.error is None, trial
-            assert bytes(res.segments[0].mm[:len(want)]) == want, trial
-            assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
-            assert 0 < fill.cached_bytes < len(want), trial
+        assert all(0 < n < len(want) for n in _random_trials(_PatchyCache, res, vdir, want))
 
 
 @pytest.mark.parametrize("native", [True, False] if hashed_read.read is not None else [False])
@@ -262,17 +270,7 @@ class _PatchyNative(Fill):
 @pytest.mark.skipif(hashed_read.read is None, reason="the native module did not bind")
 def test_the_native_reads_running_out_at_any_byte_fill_the_same_bytes(tmp_path: Path) -> None:
     with _resident(tmp_path, seed=18, nbytes=MIB - 40_960) as (res, vdir, want):
-        for trial in range(20):
-            fill = _PatchyNative(res, vdir, 8 * MIB)
-            fill.rng = random.Random(trial)
-            res.ready.mm[:6] = bytes(6)  # PENDING again, the copy zeroed: the next trial fills it anew
-            res.segments[0].mm[:len(want)] = bytes(len(want))
-            res.filled = 0
-            _run(fill)
-            assert fill.error is None, trial
-            assert bytes(res.segments[0].mm[:len(want)]) == want, trial
-            assert _readiness(res) == [R] * 6 and res.filled == len(want), trial
-            assert 0 <= fill.cached_bytes <= len(want), trial
+        assert all(0 <= n <= len(want) for n in _random_trials(_PatchyNative, res, vdir, want))
 
 
 class _FailingDisk(Fill):
