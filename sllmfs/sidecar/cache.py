@@ -312,11 +312,10 @@ class Cache:
     async def _pin(self, res: Resident) -> None:
         t0 = time.monotonic()
         try:
-            await trio.to_thread.run_sync(self.gpu.pin, res)  # its blanks cut to size first (GpuCopier.cut)
+            await trio.to_thread.run_sync(self.gpu.pin, res)
             res.timeline.pin_s = time.monotonic() - t0
         except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
             log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
-        self.reblank()  # the pages the cut gave back may become blanks again
 
     # -- disk ----------------------------------------------------------------
 

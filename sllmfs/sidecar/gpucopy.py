@@ -274,7 +274,6 @@ class GpuCopier:
         pairs = self._pairs()
         if res.gpu_pinned or res.state != "ready" or res.closed or not pairs:
             return
-        self.cut(res)
         # a segment cut from a pinned blank holds pins below its cut only (the rest is pinned here: pinning
         # it whole would re-pin the pieces), a partition not in hugetlb pages holds none (pinned whole
         # here, or one such partition stages the whole model: the copy engine's _auto_mode)
@@ -305,28 +304,6 @@ class GpuCopier:
             return
         log.info("pinned model=%s variant=%s for GPU copies newly_pinned=%d register_s=%.3f seconds=%.3f",
                  res.model, res.variant, pinned, pin_s, time.perf_counter() - t0)
-
-    def cut(self, res: Resident) -> None:
-        """Worker thread, after the fill: shrink the segments whose pinned blank was bigger than their
-        partition (memtier.Segment.cut), off the load's path. Their pieces from the one crossing the end
-        are unpinned first in every engine, each waiting for a copy it runs (none may read a piece
-        unpinned under it); a resident closed meanwhile is left to its close (it unpins the whole blank)."""
-        from sllmfs.engine.copy_engine import address_of
-
-        cuts = [seg for seg in res.segments if seg.cut_pending]
-        if not cuts:
-            return
-        for engine, lock in self._pairs():
-            with lock:
-                if res.closed:
-                    return
-                for seg in cuts:
-                    at = address_of(seg.mm) + seg.cut_from
-                    engine.release((at, seg.held - seg.cut_from, 0, 0))
-        for seg in cuts:
-            if res.closed:
-                return
-            seg.cut()
 
     def pin_blank(self, blank: Blank) -> None:
         """Worker thread: pin a blank for GPU copies, in PIN_PIECE pieces, with every engine (the

@@ -54,12 +54,7 @@ class Segment:
         self.pinned = False  # holds pins its blank was given for GPU copies (the resident must unpin them)
         self.pinned_below = 0  # those pins cover [0, pinned_below): whole PIN_PIECE pieces, or all of it
         self._unpin: Unpin | None = None
-        self.cut_s = 0.0  # seconds cutting its blank to size at reserve (an unpinned blank's shrink)
-        # a pinned blank bigger than the partition keeps its size and pins until the load is over: the
-        # unpins before the shrink were all of the reserve's ~40 ms (NOTES-cold run 12); ``cut`` ends it
-        self.cut_pending = False
-        self.cut_from = 0  # with a cut pending: the first pin piece that reaches past the end
-        self.held = 0  # bytes of memory its memfd holds now (``length``, or its whole blank until the cut)
+        self.cut_s = 0.0  # seconds cutting its blank to size (NOTES-cold run 12: the reserve's share)
         if blank is not None:
             self._from_blank(_round_up(size, HUGE_PAGE), blank)
         elif self.wants_huge(size, huge):
@@ -77,19 +72,18 @@ class Segment:
         return huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN)
 
     def _from_blank(self, length: int, blank: Blank) -> None:
-        """Keep the blank's map. A pinned blank keeps its size and every pin until ``cut`` (after the
-        load: no unpin on its path), then shrinks to the partition; an unpinned one shrinks now (the rest
-        of its pages go back to the pool). The map then reaches past ``length``: nothing touches a
-        segment past its size, and clients map ``length``. A blank too small grows through a new map of
-        the whole (only the rest faults; unpinned)."""
+        """Keep the blank's map, and its pins below the partition's end: only the pieces from the one
+        that crosses it on are unpinned, then the memfd shrinks (the rest of its pages go back to the
+        pool). The map then reaches past the end of the memfd: nothing touches a segment past its size.
+        A blank too small grows through a new map of the whole (only the rest faults; unpinned)."""
         if length > blank.length:
             blank.unpin_from(0)
             blank.mm.close()
             self._open("", length, os.MFD_HUGETLB, blank.fd)
             return
-        self.cut_pending = length < blank.length and blank.unpin is not None
-        if length < blank.length and not self.cut_pending:
+        if length < blank.length:
             t0 = time.monotonic()
+            blank.unpin_from(length // PIN_PIECE * PIN_PIECE)  # pins of pages the shrink frees go first
             try:
                 os.ftruncate(blank.fd, length)
             except OSError:
@@ -97,27 +91,15 @@ class Segment:
                 raise
             self.cut_s = time.monotonic() - t0
         try:
-            self._seal(blank.fd, sizes=not self.cut_pending)
+            self._seal(blank.fd)
         except OSError:
             blank.close()  # unpinned before its map goes
             raise
         self.pinned = blank.unpin is not None
-        if self.pinned:  # every piece below the end is pinned whole, the crossing one too until the cut
-            self.pinned_below = length
-            self.cut_from = length // PIN_PIECE * PIN_PIECE
+        if self.pinned:  # an exact fit keeps every piece; a cut keeps those below the crossing one
+            self.pinned_below = length if length == blank.length else length // PIN_PIECE * PIN_PIECE
         self._unpin = blank.unpin  # what close() unpins with, if nothing did before
         self.fd, self.mm, self.length, self.huge = blank.fd, blank.mm, length, True
-        self.held = blank.length if self.cut_pending else length
-
-    def cut(self) -> None:
-        """Shrink to ``length`` and seal the size for good, once the pieces from ``cut_from`` on were
-        unpinned (GpuCopier.cut: under the copy locks, as no copy may read a piece unpinned under it).
-        The crossing piece's part below the end is pinned again by the after-fill pin."""
-        if not self.cut_pending:
-            return
-        os.ftruncate(self.fd, self.length)  # the pages past it go back to the pool
-        self.held, self.cut_pending, self.pinned_below = self.length, False, self.cut_from
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SIZE_SEALS | F_SEAL_SEAL)
 
     def _open(self, name: str, length: int, flag: int, fd: int | None = None) -> None:
         if fd is None:
@@ -137,18 +119,14 @@ class Segment:
             os.close(fd)
             raise
         self.fd, self.mm, self.length, self.huge = fd, mm, length, bool(flag)
-        self.held = length
 
     @staticmethod
-    def _seal(fd: int, *, sizes: bool = True) -> None:
-        """Sealed before any client sees it; the daemon's map, made before, stays the one writable map.
-        ``sizes=False``: a cut is pending, the size seals (and the seal on seals) come with it; clients
-        hold read-only opens, which can neither resize the memfd nor add seals (EPERM)."""
+    def _seal(fd: int) -> None:
+        """Sealed before any client sees it; the daemon's map, made before, stays the one writable map."""
         os.fchmod(fd, 0o400)  # no other uid may reopen it (/proc/<pid>/fd) at all
-        if sizes:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)  # never shrunk under a reader (SIGBUS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)  # never shrunk under a reader (SIGBUS)
         try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | (F_SEAL_SEAL if sizes else 0))
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
         except OSError as e:  # a kernel before 5.1: other uids are still kept out by the mode
             log.warning("cannot seal memory segments against writes (%s); Linux >= 5.1 can", e.strerror)
 
@@ -158,7 +136,7 @@ class Segment:
 
     def close(self) -> None:
         if self._unpin is not None:  # never unmapped pinned (a no-op once the resident's unpin ran)
-            self._unpin(address_of(self.mm), self.held)  # a pending cut: the whole blank's pieces
+            self._unpin(address_of(self.mm), self.length)
             self._unpin = None
         try:
             self.mm.close()
@@ -227,7 +205,7 @@ class Resident:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.held for s in self.segments) + self.ready.length  # a pending cut holds its whole blank
+        return sum(s.length for s in self.segments) + self.ready.length
 
     @property
     def data_bytes(self) -> int:
@@ -323,11 +301,8 @@ class MemoryTier:
             )
         # blanks first (their memory is this variant's now), then room for the rest
         blanks = [self.blanks.take() if Segment.wants_huge(p.size) else None for p in manifest.partitions]
-        # a pinned blank bigger than its partition is held whole until its cut, after the load: count it
-        slack = sum(b.length - _round_up(p.size, HUGE_PAGE) for p, b in zip(manifest.partitions, blanks, strict=True)
-                    if b is not None and b.unpin is not None and _round_up(p.size, HUGE_PAGE) < b.length)
         try:
-            self._make_room(need + slack, model)
+            self._make_room(need, model)
         except BaseException:
             for b in blanks:
                 if b is not None:

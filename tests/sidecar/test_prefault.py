@@ -185,27 +185,12 @@ def test_a_segment_keeps_its_blanks_pins_below_the_cut(hugepages: int, pin_piece
     blank = blanks.take()
     assert blank is not None
     at = blank.address
-    # 22 MiB: the blank keeps its size and all 8 pieces until the cut (after the load: NOTES-cold run 12)
-    seg = Segment("t:cut", 20 * MiB + 5, blank=blank)
-    assert seg.pinned and seg.cut_pending and len(pins.of(at)) == 8 and seg.length == 22 * MiB
-    assert os.fstat(seg.fd).st_size == seg.held == 64 * MiB and seg.cut_from == 16 * MiB
-    seg.mm[20 * MiB:20 * MiB + 5] = b"tail!"  # the partition's last bytes, in the piece that crosses the end
-    pins.unpin(at + seg.cut_from, seg.held - seg.cut_from)  # as GpuCopier.cut does, under the copy locks
-    seg.cut()
-    assert not seg.cut_pending and pins.of(at) == [0, 8 * MiB] and seg.pinned_below == 16 * MiB
-    assert os.fstat(seg.fd).st_size == seg.held == 22 * MiB
+    seg = Segment("t:cut", 20 * MiB + 5, blank=blank)  # 22 MiB: pieces 0 and 8 MiB kept, 16 MiB on unpinned
+    assert seg.pinned and pins.of(at) == [0, 8 * MiB] and seg.length == 22 * MiB
+    seg.mm[20 * MiB:20 * MiB + 5] = b"tail!"  # the partition's last bytes, in the unpinned piece
     assert bytes(seg.mm[20 * MiB:20 * MiB + 5]) == b"tail!"
     seg.close()  # never unmapped pinned
     assert pins.of(at) == []
-    blank = blanks.take()
-    assert blank is not None
-    at = blank.address
-    uncut = Segment("t:uncut", 20 * MiB + 5, blank=blank)  # closed before its cut (a failed fill, say)
-    assert uncut.cut_pending and len(pins.of(at)) == 8
-    uncut.close()  # every piece of the whole blank given back, the ones past its end too
-    assert pins.of(at) == []
-    prefault.make_blanks(blanks, budget=64 * MiB, threads=2, size=64 * MiB)  # the one taken above, again
-    blanks.pin_all(pins.pin)
     blank = blanks.take()
     assert blank is not None
     at = blank.address
