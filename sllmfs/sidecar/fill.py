@@ -35,7 +35,7 @@ from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.memtier import Resident
 from sllmfs.store import hashed_read
 from sllmfs.store.format import CHUNK_SIZE
-from sllmfs.store.reader import Partitions, ReadFailed, WindowCheck, read_full, window_ok
+from sllmfs.store.reader import Partitions, ReadFailed, WindowCheck, read_full, window_matches, window_ok
 
 CACHED_READ = 1 << 20  # a read from the page cache, in Python: fewer trips through the GIL (NOTES-cold run 11)
 HASHED_READ = 256 << 10  # the same, in the native call: smaller keeps it in L2 for its hash (run 12)
@@ -189,8 +189,7 @@ class Fill:
                 raise ReadFailed(at + got.done, OSError(got.errno, os.strerror(got.errno)))
             if got.done < wend - at:
                 return at + got.done
-            k = at // CHUNK_SIZE
-            self._settle(part, k, k < len(p.chunks) and got.digest == p.chunks[k])
+            self._settle(part, at // CHUNK_SIZE, window_matches(p, at // CHUNK_SIZE, got.digest))
             at = wend
         return at
 

@@ -336,7 +336,12 @@ def digest(data: Any) -> str:
     """The store's checksum of some bytes, as manifests write it (windows and tensors): xxh3_64, hex."""
     import xxhash
 
-    return f"{xxhash.xxh3_64_intdigest(data):016x}"
+    return hex_digest(xxhash.xxh3_64_intdigest(data))
+
+
+def hex_digest(value: int) -> str:
+    """An xxh3_64 value as manifests write it (store/hashed_read.py's native digests too)."""
+    return f"{value:016x}"
 
 
 def corrupt(path: str | os.PathLike[str], why: str) -> Corrupt:

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import xxhash
 
+from sllmfs.store.format import digest, hex_digest
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +42,7 @@ def _bind() -> Callable[[int, memoryview, int, int, int], Hashed] | None:
 
     def read(fd: int, dst: memoryview, offset: int, step: int, flags: int = 0) -> Hashed:
         done, value, err = native.read(fd, dst, offset, step, flags)
-        return Hashed(done, f"{value:016x}", err)
+        return Hashed(done, hex_digest(value), err)
 
     try:
         agrees = _agrees(read)
@@ -61,7 +63,7 @@ def _agrees(read: Callable[[int, memoryview, int, int, int], Hashed]) -> bool:
         os.write(fd, data)
         for step, n in ((65536 + 7, len(data)), (1 << 20, len(data)), (240, 4000), (1 << 20, 0)):
             got = read(fd, memoryview(bytearray(n)), 0, step, 0)
-            if got != Hashed(n, f"{xxhash.xxh3_64_intdigest(data[:n]):016x}", 0):
+            if got != Hashed(n, digest(data[:n]), 0):
                 return False
         return True
     finally:

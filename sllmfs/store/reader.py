@@ -68,7 +68,12 @@ def pinned_variant(variant_dir: Path, *, below: Path | None = None,
 
 def window_ok(p: Partition, k: int, data: Any) -> bool:
     """Whether ``data`` is window ``k`` of partition ``p`` as its manifest checksummed it."""
-    return k < len(p.chunks) and digest(data) == p.chunks[k]
+    return window_matches(p, k, digest(data))
+
+
+def window_matches(p: Partition, k: int, hexdigest: str) -> bool:
+    """Whether ``hexdigest`` is window ``k``'s checksum in ``p``'s manifest (one it lacks never matches)."""
+    return k < len(p.chunks) and hexdigest == p.chunks[k]
 
 
 class WindowCheck:
@@ -83,7 +88,7 @@ class WindowCheck:
         self._hash.update(data)
 
     def ok(self) -> bool:
-        return self.index < len(self.partition.chunks) and self._hash.hexdigest() == self.partition.chunks[self.index]
+        return window_matches(self.partition, self.index, self._hash.hexdigest())
 
 
 def windows(p: Partition) -> int:
