@@ -28,9 +28,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 POOL = "48GB"  # as bench/peers.py: 8 blanks of 4 GiB on 16384 hugetlb pages, 4 per load of 13.48 GB
-# the daemon as it is (native hashed reads) and as it was before NOTES-cold run 12 (bench/fill_python_reads.py);
-# run 9's pair (blanks pinned at start, or not: bench/unpinned_blanks.py) is settled
-DAEMONS = (("native reads", ("-m", "sllmfs")), ("python reads (before run 12)", (str(HERE / "fill_python_reads.py"),)))
+# the daemon as it is (a pinned blank's pieces past a partition's end unpinned after the load) and as it was
+# before NOTES-cold run 13 (unpinned at reserve: bench/eager_cut.py); run 9's pair (blanks pinned at start or
+# not: bench/unpinned_blanks.py) and run 12's (native or Python reads: bench/fill_python_reads.py) are settled
+DAEMONS = (("deferred cut", ("-m", "sllmfs")), ("eager cut (before run 13)", (str(HERE / "eager_cut.py"),)))
 
 
 def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
@@ -221,7 +222,7 @@ def phases(got: dict[str, Any], tl: dict[str, Any]) -> dict[str, float]:
         at("acquire reaches the tier (reserve starts)", tl["reserved"])
         blanks = f"{tl.get('from_blanks', 0)}/{tl.get('partitions', 0)}, pinned {tl.get('pinned_blanks', 0)}"
         out[f"  reserve's own ms (partitions from blanks {blanks})"] = tl["alloc_s"] * 1e3
-        out["    of which cutting blanks to size (unpin past the end, shrink), ms"] = tl.get("cut_s", 0.0) * 1e3
+        out["    of which cutting blanks to size (the shrink; eager: unpins first), ms"] = tl.get("cut_s", 0.0) * 1e3
         at("fill threads start", tl.get("fill_start"))
         at("first window READY", tl.get("first_ready"))
         at("last window READY", tl.get("last_ready"))

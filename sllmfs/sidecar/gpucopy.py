@@ -274,9 +274,9 @@ class GpuCopier:
         pairs = self._pairs()
         if res.gpu_pinned or res.state != "ready" or res.closed or not pairs:
             return
-        # a segment cut from a pinned blank holds pins below its cut only (the rest is pinned here: pinning
-        # it whole would re-pin the pieces), a partition not in hugetlb pages holds none (pinned whole
-        # here, or one such partition stages the whole model: the copy engine's _auto_mode)
+        # a segment made of a pinned blank is pinned whole already (its pieces), a partition not in
+        # hugetlb pages holds no pins (pinned whole here, or one such partition stages the whole model:
+        # the copy engine's _auto_mode)
         res.gpu_pinned = True
         if res.unpin is None:
             res.unpin = lambda: self.release(res)
@@ -291,19 +291,23 @@ class GpuCopier:
                     for seg, s in zip(res.segments, segs, strict=True):
                         if not s.length:
                             continue
-                        if seg.pinned and seg.pinned_below:  # its blank's pieces stay: only the rest, if any
-                            if s.length <= seg.pinned_below:
-                                continue
-                            got = engine.register((s.base + seg.pinned_below, s.length - seg.pinned_below, 0, 0))
-                        else:
-                            got = engine.register(s)
+                        if seg.pinned:  # its blank's pieces cover it
+                            continue
+                        got = engine.register(s)
                         pinned += int(got.get("bytes", 0))
                         pin_s += float(got.get("seconds", 0.0))
         except (CopyError, ValueError) as e:
             log.warning("could not pin model=%s variant=%s for GPU copies: %s", res.model, res.variant, e)
             return
-        log.info("pinned model=%s variant=%s for GPU copies newly_pinned=%d register_s=%.3f seconds=%.3f",
-                 res.model, res.variant, pinned, pin_s, time.perf_counter() - t0)
+        finally:
+            # each bus lock was taken above, so the copies that streamed behind the fill have ended: the
+            # pieces its blanks held past the partitions' ends go now, off the load (memtier.Segment)
+            t1 = time.perf_counter()
+            unpinned = sum(seg.drop_past_end() for seg in res.segments)
+            unpin_s = time.perf_counter() - t1
+        log.info("pinned model=%s variant=%s for GPU copies newly_pinned=%d register_s=%.3f seconds=%.3f "
+                 "unpinned_past_end=%d unpin_s=%.3f", res.model, res.variant, pinned, pin_s,
+                 time.perf_counter() - t0, unpinned, unpin_s)
 
     def pin_blank(self, blank: Blank) -> None:
         """Worker thread: pin a blank for GPU copies, in PIN_PIECE pieces, with every engine (the

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,10 +52,16 @@ class Segment:
         """``blank``: a hugetlb memfd already faulted in (prefault.Blanks) to make it from; ours to close."""
         self.size = size
         self.huge = False
-        self.pinned = False  # holds pins its blank was given for GPU copies (the resident must unpin them)
-        self.pinned_below = 0  # those pins cover [0, pinned_below): whole PIN_PIECE pieces, or all of it
+        self.pinned = False  # its blank's pins for GPU copies cover it all (the resident must unpin them)
         self._unpin: Unpin | None = None
         self.cut_s = 0.0  # seconds cutting its blank to size (NOTES-cold run 12: the reserve's share)
+        # hugetlb pages past the end that the shrink took out of the file but pins still hold (so still
+        # allocated): the piece crossing the end for the segment's life, the pieces past it until
+        # drop_past_end (after the load: an unpin costs the driver ~3.4 ms per 256 MiB on the H200)
+        self.past_end = 0
+        self._span = 0  # bytes its map covers (a blank's whole length): close unpins every piece in it
+        self._dead: tuple[int, int] | None = None  # (offset, length) of the pin pieces wholly past the end
+        self._pins_lock = threading.Lock()  # drop_past_end (a worker thread) against close (the trio thread)
         if blank is not None:
             self._from_blank(_round_up(size, HUGE_PAGE), blank)
         elif self.wants_huge(size, huge):
@@ -72,10 +79,13 @@ class Segment:
         return huge and size >= HUGE_PAGE and (size % HUGE_PAGE == 0 or size >= HUGE_MIN)
 
     def _from_blank(self, length: int, blank: Blank) -> None:
-        """Keep the blank's map, and its pins below the partition's end: only the pieces from the one
-        that crosses it on are unpinned, then the memfd shrinks (the rest of its pages go back to the
-        pool). The map then reaches past the end of the memfd: nothing touches a segment past its size.
-        A blank too small grows through a new map of the whole (only the rest faults; unpinned)."""
+        """Keep the blank's map and all its pins; the memfd shrinks to the partition's end and is sealed
+        at that size here, before any client sees it. The pages past the end leave the file; the pinned
+        ones stay allocated until unpinned (the kernel frees a pinned page at its unpin; checked against
+        the driver by bench/truncate_pinned.py), which is not on the load's path: the piece crossing the
+        end stays pinned whole (the copy reads the segment's last bytes through it), the pieces past it
+        go in drop_past_end. The map reaches past the end of the memfd: nothing touches a segment past
+        its size. A blank too small grows through a new map of the whole (only the rest faults; unpinned)."""
         if length > blank.length:
             blank.unpin_from(0)
             blank.mm.close()
@@ -83,23 +93,43 @@ class Segment:
             return
         if length < blank.length:
             t0 = time.monotonic()
-            blank.unpin_from(length // PIN_PIECE * PIN_PIECE)  # pins of pages the shrink frees go first
             try:
                 os.ftruncate(blank.fd, length)
             except OSError:
                 blank.close()
                 raise
+            if blank.unpin is not None:
+                self.past_end = blank.length - length
+                keep = _round_up(length, PIN_PIECE)  # the pieces that start below the end
+                if keep < blank.length:
+                    self._dead = (keep, blank.length - keep)
             self.cut_s = time.monotonic() - t0
         try:
             self._seal(blank.fd)
         except OSError:
+            self.past_end, self._dead = 0, None
             blank.close()  # unpinned before its map goes
             raise
         self.pinned = blank.unpin is not None
-        if self.pinned:  # an exact fit keeps every piece; a cut keeps those below the crossing one
-            self.pinned_below = length if length == blank.length else length // PIN_PIECE * PIN_PIECE
         self._unpin = blank.unpin  # what close() unpins with, if nothing did before
+        self._span = blank.length
         self.fd, self.mm, self.length, self.huge = blank.fd, blank.mm, length, True
+
+    @property
+    def held(self) -> int:
+        """Bytes of memory it holds: its pages and the pinned ones past its end."""
+        return self.length + self.past_end
+
+    def drop_past_end(self) -> int:
+        """Unpin the pin pieces wholly past the end (worker thread; no copy reads there, so no bus lock);
+        their pages go back to the pool. Returns the bytes given back."""
+        with self._pins_lock:
+            dead, self._dead = self._dead, None
+            if dead is None or self._unpin is None:
+                return 0
+            self._unpin(address_of(self.mm) + dead[0], dead[1])
+            self.past_end -= dead[1]
+            return dead[1]
 
     def _open(self, name: str, length: int, flag: int, fd: int | None = None) -> None:
         if fd is None:
@@ -135,9 +165,11 @@ class Segment:
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
-        if self._unpin is not None:  # never unmapped pinned (a no-op once the resident's unpin ran)
-            self._unpin(address_of(self.mm), self.length)
-            self._unpin = None
+        with self._pins_lock:
+            if self._unpin is not None:  # never unmapped pinned (below the end: a no-op once the resident's unpin ran)
+                self._unpin(address_of(self.mm), max(self.length, self._span))
+                self._unpin = None
+            self._dead, self.past_end = None, 0
         try:
             self.mm.close()
         except BufferError:
@@ -155,7 +187,7 @@ class Timeline:
     0.0: not (yet) happened."""
     reserved: float = 0.0  # reserve() began: the acquire that missed
     alloc_s: float = 0.0  # reserve's own seconds (blanks taken, segments made, room made)
-    cut_s: float = 0.0  # of those, cutting blanks to size: unpinning the pieces past the end, the shrink
+    cut_s: float = 0.0  # of those, cutting blanks to size (the shrink; the unpins past the end come after the load)
     from_blanks: int = 0  # partitions made from start-time blanks (the rest: fresh memory)
     pinned_blanks: int = 0  # of those, pinned for GPU copies already (their pins came along)
     partitions: int = 0
@@ -205,7 +237,7 @@ class Resident:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.length for s in self.segments) + self.ready.length
+        return sum(s.held for s in self.segments) + self.ready.length
 
     @property
     def data_bytes(self) -> int:

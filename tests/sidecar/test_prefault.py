@@ -177,7 +177,8 @@ def test_blanks_are_pinned_before_they_are_offered(hugepages: int, pin_pieces: i
     assert not pins.held and blanks.nbytes == 0
 
 
-def test_a_segment_keeps_its_blanks_pins_below_the_cut(hugepages: int, pin_pieces: int) -> None:
+def test_a_segment_keeps_its_blanks_pins_until_the_pieces_past_its_end_are_dropped(
+        hugepages: int, pin_pieces: int) -> None:
     blanks = prefault.Blanks()
     prefault.make_blanks(blanks, budget=192 * MiB, threads=2, size=64 * MiB)
     pins = Pins()
@@ -185,12 +186,15 @@ def test_a_segment_keeps_its_blanks_pins_below_the_cut(hugepages: int, pin_piece
     blank = blanks.take()
     assert blank is not None
     at = blank.address
-    seg = Segment("t:cut", 20 * MiB + 5, blank=blank)  # 22 MiB: pieces 0 and 8 MiB kept, 16 MiB on unpinned
-    assert seg.pinned and pins.of(at) == [0, 8 * MiB] and seg.length == 22 * MiB
-    seg.mm[20 * MiB:20 * MiB + 5] = b"tail!"  # the partition's last bytes, in the unpinned piece
+    seg = Segment("t:cut", 20 * MiB + 5, blank=blank)  # 22 MiB, shrunk and sealed, every piece still pinned
+    assert seg.pinned and len(pins.of(at)) == 8 and seg.length == 22 * MiB == os.fstat(seg.fd).st_size
+    assert seg.held == 64 * MiB
+    seg.mm[20 * MiB:20 * MiB + 5] = b"tail!"  # the partition's last bytes, in the piece crossing the end
     assert bytes(seg.mm[20 * MiB:20 * MiB + 5]) == b"tail!"
+    assert seg.drop_past_end() == 40 * MiB and seg.drop_past_end() == 0
+    assert pins.of(at) == [0, 8 * MiB, 16 * MiB] and seg.held == 24 * MiB  # the crossing piece: its life long
     seg.close()  # never unmapped pinned
-    assert pins.of(at) == []
+    assert pins.of(at) == [] and seg.held == 22 * MiB
     blank = blanks.take()
     assert blank is not None
     at = blank.address
