@@ -1,0 +1,71 @@
+"""Does pointing the kernel caches at sllmfs' working directories slow a process's imports? (#21:
+the `--load-format sllm` start's scheduler child spent 2.2-4 s longer in its imports than the default
+start's in every pair so far, and 3.3 s less with SLLMFS_KERNEL_CACHE=0: bench/NOTES-coldstart.md.)
+
+Fresh interpreters, alternating: the import SGLang's scheduler process makes before `Scheduler()`,
+with the environment as it is, and with the variables the plugin sets (TRITON_CACHE_DIR,
+TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR) pointing at directories of
+their own (``--dirs``: empty ones by default, or a kernel-cache working dir a start left). Medians.
+
+    python3 bench/import_kernel_dirs.py [--rounds 3] [--module sglang.srt.managers.scheduler] [--dirs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sllmfs.integrations.kernel_cache import CACHE_VARS  # noqa: E402
+
+PROBE = "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+
+
+def _one(module: str, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(m=module)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode:
+        raise SystemExit(f"import_kernel_dirs: importing {module} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return float(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--module", default="sglang.srt.managers.scheduler")
+    ap.add_argument("--dirs", type=Path, default=None, help="a kernel-cache working dir (kind subdirs) to point at")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    root = args.dirs or Path(tempfile.mkdtemp(prefix="kc-empty-"))
+    plain = {k: v for k, v in os.environ.items() if k not in {var for var, _ in CACHE_VARS.values()}}
+    pointed = dict(plain)
+    for kind, (var, _) in CACHE_VARS.items():
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        pointed[var] = str(root / kind)
+    _one(args.module, plain)  # the first import reads the files from disk: not counted
+    got: dict[str, list[float]] = {"as is": [], "kernel dirs pointed": []}
+    for _ in range(args.rounds):
+        got["as is"].append(_one(args.module, plain))
+        got["kernel dirs pointed"].append(_one(args.module, pointed))
+    out = {"module": args.module, "dirs": str(root), "seconds": got,
+           "median_s": {k: statistics.median(v) for k, v in got.items()}}
+    out["added_s"] = out["median_s"]["kernel dirs pointed"] - out["median_s"]["as is"]
+    print(json.dumps(out))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"import-kernel-dirs-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json").write_text(
+            json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
