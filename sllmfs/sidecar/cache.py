@@ -316,6 +316,7 @@ class Cache:
             res.timeline.pin_s = time.monotonic() - t0
         except Exception:  # a bug costs the pin (the first copy pins instead), never the daemon
             log.exception("pinning model=%s variant=%s failed", res.model, res.variant)
+        self.reblank()  # the pages its blanks held past the partitions' ends are the pool's again
 
     # -- disk ----------------------------------------------------------------
 
