@@ -80,7 +80,8 @@ def main() -> int:
     torch.cuda.init()
     engine = CopyEngine(target="cuda", device=0, mode="register")
     start = _free_pages()
-    out: dict[str, object] = {"gpu": torch.cuda.get_device_name(0), "blank_mib": BLANK // MiB, "end_mib": END // MiB,
+    out: dict[str, object] = {"command": " ".join(["python3", *sys.argv]),
+                              "gpu": torch.cuda.get_device_name(0), "blank_mib": BLANK // MiB, "end_mib": END // MiB,
                               "piece_mib": PIECE // MiB, "free_pages_start": start}
     failed: list[str] = []
 

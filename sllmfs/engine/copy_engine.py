@@ -195,7 +195,7 @@ class CopyEngine:
         """Unpin a segment's cached registrations (before it is unmapped). Waits for a copy running on
         this engine, unless ``idle``: memory no copy can be reading (never a copy's source yet)."""
         base, length = (segment.base, segment.length) if isinstance(segment, Segment) else segment[:2]
-        for b in [b for b in self._pinned if base <= b < base + length]:
+        for b in [b for b in list(self._pinned) if base <= b < base + length]:  # a copy: register() may add meanwhile
             del self._pinned[b]
         return int(self._engine.release(base, length, idle))
 

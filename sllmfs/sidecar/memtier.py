@@ -5,7 +5,8 @@ a manifest entry's (partition, offset, nbytes) is directly (segment, offset, nby
 Each resident variant also has a small readiness segment: one byte per 4 MiB
 window of each partition (protocol.messages.Readiness).
 
-Only the trio thread mutates this state; fill threads write bytes into the maps.
+Only the trio thread mutates this state; fill threads write bytes into the maps, and the after-fill pin
+(a worker thread) gives back the pins a segment holds past its end (Segment.drop_past_end, under its lock).
 """
 
 from __future__ import annotations
@@ -295,6 +296,8 @@ class MemoryTier:
         """The mount wants ``nbytes`` for a passthrough copy of ``source``'s file: they count in the
         budget like a resident's, evicting idle variants (never ``source``) to fit; False: no room."""
         idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
+        if self.used - idle + nbytes > self.budget:  # pages held past segments' ends may make it fit
+            idle -= self._drop_held([s for r in (*self.entries.values(), *self.retired) for s in r.segments])
         if self.used - idle + nbytes > self.budget:
             return False  # it would not fit even with every idle variant evicted: evict none
         self._make_room(nbytes, source[0], keep=source)
@@ -348,6 +351,8 @@ class MemoryTier:
         made: list[Segment] = []
         try:
             for p, b in zip(manifest.partitions, blanks, strict=True):
+                if b is None and Segment.wants_huge(p.size):  # fresh hugetlb pages: those held past the ends first
+                    self._drop_held(made)
                 made.append(Segment(f"{tag}:{p.file}", p.size, blank=b))
             ready = Segment(f"{tag}:ready", acc, huge=False)
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
@@ -374,16 +379,25 @@ class MemoryTier:
         self.entries[(model, variant)] = res
         return res
 
+    @staticmethod
+    def _drop_held(segments: list[Segment]) -> int:
+        """Give back the pin pieces ``segments`` hold past their ends (after-fill work done early: ~3 ms a
+        piece on this thread; no copy reads them). Returns the bytes."""
+        return sum(s.drop_past_end() for s in segments)
+
     def _make_room(self, need: int, model: str, keep: tuple[str, str] | None = None) -> None:
         while self.used + self.blanks.nbytes + need > self.budget:
             if self.blanks.drop_one():  # unused memory goes first
                 continue
+            if self._drop_held([s for r in (*self.entries.values(), *self.retired) for s in r.segments]):
+                continue  # then pages held past segments' ends, before any model goes
             idle = [r for k, r in self.entries.items() if not r.busy and k != keep]
             if not idle:
                 copies = (f" (the mount's passthrough copies hold {self.mount_copies}: they go a minute after their "
                           "files close)") if self.mount_copies else ""
+                free = max(0, self.budget - self.used)
                 raise BadInput(
-                    f"memory pool full: model {model!r} needs {need} bytes, {self.budget - self.used} free{copies} "
+                    f"memory pool full: model {model!r} needs {need} bytes, {free} free{copies} "
                     "and every resident model is leased, pinned or filling; release leases, "
                     "`sllmfs unpin`, or raise --mem-pool-size"
                 )

@@ -6,9 +6,10 @@ after; and every fault of a fresh hugetlb page zeroes 2 MiB, so a fill from the 
 fresh memory ran at 18.2 GB/s where a copy into memory already faulted in runs at 45
 (bench/NOTES-cold.md). So at start the sidecar faults in memfds of one partition's size (blanks) up to
 its memory budget, and the memory tier makes segments out of them: a fill then only copies. A blank is
-resized to its partition (a smaller one gives the rest of its pages back to the pool, a larger one
-faults in only the difference). Blanks count against --mem-pool-size and are the first memory the
-tier gives back when it needs room. On bare metal the pass costs only the zeroing, off the load path.
+resized to its partition (a smaller one gives the rest of its pages back to the pool, once its pins
+there are gone: memtier.Segment; a larger one faults in only the difference). Blanks count against
+--mem-pool-size and are the first memory the tier gives back when it needs room. On bare metal the
+pass costs only the zeroing, off the load path.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ log = logging.getLogger("sllmfs.sidecar")
 
 PIECE = 256 << 20  # per worker at a time
 # a blank is pinned for GPU copies in pieces this size, so a segment shrinking its blank to a partition
-# keeps the pins below the cut (unpins the rest); a multiple of the copy engine's 64 MiB blocks, so a
-# block never spans two pins
+# keeps the pieces that start below its end and unpins those past it (after the load: memtier.Segment);
+# a multiple of the copy engine's 64 MiB blocks, so a block never spans two pins
 PIN_PIECE = 256 << 20
 BLANK = PARTITION_TARGET  # a blank fits one partition of the store (a multiple of HUGE_PAGE)
 MIN_BLANK = 64 << 20
@@ -67,8 +68,7 @@ class Blank:
         return address_of(self.mm)
 
     def unpin_from(self, offset: int) -> None:
-        """Unpin every piece at or past ``offset`` (a multiple of PIN_PIECE): before the memfd shrinks
-        below them, or the map goes."""
+        """Unpin every piece at or past ``offset`` (a multiple of PIN_PIECE); 0: all, before the map goes."""
         if self.unpin is not None and offset < self.length:
             self.unpin(self.address + offset, self.length - offset)
         if offset == 0:

@@ -156,7 +156,7 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
 
 def test_a_model_with_a_small_partition_copies_in_register_mode_from_pinned_blanks(
         tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A partition that is not whole 2 MiB pages (here 3 MiB) holds no blank pins below its cut: the
+    """A partition that is not whole 2 MiB pages (here 3 MiB) is not made of a blank (holds no pins): the
     after-fill pin still pins every segment whole, or the copy engine stages the whole model (review)."""
     from safetensors.numpy import save_file
 
@@ -224,16 +224,17 @@ def test_a_blank_pass_that_fails_does_not_stop_the_daemon(
     assert caplog.text.count("making blank segments failed") == 2 and not cache._blanking
 
 
-def _cut_setup(tmp_path: Path, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch,
-               name: str) -> tuple[gpucopy.GpuCopier, memtier.MemoryTier, memtier.Resident, dict[str, bytes], int]:
-    """A 20 MiB partition reserved from a 64 MiB blank pinned in 8 MiB pieces (8 pins)."""
+def _cut_setup(tmp_path: Path, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch, name: str,
+               budget: int = 512 * MiB) -> tuple[gpucopy.GpuCopier, memtier.MemoryTier, memtier.Resident,
+                                                 dict[str, bytes], int]:
+    """A 20 MiB partition reserved from a 64 MiB blank pinned in 8 MiB pieces (8 pins), two engines."""
     for mod in (prefault, memtier, gpucopy):
         monkeypatch.setattr(mod, "PIN_PIECE", 8 * MiB)
     monkeypatch.setenv("SLLMFS_RELAY", "off")
     gpu = gpucopy.GpuCopier()
-    gpu.warm_up()
+    assert len(gpu.warm_up()) == 2  # the pieces are shared: each unpin must reach both engines
     base = fake_cuda.fake_pins()
-    tier = memtier.MemoryTier(512 * MiB)
+    tier = memtier.MemoryTier(budget)
     prefault.make_blanks(tier.blanks, budget=64 * MiB, threads=2, size=64 * MiB)
     tier.release_pins = gpu.release
     assert tier.blanks.pin_all(gpu.pin_blank) == 1
@@ -293,6 +294,28 @@ def test_a_cut_blank_evicted_before_its_after_fill_pin_gives_back_every_piece(
     tier.drop(res, why="fill failed")
     assert res.closed and fake_cuda.fake_pins() == base and prefault.hugepages_free()[0] == free_before
     assert res.segments[0].drop_past_end() == 0
+    tier.close_all()
+    for engine, _lock in gpu._pairs():
+        engine.close()
+
+
+def test_pages_held_past_an_end_go_before_a_load_is_refused_or_a_model_evicted(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pieces past a filling segment's end count in the budget until the after-fill pin; a reserve
+    that needs their room meanwhile gives them back itself (no copy reads them) instead of refusing
+    (review): 20 MiB + 44 MiB held of an 80 MiB budget, and a second 20 MiB model arrives."""
+    gpu, tier, first, _expected, base = _cut_setup(tmp_path, fake_cuda, monkeypatch, "org/first", budget=80 * MiB)
+    assert first.state == "filling" and first.segments[0].past_end == 44 * MiB
+    make_model(tmp_path / "store", "org/second", tensors=5, nbytes=4 * MiB)
+    vdir = res_dir(tmp_path, "org/second")
+    second = tier.reserve("org/second", "hf", load_manifest(vdir), variant_identity(vdir))
+    assert tier.entries.keys() == {("org/first", "hf"), ("org/second", "hf")}  # nothing refused or evicted
+    assert first.segments[0].past_end == 4 * MiB and fake_cuda.fake_pins() == base + 3
+    assert tier.used <= tier.budget
+    for res in (first, second):
+        res.state = "failed"
+        tier.drop(res, why="fill failed")
+    assert fake_cuda.fake_pins() == base
     tier.close_all()
     for engine, _lock in gpu._pairs():
         engine.close()

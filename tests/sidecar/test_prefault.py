@@ -122,7 +122,7 @@ def test_daemon_fills_into_blanks_unless_told_not_to(tmp_path: Path, hugepages: 
 
 class Pins:
     """Stands in for the GPU copier's pins (CUDA is not on this machine): records what is pinned and
-    unpinned, in pin pieces, and checks a range is unpinned while its pages are still there."""
+    unpinned, in pin pieces."""
 
     def __init__(self) -> None:
         self.held: set[tuple[int, int]] = set()  # (address, length) of each piece pinned
