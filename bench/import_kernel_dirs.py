@@ -2,7 +2,7 @@
 the `--load-format sllm` start's scheduler child spent 2.2-4 s longer in its imports than the default
 start's in every pair so far, and 3.3 s less with SLLMFS_KERNEL_CACHE=0: bench/NOTES-coldstart.md.)
 
-Fresh interpreters, alternating: the import SGLang's scheduler process makes before `Scheduler()`,
+Fresh interpreters (-X importtime), alternating: the import SGLang's scheduler process makes before `Scheduler()`,
 with the environment as it is, and with the variables the plugin sets (TRITON_CACHE_DIR,
 TVM_FFI_CACHE_DIR, FLASHINFER_WORKSPACE_BASE, TORCHINDUCTOR_CACHE_DIR) pointing at directories of
 their own (``--dirs``: empty ones by default, or a kernel-cache working dir a start left). Medians.
@@ -27,15 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sllmfs.integrations.kernel_cache import CACHE_VARS  # noqa: E402
 
 PROBE = "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+TOP = 12  # modules listed by how much more of their own import time the pointed runs spent
 
 
-def _one(module: str, env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(m=module)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode:
+def _one(module: str, env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Seconds to import ``module`` in a fresh interpreter, and each module's own seconds (-X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", PROBE.format(m=module)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode or not proc.stdout.strip():
         raise SystemExit(f"import_kernel_dirs: importing {module} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return float(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else time.perf_counter() - t0
+    own: dict[str, float] = {}
+    for line in proc.stderr.splitlines():  # "import time:  self [us] | cumulative | name" (the header skips)
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[0].strip().isdigit():
+            name = parts[2].strip()
+            own[name] = own.get(name, 0.0) + int(parts[0]) / 1e6
+    return float(proc.stdout.strip().splitlines()[-1]), own
+
+
+def _slower_modules(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, float]]:
+    """The modules whose own import time grew most with the directories pointed (medians per kind)."""
+    def med(kind: str, name: str) -> float:
+        return statistics.median(r.get(name, 0.0) for r in runs[kind])
+
+    names = {n for rs in runs.values() for r in rs for n in r}
+    diff = [(n, med("kernel dirs pointed", n) - med("as is", n)) for n in names]
+    return [(n, round(d, 4)) for n, d in sorted(diff, key=lambda x: -x[1])[:TOP]]
 
 
 def main() -> int:
@@ -55,14 +72,18 @@ def main() -> int:
         pointed[CACHE_VARS[kind][0]] = str(root / kind)
     _one(args.module, plain)  # the first import reads the files from disk: not counted
     got: dict[str, list[float]] = {"as is": [], "kernel dirs pointed": []}
+    own: dict[str, list[dict[str, float]]] = {"as is": [], "kernel dirs pointed": []}
     for i in range(args.rounds):  # which goes first alternates: an order effect is not a cost
         for kind, env in ((("as is", plain), ("kernel dirs pointed", pointed))[:: 1 if i % 2 == 0 else -1]):
-            got[kind].append(_one(args.module, env))
+            seconds, modules = _one(args.module, env)
+            got[kind].append(seconds)
+            own[kind].append(modules)
     files = {k: sum(1 for p in (root / k).rglob("*") if p.is_file()) for k in kinds}  # what the imports wrote
     out = {"command": " ".join(["python3", *sys.argv]),
            "module": args.module, "dirs": str(root), "kinds": kinds, "files_written": files, "seconds": got,
            "median_s": {k: statistics.median(v) for k, v in got.items()}}
     out["added_s"] = out["median_s"]["kernel dirs pointed"] - out["median_s"]["as is"]
+    out["slower_modules_s"] = _slower_modules(own)  # where the added seconds went, module by module
     print(json.dumps(out))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
