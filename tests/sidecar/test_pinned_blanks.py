@@ -154,6 +154,44 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
         assert "Traceback" not in sd.log()
 
 
+def test_the_daemon_unpins_a_cut_blanks_pieces_past_the_end_after_the_load(
+        tmp_path: Path, fake_cuda: ctypes.CDLL) -> None:
+    """Through the daemon: a 100 MiB partition in a 512 MiB blank (a 2 GiB pool makes blanks that size: two
+    pin pieces) loads without pinning anything, then the after-fill pin gives back the piece past its end
+    and the memory the tier counts falls by it (NOTES-cold run 13)."""
+    env = {"SLLMFS_CUDART": os.environ["SLLMFS_CUDART"]}
+    with reserved_hugepages(640), sidecar(tmp_path, "--mem-pool-size", "2GiB", env=env) as sd:
+        wait_log(sd, "as blank segments")
+        deadline = time.monotonic() + 30
+        while (mem := sd.status()["memory"])["blanks_pinned"] < mem["blanks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mem["blanks_pinned"] == mem["blanks"] >= 512 * MiB
+        expected = make_model(sd.store, "org/cut", tensors=5, nbytes=20 * MiB)  # one 100 MiB partition
+        with sd.connect() as c, c.acquire("org/cut") as lease:
+            total = sum(len(v) for v in expected.values())
+            fd = os.memfd_create("fake-gpu0")
+            os.ftruncate(fd, total)
+            at, where, pieces = 0, {}, []
+            for name, ref in lease.entries.items():
+                pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])
+                where[name] = (at, ref.nbytes)
+                at += ref.nbytes
+            stats = lease.copy_to_gpu([{"handle": memfd_handle(fd, total), "size": total, "device": "0000:00:06.0"}],
+                                      pieces, 60)
+            got = {n: os.pread(fd, k, a) for n, (a, k) in where.items()}
+            os.close(fd)
+        assert got == expected
+        assert stats["newly_registered_bytes"] == 0 and stats["tier_from_blanks"] == 1
+        assert stats["tier_cut_s"] < 1.0
+        log = wait_log(sd, "unpinned_past_end=")
+        assert f"unpinned_past_end={256 * MiB}" in log
+        deadline = time.monotonic() + 10
+        while (used := sd.status()["memory"]["used"]) > 256 * MiB + MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 100 * MiB < used <= 256 * MiB + MiB  # the partition and the piece crossing its end, no more
+        assert "Traceback" not in sd.log()
+
+
 def test_a_model_with_a_small_partition_copies_in_register_mode_from_pinned_blanks(
         tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     """A partition that is not whole 2 MiB pages (here 3 MiB) is not made of a blank (holds no pins): the
