@@ -247,12 +247,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-bench")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks", "cold-fill", "warm-load"], default="all",
+    ap.add_argument("--part", choices=["all", "faults", "disk", "blanks", "cold-fill", "warm-load", "ring-first"],
+                    default="all",
                     help="faults: is a page's first touch in this VM the cost, or every fault? (repeated "
                          "fault-in of the same reservation, fallocate, fills in a row); blanks: a fill from the "
                          "page cache into the start-time blanks vs into fresh memory; cold-fill: the fill from "
                          "disk next to the disk's buffered read in its shape; warm-load: the tier-empty "
-                         "page-cache load_dict, phase by phase (bench/warmload.py)")
+                         "page-cache load_dict, phase by phase (bench/warmload.py); ring-first: a prototype "
+                         "of that load through a pinned ring, the tier filled behind (bench/ringfirst.py)")
     ap.add_argument("--threads", type=int, default=16, help="fill threads (--part blanks, cold-fill, warm-load)")
     ap.add_argument("--small-reads", action="store_true", help="--part blanks: also the page-cache reads in "
                     f"{'/'.join(map(str, SMALL_READS_KIB))} KiB (NOTES-cold run 11)")
@@ -297,6 +299,17 @@ def main() -> None:
     if args.part == "cold-fill":
         secs = _cold_fill(store, work, files, cold, warm, args.threads)
         return _write(args, r, nbytes, False, secs)
+    if args.part == "ring-first":  # a prototype's bound, before building it in (NOTES-cold run 13)
+        import ringfirst
+
+        found = ringfirst.run(store, work, src / "model.safetensors", args.device, args.threads, args.reps)
+        found.update(command="python bench/bench_cold_stages.py " + " ".join(sys.argv[1:]), host=platform.node())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-ring-first.json"
+        dest.write_text(json.dumps(found, indent=1, default=str) + "\n")
+        print(f"-> {dest}", flush=True)
+        return
     if args.part == "warm-load":
         found = warmload.run(store, work, src / "model.safetensors", MODEL, args.device, args.threads, args.reps,
                              args.pool)

@@ -1,0 +1,187 @@
+"""A prototype of the tier-empty page-cache load that puts the GPU first (`bench_cold_stages.py --part
+ring-first`; NOTES-cold run 13 "Next"): before building it into the sidecar, measure its bound.
+
+Filling the tier on the load's path moves each byte through DRAM three times (page cache read, tier
+written, DMA read); InstantTensor's reused pinned ring once. Here ``threads`` workers each own a few
+pinned 4 MiB slots (one per checksum window) and a CUDA stream: a worker takes the next window, reads
+it from the stored partition file into a free slot with the fill's own native hashed read (the same
+checksum, compared with the manifest before the bytes move on: a window that fails stops the load),
+then queues the slot's H2D copy into the partition's GPU buffer and takes the next window. After the
+copy, the tier is filled "behind" it from the same page cache into memory faulted in beforehand (the
+blanks' state), timed on its own: what the next start's hit would cost to prepare.
+
+Printed per repetition: the ring's GB/s and seconds, and the tier-behind seconds; with InstantTensor from
+the page cache measured in the same run (the goal's peer). Bytes are checked on the GPU against the
+files (a figure from wrong bytes is not a figure).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SLOTS = 3  # per worker: one reading, one in flight, one spare
+STEP = 256 << 10  # the native read's step (sllmfs.sidecar.fill.HASHED_READ)
+
+
+def run(store: Path, work: Path, src_file: Path, device: str, threads: int, reps: int) -> dict[str, Any]:
+    import torch
+    from limits import read_files
+
+    from sllmfs.store.format import CHUNK_SIZE, load_manifest
+    from sllmfs.store.hashed_read import read as hashed_read
+
+    if hashed_read is None:
+        raise SystemExit("bench: the native hashed read is missing (sllmfs._hashread): build the extension")
+    vdir = next(store.glob("models/*/variants/hf"))
+    manifest = load_manifest(vdir)
+    files = [vdir / p.file for p in manifest.partitions]
+    total = sum(p.size for p in manifest.partitions)
+    found: dict[str, Any] = {"bench": "cold-stages", "part": "ring-first", "device": device, "threads": threads,
+                             "slots_per_thread": SLOTS, "bytes": total, "limits": {}, "loads": []}
+    read_files(files, threads, 32 << 20, direct=False)
+    if device != "cpu":
+        import warmload
+
+        ref = work / "reference.json"
+        if not ref.exists():
+            import json
+
+            import peers
+
+            ref.write_text(json.dumps(peers.reference(src_file)))
+        found["limits"]["pinned_h2d_peak_gbps"] = warmload._peers_child("pinned-peak", "-", device).get("gbps")
+        it = warmload._peers_child("instanttensor", str(src_file), device, "--placement", "warm", "--ref", str(ref))
+        found["limits"]["instanttensor_page_cache"] = {k: it.get(k) for k in ("seconds", "gbps", "ok", "error")}
+    pin = device != "cpu"
+    slots = [[torch.empty(CHUNK_SIZE, dtype=torch.uint8, pin_memory=pin) for _ in range(SLOTS)] for _ in range(threads)]
+    dst = [torch.empty(p.size, dtype=torch.uint8, device=device) for p in manifest.partitions]
+    fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+    tier = [mmap.mmap(-1, max(p.size, 1)) for p in manifest.partitions]
+    for m in tier:  # faulted in once, as the blanks are
+        for off in range(0, len(m), 1 << 21):
+            m[off] = 0
+    try:
+        for rep in range(1, reps + 1):
+            read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
+            got = _ring(manifest, fds, slots, dst, device, hashed_read)
+            got["tier_behind_s"] = _tier_behind(manifest, fds, tier, threads, hashed_read)
+            got["checked"] = _same(dst, files) if rep == reps else None
+            got["name"] = f"ring-first #{rep}"
+            found["loads"].append(got)
+            checked = "" if got["checked"] is None else f", bytes checked: {got['checked']}"
+            print(f"ring-first #{rep}: {got['seconds']:.3f} s, {got['gbps']:.1f} GB/s, tier behind "
+                  f"{got['tier_behind_s']:.3f} s{checked}", flush=True)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for m in tier:
+            m.close()
+    it = found["limits"].get("instanttensor_page_cache") or {}
+    if it.get("seconds"):
+        for x in found["loads"]:
+            x["vs_instanttensor"] = it["seconds"] / x["seconds"]
+        print(f"InstantTensor from the page cache: {it['seconds']:.3f} s; ring-first / InstantTensor: "
+              + ", ".join(f"{x['vs_instanttensor']:.2f}x" for x in found["loads"]), flush=True)
+    if any(x.get("checked") is False for x in found["loads"]) or any(x.get("error") for x in found["loads"]):
+        raise SystemExit("bench: ring-first moved wrong bytes or failed a checksum")
+    return found
+
+
+def _same(dst: list[Any], files: list[Path]) -> bool:
+    """Whether every GPU buffer holds its partition file's bytes (the files read through a map)."""
+    import numpy as np
+    import torch
+
+    return all(torch.equal(d.cpu(), torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="c")))
+               for d, f in zip(dst, files, strict=True))
+
+
+def _ring(manifest: Any, fds: list[int], slots: list[list[Any]], dst: list[Any], device: str,
+          hashed_read: Any) -> dict[str, Any]:
+    import torch
+
+    from sllmfs.store.format import CHUNK_SIZE
+    from sllmfs.store.reader import window_matches
+
+    jobs = [(i, k) for i, p in enumerate(manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+    lock = threading.Lock()
+    errors: list[str] = []
+    cuda = device != "cpu"
+    torch.cuda.synchronize() if cuda else None
+
+    def worker(w: int) -> None:
+        stream = torch.cuda.Stream(device=device) if cuda else None
+        events: list[Any] = [None] * SLOTS
+        n = 0
+        while True:
+            with lock:
+                if not jobs or errors:
+                    break
+                i, k = jobs.pop(0)
+            p, s = manifest.partitions[i], n % SLOTS
+            n += 1
+            if events[s] is not None:
+                events[s].synchronize()  # the slot's last H2D has read it
+            off, size = k * CHUNK_SIZE, min(CHUNK_SIZE, p.size - k * CHUNK_SIZE)
+            got = hashed_read(fds[i], memoryview(slots[w][s].numpy())[:size], off, STEP, 0)
+            if got.done != size or not window_matches(p, k, got.digest):
+                errors.append(f"partition {i} window {k}: {got}")
+                break
+            if cuda:
+                with torch.cuda.stream(stream):
+                    dst[i][off:off + size].copy_(slots[w][s][:size], non_blocking=True)
+                    events[s] = torch.cuda.Event()
+                    events[s].record(stream)
+            else:
+                dst[i][off:off + size].copy_(slots[w][s][:size])
+        if stream is not None:
+            stream.synchronize()
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(w,)) for w in range(len(slots))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    nbytes = sum(p.size for p in manifest.partitions)
+    return {"seconds": seconds, "gbps": nbytes / seconds / 1e9, "error": errors[0] if errors else None}
+
+
+def _tier_behind(manifest: Any, fds: list[int], tier: list[mmap.mmap], threads: int, hashed_read: Any) -> float:
+    """The tier filled from the page cache after the copy: the fill's read + checksum into faulted memory."""
+    from sllmfs.store.format import CHUNK_SIZE
+    from sllmfs.store.reader import window_matches
+
+    jobs = [(i, k) for i, p in enumerate(manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+    lock = threading.Lock()
+    bad: list[tuple[int, int]] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not jobs:
+                    return
+                i, k = jobs.pop()
+            p = manifest.partitions[i]
+            off, size = k * CHUNK_SIZE, min(CHUNK_SIZE, p.size - k * CHUNK_SIZE)
+            got = hashed_read(fds[i], memoryview(tier[i])[off:off + size], off, STEP, 0)
+            if got.done != size or not window_matches(p, k, got.digest):
+                bad.append((i, k))
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if bad:
+        raise SystemExit(f"bench: the tier-behind fill found bad windows {bad[:3]}")
+    return time.perf_counter() - t0
