@@ -157,6 +157,8 @@ def _ring(manifest: Any, fds: list[int], slots: list[list[Any]], dst: list[Any],
 
 def _tier_behind(manifest: Any, fds: list[int], tier: list[mmap.mmap], threads: int, hashed_read: Any) -> float:
     """The tier filled from the page cache after the copy: the fill's read + checksum into faulted memory."""
+    from limits import timed_threads
+
     from sllmfs.store.format import CHUNK_SIZE
     from sllmfs.store.reader import window_matches
 
@@ -176,12 +178,7 @@ def _tier_behind(manifest: Any, fds: list[int], tier: list[mmap.mmap], threads: 
             if got.done != size or not window_matches(p, k, got.digest):
                 bad.append((i, k))
 
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    seconds = timed_threads(worker, threads)
     if bad:
         raise SystemExit(f"bench: the tier-behind fill found bad windows {bad[:3]}")
-    return time.perf_counter() - t0
+    return seconds
