@@ -295,10 +295,12 @@ class MemoryTier:
     def hold_copy(self, nbytes: int, source: tuple[str, str]) -> bool:
         """The mount wants ``nbytes`` for a passthrough copy of ``source``'s file: they count in the
         budget like a resident's, evicting idle variants (never ``source``) to fit; False: no room."""
-        idle = sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
-        if self.used - idle + nbytes > self.budget:  # pages held past segments' ends may make it fit
-            idle -= self._drop_held([s for r in (*self.entries.values(), *self.retired) for s in r.segments])
-        if self.used - idle + nbytes > self.budget:
+        def idle() -> int:
+            return sum(r.nbytes for k, r in self.entries.items() if not r.busy and k != source)
+
+        if self.used - idle() + nbytes > self.budget:  # pages held past segments' ends may make it fit
+            self._drop_held(self._all_segments())
+        if self.used - idle() + nbytes > self.budget:
             return False  # it would not fit even with every idle variant evicted: evict none
         self._make_room(nbytes, source[0], keep=source)
         self.mount_copies += nbytes
@@ -352,7 +354,7 @@ class MemoryTier:
         try:
             for p, b in zip(manifest.partitions, blanks, strict=True):
                 if b is None and Segment.wants_huge(p.size):  # fresh hugetlb pages: those held past the ends first
-                    self._drop_held(made)
+                    self._drop_held([*made, *self._all_segments()])
                 made.append(Segment(f"{tag}:{p.file}", p.size, blank=b))
             ready = Segment(f"{tag}:ready", acc, huge=False)
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
@@ -379,6 +381,9 @@ class MemoryTier:
         self.entries[(model, variant)] = res
         return res
 
+    def _all_segments(self) -> list[Segment]:
+        return [s for r in (*self.entries.values(), *self.retired) for s in r.segments]
+
     @staticmethod
     def _drop_held(segments: list[Segment]) -> int:
         """Give back the pin pieces ``segments`` hold past their ends (after-fill work done early: ~3 ms a
@@ -389,7 +394,7 @@ class MemoryTier:
         while self.used + self.blanks.nbytes + need > self.budget:
             if self.blanks.drop_one():  # unused memory goes first
                 continue
-            if self._drop_held([s for r in (*self.entries.values(), *self.retired) for s in r.segments]):
+            if self._drop_held(self._all_segments()):
                 continue  # then pages held past segments' ends, before any model goes
             idle = [r for k, r in self.entries.items() if not r.busy and k != keep]
             if not idle:

@@ -359,5 +359,23 @@ def test_pages_held_past_an_end_go_before_a_load_is_refused_or_a_model_evicted(
         engine.close()
 
 
+def test_a_passthrough_copy_gets_the_room_of_pages_held_past_an_end(
+        tmp_path: Path, hugepages: int, fake_cuda: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount's copy of a file counts in the budget too: held pages past a filling segment's end make
+    room for it rather than refusing it (review)."""
+    gpu, tier, first, _expected, base = _cut_setup(tmp_path, fake_cuda, monkeypatch, "org/first", budget=80 * MiB)
+    assert first.busy and first.segments[0].past_end == 44 * MiB
+    assert tier.hold_copy(40 * MiB, ("org/first", "hf"))  # 64 + 40 > 80 until the 40 MiB past the end go
+    assert first.segments[0].past_end == 4 * MiB and tier.used <= tier.budget
+    assert not tier.hold_copy(40 * MiB, ("org/first", "hf"))  # nothing more to give back: refused
+    tier.free_copy(40 * MiB)
+    first.state = "failed"
+    tier.drop(first, why="fill failed")
+    assert fake_cuda.fake_pins() == base
+    tier.close_all()
+    for engine, _lock in gpu._pairs():
+        engine.close()
+
+
 def res_dir(tmp_path: Path, name: str) -> Path:
     return tmp_path / "store" / "models" / name.replace("/", "%2F") / "variants" / "hf"
