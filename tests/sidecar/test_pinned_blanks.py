@@ -350,13 +350,7 @@ def test_pages_held_past_an_end_go_before_a_load_is_refused_or_a_model_evicted(
     assert tier.entries.keys() == {("org/first", "hf"), ("org/second", "hf")}  # nothing refused or evicted
     assert first.segments[0].past_end == 4 * MiB and fake_cuda.fake_pins() == base + 3
     assert tier.used <= tier.budget
-    for res in (first, second):
-        res.state = "failed"
-        tier.drop(res, why="fill failed")
-    assert fake_cuda.fake_pins() == base
-    tier.close_all()
-    for engine, _lock in gpu._pairs():
-        engine.close()
+    _fail_and_close(gpu, tier, fake_cuda, base, first, second)
 
 
 def test_a_passthrough_copy_gets_the_room_of_pages_held_past_an_end(
@@ -369,8 +363,15 @@ def test_a_passthrough_copy_gets_the_room_of_pages_held_past_an_end(
     assert first.segments[0].past_end == 4 * MiB and tier.used <= tier.budget
     assert not tier.hold_copy(40 * MiB, ("org/first", "hf"))  # nothing more to give back: refused
     tier.free_copy(40 * MiB)
-    first.state = "failed"
-    tier.drop(first, why="fill failed")
+    _fail_and_close(gpu, tier, fake_cuda, base, first)
+
+
+def _fail_and_close(gpu: gpucopy.GpuCopier, tier: memtier.MemoryTier, fake_cuda: ctypes.CDLL, base: int,
+                    *residents: memtier.Resident) -> None:
+    """Fail and drop ``residents`` as a failed fill would; then every pin is back and all is closed."""
+    for res in residents:
+        res.state = "failed"
+        tier.drop(res, why="fill failed")
     assert fake_cuda.fake_pins() == base
     tier.close_all()
     for engine, _lock in gpu._pairs():
