@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -302,25 +303,11 @@ def main() -> None:
     if args.part == "ring-first":  # a prototype's bound, before building it in (NOTES-cold run 13)
         import ringfirst
 
-        found = ringfirst.run(store, work, src / "model.safetensors", args.device, args.threads, args.reps)
-        found.update(command="python bench/bench_cold_stages.py " + " ".join(sys.argv[1:]), host=platform.node())
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-ring-first.json"
-        dest.write_text(json.dumps(found, indent=1, default=str) + "\n")
-        print(f"-> {dest}", flush=True)
-        return
+        return _write_found(args, ringfirst.run(store, work, src / "model.safetensors", args.device, args.threads,
+                                                args.reps), nbytes)
     if args.part == "warm-load":
-        found = warmload.run(store, work, src / "model.safetensors", MODEL, args.device, args.threads, args.reps,
-                             args.pool)
-        found.update(command="python bench/bench_cold_stages.py " + " ".join(sys.argv[1:]), host=platform.node(),
-                     stored_bytes=nbytes)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-warm-load.json"
-        dest.write_text(json.dumps(found, indent=1))
-        print(f"-> {dest}")
-        return
+        return _write_found(args, warmload.run(store, work, src / "model.safetensors", MODEL, args.device,
+                                               args.threads, args.reps, args.pool), nbytes)
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)
@@ -458,6 +445,17 @@ def _disk(store: Path, work: Path, files: list[Path], cold: Callable[[str, Calla
         cold(f"sidecar fill cold {t} threads direct {read} reads",
              lambda t=t, r=read: sidecar_fill(store, work, t, "4MiB", cold=True,
                                               extra=["--fill-direct", "--fill-read-size", r]))
+
+
+def _write_found(args: argparse.Namespace, found: dict[str, Any], nbytes: int) -> None:
+    """A part that measured whole loads (warm-load, ring-first): its result, with the command, to --out."""
+    found.update(command="python bench/bench_cold_stages.py " + " ".join(sys.argv[1:]), host=platform.node(),
+                 stored_bytes=nbytes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dest = out / f"cold-stages-{time.strftime('%Y%m%d-%H%M')}-{args.part}.json"
+    dest.write_text(json.dumps(found, indent=1, default=str) + "\n")
+    print(f"-> {dest}", flush=True)
 
 
 def _write(args: argparse.Namespace, r: dict[str, float], nbytes: int, with_disk: bool,

@@ -101,18 +101,37 @@ def _same(dst: list[Any], files: list[Path]) -> bool:
                for d, f in zip(dst, files, strict=True))
 
 
+def _windows(manifest: Any) -> list[tuple[int, int, int, int]]:
+    """(partition, window, offset, size) of every checksum window, in order."""
+    from sllmfs.store.format import CHUNK_SIZE
+
+    return [(i, k, k * CHUNK_SIZE, min(CHUNK_SIZE, p.size - k * CHUNK_SIZE))
+            for i, p in enumerate(manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+
+
+def _read_checked(hashed_read: Any, manifest: Any, fds: list[int], window: tuple[int, int, int, int],
+                  dst: memoryview) -> str | None:
+    """Read one window into ``dst`` with the fill's native hashed read; why it is not the stored bytes, or None."""
+    from sllmfs.store.reader import window_matches
+
+    i, k, off, size = window
+    got = hashed_read(fds[i], dst[:size], off, STEP, 0)
+    if got.done != size or not window_matches(manifest.partitions[i], k, got.digest):
+        return f"partition {i} window {k}: {got}"
+    return None
+
+
 def _ring(manifest: Any, fds: list[int], slots: list[list[Any]], dst: list[Any], device: str,
           hashed_read: Any) -> dict[str, Any]:
     import torch
 
-    from sllmfs.store.format import CHUNK_SIZE
-    from sllmfs.store.reader import window_matches
-
-    jobs = [(i, k) for i, p in enumerate(manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+    jobs = _windows(manifest)
+    jobs.reverse()  # popped from the end: in file order
     lock = threading.Lock()
     errors: list[str] = []
     cuda = device != "cpu"
-    torch.cuda.synchronize() if cuda else None
+    if cuda:
+        torch.cuda.synchronize()
 
     def worker(w: int) -> None:
         stream = torch.cuda.Stream(device=device) if cuda else None
@@ -122,15 +141,14 @@ def _ring(manifest: Any, fds: list[int], slots: list[list[Any]], dst: list[Any],
             with lock:
                 if not jobs or errors:
                     break
-                i, k = jobs.pop(0)
-            p, s = manifest.partitions[i], n % SLOTS
+                i, k, off, size = window = jobs.pop()
+            s = n % SLOTS
             n += 1
             if events[s] is not None:
                 events[s].synchronize()  # the slot's last H2D has read it
-            off, size = k * CHUNK_SIZE, min(CHUNK_SIZE, p.size - k * CHUNK_SIZE)
-            got = hashed_read(fds[i], memoryview(slots[w][s].numpy())[:size], off, STEP, 0)
-            if got.done != size or not window_matches(p, k, got.digest):
-                errors.append(f"partition {i} window {k}: {got}")
+            error = _read_checked(hashed_read, manifest, fds, window, memoryview(slots[w][s].numpy()))
+            if error:
+                errors.append(error)
                 break
             if cuda:
                 with torch.cuda.stream(stream):
@@ -159,24 +177,19 @@ def _tier_behind(manifest: Any, fds: list[int], tier: list[mmap.mmap], threads: 
     """The tier filled from the page cache after the copy: the fill's read + checksum into faulted memory."""
     from limits import timed_threads
 
-    from sllmfs.store.format import CHUNK_SIZE
-    from sllmfs.store.reader import window_matches
-
-    jobs = [(i, k) for i, p in enumerate(manifest.partitions) for k in range(-(-p.size // CHUNK_SIZE))]
+    jobs = _windows(manifest)
     lock = threading.Lock()
-    bad: list[tuple[int, int]] = []
+    bad: list[str] = []
 
     def worker() -> None:
         while True:
             with lock:
                 if not jobs:
                     return
-                i, k = jobs.pop()
-            p = manifest.partitions[i]
-            off, size = k * CHUNK_SIZE, min(CHUNK_SIZE, p.size - k * CHUNK_SIZE)
-            got = hashed_read(fds[i], memoryview(tier[i])[off:off + size], off, STEP, 0)
-            if got.done != size or not window_matches(p, k, got.digest):
-                bad.append((i, k))
+                window = jobs.pop()
+            error = _read_checked(hashed_read, manifest, fds, window, memoryview(tier[window[0]])[window[2]:])
+            if error:
+                bad.append(error)
 
     seconds = timed_threads(worker, threads)
     if bad:

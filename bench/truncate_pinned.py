@@ -15,6 +15,7 @@ the shrink with the pins held against the old cut (unpin the pieces past the end
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import mmap
 import os
@@ -91,8 +92,6 @@ def main() -> int:
     t0 = time.perf_counter()
     os.ftruncate(fd, END)
     out["shrink_pinned_s"] = time.perf_counter() - t0
-    import fcntl
-
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     after_shrink = _free_pages()
     out["pages_freed_at_shrink"] = after_shrink - faulted
