@@ -1,18 +1,18 @@
-"""A prototype of the tier-empty page-cache load that puts the GPU first (`bench_cold_stages.py --part
-ring-first`; NOTES-cold run 13 "Next"): before building it into the sidecar, measure its bound.
+"""The tier-empty page-cache load that puts the GPU first (`bench_cold_stages.py --part ring-first`;
+NOTES-cold runs 13-15): before building it into the sidecar, measure its bound.
 
 Filling the tier on the load's path moves each byte through DRAM three times (page cache read, tier
-written, DMA read); InstantTensor's reused pinned ring once. Here ``threads`` workers each own a few
-pinned 4 MiB slots (one per checksum window) and a CUDA stream: a worker takes the next window, reads
-it from the stored partition file into a free slot with the fill's own native hashed read (the same
-checksum, compared with the manifest before the bytes move on: a window that fails stops the load),
-then queues the slot's H2D copy into the partition's GPU buffer and takes the next window. After the
-copy, the tier is filled "behind" it from the same page cache into memory faulted in beforehand (the
-blanks' state), timed on its own: what the next start's hit would cost to prepare.
+written, DMA read); InstantTensor's reused pinned ring once. Here the copy engine reads the stored
+partition files itself (``FileSegment``: its ``threads`` stagers each own ``SLOTS`` pinned slots and a
+stream; a stager reads a checksum window from the file into a slot with the fill's hashed read, checks
+it against the manifest, and queues the slot's H2D copy into the partition's GPU buffer), once per slot
+size in ``SLOT_SIZES``. After the copy, the tier is filled "behind" it from the same page cache into
+memory faulted in beforehand (the blanks' state), timed on its own: what the next start's hit costs to
+prepare. (Run 14 drove the same loop from Python: 0.35x InstantTensor, the GIL per window.)
 
-Printed per repetition: the ring's GB/s and seconds, and the tier-behind seconds; with InstantTensor from
-the page cache measured in the same run (the goal's peer). Bytes are checked on the GPU against the
-files (a figure from wrong bytes is not a figure).
+Printed per repetition: each slot size's GB/s and seconds, and the tier-behind seconds; with InstantTensor
+from the page cache measured in the same run (the goal's peer). Bytes are checked on the GPU against the
+files on the last repetition (a figure from wrong bytes is not a figure).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-SLOTS = 3  # per worker: one reading, one in flight, one spare
+import numpy as np
+
+SLOTS = 3  # per stager: one reading, one in flight, one spare
+SLOT_SIZES = (4 << 20, 1 << 20)  # one window a slot (checked before its H2D), or a quarter (checked at its end)
 STEP = 256 << 10  # the native read's step (sllmfs.sidecar.fill.HASHED_READ)
 
 
@@ -57,26 +60,43 @@ def run(store: Path, work: Path, src_file: Path, device: str, threads: int, reps
         found["limits"]["pinned_h2d_peak_gbps"] = warmload._peers_child("pinned-peak", "-", device).get("gbps")
         it = warmload._peers_child("instanttensor", str(src_file), device, "--placement", "warm", "--ref", str(ref))
         found["limits"]["instanttensor_page_cache"] = {k: it.get(k) for k in ("seconds", "gbps", "ok", "error")}
-    pin = device != "cpu"
-    slots = [[torch.empty(CHUNK_SIZE, dtype=torch.uint8, pin_memory=pin) for _ in range(SLOTS)] for _ in range(threads)]
+    from sllmfs.engine.copy_engine import CopyEngine, FileSegment
+
     dst = [torch.empty(p.size, dtype=torch.uint8, device=device) for p in manifest.partitions]
     fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+    sources = [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(fds, manifest.partitions, strict=True)]
+    pieces = np.array([[i, 0, d.data_ptr(), d.numel()] for i, d in enumerate(dst) if d.numel()], dtype=np.uint64)
+    target = "host" if device == "cpu" else "cuda"
+    engines = {size: CopyEngine(target=target, device=0 if target == "host" else torch.device(device).index or 0,
+                                mode="stage", threads=threads, slot_bytes=size, slots_per_thread=SLOTS)
+               for size in SLOT_SIZES}
     tier = [mmap.mmap(-1, max(p.size, 1)) for p in manifest.partitions]
     for m in tier:  # faulted in once, as the blanks are
         for off in range(0, len(m), 1 << 21):
             m[off] = 0
     try:
         for rep in range(1, reps + 1):
-            read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
-            got = _ring(manifest, fds, slots, dst, device, hashed_read)
-            got["tier_behind_s"] = _tier_behind(manifest, fds, tier, threads, hashed_read)
-            got["checked"] = _same(dst, files) if rep == reps else None
-            got["name"] = f"ring-first #{rep}"
-            found["loads"].append(got)
-            checked = "" if got["checked"] is None else f", bytes checked: {got['checked']}"
-            print(f"ring-first #{rep}: {got['seconds']:.3f} s, {got['gbps']:.1f} GB/s, tier behind "
-                  f"{got['tier_behind_s']:.3f} s{checked}", flush=True)
+            for size, engine in engines.items():
+                read_files(files, threads, 32 << 20, direct=False)  # every stored byte in the page cache
+                for d in dst:
+                    d.fill_(0xAB)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                stats = engine.copy(sources, pieces, timeout=120)
+                seconds = time.perf_counter() - t0
+                got: dict[str, Any] = {"name": f"ring-first #{rep} {size >> 10} KiB slots", "slot_bytes": size,
+                                       "seconds": seconds, "gbps": total / seconds / 1e9, "error": None,
+                                       "ring_alloc_s": stats.get("ring_alloc_seconds")}
+                got["tier_behind_s"] = _tier_behind(manifest, fds, tier, threads, hashed_read)
+                got["checked"] = _same(dst, files) if rep == reps else None
+                found["loads"].append(got)
+                checked = "" if got["checked"] is None else f", bytes checked: {got['checked']}"
+                print(f"{got['name']}: {seconds:.3f} s, {got['gbps']:.1f} GB/s, tier behind "
+                      f"{got['tier_behind_s']:.3f} s{checked}", flush=True)
     finally:
+        for e in engines.values():
+            e.close()
         for fd in fds:
             os.close(fd)
         for m in tier:
@@ -86,7 +106,8 @@ def run(store: Path, work: Path, src_file: Path, device: str, threads: int, reps
         for x in found["loads"]:
             x["vs_instanttensor"] = it["seconds"] / x["seconds"]
         print(f"InstantTensor from the page cache: {it['seconds']:.3f} s; ring-first / InstantTensor: "
-              + ", ".join(f"{x['vs_instanttensor']:.2f}x" for x in found["loads"]), flush=True)
+              + ", ".join(f"{x['vs_instanttensor']:.2f}x ({x['slot_bytes'] >> 10} KiB)" for x in found["loads"]),
+              flush=True)
     if any(x.get("checked") is False for x in found["loads"]) or any(x.get("error") for x in found["loads"]):
         raise SystemExit("bench: ring-first moved wrong bytes or failed a checksum")
     return found
@@ -94,7 +115,6 @@ def run(store: Path, work: Path, src_file: Path, device: str, threads: int, reps
 
 def _same(dst: list[Any], files: list[Path]) -> bool:
     """Whether every GPU buffer holds its partition file's bytes (the files read through a map)."""
-    import numpy as np
     import torch
 
     return all(torch.equal(d.cpu(), torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="c")))
@@ -119,58 +139,6 @@ def _read_checked(hashed_read: Any, manifest: Any, fds: list[int], window: tuple
     if got.done != size or not window_matches(manifest.partitions[i], k, got.digest):
         return f"partition {i} window {k}: {got}"
     return None
-
-
-def _ring(manifest: Any, fds: list[int], slots: list[list[Any]], dst: list[Any], device: str,
-          hashed_read: Any) -> dict[str, Any]:
-    import torch
-
-    jobs = _windows(manifest)
-    jobs.reverse()  # popped from the end: in file order
-    lock = threading.Lock()
-    errors: list[str] = []
-    cuda = device != "cpu"
-    if cuda:
-        torch.cuda.synchronize()
-
-    def worker(w: int) -> None:
-        stream = torch.cuda.Stream(device=device) if cuda else None
-        events: list[Any] = [None] * SLOTS
-        n = 0
-        while True:
-            with lock:
-                if not jobs or errors:
-                    break
-                i, k, off, size = window = jobs.pop()
-            s = n % SLOTS
-            n += 1
-            if events[s] is not None:
-                events[s].synchronize()  # the slot's last H2D has read it
-            error = _read_checked(hashed_read, manifest, fds, window, memoryview(slots[w][s].numpy()))
-            if error:
-                errors.append(error)
-                break
-            if cuda:
-                with torch.cuda.stream(stream):
-                    dst[i][off:off + size].copy_(slots[w][s][:size], non_blocking=True)
-                    events[s] = torch.cuda.Event()
-                    events[s].record(stream)
-            else:
-                dst[i][off:off + size].copy_(slots[w][s][:size])
-        if stream is not None:
-            stream.synchronize()
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(w,)) for w in range(len(slots))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    nbytes = sum(p.size for p in manifest.partitions)
-    return {"seconds": seconds, "gbps": nbytes / seconds / 1e9, "error": errors[0] if errors else None}
 
 
 def _tier_behind(manifest: Any, fds: list[int], tier: list[mmap.mmap], threads: int, hashed_read: Any) -> float:

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <deque>
 #include <limits>
 #include <thread>
@@ -14,6 +15,7 @@
 #include "job.h"
 #include "pins.h"
 #include "relay.h"
+#include "xxh3.h"
 
 namespace sllm {
 namespace {
@@ -242,58 +244,102 @@ void Engine::grow_lane(Lane& lane, double* seconds) {
 void Engine::stage_worker(Job& job, int lane_id) {
   try {
     target_->bind_thread();
-    Lane& lane = lanes_[lane_id];
-    double alloc = 0;
-    void* stream = streams_[lane_id % streams_.size()];
-    const size_t nslots = static_cast<size_t>(cfg_.slots_per_thread);
-    uint64_t fill = 0;
-    bool fresh = true;
+    Stager st{lanes_[lane_id], streams_[lane_id % streams_.size()]};
     int64_t id;
     while ((id = job.claim(Claimer::Stager)) >= 0) {
-      if (lane.slots.empty()) {
-        grow_lane(lane, &alloc);
-        lane.cur = 0;
-      } else if (fresh) {
+      if (st.lane.slots.empty()) {
+        grow_lane(st.lane, &st.alloc);
+        st.lane.cur = 0;
+      } else if (st.fresh) {
         // First block of this copy: a fresh slot (the last copy synchronized every stream).
-        lane.cur = (lane.cur + 1) % lane.slots.size();
+        st.lane.cur = (st.lane.cur + 1) % st.lane.slots.size();
       }
-      fresh = false;
+      st.fresh = false;
       const Block& b = job.plan.blocks[id];
-      const uint8_t* base = job.segs[b.seg].base;
-      for (size_t u = b.u0; u < b.u1 && !job.abort; ++u) {
-        const Unit& unit = job.plan.units[u];
-        uint64_t off = 0;
-        while (off < unit.n) {
-          if (fill == cfg_.slot_bytes) {
-            // Hand this slot to the GPU; reuse the oldest once its copies are done.
-            target_->record(lane.events[lane.cur], stream);
-            lane.cur = (lane.cur + 1) % nslots;
-            if (lane.cur == lane.slots.size())
-              grow_lane(lane, &alloc);
-            else
-              target_->wait(lane.events[lane.cur]);
-            fill = 0;
-          }
-          uint64_t k = std::min(unit.n - off, cfg_.slot_bytes - fill);
-          uint8_t* slot = lane.slots[lane.cur] + fill;
-          std::memcpy(slot, base + unit.off + off, k);
-          target_->copy(job.dst(unit) + off, slot, k, stream);
-          fill += k;
-          off += k;
-        }
-      }
+      if (job.segs[b.seg].is_file())
+        stage_file_block(job, b, st);
+      else
+        stage_block(job, b, st);
       job.staged += b.bytes;
       Job::keep_max(job.queued_last_ns, job.now_ns());
       job.done += b.bytes;
     }
     std::lock_guard<std::mutex> lk(job.mu);
-    job.ring_alloc_seconds = std::max(job.ring_alloc_seconds, alloc);
+    job.ring_alloc_seconds = std::max(job.ring_alloc_seconds, st.alloc);
   } catch (const EngineError& e) {
     job.fail(e);
   } catch (const std::exception& e) {
     job.fail(EngineError(ErrorKind::Runtime, e.what()));
   }
   job.worker_exit(false);
+}
+
+// Hands the current slot to the GPU and moves to the next; reuses the oldest once its copies are done.
+void Engine::next_slot(Stager& st) {
+  target_->record(st.lane.events[st.lane.cur], st.stream);
+  st.lane.cur = (st.lane.cur + 1) % static_cast<size_t>(cfg_.slots_per_thread);
+  if (st.lane.cur == st.lane.slots.size())
+    grow_lane(st.lane, &st.alloc);
+  else
+    target_->wait(st.lane.events[st.lane.cur]);
+  st.fill = 0;
+}
+
+void Engine::stage_block(Job& job, const Block& b, Stager& st) {
+  const uint8_t* base = job.segs[b.seg].base;
+  for (size_t u = b.u0; u < b.u1 && !job.abort; ++u) {
+    const Unit& unit = job.plan.units[u];
+    uint64_t off = 0;
+    while (off < unit.n) {
+      if (st.fill == cfg_.slot_bytes) next_slot(st);
+      uint64_t k = std::min(unit.n - off, cfg_.slot_bytes - st.fill);
+      uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
+      std::memcpy(slot, base + unit.off + off, k);
+      target_->copy(job.dst(unit) + off, slot, k, st.stream);
+      st.fill += k;
+      off += k;
+    }
+  }
+}
+
+// A block of a file source: each checksum window its units touch is read from the file into the ring
+// (read and hashed in kFileStep reads), and its units' bytes go to the GPU from there. A window that
+// fits in a slot is checked before any of its bytes move on; a larger one (slots smaller than the
+// window) at its last read, failing the copy as a failed chunk does.
+void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
+  constexpr uint64_t kFileStep = 256 << 10;  // the fill's read size: each read is hashed while in L2
+  const SegmentDesc& sd = job.segs[b.seg];
+  if (!st.hash) st.hash = std::make_unique<Xxh3>();
+  const Unit* units = job.plan.units.data();
+  for (uint64_t w = b.lo / sd.window; w * sd.window < b.hi && !job.abort; ++w) {
+    const uint64_t wlo = w * sd.window, whi = std::min(wlo + sd.window, sd.len);
+    bool used = false;
+    for (size_t u = b.u0; u < b.u1 && !used; ++u) used = units[u].off < whi && units[u].off + units[u].n > wlo;
+    if (!used) continue;
+    if (st.fill + (whi - wlo) > cfg_.slot_bytes && whi - wlo <= cfg_.slot_bytes) next_slot(st);
+    st.hash->reset();
+    for (uint64_t at = wlo; at < whi;) {
+      if (st.fill == cfg_.slot_bytes) next_slot(st);
+      const uint64_t k = std::min(whi - at, cfg_.slot_bytes - st.fill);
+      uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
+      HashedRead r = read_hashed(sd.fd, slot, k, at, kFileStep, 0, *st.hash);
+      const std::string where = "segment " + std::to_string(b.seg) + " (" + range_text(at, k) + ")";
+      if (r.err != 0) throw EngineError(ErrorKind::Io, "reading " + where + ": " + std::strerror(r.err));
+      if (r.done != k) throw EngineError(ErrorKind::Io, "reading " + where + ": the file ends early");
+      if (at + k == whi && st.hash->digest() != sd.digests[w])
+        throw EngineError(ErrorKind::Corrupt, "segment " + std::to_string(b.seg) + ": checksum window " +
+                                                  std::to_string(w) + " (" + range_text(wlo, whi - wlo) +
+                                                  ") differs from its manifest digest");
+      for (size_t u = b.u0; u < b.u1; ++u) {  // the units' bytes in [at, at + k), in file order
+        const Unit& unit = units[u];
+        if (unit.off >= at + k) break;
+        const uint64_t x0 = std::max(unit.off, at), x1 = std::min(unit.off + unit.n, at + k);
+        if (x0 < x1) target_->copy(job.dst(unit) + (x0 - unit.off), slot + (x0 - at), x1 - x0, st.stream);
+      }
+      st.fill += k;
+      at += k;
+    }
+  }
 }
 
 void Engine::register_worker(Job& job, int index) {
@@ -396,6 +442,12 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
                                                   std::to_string(dest_blocks[i]) + " of " +
                                                   std::to_string(ipc->handles.size()));
     ipc->opened.assign(ipc->handles.size(), 0);
+  }
+  for (const SegmentDesc& sd : segs) {
+    if (!sd.is_file()) continue;
+    if (mode != Mode::Stage)  // nothing to pin in place: only the stagers read files
+      throw EngineError(ErrorKind::BadPlan, "file sources are read by the staging threads: copy them in stage mode");
+    if (!xxh3_bound()) throw EngineError(ErrorKind::BadPlan, "file sources are checksummed: bind_xxh3() first");
   }
   auto t0 = Clock::now();
   Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, ipc ? dest_blocks : nullptr);

@@ -13,6 +13,7 @@
 
 #include "plan.h"
 #include "target.h"
+#include "xxh3.h"
 
 namespace sllm {
 
@@ -137,11 +138,23 @@ class Engine {
     std::vector<void*> events;
     size_t cur = 0;
   };
+  // One staging thread during one copy: its lane, its stream, how full its current slot is.
+  struct Stager {
+    Lane& lane;
+    void* stream;
+    uint64_t fill = 0;
+    bool fresh = true;
+    double alloc = 0;            // seconds spent growing the ring
+    std::unique_ptr<Xxh3> hash;  // made on its first file block
+  };
   struct Job;
   struct RelayRun;
 
   void check_threads(Mode mode) const;
   void stage_worker(Job& job, int lane);
+  void next_slot(Stager& st);
+  void stage_block(Job& job, const Block& b, Stager& st);
+  void stage_file_block(Job& job, const Block& b, Stager& st);
   void register_worker(Job& job, int index);
   void ipc_opener(Job& job, IpcDests& ipc);
   void relay_worker(Job& job, RelayRun& run);

@@ -6,7 +6,8 @@
 
 namespace sllm {
 
-enum class ErrorKind { Cuda, ChunkFailed, Timeout, BadPlan, Aborted, Runtime };
+// Corrupt: a file source's bytes differ from their checksum; Io: reading a file source failed.
+enum class ErrorKind { Cuda, ChunkFailed, Timeout, BadPlan, Aborted, Runtime, Corrupt, Io };
 
 struct EngineError : std::runtime_error {
   ErrorKind kind;

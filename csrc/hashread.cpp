@@ -14,56 +14,18 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <dlfcn.h>
-#include <sys/uio.h>
-
-#include <cerrno>
 #include <cstdint>
+#include <new>
+
+#include "xxh3.h"
 
 namespace {
-
-// The xxh3 entry points (XXH3_state_t is opaque here: the library allocates it).
-using CreateState = void* (*)();
-using FreeState = int (*)(void*);
-using Reset = int (*)(void*);
-using Update = int (*)(void*, const void*, size_t);
-using Digest = uint64_t (*)(const void*);
-
-struct Xxh3 {
-  CreateState create = nullptr;
-  FreeState free = nullptr;
-  Reset reset = nullptr;
-  Update update = nullptr;
-  Digest digest = nullptr;
-};
-
-Xxh3 g_xxh3;
-
-template <typename F>
-F symbol(void* lib, const char* name) {
-  return reinterpret_cast<F>(dlsym(lib, name));
-}
 
 PyObject* mod_bind(PyObject*, PyObject* args) {
   const char* path = nullptr;
   if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
-  if (g_xxh3.update != nullptr) Py_RETURN_TRUE;  // bound once, for good: reads may be running on it
-  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);  // loaded already: this only takes a reference
-  if (lib == nullptr) Py_RETURN_FALSE;
-  Xxh3 x;
-  x.create = symbol<CreateState>(lib, "XXH3_createState");
-  x.free = symbol<FreeState>(lib, "XXH3_freeState");
-  x.reset = symbol<Reset>(lib, "XXH3_64bits_reset");
-  // xxhash's x86 dispatcher: the widest vectors this CPU has (the plain one is the build's baseline)
-  x.update = symbol<Update>(lib, "XXH3_64bits_update_dispatch");
-  if (x.update == nullptr) x.update = symbol<Update>(lib, "XXH3_64bits_update");
-  x.digest = symbol<Digest>(lib, "XXH3_64bits_digest");
-  if (!x.create || !x.free || !x.reset || !x.update || !x.digest) {
-    dlclose(lib);
-    Py_RETURN_FALSE;
-  }
-  g_xxh3 = x;  // under the GIL, once; the library stays open for the life of the process
-  Py_RETURN_TRUE;
+  if (sllm::bind_xxh3(path)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
 }
 
 PyObject* mod_read(PyObject*, PyObject* args) {
@@ -72,42 +34,27 @@ PyObject* mod_read(PyObject*, PyObject* args) {
   long long offset = 0;
   Py_ssize_t step = 0;
   if (!PyArg_ParseTuple(args, "iw*Lni", &fd, &dst, &offset, &step, &flags)) return nullptr;
-  const Xxh3 x = g_xxh3;  // read under the GIL: the loop below runs without it
-  if (x.update == nullptr || step <= 0 || offset < 0) {
+  if (!sllm::xxh3_bound() || step <= 0 || offset < 0) {
     PyBuffer_Release(&dst);
-    PyErr_SetString(PyExc_ValueError, x.update ? "step must be > 0, offset >= 0" : "bind() first");
+    PyErr_SetString(PyExc_ValueError, sllm::xxh3_bound() ? "step must be > 0, offset >= 0" : "bind() first");
     return nullptr;
   }
-  void* state = x.create();
-  if (state == nullptr) {
-    PyBuffer_Release(&dst);
-    return PyErr_NoMemory();
-  }
-  char* base = static_cast<char*>(dst.buf);
-  const Py_ssize_t len = dst.len;
-  Py_ssize_t done = 0;
-  int err = 0;
+  sllm::HashedRead got;
   uint64_t digest = 0;
+  bool no_memory = false;
   Py_BEGIN_ALLOW_THREADS
-  x.reset(state);
-  while (done < len) {
-    const Py_ssize_t want = step < len - done ? step : len - done;
-    struct iovec iov = {base + done, static_cast<size_t>(want)};
-    const ssize_t got = preadv2(fd, &iov, 1, offset + done, flags);
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      err = errno;
-      break;
-    }
-    x.update(state, base + done, static_cast<size_t>(got));  // still in L2: the read just wrote it
-    done += got;
-    if (got < want) break;  // the page cache ran out, or the file did
+  try {
+    sllm::Xxh3 hash;
+    got = sllm::read_hashed(fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
+                            static_cast<uint64_t>(offset), static_cast<uint64_t>(step), flags, hash);
+    digest = hash.digest();
+  } catch (const std::bad_alloc&) {
+    no_memory = true;
   }
-  digest = x.digest(state);
-  x.free(state);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&dst);
-  return Py_BuildValue("nKi", done, static_cast<unsigned long long>(digest), err);
+  if (no_memory) return PyErr_NoMemory();
+  return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
 }
 
 PyMethodDef methods[] = {

@@ -23,8 +23,13 @@ struct Keyed {
 Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes,
                const uint32_t* dest_blocks) {
   for (size_t s = 0; s < segs.size(); ++s) {
-    if (segs[s].ready && segs[s].chunk == 0)
-      throw EngineError(ErrorKind::BadPlan, "segment " + std::to_string(s) + ": readiness given with chunk size 0");
+    const SegmentDesc& sd = segs[s];
+    const std::string name = "segment " + std::to_string(s);
+    if (sd.ready && sd.chunk == 0) throw EngineError(ErrorKind::BadPlan, name + ": readiness given with chunk size 0");
+    // a file's checksum windows never straddle two blocks: a stager reads and checks whole windows
+    if (sd.is_file() && (sd.ready || !sd.digests || sd.window == 0 || chunk_bytes % sd.window != 0))
+      throw EngineError(ErrorKind::BadPlan, name + ": a file source needs digests, no readiness, and a checksum "
+                                                   "window that divides the block size");
   }
   std::vector<Keyed> keyed;
   keyed.reserve(n);

@@ -17,6 +17,14 @@ struct SegmentDesc {
   uint64_t len;
   const uint8_t* ready;  // one byte per readiness chunk (0 pending, 1 ready, 2 failed); null = all ready
   uint64_t chunk;        // readiness chunk size in bytes
+  // A file source instead of a mapping (base null, ready null): the stagers read the stored file `fd`
+  // (through the page cache) into their pinned ring, each `window` bytes checked against digests[i]
+  // (xxh3_64, the manifest's) as they land; a window that differs fails the copy.
+  int fd = -1;
+  const uint64_t* digests = nullptr;
+  uint64_t window = 0;
+
+  bool is_file() const { return fd >= 0; }
 };
 
 constexpr uint32_t kNoDestBlock = UINT32_MAX;

@@ -23,6 +23,7 @@
 #include "engine.h"
 #include "errors.h"
 #include "ipc.h"
+#include "xxh3.h"
 
 namespace {
 
@@ -35,6 +36,8 @@ const char* kind_name(sllm::ErrorKind k) {
     case sllm::ErrorKind::Timeout: return "timeout";
     case sllm::ErrorKind::BadPlan: return "bad_plan";
     case sllm::ErrorKind::Aborted: return "aborted";
+    case sllm::ErrorKind::Corrupt: return "corrupt";
+    case sllm::ErrorKind::Io: return "io";
     default: return "runtime";
   }
 }
@@ -146,17 +149,28 @@ bool need_engine(EngineObject* self) {
   return false;
 }
 
+// Each segment: (base, length, ready, chunk_size) for a mapping, or
+// (0, length, 0, 0, fd, digests address, window) for a file source (csrc/plan.h).
 bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
   PyObject* seq = PySequence_Fast(obj, "segments must be a sequence of (base, length, ready, chunk_size)");
   if (!seq) return false;
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    unsigned long long base, len, ready, chunk;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKK", &base, &len, &ready, &chunk)) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+    unsigned long long base, len, ready, chunk, digests = 0, window = 0;
+    int fd = -1;
+    bool ok = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 7
+                  ? PyArg_ParseTuple(item, "KKKKiKK", &base, &len, &ready, &chunk, &fd, &digests, &window)
+                  : PyArg_ParseTuple(item, "KKKK", &base, &len, &ready, &chunk);
+    if (!ok) {
       Py_DECREF(seq);
       return false;
     }
-    out->push_back({reinterpret_cast<const uint8_t*>(base), len, reinterpret_cast<const uint8_t*>(ready), chunk});
+    sllm::SegmentDesc d{reinterpret_cast<const uint8_t*>(base), len, reinterpret_cast<const uint8_t*>(ready), chunk};
+    d.fd = fd;
+    d.digests = reinterpret_cast<const uint64_t*>(digests);
+    d.window = window;
+    out->push_back(d);
   }
   Py_DECREF(seq);
   return true;
@@ -495,7 +509,16 @@ PyObject* mod_ipc_export(PyObject*, PyObject* args) {
                        (unsigned long long)e.size, e.device, e.bus.c_str());
 }
 
+PyObject* mod_bind_xxh3(PyObject*, PyObject* args) {
+  const char* path = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
+  if (sllm::bind_xxh3(path)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef module_methods[] = {
+    {"bind_xxh3", mod_bind_xxh3, METH_VARARGS,
+     "bind_xxh3(path) -> bool: checksum file sources with the xxh3 of the library at path (python xxhash's)"},
     {"runtime_path", mod_runtime_path, METH_VARARGS, "runtime_path(cudart='', fallback='') -> path of the runtime"},
     {"device_by_bus", mod_device_by_bus, METH_VARARGS, "device_by_bus(bus, cudart='', fallback='') -> ordinal"},
     {"ipc_export", mod_ipc_export, METH_VARARGS,

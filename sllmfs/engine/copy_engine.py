@@ -41,11 +41,14 @@ from sllmfs.engine.errors import (
     CudaUnavailable,
     ReadinessTimeout,
     ShortSegment,
+    SourceCorrupt,
+    SourceReadFailed,
 )
 from sllmfs.engine.native import EngineError, lib, translate
 from sllmfs.engine.relay import Relay, summarize
 from sllmfs.engine.segments import (
     MODES,
+    FileSegment,
     MiB,
     Segment,
     SegmentLike,
@@ -56,11 +59,20 @@ from sllmfs.engine.segments import (
 )
 
 __all__ = [
-    "BadPieces", "ChunkFailed", "CopyEngine", "CopyError", "CudaError", "CudaUnavailable", "ReadinessTimeout",
-    "Relay", "Segment", "ShortSegment", "address_of", "map_segment",
+    "BadPieces", "ChunkFailed", "CopyEngine", "CopyError", "CudaError", "CudaUnavailable", "FileSegment",
+    "ReadinessTimeout", "Relay", "Segment", "ShortSegment", "SourceCorrupt", "SourceReadFailed", "address_of",
+    "map_segment",
 ]
 
 IPC_HANDLE_BYTES = 64
+
+
+def _bind_xxh3() -> None:
+    """File sources are checksummed with python xxhash's own xxh3 (the manifests' digests)."""
+    import xxhash._xxhash as ext
+
+    if not lib.bind_xxh3(ext.__file__):
+        raise CopyError("file sources need xxh3 from python xxhash's library, which does not expose it")
 
 
 def _default_threads() -> int:
@@ -155,7 +167,7 @@ class CopyEngine:
         if rows.ndim != 2 or rows.shape[1] != 4:
             raise BadPieces(f"pieces must have shape (n, 4), got {rows.shape}")
         segs = segment_tuples(segments)
-        mode = self._auto_mode(segments) if self.mode == "auto" else self.mode
+        mode = self._mode_for(segments)
         wait = -1.0 if timeout is None else float(timeout)
         try:
             stats: dict[str, Any] = self._engine.copy(segs, rows, wait, progress, mode,
@@ -174,9 +186,16 @@ class CopyEngine:
         """From another thread: the running copy's relays finish the block they hold and stop."""
         self._engine.stop_relays()
 
+    def _mode_for(self, segments: Sequence[SegmentLike]) -> str:
+        if any(isinstance(s, FileSegment) for s in segments):
+            _bind_xxh3()
+        return self._auto_mode(segments) if self.mode == "auto" else self.mode
+
     def _auto_mode(self, segments: Sequence[SegmentLike]) -> str:
+        if any(isinstance(s, FileSegment) for s in segments):
+            return "stage"  # only the stagers read files
         # Segments pinned by register() copy at link speed whatever their page size.
-        live = [(int(b), int(n)) for b, n, _, _ in segment_tuples(segments) if n > 0]
+        live = [(int(t[0]), int(t[1])) for t in segment_tuples(segments) if t[1] > 0]
         if live and all(self._covered(b, b + n) for b, n in live):
             return "register"
         return choose_mode(segments)
@@ -278,7 +297,7 @@ class CopyEngine:
         handles = [bytes(b["handle"]) for b in blocks]
         if any(len(h) != IPC_HANDLE_BYTES for h in handles):
             raise BadPieces(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes")
-        mode = self._auto_mode(segments) if self.mode == "auto" else self.mode
+        mode = self._mode_for(segments)
         wait = -1.0 if timeout is None else float(timeout)
         try:  # on error the native side has closed whatever it opened
             stats, addrs = self._engine.copy_ipc(segment_tuples(segments), rows, handles,

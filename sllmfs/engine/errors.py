@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sllmfs.core.errors import SllmfsError
+from sllmfs.core.errors import Corrupt, SllmfsError
 
 
 class CopyError(SllmfsError):
@@ -31,3 +31,11 @@ class BadPieces(CopyError, ValueError):
 
 class ShortSegment(CopyError):
     """A segment's file holds fewer bytes than the manifest says."""
+
+
+class SourceCorrupt(CopyError, Corrupt):
+    """A file source's bytes differ from their manifest checksum: the stored file is damaged."""
+
+
+class SourceReadFailed(CopyError, OSError):
+    """Reading a file source failed (an I/O error, or the file is shorter than its manifest says)."""

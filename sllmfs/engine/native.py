@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sllmfs.engine.errors import BadPieces, ChunkFailed, CopyError, CudaError, ReadinessTimeout
+from sllmfs.engine.errors import (
+    BadPieces,
+    ChunkFailed,
+    CopyError,
+    CudaError,
+    ReadinessTimeout,
+    SourceCorrupt,
+    SourceReadFailed,
+)
 
 lib: Any = importlib.import_module("sllmfs._native")
 EngineError: type[Exception] = lib.EngineError
@@ -22,6 +30,8 @@ _KINDS: dict[str, type[CopyError]] = {
     "bad_plan": BadPieces,
     "aborted": CopyError,
     "runtime": CopyError,
+    "corrupt": SourceCorrupt,
+    "io": SourceReadFailed,
 }
 
 

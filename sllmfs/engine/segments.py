@@ -56,12 +56,38 @@ class Segment:
         return (self.base, self.length, self.ready, self.chunk_size)
 
 
-SegmentLike = Segment | tuple[int, int, int, int]  # (base, length, ready, chunk_size), as the native side takes
+@dataclass(frozen=True)
+class FileSegment:
+    """A stored partition file read by the copy itself instead of a mapping (stage mode only): the
+    stagers read it through the page cache into their pinned ring, each ``window`` bytes checked against
+    ``digests`` (the manifest's xxh3_64 per window, uint64) before they move on (csrc/plan.h).
+    ``fd`` stays open, and ``digests`` alive, until the copy returns."""
+
+    fd: int
+    length: int
+    digests: np.ndarray
+    window: int
+
+    @classmethod
+    def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int) -> FileSegment:
+        need = -(-length // window) if window > 0 else -1
+        if need != len(hex_digests):
+            raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, got {len(hex_digests)}")
+        return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window)
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window)
 
 
-def segment_tuples(segments: Sequence[SegmentLike]) -> list[tuple[int, int, int, int]]:
-    out = []
+SegmentLike = Segment | FileSegment | tuple[int, int, int, int]  # (base, length, ready, chunk_size) for a mapping
+
+
+def segment_tuples(segments: Sequence[SegmentLike]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
     for s in segments:
+        if isinstance(s, FileSegment):
+            out.append(s.as_tuple())
+            continue
         base, length, ready, chunk = s.as_tuple() if isinstance(s, Segment) else s
         out.append((int(base), int(length), int(ready), int(chunk)))
     return out
@@ -103,6 +129,8 @@ def kernel_page_sizes(addrs: Sequence[int]) -> list[int]:
 def choose_mode(segments: Sequence[SegmentLike]) -> str:
     """auto: pin huge-page segments in place (cheap, then copies run at link speed),
     stage 4 KiB-page ones (pinning them costs more than the copy; measured in bench/NOTES-copy-engine.md)."""
+    if any(isinstance(s, FileSegment) for s in segments):
+        return "stage"  # only the stagers read files
     live = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
     live = [s for s in live if s.length > 0]
     if not live:

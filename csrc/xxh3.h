@@ -1,0 +1,41 @@
+// xxh3_64 from python xxhash's own library, found at run time, and the checksummed read built on it.
+// Shared by the fill's hashed read (hashread.cpp) and the copy engine's file sources (engine.cpp):
+// the same code and the same runtime choice of vector width as python xxhash, so the same digests
+// as the manifests it wrote.
+#pragma once
+
+#include <cstdint>
+
+namespace sllm {
+
+// Finds xxh3 in the library at `path` (python xxhash's extension, already loaded). Once bound, for
+// good: reads may be running on it. False if the library lacks the symbols (a build that hides them).
+bool bind_xxh3(const char* path);
+bool xxh3_bound();
+
+// One running xxh3_64 (the library allocates the state: its layout is opaque here).
+class Xxh3 {
+ public:
+  Xxh3();  // throws std::bad_alloc, or std::runtime_error before bind_xxh3
+  ~Xxh3();
+  Xxh3(const Xxh3&) = delete;
+  Xxh3& operator=(const Xxh3&) = delete;
+  void reset();
+  void update(const void* p, uint64_t n);
+  uint64_t digest() const;
+
+ private:
+  void* state_;
+};
+
+struct HashedRead {
+  uint64_t done = 0;  // bytes that landed at the start of dst
+  int err = 0;        // the errno that stopped it (0: none; a short read or a full buffer)
+};
+
+// preadv2 `step`-byte reads of [offset, offset + len) of `fd` into dst with `flags` (RWF_NOWAIT: only
+// what the page cache holds), each read fed to `hash` while it is still in the CPU's caches. Stops at
+// the first short read or error. Call without the GIL.
+HashedRead read_hashed(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t step, int flags, Xxh3& hash);
+
+}  // namespace sllm

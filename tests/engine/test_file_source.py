@@ -1,0 +1,111 @@
+"""File sources on the host target: the stagers read stored files (checksummed per window) into the ring."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sllmfs.engine import copy_engine as ce
+from sllmfs.store.format import digest
+from tests.engine.test_copy_engine import make_dst, tensor_pieces
+
+MiB = 1 << 20
+WINDOW = MiB  # small windows: a test file spans many, and a block several
+
+
+def stored(tmp_path, data: np.ndarray, name: str) -> tuple[int, list[str]]:
+    """A file holding ``data`` and its per-window digests, as the manifest records them."""
+    path = tmp_path / name
+    path.write_bytes(data.tobytes())
+    raw = data.tobytes()
+    return os.open(path, os.O_RDONLY), [digest(raw[o:o + WINDOW]) for o in range(0, len(raw), WINDOW)]
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(11)
+    datas = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 * MiB + 123, 3 * MiB, 4096)]
+    opened = [stored(tmp_path, d, f"p{i}") for i, d in enumerate(datas)]
+    yield datas, [ce.FileSegment.of(fd, d.nbytes, ds, WINDOW) for (fd, ds), d in zip(opened, datas, strict=True)]
+    for fd, _ in opened:
+        os.close(fd)
+
+
+# slot_bytes: smaller than a window (checked at its last read), equal, larger and not a multiple
+@pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW, 3 * WINDOW // 2])
+def test_file_copy_matches_source(files, slot_bytes):
+    datas, segs = files
+    dst = make_dst(64 * MiB)
+    pieces, expect = tensor_pieces(datas, np.random.default_rng(slot_bytes), dst.ctypes.data)
+    with ce.CopyEngine(target="host", mode="auto", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes) as eng:
+        for _ in range(2):  # the second copy reuses the ring
+            dst[:] = 0xAB
+            stats = eng.copy(segs, pieces)
+            assert np.array_equal(dst[: expect.size], expect)
+            assert (dst[expect.size:] == 0xAB).all()
+    assert stats["mode"] == "stage"
+    assert stats["bytes"] == stats["staged_bytes"] == int(pieces[:, 3].sum())
+
+
+def test_file_and_mapped_segments_in_one_copy(files):
+    datas, segs = files
+    mem = np.arange(3 * MiB, dtype=np.uint32).view(np.uint8)[: 3 * MiB]
+    dst = make_dst(datas[0].nbytes + mem.nbytes)
+    pieces = np.array([[0, 0, dst.ctypes.data, datas[0].nbytes],
+                       [1, 0, dst.ctypes.data + datas[0].nbytes, mem.nbytes]], np.uint64)
+    with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB) as eng:
+        eng.copy([segs[0], ce.Segment.from_buffer(mem)], pieces)
+    assert np.array_equal(dst[: datas[0].nbytes], datas[0]) and np.array_equal(dst[datas[0].nbytes:], mem)
+
+
+@pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW])
+def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes):
+    data = np.random.default_rng(3).integers(0, 256, 4 * MiB, dtype=np.uint8)
+    fd, digests = stored(tmp_path, data, "damaged")
+    try:
+        with open(tmp_path / "damaged", "r+b") as f:  # one byte of window 2 changes after the digests
+            f.seek(2 * MiB + 77)
+            f.write(bytes([data[2 * MiB + 77] ^ 0xFF]))
+        dst = make_dst(data.nbytes)
+        seg = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)
+        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes) as eng:
+            with pytest.raises(ce.SourceCorrupt, match=r"segment 0: checksum window 2 \(bytes 2097152\.\.\+1048576\)"):
+                eng.copy([seg], np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
+            if slot_bytes == WINDOW:  # a window that fits a slot is checked before its bytes move on
+                assert (dst[2 * MiB: 3 * MiB] == 0xAB).all()
+            # the engine serves the next copy (the undamaged windows)
+            assert eng.copy([seg], np.array([[0, 0, dst.ctypes.data, 2 * MiB]], np.uint64))["bytes"] == 2 * MiB
+        assert np.array_equal(dst[: 2 * MiB], data[: 2 * MiB])
+    finally:
+        os.close(fd)
+
+
+def test_short_file_is_a_read_failure(tmp_path):
+    data = np.random.default_rng(4).integers(0, 256, 3 * MiB, dtype=np.uint8)
+    fd, digests = stored(tmp_path, data, "short")
+    try:
+        os.truncate(tmp_path / "short", 2 * MiB + 5)
+        dst = make_dst(data.nbytes)
+        with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
+            with pytest.raises(ce.SourceReadFailed, match="the file ends early"):
+                eng.copy([ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)],
+                         np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
+    finally:
+        os.close(fd)
+
+
+def test_bad_file_sources_are_refused(files):
+    datas, segs = files
+    dst = make_dst(datas[0].nbytes)
+    one = np.array([[0, 0, dst.ctypes.data, datas[0].nbytes]], np.uint64)
+    with pytest.raises(ce.BadPieces, match="needs 6 digests, got 5"):
+        ce.FileSegment.of(segs[0].fd, datas[0].nbytes, ["0" * 16] * 5, WINDOW)
+    with ce.CopyEngine(target="host", mode="register", threads=1) as eng:
+        with pytest.raises(ce.BadPieces, match="copy them in stage mode"):
+            eng.copy(segs[:1], one)
+    odd = ce.FileSegment(segs[0].fd, datas[0].nbytes, segs[0].digests, 3 * MiB)  # does not divide 2 MiB blocks
+    with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
+        with pytest.raises(ce.BadPieces, match="window that divides the block size"):
+            eng.copy([odd], one)
