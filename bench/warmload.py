@@ -28,10 +28,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 POOL = "48GB"  # as bench/peers.py: 8 blanks of 4 GiB on 16384 hugetlb pages, 4 per load of 13.48 GB
-# the daemon as it is (a pinned blank's pieces past a partition's end unpinned after the load) and as it was
-# before NOTES-cold run 13 (unpinned at reserve: bench/eager_cut.py); run 9's pair (blanks pinned at start or
-# not: bench/unpinned_blanks.py) and run 12's (native or Python reads: bench/fill_python_reads.py) are settled
-DAEMONS = (("deferred cut", ("-m", "sllmfs")), ("eager cut (before run 13)", (str(HERE / "eager_cut.py"),)))
+# the daemon as it is (a tier-empty load copies from the stored files, the tier filled after the copy) and
+# as it was before NOTES-cold run 15 (the fill on the load's path: bench/fill_first.py); run 13's pair
+# (bench/eager_cut.py), run 9's (bench/unpinned_blanks.py) and run 12's (bench/fill_python_reads.py) are settled
+DAEMONS = (("gpu first", ("-m", "sllmfs")), ("fill first (before run 15)", (str(HERE / "fill_first.py"),)))
 
 
 def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:

@@ -118,6 +118,16 @@ uint64_t Engine::registered_bytes() {
   return n;
 }
 
+double Engine::prepare_ring() {
+  std::lock_guard<std::mutex> lk(copy_mu_);  // the lanes are the copies' (one at a time)
+  if (closed_) throw EngineError(ErrorKind::Runtime, "the copy engine is closed");
+  target_->bind_thread();
+  double seconds = 0;
+  for (Lane& lane : lanes_)
+    while (lane.slots.size() < static_cast<size_t>(cfg_.slots_per_thread)) grow_lane(lane, &seconds);
+  return seconds;
+}
+
 Registered Engine::register_segment(uintptr_t base, uint64_t len) {
   Registered r;
   if (len == 0) return r;

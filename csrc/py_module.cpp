@@ -419,6 +419,13 @@ PyObject* engine_registered_bytes(EngineObject* self, PyObject*) {
   return PyLong_FromUnsignedLongLong(self->engine->registered_bytes());
 }
 
+PyObject* engine_prepare_ring(EngineObject* self, PyObject*) {
+  if (!need_engine(self)) return nullptr;
+  double seconds = 0;
+  if (!run_nogil([&] { seconds = self->engine->prepare_ring(); })) return nullptr;
+  return PyFloat_FromDouble(seconds);
+}
+
 PyObject* engine_close(EngineObject* self, PyObject*) {
   if (self->engine) {
     Py_BEGIN_ALLOW_THREADS;
@@ -534,6 +541,8 @@ PyMethodDef engine_methods[] = {
     {"registered_bytes", reinterpret_cast<PyCFunction>(engine_registered_bytes), METH_NOARGS,
      "bytes currently pinned in place (cached registrations)"},
     {"close", reinterpret_cast<PyCFunction>(engine_close), METH_NOARGS, "synchronize, unpin, free the ring"},
+    {"prepare_ring", reinterpret_cast<PyCFunction>(engine_prepare_ring), METH_NOARGS,
+     "prepare_ring() -> seconds: allocate every staging slot now rather than during the first copies"},
     {"register", reinterpret_cast<PyCFunction>(engine_register), METH_VARARGS,
      "register(base, length) -> {bytes, seconds, cached}: pin a whole segment now, cached"},
     {"copy_ipc", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(engine_copy_ipc)),

@@ -130,10 +130,17 @@ class Client:
     def _op(self, op: Op, **args: Any) -> dict[str, Any]:
         return self._call({"op": op, **{k: v for k, v in args.items() if v is not None}})[0]
 
-    def acquire(self, model: str, variant: str = HF_VARIANT) -> Lease:
-        """Lease a model variant: it stays in host memory until released or this client closes."""
+    def acquire(self, model: str, variant: str = HF_VARIANT, *, gpu_first: bool = False) -> Lease:
+        """Lease a model variant: it stays in host memory until released or this client closes.
+
+        ``gpu_first``: this client will have the sidecar copy the lease to a GPU next (``copy_to_gpu``);
+        on a miss the sidecar copies from the stored files and fills its memory after that copy
+        (docs/protocol.md). Reading the segments here first is fine: the lease asks for the fill then."""
+        msg: dict[str, Any] = {"op": Op.ACQUIRE, "model": model, "variant": variant}
+        if gpu_first:
+            msg["gpu_first"] = True
         # tuples: a 1,000-tensor manifest then gives the cyclic GC nothing to scan (p99 latency)
-        reply, fds = self._call({"op": Op.ACQUIRE, "model": model, "variant": variant}, use_list=False)
+        reply, fds = self._call(msg, use_list=False)
         try:
             return Lease(self, reply, fds)
         except (OSError, KeyError, TypeError, ValueError) as e:  # cannot map: give the lease back at once
@@ -236,11 +243,19 @@ class Lease:
         self._ready = mmap.mmap(fds[-1], ready["length"], mmap.MAP_SHARED, mmap.PROT_READ)
         self._raw: tuple[Any, ...] = reply["tensors"]  # TensorRef rows as sent, decoded on first use
         self._aliases: dict[str, str] = dict(reply.get("aliases", {}))
+        self._fill_held = bool(reply.get("fill_after_copy"))  # the sidecar fills after a GPU copy (gpu_first)
         self.released = False
+
+    def _want_fill(self) -> None:
+        """About to read readiness or the segments: a fill held for a GPU copy starts now."""
+        if self._fill_held:
+            self._fill_held = False
+            self.client._op(Op.FILL, lease=self.id)
 
     @property
     def readiness(self) -> mmap.mmap:
         """The readiness map: byte ``ready_base[p] + offset // ready_unit`` covers partition p at offset."""
+        self._want_fill()
         return self._ready
 
     @property
@@ -278,6 +293,7 @@ class Lease:
 
     def ready(self, partition: int | None = None, offset: int = 0, nbytes: int | None = None) -> bool:
         """True when those bytes (default: all) are in memory and verified; raises Corrupt on a failed fill."""
+        self._want_fill()
         a, b = self._span(partition, offset, nbytes)
         window = self._ready[a:b]
         if window.count(Readiness.READY) == len(window):
@@ -323,6 +339,7 @@ class Lease:
 
     def progress(self) -> tuple[int, int]:
         """(bytes ready, total bytes)."""
+        self._want_fill()
         done = 0
         for i, size in enumerate(self.sizes):
             a, b = self._span(i, 0, None)
@@ -379,7 +396,9 @@ class Lease:
     def copy_to_gpu(self, blocks: builtins.list[dict[str, Any]], pieces: builtins.list[builtins.list[int]],
                     timeout: float = 120.0) -> dict[str, Any]:
         """Have the sidecar copy these bytes into our GPU tensors (``load_ipc``; see sllmfs.client.transfer)."""
-        return self.client._op(Op.LOAD_IPC, lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
+        reply = self.client._op(Op.LOAD_IPC, lease=self.id, blocks=blocks, pieces=pieces, timeout=timeout)
+        self._fill_held = False  # the copy's end started it (refused: a fallback's first read asks for it)
+        return reply
 
     def release(self) -> None:
         """End the lease. Views already made stay valid until dropped (the map lives on with them)."""

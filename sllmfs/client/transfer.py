@@ -69,6 +69,11 @@ def _gpu_copy() -> str:
     return env_str("SLLMFS_GPU_COPY", "auto")
 
 
+def sidecar_copies() -> bool:
+    """Whether CUDA tensors are copied by the sidecar when it can (acquire's ``gpu_first`` then holds)."""
+    return _gpu_copy() != "client"
+
+
 def _sidecar_copy(lease: Lease, targets: dict[str, torch.Tensor], rows: list[tuple[int, int, int, int]],
                   timeout: float) -> dict[str, Any] | None:
     """Ask the sidecar, which keeps its segments pinned, to copy into our tensors; None: copy here."""

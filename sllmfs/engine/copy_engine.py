@@ -49,6 +49,7 @@ from sllmfs.engine.relay import Relay, summarize
 from sllmfs.engine.segments import (
     MODES,
     FileSegment,
+    MappedSegment,
     MiB,
     Segment,
     SegmentLike,
@@ -210,7 +211,7 @@ class CopyEngine:
             at = nxt
         return True
 
-    def release(self, segment: SegmentLike, *, idle: bool = False) -> int:
+    def release(self, segment: MappedSegment, *, idle: bool = False) -> int:
         """Unpin a segment's cached registrations (before it is unmapped). Waits for a copy running on
         this engine, unless ``idle``: memory no copy can be reading (never a copy's source yet)."""
         base, length = (segment.base, segment.length) if isinstance(segment, Segment) else segment[:2]
@@ -218,7 +219,7 @@ class CopyEngine:
             del self._pinned[b]
         return int(self._engine.release(base, length, idle))
 
-    def register(self, segment: SegmentLike) -> dict[str, Any]:
+    def register(self, segment: MappedSegment) -> dict[str, Any]:
         """Pin a whole segment now and keep it pinned (cached) until :meth:`release` or :meth:`close`.
 
         For a long-lived process (the sidecar) right after it fills the segment,
@@ -324,6 +325,14 @@ class CopyEngine:
                 first = first or e
         if first is not None and raise_first:
             raise first
+
+    def prepare_ring(self) -> float:
+        """Allocate every pinned staging slot now (threads x slots_per_thread x slot_bytes), off the
+        first copy's clock; returns the seconds it took."""
+        try:
+            return float(self._engine.prepare_ring())
+        except EngineError as e:
+            raise translate(e) from None
 
     @property
     def registered_bytes(self) -> int:

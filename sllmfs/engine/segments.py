@@ -72,14 +72,16 @@ class FileSegment:
     def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int) -> FileSegment:
         need = -(-length // window) if window > 0 else -1
         if need != len(hex_digests):
-            raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, got {len(hex_digests)}")
+            raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, "
+                            f"got {len(hex_digests)}")
         return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window)
 
     def as_tuple(self) -> tuple[int, ...]:
         return (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window)
 
 
-SegmentLike = Segment | FileSegment | tuple[int, int, int, int]  # (base, length, ready, chunk_size) for a mapping
+MappedSegment = Segment | tuple[int, int, int, int]  # (base, length, ready, chunk_size), as the native side takes
+SegmentLike = MappedSegment | FileSegment
 
 
 def segment_tuples(segments: Sequence[SegmentLike]) -> list[tuple[int, ...]]:
@@ -131,7 +133,7 @@ def choose_mode(segments: Sequence[SegmentLike]) -> str:
     stage 4 KiB-page ones (pinning them costs more than the copy; measured in bench/NOTES-copy-engine.md)."""
     if any(isinstance(s, FileSegment) for s in segments):
         return "stage"  # only the stagers read files
-    live = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
+    live = [s if isinstance(s, Segment) else Segment(*s) for s in segments if not isinstance(s, FileSegment)]
     live = [s for s in live if s.length > 0]
     if not live:
         return "stage"

@@ -14,7 +14,7 @@ from typing import Any, Literal, overload
 import torch
 
 from sllmfs.client.client import connect
-from sllmfs.client.transfer import LoadStats, copy_into, copy_spans
+from sllmfs.client.transfer import LoadStats, copy_into, copy_spans, sidecar_copies
 from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput
 from sllmfs.core.names import HF_VARIANT
@@ -26,8 +26,14 @@ DeviceMap = dict[str, Any] | str | int | torch.device
 def load_into(tensors_by_name: dict[str, torch.Tensor], model: str, variant: str = HF_VARIANT, *,
               socket: str | None = None, strict: bool = True, timeout: float = 120.0) -> LoadStats:
     """Copy the stored tensors of ``model`` into ``tensors_by_name`` (same names, shapes; dtype may differ)."""
-    with connect(socket) as client, client.acquire(model, variant) as lease:
+    gpu_first = sidecar_copies() and any(t.is_cuda for t in tensors_by_name.values())
+    with connect(socket) as client, client.acquire(model, variant, gpu_first=gpu_first) as lease:
         return copy_into(lease, tensors_by_name, timeout=timeout, strict=strict)
+
+
+def _any_gpu(device_map: DeviceMap) -> bool:
+    devices = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(_as_device(d).type == "cuda" for d in devices)
 
 
 def _device_for(name: str, device_map: DeviceMap) -> torch.device:
@@ -84,7 +90,8 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
     A map over several GPUs fills them at once, each over its own link. Returns the state dict, or
     (state dict, LoadStats) with ``return_stats`` (``LoadStats.links``: each device's copy window).
     """
-    with connect(socket) as client, client.acquire(model, variant) as lease:
+    gpu_first = sidecar_copies() and _any_gpu(device_map)
+    with connect(socket) as client, client.acquire(model, variant, gpu_first=gpu_first) as lease:
         owners: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
         placed: list[tuple[str, torch.device]] = []
         for name, ref in lease.entries.items():

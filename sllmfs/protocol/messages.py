@@ -31,6 +31,7 @@ class Op(StrEnum):
     REGISTER = "register"
     LOAD_IPC = "load_ipc"
     FAILURE = "failure"  # why a lease's fill or streaming pull failed (after readiness says FAILED)
+    FILL = "fill"  # start a lease's fill held for its GPU copy (acquire's gpu_first): the client reads the segments
 
 
 class Readiness(IntEnum):

@@ -29,6 +29,7 @@ from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar import disktier, prefault
 from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
+from sllmfs.sidecar.gpufirst import HOLD_LIMIT_S, HeldFills
 from sllmfs.sidecar.memtier import MemoryTier, Resident
 from sllmfs.sidecar.pullfeed import PullFeed
 from sllmfs.sidecar.registry import Registry
@@ -76,7 +77,8 @@ class Cache:
         self.mount_in_use: Counter[str] = Counter()  # models read through the mount now (the FUSE view counts)
         self.refused: dict[tuple[str, str], tuple[Identity, str]] = {}
         self.fills: set[Fill] = set()
-        self.gpu = GpuCopier()
+        self.gpu = GpuCopier(stage_threads=settings.num_thread)
+        self.held = HeldFills(self._start_held)  # fills waiting for their GPU-first copy
         self.origin = origin_url.parse(settings.origin, settings.origin_endpoint or None) if settings.origin else None
         self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often
         self._origin_misses: dict[str, float] = {}  # names the origin lacked -> when (the mount's lookups)
@@ -145,14 +147,18 @@ class Cache:
     def stop_fills(self) -> None:
         for f in self.fills:
             f.stop = True
+        for f in self.held.drain():  # never started: their residents fail as a stopped fill's do
+            f.close()
+            self._finish(f.res, None, True, 0.0)
 
     # -- residency -----------------------------------------------------------
 
     def identity(self, model: str, variant: str) -> Identity | None:
         return self.store.identity(model, variant)
 
-    async def resident(self, model: str, variant: str) -> Resident:
-        """The resident copy of a variant: a hit, or a new fill started from the store (a miss)."""
+    async def resident(self, model: str, variant: str, *, gpu_first: bool = False) -> Resident:
+        """The resident copy of a variant: a hit, or a new fill started from the store (a miss).
+        ``gpu_first``: the caller will ask for a GPU copy next; a miss's fill waits for it (gpufirst.py)."""
         if self.settings.registration_required and model not in self.registry:
             raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
         res = self.tier.get(model, variant)
@@ -182,7 +188,7 @@ class Cache:
             # opened without following a link at any step below models/
             dir_fd = open_dir(variant_dir, below=self.store.models_dir)
         except FileNotFoundError:
-            return await self.resident(model, variant)  # replaced or removed meanwhile: look again
+            return await self.resident(model, variant, gpu_first=gpu_first)  # replaced or removed: again
         except OSError as e:
             raise Corrupt(f"model {model!r} [{variant}]: cannot open {variant_dir} ({e.strerror}); "
                           f"run `sllmfs verify --model {model}`") from None
@@ -190,10 +196,10 @@ class Cache:
             pinned = Path(f"/proc/self/fd/{dir_fd}")
             ident = variant_identity(pinned)
             if ident is None:
-                return await self.resident(model, variant)
+                return await self.resident(model, variant, gpu_first=gpu_first)
             manifest = await trio.to_thread.run_sync(load_manifest, pinned)
             if self.tier.get(model, variant) is not None:  # another task filled it while we read
-                return await self.resident(model, variant)
+                return await self.resident(model, variant, gpu_first=gpu_first)
             self.counters.misses += 1
             res = self.tier.reserve(model, variant, manifest, ident)
             try:
@@ -205,8 +211,19 @@ class Cache:
                 raise
         finally:
             os.close(dir_fd)
-        self.start_soon(self._fill, fill)
+        if gpu_first and self.gpu.active:
+            self.held.hold(fill)
+            self.start_soon(self._hold_limit, res)
+        else:
+            self.start_soon(self._fill, fill)
         return res
+
+    def _start_held(self, fill: Fill, why: str) -> None:
+        self.start_soon(self._fill, fill)
+
+    async def _hold_limit(self, res: Resident) -> None:
+        await trio.sleep(HOLD_LIMIT_S)
+        self.held.release(res, f"no GPU copy asked within {HOLD_LIMIT_S:g} s", during_copy=False)
 
     async def _fill(self, fill: Fill) -> None:
         res = fill.res

@@ -279,6 +279,10 @@ class Fill:
         if self.res.ready.mm[k] != Readiness.READY:
             self.res.ready.mm[k] = Readiness.FAILED
 
+    def fds(self) -> list[int]:
+        """The open partition files, in order (a GPU-first copy reads them: sidecar/gpufirst.py)."""
+        return [self._files.fd(i) for i in range(len(self.res.manifest.partitions))]
+
     def close(self) -> None:
         self._files.close()
         if self._direct is not None:

@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from sllmfs.core.config import env_str
-from sllmfs.core.errors import BadInput, SidecarCannotCopy
+from sllmfs.core.errors import BadInput, Corrupt, SidecarCannotCopy
+from sllmfs.engine.errors import SourceCorrupt, SourceReadFailed
 from sllmfs.engine.relay import Relay
+from sllmfs.sidecar.fill import refusal
 from sllmfs.sidecar.memtier import Resident
 from sllmfs.sidecar.prefault import PIN_PIECE, Blank
 from sllmfs.store.format import ALIGNMENT, CHUNK_SIZE, HUGE_PAGE
@@ -67,7 +69,11 @@ class RelayCost:
 
 
 class GpuCopier:
-    def __init__(self) -> None:
+    def __init__(self, stage_threads: int | None = None) -> None:
+        # the stagers read stored files for GPU-first copies (gpufirst.py): the fill's kind of work, so
+        # the fill's thread count, each slot one checksum window (checked before its H2D; 4 MiB slots ran
+        # 1.3x InstantTensor where 1 MiB ones ran 0.8-0.9x: NOTES-cold run 15)
+        self._stage_threads = stage_threads
         self._engines: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._make = threading.Lock()
@@ -81,7 +87,7 @@ class GpuCopier:
         self._links: Any = None  # a LinkWatch once warm_up found two GPUs: loads by other processes
 
     def _engine(self, bus: str) -> tuple[Any, threading.Lock]:
-        from sllmfs.engine.copy_engine import CopyEngine, CopyError
+        from sllmfs.engine.copy_engine import CopyError
 
         with self._make:
             if bus in self._engines:
@@ -89,13 +95,28 @@ class GpuCopier:
             if self.unavailable:
                 raise SidecarCannotCopy(self.unavailable)
             try:
-                engine = CopyEngine(target="cuda", device=bus, mode="auto")
+                engine = self._new_engine(bus)
             except CopyError as e:
                 self.unavailable = f"this sidecar cannot copy to GPUs ({e}); the client copies itself"
                 raise SidecarCannotCopy(self.unavailable) from None
             self._add(bus, engine)
             log.info("gpu copy engine ready device=%s", bus)
             return engine, self._locks[bus]
+
+    def _new_engine(self, device: int | str) -> Any:
+        """An engine for one GPU with its staging ring allocated (192 MiB pinned with 16 threads): the first
+        GPU-first copy would otherwise grow it slot by slot (~90 ms of a 0.27 s load, NOTES-cold run 15)."""
+        from sllmfs.engine.copy_engine import CopyEngine, CopyError
+
+        engine = CopyEngine(target="cuda", device=device, mode="auto", threads=self._stage_threads,
+                            slot_bytes=CHUNK_SIZE)
+        try:
+            ring_s = engine.prepare_ring()
+        except CopyError as e:  # pinned memory refused: copies grow the ring as they go (and may fail then)
+            log.warning("could not allocate the staging ring for GPU %s now: %s", device, e)
+        else:
+            log.info("staging ring ready device=%s threads=%d seconds=%.3f", device, engine.threads, ring_s)
+        return engine
 
     def _add(self, bus: str, engine: Any) -> None:
         self._locks[bus] = threading.Lock()  # the lock first: readers take (engine, lock) pairs
@@ -115,9 +136,11 @@ class GpuCopier:
                 for i, s in enumerate(res.segments)]
 
     def copy(self, res: Resident, blocks: list[dict[str, Any]], pieces: list[list[int]],
-             timeout: float) -> tuple[dict[str, Any], Callable[[], None]]:
+             timeout: float, files: list[int] | None = None) -> tuple[dict[str, Any], Callable[[], None]]:
         """Worker thread: copy ``pieces`` (partition, offset, block, block offset, nbytes).
 
+        From the resident's segments, or with ``files`` (its open partition files, the tier not filled:
+        gpufirst.py) from those, each window checked against the manifest on its way through the ring.
         Returns the stats and a closer for the opened handles: every byte has
         landed, so the caller replies first and closes after (~36 us a handle).
         """
@@ -129,23 +152,27 @@ class GpuCopier:
         bus = buses.pop()
         asked = time.monotonic()
         engine, lock = self._engine(bus)
-        segs = self._segments(res)
+        segs = self._segments(res) if files is None else self._files(res, files)
         self._want(bus, +1)
         try:
             with lock:
                 started = time.monotonic()  # the engine's clock starts here (its *_seconds count from it)
-                if res.unpin is None:  # the engine pins these mappings as it copies (cached): unpin before unmapping
+                if res.unpin is None and files is None:  # the engine pins mappings as it copies: unpin before unmapping
                     res.unpin = lambda: self.release(res)
                 rows = np.array(pieces, dtype=np.uint64).reshape(-1, 5)
-                peers, busy = self._take_peers(bus, engine)
+                # relays read pinned memory; a copy from the files has none (the direct path takes it all)
+                peers, busy = self._take_peers(bus, engine) if files is None else ([], {})
                 try:
                     relay = Relay(peers=tuple(self._engines[p].device for p in peers)) if peers else None
                     stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True,
                                                             relay=relay)
+                except (SourceCorrupt, SourceReadFailed) as e:  # the stored files (segment i: partition i)
+                    raise Corrupt(refusal(res.model, res.variant, f"copying its stored files: {e}")) from None
                 finally:
                     self._free_peers(bus, peers)
                 self._account(stats, peers, busy)
-            stats.update(copy_asked_at=asked, copy_started_at=started, copy_ended_at=time.monotonic())
+            stats.update(copy_asked_at=asked, copy_started_at=started, copy_ended_at=time.monotonic(),
+                         source="tier" if files is None else "files")
             stats.update({f"tier_{k}": v for k, v in res.timeline.as_dict().items()})  # the fill it streamed behind
             if stats["relay_peers"]:
                 log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
@@ -159,6 +186,13 @@ class GpuCopier:
                 engine.close_ipc(a)
 
         return stats, close
+
+    @staticmethod
+    def _files(res: Resident, fds: list[int]) -> list[Any]:
+        from sllmfs.engine.copy_engine import FileSegment
+
+        return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(fds, res.manifest.partitions,
+                                                                                   strict=True)]
 
     def busy(self) -> bool:
         """Whether a load is bound for any GPU now (copying or waiting to). Read without the lock (the
@@ -233,11 +267,11 @@ class GpuCopier:
         """Worker thread, at start: an engine for every GPU this process sees, so the first load on a
         node pays neither the CUDA start (0.1-3.7 s seen on the H100 machine) nor pinning: fills made
         once an engine exists are pinned as soon as they are ready. Returns the bus ids; no GPU: []."""
-        from sllmfs.engine.copy_engine import CopyEngine, CopyError
+        from sllmfs.engine.copy_engine import CopyError
 
         for ordinal in range(max_gpus):
             try:
-                engine = CopyEngine(target="cuda", device=ordinal, mode="auto")
+                engine = self._new_engine(ordinal)
                 bus = engine.bus_id
             except CopyError as e:
                 if ordinal == 0:  # a load still tries (and then remembers why not): only log here

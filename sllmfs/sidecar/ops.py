@@ -50,7 +50,7 @@ class Ops:
             Op.LIST: self.op_list, Op.ACQUIRE: self.op_acquire, Op.RELEASE: self.op_release,
             Op.STATUS: self.op_status, Op.PIN: self.op_pin, Op.UNPIN: self.op_unpin, Op.EVICT: self.op_evict,
             Op.REFRESH: self.op_refresh, Op.REGISTER: self.op_register, Op.FILES: self.op_files,
-            Op.LOAD_IPC: self.op_load_ipc, Op.FAILURE: self.op_failure,
+            Op.LOAD_IPC: self.op_load_ipc, Op.FAILURE: self.op_failure, Op.FILL: self.op_fill,
         }
 
     async def op_list(self, conn: Conn, msg: dict[str, Any]) -> Reply:
@@ -65,7 +65,10 @@ class Ops:
     async def op_acquire(self, conn: Conn, msg: dict[str, Any]) -> Reply:
         model, variant = _model_arg(msg), _variant_arg(msg)
         t0 = time.perf_counter()
-        res = await self.cache.resident(model, variant)
+        gpu_first = msg.get("gpu_first", False)
+        if not isinstance(gpu_first, bool):
+            raise BadInput("acquire 'gpu_first' must be true or false")
+        res = await self.cache.resident(model, variant, gpu_first=gpu_first)
         seconds = time.perf_counter() - t0  # a miss: the tier's allocation (the fill runs behind)
         lease_id = next(self._ids)
         res.leases += 1
@@ -89,6 +92,8 @@ class Ops:
             "partitions": [{"file": p.file, "size": p.size, "length": s.length, "huge": s.huge}
                            for p, s in zip(m.partitions, res.segments, strict=True)],
             "ready": {"unit": CHUNK_SIZE, "base": res.chunk_base, "length": res.ready.size},
+            # the fill waits for a GPU copy (gpufirst.py): a client reading the segments sends `fill` first
+            "fill_after_copy": self.cache.held.holds(res),
         }
         return reply, fds
 
@@ -130,8 +135,22 @@ class Ops:
             return {"ok": True, "failed": False}, []
         return {"ok": True, "failed": True, "cause": failure.cause.value, "error": failure.line}, []
 
+    async def op_fill(self, conn: Conn, msg: dict[str, Any]) -> Reply:
+        """Start a lease's held fill now: the client reads the segments itself (sidecar/gpufirst.py)."""
+        res = self._leased(conn, msg)
+        self.cache.held.release(res, f"pid {conn.pid} reads the segments")
+        return {"ok": True}, []
+
+    def _leased(self, conn: Conn, msg: dict[str, Any]) -> Resident:
+        lease_id = msg.get("lease")
+        res = conn.leases.get(lease_id) if isinstance(lease_id, int) else None
+        if res is None:
+            raise BadInput(f"lease {str(lease_id)[:40]!r} is not held on this connection")
+        return res
+
     def end_lease(self, conn: Conn, lease_id: int, *, why: str) -> None:
         res = conn.leases.pop(lease_id)
+        self.cache.held.release(res, f"lease {lease_id} ended")
         res.leases -= 1
         res.last_used = time.monotonic()
         log.info("lease ended id=%d model=%s variant=%s pid=%d (%s)", lease_id, res.model, res.variant, conn.pid, why)
@@ -179,10 +198,7 @@ class Ops:
 
     async def op_load_ipc(self, conn: Conn, msg: dict[str, Any]) -> Reply:
         """Copy a leased variant's bytes into the client's GPU tensors (CUDA IPC handles it exported)."""
-        lease_id = msg.get("lease")
-        res = conn.leases.get(lease_id) if isinstance(lease_id, int) else None
-        if res is None:
-            raise BadInput(f"lease {str(lease_id)[:40]!r} is not held on this connection")
+        res = self._leased(conn, msg)
         blocks, pieces = msg.get("blocks"), msg.get("pieces")
         if not isinstance(blocks, list) or not isinstance(pieces, list):
             raise BadInput("load_ipc needs 'blocks' and 'pieces' lists")
@@ -190,9 +206,13 @@ class Ops:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
             raise BadInput("load_ipc 'timeout' must be a number of seconds in (0, 3600]")
         t0 = time.perf_counter()
+        fill = self.cache.held.begin_copy(res)  # tier empty, fill held: copy from the stored files
         try:
-            stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout))
+            stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout),
+                                                         fill.fds() if fill else None)
         finally:
+            if fill is not None:
+                self.cache.held.end_copy(res)  # the last copy from the files starts the tier's fill
             self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         stats["wall_s"] = time.perf_counter() - t0
         self.cache.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first

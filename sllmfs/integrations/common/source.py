@@ -60,7 +60,11 @@ class SidecarSource:
     def open(self, variant: str) -> AbstractContextManager[Lease]:
         # no wait here: the copy engine starts on the first chunks while the sidecar fills the rest;
         # tensors() waits for all of them (and raises Corrupt on a failed checksum)
-        lease: AbstractContextManager[Lease] = self._connect().acquire(self.model, variant)
+        from sllmfs.client.transfer import sidecar_copies
+
+        # the frameworks load into GPU tensors: on a miss the sidecar copies from its files first
+        lease: AbstractContextManager[Lease] = self._connect().acquire(self.model, variant,
+                                                                        gpu_first=sidecar_copies())
         return lease
 
 

@@ -1,0 +1,108 @@
+"""GPU first (sidecar/gpufirst.py) through a real daemon and socket, with the stand-in CUDA runtime: a
+tier-empty load copies from the stored files, and the tier is filled after that copy; a client that reads
+the segments, or never copies, gets its fill all the same; a damaged file fails the copy and the model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sllmfs.core.errors import Corrupt
+from sllmfs.store.format import digest
+from tests.support.cudart import FAKE_PEER_CUDART, memfd_handle
+from tests.support.sidecar import make_model, sidecar, wait_log
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for the fake CUDA runtime")
+GPU0 = "0000:00:06.0"
+
+
+@pytest.fixture(scope="module")
+def fake_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("fakecuda")
+    (d / "fake.c").write_text(FAKE_PEER_CUDART)
+    lib = d / "libfake.so"
+    subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(d / "fake.c")], check=True)
+    return {"SLLMFS_CUDART": str(lib), "SLLMFS_RELAY": "off"}
+
+
+def copy_all(lease: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """load_ipc of every tensor into a memfd the stand-in maps as "GPU memory"; the stats and the digests."""
+    total = sum(r.nbytes for r in lease.entries.values())
+    fd = os.memfd_create("fake-gpu0")
+    try:
+        os.ftruncate(fd, total)
+        mem = np.memmap(f"/proc/self/fd/{fd}", dtype=np.uint8, mode="r+", shape=(total,))
+        mem[:] = 0xEE  # poison
+        at, where, pieces = 0, {}, []
+        for name, ref in lease.entries.items():
+            pieces.append([ref.partition, ref.offset, 0, at, ref.nbytes])
+            where[name] = (at, ref.nbytes)
+            at += ref.nbytes
+        stats = lease.copy_to_gpu([{"handle": memfd_handle(fd, total), "size": total, "device": GPU0}], pieces,
+                                  timeout=60)
+        got = {n: digest(bytes(mem[a:a + k])) for n, (a, k) in where.items()}
+        del mem
+        return stats, got
+    finally:
+        os.close(fd)
+
+
+def test_a_tier_empty_load_copies_from_the_files_then_fills(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        assert "staging ring ready" in sd.log()
+        expected = {n: digest(v) for n, v in make_model(sd.store, "org/m", tensors=6, nbytes=3 << 20).items()}
+        with sd.connect() as c:
+            with c.acquire("org/m", gpu_first=True) as lease:
+                assert lease._fill_held
+                assert "fill started model=org/m" not in sd.log()  # held for the copy
+                stats, got = copy_all(lease)
+                assert got == expected and stats["source"] == "files" and stats["mode"] == "stage"
+                lease.wait(timeout=30)  # the fill ran after the copy
+            log = wait_log(sd, "filled model=org/m")
+            assert "fill released model=org/m variant=hf (after the GPU copy)" in log
+            assert log.index("gpu copy model=org/m") < log.index("fill started model=org/m")
+            with c.acquire("org/m", gpu_first=True) as lease:  # a hit: from the tier, nothing held
+                assert not lease._fill_held
+                stats, got = copy_all(lease)
+                assert got == expected and stats["source"] == "tier"
+
+
+def test_a_held_fill_starts_for_a_reader_or_after_the_limit(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        expected = make_model(sd.store, "org/a", tensors=3)
+        make_model(sd.store, "org/b", tensors=3, seed=1)
+        with sd.connect() as c:
+            with c.acquire("org/a", gpu_first=True) as lease:  # reads the segments instead: asks for the fill
+                assert {n: t.numpy().tobytes() for n, t in lease.tensors(timeout=30).items()} == expected
+            assert "fill released model=org/a variant=hf (pid" in wait_log(sd, "fill released model=org/a")
+            with c.acquire("org/b", gpu_first=True):  # holds the lease, never copies
+                log = wait_log(sd, "filled model=org/b", timeout=10)
+                assert "fill released model=org/b variant=hf (no GPU copy asked within 2 s)" in log
+
+
+def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20)
+        data = next((sd.store / "models").rglob("data_*.bin"))
+        with open(data, "r+b") as f:  # one byte of the second window, after save recorded its digest
+            f.seek((4 << 20) + 5)
+            b = f.read(1)
+            f.seek((4 << 20) + 5)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with sd.connect() as c:
+            with c.acquire("org/m", gpu_first=True) as lease:
+                with pytest.raises(Corrupt, match=r"org/m.* failed verification: copying its stored files: segment 0: checksum window 1 .* differs from its manifest digest"):
+                    copy_all(lease)
+            wait_log(sd, "fill failed model=org/m")
+            with pytest.raises(Corrupt):  # refused until saved again, as a failed fill's model is
+                c.acquire("org/m", gpu_first=True)
+            assert c.status()["pid"] > 0  # serving everyone else
