@@ -263,6 +263,8 @@ def main() -> None:
                                                         "('cpu' on a machine without a GPU: the client copies)")
     ap.add_argument("--pool", default=warmload.POOL, help="--part warm-load: the sidecar's --mem-pool-size")
     ap.add_argument("--reps", type=int, default=2, help="--part warm-load: tier-empty loads (each a fresh process)")
+    ap.add_argument("--current-only", action="store_true",
+                    help="--part warm-load: only the daemon as it is (not the A/B of warmload.DAEMONS)")
     ap.add_argument("--child-load", nargs=4, metavar=("SOCKET", "MODEL", "DEVICE", "REF"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_load:
@@ -307,7 +309,8 @@ def main() -> None:
                                                 args.reps), nbytes)
     if args.part == "warm-load":
         return _write_found(args, warmload.run(store, work, src / "model.safetensors", MODEL, args.device,
-                                               args.threads, args.reps, args.pool), nbytes)
+                                               args.threads, args.reps, args.pool,
+                                               1 if args.current_only else len(warmload.DAEMONS)), nbytes)
     if args.part == "faults":
         _faults(store, work, files, warm)
         return _write(args, r, nbytes, "disk O_DIRECT 1 thread 64MiB" in r)

@@ -60,7 +60,7 @@ def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
 
 
 def run(store: Path, work: Path, src_file: Path, model: str, device: str, threads: int, reps: int,
-        pool: str = POOL) -> dict[str, Any]:
+        pool: str = POOL, daemons: int = len(DAEMONS)) -> dict[str, Any]:
     import peers
     from limits import read_files
 
@@ -80,7 +80,7 @@ def run(store: Path, work: Path, src_file: Path, model: str, device: str, thread
         it = _peers_child("instanttensor", str(src_file), device, "--placement", "warm", "--ref", str(ref))
         limits["instanttensor_page_cache"] = {k: it.get(k) for k in ("seconds", "gbps", "ok", "mismatches",
                                                                      "skipped", "error")}
-    for label, program in DAEMONS:
+    for label, program in DAEMONS[:daemons]:
         found["loads"] += _one_sidecar(label, program, store, work, files, model, device, threads, reps, pool, ref)
     _summary(found)
     bad = [x["name"] for x in found["loads"] if x.get("ok") is False or "error" in x]
