@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sllmfs.client.client import Client, connect
-from sllmfs.client.transfer import copy_into
+from sllmfs.client.transfer import copy_into, sidecar_copies
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput
 from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
@@ -85,7 +85,8 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
         targets = _materialize(model, device_map, dtype)
-        with client.acquire(name, names.HF_VARIANT) as lease:
+        gpu_first = sidecar_copies() and any(t.is_cuda for t in targets.values())
+        with client.acquire(name, names.HF_VARIANT, gpu_first=gpu_first) as lease:
             stored = set(lease.entries)
             tied = [n for n in targets if n not in stored]
             absent_ok = _tied_names(model)
