@@ -29,7 +29,7 @@ from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar import disktier, prefault
 from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
-from sllmfs.sidecar.gpufirst import HOLD_LIMIT_S, HeldFills
+from sllmfs.sidecar.gpufirst import CACHED_ENOUGH, HOLD_LIMIT_S, HeldFills
 from sllmfs.sidecar.memtier import MemoryTier, Resident
 from sllmfs.sidecar.pullfeed import PullFeed
 from sllmfs.sidecar.registry import Registry
@@ -211,7 +211,9 @@ class Cache:
                 raise
         finally:
             os.close(dir_fd)
-        if gpu_first and self.gpu.active:
+        # GPU first from the page cache only: from disk the fill's reads (its O_DIRECT option, its read
+        # sizes) are the measured path (NOTES-cold run 16: GPU first from disk is not measured yet)
+        if gpu_first and self.gpu.active and not self.settings.fill_direct and fill.cached_share() >= CACHED_ENOUGH:
             self.held.hold(fill)
             self.start_soon(self._hold_limit, res)
         else:

@@ -279,6 +279,26 @@ class Fill:
         if self.res.ready.mm[k] != Readiness.READY:
             self.res.ready.mm[k] = Readiness.FAILED
 
+    def cached_share(self, samples: int = 64) -> float:
+        """About how much of the variant the page cache holds: ``samples`` one-page reads that do not
+        wait, spread evenly over its bytes (0.0 where the filesystem has no such reads). ~0.1 ms."""
+        sizes = [p.size for p in self.res.manifest.partitions]
+        total = sum(sizes)
+        if not total:
+            return 1.0
+        hit, page = 0, bytearray(4096)
+        for k in range(samples):
+            at = total * k // samples
+            part = 0
+            while at >= sizes[part]:
+                at -= sizes[part]
+                part += 1
+            try:
+                hit += os.preadv(self._files.fd(part), [page], at, os.RWF_NOWAIT) > 0
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no such reads here (treated as not cached)
+                pass
+        return hit / samples
+
     def fds(self) -> list[int]:
         """The open partition files, in order (a GPU-first copy reads them: sidecar/gpufirst.py)."""
         return [self._files.fd(i) for i in range(len(self.res.manifest.partitions))]

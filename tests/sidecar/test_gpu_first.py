@@ -107,3 +107,28 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             with pytest.raises(Corrupt):  # refused until saved again, as a failed fill's model is
                 c.acquire("org/m", gpu_first=True)
             assert c.status()["pid"] > 0  # serving everyone else
+
+
+def test_from_disk_the_fill_runs_first(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """Files the page cache does not hold: GPU first is not used (the fill's disk path is the measured one)."""
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        expected = {n: digest(v) for n, v in make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20).items()}
+        for data in (sd.store / "models").rglob("data_*.bin"):
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                page = bytearray(4096)
+                try:
+                    cached = os.preadv(fd, [page], 0, os.RWF_NOWAIT) > 0
+                except OSError:
+                    cached = False
+            finally:
+                os.close(fd)
+            if cached:
+                pytest.skip("this filesystem keeps the files in memory (tmpfs): cannot make them uncached")
+        with sd.connect() as c, c.acquire("org/m", gpu_first=True) as lease:
+            assert not lease._fill_held
+            stats, got = copy_all(lease)
+            assert got == expected and stats["source"] == "tier"
