@@ -221,11 +221,15 @@ class Cache:
         return res
 
     def _start_held(self, fill: Fill, why: str) -> None:
+        if self._nursery is None:  # the sidecar stopped while a copy read the files: end as a stopped fill
+            fill.close()
+            self._finish(fill.res, None, True, 0.0)
+            return
         self.start_soon(self._fill, fill)
 
     async def _hold_limit(self, res: Resident) -> None:
         await trio.sleep(HOLD_LIMIT_S)
-        self.held.release(res, f"no GPU copy asked within {HOLD_LIMIT_S:g} s", during_copy=False)
+        self.held.release(res, f"no GPU copy asked within {HOLD_LIMIT_S:g} s")
 
     async def _fill(self, fill: Fill) -> None:
         res = fill.res

@@ -12,7 +12,7 @@ fill here until:
 
 - that GPU copy (and any other copy from the files that started meanwhile) ends: the usual case;
 - a client reads the segments itself (the ``fill`` op: it copies on its own after all, or wants CPU
-  views): at once;
+  views): at once, or when the copies reading the files end (the fill closes them when it is done);
 - the lease ends, or HOLD_LIMIT_S pass with no copy asked: a client that never copies costs the next
   one no more than that.
 """
@@ -67,18 +67,20 @@ class HeldFills:
             if held.copies == 0:
                 self._go(res, "after the GPU copy")
 
-    def release(self, res: Resident, why: str, *, during_copy: bool = True) -> None:
-        """Start ``res``'s held fill now (if any); ``during_copy=False``: unless a copy still reads the
-        files (its end starts it)."""
+    def release(self, res: Resident, why: str) -> None:
+        """Start ``res``'s held fill now, if it has one and no copy reads its files (else that copy's end
+        starts it: the fill closes the files when it ends, so it never starts under a copy)."""
         held = self._held.get(id(res))
-        if held is not None and (during_copy or held.copies == 0):
+        if held is not None and held.copies == 0:
             self._go(res, why)
 
     def drain(self) -> list[Fill]:
-        """Every held fill, forgotten (the sidecar stops): the caller closes them."""
-        fills = [h.fill for h in self._held.values()]
-        self._held.clear()
-        return fills
+        """The sidecar stops: every held fill no copy reads, forgotten (the caller closes them); those a
+        copy still reads are told to stop and start (to end at once) when that copy ends."""
+        idle = [k for k, h in self._held.items() if h.copies == 0]
+        for h in self._held.values():
+            h.fill.stop = True
+        return [self._held.pop(k).fill for k in idle]
 
     def _go(self, res: Resident, why: str) -> None:
         held = self._held.pop(id(res))
