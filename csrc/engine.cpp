@@ -274,6 +274,8 @@ void Engine::stage_worker(Job& job, int lane_id) {
       Job::keep_max(job.queued_last_ns, job.now_ns());
       job.done += b.bytes;
     }
+    job.stage_fill_ns += st.fill_ns;
+    job.stage_wait_ns += st.wait_ns;
     std::lock_guard<std::mutex> lk(job.mu);
     job.ring_alloc_seconds = std::max(job.ring_alloc_seconds, st.alloc);
   } catch (const EngineError& e) {
@@ -288,10 +290,13 @@ void Engine::stage_worker(Job& job, int lane_id) {
 void Engine::next_slot(Stager& st) {
   target_->record(st.lane.events[st.lane.cur], st.stream);
   st.lane.cur = (st.lane.cur + 1) % static_cast<size_t>(cfg_.slots_per_thread);
-  if (st.lane.cur == st.lane.slots.size())
+  if (st.lane.cur == st.lane.slots.size()) {
     grow_lane(st.lane, &st.alloc);
-  else
+  } else {
+    auto t = Clock::now();
     target_->wait(st.lane.events[st.lane.cur]);
+    st.wait_ns += static_cast<uint64_t>(since(t) * 1e9);
+  }
   st.fill = 0;
 }
 
@@ -304,7 +309,9 @@ void Engine::stage_block(Job& job, const Block& b, Stager& st) {
       if (st.fill == cfg_.slot_bytes) next_slot(st);
       uint64_t k = std::min(unit.n - off, cfg_.slot_bytes - st.fill);
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
+      auto t = Clock::now();
       std::memcpy(slot, base + unit.off + off, k);
+      st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       target_->copy(job.dst(unit) + off, slot, k, st.stream);
       st.fill += k;
       off += k;
@@ -332,7 +339,9 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       if (st.fill == cfg_.slot_bytes) next_slot(st);
       const uint64_t k = std::min(whi - at, cfg_.slot_bytes - st.fill);
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
+      auto t = Clock::now();
       HashedRead r = read_hashed(sd.fd, slot, k, at, kFileStep, 0, *st.hash);
+      st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       const std::string where = "segment " + std::to_string(b.seg) + " (" + range_text(at, k) + ")";
       if (r.err != 0) throw EngineError(ErrorKind::Io, "reading " + where + ": " + std::strerror(r.err));
       if (r.done != k) throw EngineError(ErrorKind::Io, "reading " + where + ": the file ends early");
@@ -458,6 +467,8 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
     if (mode != Mode::Stage)  // nothing to pin in place: only the stagers read files
       throw EngineError(ErrorKind::BadPlan, "file sources are read by the staging threads: copy them in stage mode");
     if (!xxh3_bound()) throw EngineError(ErrorKind::BadPlan, "file sources are checksummed: bind_xxh3() first");
+    if (relay && !relay->peers.empty())  // relays read pinned memory; a file has none
+      throw EngineError(ErrorKind::BadPlan, "file sources cannot be relayed: copy them without relay peers");
   }
   auto t0 = Clock::now();
   Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, ipc ? dest_blocks : nullptr);
@@ -652,6 +663,8 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
   }
   st.last_queued_seconds = job.queued_last_ns / 1e9;
   st.ring_alloc_seconds = job.ring_alloc_seconds;
+  st.stage_fill_seconds = job.stage_fill_ns / 1e9;
+  st.stage_wait_seconds = job.stage_wait_ns / 1e9;
   st.register_fallback = job.fallback;
   for (RelayRun& r : runs) st.relays.push_back(r.stats);
   st.relays.insert(st.relays.end(), skipped.begin(), skipped.end());

@@ -70,6 +70,9 @@ struct CopyStats {
   // when the last block's bytes were all ready; pinning's first start and last end (-1: no pin made);
   // the last block handed to a stream. All seconds since the copy started, as `seconds`.
   double last_ready_seconds = 0, pin_start_seconds = -1, pin_end_seconds = -1, last_queued_seconds = 0;
+  // summed over the staging threads: filling slots (memcpy, or a file's read and checksum) and waiting
+  // for a slot's last H2D before reusing it; with `seconds` they say whether the host or the link bound it
+  double stage_fill_seconds = 0, stage_wait_seconds = 0;
   std::string register_fallback;  // why the register path stopped part way, if it did
   std::vector<RelayStats> relays;
 };
@@ -148,6 +151,7 @@ class Engine {
     uint64_t fill = 0;
     bool fresh = true;
     double alloc = 0;            // seconds spent growing the ring
+    uint64_t fill_ns = 0, wait_ns = 0;  // filling slots, waiting on their last copies (CopyStats)
     std::unique_ptr<Xxh3> hash;  // made on its first file block
   };
   struct Job;

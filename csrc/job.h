@@ -36,7 +36,7 @@ struct Engine::Job {
   int registrars_left = 0;
   std::atomic<bool> abort{false};
   std::atomic<uint64_t> done{0}, staged{0}, registered{0}, newly_registered{0}, register_calls{0};
-  std::atomic<uint64_t> register_ns{0};
+  std::atomic<uint64_t> register_ns{0}, stage_fill_ns{0}, stage_wait_ns{0};
   // The copy's timeline (ns since it started): when pinning first began and last ended, when the last
   // block was handed to a stream; with first/last_ready_seconds they say what bound a streaming copy
   // (the fill, the pins or the link). Written by the workers, read once they have joined.

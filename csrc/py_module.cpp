@@ -235,13 +235,15 @@ PyObject* stats_dict(const sllm::CopyStats& s) {
   PyObject* relays = relays_list(s.relays);
   if (!relays) return nullptr;
   return Py_BuildValue(
-      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:d,s:d,s:d,s:d,s:K,s:K,s:s,s:N}", "bytes", (unsigned long long)s.bytes, "seconds",
+      "{s:K,s:d,s:d,s:K,s:K,s:K,s:d,s:K,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:K,s:K,s:s,s:N}", "bytes",
+      (unsigned long long)s.bytes, "seconds",
       s.seconds, "gbps", gbps, "staged_bytes", (unsigned long long)s.staged_bytes, "registered_bytes",
       (unsigned long long)s.registered_bytes, "newly_registered_bytes", (unsigned long long)s.newly_registered_bytes,
       "register_seconds", s.register_seconds, "register_calls", (unsigned long long)s.register_calls,
       "ring_alloc_seconds", s.ring_alloc_seconds, "first_ready_seconds", s.first_ready_seconds,
       "last_ready_seconds", s.last_ready_seconds, "pin_start_seconds", s.pin_start_seconds, "pin_end_seconds",
-      s.pin_end_seconds, "last_queued_seconds", s.last_queued_seconds, "blocks",
+      s.pin_end_seconds, "last_queued_seconds", s.last_queued_seconds, "stage_fill_seconds", s.stage_fill_seconds,
+      "stage_wait_seconds", s.stage_wait_seconds, "blocks",
       (unsigned long long)s.blocks, "units", (unsigned long long)s.units, "register_fallback",
       s.register_fallback.c_str(), "relays", relays);
 }

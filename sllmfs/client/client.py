@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import socket as pysocket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -62,6 +63,9 @@ class Client:
     def __init__(self, path: str, *, timeout: float | None = None):
         self.path = path
         self.timeout = env_seconds("SLLMFS_REPLY_TIMEOUT", REPLY_TIMEOUT) if timeout is None else timeout
+        # one request at a time on the socket: a load's host link may ask for the fill while its GPU
+        # link waits on load_ipc (sllmfs.client.transfer runs them in threads)
+        self._lock = threading.Lock()
         self._sock = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
         try:
             self._sock.connect(path)
@@ -92,6 +96,10 @@ class Client:
                 pause = min(pause * 2, 0.5)
 
     def _call_once(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:
+        with self._lock:
+            return self._exchange(msg, use_list)
+
+    def _exchange(self, msg: dict[str, Any], use_list: bool) -> tuple[dict[str, Any], list[int]]:
         wait = self._wait(msg)
         deadline = time.monotonic() + wait
         try:
@@ -247,10 +255,15 @@ class Lease:
         self.released = False
 
     def _want_fill(self) -> None:
-        """About to read readiness or the segments: a fill held for a GPU copy starts now."""
-        if self._fill_held:
+        """About to read readiness or the segments: a fill held for a GPU copy starts now (or once the
+        copies reading the files end). Released, or the sidecar gone: nothing to ask (the lease's end
+        started it; a dead sidecar shows in the wait)."""
+        if self._fill_held and not self.released:
             self._fill_held = False
-            self.client._op(Op.FILL, lease=self.id)
+            try:
+                self.client._op(Op.FILL, lease=self.id)
+            except SllmfsError as e:
+                log.debug("asking the sidecar to fill lease %d: %s", self.id, e)
 
     @property
     def readiness(self) -> mmap.mmap:

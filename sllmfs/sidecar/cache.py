@@ -213,7 +213,11 @@ class Cache:
             os.close(dir_fd)
         # GPU first from the page cache only: from disk the fill's reads (its O_DIRECT option, its read
         # sizes) are the measured path (NOTES-cold run 16: GPU first from disk is not measured yet)
-        if gpu_first and self.gpu.active and not self.settings.fill_direct and fill.cached_share() >= CACHED_ENOUGH:
+        cached = fill.cached_share() if gpu_first and self.gpu.active and not self.settings.fill_direct else 0.0
+        if gpu_first:
+            log.info("gpu first model=%s variant=%s page_cache_share=%.2f %s", model, variant, cached,
+                     "copy from the files, fill after" if cached >= CACHED_ENOUGH else "fill first")
+        if cached >= CACHED_ENOUGH:
             self.held.hold(fill)
             self.start_soon(self._hold_limit, res)
         else:

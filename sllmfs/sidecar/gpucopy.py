@@ -166,8 +166,11 @@ class GpuCopier:
                     relay = Relay(peers=tuple(self._engines[p].device for p in peers)) if peers else None
                     stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True,
                                                             relay=relay)
-                except (SourceCorrupt, SourceReadFailed) as e:  # the stored files (segment i: partition i)
+                except SourceCorrupt as e:  # the stored files (segment i: partition i)
                     raise Corrupt(refusal(res.model, res.variant, f"copying its stored files: {e}")) from None
+                except SourceReadFailed as e:  # the disk, not the bytes: the fill that follows says more
+                    raise Corrupt(f"model {res.model!r} [{res.variant}]: reading its stored files failed ({e}); "
+                                  f"check the disk, then run `sllmfs verify --model {res.model}`") from None
                 finally:
                     self._free_peers(bus, peers)
                 self._account(stats, peers, busy)

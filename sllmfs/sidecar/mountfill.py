@@ -62,7 +62,10 @@ class MountFill:
             res = self.cache.tier.get(model, variant)
             ok = (res is not None and res.identity == identity and res.state != "failed" and not res.closed
                   and not res.error)  # a fill failing right now: the store answers (its window fails there)
-            return TierIncoming(res) if ok and res is not None else None
+            if not ok or res is None:
+                return None
+            self.cache.held.release(res, "the mount reads it")  # a fill held for a GPU copy: now (or after it)
+            return TierIncoming(res)
         if self.cache.identity(model, variant) != identity:  # replaced since the reader opened it: filling
             return None  # the new version would evict others for a reader that never reads it
         try:
@@ -75,6 +78,7 @@ class MountFill:
             return None
         if res.identity != identity:  # replaced since the reader opened it: its reads stay on that version
             return None
+        self.cache.held.release(res, "the mount reads it")
         if res.state == "filling":
             self._once(model, variant, identity, "reads of the mount wait for its fill into the memory tier")
         return TierIncoming(res)

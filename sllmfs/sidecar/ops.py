@@ -216,9 +216,11 @@ class Ops:
             self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         stats["wall_s"] = time.perf_counter() - t0
         self.cache.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
-        log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d",
-                 res.model, res.variant, conn.pid, stats.get("bytes", 0), stats.get("seconds", 0.0),
-                 stats["wall_s"], stats.get("gbps", 0.0), stats.get("ipc_opens", 0))
+        log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d "
+                 "source=%s stage_fill_s=%.3f stage_wait_s=%.3f", res.model, res.variant, conn.pid,
+                 stats.get("bytes", 0), stats.get("seconds", 0.0), stats["wall_s"], stats.get("gbps", 0.0),
+                 stats.get("ipc_opens", 0), stats.get("source", "tier"), stats.get("stage_fill_seconds", 0.0),
+                 stats.get("stage_wait_seconds", 0.0))
         return {"ok": True, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}}, []
 
     async def op_status(self, conn: Conn, msg: dict[str, Any]) -> Reply:

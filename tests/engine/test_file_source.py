@@ -109,3 +109,12 @@ def test_bad_file_sources_are_refused(files):
     with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
         with pytest.raises(ce.BadPieces, match="window that divides the block size"):
             eng.copy([odd], one)
+
+
+def test_file_sources_are_not_relayed(files):
+    datas, segs = files
+    dst = make_dst(datas[0].nbytes)
+    with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
+        with pytest.raises(ce.BadPieces, match="cannot be relayed"):
+            eng.copy(segs[:1], np.array([[0, 0, dst.ctypes.data, datas[0].nbytes]], np.uint64),
+                     relay=ce.Relay(peers=(1,)))
