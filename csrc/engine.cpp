@@ -320,7 +320,8 @@ void Engine::stage_block(Job& job, const Block& b, Stager& st) {
 }
 
 // A block of a file source: each checksum window its units touch is read from the file into the ring
-// (read and hashed in kFileStep reads), and its units' bytes go to the GPU from there. A window that
+// (what the page cache holds in kFileStep reads hashed as they land, the rest in one read from the disk),
+// and its units' bytes go to the GPU from there. A window that
 // fits in a slot is checked before any of its bytes move on; a larger one (slots smaller than the
 // window) at its last read, failing the copy as a failed chunk does.
 void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
@@ -340,7 +341,7 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       const uint64_t k = std::min(whi - at, cfg_.slot_bytes - st.fill);
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
       auto t = Clock::now();
-      HashedRead r = read_hashed(sd.fd, slot, k, at, kFileStep, 0, *st.hash);
+      HashedRead r = read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       const std::string where = "segment " + std::to_string(b.seg) + " (" + range_text(at, k) + ")";
       if (r.err != 0) throw EngineError(ErrorKind::Io, "reading " + where + ": " + std::strerror(r.err));

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <new>
@@ -82,6 +83,26 @@ HashedRead read_hashed(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint
     r.done += static_cast<uint64_t>(got);
     if (static_cast<uint64_t>(got) < want) break;  // the page cache ran out, or the file did
   }
+  return r;
+}
+
+HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t step, Xxh3& hash) {
+  // EAGAIN: the next page is not cached; EOPNOTSUPP: no such reads here; a short read: the cache ran out
+  HashedRead r = read_hashed(fd, dst, len, offset, step, RWF_NOWAIT, hash);
+  if (r.err != 0 && r.err != EAGAIN && r.err != EOPNOTSUPP) return r;
+  r.err = 0;
+  const uint64_t from = r.done;
+  while (r.done < len) {
+    const ssize_t got = pread(fd, dst + r.done, static_cast<size_t>(len - r.done), static_cast<off_t>(offset + r.done));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      r.err = errno;
+      break;
+    }
+    if (got == 0) break;  // the file's end
+    r.done += static_cast<uint64_t>(got);
+  }
+  hash.update(dst + from, r.done - from);
   return r;
 }
 

@@ -38,4 +38,9 @@ struct HashedRead {
 // the first short read or error. Call without the GIL.
 HashedRead read_hashed(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t step, int flags, Xxh3& hash);
 
+// What the page cache holds of [offset, offset + len) in `step` reads that do not wait (hashed in L2 as
+// above), then the rest in one large read that waits for the disk (hashed after it: the disk bounds that
+// part), as the fill reads a piece. Stops at an error or the file's end.
+HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t step, Xxh3& hash);
+
 }  // namespace sllm

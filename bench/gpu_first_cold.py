@@ -1,0 +1,121 @@
+"""GPU first from disk (NOTES-cold run 17): does the copy engine's read of the stored files keep up with
+the disk when the page cache holds none of them? The sidecar uses GPU first only from the page cache
+until this says yes on the GPU machine (sllmfs/sidecar/gpufirst.py, CACHED_ENOUGH).
+
+Each load in turn, the page cache dropped before each, every stored partition of the model:
+
+- ring: the copy engine with the files as sources (``FileSegment``: the page cache's share in 256 KiB
+  reads, the rest in one read per 4 MiB window, each window checked), into a buffer on ``--device``
+  (``cpu``: the host target on a machine without a GPU);
+- the disk's sequential read, O_DIRECT, 64 MiB blocks, the same threads (the goal's limit: >= 0.9x);
+- the same buffered (what the fill's reads from disk do, without their checksum).
+
+    python bench/gpu_first_cold.py [--layers 8] [--threads 16] [--reps 2] [--device cuda:0] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from limits import drop_caches, measured, read_files, sh  # noqa: E402
+
+MODEL = "bench/gpu-first-cold"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sllmfs-gpu-first-cold"))
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    from llama_shapes import write_checkpoint
+
+    from sllmfs.engine.copy_engine import CopyEngine, FileSegment
+    from sllmfs.store.format import CHUNK_SIZE, load_manifest
+
+    src, store = args.workdir / "src", args.workdir / "store"
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=args.layers)
+    if not list(store.glob("models/*/variants/hf/manifest.json")):
+        sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
+           "--storage-path", str(store), "--force")
+    vdir = next(store.glob("models/*/variants/hf"))
+    manifest = load_manifest(vdir)
+    files = [vdir / p.file for p in manifest.partitions]
+    total = sum(p.size for p in manifest.partitions)
+    if not drop_caches():
+        raise SystemExit("bench: cannot drop the page cache (need root): a cold read cannot be measured")
+
+    cuda = args.device != "cpu"
+    if cuda:
+        import torch
+
+        dst = [torch.empty(p.size, dtype=torch.uint8, device=args.device) for p in manifest.partitions]
+        addrs = [d.data_ptr() for d in dst]
+    else:
+        host = [np.empty(p.size, dtype=np.uint8) for p in manifest.partitions]
+        addrs = [h.ctypes.data for h in host]
+    pieces = np.array([[i, 0, a, p.size] for i, (a, p) in enumerate(zip(addrs, manifest.partitions, strict=True))
+                       if p.size], dtype=np.uint64)
+    engine = CopyEngine(target="cuda" if cuda else "host", device=0 if not cuda else (int(args.device[5:] or 0)),
+                        mode="stage", threads=args.threads, slot_bytes=CHUNK_SIZE)
+    engine.prepare_ring()
+    fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+    sources = [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(fds, manifest.partitions, strict=True)]
+
+    def ring() -> float:
+        t0 = time.perf_counter()
+        stats = engine.copy(sources, pieces, timeout=600)
+        seconds = time.perf_counter() - t0
+        print(f"  ring: stage fill {stats.get('stage_fill_seconds', 0):.2f} s, waits "
+              f"{stats.get('stage_wait_seconds', 0):.2f} s (summed over {args.threads} stagers)", flush=True)
+        return total / seconds / 1e9
+
+    runs: dict[str, list[float]] = {"ring (GPU first)": [], "disk O_DIRECT 64 MiB": [], "buffered 64 MiB": []}
+    try:
+        for rep in range(1, args.reps + 1):
+            for name, fn in (("ring (GPU first)", ring),
+                             ("disk O_DIRECT 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=True)),
+                             ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False))):
+                if not drop_caches():
+                    raise SystemExit("bench: cannot drop the page cache")
+                runs[name].append(measured(name, fn()))
+                print(f"#{rep} {name:<24}{runs[name][-1]:>8.2f} GB/s", flush=True)
+    finally:
+        engine.close()
+        for fd in fds:
+            os.close(fd)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ratio = med["ring (GPU first)"] / med["disk O_DIRECT 64 MiB"]
+    buffered = med["ring (GPU first)"] / med["buffered 64 MiB"]
+    print(f"ring / disk O_DIRECT: {ratio:.2f}x (goal >= 0.9), ring / buffered reads: {buffered:.2f}x", flush=True)
+    out: dict[str, Any] = {"bench": "gpu-first-cold", "host": platform.node(), "device": args.device,
+                           "threads": args.threads, "bytes": total, "gbps": runs, "median_gbps": med,
+                           "ring_vs_disk": ratio, "ring_vs_buffered": buffered,
+                           "command": "python bench/gpu_first_cold.py " + " ".join(sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    dest = args.out / f"gpu-first-cold-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"-> {dest}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
