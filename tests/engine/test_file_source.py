@@ -118,3 +118,27 @@ def test_file_sources_are_not_relayed(files):
         with pytest.raises(ce.BadPieces, match="cannot be relayed"):
             eng.copy(segs[:1], np.array([[0, 0, dst.ctypes.data, datas[0].nbytes]], np.uint64),
                      relay=ce.Relay(peers=(1,)))
+
+
+@pytest.mark.parametrize("cached", ["none", "first half"])
+def test_files_the_page_cache_lacks_are_read_from_disk(tmp_path, cached):
+    """What the page cache lacks is read in one waiting read per window: the same bytes, still checked."""
+    data = np.random.default_rng(5).integers(0, 256, 6 * MiB + 99, dtype=np.uint8)
+    fd, digests = stored(tmp_path, data, "cold")
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            if os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) > 0:
+                pytest.skip("this filesystem keeps files in memory (tmpfs): nothing to read from disk")
+        except BlockingIOError:
+            pass  # not cached: as wanted
+        if cached == "first half":
+            os.pread(fd, 3 * MiB, 0)
+        dst = make_dst(data.nbytes)
+        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=WINDOW) as eng:
+            eng.copy([ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)],
+                     np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
+        assert np.array_equal(dst, data)
+    finally:
+        os.close(fd)
