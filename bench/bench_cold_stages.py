@@ -270,15 +270,10 @@ def main() -> None:
     if args.child_load:
         print("RESULT " + json.dumps(warmload.child(*args.child_load), default=str), flush=True)
         return
-    from llama_shapes import write_checkpoint
+    from llama_shapes import saved_checkpoint
 
     work = Path(args.workdir)
-    src, store = work / "src", work / "store"
-    if not (src / "model.safetensors").exists():
-        write_checkpoint(src, layers=args.layers)
-    if not list(store.glob("models/*/variants/hf/manifest.json")):
-        sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
-           "--storage-path", str(store), "--force")
+    src, store = saved_checkpoint(work, MODEL, args.layers)
     files = sorted(store.rglob("data_*.bin"))
     nbytes = sum(f.stat().st_size for f in files)
     r: dict[str, float] = {}

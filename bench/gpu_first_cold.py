@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from limits import drop_caches, measured, read_files, sh  # noqa: E402
+from limits import drop_caches, measured, read_files  # noqa: E402
 
 MODEL = "bench/gpu-first-cold"
 
@@ -45,17 +45,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from llama_shapes import write_checkpoint
+    from llama_shapes import saved_checkpoint
 
     from sllmfs.engine.copy_engine import CopyEngine, FileSegment
     from sllmfs.store.format import CHUNK_SIZE, load_manifest
 
-    src, store = args.workdir / "src", args.workdir / "store"
-    if not (src / "model.safetensors").exists():
-        write_checkpoint(src, layers=args.layers)
-    if not list(store.glob("models/*/variants/hf/manifest.json")):
-        sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
-           "--storage-path", str(store), "--force")
+    _, store = saved_checkpoint(args.workdir, MODEL, args.layers)
     vdir = next(store.glob("models/*/variants/hf"))
     manifest = load_manifest(vdir)
     files = [vdir / p.file for p in manifest.partitions]

@@ -108,3 +108,18 @@ def write_checkpoint(out: Path, scale: float = 1.0, layers: int | None = None, d
             {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config(**dims, arch=arch), indent=1))  # type: ignore[arg-type]
     return sum(sizes)
+
+
+def saved_checkpoint(work: Path, model: str, layers: int | None = None) -> tuple[Path, Path]:
+    """``work``/src holding a checkpoint of ``layers`` layers and ``work``/store holding it saved as
+    ``model`` (each made once, reused by later runs); returns (src, store)."""
+    import subprocess
+    import sys
+
+    src, store = work / "src", work / "store"
+    if not (src / "model.safetensors").exists():
+        write_checkpoint(src, layers=layers)
+    if not list(store.glob("models/*/variants/hf/manifest.json")):
+        subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", model, "--local-model-path", str(src),
+                        "--storage-path", str(store), "--force"], check=True)
+    return src, store
