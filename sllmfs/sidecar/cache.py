@@ -29,7 +29,7 @@ from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar import disktier, prefault
 from sllmfs.sidecar.fill import Fill, refusal
 from sllmfs.sidecar.gpucopy import GpuCopier
-from sllmfs.sidecar.gpufirst import CACHED_ENOUGH, HOLD_LIMIT_S, HeldFills
+from sllmfs.sidecar.gpufirst import HOLD_LIMIT_S, HeldFills
 from sllmfs.sidecar.memtier import MemoryTier, Resident
 from sllmfs.sidecar.pullfeed import PullFeed
 from sllmfs.sidecar.registry import Registry
@@ -211,13 +211,10 @@ class Cache:
                 raise
         finally:
             os.close(dir_fd)
-        # GPU first from the page cache only: from disk the fill's reads (its O_DIRECT option, its read
-        # sizes) are the measured path (NOTES-cold run 16: GPU first from disk is not measured yet)
-        cached = fill.cached_share() if gpu_first and self.gpu.active and not self.settings.fill_direct else 0.0
-        if gpu_first:
-            log.info("gpu first model=%s variant=%s page_cache_share=%.2f %s", model, variant, cached,
-                     "copy from the files, fill after" if cached >= CACHED_ENOUGH else "fill first")
-        if cached >= CACHED_ENOUGH:
+        # GPU first from the page cache and from disk alike (NOTES-cold runs 16-18); not past the page cache
+        if gpu_first and self.gpu.active and not self.settings.fill_direct:
+            log.info("gpu first model=%s variant=%s page_cache_share=%.2f: copy from the files, fill after",
+                     model, variant, fill.cached_share())
             self.held.hold(fill)
             self.start_soon(self._hold_limit, res)
         else:

@@ -5,10 +5,9 @@ Filling the tier on the load's path moves each byte through host memory three ti
 tier written, DMA read); the copy engine reading the files into its pinned ring moves it once, and
 checks each 4 MiB window against the manifest before its bytes go on (bench/NOTES-cold.md runs 13-15:
 0.27 s for 13.48 GB from the page cache on the H200, 1.3x InstantTensor, where the fill-then-copy path
-took 0.32-0.39 s). A client that will ask for a GPU copy says so at acquire (``gpu_first``); the
-sidecar reserves the tier as for any miss and, when the page cache holds the files (CACHED_ENOUGH of a
-sample; from disk the fill's own read path stays first until GPU first is measured there), holds its
-fill here until:
+took 0.32-0.39 s; from disk its reads ran at 1.12x the disk's O_DIRECT read, run 18). A client that
+will ask for a GPU copy says so at acquire (``gpu_first``); the sidecar reserves the tier as for any
+miss (unless its fills read past the page cache, --fill-direct) and holds its fill here until:
 
 - that GPU copy (and any other copy from the files that started meanwhile) ends: the usual case;
 - a client reads the segments itself (the ``fill`` op: it copies on its own after all, or wants CPU
@@ -29,7 +28,6 @@ from sllmfs.sidecar.memtier import Resident
 log = logging.getLogger("sllmfs.sidecar")
 
 HOLD_LIMIT_S = 2.0
-CACHED_ENOUGH = 0.9  # of the variant in the page cache (sampled): else the fill runs first, as before
 
 
 @dataclass
