@@ -6,9 +6,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
-#include <memory>
 #include <deque>
 #include <limits>
+#include <memory>
 #include <thread>
 
 #include "errors.h"
@@ -29,6 +29,10 @@ constexpr uintptr_t kHuge = 2u << 20;
 
 uintptr_t down(uintptr_t x, uintptr_t a) { return x / a * a; }
 uintptr_t up(uintptr_t x, uintptr_t a) { return (x + a - 1) / a * a; }
+
+std::string segment_name(const SegmentDesc& sd, uint32_t index) {
+  return sd.name.empty() ? "segment " + std::to_string(index) : sd.name;
+}
 
 std::string range_text(uint64_t off, uint64_t n) {
   return "bytes " + std::to_string(off) + "..+" + std::to_string(n);
@@ -343,12 +347,12 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       auto t = Clock::now();
       HashedRead r = read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
-      const std::string where = "segment " + std::to_string(b.seg) + " (" + range_text(at, k) + ")";
-      if (r.err != 0) throw EngineError(ErrorKind::Io, "reading " + where + ": " + std::strerror(r.err));
-      if (r.done != k) throw EngineError(ErrorKind::Io, "reading " + where + ": the file ends early");
+      if (r.err != 0 || r.done != k)
+        throw EngineError(ErrorKind::Io, "reading " + segment_name(sd, b.seg) + " (" + range_text(at, k) + "): " +
+                                             (r.err ? std::strerror(r.err) : "the file ends early"));
       if (at + k == whi && st.hash->digest() != sd.digests[w])
-        throw EngineError(ErrorKind::Corrupt, "segment " + std::to_string(b.seg) + ": checksum window " +
-                                                  std::to_string(w) + " (" + range_text(wlo, whi - wlo) +
+        throw EngineError(ErrorKind::Corrupt, segment_name(sd, b.seg) + ": checksum window " + std::to_string(w) +
+                                                  " (" + range_text(wlo, whi - wlo) +
                                                   ") differs from its manifest digest");
       for (size_t u = b.u0; u < b.u1; ++u) {  // the units' bytes in [at, at + k), in file order
         const Unit& unit = units[u];

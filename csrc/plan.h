@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace sllm {
@@ -23,6 +24,7 @@ struct SegmentDesc {
   int fd = -1;
   const uint64_t* digests = nullptr;
   uint64_t window = 0;
+  std::string name;  // what errors call it (the partition's file name); "" = "segment <index>"
 
   bool is_file() const { return fd >= 0; }
 };

@@ -150,7 +150,7 @@ bool need_engine(EngineObject* self) {
 }
 
 // Each segment: (base, length, ready, chunk_size) for a mapping, or
-// (0, length, 0, 0, fd, digests address, window) for a file source (csrc/plan.h).
+// (0, length, 0, 0, fd, digests address, window, name) for a file source (csrc/plan.h).
 bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
   PyObject* seq = PySequence_Fast(obj, "segments must be a sequence of (base, length, ready, chunk_size)");
   if (!seq) return false;
@@ -159,8 +159,9 @@ bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
     PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
     unsigned long long base, len, ready, chunk, digests = 0, window = 0;
     int fd = -1;
-    bool ok = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 7
-                  ? PyArg_ParseTuple(item, "KKKKiKK", &base, &len, &ready, &chunk, &fd, &digests, &window)
+    const char* name = "";
+    bool ok = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 8
+                  ? PyArg_ParseTuple(item, "KKKKiKKs", &base, &len, &ready, &chunk, &fd, &digests, &window, &name)
                   : PyArg_ParseTuple(item, "KKKK", &base, &len, &ready, &chunk);
     if (!ok) {
       Py_DECREF(seq);
@@ -170,6 +171,7 @@ bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
     d.fd = fd;
     d.digests = reinterpret_cast<const uint64_t*>(digests);
     d.window = window;
+    d.name = name;
     out->push_back(d);
   }
   Py_DECREF(seq);

@@ -196,7 +196,8 @@ class CopyEngine:
         if any(isinstance(s, FileSegment) for s in segments):
             return "stage"  # only the stagers read files
         # Segments pinned by register() copy at link speed whatever their page size.
-        live = [(int(t[0]), int(t[1])) for t in segment_tuples(segments) if t[1] > 0]
+        mapped = [s for s in segments if not isinstance(s, FileSegment)]
+        live = [(int(b), int(n)) for b, n, _, _ in segment_tuples(mapped) if int(n) > 0]
         if live and all(self._covered(b, b + n) for b, n in live):
             return "register"
         return choose_mode(segments)

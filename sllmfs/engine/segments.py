@@ -61,31 +61,33 @@ class FileSegment:
     """A stored partition file read by the copy itself instead of a mapping (stage mode only): the
     stagers read it through the page cache into their pinned ring, each ``window`` bytes checked against
     ``digests`` (the manifest's xxh3_64 per window, uint64) before they move on (csrc/plan.h).
-    ``fd`` stays open, and ``digests`` alive, until the copy returns."""
+    ``fd`` stays open, and ``digests`` alive, until the copy returns. ``name``: what its errors call it
+    (the file's name; "" = "segment <index>")."""
 
     fd: int
     length: int
     digests: np.ndarray
     window: int
+    name: str = ""
 
     @classmethod
-    def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int) -> FileSegment:
+    def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int, name: str = "") -> FileSegment:
         need = -(-length // window) if window > 0 else -1
         if need != len(hex_digests):
             raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, "
                             f"got {len(hex_digests)}")
-        return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window)
+        return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window, name)
 
-    def as_tuple(self) -> tuple[int, ...]:
-        return (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window)
+    def as_tuple(self) -> tuple[int | str, ...]:
+        return (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window, self.name)
 
 
 MappedSegment = Segment | tuple[int, int, int, int]  # (base, length, ready, chunk_size), as the native side takes
 SegmentLike = MappedSegment | FileSegment
 
 
-def segment_tuples(segments: Sequence[SegmentLike]) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = []
+def segment_tuples(segments: Sequence[SegmentLike]) -> list[tuple[int | str, ...]]:
+    out: list[tuple[int | str, ...]] = []
     for s in segments:
         if isinstance(s, FileSegment):
             out.append(s.as_tuple())

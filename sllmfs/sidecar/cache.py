@@ -211,8 +211,9 @@ class Cache:
                 raise
         finally:
             os.close(dir_fd)
-        # GPU first from the page cache and from disk alike (NOTES-cold runs 16-18); not past the page cache
-        if gpu_first and self.gpu.active and not self.settings.fill_direct:
+        # GPU first from the page cache and from disk alike (NOTES-cold runs 16-18); not past the page cache,
+        # and only where the native xxh3 is bound and agrees with python xxhash (the copy checks with it)
+        if gpu_first and self.gpu.active and not self.settings.fill_direct and fill.hashed is not None:
             log.info("gpu first model=%s variant=%s page_cache_share=%.2f: copy from the files, fill after",
                      model, variant, fill.cached_share())
             self.held.hold(fill)

@@ -166,7 +166,7 @@ class GpuCopier:
                     relay = Relay(peers=tuple(self._engines[p].device for p in peers)) if peers else None
                     stats: dict[str, Any] = engine.copy_ipc(segs, blocks, rows, timeout=timeout, keep_open=True,
                                                             relay=relay)
-                except SourceCorrupt as e:  # the stored files (segment i: partition i)
+                except SourceCorrupt as e:  # names the partition file and the window
                     raise Corrupt(refusal(res.model, res.variant, f"copying its stored files: {e}")) from None
                 except SourceReadFailed as e:  # the disk, not the bytes: the fill that follows says more
                     raise Corrupt(f"model {res.model!r} [{res.variant}]: reading its stored files failed ({e}); "
@@ -194,8 +194,8 @@ class GpuCopier:
     def _files(res: Resident, fds: list[int]) -> list[Any]:
         from sllmfs.engine.copy_engine import FileSegment
 
-        return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(fds, res.manifest.partitions,
-                                                                                   strict=True)]
+        return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE, p.file)
+                for fd, p in zip(fds, res.manifest.partitions, strict=True)]
 
     def busy(self) -> bool:
         """Whether a load is bound for any GPU now (copying or waiting to). Read without the lock (the

@@ -101,7 +101,7 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             f.write(bytes([b[0] ^ 0xFF]))
         with sd.connect() as c:
             with c.acquire("org/m", gpu_first=True) as lease:
-                why = r"org/m.* failed verification: copying its stored files: segment 0: checksum window 1 .* differs"
+                why = r"org/m.* failed verification: copying its stored files: data_0.bin: checksum window 1 .* differs"
                 with pytest.raises(Corrupt, match=why):
                     copy_all(lease)
             wait_log(sd, "fill failed model=org/m")
