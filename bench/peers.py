@@ -19,6 +19,7 @@ Parts (each fits one 10-minute device call; --budget skips what would not finish
            resident in the memory tier (hit) and cold, each beside the same reader from tmpfs in the same
            run (ratio "/tmpfs") and, cold, the disk's read ("/disk"); the goals are 0.8x and 0.9x.
   sglang   SGLang's default loader ("Load weight end") from the warm page cache, tmpfs and cold.
+  cold-pairs  sllmfs cold and fastsafetensors cold (the best peer from disk), alternated --reps times.
   all      main, mount, scaling and sglang in order (longer than one device call: give --budget 0).
 
 Reading through the mount: the rows are named after the reader with "@mount" (sllmfs-fuse is safetensors
@@ -44,6 +45,7 @@ import mmap
 import os
 import platform
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -1075,8 +1077,37 @@ def print_table(b: Bench) -> None:
     print(f"-> {b.dest}")
 
 
+COLD_PEER = "fastsafetensors"  # the best peer from disk in every main run so far (its parallel reads)
+
+
+def part_cold_pairs(b: Bench) -> None:
+    """sllmfs cold and the best cold peer, alternated --reps times in one run: the virtual disks here swing
+    1.0-2.6 GB/s from minute to minute, so one cold row of each (part main) cannot rank them."""
+    ck = b.llama(b.args.layers)
+    save_error = b.save_model(ck)
+    if save_error:
+        raise SystemExit(f"peers cold-pairs: sllmfs save failed: {save_error}")
+    b.limits(ck.file)
+    b.reference(ck)
+    handle = ("--socket", str(b.sock), "--model", ck.model)
+    with b.sidecar(fuse=False):
+        for _ in range(b.args.reps):
+            b.load("pairs", ck, "sllmfs", "cold", ck.file, extra=handle, before=partial(b.cold, ck))
+            b.load("pairs", ck, COLD_PEER, "cold", target(COLD_PEER, ck.dir), before=b.cold)
+    ours, peer = ([r["gbps"] for r in b.result["runs"] if r["loader"] == name and "gbps" in r and r.get("ok")]
+                  for name in ("sllmfs", COLD_PEER))
+    if not ours or len(ours) != len(peer):
+        raise SystemExit(f"peers cold-pairs: {len(ours)} sllmfs and {len(peer)} {COLD_PEER} loads measured "
+                         "correctly: no ratio (see the rows' errors)")
+    ratios = [o / p for o, p in zip(ours, peer)]
+    b.result["cold_pairs"] = {"peer": COLD_PEER, "ratios": ratios, "median": statistics.median(ratios)}
+    print(f"cold pairs: sllmfs / {COLD_PEER} " + " ".join(f"{r:.2f}" for r in ratios)
+          + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0)", flush=True)
+
+
 PARTS: dict[str, tuple[Callable[[Bench], None], ...]] = {
     "main": (part_main,), "mount": (part_mount,), "scaling": (part_scaling,), "sglang": (part_sglang,),
+    "cold-pairs": (part_cold_pairs,),
     "all": (part_main, part_mount, part_scaling, part_sglang)}
 
 
@@ -1091,6 +1122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds this invocation may take; loads that would not fit are skipped "
                          "(default 480 for one part, none for --part all; 0: none)")
+    ap.add_argument("--reps", type=int, default=3, help="--part cold-pairs: alternated pairs")
     ap.add_argument("--flat-mb", type=float, default=1000, help="size of the tensor-count checkpoints in MB")
     ap.add_argument("--device", default="cuda:0", help="where loads go; 'cpu' is a debug mode for machines "
                                                         "without a GPU (no pinned peak, no InstantTensor; "
