@@ -365,12 +365,14 @@ class Lease:
 
     def buffers(self) -> list[memoryview]:
         """One read-only memoryview per partition (the stored file's exact bytes)."""
+        self._want_fill()  # a caller polling readiness on its own must not wait out a held fill
         return [memoryview(m)[:size] for m, size in zip(self.maps, self.sizes, strict=True)]
 
     def tensors(self, *, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
         """name -> CPU torch.Tensor viewing the shared segment (read-only, zero-copy)."""
         import torch
 
+        self._want_fill()
         if wait:
             self.wait(timeout=timeout)
         with warnings.catch_warnings():  # torch warns on read-only buffers; the views are read-only by design
@@ -394,6 +396,7 @@ class Lease:
         """name -> read-only numpy array viewing the shared segment (bf16/fp8 as raw unsigned ints)."""
         import numpy as np
 
+        self._want_fill()
         if wait:
             self.wait(timeout=timeout)
         out = {}

@@ -89,6 +89,27 @@ def test_a_held_fill_starts_for_a_reader_or_after_the_limit(tmp_path: Path, fake
                 assert "fill released model=org/b variant=hf (no GPU copy asked within 2 s)" in log
 
 
+@pytest.mark.parametrize("view", ["buffers", "tensors", "numpy"])
+def test_views_taken_without_waiting_ask_for_the_held_fill(tmp_path: Path, fake_env: dict[str, str],
+                                                          view: str) -> None:
+    """A caller that takes the views first and polls readiness itself (wait=False) gets its fill at once,
+    not after the 2 s a lease with no copy is held for."""
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        expected = make_model(sd.store, "org/v", tensors=3)
+        with sd.connect() as c, c.acquire("org/v", gpu_first=True) as lease:
+            assert lease._fill_held
+            views = lease.buffers() if view == "buffers" else getattr(lease, view)(wait=False)
+            log = wait_log(sd, "fill released model=org/v", timeout=10)
+            assert "fill released model=org/v variant=hf (pid" in log  # asked by this reader, not the limit
+            lease.wait(timeout=30)
+            if view == "buffers":
+                assert sum(len(b) for b in views) == sum(lease.sizes)
+            else:
+                got = {n: (t.numpy() if view == "tensors" else t).tobytes() for n, t in views.items()}
+                assert got == expected
+
+
 def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: dict[str, str]) -> None:
     with sidecar(tmp_path, env=fake_env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
