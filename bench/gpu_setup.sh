@@ -15,3 +15,7 @@ python3 -c "import sllmfs._native, trio, pyfuse3; print('sllmfs ready')"
 # The memory tier uses hugetlb memfds when pages are reserved: GPU registration is ~2x cheaper.
 echo "${1:-8192}" > /proc/sys/vm/nr_hugepages || true
 grep -E "HugePages_(Total|Free)" /proc/meminfo
+# As systemd/sllmfs.service does: shmem that asks for 2 MiB pages gets them (the mount's passthrough
+# copies; some GPU images ship "never", e.g. peers-main-20261202-1839: 2.3-2.6 GB/s copies in 4 KiB pages).
+grep -q "\[never\]" /sys/kernel/mm/transparent_hugepage/shmem_enabled && echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
+cat /sys/kernel/mm/transparent_hugepage/shmem_enabled
