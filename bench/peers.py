@@ -808,6 +808,7 @@ def part_main(b: Bench) -> None:
         b.load("main", ck, loader, "cold", target(loader, ck.dir), before=b.cold)
 
 
+COPY_WORDS = ("gpu copy", "fill started", "filled", "faulted in", "pinned model")  # a handle load's own lines
 SLLMFS_ROWS = (("sllmfs", "cold"), ("sllmfs", "hit"), ("sllmfs", "warm"), ("sllmfs-fuse", "hit"),
                ("sllmfs-fuse", "cold"))
 
@@ -835,9 +836,10 @@ def sllmfs_rows(b: Bench, ck: Ckpt, save_error: str | None) -> None:
     handle = ("--socket", str(b.sock), "--model", ck.model)
     try:
         with b.sidecar(fuse=b.wants("sllmfs-fuse")) as fuse_why:
-            b.load("main", ck, "sllmfs", "cold", ck.file, extra=handle, before=partial(b.cold, ck))
-            b.load("main", ck, "sllmfs", "hit", ck.file, extra=handle, before=partial(warm_model, b, ck))
-            b.load("main", ck, "sllmfs", "warm", ck.file, extra=handle, before=partial(tier_empty, b, ck))
+            for placement, prepare in (("cold", partial(b.cold, ck)), ("hit", partial(warm_model, b, ck)),
+                                       ("warm", partial(tier_empty, b, ck))):
+                before, after = logged(b, prepare, COPY_WORDS)
+                b.load("main", ck, "sllmfs", placement, ck.file, extra=handle, before=before, after=after)
             for placement in ("hit", "cold"):
                 mount_load(b, ck, "sllmfs-fuse", placement, fuse_why)
     except SystemExit as e:  # the sidecar or one of its commands failed: say so in the rows not run
@@ -878,22 +880,35 @@ def mount_load(b: Bench, ck: Ckpt, reader: str, placement: str, fuse_why: str | 
     if fuse_why:
         b.skip("main", ck, reader, placement, fuse_why)
         return
+    before, lines = logged(b, partial(view_fresh if placement == "hit" else view_cold, b, ck),
+                           ("passthrough", "through the daemon"))
+
+    def after(run: dict[str, Any]) -> None:
+        run["mount_copies_after"] = b.mount_copies()  # > 0: passthrough copies served the reads
+        lines(run)
+
+    b.load("main", ck, reader, placement, b.mount / ck.model, before=before, after=after)
+
+
+def logged(b: Bench, prepare: Callable[[], dict[str, Any]], words: tuple[str, ...]) -> tuple[
+        Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
+    """(before, after) for Bench.load: ``prepare`` the placement, then record in the run the sidecar's log
+    lines of the load itself that hold one of ``words`` (its copy's figures: why one load is slower)."""
     log = b.logs / "sidecar.log"
     mark = {"at": 0}
 
     def before() -> dict[str, Any]:
-        state = view_fresh(b, ck) if placement == "hit" else view_cold(b, ck)
+        state = prepare()
         mark["at"] = log.stat().st_size
         return state
 
     def after(run: dict[str, Any]) -> None:
-        run["mount_copies_after"] = b.mount_copies()  # > 0: passthrough copies served the reads
         with open(log, "rb") as f:
             f.seek(mark["at"])
             new = f.read().decode(errors="replace").splitlines()
-        run["sidecar_lines"] = [line for line in new if "passthrough" in line or "through the daemon" in line][-8:]
+        run["sidecar_lines"] = [line for line in new if any(w in line for w in words)][-8:]
 
-    b.load("main", ck, reader, placement, b.mount / ck.model, before=before, after=after)
+    return before, after
 
 
 def view_fresh(b: Bench, ck: Ckpt) -> dict[str, Any]:
@@ -1092,7 +1107,8 @@ def part_cold_pairs(b: Bench) -> None:
     handle = ("--socket", str(b.sock), "--model", ck.model)
     with b.sidecar(fuse=False):
         for _ in range(b.args.reps):
-            b.load("pairs", ck, "sllmfs", "cold", ck.file, extra=handle, before=partial(b.cold, ck))
+            before, after = logged(b, partial(b.cold, ck), COPY_WORDS)
+            b.load("pairs", ck, "sllmfs", "cold", ck.file, extra=handle, before=before, after=after)
             b.load("pairs", ck, COLD_PEER, "cold", target(COLD_PEER, ck.dir), before=b.cold)
     ours, peer = ([r["gbps"] for r in b.result["runs"] if r["loader"] == name and "gbps" in r and r.get("ok")]
                   for name in ("sllmfs", COLD_PEER))
