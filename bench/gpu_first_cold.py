@@ -4,11 +4,13 @@ until this says yes on the GPU machine (sllmfs/sidecar/gpufirst.py, CACHED_ENOUG
 
 Each load in turn, the page cache dropped before each, every stored partition of the model:
 
-- ring: the copy engine with the files as sources (``FileSegment``: the page cache's share in 256 KiB
-  reads, the rest in one read per 4 MiB window, each window checked), into a buffer on ``--device``
-  (``cpu``: the host target on a machine without a GPU);
-- the disk's sequential read, O_DIRECT, 64 MiB blocks, the same threads (the goal's limit: >= 0.9x);
-- the same buffered (what the fill's reads from disk do, without their checksum).
+- ring O_DIRECT: the copy engine with the files opened O_DIRECT as sources (``FileSegment``: one aligned
+  read per 4 MiB window straight into the pinned slot, each window checked), into a buffer on ``--device``
+  (``cpu``: the host target on a machine without a GPU): what the sidecar does for a cold model (run 20);
+- ring buffered: the same files opened plainly (the page cache's share in 256 KiB reads, the rest in one
+  read per window), as before run 20;
+- the disk's read, O_DIRECT in 16 MiB (fastsafetensors' shape) and 64 MiB blocks, and buffered 64 MiB, the
+  same threads; the best of them is the goal's limit (>= 0.9x).
 
     python bench/gpu_first_cold.py [--layers 8] [--threads 16] [--reps 2] [--device cuda:0] [--out DIR]
 """
@@ -73,37 +75,46 @@ def main() -> int:
                         mode="stage", threads=args.threads, slot_bytes=CHUNK_SIZE)
     engine.prepare_ring()
     fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
-    sources = [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(fds, manifest.partitions, strict=True)]
+    dfds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT) for f in files]  # as the sidecar opens cold files
+    sources, direct = ([FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(opened, manifest.partitions,
+                                                                                          strict=True)]
+                       for opened in (fds, dfds))
 
-    def ring() -> float:
+    def ring(segs: list[FileSegment]) -> float:
         t0 = time.perf_counter()
-        stats = engine.copy(sources, pieces, timeout=600)
+        stats = engine.copy(segs, pieces, timeout=600)
         seconds = time.perf_counter() - t0
         print(f"  ring: stage fill {stats.get('stage_fill_seconds', 0):.2f} s, waits "
               f"{stats.get('stage_wait_seconds', 0):.2f} s (summed over {args.threads} stagers)", flush=True)
         return total / seconds / 1e9
 
-    runs: dict[str, list[float]] = {"ring (GPU first)": [], "disk O_DIRECT 64 MiB": [], "buffered 64 MiB": []}
+    readers = (("ring O_DIRECT (GPU first, cold)", lambda: ring(direct)),
+               ("ring buffered (before run 20)", lambda: ring(sources)),
+               ("disk O_DIRECT 4 MiB", lambda: read_files(files, args.threads, 4 << 20, direct=True)),  # the ring's
+               ("disk O_DIRECT 16 MiB", lambda: read_files(files, args.threads, 16 << 20, direct=True)),
+               ("disk O_DIRECT 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=True)),
+               ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False)))
+    runs: dict[str, list[float]] = {name: [] for name, _ in readers}
     try:
         for rep in range(1, args.reps + 1):
-            for name, fn in (("ring (GPU first)", ring),
-                             ("disk O_DIRECT 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=True)),
-                             ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False))):
+            for name, fn in readers:
                 if not drop_caches():
                     raise SystemExit("bench: cannot drop the page cache")
                 runs[name].append(measured(name, fn()))
                 print(f"#{rep} {name:<24}{runs[name][-1]:>8.2f} GB/s", flush=True)
     finally:
         engine.close()
-        for fd in fds:
+        for fd in (*fds, *dfds):
             os.close(fd)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    ratio = med["ring (GPU first)"] / med["disk O_DIRECT 64 MiB"]
-    buffered = med["ring (GPU first)"] / med["buffered 64 MiB"]
-    print(f"ring / disk O_DIRECT: {ratio:.2f}x (goal >= 0.9), ring / buffered reads: {buffered:.2f}x", flush=True)
+    disk = max(v for k, v in med.items() if k.startswith(("disk", "buffered")))  # the best any plain read got
+    ratio = med["ring O_DIRECT (GPU first, cold)"] / disk
+    before = med["ring O_DIRECT (GPU first, cold)"] / med["ring buffered (before run 20)"]
+    print(f"ring O_DIRECT / the disk's best read: {ratio:.2f}x (goal >= 0.9); / the buffered ring: {before:.2f}x",
+          flush=True)
     out: dict[str, Any] = {"bench": "gpu-first-cold", "host": platform.node(), "device": args.device,
                            "threads": args.threads, "bytes": total, "gbps": runs, "median_gbps": med,
-                           "ring_vs_disk": ratio, "ring_vs_buffered": buffered,
+                           "disk_best_gbps": disk, "ring_vs_disk": ratio, "direct_vs_buffered_ring": before,
                            "command": "python bench/gpu_first_cold.py " + " ".join(sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"gpu-first-cold-{time.strftime('%Y%m%d-%H%M')}.json"

@@ -624,11 +624,13 @@ class Bench:
             except SystemExit as e:  # the loads are still worth measuring
                 lim["pinned_h2d_peak_gbps"], lim["pinned_error"] = None, str(e).splitlines()[-12:]
         lim["caches_dropped"] = drop_caches()
-        lim["disk_read_gbps"] = disk_read_bw([file])
+        lim["disk_reads_gbps"] = {}
+        lim["disk_read_gbps"] = disk_read_bw([file], shapes=lim["disk_reads_gbps"])
         lim["disk_file"] = str(file)
         self.save()
+        shapes = ", ".join(f"{k} {v:.2f}" for k, v in lim["disk_reads_gbps"].items())
         print(f"limits: pinned H2D peak {lim['pinned_h2d_peak_gbps']} GB/s, disk read {lim['disk_read_gbps']:.2f} "
-              f"GB/s (page cache dropped: {lim['caches_dropped']})", flush=True)
+              f"GB/s, the best of {shapes} (page cache dropped: {lim['caches_dropped']})", flush=True)
 
     # -- the sidecar ----------------------------------------------------------------------------
 

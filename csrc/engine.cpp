@@ -95,7 +95,7 @@ void Engine::close() {
   }
   for (Lane& l : lanes_) {
     for (void* e : l.events) target_->destroy_event(e);
-    for (uint8_t* s : l.slots) target_->free_pinned(s);
+    for (uint8_t* a : l.allocs) target_->free_pinned(a);
   }
   lanes_.clear();
   for (void* s : streams_) target_->destroy_stream(s);
@@ -250,7 +250,11 @@ std::pair<uintptr_t, uintptr_t> Engine::reg_range(const Job& job, const Block& b
 // so a fresh engine starts copying after one small cudaHostAlloc, not all of them.
 void Engine::grow_lane(Lane& lane, double* seconds) {
   auto t = Clock::now();
-  lane.slots.push_back(static_cast<uint8_t*>(target_->alloc_pinned(cfg_.slot_bytes)));
+  // one page more than a slot: whatever alignment the runtime gives, the slot starts on a page
+  auto* a = static_cast<uint8_t*>(target_->alloc_pinned(cfg_.slot_bytes + kDirectAlign));
+  lane.allocs.push_back(a);
+  const auto at = reinterpret_cast<uintptr_t>(a);
+  lane.slots.push_back(a + ((kDirectAlign - at % kDirectAlign) % kDirectAlign));
   lane.events.push_back(target_->create_event());
   *seconds += since(t);
 }
@@ -338,6 +342,9 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
     bool used = false;
     for (size_t u = b.u0; u < b.u1 && !used; ++u) used = units[u].off < whi && units[u].off + units[u].n > wlo;
     if (!used) continue;
+    if (sd.direct) {  // an O_DIRECT read lands at an aligned place in the slot (the window's start is aligned)
+      st.fill = std::min(cfg_.slot_bytes, (st.fill + kDirectAlign - 1) / kDirectAlign * kDirectAlign);
+    }
     if (st.fill + (whi - wlo) > cfg_.slot_bytes && whi - wlo <= cfg_.slot_bytes) next_slot(st);
     st.hash->reset();
     for (uint64_t at = wlo; at < whi;) {
@@ -345,7 +352,8 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       const uint64_t k = std::min(whi - at, cfg_.slot_bytes - st.fill);
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
       auto t = Clock::now();
-      HashedRead r = read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash);
+      HashedRead r = sd.direct ? read_direct(sd.fd, slot, k, at, *st.hash)
+                               : read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       if (r.err != 0 || r.done != k)
         throw EngineError(ErrorKind::Io, "reading " + segment_name(sd, b.seg) + " (" + range_text(at, k) + "): " +
@@ -474,6 +482,9 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
     if (!xxh3_bound()) throw EngineError(ErrorKind::BadPlan, "file sources are checksummed: bind_xxh3() first");
     if (relay && !relay->peers.empty())  // relays read pinned memory; a file has none
       throw EngineError(ErrorKind::BadPlan, "file sources cannot be relayed: copy them without relay peers");
+    if (sd.direct && (cfg_.slot_bytes % kDirectAlign != 0 || sd.window % kDirectAlign != 0))
+      throw EngineError(ErrorKind::BadPlan, "an O_DIRECT file source needs slots and checksum windows in multiples of " +
+                                                std::to_string(kDirectAlign) + " bytes");
   }
   auto t0 = Clock::now();
   Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, ipc ? dest_blocks : nullptr);

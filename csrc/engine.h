@@ -140,7 +140,8 @@ class Engine {
 
  private:
   struct Lane {
-    std::vector<uint8_t*> slots;
+    std::vector<uint8_t*> slots;  // each kDirectAlign-aligned (O_DIRECT reads land in them), inside...
+    std::vector<uint8_t*> allocs;  // ...what the target allocated, freed as such
     std::vector<void*> events;
     size_t cur = 0;
   };

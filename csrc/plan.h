@@ -25,6 +25,7 @@ struct SegmentDesc {
   const uint64_t* digests = nullptr;
   uint64_t window = 0;
   std::string name;  // what errors call it (the partition's file name); "" = "segment <index>"
+  bool direct = false;  // fd was opened O_DIRECT: aligned reads straight into the slot (set from its flags)
 
   bool is_file() const { return fd >= 0; }
 };

@@ -15,6 +15,7 @@
 // Errors raise _native.EngineError(kind, message); sllmfs.engine.native maps kinds to classes.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <fcntl.h>
 
 #include <cstring>
 #include <string>
@@ -172,6 +173,10 @@ bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
     d.digests = reinterpret_cast<const uint64_t*>(digests);
     d.window = window;
     d.name = name;
+    if (fd >= 0) {
+      const int flags = fcntl(fd, F_GETFL);
+      d.direct = flags >= 0 && (flags & O_DIRECT) != 0;
+    }
     out->push_back(d);
   }
   Py_DECREF(seq);

@@ -106,4 +106,23 @@ HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t of
   return r;
 }
 
+HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3& hash) {
+  HashedRead r;
+  const uint64_t want = (len + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  uint64_t got_all = 0;
+  while (got_all < len) {
+    const ssize_t got = pread(fd, dst + got_all, static_cast<size_t>(want - got_all), static_cast<off_t>(offset + got_all));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      r.err = errno;
+      break;
+    }
+    if (got == 0) break;  // the file's end
+    got_all += static_cast<uint64_t>(got);
+  }
+  r.done = got_all < len ? got_all : len;
+  hash.update(dst, r.done);
+  return r;
+}
+
 }  // namespace sllm

@@ -43,4 +43,12 @@ HashedRead read_hashed(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint
 // part), as the fill reads a piece. Stops at an error or the file's end.
 HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t offset, uint64_t step, Xxh3& hash);
 
+// O_DIRECT reads need their buffer, file offset and length aligned to the device's logical block.
+constexpr uint64_t kDirectAlign = 4096;
+
+// [offset, offset + len) of `fd`, opened O_DIRECT, in one read past the page cache straight into dst,
+// then hashed. dst and offset must be kDirectAlign-aligned; the read asks for len rounded up to it (the
+// file's end stops it), so dst must have room for that. Stops at an error or the file's end.
+HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3& hash);
+
 }  // namespace sllm

@@ -15,19 +15,26 @@ MiB = 1 << 20
 WINDOW = MiB  # small windows: a test file spans many, and a block several
 
 
-def stored(tmp_path, data: np.ndarray, name: str) -> tuple[int, list[str]]:
-    """A file holding ``data`` and its per-window digests, as the manifest records them."""
+def stored(tmp_path, data: np.ndarray, name: str, *, direct: bool = False) -> tuple[int, list[str]]:
+    """A file holding ``data`` and its per-window digests, as the manifest records them (``direct``: the
+    fd opened O_DIRECT, as the sidecar opens a cold model's files for the copy)."""
     path = tmp_path / name
     path.write_bytes(data.tobytes())
     raw = data.tobytes()
-    return os.open(path, os.O_RDONLY), [digest(raw[o:o + WINDOW]) for o in range(0, len(raw), WINDOW)]
+    digests = [digest(raw[o:o + WINDOW]) for o in range(0, len(raw), WINDOW)]
+    if not direct:
+        return os.open(path, os.O_RDONLY), digests
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT), digests
+    except OSError as e:
+        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
 
 
-@pytest.fixture
-def files(tmp_path):
+@pytest.fixture(params=[False, True], ids=["buffered", "O_DIRECT"])
+def files(tmp_path, request):
     rng = np.random.default_rng(11)
     datas = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 * MiB + 123, 3 * MiB, 4096)]
-    opened = [stored(tmp_path, d, f"p{i}") for i, d in enumerate(datas)]
+    opened = [stored(tmp_path, d, f"p{i}", direct=request.param) for i, d in enumerate(datas)]
     yield datas, [ce.FileSegment.of(fd, d.nbytes, ds, WINDOW) for (fd, ds), d in zip(opened, datas, strict=True)]
     for fd, _ in opened:
         os.close(fd)
@@ -51,7 +58,7 @@ def test_file_copy_matches_source(files, slot_bytes):
 
 def test_file_and_mapped_segments_in_one_copy(files):
     datas, segs = files
-    mem = np.arange(3 * MiB, dtype=np.uint32).view(np.uint8)[: 3 * MiB]
+    mem = np.arange(3 * MiB, dtype=np.uint32).view(np.uint8)[: 3 * MiB - 5]  # leaves a stager's slot unaligned
     dst = make_dst(datas[0].nbytes + mem.nbytes)
     pieces = np.array([[0, 0, dst.ctypes.data, datas[0].nbytes],
                        [1, 0, dst.ctypes.data + datas[0].nbytes, mem.nbytes]], np.uint64)
@@ -60,10 +67,11 @@ def test_file_and_mapped_segments_in_one_copy(files):
     assert np.array_equal(dst[: datas[0].nbytes], datas[0]) and np.array_equal(dst[datas[0].nbytes:], mem)
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "O_DIRECT"])
 @pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW])
-def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes):
+def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes, direct):
     data = np.random.default_rng(3).integers(0, 256, 4 * MiB, dtype=np.uint8)
-    fd, digests = stored(tmp_path, data, "damaged")
+    fd, digests = stored(tmp_path, data, "damaged", direct=direct)
     try:
         with open(tmp_path / "damaged", "r+b") as f:  # one byte of window 2 changes after the digests
             f.seek(2 * MiB + 77)
@@ -82,9 +90,10 @@ def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes):
         os.close(fd)
 
 
-def test_short_file_is_a_read_failure(tmp_path):
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "O_DIRECT"])
+def test_short_file_is_a_read_failure(tmp_path, direct):
     data = np.random.default_rng(4).integers(0, 256, 3 * MiB, dtype=np.uint8)
-    fd, digests = stored(tmp_path, data, "short")
+    fd, digests = stored(tmp_path, data, "short", direct=direct)
     try:
         os.truncate(tmp_path / "short", 2 * MiB + 5)
         dst = make_dst(data.nbytes)
@@ -140,5 +149,20 @@ def test_files_the_page_cache_lacks_are_read_from_disk(tmp_path, cached):
             eng.copy([ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)],
                      np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
         assert np.array_equal(dst, data)
+    finally:
+        os.close(fd)
+
+
+def test_an_o_direct_source_needs_aligned_slots(tmp_path):
+    """O_DIRECT reads land at aligned places of the slot: a ring whose slots are not whole 4 KiB pages is
+    refused for such a source, not read wrong."""
+    data = np.random.default_rng(6).integers(0, 256, 2 * MiB, dtype=np.uint8)
+    fd, digests = stored(tmp_path, data, "direct", direct=True)
+    try:
+        dst = make_dst(data.nbytes)
+        with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB, slot_bytes=WINDOW + 512) as eng:
+            with pytest.raises(ce.BadPieces, match="O_DIRECT file source needs slots"):
+                eng.copy([ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)],
+                         np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
     finally:
         os.close(fd)

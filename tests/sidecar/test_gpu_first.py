@@ -66,6 +66,7 @@ def test_a_tier_empty_load_copies_from_the_files_then_fills(tmp_path: Path, fake
                 stats, got = copy_all(lease)
                 assert got == expected and stats["source"] == "files" and stats["mode"] == "stage"
                 lease.wait(timeout=30)  # the fill ran after the copy
+            assert "copy from the files (through the page cache)" in sd.log()  # just written: cached
             log = wait_log(sd, "filled model=org/m")
             assert "fill released model=org/m variant=hf (after the GPU copy)" in log
             assert log.index("gpu copy model=org/m") < log.index("fill started model=org/m")
@@ -156,4 +157,5 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
             assert got == expected and stats["source"] == "files"
             lease.wait(timeout=30)
         # the sample finds (almost) nothing cached: its one-page probes of the skip check above may be
-        assert re.search(r"page_cache_share=0\.[01]\d: copy from the files", sd.log())
+        # and so the copy read them past the page cache, aligned windows straight into its ring
+        assert re.search(r"page_cache_share=0\.[01]\d: copy from the files \(O_DIRECT\)", sd.log())
