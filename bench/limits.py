@@ -62,23 +62,22 @@ def pinned_peak(gib: int = 4, reps: int = 5) -> float:
     return measured("the pinned H2D peak", n / sorted(times)[len(times) // 2] / 1e9)
 
 
-# (name, block, O_DIRECT, spread); the buffered one last: callers expect the file in the page cache afterwards
-DISK_READS = (("O_DIRECT 16 MiB", 16 << 20, True, False), ("O_DIRECT 16 MiB spread", 16 << 20, True, True),
-              ("buffered 64 MiB", 64 << 20, False, False))
+# the buffered one last: callers expect the file in the page cache afterwards
+DISK_READS = (("O_DIRECT 16 MiB", 16 << 20, True), ("buffered 64 MiB", 64 << 20, False))
 
 
 def disk_read_bw(files: list[Path], threads: int = 16, shapes: dict[str, float] | None = None) -> float:
-    """The disk's read bandwidth: the best of parallel O_DIRECT reads (fastsafetensors' shape, in file
-    order and spread over far-apart runs: NOTES-cold runs 19-20) and a parallel buffered read of
+    """The disk's read bandwidth: the best of a parallel O_DIRECT read (fastsafetensors' shape: on the
+    H200s' disks it reads ~1.4x the buffered one, NOTES-cold run 19) and a parallel buffered read of
     ``files``, the page cache dropped before each. ``shapes`` gets each one's GB/s."""
     if not files:
         raise SystemExit("bench: no stored partition files to measure the disk with")
     got = {}
-    for name, block, direct, spread_out in DISK_READS:
+    for name, block, direct in DISK_READS:
         if not drop_caches():
             raise SystemExit("bench: cannot drop the page cache (need root): the disk limit cannot be measured")
         try:
-            got[name] = read_files(files, threads, block, direct=direct, spread_out=spread_out)
+            got[name] = read_files(files, threads, block, direct=direct)
         except OSError as e:  # a filesystem without O_DIRECT (tmpfs before 6.6): the buffered read stands
             print(f"bench: disk read {name} failed ({e}); not part of the limit", file=sys.stderr)
     if shapes is not None:
@@ -86,21 +85,12 @@ def disk_read_bw(files: list[Path], threads: int = 16, shapes: dict[str, float] 
     return measured("the disk's read bandwidth", max(got.values(), default=0.0))
 
 
-def spread(items: list, ways: int) -> list:
-    """``items`` cut into ``ways`` contiguous runs, then dealt one from each run in turn: workers taking
-    the next item walk ``ways`` far-apart places in order, not one narrow front (NOTES-cold run 20)."""
-    per = -(-len(items) // max(1, ways))
-    return [items[r * per + j] for j in range(per) for r in range(ways) if r * per + j < len(items)]
-
-
-def read_files(files: list[Path], threads: int, block: int, *, direct: bool, spread_out: bool = False) -> float:
+def read_files(files: list[Path], threads: int, block: int, *, direct: bool) -> float:
     """GB/s reading every byte of ``files`` with ``threads`` workers of ``block`` bytes each
-    (``direct``: O_DIRECT, past the page cache; ``spread_out``: the blocks in spread() order)."""
+    (``direct``: O_DIRECT, past the page cache)."""
     import mmap
 
     jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
-    if spread_out:
-        jobs = spread(jobs, threads)
     lock = threading.Lock()
     total = [0]
 

@@ -308,25 +308,6 @@ void Engine::next_slot(Stager& st) {
   st.fill = 0;
 }
 
-// A copy whose blocks all come from files (a GPU-first miss): the stagers take them dealt from as many
-// far-apart runs as there are stagers, each run in file order, so the disk sees that many sequential
-// streams instead of one narrow front (NOTES-cold run 20: fastsafetensors' per-thread ranges read ~1.4x
-// more from the H200s' virtual disks). Mapped segments keep file order: their readiness streams in it.
-static void spread_file_blocks(const Plan& plan, const std::vector<SegmentDesc>& segs, int nstage,
-                               std::vector<uint32_t>* order) {
-  const size_t n = order->size(), ways = static_cast<size_t>(std::max(1, nstage));
-  if (ways < 2 || n <= ways) return;
-  for (uint32_t id : *order)
-    if (!segs[plan.blocks[id].seg].is_file()) return;
-  const size_t per = (n + ways - 1) / ways;
-  std::vector<uint32_t> dealt;
-  dealt.reserve(n);
-  for (size_t j = 0; j < per; ++j)
-    for (size_t r = 0; r < ways; ++r)
-      if (r * per + j < n) dealt.push_back((*order)[r * per + j]);
-  order->swap(dealt);
-}
-
 void Engine::stage_block(Job& job, const Block& b, Stager& st) {
   const uint8_t* base = job.segs[b.seg].base;
   for (size_t u = b.u0; u < b.u1 && !job.abort; ++u) {
