@@ -62,14 +62,16 @@ def pinned_peak(gib: int = 4, reps: int = 5) -> float:
     return measured("the pinned H2D peak", n / sorted(times)[len(times) // 2] / 1e9)
 
 
-# the buffered one last: callers expect the file in the page cache afterwards
-DISK_READS = (("O_DIRECT 16 MiB", 16 << 20, True), ("buffered 64 MiB", 64 << 20, False))
+# the buffered one last: callers expect the file in the page cache afterwards. 512 KiB is fastsafetensors'
+# no-GDS block (16 MiB of bounce buffers over 16 threads x 2); 16 MiB the large-request shape
+DISK_READS = (("O_DIRECT 512 KiB", 512 << 10, True), ("O_DIRECT 16 MiB", 16 << 20, True),
+              ("buffered 64 MiB", 64 << 20, False))
 
 
 def disk_read_bw(files: list[Path], threads: int = 16, shapes: dict[str, float] | None = None) -> float:
-    """The disk's read bandwidth: the best of a parallel O_DIRECT read (fastsafetensors' shape: on the
-    H200s' disks it reads ~1.4x the buffered one, NOTES-cold run 19) and a parallel buffered read of
-    ``files``, the page cache dropped before each. ``shapes`` gets each one's GB/s."""
+    """The disk's read bandwidth: the best of parallel O_DIRECT reads (512 KiB, fastsafetensors' block, and
+    16 MiB) and a parallel buffered read of ``files``, the page cache dropped before each (NOTES-cold runs
+    19-22: which one is best differs by disk). ``shapes`` gets each one's GB/s."""
     if not files:
         raise SystemExit("bench: no stored partition files to measure the disk with")
     got = {}

@@ -108,20 +108,21 @@ HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t of
 
 HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3& hash) {
   HashedRead r;
-  const uint64_t want = (len + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-  uint64_t got_all = 0;
-  while (got_all < len) {
-    const ssize_t got = pread(fd, dst + got_all, static_cast<size_t>(want - got_all), static_cast<off_t>(offset + got_all));
+  while (r.done < len) {
+    const uint64_t left = len - r.done;
+    const uint64_t want = left < kDirectStep ? (left + kDirectAlign - 1) / kDirectAlign * kDirectAlign : kDirectStep;
+    const ssize_t got = pread(fd, dst + r.done, static_cast<size_t>(want), static_cast<off_t>(offset + r.done));
     if (got < 0) {
       if (errno == EINTR) continue;
       r.err = errno;
       break;
     }
     if (got == 0) break;  // the file's end
-    got_all += static_cast<uint64_t>(got);
+    const uint64_t kept = static_cast<uint64_t>(got) < left ? static_cast<uint64_t>(got) : left;
+    hash.update(dst + r.done, kept);
+    r.done += kept;
+    if (static_cast<uint64_t>(got) % kDirectAlign != 0) break;  // an unaligned short read: the file's end
   }
-  r.done = got_all < len ? got_all : len;
-  hash.update(dst, r.done);
   return r;
 }
 
