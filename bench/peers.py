@@ -638,14 +638,15 @@ class Bench:
     def sidecar(self, fuse: bool) -> Iterator[str | None]:
         """A running sidecar; yields None when its FUSE view is mounted, else why not."""
         why = fuse_missing() if fuse else "not asked for"
-        extra = [*SIDECAR_ARGS, *(["--mount", str(self.mount)] if why is None else [])]
+        args = [*SIDECAR_ARGS, *(["--copy-direct"] if self.args.copy_direct else [])]
+        extra = [*args, *(["--mount", str(self.mount)] if why is None else [])]
         try:
             proc = start_sidecar(self.store, self.sock, self.logs / "sidecar.log", extra)
         except SystemExit as e:
             if why is not None:
                 raise
             why = f"the sidecar could not mount: {str(e)[-400:]}"
-            proc = start_sidecar(self.store, self.sock, self.logs / "sidecar.log", SIDECAR_ARGS)
+            proc = start_sidecar(self.store, self.sock, self.logs / "sidecar.log", args)
         try:
             yield why
         finally:
@@ -1141,6 +1142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds this invocation may take; loads that would not fit are skipped "
                          "(default 480 for one part, none for --part all; 0: none)")
     ap.add_argument("--reps", type=int, default=3, help="--part cold-pairs: alternated pairs")
+    ap.add_argument("--copy-direct", action="store_true", help="the sidecar's GPU-first copies of uncached files "
+                    "read O_DIRECT (sllmfs start --copy-direct; NOTES-cold run 22: its A/B is two cold-pairs runs)")
     ap.add_argument("--flat-mb", type=float, default=1000, help="size of the tensor-count checkpoints in MB")
     ap.add_argument("--device", default="cuda:0", help="where loads go; 'cpu' is a debug mode for machines "
                                                         "without a GPU (no pinned peak, no InstantTensor; "

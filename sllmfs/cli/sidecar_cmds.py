@@ -41,6 +41,9 @@ def start(
     fill_direct: Optional[bool] = typer.Option(
         None, "--fill-direct/--no-fill-direct", help="Fills read the store past the page cache (O_DIRECT)."
         + _default("--no-fill-direct")),
+    copy_direct: Optional[bool] = typer.Option(
+        None, "--copy-direct/--no-copy-direct", help="GPU-first copies of files the page cache lacks read them "
+        "past it (O_DIRECT, 512 KiB reads)." + _default("--no-copy-direct")),
     fill_read_size: Optional[str] = typer.Option(None, "--fill-read-size", help="Each fill read, e.g. 512KiB "
                                                  "(4 KiB units; 0: one read per --chunk-size)." + _default("0")),
     mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."
@@ -79,6 +82,7 @@ def start(
                        "--socket PATH (and --metrics-port PORT for Prometheus)")
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, fill_direct=fill_direct, fill_read_size=fill_read_size,
+                             copy_direct=copy_direct,
                              mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
                              metrics_port=metrics_port, gpu_warmup=gpu_warmup, prefault=prefault, origin=origin,

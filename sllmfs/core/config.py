@@ -60,6 +60,10 @@ class Settings:
     # (bench/NOTES-cold.md run 5); a peer's O_DIRECT 16 x 512 KiB is next to measure.
     fill_direct: bool = False
     fill_read_size: int = 0
+    # a GPU-first copy of files the page cache lacks reads them O_DIRECT in 512 KiB reads (fastsafetensors'
+    # shape, which read 1.3-1.6x our buffered ring from the H200s' disks); off until measured against the
+    # buffered ring on the GPU machine (NOTES-cold run 22)
+    copy_direct: bool = False
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False

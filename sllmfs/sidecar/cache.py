@@ -41,9 +41,9 @@ log = logging.getLogger("sllmfs.sidecar")
 STORE_WATCH_S = 1.0  # how often resident copies are checked against the store (one stat each)
 DISK_LOOP_S = 30.0  # how often the disk budget is enforced
 ORIGIN_MISS_S = 30.0  # how long a name the origin lacked is not asked about again
-# a GPU-first copy reads O_DIRECT when the page cache holds less than this share of the files: O_DIRECT
-# reads every byte from disk at ~1.4x the buffered rate (NOTES-cold run 19), so past ~30% cached the
-# buffered split (cached share at memory speed, the rest from disk) is the sooner one
+# with --copy-direct, a GPU-first copy reads O_DIRECT when the page cache holds less than this share of
+# the files: O_DIRECT reads every byte from disk (at ~1.4x the buffered rate if it does as well as
+# fastsafetensors' reads, NOTES-cold run 19), so past ~30% cached the buffered split is the sooner one
 COPY_DIRECT_BELOW = 0.25
 
 
@@ -217,7 +217,7 @@ class Cache:
             # cache, and only where the native xxh3 is bound and agrees with python xxhash (the copy checks)
             copy_first = gpu_first and self.gpu.active and not self.settings.fill_direct and fill.hashed is not None
             share = fill.cached_share() if copy_first else 1.0
-            if copy_first and share < COPY_DIRECT_BELOW:
+            if copy_first and self.settings.copy_direct and share < COPY_DIRECT_BELOW:
                 fill.open_copy_direct()  # while the pinned directory is open
         finally:
             os.close(dir_fd)

@@ -132,9 +132,12 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             assert c.status()["pid"] > 0  # serving everyone else
 
 
-def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[str, str]) -> None:
-    """Files the page cache does not hold: the copy reads them from disk (checked), then the fill runs."""
-    with sidecar(tmp_path, env=fake_env) as sd:
+@pytest.mark.parametrize("copy_direct", [False, True], ids=["buffered", "O_DIRECT"])
+def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[str, str], copy_direct: bool) -> None:
+    """Files the page cache does not hold: the copy reads them from disk (checked; with --copy-direct past
+    the page cache), then the fill runs."""
+    env = {**fake_env, "SLLMFS_COPY_DIRECT": "1" if copy_direct else "0"}
+    with sidecar(tmp_path, env=env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
         expected = {n: digest(v) for n, v in make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20).items()}
         for data in (sd.store / "models").rglob("data_*.bin"):
@@ -157,5 +160,5 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
             assert got == expected and stats["source"] == "files"
             lease.wait(timeout=30)
         # the sample finds (almost) nothing cached: its one-page probes of the skip check above may be
-        # and so the copy read them past the page cache, aligned windows straight into its ring
-        assert re.search(r"page_cache_share=0\.[01]\d: copy from the files \(O_DIRECT\)", sd.log())
+        how = r"\(O_DIRECT\)" if copy_direct else r"\(through the page cache\)"
+        assert re.search(r"page_cache_share=0\.[01]\d: copy from the files " + how, sd.log())
