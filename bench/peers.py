@@ -1118,7 +1118,7 @@ def part_cold_pairs(b: Bench) -> None:
     if not ours or len(ours) != len(peer):
         raise SystemExit(f"peers cold-pairs: {len(ours)} sllmfs and {len(peer)} {COLD_PEER} loads measured "
                          "correctly: no ratio (see the rows' errors)")
-    ratios = [o / p for o, p in zip(ours, peer)]
+    ratios = [o / p for o, p in zip(ours, peer, strict=True)]
     b.result["cold_pairs"] = {"peer": COLD_PEER, "ratios": ratios, "median": statistics.median(ratios)}
     print(f"cold pairs: sllmfs / {COLD_PEER} " + " ".join(f"{r:.2f}" for r in ratios)
           + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0)", flush=True)

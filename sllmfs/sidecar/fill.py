@@ -101,11 +101,12 @@ class Fill:
         return True
 
     def open_copy_direct(self) -> None:
-        """A GPU-first copy of files the page cache lacks reads them O_DIRECT, aligned windows straight
-        into its pinned ring: 1.4x the buffered reads' rate on the H200s' disks (NOTES-cold runs 19-20).
-        Call while the pinned directory is open; a filesystem without O_DIRECT (or a file swapped between
-        the opens) leaves the copy on the buffered files. The fill itself still reads buffered."""
-        direct = Partitions(self._variant_dir, self.res.manifest.partitions, direct=True)
+        """With --copy-direct, a GPU-first copy of files the page cache lacks reads them O_DIRECT in 512 KiB
+        reads straight into its pinned ring (fastsafetensors' shape; ours not yet measured on the GPU
+        machine: NOTES-cold run 22). Call while the pinned directory is open; a filesystem without O_DIRECT
+        (or a file swapped between the opens) leaves the copy on the buffered files. The fill reads buffered."""
+        direct: Partitions | None = Partitions(self._variant_dir, self.res.manifest.partitions, direct=True)
+        assert direct is not None
         try:
             direct.open_all()
             if self._same_as_files(direct):
