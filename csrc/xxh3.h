@@ -46,8 +46,8 @@ HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t of
 // O_DIRECT reads need their buffer, file offset and length aligned to the device's logical block.
 constexpr uint64_t kDirectAlign = 4096;
 
-// The size of each O_DIRECT read: the H200s' virtual disks serve 16 threads of 512 KiB reads at ~1.5x the
-// rate of 4-64 MiB ones (fastsafetensors' no-GDS reader reads 512 KiB blocks; NOTES-cold runs 20-22).
+// The size of each O_DIRECT read: fastsafetensors' no-GDS block, whose 16 threads read the H200s' virtual
+// disks at 1.1-1.8x our 4-64 MiB requests (NOTES-cold runs 19-21); ours in this shape is run 22, unmeasured.
 constexpr uint64_t kDirectStep = 512 << 10;
 
 // [offset, offset + len) of `fd`, opened O_DIRECT, in kDirectStep reads past the page cache straight into

@@ -61,7 +61,7 @@ class Settings:
     fill_direct: bool = False
     fill_read_size: int = 0
     # a GPU-first copy of files the page cache lacks reads them O_DIRECT in 512 KiB reads (fastsafetensors'
-    # shape, which read 1.3-1.6x our buffered ring from the H200s' disks); off until measured against the
+    # shape: its reads got 1.1-1.8x our buffered ring's from the H200s' disks); off until measured against the
     # buffered ring on the GPU machine (NOTES-cold run 22)
     copy_direct: bool = False
     mem_pool_size: int = 0  # 0: half of the machine's memory
