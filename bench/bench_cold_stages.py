@@ -40,7 +40,7 @@ MODEL = "bench/llama-2-7b-shaped"
 POOL = "48GB"  # the fills' memory budget (blanks are made up to it, as far as the hugetlb pool goes)
 
 import warmload  # noqa: E402
-from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sidecar, stop, timed_threads  # noqa: E402
+from limits import drop_caches, measured, pinned_peak, read_files, sh, start_sidecar, stop, stored_files, timed_threads  # noqa: E402
 
 from sllmfs.sidecar import prefault  # noqa: E402
 
@@ -221,7 +221,7 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
         if cold and not drop_caches():
             raise SystemExit("cannot drop the page cache (need root): a cold fill cannot be measured")
         if not cold:
-            read_files(sorted(store.rglob("data_*.bin")), 16, 32 << 20, direct=False)  # all in the page cache
+            read_files(stored_files(store), 16, 32 << 20, direct=False)  # all in the page cache
         load = [sys.executable, "-m", "sllmfs", "load", "--model", MODEL, "--warm", "--socket", str(sock)]
         t0 = time.perf_counter()
         sh(*load)
@@ -232,7 +232,7 @@ def sidecar_fill(store: Path, work: Path, threads: int, chunk: str, *, cold: boo
             own["cli_s"] = time.perf_counter() - t0
     finally:
         stop(proc)
-    files = sorted(store.rglob("data_*.bin"))
+    files = stored_files(store)
     if own is not None:  # the sidecar's own figure: its worker threads only, without the CLI's start
         rates = re.findall(r"filled model=.* rate=([0-9.]+)GB/s", log.read_text())
         if not rates:
@@ -274,7 +274,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     src, store = saved_checkpoint(work, MODEL, args.layers)
-    files = sorted(store.rglob("data_*.bin"))
+    files = stored_files(store)
     nbytes = sum(f.stat().st_size for f in files)
     r: dict[str, float] = {}
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 MODEL = "bench/llama-2-7b-shaped"
 
-from limits import disk_read_bw, drop_caches, pinned_peak, sh  # noqa: E402
+from limits import disk_read_bw, drop_caches, pinned_peak, sh, stored_files  # noqa: E402
 
 # label -> (who copies, engine mode, allocation: "slab" (one block), "tensor" (one each), "reserved"
 # (one each, after sllmfs.engine.ipc.reserve_segment, as sllmfs's own loaders allocate))
@@ -129,7 +129,7 @@ def main() -> None:
         sh(sys.executable, "-m", "sllmfs", "save", "--model", MODEL, "--local-model-path", str(src),
            "--storage-path", str(store), "--force")
     save_s = time.perf_counter() - t0
-    files = sorted(p for p in store.rglob("data_*.bin"))
+    files = stored_files(store)
     stored = sum(f.stat().st_size for f in files)
     result: dict[str, object] = {"bench": "gpu-load", "host": platform.node(), "gpu": torch.cuda.get_device_name(0),
                                  "torch": torch.__version__, "stored_bytes": stored, "build_s": build_s,

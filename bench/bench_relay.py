@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from limits import measured, pinned_peak, sh, start_sidecar, stop  # noqa: E402
+from limits import measured, pinned_peak, sh, start_sidecar, stop, stored_files  # noqa: E402
 
 MODEL = "bench/llama-2-7b-shaped"  # bench_gpu_load's client loads this name
 GiB = 1 << 30
@@ -255,7 +255,7 @@ def main_gpu(args: argparse.Namespace) -> dict[str, Any]:
         print(f"engine alone, relay {label}: {p['gbps']:.1f} GB/s ({p['gbps'] / lim['one_link_gbps']:.2f} x one link),"
               f" correct {p['all_correct']}, relays {p['relays']}", flush=True)
     store, result["prepare"] = build(work, args.layers)
-    result["stored_bytes"] = sum(f.stat().st_size for f in store.rglob("data_*.bin"))
+    result["stored_bytes"] = sum(f.stat().st_size for f in stored_files(store))
     result["loads"] = loads = gpu_loads(work, store, args.reps)
     peak = lim["one_link_gbps"]
     summary = {}

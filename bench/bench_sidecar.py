@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from limits import timed_threads
+from limits import stored_files, timed_threads
 
 import sllmfs.client.client as sc
 from sllmfs.core.config import parse_size
@@ -171,7 +171,7 @@ def main() -> None:
                 break
             except sc.SidecarError:
                 time.sleep(0.05)
-        files = sorted((store.model_path("big") / "variants" / "hf").glob("data_*.bin"))
+        files = stored_files(store.model_path("big") / "variants" / "hf")
         size = sum(f.stat().st_size for f in files)
         result["model_bytes"] = size
         for mode in ("cold", "warm"):

@@ -223,7 +223,7 @@ def _good_intact(client: Any, mnt: Path, good: dict[str, bytes]) -> bool:
 TREE_MODELS = 6  # each round damages one or two; the others must go on serving unchanged
 SECRET = b"SLLMFS-FUZZ-SECRET-outside-the-store"
 STATUS_DEADLINE = 1.0  # seconds: status answers within this whatever the store holds
-PARTITION, METADATA, MODEL_JSON, MANIFEST = ("variants/hf/data_0.bin", "files/config.json", "model.json",
+PARTITION, METADATA, MODEL_JSON, MANIFEST = ("variants/hf/model.safetensors", "files/config.json", "model.json",
                                              "variants/hf/manifest.json")
 FILE_KINDS = ["symlink-shadow", "symlink-secret", "symlink-other", "symlink-dangling", "symlink-loop", "fifo",
               "socket", "directory", "perm-0000", "missing", "junk", "huge"]

@@ -23,6 +23,18 @@ def sh(*args: str, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def stored_files(root: Path) -> list[Path]:
+    """Every stored data file under ``root`` (a store, a model's directory, a variant's), whatever the
+    layout: the files each variant's manifest names (data_N.bin, or a checkpoint's .safetensors)."""
+    import json
+
+    out = []
+    for manifest in Path(root).rglob("manifest.json"):
+        parts = json.loads(manifest.read_text()).get("partitions", [])
+        out += [manifest.parent / p["file"] for p in parts]
+    return sorted(out)
+
+
 def measured(what: str, gbps: float) -> float:
     """A limit or a rate that failed to measure ends the run with one line: never a 0.00 GB/s limit."""
     import math

@@ -62,12 +62,12 @@ def child(socket: str, model: str, device: str, ref: str) -> dict[str, Any]:
 def run(store: Path, work: Path, src_file: Path, model: str, device: str, threads: int, reps: int,
         pool: str = POOL, daemons: int = len(DAEMONS)) -> dict[str, Any]:
     import peers
-    from limits import read_files
+    from limits import read_files, stored_files
 
     ref = work / "reference.json"
     if not ref.exists() or ref.stat().st_mtime < src_file.stat().st_mtime:
         ref.write_text(json.dumps(peers.reference(src_file)))
-    files = sorted(store.rglob("data_*.bin"))
+    files = stored_files(store)
     found: dict[str, Any] = {"bench": "cold-stages", "part": "warm-load", "device": device, "threads": threads,
                              "pool": pool, "limits": {}, "loads": []}
     limits = found["limits"]

@@ -369,7 +369,8 @@ class Lease:
         return [memoryview(m)[:size] for m, size in zip(self.maps, self.sizes, strict=True)]
 
     def tensors(self, *, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
-        """name -> CPU torch.Tensor viewing the shared segment (read-only, zero-copy)."""
+        """name -> CPU torch.Tensor viewing the shared segment (read-only, zero-copy; a tensor stored off
+        its element size, which a safetensors file may hold, is a copy: torch cannot view it)."""
         import torch
 
         self._want_fill()
@@ -383,9 +384,12 @@ class Lease:
         for name, code, shape, part, offset, nbytes in self.rows:  # unpacked: the hot loop of a hit
             base = typed.get((part, code))
             if base is None:
-                base = typed[(part, code)] = bases[part].view(dtypes.to_torch(dtypes.by_code(code)))
+                raw, dt = bases[part], dtypes.by_code(code)  # an exact-size segment may end off the element size
+                base = typed[(part, code)] = raw[: len(raw) - len(raw) % dt.itemsize].view(dtypes.to_torch(dt))
             if nbytes == 0:
                 out[name] = torch.empty(shape, dtype=base.dtype)
+            elif offset % base.element_size():  # off its element size (a safetensors file may): no view, a copy
+                out[name] = bases[part][offset:offset + nbytes].clone().view(base.dtype).reshape(shape)
             else:
                 out[name] = base.as_strided(shape, _contiguous_strides(shape), offset // base.element_size())
         for alias, target in self._aliases.items():

@@ -1,8 +1,9 @@
-"""Passthrough backing files: a sealed memfd holding one synthesized safetensors file byte for byte.
+"""Passthrough backing files: a sealed memfd holding one safetensors file byte for byte.
 
-The memory tier keeps a variant as aligned partitions (4 KiB-aligned tensors, so its bytes are
-not the safetensors file), and FUSE passthrough needs a kernel file that *is* the file. So on
-the first open of a resident variant's safetensors file we copy its bytes, from the segments the
+FUSE passthrough needs a kernel file that *is* the file. A variant stored as its safetensors files
+has one in the memory tier where shmem gives 2 MiB pages (a ResidentFile's answer: adopted, no copy).
+Otherwise (an aligned variant, whose 4 KiB-aligned partitions are not the file; a tier on hugetlb,
+which the kernel refuses as a backing) on the first open of a resident variant's file we copy its bytes, from the segments the
 sidecar verified as it filled them, into a memfd (header + tensors back to back), seal it, and
 let the kernel serve every read and mmap of it from there. The copy costs memory: one more copy
 of that file while it is open and for ``LINGER`` seconds after (loaders open a file several times);
@@ -60,6 +61,7 @@ COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to s
 COPY_THREADS = min(8, os.cpu_count() or 1)
 MAPPED_COPY_THREADS = min(16, len(os.sched_getaffinity(0)))  # faults of huge pages scale with threads (NOTES-mount.md)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 
 
 @dataclass
@@ -231,13 +233,18 @@ class Backings:
     def _adopt(self, inode: int, fd: int, synth: SynthFile) -> Backing:
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-            if os.fstat(fd).st_size != synth.size or seals & SEALS != SEALS:  # its bytes could change
+            fixed = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+            # no writer but the tier's own map, made before the seal (FUTURE_WRITE), or none at all (WRITE)
+            unwritten = seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)
+            if os.fstat(fd).st_size != synth.size or seals & fixed != fixed or not unwritten:  # its bytes could change
                 raise OSError(errno.EINVAL, f"the memory tier's {synth.name} is not a sealed file of its size")
             backing_id = kernel.backing_open(self.dev, fd)
         except OSError:
             os.close(fd)
             raise
         b = self._by_inode[inode] = Backing(fd, backing_id, 0)  # the tier's memory: nothing more held
+        log.info("passthrough: %s (%.2f GB) is the memory tier's own file, no copy; the kernel serves its reads",
+                 synth.name, synth.size / 1e9)
         return b
 
     def release(self, inode: int) -> None:

@@ -1,23 +1,19 @@
-"""Safetensors files synthesized from a stored variant, without copying a byte.
+"""The safetensors files a stored variant shows in the FUSE view, without copying a byte.
 
-A stored variant keeps tensors aligned in large partitions; a reader of the
-FUSE view expects ordinary safetensors files. Each synthesized file is an
-8-byte header length, a JSON header padded with spaces to 8 bytes, then the
-tensor bytes back to back. We describe it as a sorted list of extents, each
-backed either by header bytes or by a range of one partition, so a read at
-any offset resolves with a bisect. Pure code: no I/O, no FUSE.
+A variant saved in the safetensors layout is its files: each is one partition, whole. One saved in
+the aligned layout (4 KiB-aligned tensors in large partitions) is shown as the same files
+(store/stfiles.py) synthesized from it. Either is a sorted list of extents, each backed by header
+bytes or by a range of one partition, so a read at any offset resolves with a bisect. Pure code: no
+I/O, no FUSE.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
-import struct
 from dataclasses import dataclass, field
 
 from sllmfs.store.format import Manifest
-
-SHARD_LIMIT = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+from sllmfs.store.stfiles import SHARD_LIMIT, FilePlan, TensorSpec, header_metadata, index_bytes, index_name, plan
 
 
 @dataclass(frozen=True)
@@ -79,59 +75,33 @@ class Layout:
     index: bytes | None  # <stem>.safetensors.index.json, only when sharded
 
 
-def _header_bytes(entries: dict[str, object]) -> bytes:
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-aligned, as safetensors writes it
-    return struct.pack("<Q", len(raw)) + raw
+def layout(manifest: Manifest, *, stem: str = "model", shard_limit: int = SHARD_LIMIT) -> Layout:
+    """The safetensors files (and index) that present ``manifest`` as an HF checkpoint: its partitions
+    whole where it is stored as those files, else synthesized from its aligned partitions."""
+    names = manifest.names()
+    total = sum(manifest.entry(n).nbytes for n in names)
+    if manifest.as_files:
+        files = [SynthFile(p.file, p.size, b"", [Extent(0, p.size, i, 0)] if p.size else [],
+                           [n for n in names if manifest.entry(n).partition == i])
+                 for i, p in enumerate(manifest.partitions)]
+    else:
+        specs = [TensorSpec(n, manifest.entry(n).dtype, manifest.entry(n).shape, manifest.entry(n).nbytes)
+                 for n in names]
+        meta = header_metadata(manifest.metadata.get("safetensors_metadata"))
+        files = [_synthesized(f, manifest) for f in plan(specs, meta, stem=stem, shard_limit=shard_limit)]
+    if len(files) == 1:
+        return Layout(files, index_name(stem), None)
+    weight_map = {t: f.name for f in files for t in f.tensors}
+    return Layout(files, index_name(stem), index_bytes(weight_map, total))
 
 
-def _build_file(name: str, manifest: Manifest, tensor_names: list[str], metadata: dict[str, str] | None) -> SynthFile:
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    pos = 0
-    for t in tensor_names:
-        e = manifest.entry(t)
-        header[t] = {"dtype": e.dtype, "shape": e.shape, "data_offsets": [pos, pos + e.nbytes]}
-        pos += e.nbytes
-    head = _header_bytes(header)
-    extents = [Extent(0, len(head), -1, 0)]
-    pos = len(head)
-    for t in tensor_names:
-        e = manifest.entry(t)
+def _synthesized(f: FilePlan, manifest: Manifest) -> SynthFile:
+    """``f`` from an aligned variant: its header, then each tensor's range of its partition."""
+    extents = [Extent(0, len(f.header), -1, 0)]
+    pos = len(f.header)
+    for t in f.tensors:
+        e = manifest.entry(t.name)
         if e.nbytes:
             extents.append(Extent(pos, e.nbytes, e.partition, e.offset))
             pos += e.nbytes
-    return SynthFile(name, pos, head, extents, list(tensor_names))
-
-
-def _metadata(manifest: Manifest) -> dict[str, str] | None:
-    meta = manifest.metadata.get("safetensors_metadata")
-    if not isinstance(meta, dict) or not meta:
-        return None
-    return {str(k): str(v) for k, v in meta.items()}  # safetensors allows string values only
-
-
-def layout(manifest: Manifest, *, stem: str = "model", shard_limit: int = SHARD_LIMIT) -> Layout:
-    """The safetensors files (and index) that present ``manifest`` as an HF checkpoint."""
-    order = manifest.names()
-    sizes = [manifest.entry(n).nbytes for n in order]
-    total = sum(sizes)
-    meta = _metadata(manifest)
-    index_name = f"{stem}.safetensors.index.json"
-    if total <= shard_limit:
-        return Layout([_build_file(f"{stem}.safetensors", manifest, order, meta)], index_name, None)
-    groups: list[list[str]] = [[]]
-    filled = 0
-    for name, n in zip(order, sizes, strict=True):
-        if groups[-1] and filled + n > shard_limit:
-            groups.append([])
-            filled = 0
-        groups[-1].append(name)
-        filled += n
-    count = len(groups)
-    files = [_build_file(f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors", manifest, g, meta)
-             for i, g in enumerate(groups)]
-    weight_map = {t: f.name for f in files for t in f.tensors}
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    return Layout(files, index_name, json.dumps(index, indent=2).encode() + b"\n")
+    return SynthFile(f.name, pos, f.header, extents, [t.name for t in f.tensors])

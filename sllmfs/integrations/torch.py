@@ -152,7 +152,10 @@ def mirror_layout(lease: Any, placed: list[tuple[str, torch.device]]) -> Mirror 
             return None
         mine = runs.setdefault(dev, [])
         last = mine[-1][-1][1] if mine else None
-        if last is None or last.partition != ref.partition or not 0 <= ref.offset - last.offset - last.nbytes <= _GAP:
+        # a run goes on while the next tensor lands _ALIGN-aligned in the block (kernels want aligned weights;
+        # a safetensors-layout variant packs tensors back to back) and the store's gap before it is small
+        if last is None or last.partition != ref.partition or not 0 <= ref.offset - last.offset - last.nbytes <= _GAP \
+                or (ref.offset - mine[-1][0][1].offset) % _ALIGN:
             mine.append([])
         mine[-1].append((name, ref, kind))
     spans: list[Span] = []

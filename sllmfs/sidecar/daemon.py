@@ -74,6 +74,7 @@ async def _main(settings: Settings, store: Store, tier: MemoryTier, raw: pysocke
                 await nursery.start(partial(fuse_serve, gid=gid, visible=visible, in_use=server.cache.mount_in_use,
                                             on_miss=server.cache.on_mount_miss if server.cache.origin else None,
                                             copy_budget=tier,  # passthrough copies count in --mem-pool-size
+                                            resident_file=tier.resident_file,  # or no copy: the tier's own file
                                             warm=MountFill(server.cache)),  # cold reads ride a tier fill
                                     Path(settings.mount), store, tier.view, settings.socket)
                 log.info("mounted %s", settings.mount)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sllmfs.core.errors import BadInput
+from sllmfs.core.pages import shmem_thp
 from sllmfs.engine.segments import address_of
 from sllmfs.protocol.messages import FailCause, Failure, Readiness, TensorRef
 from sllmfs.sidecar.prefault import PIN_PIECE, Blank, Blanks, Unpin
@@ -49,8 +50,11 @@ class Segment:
     """A memfd that only the daemon's own mapping can write: sealed against writes before any
     client sees it (clients share the bytes; one must never change what the others read)."""
 
-    def __init__(self, name: str, size: int, *, huge: bool = True, blank: Blank | None = None):
-        """``blank``: a hugetlb memfd already faulted in (prefault.Blanks) to make it from; ours to close."""
+    def __init__(self, name: str, size: int, *, huge: bool = True, blank: Blank | None = None, exact: bool = False):
+        """``blank``: a hugetlb memfd already faulted in (prefault.Blanks) to make it from; ours to close.
+        ``exact``: a shmem memfd of exactly ``size`` bytes (2 MiB pages where shmem gives them): a stored
+        file's twin, which the mount may hand the kernel as the file's passthrough backing (never hugetlb:
+        the kernel refuses it, ELOOP)."""
         self.size = size
         self.huge = False
         self.pinned = False  # its blank's pins for GPU copies cover it all (the resident must unpin them)
@@ -65,10 +69,10 @@ class Segment:
         self._pins_lock = threading.Lock()  # drop_past_end (a worker thread) against close (the trio thread)
         if blank is not None:
             self._from_blank(_round_up(size, HUGE_PAGE), blank)
-        elif self.wants_huge(size, huge):
+        elif self.wants_huge(size, huge and not exact):
             self._open(name, _round_up(size, HUGE_PAGE), os.MFD_HUGETLB)
         if not self.huge:
-            self._open(name, _round_up(max(size, 1), PAGE), 0)
+            self._open(name, size if exact and size else _round_up(max(size, 1), PAGE), 0)
             try:  # transparent huge pages where shmem allows them: fewer pages to register
                 self.mm.madvise(mmap.MADV_HUGEPAGE)
             except (OSError, AttributeError):
@@ -160,6 +164,11 @@ class Segment:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_SEAL)
         except OSError as e:  # a kernel before 5.1: other uids are still kept out by the mode
             log.warning("cannot seal memory segments against writes (%s); Linux >= 5.1 can", e.strerror)
+
+    @property
+    def exact(self) -> bool:
+        """Its memfd is exactly the stored file (a passthrough backing may be made of it)."""
+        return not self.huge and self.length == self.size
 
     def readonly_fd(self) -> int:
         """A fresh read-only open of the same memfd: what a client gets (it cannot write)."""
@@ -325,6 +334,17 @@ class MemoryTier:
             return None
         return [memoryview(s.mm)[: s.size] for s in res.segments]
 
+    def resident_file(self, model: str, variant: str, identity: Identity, file: str) -> int | None:
+        """A new read-only fd of the memfd that is stored file ``file`` of this very version, fully resident
+        and verified (fuse.backing.ResidentFile: the mount's passthrough backing, no copy), else None."""
+        res = self.get(model, variant)
+        if res is None or res.state != "ready" or res.identity != identity or not res.manifest.as_files:
+            return None
+        for p, seg in zip(res.manifest.partitions, res.segments, strict=True):
+            if p.file == file:
+                return seg.readonly_fd() if seg.exact else None
+        return None
+
     def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity | None) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
         t0 = time.monotonic()
@@ -336,8 +356,10 @@ class MemoryTier:
                 f"model {model!r} [{variant}] needs {need} bytes but the memory pool is {self.budget}; "
                 "raise --mem-pool-size (or read it through the FUSE view, which streams from the store)"
             )
-        # blanks first (their memory is this variant's now), then room for the rest
-        blanks = [self.blanks.take() if Segment.wants_huge(p.size) else None for p in manifest.partitions]
+        # a variant stored as its files gets their exact twins where shmem gives 2 MiB pages (the mount backs
+        # its files with them: no copy); else blanks first (their memory is this variant's now), then room
+        exact = manifest.as_files and shmem_thp()
+        blanks = [self.blanks.take() if not exact and Segment.wants_huge(p.size) else None for p in manifest.partitions]
         try:
             self._make_room(need, model)
         except BaseException:
@@ -353,9 +375,9 @@ class MemoryTier:
         made: list[Segment] = []
         try:
             for p, b in zip(manifest.partitions, blanks, strict=True):
-                if b is None and Segment.wants_huge(p.size):  # fresh hugetlb pages: those held past the ends first
-                    self._drop_held([*made, *self._all_segments()])
-                made.append(Segment(f"{tag}:{p.file}", p.size, blank=b))
+                if b is None and not exact and Segment.wants_huge(p.size):  # fresh hugetlb pages: those held
+                    self._drop_held([*made, *self._all_segments()])  # past the ends first
+                made.append(Segment(f"{tag}:{p.file}", p.size, blank=b, exact=exact))
             ready = Segment(f"{tag}:ready", acc, huge=False)
         except OSError as e:  # ENOMEM, EMFILE: this request fails, nothing leaks
             for seg in made:

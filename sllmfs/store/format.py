@@ -30,7 +30,12 @@ from sllmfs.core.errors import BadInput, Corrupt, FormatVersionError
 from sllmfs.store.layout import MODELS, STORE_MARKER, VARIANTS
 
 FORMAT_VERSION = 1
-ALIGNMENT = 4096  # every tensor starts on a 4 KiB boundary: O_DIRECT and page mapping work
+ALIGNMENT = 4096  # the aligned layout: every tensor starts on a 4 KiB boundary
+LAYOUT_ALIGNED = "aligned"  # tensors on `alignment` boundaries in data_N.bin partitions (per-rank variants)
+# each partition is one safetensors file of the checkpoint, byte for byte (store/stfiles.py): tensors back
+# to back after the file's header, so `alignment` is 1 and a tensor may sit off its element size
+LAYOUT_SAFETENSORS = "safetensors"
+LAYOUTS = (LAYOUT_ALIGNED, LAYOUT_SAFETENSORS)
 CHUNK_SIZE = 4 << 20  # partitions are checksummed in 4 MiB windows (fill verification)
 HUGE_PAGE = 2 << 20  # the memory tier's hugetlb page; ALIGNMENT-sized pages otherwise
 PARTITION_TARGET = 4 << 30  # start a new data file past this size (parallel reads, sane files)
@@ -95,6 +100,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # an adapter's own files (variants/<key>/files/); None: none, or saved before sllmfs recorded them
     file_digests: FileDigests | None = None
+    layout: str = LAYOUT_ALIGNED  # absent from manifests written before the safetensors layout
+
+    @property
+    def as_files(self) -> bool:
+        """Its partitions are its safetensors files (the mount serves and backs them whole)."""
+        return self.layout == LAYOUT_SAFETENSORS
 
     @property
     def total_bytes(self) -> int:
@@ -191,8 +202,37 @@ def _parse(d: dict[str, Any]) -> Manifest:
     metadata = _typed(d, "metadata", dict, {})
     if not _plain(metadata, 0):
         raise _Bad("metadata must hold plain JSON values (integers within 64 bits, at most 32 levels deep)")
+    layout = d.get("layout", LAYOUT_ALIGNED)
+    if layout not in LAYOUTS:
+        raise _Bad(f"layout must be one of {', '.join(LAYOUTS)} (got {_show(layout)})")
+    if layout == LAYOUT_SAFETENSORS:
+        _check_files(tensors, parts, aliases)
     return Manifest(variant, tensors, parts, dict(aliases), metadata, alignment, CHUNK_SIZE, CHECKSUM,
-                    file_digests=parse_file_digests(d))
+                    file_digests=parse_file_digests(d), layout=layout)
+
+
+def _check_files(tensors: dict[str, TensorEntry], parts: list[Partition], aliases: dict[str, str]) -> None:
+    """The safetensors layout: each partition a ``*.safetensors`` file, its tensors back to back from
+    past its header to its very end (what its own header says too: the writer made both from one plan)."""
+    if aliases:
+        raise _Bad("aliases cannot be stored in the safetensors layout (a tied name is its own tensor there)")
+    ends: dict[int, list[TensorEntry]] = {}
+    for t in tensors.values():
+        ends.setdefault(t.partition, []).append(t)
+    for i, p in enumerate(parts):
+        if not p.file.endswith(".safetensors"):
+            raise _Bad(f"partitions[{i}].file must be a .safetensors file in the safetensors layout")
+        pos = None
+        for t in sorted(ends.get(i, []), key=lambda t: (t.offset, t.nbytes)):
+            if pos is None:
+                if t.offset < 16:  # 8 bytes of length, at least "{}" padded to 8
+                    raise _Bad(f"partitions[{i}]: a tensor starts inside the file's header (offset {t.offset})")
+            elif t.offset != pos:
+                raise _Bad(f"partitions[{i}]: tensors are not back to back at offset {t.offset} "
+                           f"(the previous one ends at {pos})")
+            pos = t.offset + t.nbytes
+        if pos is not None and pos != p.size:
+            raise _Bad(f"partitions[{i}]: its tensors end at {pos}, not at its end ({p.size} bytes)")
 
 
 def parse_file_digests(d: dict[str, Any]) -> FileDigests | None:

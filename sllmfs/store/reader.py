@@ -231,7 +231,7 @@ class BadTensor:
     window: str = ""  # "data_0.bin window 3" when a checksum window failed
 
     def describe(self) -> str:
-        what = f"tensor {self.name!r}" if self.name else "padding between tensors"
+        what = f"tensor {self.name!r}" if self.name else "bytes in no tensor: a file's header or padding"
         where = f"{self.window} ({what})" if self.window else what
         return f"{where} is corrupt (checksum {self.actual}, expected {self.expected})"
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.store.format import MANIFEST, PARTITION_TARGET, FileDigests, Manifest, plain_name
+from sllmfs.store.format import MANIFEST, FileDigests, Manifest, plain_name
 from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
 from sllmfs.store.metafiles import record_files, write_model_json
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
+from sllmfs.store.stfiles import SHARD_LIMIT, TensorSpec, header_metadata, plan
 from sllmfs.store.store import Store
 from sllmfs.store.writer import VariantWriter
 
@@ -22,8 +23,9 @@ from sllmfs.store.writer import VariantWriter
 def save_model(store: Store, name: str, source: Path, *, force: bool = False,
                progress: Callable[[int], None] | None = None,
                on_scan: Callable[[Checkpoint], None] | None = None,
-               partition_target: int = PARTITION_TARGET) -> Manifest:
-    """Store ``source`` as model ``name`` with its ``hf`` variant. ``on_scan`` hears of the checkpoint
+               partition_target: int = SHARD_LIMIT) -> Manifest:
+    """Store ``source`` as model ``name`` with its ``hf`` variant, as safetensors files of at most
+    ``partition_target`` bytes of tensors (a larger tensor alone). ``on_scan`` hears of the checkpoint
     once it is scanned, before any byte is copied (a progress bar learns its total there).
 
     Replacing a model (``force``) keeps its LoRA adapters (they are the user's, saved on their
@@ -87,7 +89,7 @@ def save_adapter(store: Store, base: str, adapter_name: str, source: Path, *, fo
             for rel in ckpt.files:
                 _copy_file(source / rel, variant_files(vdir) / rel)
             # the manifest records the adapter's own files: it is written last, after them
-            manifest = write_variant(ckpt, vdir, key, progress,
+            manifest = write_variant(ckpt, vdir, key, progress, stem="adapter_model",
                                      file_digests=record_files(variant_files(vdir), ckpt.files))
             store.commit_variant(vdir, base, key, force=force)
     return manifest
@@ -139,21 +141,25 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
-                  progress: Callable[[int], None] | None = None,
-                  partition_target: int = PARTITION_TARGET, file_digests: FileDigests | None = None) -> Manifest:
-    writer = VariantWriter(out_dir, variant, progress=progress, partition_target=partition_target)
+                  progress: Callable[[int], None] | None = None, partition_target: int = SHARD_LIMIT,
+                  file_digests: FileDigests | None = None, stem: str = "model") -> Manifest:
+    """The checkpoint's tensors as the safetensors files ``<stem>*.safetensors`` the mount shows (the
+    store's files are the checkpoint: the memory tier's copy of one backs the mount's file)."""
+    files = plan([TensorSpec(t.name, t.dtype, t.shape, t.nbytes) for t in ckpt.tensors],
+                 header_metadata(ckpt.metadata), stem=stem, shard_limit=partition_target)
+    writer = VariantWriter(out_dir, variant, progress=progress, files=files)
     writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
     writer.file_digests = file_digests
+    by_name = {t.name: t for t in ckpt.tensors}
     fds: dict[Path, int] = {}
     try:
         for t in ckpt.tensors:
-            if t.alias_of is not None:
-                writer.add_alias(t.name, t.alias_of)
-            elif t.load is not None:
-                writer.add_bytes(t.name, t.dtype, t.shape, t.load())
+            src = by_name[t.alias_of] if t.alias_of is not None else t  # a tied name: its own copy in the file
+            if src.load is not None:
+                writer.add_bytes(t.name, t.dtype, t.shape, src.load())
             else:
-                writer.add_from_file(t.name, t.dtype, t.shape, fd_ranges(t.ranges, fds),
-                                     where=str(t.ranges[0][0]) if t.ranges else "")
+                writer.add_from_file(t.name, t.dtype, t.shape, fd_ranges(src.ranges, fds),
+                                     where=str(src.ranges[0][0]) if src.ranges else "")
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -30,7 +30,7 @@ class SourceTensor:
     nbytes: int
     ranges: list[tuple[Path, int, int]] = field(default_factory=list)  # file, offset, nbytes
     load: Callable[[], memoryview] | None = None  # in-memory source (.bin)
-    alias_of: str | None = None  # stored once, under this name
+    alias_of: str | None = None  # the same bytes as this earlier tensor (tied weights)
 
 
 @dataclass
@@ -43,7 +43,8 @@ class Checkpoint:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors if t.alias_of is None)
+        """What a save writes: a tied name is a tensor of its own in a safetensors file."""
+        return sum(t.nbytes for t in self.tensors)
 
 
 def resolve(model: str, local_path: str | None) -> Path:

@@ -1,4 +1,5 @@
-"""Write one variant: tensors laid out aligned in large data files, with checksums.
+"""Write one variant, with checksums: as its safetensors files (``files``: a stfiles plan), or with
+tensors aligned in large ``data_N.bin`` files (per-rank variants).
 
 Bytes arrive either as a range of a source file (safetensors, sllm-store data)
 or as an in-memory buffer (a torch tensor from a ``.bin``). Each byte is read
@@ -21,6 +22,8 @@ from sllmfs.core.errors import BadInput
 from sllmfs.store.format import (
     ALIGNMENT,
     CHUNK_SIZE,
+    LAYOUT_ALIGNED,
+    LAYOUT_SAFETENSORS,
     MANIFEST,
     PARTITION_TARGET,
     FileDigests,
@@ -28,6 +31,7 @@ from sllmfs.store.format import (
     Partition,
     TensorEntry,
 )
+from sllmfs.store.stfiles import FilePlan
 
 BLOCK = 8 << 20  # copy unit; a multiple of CHUNK_SIZE keeps window hashing simple
 _ZEROS = bytes(BLOCK)
@@ -93,11 +97,15 @@ class _PartitionFile:
 
 
 class VariantWriter:
-    """Lay out tensors into ``data_N.bin`` files under ``out_dir`` and write the manifest."""
+    """Lay out tensors into files under ``out_dir`` and write the manifest: ``files`` (tensors added in
+    its order) writes them as those safetensors files, headers included; without it, aligned
+    ``data_N.bin`` partitions of about ``partition_target`` bytes."""
 
     def __init__(self, out_dir: Path, variant: str, *, partition_target: int = PARTITION_TARGET,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, files: list[FilePlan] | None = None):
         self.out_dir = out_dir
+        self.files = files
+        self._planned = iter([(i, t) for i, f in enumerate(files) for t in f.tensors] if files is not None else [])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.variant = variant
         self.partition_target = partition_target
@@ -120,6 +128,22 @@ class VariantWriter:
         cur.pad_to(-(-cur.size // ALIGNMENT) * ALIGNMENT)
         return cur
 
+    def _open_file(self, i: int) -> _PartitionFile:
+        """Planned file ``i`` (and every empty one before it), its header written."""
+        assert self.files is not None
+        while len(self._parts) <= i:
+            if self._parts:
+                self._done.append(self._parts[-1].close())
+            plan = self.files[len(self._parts)]
+            self._parts.append(_PartitionFile(self.out_dir / plan.name, len(self._parts)))
+            self._parts[-1].write(memoryview(plan.header))
+        return self._parts[-1]
+
+    def _next_planned(self, name: str, nbytes: int) -> _PartitionFile:
+        i, spec = next(self._planned, (-1, None))
+        if spec is None or spec.name != name or spec.nbytes != nbytes:  # the caller's bug, never the user's
+            raise AssertionError(f"tensor {name!r} added out of the files' plan (expected {spec})")
+        return self._open_file(i)
     def _begin(self, name: str, dtype: str, shape: list[int], nbytes: int) -> tuple[_PartitionFile, int]:
         if name in self.tensors or name in self.aliases:
             raise BadInput(f"tensor {name!r} appears twice in the checkpoint")
@@ -127,7 +151,7 @@ class VariantWriter:
         if dtypes.nbytes(dt, shape) != nbytes:
             raise BadInput(f"tensor {name!r}: shape {shape} of {dtype} needs "
                            f"{dtypes.nbytes(dt, shape)} bytes, the checkpoint has {nbytes}")
-        part = self._place(nbytes)
+        part = self._place(nbytes) if self.files is None else self._next_planned(name, nbytes)
         return part, part.size
 
     def add_from_file(self, name: str, dtype: str, shape: list[int],
@@ -163,17 +187,27 @@ class VariantWriter:
         self.tensors[name] = TensorEntry(dtype, list(shape), part.index, start, len(data), _hex(h))
 
     def add_alias(self, name: str, target: str) -> None:
-        """``name`` shares ``target``'s bytes (tied weights): stored once."""
+        """``name`` shares ``target``'s bytes (tied weights): stored once (aligned layout only: in a
+        safetensors file a tied name is a tensor of its own)."""
+        assert self.files is None, "the safetensors layout stores tied names as tensors"
         if name in self.tensors or name in self.aliases:
             raise BadInput(f"tensor {name!r} appears twice in the checkpoint")
         self.aliases[name] = self.aliases.get(target, target)
 
     def finish(self) -> Manifest:
+        if self.files is not None:
+            if next(self._planned, None) is not None:
+                raise AssertionError("the files' plan has tensors that were never added")
+            self._open_file(len(self.files) - 1)  # a plan's files all exist, headers at least
         if self._parts:
             self._done.append(self._parts[-1].close())
             self._parts = []
         m = Manifest(variant=self.variant, tensors=self.tensors, partitions=self._done,
                      aliases=self.aliases, metadata=self.metadata, file_digests=self.file_digests)
+        if self.files is not None:
+            m.alignment, m.layout = 1, LAYOUT_SAFETENSORS
+        else:
+            m.layout = LAYOUT_ALIGNED
         m.validate(str(self.out_dir))
         (self.out_dir / MANIFEST).write_text(m.to_json())
         os.chmod(self.out_dir / MANIFEST, 0o640)

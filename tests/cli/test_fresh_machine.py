@@ -107,9 +107,9 @@ def test_hints_carry_the_users_socket_and_paths(tmp_path: Path, llama_dir: Path)
         assert "evicted org/m" in sllmfs("evict", "--model", "org/m", *sock).stdout
     store = tmp_path / "other-store"
     save_model(Store(store), "org/x", llama_dir)
-    part = store / "models" / "org%2Fx" / "variants" / "hf" / "data_0.bin"
+    part = store / "models" / "org%2Fx" / "variants" / "hf" / "model.safetensors"
     if not part.exists():
-        part = next((store / "models").glob("*/variants/hf/data_0.bin"))
+        part = next((store / "models").glob("*/variants/hf/model.safetensors"))
     data = bytearray(part.read_bytes())
     data[100] ^= 0xFF
     part.write_bytes(bytes(data))

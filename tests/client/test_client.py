@@ -119,12 +119,31 @@ def test_lease_release_and_views_outliving_it(tmp_path: Path) -> None:
             assert t["layer.0.weight"].numpy().tobytes() == expected["layer.0.weight"]  # our mapping still holds it
 
 
+def test_tensors_stored_off_their_element_size_are_copied_right(tmp_path: Path) -> None:
+    """A safetensors file keeps tensors back to back: after 7 bool bytes a float32 sits off its element
+    size, which torch cannot view; tensors() copies that one, numpy() views it unaligned."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sd_ = {"flags": torch.tensor([True, False, True, True, False, True, False]),
+           "w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "h": torch.arange(5, dtype=torch.float16)}
+    torch.save(sd_, src / "pytorch_model.bin")
+    with sidecar(tmp_path) as sd:
+        m = save_model(Store(sd.store), "org/odd", src)
+        assert m.tensors["w"].offset % 4 and m.tensors["h"].offset % 2  # off their element sizes
+        with sd.connect() as c, c.acquire("org/odd") as lease:
+            tensors, arrays = lease.tensors(timeout=30), lease.numpy()
+            for name, want in sd_.items():
+                assert tensors[name].dtype == want.dtype and torch.equal(tensors[name], want), name
+                assert arrays[name].tobytes() == want.numpy().tobytes(), name
+
+
 def test_warm_reports_progress(tmp_path: Path) -> None:
     with sidecar(tmp_path) as sd:
         make_model(sd.store, "m", tensors=4, nbytes=4 << 20)
         seen: list[tuple[int, int]] = []
         total = sc.warm("m", socket=str(sd.socket), progress=lambda d, t: seen.append((d, t)))
-        assert total == 16 << 20 and seen[-1] == (total, total)
+        stored = Store(sd.store).get("m").manifest("hf").total_bytes  # the tensors' 16 MiB and the file's header
+        assert total == stored and 16 << 20 < stored < (16 << 20) + 4096 and seen[-1] == (total, total)
         st = sd.status()
         assert st["models"][0]["variants"][0]["state"] == "ready" and st["leases"] == []
 

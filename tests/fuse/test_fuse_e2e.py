@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from sllmfs.store.save import save_model
 from sllmfs.store.store import Store
+from tests.support.hugepages import shmem_thp_mode
 from tests.support.synth import raw
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -26,7 +27,15 @@ def _is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[4] == str(mountpoint) for line in f)
 
 
-def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path) -> None:
+@pytest.mark.parametrize("thp", ["advise", "never"])
+def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path, thp: str) -> None:
+    """With shmem THP (advise: the unit's setting) the memory tier's copy of the stored file backs the
+    mount's file (no copy); without, a copy of it does."""
+    with shmem_thp_mode(thp):
+        _start_mount_serve_unmount(tmp_path, llama_dir, own_file=thp == "advise")
+
+
+def _start_mount_serve_unmount(tmp_path: Path, llama_dir: Path, own_file: bool) -> None:
     from sllmfs.client.client import connect
 
     store = Store(tmp_path / "store")
@@ -58,9 +67,13 @@ def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path
         assert proc.wait(timeout=60) == 0
         assert not _is_mounted(mnt)
         assert proc.stdout is not None
-        log = proc.stdout.read()  # resident: opened in passthrough on a copy of the memory tier's bytes
-        assert "passthrough: org/tiny model.safetensors" in log, log
-        assert "(2 MiB pages " in log, log  # whether the copy got huge pages (NOTES-mount.md)
+        log = proc.stdout.read()  # resident: opened in passthrough on the memory tier's file or a copy of it
+        if own_file:
+            assert "passthrough: model.safetensors (" in log and "is the memory tier's own file, no copy" in log, log
+            assert "copied from the memory tier" not in log, log
+        else:
+            assert "passthrough: org/tiny model.safetensors" in log, log
+            assert "(2 MiB pages " in log, log  # whether the copy got huge pages (NOTES-mount.md)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -57,7 +57,7 @@ def tensors(data: bytes) -> dict[str, bytes]:
 
 
 def flip_byte(store: Store, name: str, offset: int) -> None:
-    with open(store.get(name).variant_dir("hf") / "data_0.bin", "r+b") as f:
+    with open(store.get(name).variant_dir("hf") / "model.safetensors", "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
         f.seek(offset)
@@ -153,7 +153,7 @@ def test_a_window_changed_after_it_was_verified_is_refused_when_read_again(tmp_p
         try:
             assert tensors(await read_handle(ops, fh, size, parallel=1)) == want  # window 0 no longer kept
             flip_byte(store, "m", 100)
-            data = store.get("m").variant_dir("hf") / "data_0.bin"
+            data = store.get("m").variant_dir("hf") / "model.safetensors"
             fd = os.open(data, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
@@ -178,7 +178,7 @@ def test_resident_bytes_of_the_same_version_are_served_without_hashing(tmp_path:
     store = Store(tmp_path / "store")
     want = save(store, "m", seed=1)
     vdir = store.get("m").variant_dir("hf")
-    segments = [memoryview(bytearray((vdir / "data_0.bin").read_bytes()))]  # what a fill verified
+    segments = [memoryview(bytearray((vdir / "model.safetensors").read_bytes()))]  # what a fill verified
     flip_byte(store, "m", 5 * MiB)  # the store copy goes bad afterwards
     asked: list[tuple[str, str, object]] = []
     resident = variant_identity(vdir)
@@ -247,7 +247,7 @@ def test_what_reads_verified_is_kept_for_the_current_version_only(tmp_path: Path
 def test_a_flipped_byte_fails_reads_of_its_window_with_eio_and_one_log_line(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     want = save(store, "org/bad", seed=1)
-    flip_byte(store, "org/bad", 5 * MiB + 123)  # window 1: inside layer.1 (3-6 MiB) of data_0.bin
+    flip_byte(store, "org/bad", 5 * MiB + 123)  # window 1: inside layer.1 (3-6 MiB) of model.safetensors
     runner = Runner(store.root, tmp_path / "mnt")
     try:
         path = tmp_path / "mnt" / "org" / "bad" / "model.safetensors"
@@ -270,7 +270,7 @@ def test_a_flipped_byte_fails_reads_of_its_window_with_eio_and_one_log_line(tmp_
     assert runner.proc.stderr is not None
     lines = [line for line in runner.proc.stderr.read().splitlines() if "checksum" in line]
     assert len(lines) == 1, lines
-    for part in ("org/bad", "model.safetensors", "data_0.bin", "layer.1.weight", "sllmfs verify --model org/bad"):
+    for part in ("org/bad", "model.safetensors", "layer.1.weight", "sllmfs verify --model org/bad"):
         assert part in lines[0], (part, lines[0])
 
 

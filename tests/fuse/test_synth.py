@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sllmfs.fuse.synth import SynthFile, layout
+from sllmfs.fuse.synth import Extent, SynthFile, layout
 from sllmfs.store.format import load_manifest
 from sllmfs.store.save import save_model
+from sllmfs.store.stfiles import SHARD_LIMIT
 from sllmfs.store.store import Store
-from tests.support.synth import assert_odd_file, odd_checkpoint, odd_tensors, raw
+from tests.support.synth import assert_odd_file, odd_checkpoint, odd_tensors, raw, save_aligned
 
 
 def materialize(f: SynthFile, variant_dir: Path, partitions: list[str], dest: Path, step: int = 4093) -> None:
@@ -37,9 +38,38 @@ def materialize(f: SynthFile, variant_dir: Path, partitions: list[str], dest: Pa
 
 @pytest.fixture
 def odd_store(tmp_path: Path) -> tuple[Store, Path]:
+    """A variant in the aligned layout: the mount synthesizes its files."""
     store = Store(tmp_path / "store")
-    save_model(store, "odd/dtypes", odd_checkpoint(tmp_path / "odd"))
+    save_aligned(store, "odd/dtypes", odd_checkpoint(tmp_path / "odd"))
     return store, store.get("odd/dtypes").variant_dir("hf")
+
+
+@pytest.mark.parametrize("source", ["safetensors", "bin"])
+def test_a_variant_stored_as_its_files_is_the_synthesized_file_byte_for_byte(tmp_path: Path, bin_dir: Path,
+                                                                              source: str) -> None:
+    """The safetensors layout stores what the mount synthesized from the aligned one, and the mount
+    serves each such file as one whole partition."""
+    src = odd_checkpoint(tmp_path / "odd") if source == "safetensors" else bin_dir
+    old, new = Store(tmp_path / "old"), Store(tmp_path / "new")
+    save_aligned(old, "m", src)
+    m = save_model(new, "m", src, partition_target=40_000 if source == "safetensors" else SHARD_LIMIT)
+    old_dir, new_dir = old.get("m").variant_dir("hf"), new.get("m").variant_dir("hf")
+    old_m = load_manifest(old_dir)
+    assert m.as_files and not old_m.as_files and m.alignment == 1
+    lay = layout(m)
+    synth = layout(old_m, shard_limit=40_000 if source == "safetensors" else SHARD_LIMIT)
+    assert [f.name for f in lay.files] == [p.file for p in m.partitions] == [f.name for f in synth.files]
+    assert lay.index == synth.index and (lay.index is None) == (len(lay.files) == 1)
+    for i, f in enumerate(lay.files):
+        assert f.extents == [Extent(0, m.partitions[i].size, i, 0)] and f.header == b""
+        dest = tmp_path / f"synth-{f.name}"
+        materialize(synth.files[i], old_dir, [p.file for p in old_m.partitions], dest)
+        if not old_m.aliases:  # the same order: the same bytes
+            assert (new_dir / f.name).read_bytes() == dest.read_bytes(), f.name
+        with safe_open(new_dir / f.name, "pt") as a, safe_open(dest, "pt") as b:  # a tied name: its own tensor,
+            assert sorted(a.keys()) == sorted(b.keys())  # in the source's order (the synthesized file: by
+            for k in a.keys():  # its target)
+                assert raw(a.get_tensor(k)) == raw(b.get_tensor(k)), k
 
 
 def test_single_file_layout_has_every_tensor_byte_identical(odd_store: tuple[Store, Path], tmp_path: Path) -> None:
@@ -77,7 +107,7 @@ def test_sharded_layout_with_index_loads_every_tensor(odd_store: tuple[Store, Pa
 
 def test_aliases_are_entries_over_the_same_stored_bytes(tmp_path: Path, bin_dir: Path) -> None:
     store = Store(tmp_path / "store")
-    save_model(store, "tied", bin_dir)
+    save_aligned(store, "tied", bin_dir)
     vdir = store.get("tied").variant_dir("hf")
     m = load_manifest(vdir)
     assert m.aliases, "the tied .bin checkpoint should store its tied weight once"

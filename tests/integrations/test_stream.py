@@ -17,7 +17,7 @@ SLOW_FILL = ("--num-thread", "1", "--chunk-size", "4MiB", "--no-gpu-warmup", "--
 
 def _uncache(store: Path) -> None:
     """The stored files out of the page cache (the fill then reads the disk: slow enough to watch)."""
-    for f in store.rglob("data_*.bin"):
+    for f in store.rglob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -45,7 +45,7 @@ def test_tensors_stream_in_file_order_with_exact_bytes(tmp_path: Path) -> None:
 def test_a_window_that_fails_its_checksum_stops_the_stream(tmp_path: Path) -> None:
     store = tmp_path / "store"
     make_model(store, "m", tensors=8, nbytes=8 << 20)
-    data = sorted(store.rglob("data_*.bin"))[-1]
+    data = sorted(store.rglob("*.safetensors"))[-1]
     with open(data, "r+b") as f:  # the last tensor's bytes change after the manifest was written
         f.seek(data.stat().st_size - 100)
         b = f.read(1)

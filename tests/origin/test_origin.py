@@ -431,7 +431,7 @@ def test_the_mount_pulls_a_model_on_lookup(stored: Store, origin: Origin, env: d
 def test_push_refuses_rotted_local_bytes(stored: Store, origin: Origin, env: dict[str, str]) -> None:
     """Push checks every window it sends: the origin never holds (and the disk budget never trusts)
     a copy of bytes that fail the manifest."""
-    part = sorted((stored.model_path(MODEL) / "variants" / "hf").glob("data_*"))[0]
+    part = stored.model_path(MODEL) / "variants" / "hf" / stored.get(MODEL).manifest("hf").partitions[0].file
     with open(part, "r+b") as f:
         f.seek(100)
         byte = f.read(1)
@@ -594,7 +594,7 @@ def test_disk_budget_keeps_a_model_whose_origin_object_was_replaced(stored: Stor
 
     push_model(stored, MODEL, origin)
     assert origin_holds(stored, MODEL, origin)
-    part = sorted((stored.model_path(MODEL) / "variants" / "hf").glob("data_*"))[0]
+    part = stored.model_path(MODEL) / "variants" / "hf" / stored.get(MODEL).manifest("hf").partitions[0].file
     _bucket(origin).put_object(Bucket=origin.bucket, Key=origin.key(MODEL, f"variants/hf/{part.name}"),
                                Body=b"\0" * part.stat().st_size)  # same size, no digest of ours
     assert not origin_holds(stored, MODEL, origin)

@@ -39,6 +39,8 @@ PAGE = 4096
 def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
+# Models in the aligned layout: a partition is exactly its tensors' 24 MiB, so the windows below fall where
+# these figures say (the fill reads a safetensors-layout file the same way: by windows of its bytes).
 # 8 MiB pieces: 2 windows each. The cache runs out at 2 MiB (inside window 0) and at 10 MiB
 # (inside window 2); window 3 is half gap, half cached (read waiting all the same).
 SHAPE = ("--chunk-size", "8MiB", "--num-thread", "2")
@@ -90,7 +92,7 @@ def _refusal(sd_client: object, model: str) -> FillFailed:
 
 def test_a_file_partly_in_the_page_cache_fills_the_same_bytes(tmp_path: Path) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
-        want = make_model(sd.store, "org/m", tensors=24, nbytes=MIB, seed=5)
+        want = make_model(sd.store, "org/m", tensors=24, nbytes=MIB, seed=5, aligned=True)
         data = _data(sd.store, "org/m")
         assert data.stat().st_size > 5 * 4 * MIB  # 6 windows: three pieces, some cached, some not
         _evict(data)
@@ -113,7 +115,7 @@ def test_a_file_partly_in_the_page_cache_fills_the_same_bytes(tmp_path: Path) ->
 def test_a_flipped_byte_is_refused_cached_or_not(tmp_path: Path, at: int, window: int,
                                                  keep: tuple[tuple[int, int], ...]) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
-        make_model(sd.store, "org/bad", tensors=24, nbytes=MIB, seed=6)
+        make_model(sd.store, "org/bad", tensors=24, nbytes=MIB, seed=6, aligned=True)
         data = _data(sd.store, "org/bad")
         _flip(data, at)
         _evict(data, keep=keep)
@@ -124,7 +126,7 @@ def test_a_flipped_byte_is_refused_cached_or_not(tmp_path: Path, at: int, window
 
 def test_a_short_file_is_refused_past_a_gap(tmp_path: Path) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
-        make_model(sd.store, "org/short", tensors=24, nbytes=MIB, seed=7)
+        make_model(sd.store, "org/short", tensors=24, nbytes=MIB, seed=7, aligned=True)
         data = _data(sd.store, "org/short")
         os.truncate(data, 10 * MIB + 7)  # ends inside the second gap (window 2)
         _evict(data)
@@ -141,7 +143,7 @@ def _resident(tmp_path: Path, seed: int, nbytes: int = MIB) -> Iterator[tuple[Re
     """A 24 MiB model saved (one partition: 3 pieces, 6 windows) and a resident copy to fill;
     ``nbytes`` a tensor (24 of them): another size ends the partition inside its last window."""
     store = tmp_path / "store"
-    make_model(store, "org/m", tensors=24, nbytes=nbytes, seed=seed)
+    make_model(store, "org/m", tensors=24, nbytes=nbytes, seed=seed, aligned=True)
     vdir = _data(store, "org/m").parent
     manifest = load_manifest(vdir)
     assert len(manifest.partitions) == 1 and 20 * MIB < manifest.partitions[0].size <= 24 * MIB + MIB
@@ -405,7 +407,7 @@ def test_status_gives_the_fill_timeline_on_the_clients_clock(tmp_path: Path) -> 
     import time
 
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
-        want = make_model(sd.store, "org/t", tensors=24, nbytes=MIB, seed=9)
+        want = make_model(sd.store, "org/t", tensors=24, nbytes=MIB, seed=9, aligned=True)
         for _ in range(2):
             asked = time.monotonic()
             with c.acquire("org/t") as lease:

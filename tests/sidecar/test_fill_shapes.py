@@ -19,7 +19,7 @@ SHAPE = ("--fill-direct", "--fill-read-size", "12KiB", "--chunk-size", "4MiB")
 def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
         want = make_model(sd.store, "org/m", tensors=40, nbytes=100_096, seed=3)
-        sizes = [p.stat().st_size for p in (sd.store / "models").rglob("data_*.bin")]
+        sizes = [p.stat().st_size for p in (sd.store / "models").rglob("*.safetensors")]
         assert any(n % 4096 for n in sizes)
         with c.acquire("org/m") as lease:
             got = {k: v.tobytes() for k, v in lease.numpy().items()}
@@ -29,7 +29,7 @@ def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path) -> None:
 def test_direct_fill_still_refuses_a_flipped_byte(tmp_path: Path) -> None:
     with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
         make_model(sd.store, "org/bad", tensors=8, nbytes=100_096, seed=4)
-        data = next((sd.store / "models").rglob("data_0.bin"))
+        data = next((sd.store / "models").rglob("model.safetensors"))
         size = data.stat().st_size
         with open(data, "r+b") as f:  # in the buffered tail, past the last whole block
             f.seek(size - 3)

@@ -115,7 +115,7 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
     with sidecar(tmp_path, env=fake_env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
         make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20)
-        data = next((sd.store / "models").rglob("data_*.bin"))
+        data = next((sd.store / "models").rglob("*.safetensors"))
         with open(data, "r+b") as f:  # one byte of the second window, after save recorded its digest
             f.seek((4 << 20) + 5)
             b = f.read(1)
@@ -123,7 +123,8 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             f.write(bytes([b[0] ^ 0xFF]))
         with sd.connect() as c:
             with c.acquire("org/m", gpu_first=True) as lease:
-                why = r"org/m.* failed verification: copying its stored files: data_0.bin: checksum window 1 .* differs"
+                why = (r"org/m.* failed verification: copying its stored files: model.safetensors: checksum window 1 "
+                       r".* differs")
                 with pytest.raises(Corrupt, match=why):
                     copy_all(lease)
             wait_log(sd, "fill failed model=org/m")
@@ -140,7 +141,7 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
     with sidecar(tmp_path, env=env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
         expected = {n: digest(v) for n, v in make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20).items()}
-        for data in (sd.store / "models").rglob("data_*.bin"):
+        for data in (sd.store / "models").rglob("*.safetensors"):
             fd = os.open(data, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -98,7 +98,7 @@ def test_a_resident_made_of_pinned_blanks_pins_nothing_and_gives_every_pin_back(
     store = tmp_path / "store"
     cases = {"org/whole": (4, 16 * MiB), "org/cut": (5, 4 * MiB)}  # 64 MiB; 20 MiB, its blank shrunk
     for name, (tensors, nbytes) in cases.items():
-        expected = make_model(store, name, tensors=tensors, nbytes=nbytes, seed=len(name))
+        expected = make_model(store, name, tensors=tensors, nbytes=nbytes, seed=len(name), aligned=True)
         vdir = store / "models" / name.replace("/", "%2F") / "variants" / "hf"
         res = tier.reserve(name, "hf", load_manifest(vdir), variant_identity(vdir))
         assert res.timeline.from_blanks == res.timeline.pinned_blanks == 1 and res.segments[0].pinned
@@ -129,7 +129,8 @@ def test_the_daemon_pins_its_blanks_at_start_and_a_load_into_one_pins_nothing(
         while (mem := sd.status()["memory"])["blanks_pinned"] < mem["blanks"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert mem["blanks_pinned"] == mem["blanks"] > 0
-        expected = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB)  # one 64 MiB partition: a blank
+        # one 64 MiB partition: a blank (the aligned layout, as a per-rank variant)
+        expected = make_model(sd.store, "org/m", tensors=4, nbytes=16 * MiB, aligned=True)
         with sd.connect() as c, c.acquire("org/m") as lease:
             total = sum(len(v) for v in expected.values())
             fd = os.memfd_create("fake-gpu0")
@@ -166,7 +167,7 @@ def test_the_daemon_unpins_a_cut_blanks_pieces_past_the_end_after_the_load(
         while (mem := sd.status()["memory"])["blanks_pinned"] < mem["blanks"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert mem["blanks_pinned"] == mem["blanks"] >= 512 * MiB
-        expected = make_model(sd.store, "org/cut", tensors=5, nbytes=20 * MiB)  # one 100 MiB partition
+        expected = make_model(sd.store, "org/cut", tensors=5, nbytes=20 * MiB, aligned=True)  # one 100 MiB partition
         with sd.connect() as c, c.acquire("org/cut") as lease:
             total = sum(len(v) for v in expected.values())
             fd = os.memfd_create("fake-gpu0")
@@ -276,7 +277,7 @@ def _cut_setup(tmp_path: Path, fake_cuda: ctypes.CDLL, monkeypatch: pytest.Monke
     prefault.make_blanks(tier.blanks, budget=64 * MiB, threads=2, size=64 * MiB)
     tier.release_pins = gpu.release
     assert tier.blanks.pin_all(gpu.pin_blank) == 1
-    expected = make_model(tmp_path / "store", name, tensors=5, nbytes=4 * MiB)
+    expected = make_model(tmp_path / "store", name, tensors=5, nbytes=4 * MiB, aligned=True)
     vdir = tmp_path / "store" / "models" / name.replace("/", "%2F") / "variants" / "hf"
     res = tier.reserve(name, "hf", load_manifest(vdir), variant_identity(vdir))
     return gpu, tier, res, expected, base
@@ -344,7 +345,7 @@ def test_pages_held_past_an_end_go_before_a_load_is_refused_or_a_model_evicted(
     (review): 20 MiB + 44 MiB held of an 80 MiB budget, and a second 20 MiB model arrives."""
     gpu, tier, first, _expected, base = _cut_setup(tmp_path, fake_cuda, monkeypatch, "org/first", budget=80 * MiB)
     assert first.state == "filling" and first.segments[0].past_end == 44 * MiB
-    make_model(tmp_path / "store", "org/second", tensors=5, nbytes=4 * MiB)
+    make_model(tmp_path / "store", "org/second", tensors=5, nbytes=4 * MiB, aligned=True)
     vdir = res_dir(tmp_path, "org/second")
     second = tier.reserve("org/second", "hf", load_manifest(vdir), variant_identity(vdir))
     assert tier.entries.keys() == {("org/first", "hf"), ("org/second", "hf")}  # nothing refused or evicted

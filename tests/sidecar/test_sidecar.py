@@ -64,7 +64,8 @@ def test_list_status_and_counters(tmp_path: Path) -> None:
                 assert st["leases"] == [{"id": lease.id, "model": "org/a", "variant": "hf", "pid": os.getpid(),
                                          "uid": os.getuid()}]
         assert st["counters"]["misses"] == 1 and st["counters"]["hits"] == 1
-        assert st["counters"]["bytes_filled"] == 6 * (256 << 10)
+        stored = Store(sd.store).get("org/a").manifest("hf").total_bytes  # 6 x 256 KiB and the file's header
+        assert st["counters"]["bytes_filled"] == stored and 6 * (256 << 10) < stored < 6 * (256 << 10) + 4096
         tiers = {m["name"]: m["tier"] for m in st["models"]}
         assert tiers == {"org/a": "memory", "org/b": "disk"}
         assert 0 < st["memory"]["used"] <= st["memory"]["budget"] == 256 * MiB
@@ -176,7 +177,7 @@ def test_store_changes_are_noticed(tmp_path: Path) -> None:
 def test_corrupt_partition_is_refused_and_logged(tmp_path: Path) -> None:
     with sidecar(tmp_path) as sd, sd.connect() as c:
         make_model(sd.store, "org/bad")
-        data = sd.store / "models" / "org%2Fbad" / "variants" / "hf" / "data_0.bin"
+        data = sd.store / "models" / "org%2Fbad" / "variants" / "hf" / "model.safetensors"
         with open(data, "r+b") as f:
             f.seek(5000)
             byte = f.read(1)
@@ -188,7 +189,7 @@ def test_corrupt_partition_is_refused_and_logged(tmp_path: Path) -> None:
         lease.release()
         assert failed.value.cause == FailCause.DAMAGED
         line = str(failed.value)
-        assert "data_0.bin window 0 fails its" in line and "sllmfs verify --model org/bad" in line, line
+        assert "model.safetensors window 0 fails its" in line and "sllmfs verify --model org/bad" in line, line
         with pytest.raises(Corrupt, match="failed verification") as refused:  # the next acquire: the same line
             c.acquire("org/bad")
         assert str(refused.value) == line

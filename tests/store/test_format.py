@@ -81,7 +81,9 @@ def test_safetensors_checkpoint_with_odd_dtypes_round_trips(tmp_path: Path) -> N
         assert _same_bits(r.tensor(name), t), name
 
 
-def test_tied_tensors_are_stored_once(tmp_path: Path) -> None:
+def test_tied_tensors_are_tensors_of_their_own_in_the_safetensors_files(tmp_path: Path) -> None:
+    """A safetensors file cannot share bytes between names: a tied name is stored as its own tensor
+    (what the mount showed of it before), in the source's order."""
     emb = torch.randn(64, 16)
     sd = {"embed.weight": emb, "lm_head.weight": emb, "other": torch.randn(4)}
     src = tmp_path / "src"
@@ -89,11 +91,20 @@ def test_tied_tensors_are_stored_once(tmp_path: Path) -> None:
     torch.save(sd, src / "pytorch_model.bin")
     store = Store(tmp_path / "store")
     m = save_model(store, "tied", src)
-    assert m.aliases == {"lm_head.weight": "embed.weight"}
-    assert "lm_head.weight" not in m.tensors
+    assert m.aliases == {} and m.as_files
     assert m.names() == ["embed.weight", "lm_head.weight", "other"]
     r = VariantReader(store.get("tied").variant_dir("hf"))
-    assert torch.equal(r.tensor("lm_head.weight"), emb)
+    assert torch.equal(r.tensor("lm_head.weight"), emb) and torch.equal(r.tensor("embed.weight"), emb)
+
+
+def test_aligned_writer_stores_tied_tensors_once(tmp_path: Path) -> None:
+    w = VariantWriter(tmp_path / "v", "sglang.tp1")
+    emb = torch.randn(8, 4)
+    w.add_bytes("embed.weight", "F32", [8, 4], memoryview(emb.view(-1).view(torch.uint8).numpy()))
+    w.add_alias("lm_head.weight", "embed.weight")
+    m = w.finish()
+    assert m.aliases == {"lm_head.weight": "embed.weight"} and not m.as_files
+    assert torch.equal(VariantReader(tmp_path / "v").tensor("lm_head.weight"), emb)
 
 
 def test_offsets_past_4_gib(tmp_path: Path) -> None:

@@ -93,8 +93,8 @@ def _secret_dir(mdir: Path, outside: Path) -> Path:
 
 
 def _data_copy(mdir: Path, outside: Path) -> Path:
-    (outside / "data_0.bin").write_bytes((mdir / "variants" / "hf" / "data_0.bin").read_bytes())
-    return outside / "data_0.bin"
+    (outside / "model.safetensors").write_bytes((mdir / "variants" / "hf" / "model.safetensors").read_bytes())
+    return outside / "model.safetensors"
 
 
 def _model_dir_symlink(mdir: Path, outside: Path) -> None:
@@ -130,13 +130,14 @@ CASES = {
     "shape-64-True": Case(_manifest(_bool_dim), "manifest.json tensors['layer.0.weight'].shape", ".shape", None),
     "alignment-0": Case(_manifest(lambda d, t: d.update(alignment=0)), "manifest.json alignment", "alignment", None),
     "no-manifest": Case(_no_manifest, "[hf]: manifest.json is missing", "manifest.json is missing"),
-    "fifo-data": Case(_fifo("variants/hf/data_0.bin"), "[hf]: data_0.bin is a FIFO", "data_0.bin is a FIFO", None),
+    "fifo-data": Case(_fifo("variants/hf/model.safetensors"), "[hf]: model.safetensors is a FIFO",
+                      "model.safetensors is a FIFO", None),
     "fifo-config": Case(_fifo("files/config.json"), "files/config.json is a FIFO", "files/config.json is a FIFO"),
     "symlink-config": Case(_symlink("files/config.json", _secret_file), "files/config.json is a symlink",
                            "files/config.json is a symlink"),
     "symlink-files-dir": Case(_symlink("files", _secret_dir), "files is a symlink", "files is a symlink"),
-    "symlink-data": Case(_symlink("variants/hf/data_0.bin", _data_copy), "[hf]: data_0.bin is a symlink",
-                         "data_0.bin is a symlink", None),
+    "symlink-data": Case(_symlink("variants/hf/model.safetensors", _data_copy), "[hf]: model.safetensors is a symlink",
+                         "model.safetensors is a symlink", None),
     "symlink-model-dir": Case(_model_dir_symlink, "its directory is a symlink", "symlink"),
     "garbage-model.json": Case(_garbage_model_json, "model.json is not valid JSON", "model.json is not valid JSON"),
     "odd-dir-name": Case(_odd_dir_name, "", "", "%2E%2E%2F%2E%2E%2Fetc"),
@@ -207,7 +208,13 @@ MUTANTS = {  # one field each: (change, the field the error names)
     "shape not a list": (lambda d, t: t.update(shape="256,64"), ".shape"),
     "offset float": (lambda d, t: t.update(offset=0.0), ".offset"),
     "offset bool": (lambda d, t: t.update(offset=False), ".offset"),
-    "offset misaligned": (lambda d, t: t.update(offset=8), ".offset"),
+    "offset misaligned (aligned layout)": (lambda d, t: (d.update(layout="aligned", alignment=4096),
+                                                       t.update(offset=8)), ".offset"),
+    "offset inside the header": (lambda d, t: t.update(offset=8), "inside the file's header"),
+    "offset leaves a gap": (lambda d, t: t.update(offset=t["offset"] + 8), "back to back"),
+    "layout unknown": (lambda d, t: d.update(layout="packed"), "layout must be one of"),
+    "alias in the files layout": (lambda d, t: d.update(aliases={"x": next(iter(d["tensors"]))}), "aliases cannot"),
+    "file not safetensors": (lambda d, t: d["partitions"][0].update(file="data_0.bin"), "a .safetensors file"),
     "offset past the end": (lambda d, t: t.update(offset=1 << 40), "impossible place"),
     "nbytes disagrees": (lambda d, t: t.update(nbytes=4), ".nbytes"),
     "partition out of range": (lambda d, t: t.update(partition=1), ".partition"),
@@ -345,7 +352,7 @@ def test_store_is_private_to_the_daemons_user_and_group(tmp_path: Path, llama_di
     save_model(store, "m", llama_dir)
     assert root.stat().st_mode & 0o777 == 0o750  # nobody else gets in, whatever lies below
     info = store.get("m")
-    assert (info.variant_dir("hf") / "data_0.bin").stat().st_mode & 0o777 == 0o640
+    assert (info.variant_dir("hf") / "model.safetensors").stat().st_mode & 0o777 == 0o640
     assert (info.path / "files" / "config.json").stat().st_mode & 0o777 == 0o640
 
 

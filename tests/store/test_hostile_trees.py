@@ -62,7 +62,7 @@ def test_odd_names_under_models_keep_list_answering_and_ls_to_one_line_each(tmp_
 
 @ROOTED
 @pytest.mark.parametrize("rel", ["model.json", "files/config.json", "variants/hf/manifest.json",
-                                 "variants/hf/data_0.bin"])
+                                 "variants/hf/model.safetensors"])
 def test_a_socket_in_the_store_is_refused_in_one_line(rel: str, tmp_path: Path) -> None:
     """Found by the fuzz: opening a socket file fails with ENXIO before any type check, which reached
     the daemon as an internal error with a traceback."""

@@ -261,30 +261,26 @@ def test_acquires_never_change_what_the_mount_shows(tmp_path: Path) -> None:
 
 
 def test_verify_checks_the_windows_the_sidecar_checks(tmp_path: Path) -> None:
-    """A flipped padding byte (in no tensor) fails the sidecar's window check: verify must agree."""
+    """A flipped byte in no tensor (a file's header) fails the sidecar's window check: verify must agree."""
     from sllmfs.core.errors import Corrupt
     from sllmfs.store.format import load_manifest
     from sllmfs.store.save import save_model
     from sllmfs.store.store import Store
     from tests.support.cli import one_line_error, sllmfs
 
-    _ckpt(tmp_path, "odd", 3, tensors=3, numel=1001)  # odd sizes: gaps before the next aligned offset
+    _ckpt(tmp_path, "odd", 3, tensors=3, numel=1001)
     with sidecar(tmp_path) as sd:
         save_model(Store(sd.store), "org/p", tmp_path / "odd")
         vdir = next((sd.store / "models").glob("*/variants/hf"))
         m = load_manifest(vdir)
-        ends = sorted((t.offset + t.nbytes, t.partition) for t in m.tensors.values())
-        starts = {(t.partition, t.offset) for t in m.tensors.values()}
-        gap = next((end, part) for end, part in ends if (part, end) not in starts
-                   and end < m.partitions[part].size)
-        path = vdir / m.partitions[gap[1]].file
-        with open(path, "r+b") as f:
-            f.seek(gap[0])
+        assert m.as_files and min(t.offset for t in m.tensors.values()) > 12
+        with open(vdir / m.partitions[0].file, "r+b") as f:  # byte 12: inside the header's JSON
+            f.seek(12)
             b = f.read(1)
-            f.seek(gap[0])
+            f.seek(12)
             f.write(bytes([b[0] ^ 0xFF]))
         err = one_line_error(sllmfs("verify", "--model", "org/p", store=sd.store, check=False))
-        assert "padding between tensors" in err
+        assert "bytes in no tensor" in err and "window 0" in err, err
         with sd.connect() as c, pytest.raises(Corrupt), c.acquire("org/p") as lease:
             lease.tensors(timeout=30)
 
@@ -300,13 +296,13 @@ def test_store_reads_without_the_sidecar_check_windows(tmp_path: Path, llama_dir
     save_model(store, "m", llama_dir)
     with StoreSource("m", str(store.root)).open("hf") as lease:
         assert lease.tensors()  # intact: served
-    part = store.get("m").variant_dir("hf") / "data_0.bin"
+    part = store.get("m").variant_dir("hf") / "model.safetensors"
     with open(part, "r+b") as f:
         f.seek(1000)
         b = f.read(1)
         f.seek(1000)
         f.write(bytes([b[0] ^ 1]))
-    with pytest.raises(Corrupt, match="data_0.bin window 0 fails its checksum"), \
+    with pytest.raises(Corrupt, match="model.safetensors window 0 fails its checksum"), \
             StoreSource("m", str(store.root)).open("hf") as lease:
         lease.tensors()
 

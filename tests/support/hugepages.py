@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from sllmfs.core import pages
 from sllmfs.sidecar import prefault
 
 NR = Path("/proc/sys/vm/nr_hugepages")
@@ -29,3 +30,21 @@ def reserved_hugepages(pages: int) -> Iterator[int]:
         yield free
     finally:
         NR.write_text(str(before))
+
+
+@contextlib.contextmanager
+def shmem_thp_mode(mode: str) -> Iterator[None]:
+    """The host's shmem transparent huge pages set to ``mode`` (root), as before after. The memory tier
+    gives a variant stored as its files their exact twins only where shmem gives 2 MiB pages (advise,
+    as systemd/sllmfs.service sets it); skips where the setting cannot be written."""
+    path = Path(pages.SHMEM_THP)
+    try:
+        text = path.read_text()
+        before = text[text.index("[") + 1:text.index("]")]
+        path.write_text(mode)
+    except (OSError, ValueError):
+        pytest.skip(f"cannot set {path} here (needs root and a kernel with shmem THP)")
+    try:
+        yield
+    finally:
+        path.write_text(before)

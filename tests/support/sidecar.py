@@ -23,8 +23,10 @@ from sllmfs.store.store import Store
 
 
 def make_model(store_root: Path, name: str, *, tensors: int = 6, nbytes: int = 256 << 10, seed: int = 0,
-               force: bool = False) -> dict[str, bytes]:
-    """A safetensors checkpoint of random float32 tensors, saved into the store; returns name -> bytes."""
+               force: bool = False, aligned: bool = False) -> dict[str, bytes]:
+    """A safetensors checkpoint of random float32 tensors, saved into the store; returns name -> bytes.
+    ``aligned``: its hf variant in the aligned layout (as per-rank variants are: partitions of exactly the
+    tensors' bytes, what the hugetlb blanks are sized for) instead of as its safetensors file."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
@@ -34,7 +36,12 @@ def make_model(store_root: Path, name: str, *, tensors: int = 6, nbytes: int = 2
     src.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps({"model_type": "test"}))
-    save_model(Store(store_root), name, src, force=force)
+    if aligned:
+        from tests.support.synth import save_aligned
+
+        save_aligned(Store(store_root), name, src)
+    else:
+        save_model(Store(store_root), name, src, force=force)
     return {k: v.tobytes() for k, v in arrays.items()}
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sllmfs.store.format import MANIFEST, Manifest
+from sllmfs.store.save import save_model
+from sllmfs.store.sources import fd_ranges, scan
+from sllmfs.store.store import Store
+from sllmfs.store.writer import VariantWriter
 
 
 def odd_tensors() -> dict[str, torch.Tensor]:
@@ -53,3 +60,30 @@ def assert_odd_file(path: Path) -> None:
             got = sf.get_tensor(name)
             assert got.dtype == t.dtype and list(got.shape) == list(t.shape), name
             assert raw(got) == raw(t), name
+
+
+def save_aligned(store: Store, name: str, src: Path) -> Manifest:
+    """``src`` stored the way sllmfs stored an hf variant before the safetensors layout (tensors 4 KiB-
+    aligned in data_N.bin, a tied name an alias): stores made then hold these, and the mount
+    synthesizes their safetensors files."""
+    save_model(store, name, src)
+    vdir = store.get(name).variant_dir("hf")
+    for f in vdir.iterdir():
+        if f.name.endswith(".safetensors") or f.name == MANIFEST:
+            f.unlink()
+    ckpt = scan(src)
+    w = VariantWriter(vdir, "hf")
+    w.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
+    fds: dict[Path, int] = {}
+    try:
+        for t in ckpt.tensors:
+            if t.alias_of is not None:
+                w.add_alias(t.name, t.alias_of)
+            elif t.load is not None:
+                w.add_bytes(t.name, t.dtype, t.shape, t.load())
+            else:
+                w.add_from_file(t.name, t.dtype, t.shape, fd_ranges(t.ranges, fds))
+        return w.finish()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
