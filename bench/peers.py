@@ -664,13 +664,14 @@ class Bench:
         return {"caches_dropped": drop_caches()}
 
     def mount_copies(self) -> int:
-        """Bytes the mount holds in passthrough copies now (the sidecar's status)."""
+        """Bytes the mount holds in passthrough backings now: copies, or the tier's own files (the status)."""
         from sllmfs.client import client as sidecar_client
         from sllmfs.core.errors import SllmfsError
 
         try:
             with sidecar_client.connect(str(self.sock)) as c:
-                return int(c.status()["memory"].get("mount_copies", 0))
+                mem = c.status()["memory"]  # copies, or the tier's own files (a cold read must find neither)
+                return int(mem.get("mount_copies", 0)) + int(mem.get("mount_files", 0))
         except SllmfsError as e:  # as the CLI's failures: the rows not run say why
             raise SystemExit(f"sllmfs status failed: {e}") from None
 

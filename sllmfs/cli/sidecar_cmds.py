@@ -43,7 +43,7 @@ def start(
         + _default("--no-fill-direct")),
     copy_direct: Optional[bool] = typer.Option(
         None, "--copy-direct/--no-copy-direct", help="GPU-first copies of files the page cache lacks read them "
-        "past it (O_DIRECT, 512 KiB reads)." + _default("--no-copy-direct")),
+        "past it (O_DIRECT, 512 KiB reads)." + _default("on with 8 or more CPUs")),
     fill_read_size: Optional[str] = typer.Option(None, "--fill-read-size", help="Each fill read, e.g. 512KiB "
                                                  "(4 KiB units; 0: one read per --chunk-size)." + _default("0")),
     mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."

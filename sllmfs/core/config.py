@@ -18,6 +18,7 @@ from typing import Any
 
 from sllmfs.core.errors import BadInput
 
+COPY_DIRECT_CPUS = 8  # from this many CPUs on, GPU-first copies of uncached files read O_DIRECT (below)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -61,9 +62,10 @@ class Settings:
     fill_direct: bool = False
     fill_read_size: int = 0
     # a GPU-first copy of files the page cache lacks reads them O_DIRECT in 512 KiB reads (fastsafetensors'
-    # shape: its reads got 1.1-1.8x our buffered ring's from the H200s' disks); off until measured against the
-    # buffered ring on the GPU machine (NOTES-cold run 22)
-    copy_direct: bool = False
+    # shape), where the host has the cores for it: on the 16-core H200 host it read 1.15x the buffered ring
+    # (cold pairs 0.75x fastsafetensors against 0.66x buffered, NOTES-cold run 22); on a 2-core VM 0.87x
+    # (each stager's hash and copy leave no read in flight, where readahead keeps a buffered one busy)
+    copy_direct: bool = field(default_factory=lambda: (os.cpu_count() or 1) >= COPY_DIRECT_CPUS)
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False

@@ -1,16 +1,17 @@
 """Passthrough backing files: a sealed memfd holding one safetensors file byte for byte.
 
 FUSE passthrough needs a kernel file that *is* the file. A variant stored as its safetensors files
-has one in the memory tier where shmem gives 2 MiB pages (a ResidentFile's answer: adopted, no copy).
-Otherwise (an aligned variant, whose 4 KiB-aligned partitions are not the file; a tier on hugetlb,
-which the kernel refuses as a backing) on the first open of a resident variant's file we copy its bytes, from the segments the
-sidecar verified as it filled them, into a memfd (header + tensors back to back), seal it, and
-let the kernel serve every read and mmap of it from there. The copy costs memory: one more copy
-of that file while it is open and for ``LINGER`` seconds after (loaders open a file several times);
-an unopened one goes at the first expiry pass after its variant leaves the tier (every few seconds:
-until then an open may still be served from it, the same verified bytes of the same version, and its
-bytes still count against the memory budget). Only verified bytes of one committed version go in,
-and a replaced model gets new inodes (tree.py), so a backing never shows stale bytes.
+has one in the memory tier where shmem gives 2 MiB pages (a ResidentFile's answer: adopted, no copy;
+an evicted variant's pages stay while its backing does). Otherwise (an aligned variant, whose 4 KiB-
+aligned partitions are not the file; a tier on hugetlb, which the kernel refuses as a backing) the
+first open of a resident variant's file copies its bytes, from the segments the sidecar verified as it
+filled them, into a memfd (header + tensors back to back), seals it, and lets the kernel serve every
+read and mmap of it from there. The copy costs memory: one more copy of that file while it is open
+and for ``LINGER`` seconds after (loaders open a file several times); an unopened one goes at the
+first expiry pass after its variant leaves the tier (every few seconds: until then an open may still
+be served from it, the same verified bytes of the same version, and its bytes still count against
+the memory budget). Only verified bytes of one committed version go in, and a replaced model gets
+new inodes (tree.py), so a backing never shows stale bytes.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ class CopyBudget(Protocol):
         """A copy's bytes are given back."""
         ...
 
+    def hold_file(self, nbytes: int) -> None:
+        """The mount holds ``nbytes`` of the tier's own file as a backing (no more memory while its variant
+        is resident; once evicted, its pages stay until the backing goes: the status shows them)."""
+        ...
+
+    def free_file(self, nbytes: int) -> None:
+        """A held tier file's backing went."""
+        ...
+
 
 RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
@@ -68,8 +78,9 @@ F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 class Backing:
     fd: int
     backing_id: int
-    size: int
+    size: int  # bytes of a copy (counted in the budget); 0: the tier's own file
     opens: int = 0
+    adopted: int = 0  # bytes of the tier's own file it holds (CopyBudget.hold_file)
     idle_since: float = field(default_factory=time.monotonic)
 
 
@@ -242,7 +253,9 @@ class Backings:
         except OSError:
             os.close(fd)
             raise
-        b = self._by_inode[inode] = Backing(fd, backing_id, 0)  # the tier's memory: nothing more held
+        b = self._by_inode[inode] = Backing(fd, backing_id, 0, adopted=synth.size)  # the tier's memory
+        if self.budget is not None:
+            self.budget.hold_file(synth.size)
         log.info("passthrough: %s (%.2f GB) is the memory tier's own file, no copy; the kernel serves its reads",
                  synth.name, synth.size / 1e9)
         return b
@@ -272,5 +285,7 @@ class Backings:
         except OSError as e:
             log.debug("closing backing %d: %s", b.backing_id, e)
         os.close(b.fd)
-        if self.budget is not None and b.size:  # an adopted tier file (size 0) was never counted
+        if self.budget is not None and b.size:
             self.budget.free_copy(b.size)
+        if self.budget is not None and b.adopted:
+            self.budget.free_file(b.adopted)

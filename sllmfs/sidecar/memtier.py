@@ -284,6 +284,7 @@ class MemoryTier:
         # pinned, so a resident made of pinned blanks is unpinned before its maps go
         self.release_pins: Callable[[Resident], None] | None = None
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
+        self.mount_files = 0  # bytes of the tier's own files the mount holds as backings (counted in residents)
         self.on_freed: Callable[[], None] | None = None  # a resident's memory was just given back (the cache re-blanks)
         self.copying: Callable[[], bool] = lambda: False  # a GPU copy runs now (the cache sets it: GpuCopier.busy)
 
@@ -314,6 +315,12 @@ class MemoryTier:
         self._make_room(nbytes, source[0], keep=source)
         self.mount_copies += nbytes
         return True
+
+    def hold_file(self, nbytes: int) -> None:
+        self.mount_files += nbytes
+
+    def free_file(self, nbytes: int) -> None:
+        self.mount_files = max(0, self.mount_files - nbytes)
 
     def free_copy(self, nbytes: int) -> None:
         self.mount_copies = max(0, self.mount_copies - nbytes)

@@ -62,6 +62,9 @@ def _start_mount_serve_unmount(tmp_path: Path, llama_dir: Path, own_file: bool) 
                 assert sorted(sf.keys()) == sorted(ref.keys())
                 for k in ref.keys():
                     assert raw(sf.get_tensor(k)) == raw(ref.get_tensor(k)), k
+            mem = client.status()["memory"]  # the closed file's backing lingers (a loader opens it again)
+            size = (model / "model.safetensors").stat().st_size
+            assert (mem["mount_files"], mem["mount_copies"]) == ((size, 0) if own_file else (0, size)), mem
             lease.release()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
