@@ -487,7 +487,7 @@ CopyStats Engine::copy(const std::vector<SegmentDesc>& segs, const uint64_t* pie
                                                 std::to_string(kDirectAlign) + " bytes");
   }
   auto t0 = Clock::now();
-  Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, ipc ? dest_blocks : nullptr);
+  Plan plan = make_plan(segs, pieces, n, cfg_.chunk_bytes, cfg_.file_block_bytes, ipc ? dest_blocks : nullptr);
   target_->bind_thread();
   // The framework may still be writing the target tensors on its own stream.
   target_->sync_device();

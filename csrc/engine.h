@@ -39,6 +39,9 @@ struct EngineConfig {
   int stage_threads = 4;
   int register_threads = 1;
   uint64_t chunk_bytes = 64ull << 20;
+  // a file source's block, in its checksum windows' multiples (0: one window): stagers dealt small blocks in
+  // file order read one narrow front of the file (NOTES-cold run 24; bench/gpu_first_cold.py's A/B)
+  uint64_t file_block_bytes = 0;
   uint64_t slot_bytes = 8ull << 20;
   int slots_per_thread = 3;
   double poll_seconds = 100e-6;

@@ -21,15 +21,15 @@ struct Keyed {
 }  // namespace
 
 Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes,
-               const uint32_t* dest_blocks) {
+               uint64_t file_block_bytes, const uint32_t* dest_blocks) {
   for (size_t s = 0; s < segs.size(); ++s) {
     const SegmentDesc& sd = segs[s];
     const std::string name = "segment " + std::to_string(s);
     if (sd.ready && sd.chunk == 0) throw EngineError(ErrorKind::BadPlan, name + ": readiness given with chunk size 0");
     // a file's checksum windows never straddle two blocks: a stager reads and checks whole windows
-    if (sd.is_file() && (sd.ready || !sd.digests || sd.window == 0 || chunk_bytes % sd.window != 0))
+    if (sd.is_file() && (sd.ready || !sd.digests || sd.window == 0 || file_block_bytes % sd.window != 0))
       throw EngineError(ErrorKind::BadPlan, name + ": a file source needs digests, no readiness, and a checksum "
-                                                   "window that divides the block size");
+                                                   "window that divides the file block size");
   }
   std::vector<Keyed> keyed;
   keyed.reserve(n);
@@ -46,12 +46,14 @@ Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, siz
     uint32_t dblk = dest_blocks ? dest_blocks[i] : kNoDestBlock;
     if ((dst == 0 && !dest_blocks) || dst + nb < dst) bad(i, "bad destination address");
     plan.total += nb;
-    // Split at window edges so no unit straddles two blocks.
+    // Split at window edges so no unit straddles two blocks. A file's block is file_block_bytes (0: one
+    // checksum window): its stagers, dealt blocks in file order, read one narrow front of the file.
+    const uint64_t span = !sd.is_file() ? chunk_bytes : file_block_bytes ? file_block_bytes : sd.window;
     uint64_t done = 0;
     while (done < nb) {
       uint64_t o = off + done;
-      uint64_t w = o / chunk_bytes;
-      uint64_t k = std::min(nb - done, (w + 1) * chunk_bytes - o);
+      uint64_t w = o / span;
+      uint64_t k = std::min(nb - done, (w + 1) * span - o);
       keyed.push_back({static_cast<uint32_t>(s), w, Unit{reinterpret_cast<uint8_t*>(dst + done), o, k, dblk}});
       done += k;
     }

@@ -1,7 +1,8 @@
 // Turning (segment, offset, dst, nbytes) pieces into blocks the workers claim.
 //
 // A block is the work that lies in one chunk_bytes-aligned window of one
-// segment: the unit of readiness waiting, registration and claiming. Pieces
+// segment (of a file source: one checksum window): the unit of readiness
+// waiting, registration and claiming. Pieces
 // are split at window edges, so a big tensor becomes several blocks and many
 // small tensors share one.
 #pragma once
@@ -57,6 +58,7 @@ struct Plan {
 // (n entries), dst is an offset into that destination block instead of an
 // address. Throws EngineError(BadPlan) naming the first bad piece.
 Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, size_t n, uint64_t chunk_bytes,
+               uint64_t file_block_bytes,
                const uint32_t* dest_blocks = nullptr);
 
 }  // namespace sllm

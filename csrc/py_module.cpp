@@ -89,16 +89,17 @@ struct EngineObject {
 
 int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   static const char* kw[] = {"target", "device", "mode", "streams", "threads", "register_threads",
-                             "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", "cudart_fallback", nullptr};
+                             "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", "cudart_fallback",
+                             "file_block_bytes", nullptr};
   const char* target = "host";
   const char* mode = "hybrid";
   const char* cudart = "";
   const char* fallback = "";
   sllm::EngineConfig cfg;
-  unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKiss", const_cast<char**>(kw), &target, &cfg.device, &mode,
+  unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes, file_block = cfg.file_block_bytes;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKissK", const_cast<char**>(kw), &target, &cfg.device, &mode,
                                    &cfg.streams, &cfg.stage_threads, &cfg.register_threads, &chunk, &slot,
-                                   &cfg.slots_per_thread, &cudart, &fallback))
+                                   &cfg.slots_per_thread, &cudart, &fallback, &file_block))
     return -1;
   std::string t(target), m(mode);
   if (t != "host" && t != "cuda") {
@@ -111,6 +112,7 @@ int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   cfg.cudart_fallback = fallback;
   cfg.chunk_bytes = chunk;
   cfg.slot_bytes = slot;
+  cfg.file_block_bytes = file_block;
   delete self->engine;
   self->engine = nullptr;
   sllm::Engine* eng = nullptr;

@@ -110,6 +110,7 @@ class CopyEngine:
         register_threads: int | None = None,
         slot_bytes: int = 2 * MiB,
         slots_per_thread: int = 3,
+        file_block_bytes: int = 0,
     ) -> None:
         if target not in ("cuda", "host"):
             raise ValueError("target must be 'cuda' or 'host'")
@@ -140,6 +141,7 @@ class CopyEngine:
                 slots_per_thread=slots_per_thread,
                 cudart=cudart,
                 cudart_fallback=fallback,
+                file_block_bytes=file_block_bytes,
             )
         except EngineError as e:
             raise translate(e, CudaUnavailable if target == "cuda" else CudaError) from None

@@ -40,13 +40,16 @@ def files(tmp_path, request):
         os.close(fd)
 
 
-# slot_bytes: smaller than a window (checked at its last read), equal, larger and not a multiple
+# slot_bytes: smaller than a window (checked at its last read), equal, larger and not a multiple; file
+# blocks of one window (the default: a narrow front) or of three
+@pytest.mark.parametrize("file_block", [0, 3 * WINDOW], ids=["window-blocks", "3-window-blocks"])
 @pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW, 3 * WINDOW // 2])
-def test_file_copy_matches_source(files, slot_bytes):
+def test_file_copy_matches_source(files, slot_bytes, file_block):
     datas, segs = files
     dst = make_dst(64 * MiB)
     pieces, expect = tensor_pieces(datas, np.random.default_rng(slot_bytes), dst.ctypes.data)
-    with ce.CopyEngine(target="host", mode="auto", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes) as eng:
+    with ce.CopyEngine(target="host", mode="auto", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes,
+                       file_block_bytes=file_block) as eng:
         for _ in range(2):  # the second copy reuses the ring
             dst[:] = 0xAB
             stats = eng.copy(segs, pieces)
@@ -115,8 +118,8 @@ def test_bad_file_sources_are_refused(files):
         with pytest.raises(ce.BadPieces, match="copy them in stage mode"):
             eng.copy(segs[:1], one)
     odd = ce.FileSegment(segs[0].fd, datas[0].nbytes, segs[0].digests, 3 * MiB)  # does not divide 2 MiB blocks
-    with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
-        with pytest.raises(ce.BadPieces, match="window that divides the block size"):
+    with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB, file_block_bytes=2 * MiB) as eng:
+        with pytest.raises(ce.BadPieces, match="window that divides the file block size"):
             eng.copy([odd], one)
 
 
