@@ -888,7 +888,7 @@ def mount_load(b: Bench, ck: Ckpt, reader: str, placement: str, fuse_why: str | 
                            ("passthrough", "through the daemon"))
 
     def after(run: dict[str, Any]) -> None:
-        run["mount_copies_after"] = b.mount_copies()  # > 0: passthrough copies served the reads
+        run["mount_copies_after"] = b.mount_copies()  # > 0: passthrough backings served the reads
         lines(run)
 
     b.load("main", ck, reader, placement, b.mount / ck.model, before=before, after=after)
@@ -1090,7 +1090,8 @@ def print_table(b: Bench) -> None:
                 print(f"  {what} {'skipped' if 'skipped' in r else 'FAILED'}")
                 continue
             held = r.get("mount_copies_after", 0)
-            copies = f"a {held / 1e9:.2f} GB passthrough copy after it" if held else "no passthrough copy after it"
+            copies = (f"{held / 1e9:.2f} GB held in passthrough backings after it (copies or the tier's own files)"
+                      if held else "no passthrough backing after it")
             ratios = " ".join(ratio_text(r, k) for k in ("vs_tmpfs", "vs_disk") if k in r)
             print(f"  {what} {r['gbps']:.2f} GB/s {ratios} [{copies}; {check(r)}]")
     print(f"-> {b.dest}")
