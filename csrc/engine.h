@@ -39,8 +39,8 @@ struct EngineConfig {
   int stage_threads = 4;
   int register_threads = 1;
   uint64_t chunk_bytes = 64ull << 20;
-  // a file source's block, in its checksum windows' multiples (0: one window): stagers dealt small blocks in
-  // file order read one narrow front of the file (NOTES-cold run 24; bench/gpu_first_cold.py's A/B)
+  // a file source's block, a multiple of its checksum window (0: chunk_bytes). One window each (a front 64 MiB
+  // wide, as fastsafetensors' threads read) was 0.91x the 64 MiB blocks on the H200 (NOTES-cold run 24)
   uint64_t file_block_bytes = 0;
   uint64_t slot_bytes = 8ull << 20;
   int slots_per_thread = 3;

@@ -27,7 +27,8 @@ Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, siz
     const std::string name = "segment " + std::to_string(s);
     if (sd.ready && sd.chunk == 0) throw EngineError(ErrorKind::BadPlan, name + ": readiness given with chunk size 0");
     // a file's checksum windows never straddle two blocks: a stager reads and checks whole windows
-    if (sd.is_file() && (sd.ready || !sd.digests || sd.window == 0 || file_block_bytes % sd.window != 0))
+    if (sd.is_file() && (sd.ready || !sd.digests || sd.window == 0 ||
+                         (file_block_bytes ? file_block_bytes : chunk_bytes) % sd.window != 0))
       throw EngineError(ErrorKind::BadPlan, name + ": a file source needs digests, no readiness, and a checksum "
                                                    "window that divides the file block size");
   }
@@ -46,9 +47,8 @@ Plan make_plan(const std::vector<SegmentDesc>& segs, const uint64_t* pieces, siz
     uint32_t dblk = dest_blocks ? dest_blocks[i] : kNoDestBlock;
     if ((dst == 0 && !dest_blocks) || dst + nb < dst) bad(i, "bad destination address");
     plan.total += nb;
-    // Split at window edges so no unit straddles two blocks. A file's block is file_block_bytes (0: one
-    // checksum window): its stagers, dealt blocks in file order, read one narrow front of the file.
-    const uint64_t span = !sd.is_file() ? chunk_bytes : file_block_bytes ? file_block_bytes : sd.window;
+    // Split at window edges so no unit straddles two blocks (a file's: file_block_bytes, 0 = chunk_bytes).
+    const uint64_t span = sd.is_file() && file_block_bytes ? file_block_bytes : chunk_bytes;
     uint64_t done = 0;
     while (done < nb) {
       uint64_t o = off + done;

@@ -1,8 +1,8 @@
 // Turning (segment, offset, dst, nbytes) pieces into blocks the workers claim.
 //
 // A block is the work that lies in one chunk_bytes-aligned window of one
-// segment (of a file source: one checksum window): the unit of readiness
-// waiting, registration and claiming. Pieces
+// segment (of a file source: file_block_bytes, when given): the unit of
+// readiness waiting, registration and claiming. Pieces
 // are split at window edges, so a big tensor becomes several blocks and many
 // small tensors share one.
 #pragma once

@@ -88,9 +88,11 @@ class CopyEngine:
     ``device`` is an ordinal or a PCI bus id string.
 
     CopyEngine(target="cuda", device=0, streams=4, chunk_bytes=64 MiB, mode="auto",
-               threads=None, register_threads=None, slot_bytes=2 MiB, slots_per_thread=3)
+               threads=None, register_threads=None, slot_bytes=2 MiB, slots_per_thread=3,
+               file_block_bytes=0)
 
-    ``threads`` are staging threads (memcpy into the pinned ring; default
+    ``file_block_bytes``: how much of a file source one stager claims at a time (a multiple of its checksum
+    window; 0: ``chunk_bytes``). ``threads`` are staging threads (memcpy into the pinned ring; default
     min(12, cores - 2)); ``register_threads`` pin blocks in place and copy from
     them (default 8; 1 in hybrid). ``mode="auto"`` picks per copy: "register"
     when every segment is hugetlb-backed, else "stage". The engine

@@ -41,8 +41,8 @@ def files(tmp_path, request):
 
 
 # slot_bytes: smaller than a window (checked at its last read), equal, larger and not a multiple; file
-# blocks of one window (the default: a narrow front) or of three
-@pytest.mark.parametrize("file_block", [0, 3 * WINDOW], ids=["window-blocks", "3-window-blocks"])
+# blocks of chunk_bytes (the default), one window, or three
+@pytest.mark.parametrize("file_block", [0, WINDOW, 3 * WINDOW], ids=["chunk", "window", "3-windows"])
 @pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW, 3 * WINDOW // 2])
 def test_file_copy_matches_source(files, slot_bytes, file_block):
     datas, segs = files
