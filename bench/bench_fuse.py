@@ -87,6 +87,7 @@ def serve_main(store_root: str, mnt: str, name: str, resident: bool, server: str
     import trio
 
     from sllmfs.fuse.main import serve
+    from sllmfs.fuse.tierfile import TierFile
     from sllmfs.store.store import Store
 
     store = Store(store_root, create=False, cleanup=False)
@@ -115,9 +116,9 @@ def serve_main(store_root: str, mnt: str, name: str, resident: bool, server: str
         for synth in layout(store.get(name).manifest("hf")).files:
             files[synth.name] = build(synth, segments)
 
-    def resident_file(model: str, variant: str, identity: object, file: str) -> int | None:
+    def resident_file(model: str, variant: str, identity: object, file: str) -> TierFile | None:
         fd = files.get(file) if (model, variant) == (name, "hf") else None
-        return os.dup(fd) if fd is not None else None
+        return TierFile(os.dup(fd), os.fstat(fd).st_size, lambda: None) if fd is not None else None
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -28,7 +28,7 @@ from sllmfs.core.config import env_seconds
 from sllmfs.core.errors import Corrupt, Pulling, SllmfsError
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.protocol import wire
-from sllmfs.protocol.messages import FailCause, Op, Readiness, SidecarError, TensorRef, raise_for
+from sllmfs.protocol.messages import HELLO_OFF_ELEMENT, FailCause, Op, Readiness, SidecarError, TensorRef, raise_for
 
 __all__ = ["Client", "FillFailed", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
@@ -73,7 +73,7 @@ class Client:
             self._sock.close()
             raise SidecarError(f"cannot reach the sidecar at {path}: {e.strerror}; is `sllmfs start` running?") \
                 from None
-        hello = self._call({"op": Op.HELLO, "version": wire.VERSION})[0]
+        hello = self._call({"op": Op.HELLO, "version": wire.VERSION, HELLO_OFF_ELEMENT: True})[0]
         self.server_pid: int = hello.get("pid", 0)
 
     def _call(self, msg: dict[str, Any], *, use_list: bool = True) -> tuple[dict[str, Any], list[int]]:

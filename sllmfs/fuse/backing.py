@@ -34,14 +34,15 @@ import trio
 from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
+from sllmfs.fuse.tierfile import TierFile
 from sllmfs.store.store import Identity
 
 log = logging.getLogger(__name__)
 
-# (model, variant, identity, file name) -> a new fd of a sealed memfd holding exactly that synthesized
-# file, verified, or None. For a memory tier that lays a variant out as its safetensors files: then
-# the backing is the tier's own memory (no copy, no second copy held); the fd is ours to close.
-ResidentFile = Callable[[str, str, Identity, str], "int | None"]
+# (model, variant, identity, file name) -> the memory tier's own sealed memfd holding exactly that
+# synthesized file, verified, lent to us (tierfile.py), or None. For a memory tier that lays a variant out
+# as its safetensors files: then the backing is the tier's own memory (no copy, no second copy held).
+ResidentFile = Callable[[str, str, Identity, str], "TierFile | None"]
 
 class CopyBudget(Protocol):
     """Whose memory budget a backing copy counts against (the sidecar's memory tier: --mem-pool-size)."""
@@ -53,15 +54,6 @@ class CopyBudget(Protocol):
 
     def free_copy(self, nbytes: int) -> None:
         """A copy's bytes are given back."""
-        ...
-
-    def hold_file(self, nbytes: int) -> None:
-        """The mount holds ``nbytes`` of the tier's own file as a backing (no more memory while its variant
-        is resident; once evicted, its pages stay until the backing goes: the status shows them)."""
-        ...
-
-    def free_file(self, nbytes: int) -> None:
-        """A held tier file's backing went."""
         ...
 
 
@@ -80,7 +72,7 @@ class Backing:
     backing_id: int
     size: int  # bytes of a copy (counted in the budget); 0: the tier's own file
     opens: int = 0
-    adopted: int = 0  # bytes of the tier's own file it holds (CopyBudget.hold_file)
+    lent: TierFile | None = None  # the tier's own file it is (its fd is lent.fd), given back when it goes
     idle_since: float = field(default_factory=time.monotonic)
 
 
@@ -193,19 +185,24 @@ class Backings:
         self._by_inode[inode].opens += 1
 
     async def acquire(self, inode: int, synth: SynthFile, views: list[memoryview] | None, label: str,
-                      file_fd: int | None = None, source: tuple[str, str] = ("", "")) -> Backing:
+                      lent: TierFile | None = None, source: tuple[str, str] = ("", "")) -> Backing:
         """The inode's backing, built on first use (concurrent first opens wait for one build);
         ``views``: the resident segments to build it from (None: only an existing one will do);
-        ``label``: what the log line calls the file; ``file_fd``: the memory tier's own copy of the
-        file (a ResidentFile's answer, adopted instead of building one; closed here either way);
+        ``label``: what the log line calls the file; ``lent``: the memory tier's own copy of the
+        file (a ResidentFile's answer, adopted instead of building one; given back here unless adopted);
         ``source``: the (model, variant) the views are of (the budget never evicts it for the copy)."""
-        while inode in self._building:
-            await self._building[inode].wait()
+        try:
+            while inode in self._building:
+                await self._building[inode].wait()
+        except BaseException:  # cancelled: the tier's file goes back, or its resident would stay forever
+            if lent is not None:
+                lent.close()
+            raise
         b = self._by_inode.get(inode)
-        if b is not None and file_fd is not None:
-            os.close(file_fd)
-        elif b is None and file_fd is not None:
-            b = self._adopt(inode, file_fd, synth)
+        if b is not None and lent is not None:
+            lent.close()
+        elif b is None and lent is not None:
+            b = self._adopt(inode, lent, synth)
         if b is None:
             if views is None:
                 raise OSError(errno.ENODATA, "the variant left the memory tier")
@@ -241,7 +238,8 @@ class Backings:
         b.opens += 1
         return b
 
-    def _adopt(self, inode: int, fd: int, synth: SynthFile) -> Backing:
+    def _adopt(self, inode: int, lent: TierFile, synth: SynthFile) -> Backing:
+        fd = lent.fd
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             fixed = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
@@ -251,14 +249,19 @@ class Backings:
                 raise OSError(errno.EINVAL, f"the memory tier's {synth.name} is not a sealed file of its size")
             backing_id = kernel.backing_open(self.dev, fd)
         except OSError:
-            os.close(fd)
+            lent.close()
             raise
-        b = self._by_inode[inode] = Backing(fd, backing_id, 0, adopted=synth.size)  # the tier's memory
-        if self.budget is not None:
-            self.budget.hold_file(synth.size)
+        b = self._by_inode[inode] = Backing(fd, backing_id, 0, lent=lent)  # the tier's memory
+        lent.opened = lambda: b.opens > 0
+        lent.let_go = lambda: self._let_go(inode, b)
         log.info("passthrough: %s (%.2f GB) is the memory tier's own file, no copy; the kernel serves its reads",
                  synth.name, synth.size / 1e9)
         return b
+
+    def _let_go(self, inode: int, b: Backing) -> None:
+        """The tier wants its file back (its variant is being evicted): drop the backing unless it is open."""
+        if self._by_inode.get(inode) is b and b.opens == 0:
+            self._drop(inode)
 
     def release(self, inode: int) -> None:
         b = self._by_inode.get(inode)
@@ -284,8 +287,9 @@ class Backings:
             kernel.backing_close(self.dev, b.backing_id)
         except OSError as e:
             log.debug("closing backing %d: %s", b.backing_id, e)
-        os.close(b.fd)
+        if b.lent is not None:
+            b.lent.close()  # the tier's pages may go now
+        else:
+            os.close(b.fd)
         if self.budget is not None and b.size:
             self.budget.free_copy(b.size)
-        if self.budget is not None and b.adopted:
-            self.budget.free_file(b.adopted)

@@ -27,6 +27,7 @@ from sllmfs.fuse import kernel
 from sllmfs.fuse.backing import Backings, CopyBudget, ResidentFile
 from sllmfs.fuse.kernel import Opcode, Request
 from sllmfs.fuse.ops import Ops
+from sllmfs.fuse.tierfile import TierFile
 from sllmfs.fuse.tree import Node
 
 log = logging.getLogger(__name__)
@@ -246,12 +247,12 @@ class KernelDriver:
         mode = self._modes.get(inode)
         if self.passthrough and node is not None and node.synth is not None and (mode is None or mode.passthrough):
             views = self.ops.resident(node)
-            file_fd = self._resident_file(node) if self.backings.get(inode) is None else None
-            if views is not None or file_fd is not None or self.backings.get(inode) is not None:
+            lent = self._resident_file(node) if self.backings.get(inode) is None else None
+            if views is not None or lent is not None or self.backings.get(inode) is not None:
                 try:
                     st = node.stored
                     label = f"{st.model} {node.synth.name}" if st else node.synth.name
-                    await self.backings.acquire(inode, node.synth, views, label, file_fd,
+                    await self.backings.acquire(inode, node.synth, views, label, lent,
                                                 (st.model, st.key) if st else ("", ""))
                     use_backing = True
                 except OSError as e:  # no memory for the copy, or the kernel refused it: the daemon serves
@@ -280,7 +281,7 @@ class KernelDriver:
             return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_PASSTHROUGH, backing.backing_id)
         return kernel.OPEN_OUT.pack(fh, kernel.FOPEN_KEEP_CACHE if fi.keep_cache else 0, 0)
 
-    def _resident_file(self, node: Node) -> int | None:
+    def _resident_file(self, node: Node) -> TierFile | None:
         st, synth = node.stored, node.synth
         if self.resident_file is None or st is None or synth is None:
             return None

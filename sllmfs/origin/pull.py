@@ -29,6 +29,7 @@ from sllmfs.store.format import (
     CHUNK_SIZE,
     FORMAT_VERSION,
     MANIFEST,
+    READ_VERSIONS,
     FileDigest,
     FileDigests,
     Manifest,
@@ -248,9 +249,9 @@ def _manifest(origin: Origin, name: str, rel: str, data: bytes) -> Manifest:
         raise _damaged(origin, name, rel, "is not valid JSON") from None
     if not isinstance(d, dict) or d.get("format") != "sllmfs-variant":
         raise _damaged(origin, name, rel, "is not an sllmfs manifest")
-    if d.get("format_version") != FORMAT_VERSION:
+    if type(d.get("format_version")) is not int or d["format_version"] not in READ_VERSIONS:
         raise BadInput(f"origin object {origin.where(name, rel)} has format version {d.get('format_version')!r}; "
-                       f"this sllmfs reads version {FORMAT_VERSION}: upgrade sllmfs")
+                       f"this sllmfs reads versions {READ_VERSIONS[0]}-{FORMAT_VERSION}: upgrade sllmfs")
     try:
         return _parse(d)
     except _Bad as e:

@@ -14,6 +14,10 @@ from typing import Any, NamedTuple
 from sllmfs.core import errors
 from sllmfs.core.errors import SllmfsError
 
+# hello's field from clients that read a tensor stored off its element size (a safetensors-layout variant may
+# hold one): a client that does not send it is refused such a variant, never handed an offset it misreads
+HELLO_OFF_ELEMENT = "off_element_tensors"
+
 
 class Op(StrEnum):
     """A request's ``"op"``; the server's dispatch table and the client's calls both use these."""

@@ -21,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput
 from sllmfs.core.pages import shmem_thp
 from sllmfs.engine.segments import address_of
+from sllmfs.fuse.tierfile import TierFile
 from sllmfs.protocol.messages import FailCause, Failure, Readiness, TensorRef
 from sllmfs.sidecar.prefault import PIN_PIECE, Blank, Blanks, Unpin
 from sllmfs.store.format import CHUNK_SIZE, HUGE_PAGE, Manifest
@@ -244,6 +246,8 @@ class Resident:
     closed: bool = False  # segments unmapped: nothing may touch them
     source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
     timeline: Timeline = field(default_factory=Timeline)
+    lent: list[TierFile] = field(default_factory=list)  # its files the mount backs files with (no copy)
+    off_element: bool = False  # a tensor sits off its element size (a safetensors file may): old clients misread it
 
     @property
     def nbytes(self) -> int:
@@ -255,7 +259,7 @@ class Resident:
 
     @property
     def busy(self) -> bool:
-        return self.leases > 0 or self.pinned or self.state == "filling"
+        return self.leases > 0 or self.pinned or self.state == "filling" or any(f.opened() for f in self.lent)
 
     def fail(self, cause: FailCause, line: str) -> None:
         """Record why this copy failed (before marking any window FAILED); the first reason stands."""
@@ -284,7 +288,6 @@ class MemoryTier:
         # pinned, so a resident made of pinned blanks is unpinned before its maps go
         self.release_pins: Callable[[Resident], None] | None = None
         self.mount_copies = 0  # bytes the mount's passthrough backing files hold (fuse/backing.py)
-        self.mount_files = 0  # bytes of the tier's own files the mount holds as backings (counted in residents)
         self.on_freed: Callable[[], None] | None = None  # a resident's memory was just given back (the cache re-blanks)
         self.copying: Callable[[], bool] = lambda: False  # a GPU copy runs now (the cache sets it: GpuCopier.busy)
 
@@ -296,6 +299,11 @@ class MemoryTier:
         if any(r.state == "filling" for r in (*self.entries.values(), *self.retired)) or self.copying():
             return 0  # a blank's faults and pins would slow them: the pass waits for the next free moment
         return max(0, self.budget - self.used - self.blanks.nbytes)
+
+    @property
+    def mount_files(self) -> int:
+        """Bytes of the tier's own files the mount holds as backings (counted in their residents)."""
+        return sum(f.nbytes for r in (*self.entries.values(), *self.retired) for f in r.lent)
 
     @property
     def used(self) -> int:
@@ -316,12 +324,6 @@ class MemoryTier:
         self.mount_copies += nbytes
         return True
 
-    def hold_file(self, nbytes: int) -> None:
-        self.mount_files += nbytes
-
-    def free_file(self, nbytes: int) -> None:
-        self.mount_files = max(0, self.mount_files - nbytes)
-
     def free_copy(self, nbytes: int) -> None:
         self.mount_copies = max(0, self.mount_copies - nbytes)
         if nbytes and self.on_freed is not None:  # blanks dropped for the copy may come back
@@ -341,16 +343,26 @@ class MemoryTier:
             return None
         return [memoryview(s.mm)[: s.size] for s in res.segments]
 
-    def resident_file(self, model: str, variant: str, identity: Identity, file: str) -> int | None:
-        """A new read-only fd of the memfd that is stored file ``file`` of this very version, fully resident
-        and verified (fuse.backing.ResidentFile: the mount's passthrough backing, no copy), else None."""
+    def resident_file(self, model: str, variant: str, identity: Identity, file: str) -> TierFile | None:
+        """The memfd that is stored file ``file`` of this very version, fully resident and verified, lent
+        to the mount as a passthrough backing (fuse/tierfile.py: the resident stays until it comes back),
+        else None."""
         res = self.get(model, variant)
         if res is None or res.state != "ready" or res.identity != identity or not res.manifest.as_files:
             return None
         for p, seg in zip(res.manifest.partitions, res.segments, strict=True):
-            if p.file == file:
-                return seg.readonly_fd() if seg.exact else None
+            if p.file == file and seg.exact:
+                return self._lend(res, seg.readonly_fd(), p.size)
         return None
+
+    def _lend(self, res: Resident, fd: int, nbytes: int) -> TierFile:
+        def returned() -> None:
+            res.lent.remove(lent)
+            self.settle(res)  # an evicted resident goes with its last lent file
+
+        lent = TierFile(fd, nbytes, returned)
+        res.lent.append(lent)
+        return lent
 
     def reserve(self, model: str, variant: str, manifest: Manifest, identity: Identity | None) -> Resident:
         """Allocate segments for a variant, evicting LRU entries to fit the budget."""
@@ -405,6 +417,7 @@ class MemoryTier:
         res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0, cut_s=sum(seg.cut_s for seg in segments),
                                 from_blanks=sum(b is not None for b in blanks), partitions=len(blanks),
                                 pinned_blanks=sum(seg.pinned for seg in segments))
+        res.off_element = any(t.offset % dtypes.by_code(t.dtype).itemsize for t in manifest.tensors.values())
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
                             for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res
@@ -430,21 +443,26 @@ class MemoryTier:
                 copies = (f" (the mount's passthrough copies hold {self.mount_copies}: they go a minute after their "
                           "files close)") if self.mount_copies else ""
                 free = max(0, self.budget - self.used)
+                files = (f" (readers of the mount have {self.mount_files} of them open)") if self.mount_files else ""
                 raise BadInput(
                     f"memory pool full: model {model!r} needs {need} bytes, {free} free{copies} "
-                    "and every resident model is leased, pinned or filling; release leases, "
-                    "`sllmfs unpin`, or raise --mem-pool-size"
+                    f"and every resident model is leased, pinned, filling or open through the mount{files}; "
+                    "release leases, `sllmfs unpin`, or raise --mem-pool-size"
                 )
             self.drop(min(idle, key=lambda r: r.last_used), why="lru")
 
     def drop(self, res: Resident, *, why: str) -> None:
-        """Remove from the tier now, or once its leases and fill end."""
+        """Remove from the tier now, or once its leases, fill and the mount's open files of it end."""
         if self.entries.get((res.model, res.variant)) is res:
             del self.entries[(res.model, res.variant)]
         self.evictions += 1
+        for f in list(res.lent):  # backings no reader has open go now (their pages with them)
+            if not f.opened():
+                f.let_go()
         log.info("evicted model=%s variant=%s bytes=%d reason=%s%s", res.model, res.variant, res.nbytes, why,
-                 " (freed when its leases end)" if res.leases or res.state == "filling" else "")
-        if res.leases or res.state == "filling":
+                 " (freed when its leases end)" if res.leases or res.state == "filling"
+                 else " (freed when the mount's readers close its files)" if res.lent else "")
+        if res.leases or res.state == "filling" or res.lent:
             res.retired = True
             self.retired.append(res)
         else:
@@ -452,7 +470,7 @@ class MemoryTier:
 
     def settle(self, res: Resident) -> None:
         """Free a retired entry whose last lease or fill just ended."""
-        if res.retired and not res.leases and res.state != "filling" and res in self.retired:
+        if res.retired and not res.leases and res.state != "filling" and not res.lent and res in self.retired:
             self.retired.remove(res)
             self._free(res)
 

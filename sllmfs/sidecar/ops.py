@@ -39,6 +39,7 @@ class Conn:
     pid: int
     uid: int
     leases: dict[int, Resident] = field(default_factory=dict)
+    off_element: bool = False  # its hello said it reads tensors stored off their element size (HELLO_OFF_ELEMENT)
 
 
 class Ops:
@@ -69,6 +70,9 @@ class Ops:
         if not isinstance(gpu_first, bool):
             raise BadInput("acquire 'gpu_first' must be true or false")
         res = await self.cache.resident(model, variant, gpu_first=gpu_first)
+        if res.off_element and not conn.off_element:
+            raise BadInput(f"model {model!r} [{variant}] has tensors stored off their element size, which this "
+                           "client would misread; upgrade sllmfs where the client runs (pip install -U sllmfs)")
         seconds = time.perf_counter() - t0  # a miss: the tier's allocation (the fill runs behind)
         lease_id = next(self._ids)
         res.leases += 1

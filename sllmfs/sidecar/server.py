@@ -25,7 +25,7 @@ import trio
 from sllmfs.core.config import Settings
 from sllmfs.core.errors import BadInput, SllmfsError
 from sllmfs.protocol import wire
-from sllmfs.protocol.messages import Op, ProtocolError, SidecarError, error_reply
+from sllmfs.protocol.messages import HELLO_OFF_ELEMENT, Op, ProtocolError, SidecarError, error_reply
 from sllmfs.sidecar.cache import Cache
 from sllmfs.sidecar.memtier import MemoryTier
 from sllmfs.sidecar.ops import Conn, Ops
@@ -157,6 +157,7 @@ class Server:
                         raise ProtocolError(
                             f"protocol version {msg.get('version')!r} not served; this sidecar speaks {wire.VERSION}")
                     greeted = True
+                    conn.off_element = msg.get(HELLO_OFF_ELEMENT) is True
                     reply: dict[str, Any] = {"ok": True, "version": wire.VERSION, "pid": os.getpid()}
                 else:
                     handler = self.ops.table.get(op) if isinstance(op, str) else None

@@ -49,8 +49,8 @@ async def status(cache: Cache, conns: Iterable[Conn]) -> dict[str, Any]:
             # used counts the mount's passthrough copies too (mount_copies: their share of it)
             "memory": {"used": tier.used, "budget": tier.budget, "retired": len(tier.retired),
                        "mount_copies": tier.mount_copies,
-                       # the tier's own files backing mount files (in used while resident; an evicted
-                       # one's pages stay until the mount lets its backing go: unopened, within seconds)
+                       # the tier's own files backing mount files (in used: a resident whose file a reader
+                       # has open is not evicted by LRU, one evicted anyway stays in used, retired, until closed)
                        "mount_files": tier.mount_files,
                        "blanks": tier.blanks.nbytes,  # faulted in for fills, not in used; given back first
                        "blanks_pinned": tier.blanks.pinned_bytes},  # of those, pinned for GPU copies

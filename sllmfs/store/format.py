@@ -29,13 +29,17 @@ from sllmfs.core.config import hint_flags
 from sllmfs.core.errors import BadInput, Corrupt, FormatVersionError
 from sllmfs.store.layout import MODELS, STORE_MARKER, VARIANTS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this sllmfs reads; each layout is written as the oldest version that has it
 ALIGNMENT = 4096  # the aligned layout: every tensor starts on a 4 KiB boundary
 LAYOUT_ALIGNED = "aligned"  # tensors on `alignment` boundaries in data_N.bin partitions (per-rank variants)
 # each partition is one safetensors file of the checkpoint, byte for byte (store/stfiles.py): tensors back
 # to back after the file's header, so `alignment` is 1 and a tensor may sit off its element size
 LAYOUT_SAFETENSORS = "safetensors"
 LAYOUTS = (LAYOUT_ALIGNED, LAYOUT_SAFETENSORS)
+# version 2 brought the safetensors layout: an sllmfs that reads only version 1 refuses it (its clients
+# would view a tensor stored off its element size at a shifted offset) and still reads aligned variants
+WRITTEN_AS = {LAYOUT_ALIGNED: 1, LAYOUT_SAFETENSORS: 2}
+READ_VERSIONS = (1, 2)  # (a version-1 manifest of the safetensors layout: written before the bump, read)
 CHUNK_SIZE = 4 << 20  # partitions are checksummed in 4 MiB windows (fill verification)
 HUGE_PAGE = 2 << 20  # the memory tier's hugetlb page; ALIGNMENT-sized pages otherwise
 PARTITION_TARGET = 4 << 30  # start a new data file past this size (parallel reads, sane files)
@@ -97,7 +101,6 @@ class Manifest:
     alignment: int = ALIGNMENT
     chunk_size: int = CHUNK_SIZE
     checksum: str = CHECKSUM
-    format_version: int = FORMAT_VERSION
     # an adapter's own files (variants/<key>/files/); None: none, or saved before sllmfs recorded them
     file_digests: FileDigests | None = None
     layout: str = LAYOUT_ALIGNED  # absent from manifests written before the safetensors layout
@@ -129,7 +132,7 @@ class Manifest:
         d = asdict(self)
         if self.file_digests is None:
             del d[FILE_DIGESTS]
-        d = {"format": "sllmfs-variant", "format_version": d.pop("format_version"), **d}
+        d = {"format": "sllmfs-variant", "format_version": WRITTEN_AS[self.layout], **d}
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -138,10 +141,10 @@ class Manifest:
         version = d.get("format_version") if isinstance(d, dict) else None
         if not isinstance(d, dict) or d.get("format") != "sllmfs-variant" or type(version) is not int:
             raise corrupt(where, "is not an sllmfs manifest")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise FormatVersionError(
-                f"{describe(where)[0]} has format version {version}; this sllmfs reads version "
-                f"{FORMAT_VERSION}: upgrade sllmfs, or save the model again with this one"
+                f"{describe(where)[0]} has format version {version}; this sllmfs reads versions "
+                f"{READ_VERSIONS[0]}-{FORMAT_VERSION}: upgrade sllmfs, or save the model again with this one"
             )
         try:
             return _parse(d)

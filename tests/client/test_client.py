@@ -14,10 +14,11 @@ import torch
 
 import sllmfs.client.client as sc
 from sllmfs.core.errors import NotFound
+from sllmfs.protocol import wire
 from sllmfs.store.reader import VariantReader
 from sllmfs.store.save import save_model
 from sllmfs.store.store import Store
-from tests.support.sidecar import make_model, sidecar
+from tests.support.sidecar import make_model, raw_hello, sidecar
 
 
 def _map_range(m: mmap.mmap) -> tuple[int, int]:
@@ -135,6 +136,15 @@ def test_tensors_stored_off_their_element_size_are_copied_right(tmp_path: Path) 
             for name, want in sd_.items():
                 assert tensors[name].dtype == want.dtype and torch.equal(tensors[name], want), name
                 assert arrays[name].tobytes() == want.numpy().tobytes(), name
+        # a client from before the safetensors layout (its hello lacks the field) would view "w" at a
+        # shifted offset: it is refused the variant with one line, and the sidecar serves on
+        with raw_hello(sd.socket) as old:
+            wire.send(old, {"op": "acquire", "model": "org/odd"})
+            reply = wire.recv(old)[0]
+            assert reply["ok"] is False and "off their element size" in reply["error"], reply
+            assert "upgrade sllmfs" in reply["error"], reply
+        with sd.connect() as c:
+            assert c.status()["leases"] == []
 
 
 def test_warm_reports_progress(tmp_path: Path) -> None:

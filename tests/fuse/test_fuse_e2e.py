@@ -85,6 +85,51 @@ def _start_mount_serve_unmount(tmp_path: Path, llama_dir: Path, own_file: bool) 
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
+def test_a_file_open_through_the_mount_keeps_its_evicted_variant_counted(tmp_path: Path, llama_dir: Path) -> None:
+    """The mount's backing of a resident file is the tier's own memory: evicting the variant while a
+    reader has the file open frees nothing, so it stays in ``used`` until the file closes; a backing
+    no reader has open goes with the variant at once."""
+    from sllmfs.client.client import connect
+
+    store = Store(tmp_path / "store")
+    save_model(store, "org/tiny", llama_dir)
+    sock, mnt = tmp_path / "run" / "s.sock", tmp_path / "mnt"
+    with shmem_thp_mode("advise"):
+        proc = subprocess.Popen([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(store.root),
+                                 "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", "256MB"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not (_is_mounted(mnt) and sock.exists()):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            weights = mnt / "org" / "tiny" / "model.safetensors"
+            size = weights.stat().st_size
+            with connect(str(sock)) as client:
+                for reader_open in (True, False):
+                    with client.acquire("org/tiny") as lease:
+                        lease.wait(timeout=60)
+                    f = open(weights, "rb")
+                    assert f.read() == (llama_dir / "model.safetensors").read_bytes()
+                    if not reader_open:
+                        f.close()  # its backing lingers for the next open, but no reader has it
+                    assert client.status()["memory"]["mount_files"] == size
+                    assert client.evict("org/tiny") == ["hf"]
+                    mem = client.status()["memory"]
+                    if reader_open:  # its pages are alive: counted, retired, until the reader closes
+                        assert mem["used"] >= size and mem["retired"] == 1 and mem["mount_files"] == size, mem
+                        f.close()
+                        deadline = time.monotonic() + 30  # the mount drops an unopened backing in seconds
+                        while client.status()["memory"]["retired"]:
+                            assert time.monotonic() < deadline, client.status()["memory"]
+                            time.sleep(0.2)
+                        mem = client.status()["memory"]
+                    assert (mem["used"], mem["retired"], mem["mount_files"]) == (0, 0, 0), mem
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
 def _read_as(path: Path, uid: int, gid: int) -> str:
     """Try to read ``path`` as another uid/gid (no supplementary groups); 'ok' or the errno name."""
     code = ("import os, sys, errno\n"

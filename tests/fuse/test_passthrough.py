@@ -80,7 +80,8 @@ if mode.startswith("tier-files"):  # a tier that holds the variant as its safete
 
 def resident_file(m, variant, ident, name):
     if (m, variant, ident) == (model, "hf", identity) and Path(flag).exists() and name in files:
-        return os.dup(files[name])
+        from sllmfs.fuse.tierfile import TierFile
+        return TierFile(os.dup(files[name]), os.fstat(files[name]).st_size, lambda: None)
     return None
 
 def resident_view(m, variant, ident):

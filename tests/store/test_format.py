@@ -171,3 +171,26 @@ def test_model_names_map_inside_the_store() -> None:
     for bad in ["../x", "/a", "a/../b", "a//b", "", "a/b/c/d/e", "x" * 100 + "/" + "y" * 100 + "/" + "z" * 100]:
         with pytest.raises(BadInput):
             check_model_name(bad)
+
+
+def test_each_layout_is_written_as_the_oldest_version_that_has_it(tmp_path: Path) -> None:
+    """An sllmfs that reads only version 1 must refuse the safetensors layout (a tensor may sit off its
+    element size there) and may still read an aligned variant; a version-1 manifest of the safetensors
+    layout (written before the bump) is read."""
+    w = VariantWriter(tmp_path / "v", "sglang.tp1")
+    w.add_bytes("a", "F32", [1], memoryview(b"\0\0\x80?"))
+    w.finish()
+    assert json.loads((tmp_path / "v" / "manifest.json").read_text())["format_version"] == 1
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"a": torch.ones(3)}, str(src / "model.safetensors"))
+    store = Store(tmp_path / "store")
+    save_model(store, "org/m", src)
+    vdir = store.get("org/m").variant_dir("hf")
+    path = vdir / "manifest.json"
+    d = json.loads(path.read_text())
+    assert (d["format_version"], d["layout"]) == (2, "safetensors")
+    os.chmod(path, 0o644)
+    d["format_version"] = 1
+    path.write_text(json.dumps(d))
+    assert load_manifest(vdir).as_files
