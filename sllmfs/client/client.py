@@ -29,6 +29,7 @@ from sllmfs.core.errors import Corrupt, Pulling, SllmfsError
 from sllmfs.core.names import HF_VARIANT
 from sllmfs.protocol import wire
 from sllmfs.protocol.messages import HELLO_OFF_ELEMENT, FailCause, Op, Readiness, SidecarError, TensorRef, raise_for
+from sllmfs.store.format import TIED
 
 __all__ = ["Client", "FillFailed", "Lease", "TensorRef", "SidecarError", "connect", "warm"]
 
@@ -251,6 +252,8 @@ class Lease:
         self._ready = mmap.mmap(fds[-1], ready["length"], mmap.MAP_SHARED, mmap.PROT_READ)
         self._raw: tuple[Any, ...] = reply["tensors"]  # TensorRef rows as sent, decoded on first use
         self._aliases: dict[str, str] = dict(reply.get("aliases", {}))
+        # tied name -> the stored name it copies (store.format.TIED: both stored, loaders may share one)
+        self.tied: dict[str, str] = dict(self.metadata.get(TIED, {}))
         self._fill_held = bool(reply.get("fill_after_copy"))  # the sidecar fills after a GPU copy (gpu_first)
         self.released = False
 

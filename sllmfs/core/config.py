@@ -47,6 +47,22 @@ def _default_storage() -> Path:
     return Path.home() / ".local" / "share" / "sllmfs"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, bounded by its cgroup's CPU quota (a pod's limit),
+    not the host's count (os.cpu_count() says 128 in a pod allowed 4)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+        with open(f"/sys/fs/cgroup{path}/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, StopIteration, ValueError):
+        pass  # no cgroup v2 quota here: the affinity stands
+    return n
+
+
 @dataclass
 class Settings:
     storage_path: str = ""
@@ -54,7 +70,7 @@ class Settings:
     mount: str = ""
     # reads per fill: from the page cache a fill is bound by faulting in fresh pages (2.5 GB/s a
     # thread on the H200 VM, bench/NOTES-cold.md), so it wants threads; 4 filled at 4.6 GB/s, 16 at 10.1
-    num_thread: int = field(default_factory=lambda: min(16, os.cpu_count() or 4))
+    num_thread: int = field(default_factory=lambda: min(16, usable_cpus()))
     chunk_size: int = 32 << 20
     # how a fill reads the store: past the page cache (O_DIRECT) or not, and in reads of this size
     # within each chunk (0: one read per chunk). Defaults are the shape measured best so far
@@ -65,7 +81,7 @@ class Settings:
     # shape), where the host has the cores for it: on the 16-core H200 host it read 1.15x the buffered ring
     # (cold pairs 0.75x fastsafetensors against 0.66x buffered, NOTES-cold run 22); on a 2-core VM 0.87x
     # (each stager's hash and copy leave no read in flight, where readahead keeps a buffered one busy)
-    copy_direct: bool = field(default_factory=lambda: (os.cpu_count() or 1) >= COPY_DIRECT_CPUS)
+    copy_direct: bool = field(default_factory=lambda: usable_cpus() >= COPY_DIRECT_CPUS)
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False

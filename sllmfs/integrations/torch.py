@@ -94,8 +94,10 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
     with connect(socket) as client, client.acquire(model, variant, gpu_first=gpu_first) as lease:
         owners: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
         placed: list[tuple[str, torch.device]] = []
+        # tied names stored twice (safetensors layout): one tensor, as in the checkpoint, where both go to one device
+        shared = {n: t for n, t in lease.tied.items() if _device_for(n, device_map) == _device_for(t, device_map)}
         for name, ref in lease.entries.items():
-            if ref.nbytes and (ref.partition, ref.offset) in owners:
+            if ref.nbytes and (ref.partition, ref.offset) in owners or name in shared:
                 continue  # an alias (tied weights): shares its target, as in the checkpoint
             if ref.nbytes:
                 owners[(ref.partition, ref.offset)] = name
@@ -108,7 +110,7 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
             out, stats = mirrored
         for name, ref in lease.entries.items():
             if name not in out:
-                out[name] = out[owners[(ref.partition, ref.offset)]]
+                out[name] = out[shared[name]] if name in shared else out[owners[(ref.partition, ref.offset)]]
     return (out, stats) if return_stats else out
 
 

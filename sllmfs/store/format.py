@@ -36,6 +36,9 @@ LAYOUT_ALIGNED = "aligned"  # tensors on `alignment` boundaries in data_N.bin pa
 # to back after the file's header, so `alignment` is 1 and a tensor may sit off its element size
 LAYOUT_SAFETENSORS = "safetensors"
 LAYOUTS = (LAYOUT_ALIGNED, LAYOUT_SAFETENSORS)
+# metadata key of a safetensors-layout variant: tied name -> the stored name it is a byte-identical copy of
+# (a safetensors file cannot share bytes, so both are stored; loaders share one tensor, as the checkpoint did)
+TIED = "tied"
 # version 2 brought the safetensors layout: an sllmfs that reads only version 1 refuses it (its clients
 # would view a tensor stored off its element size at a shifted offset) and still reads aligned variants
 WRITTEN_AS = {LAYOUT_ALIGNED: 1, LAYOUT_SAFETENSORS: 2}
@@ -111,6 +114,11 @@ class Manifest:
         return self.layout == LAYOUT_SAFETENSORS
 
     @property
+    def tied(self) -> dict[str, str]:
+        """Tied name -> the name it copies (metadata ``tied``; aliases are the aligned layout's ties)."""
+        return dict(self.metadata.get(TIED, {}))
+
+    @property
     def total_bytes(self) -> int:
         return sum(p.size for p in self.partitions)
 
@@ -175,6 +183,17 @@ def load_manifest(variant_dir: Path, *, dir_fd: int | None = None) -> Manifest:
 # -- validation ------------------------------------------------------------------
 
 
+def _check_tied(tied: Any, tensors: dict[str, TensorEntry]) -> None:
+    """A tied name shares its target's tensor on load: both stored, of one dtype, shape and checksum."""
+    def same(name: Any, target: Any) -> bool:
+        a, b = tensors.get(name), tensors.get(target)
+        return (a is not None and b is not None and name != target and target not in tied
+                and (a.dtype, a.shape, a.checksum) == (b.dtype, b.shape, b.checksum))
+
+    if not isinstance(tied, dict) or not all(same(n, t) for n, t in tied.items()):
+        raise _Bad(f"metadata.{TIED} must map stored tensors to stored tensors of the same dtype, shape and checksum")
+
+
 class _Bad(Exception):
     """One failed check of a manifest field: the field and what it must be."""
 
@@ -205,6 +224,7 @@ def _parse(d: dict[str, Any]) -> Manifest:
     metadata = _typed(d, "metadata", dict, {})
     if not _plain(metadata, 0):
         raise _Bad("metadata must hold plain JSON values (integers within 64 bits, at most 32 levels deep)")
+    _check_tied(metadata.get(TIED, {}), tensors)
     layout = d.get("layout", LAYOUT_ALIGNED)
     if layout not in LAYOUTS:
         raise _Bad(f"layout must be one of {', '.join(LAYOUTS)} (got {_show(layout)})")

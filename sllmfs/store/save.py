@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput, SllmfsError
-from sllmfs.store.format import MANIFEST, FileDigests, Manifest, plain_name
+from sllmfs.store.format import MANIFEST, TIED, FileDigests, Manifest, plain_name
 from sllmfs.store.layout import model_files, model_variant, model_variants, variant_files
 from sllmfs.store.metafiles import record_files, write_model_json
 from sllmfs.store.sources import Checkpoint, fd_ranges, scan
@@ -149,6 +149,9 @@ def write_variant(ckpt: Checkpoint, out_dir: Path, variant: str,
                  header_metadata(ckpt.metadata), stem=stem, shard_limit=partition_target)
     writer = VariantWriter(out_dir, variant, progress=progress, files=files)
     writer.metadata = {"source_kind": ckpt.kind, "safetensors_metadata": ckpt.metadata}
+    tied = {t.name: t.alias_of for t in ckpt.tensors if t.alias_of is not None}
+    if tied:  # each stored in its file; a loader shares them again
+        writer.metadata[TIED] = tied
     writer.file_digests = file_digests
     by_name = {t.name: t for t in ckpt.tensors}
     fds: dict[Path, int] = {}

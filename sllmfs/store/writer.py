@@ -92,7 +92,8 @@ class _PartitionFile:
         try:
             os.ftruncate(self.fd, self.size)  # trailing holes still count
         finally:
-            os.close(self.fd)
+            fd, self.fd = self.fd, -1  # closed once: abort() must not close a number reused meanwhile
+            os.close(fd)
         return Partition(file=self.path.name, size=self.size, chunks=self.chunks)
 
 
@@ -215,6 +216,8 @@ class VariantWriter:
 
     def abort(self) -> None:
         for p in self._parts:
+            if p.fd < 0:
+                continue  # closed by close() (its error, e.g. a full disk, is the one the caller sees)
             try:
                 os.close(p.fd)
             except OSError:

@@ -129,6 +129,34 @@ def test_load_dict_mirrors_the_store_for_odd_tensors(tmp_path: Path) -> None:
         assert all(torch.equal(cast[k], v.to(torch.float64)) for k, v in ref.items())
 
 
+def test_load_dict_shares_tied_weights_stored_twice(tmp_path: Path, bin_dir: Path) -> None:
+    """A safetensors file cannot share bytes, so a tied pair of a .bin checkpoint is stored twice and
+    recorded as tied: load_dict gives one tensor under both names, as the checkpoint had; a manifest
+    whose tied pair differs in its bytes is refused."""
+    import json
+    import os
+
+    from sllmfs.core.errors import Corrupt
+    from sllmfs.integrations.torch import load_dict
+    from sllmfs.store.format import load_manifest
+
+    ref = torch.load(bin_dir / "pytorch_model.bin", weights_only=True)
+    with sidecar(tmp_path) as sd:
+        save_model(Store(sd.store), "org/tied", bin_dir)
+        vdir = Store(sd.store).get("org/tied").variant_dir("hf")
+        tied = load_manifest(vdir).tied
+        assert tied == {"lm_head.weight": "model.embed_tokens.weight"}, tied
+        out = load_dict("org/tied", socket=str(sd.socket))
+        assert out.keys() == ref.keys() and all(torch.equal(out[k], v) for k, v in ref.items())
+        assert out["lm_head.weight"].data_ptr() == out["model.embed_tokens.weight"].data_ptr()
+        d = json.loads((vdir / "manifest.json").read_text())
+        d["metadata"]["tied"] = {"lm_head.weight": "model.norm.weight"}  # another tensor's bytes
+        os.chmod(vdir / "manifest.json", 0o644)
+        (vdir / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(Corrupt, match="metadata.tied must map stored tensors"):
+            load_manifest(vdir)
+
+
 def test_copy_spans_refuses_a_destination_that_is_not_bytes(tmp_path: Path, llama_dir: Path) -> None:
     from sllmfs.client.client import connect
     from sllmfs.client.transfer import copy_spans

@@ -194,3 +194,21 @@ def test_each_layout_is_written_as_the_oldest_version_that_has_it(tmp_path: Path
     d["format_version"] = 1
     path.write_text(json.dumps(d))
     assert load_manifest(vdir).as_files
+
+
+def test_an_aborted_write_closes_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition closed when the next one began is not closed again by abort(): its fd number may
+    belong to a file opened since (a source being read), whose close would mask the real error."""
+    w = VariantWriter(tmp_path / "v", "sglang.tp1", partition_target=8)
+    w.add_bytes("a", "F32", [4], memoryview(bytes(16)))
+    w.add_bytes("b", "F32", [4], memoryview(bytes(16)))  # data_0.bin closed, data_1.bin begun
+    closed: list[int] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    w.abort()
+    assert len(closed) == 1, closed  # data_1.bin's only
