@@ -1097,6 +1097,15 @@ def print_table(b: Bench) -> None:
     print(f"-> {b.dest}")
 
 
+def extents(path: Path) -> str:
+    """filefrag's line for a file (how many extents it lies in on the disk), or why there is none."""
+    try:
+        out = subprocess.run(["filefrag", str(path)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"no filefrag: {e}"
+    return (out.stdout or out.stderr).strip()
+
+
 COLD_PEER = "fastsafetensors"  # the best peer from disk in every main run so far (its parallel reads)
 
 
@@ -1117,23 +1126,43 @@ def part_cold_pairs(b: Bench) -> None:
     def peer() -> None:
         b.load("pairs", ck, COLD_PEER, "cold", target(COLD_PEER, ck.dir), before=b.cold)
 
+    # the same reader on the store's own files (the safetensors layout: each partition is a safetensors file):
+    # the same bytes as ck.file, but other files on the disk, where sllmfs reads them (NOTES-cold run 25)
+    from sllmfs.store.store import Store
+
+    store_files = Store(b.store).get(ck.model).variant_dir("hf")
+    b.result["extents"] = {str(f): extents(f) for f in (ck.file, *sorted(store_files.glob("*.safetensors")))}
+
+    def peer_on_store() -> None:
+        b.load("pairs-store", ck, COLD_PEER, "cold", store_files, before=b.cold)
+
     first = []
     with b.sidecar(fuse=False):
         for rep in range(b.args.reps):  # who goes first alternates: a read right after a read of the same bytes
-            pair = (ours, peer) if rep % 2 == 0 else (peer, ours)  # may find the virtual disk's host side warm
-            first.append("sllmfs" if pair[0] is ours else COLD_PEER)
+            pair = (ours, peer, peer_on_store) if rep % 2 == 0 else (peer_on_store, peer, ours)  # may find the
+            first.append("sllmfs" if pair[0] is ours else COLD_PEER)  # virtual disk's host side warm
             for load in pair:
                 load()
-    ours, peer = ([r["gbps"] for r in b.result["runs"] if r["loader"] == name and "gbps" in r and r.get("ok")]
-                  for name in ("sllmfs", COLD_PEER))
-    if not ours or len(ours) != len(peer):
-        raise SystemExit(f"peers cold-pairs: {len(ours)} sllmfs and {len(peer)} {COLD_PEER} loads measured "
-                         "correctly: no ratio (see the rows' errors)")
+
+    def rates(group: str, name: str) -> list[float]:
+        return [r["gbps"] for r in b.result["runs"] if (r["group"], r["loader"]) == (group, name) and "gbps" in r
+                and r.get("ok")]
+
+    ours, peer, on_store = rates("pairs", "sllmfs"), rates("pairs", COLD_PEER), rates("pairs-store", COLD_PEER)
+    if not ours or len(ours) != len(peer) or len(on_store) != len(peer):
+        raise SystemExit(f"peers cold-pairs: {len(ours)} sllmfs, {len(peer)} {COLD_PEER} and {len(on_store)} "
+                         f"{COLD_PEER} on the store's files loads measured correctly: no ratio (see the rows' errors)")
     ratios = [o / p for o, p in zip(ours, peer, strict=True)]
+    same_files = [o / p for o, p in zip(ours, on_store, strict=True)]
+    files = [s / p for s, p in zip(on_store, peer, strict=True)]
     b.result["cold_pairs"] = {"peer": COLD_PEER, "ratios": ratios, "median": statistics.median(ratios),
-                              "first": first}
+                              "first": first, "vs_peer_on_store_files": same_files,
+                              "peer_store_files_vs_source": files}
     print(f"cold pairs: sllmfs / {COLD_PEER} " + " ".join(f"{r:.2f}" for r in ratios)
           + f" (median {statistics.median(ratios):.2f}x; goal >= 1.0)", flush=True)
+    print(f"  sllmfs / {COLD_PEER} reading the store's files: " + " ".join(f"{r:.2f}" for r in same_files)
+          + f" (median {statistics.median(same_files):.2f}x); {COLD_PEER} store's files / source file: "
+          + " ".join(f"{r:.2f}" for r in files) + f" (median {statistics.median(files):.2f}x)", flush=True)
 
 
 PARTS: dict[str, tuple[Callable[[Bench], None], ...]] = {
