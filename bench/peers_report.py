@@ -85,14 +85,16 @@ def load(paths: list[Path]) -> Results:
 
 
 def good(r: dict[str, Any] | None) -> TypeGuard[dict[str, Any]]:
-    """A load that ran, finished and did not deliver wrong bytes."""
-    return r is not None and "gbps" in r and "error" not in r and r.get("ok") is not False
+    """A load that ran, finished, did not deliver wrong bytes and was not found invalid afterwards."""
+    return r is not None and "gbps" in r and "error" not in r and r.get("ok") is not False and "invalid" not in r
 
 
 def status(r: dict[str, Any] | None) -> str:
     """Why a load has no figure: skipped, failed, wrong (bytes), or '' when it never ran."""
     if r is None:
         return ""
+    if "invalid" in r:
+        return "invalid"
     return "skipped" if "skipped" in r else "wrong" if r.get("ok") is False else "failed"
 
 
