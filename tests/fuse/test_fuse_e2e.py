@@ -27,6 +27,14 @@ def _is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[4] == str(mountpoint) for line in f)
 
 
+def _wait_served(proc: subprocess.Popen[bytes], mnt: Path, sock: Path) -> None:
+    """Until `sllmfs start` is ready: the mount and the socket (it must not exit meanwhile)."""
+    deadline = time.monotonic() + 60
+    while not (_is_mounted(mnt) and sock.exists()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("thp", ["advise", "never"])
 def test_sllmfs_start_mounts_serves_and_unmounts(tmp_path: Path, llama_dir: Path, thp: str) -> None:
     """With shmem THP (advise: the unit's setting) the memory tier's copy of the stored file backs the
@@ -99,10 +107,7 @@ def test_a_file_open_through_the_mount_keeps_its_evicted_variant_counted(tmp_pat
                                  "--socket", str(sock), "--mount", str(mnt), "--mem-pool-size", "256MB"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60
-            while not (_is_mounted(mnt) and sock.exists()):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+            _wait_served(proc, mnt, sock)
             weights = mnt / "org" / "tiny" / "model.safetensors"
             size = weights.stat().st_size
             with connect(str(sock)) as client:
@@ -155,10 +160,7 @@ def test_a_group_keeps_other_users_out_of_the_mount(tmp_path: Path, llama_dir: P
                              "--socket", str(sock), "--mount", str(mnt)], env={**os.environ, "SLLMFS_GROUP": group},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not (_is_mounted(mnt) and sock.exists()):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_served(proc, mnt, sock)
         weights = mnt / "org" / "tiny" / "model.safetensors"
         st = weights.stat()
         assert (st.st_mode & 0o777, st.st_gid) == (0o440, 65534)
