@@ -198,6 +198,7 @@ class Backings:
             if lent is not None:
                 lent.close()
             raise
+        # an evicted copy still open is shared (the kernel takes one backing per inode); it goes at its last close
         b = self._by_inode.get(inode)
         if b is not None and lent is not None:
             lent.close()
@@ -269,6 +270,8 @@ class Backings:
             b.opens -= 1
             if b.opens == 0:
                 b.idle_since = time.monotonic()
+                if b.lent is not None and b.lent.evicted:  # the tier's evicted copy: its pages go now
+                    self._drop(inode)
 
     def expire(self, still_resident: dict[int, bool], now: float | None = None) -> None:
         """Drop unopened backings idle past LINGER, or whose variant left the memory tier."""

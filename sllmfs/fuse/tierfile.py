@@ -30,6 +30,7 @@ class TierFile:
     returned: Callable[[], None]  # the tier's side of close(): its pages may go now
     opened: Callable[[], bool] = _open  # set by the mount: a reader has it open
     let_go: Callable[[], None] = _nothing  # set by the mount: drop the backing if no reader has it open
+    evicted: bool = False  # set by the tier: its resident left; the mount drops the backing at its last close
     closed: bool = field(default=False, init=False)
 
     def close(self) -> None:

@@ -315,7 +315,7 @@ class Cache:
             if res.state == "filling":  # checked when its fill or pull ends
                 continue
             ident = await trio.to_thread.run_sync(self.identity, model, variant)
-            if ident != res.identity:
+            if ident != res.identity and self.tier.entries.get((model, variant)) is res:  # not dropped meanwhile
                 self.tier.drop(res, why="store changed")
                 dropped.append({"model": model, "variant": variant})
         self.refused.clear()

@@ -453,10 +453,13 @@ class MemoryTier:
 
     def drop(self, res: Resident, *, why: str) -> None:
         """Remove from the tier now, or once its leases, fill and the mount's open files of it end."""
+        if res.retired or res.closed:
+            return  # dropped already (a caller that awaited since it looked): once only
         if self.entries.get((res.model, res.variant)) is res:
             del self.entries[(res.model, res.variant)]
         self.evictions += 1
-        for f in list(res.lent):  # backings no reader has open go now (their pages with them)
+        for f in list(res.lent):  # backings no reader has open go now (their pages with them); open ones
+            f.evicted = True  # go at their last close, not shared by later opens of a new copy of the same version
             if not f.opened():
                 f.let_go()
         log.info("evicted model=%s variant=%s bytes=%d reason=%s%s", res.model, res.variant, res.nbytes, why,

@@ -186,6 +186,8 @@ def load_manifest(variant_dir: Path, *, dir_fd: int | None = None) -> Manifest:
 def _check_tied(tied: Any, tensors: dict[str, TensorEntry]) -> None:
     """A tied name shares its target's tensor on load: both stored, of one dtype, shape and checksum."""
     def same(name: Any, target: Any) -> bool:
+        if not isinstance(target, str):  # (names are JSON keys: text); a list here would be unhashable
+            return False
         a, b = tensors.get(name), tensors.get(target)
         return (a is not None and b is not None and name != target and target not in tied
                 and (a.dtype, a.shape, a.checksum) == (b.dtype, b.shape, b.checksum))

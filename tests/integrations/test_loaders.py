@@ -155,6 +155,10 @@ def test_load_dict_shares_tied_weights_stored_twice(tmp_path: Path, bin_dir: Pat
         (vdir / "manifest.json").write_text(json.dumps(d))
         with pytest.raises(Corrupt, match="metadata.tied must map stored tensors"):
             load_manifest(vdir)
+        d["metadata"]["tied"] = {"lm_head.weight": ["model.embed_tokens.weight"]}  # not a name at all
+        (vdir / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(Corrupt, match="metadata.tied must map stored tensors"):
+            load_manifest(vdir)
 
 
 def test_copy_spans_refuses_a_destination_that_is_not_bytes(tmp_path: Path, llama_dir: Path) -> None:
