@@ -2,18 +2,20 @@
 the disk when the page cache holds none of them? The sidecar uses GPU first only from the page cache
 until this says yes on the GPU machine (sllmfs/sidecar/gpufirst.py, CACHED_ENOUGH).
 
-Each load in turn, the page cache dropped before each, every stored partition of the model:
+Each load in turn, the page cache dropped before each and the order rotating per rep (drift favours no
+row), every stored partition of the model:
 
-- ring O_DIRECT: the copy engine with the files opened O_DIRECT as sources (``FileSegment``: aligned 512 KiB
-  reads straight into the pinned slot, each 4 MiB window checked), into a buffer on ``--device``
-  (``cpu``: the host target on a machine without a GPU): what the sidecar does for a cold model (run 20);
-- ring O_DIRECT, window blocks: the same with the file dealt to the stagers one 4 MiB checksum window at a
-  time (a front 64 MiB wide, as fastsafetensors' threads read; the engine's default is 64 MiB blocks, 16
-  stagers over 1 GiB of the file: run 24 found the narrow front 0.91x of it);
-- ring buffered: the same files opened plainly (the page cache's share in 256 KiB reads, the rest in one
-  read per window), as before run 20;
-- the disk's read, O_DIRECT in 512 KiB blocks (fastsafetensors' no-GDS block) and 16 MiB ones, and
-  buffered 64 MiB, the same threads; the best of them is the goal's limit (>= 0.9x).
+- ring O_DIRECT depth 1: the copy engine with the files opened O_DIRECT as sources (``FileSegment``:
+  aligned 512 KiB reads straight into the pinned slot, each 4 MiB window checked), into a buffer on
+  ``--device`` (``cpu``: the host target on a machine without a GPU), one read in flight per stager: what
+  the sidecar does for a cold model (runs 20-25);
+- ring O_DIRECT depth 2 / 4: each stager keeps that many reads in flight (Linux AIO, run 26);
+- ring O_DIRECT 2 stagers x depth 8, window blocks: 16 reads in flight within an 8 MiB front (the shape of
+  fastsafetensors' queue: 16 threads taking 512 KiB blocks in file order);
+- fastsafetensors (no GDS, 16 threads, 16 MiB bounce buffers) on the same files, where it is installed and
+  the device is a GPU: the peer in the same run;
+- the disk's read, O_DIRECT in 512 KiB blocks and buffered 64 MiB, the same threads; the best of them is
+  the goal's limit (>= 0.9x).
 
     python bench/gpu_first_cold.py [--layers 8] [--threads 16] [--reps 2] [--device cuda:0] [--out DIR]
 """
@@ -27,6 +29,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,35 @@ MODEL = "bench/gpu-first-cold"
 
 
 NARROW = 4 << 20  # one checksum window per block (run 24's A/B; the engine's default: its 64 MiB chunk_bytes)
+
+
+def fastsafetensors_reader(folder: Path, device: str, total: int) -> Callable[[], float] | None:
+    """GB/s of fastsafetensors loading ``folder``'s safetensors files to ``device`` (its tensors dropped
+    after), or None where it is not installed."""
+    try:
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+    except ImportError:
+        print("fastsafetensors is not installed: its row is left out", file=sys.stderr, flush=True)
+        return None
+    import torch
+
+    names = sorted(str(f) for f in folder.glob("*.safetensors"))
+
+    def load() -> float:
+        t0 = time.perf_counter()
+        loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True, max_threads=16, bbuf_size_kb=16 << 10)
+        try:
+            loader.add_filenames({0: names})
+            fb = loader.copy_files_to_device()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            fb.close()
+        finally:
+            loader.close()
+        torch.cuda.empty_cache()
+        return total / seconds / 1e9
+
+    return load
 
 
 def main() -> int:
@@ -77,60 +110,66 @@ def main() -> int:
         addrs = [h.ctypes.data for h in host]
     pieces = np.array([[i, 0, a, p.size] for i, (a, p) in enumerate(zip(addrs, manifest.partitions, strict=True))
                        if p.size], dtype=np.uint64)
-    def make(file_block: int) -> CopyEngine:
+    def make(threads: int, depth: int, file_block: int = 0) -> CopyEngine:
         e = CopyEngine(target="cuda" if cuda else "host", device=0 if not cuda else (int(args.device[5:] or 0)),
-                       mode="stage", threads=args.threads, slot_bytes=CHUNK_SIZE, file_block_bytes=file_block)
+                       mode="stage", threads=threads, slot_bytes=CHUNK_SIZE, file_block_bytes=file_block,
+                       read_depth=depth)
         e.prepare_ring()
         return e
 
-    engine = make(0)  # the sidecar's: 64 MiB file blocks, 16 stagers spread over 1 GiB of the file
-    narrow = make(NARROW)  # one checksum window each: a front 64 MiB wide
-    fds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC) for f in files]
+    # (threads, read depth, file block): the sidecar's today (64 MiB blocks, 16 stagers over 1 GiB of the file,
+    # one read each), more in flight per stager, and fastsafetensors' queue shape (16 reads in an 8 MiB front)
+    shapes = {"ring O_DIRECT depth 1": (args.threads, 1, 0), "ring O_DIRECT depth 2": (args.threads, 2, 0),
+              "ring O_DIRECT depth 4": (args.threads, 4, 0),
+              "ring O_DIRECT 2 stagers x depth 8, window blocks": (2, 8, NARROW)}
+    engines = {name: make(*shape) for name, shape in shapes.items()}
     dfds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT) for f in files]  # as the sidecar opens cold files
-    sources, direct = ([FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(opened, manifest.partitions,
-                                                                                          strict=True)]
-                       for opened in (fds, dfds))
+    direct = [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(dfds, manifest.partitions,
+                                                                                strict=True)]
 
-    def ring(segs: list[FileSegment], eng: CopyEngine = engine) -> float:
+    def ring(eng: CopyEngine) -> float:
         t0 = time.perf_counter()
-        stats = eng.copy(segs, pieces, timeout=600)
+        stats = eng.copy(direct, pieces, timeout=600)
         seconds = time.perf_counter() - t0
         print(f"  ring: stage fill {stats.get('stage_fill_seconds', 0):.2f} s, waits "
-              f"{stats.get('stage_wait_seconds', 0):.2f} s (summed over {args.threads} stagers)", flush=True)
+              f"{stats.get('stage_wait_seconds', 0):.2f} s (summed over {eng.threads} stagers)", flush=True)
         return total / seconds / 1e9
 
-    readers = (("ring O_DIRECT (GPU first, cold)", lambda: ring(direct)),
-               ("ring O_DIRECT, window blocks", lambda: ring(direct, narrow)),
-               ("ring buffered", lambda: ring(sources)),
-               ("disk O_DIRECT 512 KiB", lambda: read_files(files, args.threads, 512 << 10, direct=True)),
-               ("disk O_DIRECT 16 MiB", lambda: read_files(files, args.threads, 16 << 20, direct=True)),
-               ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False)))
+    readers: list[tuple[str, Callable[[], float]]] = [(name, partial(ring, eng)) for name, eng in engines.items()]
+    peer = fastsafetensors_reader(vdir, args.device, total) if cuda else None
+    if peer is not None:
+        readers.append(("fastsafetensors", peer))
+    readers += [("disk O_DIRECT 512 KiB", lambda: read_files(files, args.threads, 512 << 10, direct=True)),
+                ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False))]
     runs: dict[str, list[float]] = {name: [] for name, _ in readers}
     try:
-        ring(sources)  # uncounted: the first copy of a process pays first touches (a host target's pages)
-        ring(sources, narrow)
-        for rep in range(1, args.reps + 1):
-            for name, fn in readers:
+        for eng in engines.values():
+            ring(eng)  # uncounted: the first copy of a process pays first touches (a host target's pages)
+        for rep in range(args.reps):
+            turn = rep % len(readers)
+            for name, fn in readers[turn:] + readers[:turn]:
                 if not drop_caches():
                     raise SystemExit("bench: cannot drop the page cache")
                 runs[name].append(measured(name, fn()))
-                print(f"#{rep} {name:<24}{runs[name][-1]:>8.2f} GB/s", flush=True)
+                print(f"#{rep + 1} {name:<48}{runs[name][-1]:>8.2f} GB/s", flush=True)
     finally:
-        engine.close()
-        narrow.close()
-        for fd in (*fds, *dfds):
+        for eng in engines.values():
+            eng.close()
+        for fd in dfds:
             os.close(fd)
     med = {k: statistics.median(v) for k, v in runs.items()}
     disk = max(v for k, v in med.items() if k.startswith(("disk", "buffered")))  # the best any plain read got
-    ratio = med["ring O_DIRECT (GPU first, cold)"] / disk
-    before = med["ring O_DIRECT (GPU first, cold)"] / med["ring buffered"]
-    front = med["ring O_DIRECT, window blocks"] / med["ring O_DIRECT (GPU first, cold)"]
-    print(f"ring O_DIRECT / the disk's best read: {ratio:.2f}x (goal >= 0.9); / the buffered ring: {before:.2f}x; "
-          f"window blocks / 64 MiB ones: {front:.2f}x", flush=True)
+    today = med["ring O_DIRECT depth 1"]
+    ratios = {f"{k} / depth 1": v / today for k, v in med.items() if k.startswith("ring") and v != today}
+    ratios["ring O_DIRECT depth 1 / the disk's best read"] = today / disk
+    if "fastsafetensors" in med:
+        ratios.update({f"{k} / fastsafetensors": v / med["fastsafetensors"] for k, v in med.items()
+                       if k.startswith("ring")})
+    for k, v in ratios.items():
+        print(f"{k:<72}{v:>6.2f}x", flush=True)
     out: dict[str, Any] = {"bench": "gpu-first-cold", "host": platform.node(), "device": args.device,
                            "threads": args.threads, "bytes": total, "gbps": runs, "median_gbps": med,
-                           "disk_best_gbps": disk, "ring_vs_disk": ratio, "direct_vs_buffered_ring": before,
-                           "window_vs_64mib_blocks": front,
+                           "disk_best_gbps": disk, "ratios": ratios, "shapes": shapes,
                            "command": "python bench/gpu_first_cold.py " + " ".join(sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / f"gpu-first-cold-{time.strftime('%Y%m%d-%H%M')}.json"

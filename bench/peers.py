@@ -638,7 +638,8 @@ class Bench:
     def sidecar(self, fuse: bool) -> Iterator[str | None]:
         """A running sidecar; yields None when its FUSE view is mounted, else why not."""
         why = fuse_missing() if fuse else "not asked for"
-        args = [*SIDECAR_ARGS, *(["--copy-direct"] if self.args.copy_direct else [])]
+        args = [*SIDECAR_ARGS, *(["--copy-direct"] if self.args.copy_direct else []),
+                *(["--copy-read-depth", str(self.args.copy_read_depth)] if self.args.copy_read_depth else [])]
         extra = [*args, *(["--mount", str(self.mount)] if why is None else [])]
         try:
             proc = start_sidecar(self.store, self.sock, self.logs / "sidecar.log", extra)
@@ -1183,6 +1184,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds this invocation may take; loads that would not fit are skipped "
                          "(default 480 for one part, none for --part all; 0: none)")
     ap.add_argument("--reps", type=int, default=3, help="--part cold-pairs: alternated pairs")
+    ap.add_argument("--copy-read-depth", type=int, default=0, help="the sidecar's O_DIRECT reads in flight per copy "
+                    "thread (sllmfs start --copy-read-depth; NOTES-cold run 26; 0: its default)")
     ap.add_argument("--copy-direct", action="store_true", help="the sidecar's GPU-first copies of uncached files "
                     "read O_DIRECT (sllmfs start --copy-direct; NOTES-cold run 22: its A/B is two cold-pairs runs)")
     ap.add_argument("--flat-mb", type=float, default=1000, help="size of the tensor-count checkpoints in MB")

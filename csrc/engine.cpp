@@ -336,6 +336,7 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
   constexpr uint64_t kFileStep = 256 << 10;  // the fill's read size: each read is hashed while in L2
   const SegmentDesc& sd = job.segs[b.seg];
   if (!st.hash) st.hash = std::make_unique<Xxh3>();
+  if (sd.direct && cfg_.read_depth > 1 && !st.reads) st.reads = std::make_unique<DirectReads>(cfg_.read_depth);
   const Unit* units = job.plan.units.data();
   for (uint64_t w = b.lo / sd.window; w * sd.window < b.hi && !job.abort; ++w) {
     const uint64_t wlo = w * sd.window, whi = std::min(wlo + sd.window, sd.len);
@@ -352,8 +353,9 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       const uint64_t k = std::min(whi - at, cfg_.slot_bytes - st.fill);
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
       auto t = Clock::now();
-      HashedRead r = sd.direct ? read_direct(sd.fd, slot, k, at, *st.hash)
-                               : read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash);
+      HashedRead r = !sd.direct ? read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash)
+                     : st.reads ? st.reads->read(sd.fd, slot, k, at, *st.hash)
+                                : read_direct(sd.fd, slot, k, at, *st.hash);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       if (r.err != 0 || r.done != k)
         throw EngineError(ErrorKind::Io, "reading " + segment_name(sd, b.seg) + " (" + range_text(at, k) + "): " +

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "direct_reads.h"
 #include "plan.h"
 #include "target.h"
 #include "xxh3.h"
@@ -42,6 +43,8 @@ struct EngineConfig {
   // a file source's block, a multiple of its checksum window (0: chunk_bytes). One window each (a front 64 MiB
   // wide, as fastsafetensors' threads read) was 0.91x the 64 MiB blocks on the H200 (NOTES-cold run 24)
   uint64_t file_block_bytes = 0;
+  // O_DIRECT reads each stager keeps in flight on a file source (1: one at a time, read_direct)
+  int read_depth = 1;
   uint64_t slot_bytes = 8ull << 20;
   int slots_per_thread = 3;
   double poll_seconds = 100e-6;
@@ -157,6 +160,7 @@ class Engine {
     double alloc = 0;            // seconds spent growing the ring
     uint64_t fill_ns = 0, wait_ns = 0;  // filling slots, waiting on their last copies (CopyStats)
     std::unique_ptr<Xxh3> hash;  // made on its first file block
+    std::unique_ptr<DirectReads> reads;  // made on its first O_DIRECT block, when read_depth > 1
   };
   struct Job;
   struct RelayRun;

@@ -90,16 +90,16 @@ struct EngineObject {
 int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   static const char* kw[] = {"target", "device", "mode", "streams", "threads", "register_threads",
                              "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", "cudart_fallback",
-                             "file_block_bytes", nullptr};
+                             "file_block_bytes", "read_depth", nullptr};
   const char* target = "host";
   const char* mode = "hybrid";
   const char* cudart = "";
   const char* fallback = "";
   sllm::EngineConfig cfg;
   unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes, file_block = cfg.file_block_bytes;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKissK", const_cast<char**>(kw), &target, &cfg.device, &mode,
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKissKi", const_cast<char**>(kw), &target, &cfg.device, &mode,
                                    &cfg.streams, &cfg.stage_threads, &cfg.register_threads, &chunk, &slot,
-                                   &cfg.slots_per_thread, &cudart, &fallback, &file_block))
+                                   &cfg.slots_per_thread, &cudart, &fallback, &file_block, &cfg.read_depth))
     return -1;
   std::string t(target), m(mode);
   if (t != "host" && t != "cuda") {
@@ -113,6 +113,10 @@ int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   cfg.chunk_bytes = chunk;
   cfg.slot_bytes = slot;
   cfg.file_block_bytes = file_block;
+  if (cfg.read_depth < 1 || cfg.read_depth > 64) {
+    PyErr_SetString(PyExc_ValueError, "read_depth must be 1-64");
+    return -1;
+  }
   delete self->engine;
   self->engine = nullptr;
   sllm::Engine* eng = nullptr;

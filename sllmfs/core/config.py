@@ -82,6 +82,8 @@ class Settings:
     # (cold pairs 0.75x fastsafetensors against 0.66x buffered, NOTES-cold run 22); on a 2-core VM 0.87x
     # (each stager's hash and copy leave no read in flight, where readahead keeps a buffered one busy)
     copy_direct: bool = field(default_factory=lambda: usable_cpus() >= COPY_DIRECT_CPUS)
+    # those O_DIRECT reads each copy thread keeps in flight (bench/NOTES-cold.md run 26)
+    copy_read_depth: int = 1
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False

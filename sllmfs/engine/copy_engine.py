@@ -89,10 +89,11 @@ class CopyEngine:
 
     CopyEngine(target="cuda", device=0, streams=4, chunk_bytes=64 MiB, mode="auto",
                threads=None, register_threads=None, slot_bytes=2 MiB, slots_per_thread=3,
-               file_block_bytes=0)
+               file_block_bytes=0, read_depth=1)
 
     ``file_block_bytes``: how much of a file source one stager claims at a time (a multiple of its checksum
-    window; 0: ``chunk_bytes``). ``threads`` are staging threads (memcpy into the pinned ring; default
+    window; 0: ``chunk_bytes``). ``read_depth``: O_DIRECT reads each stager keeps in flight on a file source
+    opened O_DIRECT (Linux AIO; 1: one at a time). ``threads`` are staging threads (memcpy into the pinned ring; default
     min(12, cores - 2)); ``register_threads`` pin blocks in place and copy from
     them (default 8; 1 in hybrid). ``mode="auto"`` picks per copy: "register"
     when every segment is hugetlb-backed, else "stage". The engine
@@ -113,6 +114,7 @@ class CopyEngine:
         slot_bytes: int = 2 * MiB,
         slots_per_thread: int = 3,
         file_block_bytes: int = 0,
+        read_depth: int = 1,
     ) -> None:
         if target not in ("cuda", "host"):
             raise ValueError("target must be 'cuda' or 'host'")
@@ -144,6 +146,7 @@ class CopyEngine:
                 cudart=cudart,
                 cudart_fallback=fallback,
                 file_block_bytes=file_block_bytes,
+                read_depth=read_depth,
             )
         except EngineError as e:
             raise translate(e, CudaUnavailable if target == "cuda" else CudaError) from None

@@ -41,15 +41,16 @@ def files(tmp_path, request):
 
 
 # slot_bytes: smaller than a window (checked at its last read), equal, larger and not a multiple; file
-# blocks of chunk_bytes (the default), one window, or three
+# blocks of chunk_bytes (the default), one window, or three; O_DIRECT reads one at a time or three in flight
+@pytest.mark.parametrize("depth", [1, 3], ids=["depth1", "depth3"])
 @pytest.mark.parametrize("file_block", [0, WINDOW, 3 * WINDOW], ids=["chunk", "window", "3-windows"])
 @pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW, 3 * WINDOW // 2])
-def test_file_copy_matches_source(files, slot_bytes, file_block):
+def test_file_copy_matches_source(files, slot_bytes, file_block, depth):
     datas, segs = files
     dst = make_dst(64 * MiB)
     pieces, expect = tensor_pieces(datas, np.random.default_rng(slot_bytes), dst.ctypes.data)
     with ce.CopyEngine(target="host", mode="auto", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes,
-                       file_block_bytes=file_block) as eng:
+                       file_block_bytes=file_block, read_depth=depth) as eng:
         for _ in range(2):  # the second copy reuses the ring
             dst[:] = 0xAB
             stats = eng.copy(segs, pieces)
@@ -70,9 +71,10 @@ def test_file_and_mapped_segments_in_one_copy(files):
     assert np.array_equal(dst[: datas[0].nbytes], datas[0]) and np.array_equal(dst[datas[0].nbytes:], mem)
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "O_DIRECT"])
+@pytest.mark.parametrize("direct,depth", [(False, 1), (True, 1), (True, 4)],
+                         ids=["buffered", "O_DIRECT", "O_DIRECT-depth4"])
 @pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW])
-def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes, direct):
+def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes, direct, depth):
     data = np.random.default_rng(3).integers(0, 256, 4 * MiB, dtype=np.uint8)
     fd, digests = stored(tmp_path, data, "damaged", direct=direct)
     try:
@@ -81,7 +83,8 @@ def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes, dir
             f.write(bytes([data[2 * MiB + 77] ^ 0xFF]))
         dst = make_dst(data.nbytes)
         seg = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)
-        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes) as eng:
+        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes,
+                           read_depth=depth) as eng:
             with pytest.raises(ce.SourceCorrupt, match=r"segment 0: checksum window 2 \(bytes 2097152\.\.\+1048576\)"):
                 eng.copy([seg], np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
             if slot_bytes == WINDOW:  # a window that fits a slot is checked before its bytes move on
@@ -93,14 +96,15 @@ def test_damaged_file_fails_the_copy_naming_the_window(tmp_path, slot_bytes, dir
         os.close(fd)
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "O_DIRECT"])
-def test_short_file_is_a_read_failure(tmp_path, direct):
+@pytest.mark.parametrize("direct,depth", [(False, 1), (True, 1), (True, 4)],
+                         ids=["buffered", "O_DIRECT", "O_DIRECT-depth4"])
+def test_short_file_is_a_read_failure(tmp_path, direct, depth):
     data = np.random.default_rng(4).integers(0, 256, 3 * MiB, dtype=np.uint8)
     fd, digests = stored(tmp_path, data, "short", direct=direct)
     try:
         os.truncate(tmp_path / "short", 2 * MiB + 5)
         dst = make_dst(data.nbytes)
-        with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB) as eng:
+        with ce.CopyEngine(target="host", threads=1, chunk_bytes=2 * MiB, read_depth=depth) as eng:
             with pytest.raises(ce.SourceReadFailed, match="the file ends early"):
                 eng.copy([ce.FileSegment.of(fd, data.nbytes, digests, WINDOW)],
                          np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
