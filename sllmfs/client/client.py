@@ -252,8 +252,10 @@ class Lease:
         self._ready = mmap.mmap(fds[-1], ready["length"], mmap.MAP_SHARED, mmap.PROT_READ)
         self._raw: tuple[Any, ...] = reply["tensors"]  # TensorRef rows as sent, decoded on first use
         self._aliases: dict[str, str] = dict(reply.get("aliases", {}))
-        # tied name -> the stored name it copies (store.format.TIED: both stored, loaders may share one)
-        self.tied: dict[str, str] = dict(self.metadata.get(TIED, {}))
+        # name -> the stored name whose bytes it has, for a loader that shares one tensor between them (as the
+        # checkpoint did): the aligned layout's aliases (stored once) and the safetensors layout's tied pairs
+        # (store.format.TIED: stored twice, checked equal)
+        self.shares: dict[str, str] = {**self._aliases, **self.metadata.get(TIED, {})}
         self._fill_held = bool(reply.get("fill_after_copy"))  # the sidecar fills after a GPU copy (gpu_first)
         self.released = False
 

@@ -47,19 +47,28 @@ def _default_storage() -> Path:
     return Path.home() / ".local" / "share" / "sllmfs"
 
 
+def cgroup_dir() -> Path | None:
+    """This process's cgroup v2 directory (where a pod's CPU and memory limits are), or None without one."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    d = Path("/sys/fs/cgroup") / path.lstrip("/")
+    return d if d.is_dir() else None
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity, bounded by its cgroup's CPU quota (a pod's limit),
     not the host's count (os.cpu_count() says 128 in a pod allowed 4)."""
     n = len(os.sched_getaffinity(0))
+    d = cgroup_dir()
     try:
-        with open("/proc/self/cgroup") as f:
-            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
-        with open(f"/sys/fs/cgroup{path}/cpu.max") as f:
-            quota, period = f.read().split()
+        quota, period = (d / "cpu.max").read_text().split() if d else ("max", "")
         if quota != "max":
             n = min(n, max(1, -(-int(quota) // int(period))))
-    except (OSError, StopIteration, ValueError):
-        pass  # no cgroup v2 quota here: the affinity stands
+    except (OSError, ValueError):
+        pass  # no CPU quota here: the affinity stands
     return n
 
 

@@ -25,13 +25,13 @@ module). The error classes and Segment are re-exported here: this API takes and 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from sllmfs.core.config import usable_cpus
 from sllmfs.engine.cudart import cuda_runtime, device_by_bus
 from sllmfs.engine.errors import (
     BadPieces,
@@ -78,8 +78,7 @@ def _bind_xxh3() -> None:
 
 def _default_threads() -> int:
     # Staging is memcpy-bound: more threads help up to the memory bandwidth (see NOTES).
-    cores = os.cpu_count() or 2
-    return max(1, min(12, cores - 2))
+    return max(1, min(12, usable_cpus() - 2))
 
 
 class CopyEngine:

@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import trio
 
+from sllmfs.core.config import cgroup_dir, usable_cpus
 from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
@@ -60,8 +61,8 @@ class CopyBudget(Protocol):
 RESERVE = 0.10  # of the memory the host (or our cgroup) has: a backing never eats into it
 LINGER = 60.0  # seconds an unopened backing stays (a loader's next open of the file is free)
 COPY_PIECE = 64 << 20  # one copy job: large enough to stream, small enough to spread over threads
-COPY_THREADS = min(8, os.cpu_count() or 1)
-MAPPED_COPY_THREADS = min(16, len(os.sched_getaffinity(0)))  # faults of huge pages scale with threads (NOTES-mount.md)
+COPY_THREADS = min(8, usable_cpus())
+MAPPED_COPY_THREADS = min(16, usable_cpus())  # faults of huge pages scale with threads (NOTES-mount.md)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 
@@ -140,18 +141,14 @@ def room() -> int:
             key, _, value = line.partition(":")
             info[key] = int(value.split()[0]) * 1024
     free = info.get("MemAvailable", 0) - int(info.get("MemTotal", 0) * RESERVE)
+    d = cgroup_dir()
     try:
-        with open("/proc/self/cgroup") as f:
-            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
-        base = f"/sys/fs/cgroup{path}"
-        with open(f"{base}/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open(f"{base}/memory.current") as f:
-                used = int(f.read())
+        limit = (d / "memory.max").read_text().strip() if d else "max"
+        if d and limit != "max":
+            used = int((d / "memory.current").read_text())
             free = min(free, int(int(limit) * (1 - RESERVE)) - used)
-    except (OSError, StopIteration, ValueError):
-        pass  # no cgroup v2 here: the host's figure stands
+    except (OSError, ValueError):
+        pass  # no memory limit here: the host's figure stands
     return free
 
 

@@ -92,25 +92,17 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
     """
     gpu_first = sidecar_copies() and _any_gpu(device_map)
     with connect(socket) as client, client.acquire(model, variant, gpu_first=gpu_first) as lease:
-        owners: dict[tuple[int, int], str] = {}  # where a tensor's bytes lie -> the name that owns them
-        placed: list[tuple[str, torch.device]] = []
-        # tied names stored twice (safetensors layout): one tensor, as in the checkpoint, where both go to one device
-        shared = {n: t for n, t in lease.tied.items() if _device_for(n, device_map) == _device_for(t, device_map)}
-        for name, ref in lease.entries.items():
-            if ref.nbytes and (ref.partition, ref.offset) in owners or name in shared:
-                continue  # an alias (tied weights): shares its target, as in the checkpoint
-            if ref.nbytes:
-                owners[(ref.partition, ref.offset)] = name
-            placed.append((name, _device_for(name, device_map)))
+        # tied names: one tensor, as in the checkpoint, where both go to one device (else each its own copy)
+        shared = {n: t for n, t in lease.shares.items() if _device_for(n, device_map) == _device_for(t, device_map)}
+        placed = [(name, _device_for(name, device_map)) for name in lease.entries if name not in shared]
         mirrored = None if dtype is not None else _mirrored(lease, placed, timeout)
         if mirrored is None:
             out = _packed(lease, placed, dtype)
             stats = copy_into(lease, out, timeout=timeout, strict=False)
         else:
             out, stats = mirrored
-        for name, ref in lease.entries.items():
-            if name not in out:
-                out[name] = out[shared[name]] if name in shared else out[owners[(ref.partition, ref.offset)]]
+        for name, target in shared.items():
+            out[name] = out[target]
     return (out, stats) if return_stats else out
 
 

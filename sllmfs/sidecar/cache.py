@@ -33,7 +33,7 @@ from sllmfs.sidecar.gpufirst import HOLD_LIMIT_S, HeldFills
 from sllmfs.sidecar.memtier import MemoryTier, Resident
 from sllmfs.sidecar.pullfeed import PullFeed
 from sllmfs.sidecar.registry import Registry
-from sllmfs.store.format import load_manifest, open_dir
+from sllmfs.store.format import Manifest, load_manifest, open_dir
 from sllmfs.store.store import Identity, Store, variant_identity
 
 log = logging.getLogger("sllmfs.sidecar")
@@ -160,12 +160,18 @@ class Cache:
     def identity(self, model: str, variant: str) -> Identity | None:
         return self.store.identity(model, variant)
 
-    async def resident(self, model: str, variant: str, *, gpu_first: bool = False) -> Resident:
+    async def resident(self, model: str, variant: str, *, gpu_first: bool = False,
+                       off_element_ok: bool = True) -> Resident:
         """The resident copy of a variant: a hit, or a new fill started from the store (a miss).
-        ``gpu_first``: the caller will ask for a GPU copy next; a miss's fill waits for it (gpufirst.py)."""
+        ``gpu_first``: the caller will ask for a GPU copy next; a miss's fill waits for it (gpufirst.py).
+        ``off_element_ok``: the caller reads tensors stored off their element size; if not, such a variant
+        is refused before any fill starts (an old client, HELLO_OFF_ELEMENT)."""
         if self.settings.registration_required and model not in self.registry:
             raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
         res = self.tier.get(model, variant)
+        if res is not None:
+            _check_off_element(model, variant, res.manifest, off_element_ok)
+        again = partial(self.resident, model, variant, gpu_first=gpu_first, off_element_ok=off_element_ok)
         if res is not None and res.source == "origin" and res.state == "filling":
             self.counters.hits += 1  # coming from the origin now: the lease follows the download
             return res
@@ -192,7 +198,7 @@ class Cache:
             # opened without following a link at any step below models/
             dir_fd = open_dir(variant_dir, below=self.store.models_dir)
         except FileNotFoundError:
-            return await self.resident(model, variant, gpu_first=gpu_first)  # replaced or removed: again
+            return await again()  # replaced or removed: again
         except OSError as e:
             raise Corrupt(f"model {model!r} [{variant}]: cannot open {variant_dir} ({e.strerror}); "
                           f"run `sllmfs verify --model {model}`") from None
@@ -200,10 +206,11 @@ class Cache:
             pinned = Path(f"/proc/self/fd/{dir_fd}")
             ident = variant_identity(pinned)
             if ident is None:
-                return await self.resident(model, variant, gpu_first=gpu_first)
+                return await again()
             manifest = await trio.to_thread.run_sync(load_manifest, pinned)
+            _check_off_element(model, variant, manifest, off_element_ok)
             if self.tier.get(model, variant) is not None:  # another task filled it while we read
-                return await self.resident(model, variant, gpu_first=gpu_first)
+                return await again()
             self.counters.misses += 1
             res = self.tier.reserve(model, variant, manifest, ident)
             try:
@@ -579,6 +586,12 @@ class Cache:
                 except Exception as e:  # a damaged store entry must not stop the daemon
                     log.warning("disk tier: %s", e)
             await trio.sleep(DISK_LOOP_S)
+
+
+def _check_off_element(model: str, variant: str, manifest: Manifest, ok: bool) -> None:
+    if manifest.off_element and not ok:
+        raise BadInput(f"model {model!r} [{variant}] has tensors stored off their element size, which this "
+                       "client would misread; upgrade sllmfs where the client runs (pip install -U sllmfs)")
 
 
 def _pull_cause(e: SllmfsError) -> FailCause:

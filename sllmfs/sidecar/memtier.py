@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sllmfs.core import dtypes
 from sllmfs.core.errors import BadInput
 from sllmfs.core.pages import shmem_thp
 from sllmfs.engine.segments import address_of
@@ -247,7 +246,6 @@ class Resident:
     source: str = "store"  # where its bytes come from: "store" (a fill) or "origin" (a pull streaming in)
     timeline: Timeline = field(default_factory=Timeline)
     lent: list[TierFile] = field(default_factory=list)  # its files the mount backs files with (no copy)
-    off_element: bool = False  # a tensor sits off its element size (a safetensors file may): old clients misread it
 
     @property
     def nbytes(self) -> int:
@@ -417,7 +415,6 @@ class MemoryTier:
         res.timeline = Timeline(reserved=t0, alloc_s=time.monotonic() - t0, cut_s=sum(seg.cut_s for seg in segments),
                                 from_blanks=sum(b is not None for b in blanks), partitions=len(blanks),
                                 pinned_blanks=sum(seg.pinned for seg in segments))
-        res.off_element = any(t.offset % dtypes.by_code(t.dtype).itemsize for t in manifest.tensors.values())
         res.wire_tensors = [TensorRef(n, t.dtype, tuple(t.shape), t.partition, t.offset, t.nbytes).encode()
                             for n, t in manifest.tensors.items()]
         self.entries[(model, variant)] = res

@@ -69,10 +69,7 @@ class Ops:
         gpu_first = msg.get("gpu_first", False)
         if not isinstance(gpu_first, bool):
             raise BadInput("acquire 'gpu_first' must be true or false")
-        res = await self.cache.resident(model, variant, gpu_first=gpu_first)
-        if res.off_element and not conn.off_element:
-            raise BadInput(f"model {model!r} [{variant}] has tensors stored off their element size, which this "
-                           "client would misread; upgrade sllmfs where the client runs (pip install -U sllmfs)")
+        res = await self.cache.resident(model, variant, gpu_first=gpu_first, off_element_ok=conn.off_element)
         seconds = time.perf_counter() - t0  # a miss: the tier's allocation (the fill runs behind)
         lease_id = next(self._ids)
         res.leases += 1

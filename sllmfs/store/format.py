@@ -20,6 +20,7 @@ import re
 import shlex
 import stat
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -112,6 +113,12 @@ class Manifest:
     def as_files(self) -> bool:
         """Its partitions are its safetensors files (the mount serves and backs them whole)."""
         return self.layout == LAYOUT_SAFETENSORS
+
+    @cached_property
+    def off_element(self) -> bool:
+        """A tensor sits off its element size (a safetensors file may): clients older than
+        HELLO_OFF_ELEMENT misread it."""
+        return any(t.offset % dtypes.by_code(t.dtype).itemsize for t in self.tensors.values())
 
     @property
     def tied(self) -> dict[str, str]:

@@ -143,8 +143,17 @@ def test_tensors_stored_off_their_element_size_are_copied_right(tmp_path: Path) 
             reply = wire.recv(old)[0]
             assert reply["ok"] is False and "off their element size" in reply["error"], reply
             assert "upgrade sllmfs" in reply["error"], reply
+        # the same on a miss: refused before a fill starts, so the old client costs the tier nothing
+        save_model(Store(sd.store), "org/odd2", src)
+        with raw_hello(sd.socket) as old:
+            wire.send(old, {"op": "acquire", "model": "org/odd2"})
+            reply = wire.recv(old)[0]
+            assert reply["ok"] is False and "off their element size" in reply["error"], reply
         with sd.connect() as c:
-            assert c.status()["leases"] == []
+            st = c.status()
+            assert st["leases"] == []
+            odd2 = next(m for m in st["models"] if m["name"] == "org/odd2")
+            assert odd2["tier"] == "disk" and odd2["variants"] == [], odd2
 
 
 def test_warm_reports_progress(tmp_path: Path) -> None:

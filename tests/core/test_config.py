@@ -12,9 +12,24 @@ def test_usable_cpus_follow_the_affinity_not_the_host() -> None:
     copies (O_DIRECT pays from COPY_DIRECT_CPUS up), whatever os.cpu_count() says."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
             "from sllmfs.core.config import Settings, usable_cpus\n"
-            "s = Settings(); print(usable_cpus(), s.num_thread, s.copy_direct, os.cpu_count())")
+            "from sllmfs.fuse import backing\n"
+            "from sllmfs.engine.copy_engine import _default_threads\n"
+            "s = Settings(); print(usable_cpus(), s.num_thread, s.copy_direct, backing.COPY_THREADS,"
+            " backing.MAPPED_COPY_THREADS, _default_threads(), os.cpu_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[:3] == ["1", "1", "False"], out
+    assert out[:6] == ["1", "1", "False", "1", "1", "1"], out
     from sllmfs.core.config import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_the_cgroup_directory_is_where_the_limits_are() -> None:
+    """usable_cpus reads cpu.max and the mount's backings memory.max from one place; without cgroup v2
+    there is none, and both fall back to the host's figures."""
+    from sllmfs.core.config import cgroup_dir
+    from sllmfs.fuse.backing import room
+
+    d = cgroup_dir()
+    if d is not None:
+        assert d.is_dir() and str(d).startswith("/sys/fs/cgroup")
+    assert room() > 0

@@ -9,13 +9,13 @@ copy) and raise sllmfs.core.errors.NotFound for a variant that is not stored.
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from sllmfs.core import dtypes
+from sllmfs.core.config import usable_cpus
 from sllmfs.core.errors import Corrupt, NotFound, SllmfsError
 from sllmfs.store.format import CHUNK_SIZE, Manifest, corrupt
 from sllmfs.store.reader import Partitions, window_ok, windows
@@ -100,7 +100,7 @@ class _StoreLease:
             view.release()
             return None if ok else f"{p.file} window {k}"
 
-        with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool:
+        with ThreadPoolExecutor(min(16, usable_cpus())) as pool:
             failed = next((w for w in pool.map(bad, jobs) if w), None)
         if failed:
             raise Corrupt(f"{self._dir}: {failed} fails its checksum; run `sllmfs verify` and save the model again")
