@@ -249,12 +249,14 @@ def start(label: str, model_path: str, load_format: str, home: Path, logs: Path,
     return res
 
 
-def served(src: Path, work: Path, logs: Path, log_name: str) -> tuple[Path, Sidecar, str]:
-    """The checkpoint saved into a store and a sidecar (with its mount) serving it: (store, sidecar,
+def served(src: Path, work: Path, logs: Path, log_name: str, save: bool = True) -> tuple[Path, Sidecar, str]:
+    """The checkpoint saved into a store (``save``: anew; else as a previous run left it, with its
+    written-back variant and kernel caches) and a sidecar (with its mount) serving it: (store, sidecar,
     the model's folder in the mount)."""
     store = work / "store"
-    subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
-                    str(src), "--storage-path", str(store), "--force"], check=True)
+    if save:
+        subprocess.run([sys.executable, "-m", "sllmfs", "save", "--model", "bench/llama-7b", "--local-model-path",
+                        str(src), "--storage-path", str(store), "--force"], check=True)
     side = Sidecar(store, work / "sllmfs.sock", work / "mnt", logs / log_name)
     return store, side, str(side.mnt / "bench" / "llama-7b")
 
@@ -278,13 +280,14 @@ def kernels(src: Path, work: Path, logs: Path, keep: Any) -> None:
         side.stop()
 
 
+PAIRS_SO_FAR = "pairs-so-far.json"  # in the workdir: what --resume adds to
 KINDS = {"default": "the default loader, the plain folder", "mount-default": "the default loader, the mount",
          "sllm": "--load-format sllm, the mount",
          "sllm-no-kernel-cache": "sllm, kernel caches not served"}
 
 
 def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: bool = False,
-          no_kernel_cache: bool = False) -> dict[str, Any]:
+          no_kernel_cache: bool = False, resume: bool = False) -> dict[str, Any]:
     """Is an sllm memory-tier start ready sooner than the default loader's by (its load phase - 0.3 s)
     (#21.3)? One warm machine (kernel caches shared), the sllm first start to write the per-rank state
     back, then ``n`` pairs of starts, the order alternating so drift favours neither. A start's noise
@@ -296,20 +299,28 @@ def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: b
     SGLang's scheduler clock (``phases``), each kind's median is printed. ``no_kernel_cache``: each pair
     also starts the sllm loader with the plugin's kernel caches off (SLLMFS_KERNEL_CACHE=0): both sllm
     starts of 2026-12-01 spent 2.2-4 s more than the default's in the scheduler child's imports, and the
-    caches' directories are what else differs between them."""
+    caches' directories are what else differs between them. ``resume``: the machine a previous run of
+    this part left (the same ``work``: its store, homes and pairs so far, ``PAIRS_SO_FAR``): its pairs
+    count with this run's, and one sllm start (uncounted) fills the new sidecar's tier instead of the
+    first start and the warm-up (a device call holds ~1.5 pairs after those)."""
     import statistics
 
-    _, side, view = served(src, work, logs, "sidecar-pairs.log")
+    so_far = work / PAIRS_SO_FAR
+    resume = resume and so_far.exists()
+    _, side, view = served(src, work, logs, "sidecar-pairs.log", save=not resume)
     home = work / "home-pairs"
     kinds = ["default", "mount-default", "sllm"] if mount_default else ["default", "sllm"]
     if no_kernel_cache:
         kinds.append("sllm-no-kernel-cache")
-    got: list[dict[str, dict[str, Any]]] = []
+    got: list[dict[str, dict[str, Any]]] = json.loads(so_far.read_text()) if resume else []
     try:
-        keep("pairs_sllm_first", start("sllm first (any-TP, write-back)", view, "sllm", home, logs,
-                                       extra='{"sllm_write_back": "sync"}'))
-        keep("pairs_default_warmup", start("default, warm-up", str(src), "auto", home, logs))
-        for i in range(n):
+        if resume:
+            keep("pairs_sllm_refill", start("sllm, tier filled again (resumed)", view, "sllm", home, logs))
+        else:
+            keep("pairs_sllm_first", start("sllm first (any-TP, write-back)", view, "sllm", home, logs,
+                                           extra='{"sllm_write_back": "sync"}'))
+            keep("pairs_default_warmup", start("default, warm-up", str(src), "auto", home, logs))
+        for i in range(len(got), len(got) + n):
             one = {}
             order = kinds[i % len(kinds):] + kinds[:i % len(kinds)] if len(kinds) > 2 else \
                 (kinds if i % 2 == 0 else kinds[::-1])
@@ -320,6 +331,7 @@ def pairs(src: Path, work: Path, logs: Path, keep: Any, n: int, mount_default: b
                 keep(f"pair{i}_{kind}", r)
                 one[kind] = r
             got.append(one)
+            so_far.write_text(json.dumps(got))
     finally:
         side.stop()
 
@@ -368,6 +380,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3, help="--part pairs: default/sllm pairs after the first start")
     ap.add_argument("--with-mount-default", action="store_true",
                     help="--part pairs: each pair also starts the default loader on the mount's folder")
+    ap.add_argument("--resume", action="store_true", help="--part pairs: go on from the pairs a previous run left "
+                    "in --workdir (the same machine, still warm): its store, homes and pairs are kept")
     ap.add_argument("--with-sllm-no-kernel-cache", action="store_true",
                     help="--part pairs: each pair also starts the sllm loader with the kernel caches not served")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -415,7 +429,8 @@ def main() -> None:
         finally:
             side.stop()
     if a.part == "pairs":
-        result["pairs"] = pairs(src, work, logs, keep, a.pairs, a.with_mount_default, a.with_sllm_no_kernel_cache)
+        result["pairs"] = pairs(src, work, logs, keep, a.pairs, a.with_mount_default, a.with_sllm_no_kernel_cache,
+                                a.resume)
     if a.part == "kernels":
         kernels(src, work, logs, keep)
         result["kernel_entries"] = subprocess.run([sys.executable, "-m", "sllmfs", "kernels", "ls", "--storage-path",
