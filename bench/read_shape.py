@@ -1,0 +1,107 @@
+"""Is fastsafetensors' cold edge its request shape? (NOTES-cold run 27)
+
+strace of fastsafetensors 0.5.0's no-GDS reader (16 threads, 16 MiB bounce buffers) shows O_DIRECT
+`pread`s of 516 KiB at 512 KiB strides from the file's start: each read overlaps the next by 4 KiB. Every
+reader of ours read 512 KiB at 512 KiB strides (or larger blocks), and none matched it on the GPU host's
+virtual disk (runs 20-26). This compiles `read_shape.cpp` (plain threads, one counter in file order) and
+reads the stored files of a model, page cache dropped before each, order rotating per rep:
+
+- 16 threads, 512 KiB at 512 KiB strides (our engine's request);
+- 16 threads, 516 KiB at 512 KiB strides (fastsafetensors' request);
+- 16 threads, 1 MiB at 1 MiB strides, and buffered 64 MiB with 16 threads (the disk limit's shape);
+- fastsafetensors itself on the same files, where installed and the device is a GPU.
+
+    python bench/read_shape.py [--layers 16] [--reps 3] [--device cuda:0] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from gpu_first_cold import fastsafetensors_reader  # noqa: E402
+from limits import drop_caches, measured  # noqa: E402
+
+MODEL = "bench/read-shape"
+KiB, MiB = 1 << 10, 1 << 20
+SHAPES = {"512 KiB at 512 KiB strides (ours)": (16, 512 * KiB, 512 * KiB, True),
+          "516 KiB at 512 KiB strides (fastsafetensors')": (16, 512 * KiB, 516 * KiB, True),
+          "1 MiB at 1 MiB strides": (16, MiB, MiB, True),
+          "buffered 64 MiB": (16, 64 * MiB, 64 * MiB, False)}
+
+
+def build() -> Path:
+    exe = Path(tempfile.gettempdir()) / "sllmfs-read-shape-bin"
+    subprocess.run(["g++", "-O2", "-std=c++17", "-pthread", "-o", str(exe), str(HERE / "read_shape.cpp")], check=True)
+    return exe
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sllmfs-read-shape"))
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    from llama_shapes import saved_checkpoint
+
+    from sllmfs.store.format import load_manifest
+
+    _, store = saved_checkpoint(args.workdir, MODEL, args.layers)
+    vdir = next(store.glob("models/*/variants/hf"))
+    files = [str(vdir / p.file) for p in load_manifest(vdir).partitions]
+    total = sum(Path(f).stat().st_size for f in files)
+    exe = build()
+
+    def shape(threads: int, stride: int, length: int, direct: bool) -> float:
+        out = subprocess.run([str(exe), str(threads), str(stride), str(length), str(int(direct)), *files],
+                             capture_output=True, text=True, check=True).stdout
+        return float(out)
+
+    readers: list[tuple[str, Callable[[], float]]] = [(k, lambda s=s: shape(*s)) for k, s in SHAPES.items()]
+    peer = fastsafetensors_reader(vdir, args.device, total) if args.device != "cpu" else None
+    if peer is not None:
+        readers.append(("fastsafetensors", peer))
+    runs: dict[str, list[float]] = {name: [] for name, _ in readers}
+    for rep in range(args.reps):
+        turn = rep % len(readers)
+        for name, fn in readers[turn:] + readers[:turn]:
+            if not drop_caches():
+                raise SystemExit("bench: cannot drop the page cache (need root): a cold read cannot be measured")
+            runs[name].append(measured(name, fn()))
+            print(f"#{rep + 1} {name:<48}{runs[name][-1]:>8.2f} GB/s", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ours, theirs = med["512 KiB at 512 KiB strides (ours)"], med["516 KiB at 512 KiB strides (fastsafetensors')"]
+    ratios = {"516 KiB / 512 KiB requests": theirs / ours,
+              "516 KiB requests / buffered 64 MiB": theirs / med["buffered 64 MiB"]}
+    if "fastsafetensors" in med:
+        ratios["fastsafetensors / its request shape in plain threads"] = med["fastsafetensors"] / theirs
+    for k, v in ratios.items():
+        print(f"{k:<56}{v:>6.2f}x", flush=True)
+    out: dict[str, Any] = {"bench": "read-shape", "host": platform.node(), "device": args.device, "bytes": total,
+                           "files": len(files), "gbps": runs, "median_gbps": med, "ratios": ratios,
+                           "shapes": {k: list(v) for k, v in SHAPES.items()},
+                           "command": "python bench/read_shape.py " + " ".join(sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    dest = args.out / f"read-shape-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"-> {dest}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
