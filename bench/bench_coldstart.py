@@ -381,7 +381,8 @@ def main() -> None:
     ap.add_argument("--with-mount-default", action="store_true",
                     help="--part pairs: each pair also starts the default loader on the mount's folder")
     ap.add_argument("--resume", action="store_true", help="--part pairs: go on from the pairs a previous run left "
-                    "in --workdir (the same machine, still warm): its store, homes and pairs are kept")
+                    "in --workdir (the same machine, still warm): its store, homes and pairs are kept. On the device "
+                    "tool the workdir must lie outside the repo (e.g. /tmp/cs: it resets the working tree per call)")
     ap.add_argument("--with-sllm-no-kernel-cache", action="store_true",
                     help="--part pairs: each pair also starts the sllm loader with the kernel caches not served")
     ap.add_argument("--out", default=str(HERE / "results"))
