@@ -72,6 +72,8 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN && in_flight_ > 0) break;  // the queue is full: wait for one to land first
+      if ((errno == EINVAL || errno == EOPNOTSUPP) && submitted == 0)  // no AIO for this file: one at a time
+        return read_direct(fd, dst, len, offset, hash);
       r.err = errno;
       ended = true;
       break;

@@ -336,7 +336,13 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
   constexpr uint64_t kFileStep = 256 << 10;  // the fill's read size: each read is hashed while in L2
   const SegmentDesc& sd = job.segs[b.seg];
   if (!st.hash) st.hash = std::make_unique<Xxh3>();
-  if (sd.direct && cfg_.read_depth > 1 && !st.reads) st.reads = std::make_unique<DirectReads>(cfg_.read_depth);
+  if (sd.direct && cfg_.read_depth > 1 && !st.reads && !st.unqueued) {
+    try {
+      st.reads = std::make_unique<DirectReads>(cfg_.read_depth);
+    } catch (const std::exception&) {
+      st.unqueued = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time, as depth 1
+    }
+  }
   const Unit* units = job.plan.units.data();
   for (uint64_t w = b.lo / sd.window; w * sd.window < b.hi && !job.abort; ++w) {
     const uint64_t wlo = w * sd.window, whi = std::min(wlo + sd.window, sd.len);

@@ -161,6 +161,7 @@ class Engine {
     uint64_t fill_ns = 0, wait_ns = 0;  // filling slots, waiting on their last copies (CopyStats)
     std::unique_ptr<Xxh3> hash;  // made on its first file block
     std::unique_ptr<DirectReads> reads;  // made on its first O_DIRECT block, when read_depth > 1
+    bool unqueued = false;               // the kernel refused it an AIO context: read_direct instead
   };
   struct Job;
   struct RelayRun;
