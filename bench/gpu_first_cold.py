@@ -23,7 +23,6 @@ row), every stored partition of the model:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -40,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from limits import drop_caches, measured, read_files  # noqa: E402
+from limits import cold_rounds, drop_caches, read_files, write_result  # noqa: E402
 
 MODEL = "bench/gpu-first-cold"
 
@@ -86,14 +84,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from llama_shapes import saved_checkpoint
+    from llama_shapes import stored_hf
 
     from sllmfs.engine.copy_engine import CopyEngine, FileSegment
-    from sllmfs.store.format import CHUNK_SIZE, load_manifest
+    from sllmfs.store.format import CHUNK_SIZE
 
-    _, store = saved_checkpoint(args.workdir, MODEL, args.layers)
-    vdir = next(store.glob("models/*/variants/hf"))
-    manifest = load_manifest(vdir)
+    vdir, manifest = stored_hf(args.workdir, MODEL, args.layers)
     files = [vdir / p.file for p in manifest.partitions]
     total = sum(p.size for p in manifest.partitions)
     if not drop_caches():
@@ -141,17 +137,10 @@ def main() -> int:
         readers.append(("fastsafetensors", peer))
     readers += [("disk O_DIRECT 512 KiB", lambda: read_files(files, args.threads, 512 << 10, direct=True)),
                 ("buffered 64 MiB", lambda: read_files(files, args.threads, 64 << 20, direct=False))]
-    runs: dict[str, list[float]] = {name: [] for name, _ in readers}
     try:
         for eng in engines.values():
             ring(eng)  # uncounted: the first copy of a process pays first touches (a host target's pages)
-        for rep in range(args.reps):
-            turn = rep % len(readers)
-            for name, fn in readers[turn:] + readers[:turn]:
-                if not drop_caches():
-                    raise SystemExit("bench: cannot drop the page cache")
-                runs[name].append(measured(name, fn()))
-                print(f"#{rep + 1} {name:<48}{runs[name][-1]:>8.2f} GB/s", flush=True)
+        runs = cold_rounds(readers, args.reps)
     finally:
         for eng in engines.values():
             eng.close()
@@ -165,16 +154,9 @@ def main() -> int:
     if "fastsafetensors" in med:
         ratios.update({f"{k} / fastsafetensors": v / med["fastsafetensors"] for k, v in med.items()
                        if k.startswith("ring")})
-    for k, v in ratios.items():
-        print(f"{k:<72}{v:>6.2f}x", flush=True)
-    out: dict[str, Any] = {"bench": "gpu-first-cold", "host": platform.node(), "device": args.device,
-                           "threads": args.threads, "bytes": total, "gbps": runs, "median_gbps": med,
-                           "disk_best_gbps": disk, "ratios": ratios, "shapes": shapes,
-                           "command": "python bench/gpu_first_cold.py " + " ".join(sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"gpu-first-cold-{time.strftime('%Y%m%d-%H%M')}.json"
-    dest.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"-> {dest}", flush=True)
+    write_result(args.out, "gpu-first-cold", ratios,
+                 {"bench": "gpu-first-cold", "host": platform.node(), "device": args.device, "threads": args.threads,
+                  "bytes": total, "gbps": runs, "median_gbps": med, "disk_best_gbps": disk, "shapes": shapes})
     return 0
 
 

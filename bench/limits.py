@@ -6,6 +6,7 @@ bandwidth, dropping the page cache, running a command, and starting/stopping `sl
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def sh(*args: str, env: dict[str, str] | None = None) -> str:
@@ -51,6 +53,35 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def cold_rounds(readers: list[tuple[str, Callable[[], float]]], reps: int, width: int = 48) -> dict[str, list[float]]:
+    """Each reader's GB/s in each of ``reps`` rounds, the page cache dropped before every read and the
+    order rotating per round (drift between reads favours no reader)."""
+    runs: dict[str, list[float]] = {name: [] for name, _ in readers}
+    for rep in range(reps):
+        turn = rep % len(readers)
+        for name, fn in readers[turn:] + readers[:turn]:
+            if not drop_caches():
+                raise SystemExit("bench: cannot drop the page cache (need root): a cold read cannot be measured")
+            runs[name].append(measured(name, fn()))
+            print(f"#{rep + 1} {name:<{width}}{runs[name][-1]:>8.2f} GB/s", flush=True)
+    return runs
+
+
+def write_result(out_dir: Path, name: str, ratios: dict[str, float], record: dict[str, Any]) -> Path:
+    """Prints ``ratios`` and writes ``record`` (with them, and the command that ran) as
+    ``out_dir``/``name``-YYYYmmdd-HHMM.json."""
+    width = max(map(len, ratios), default=0) + 2
+    for k, v in ratios.items():
+        print(f"{k:<{width}}{v:>6.2f}x", flush=True)
+    record = {**record, "ratios": ratios, "command": "python bench/" + " ".join([Path(sys.argv[0]).name,
+                                                                                *sys.argv[1:]])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M')}.json"
+    dest.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"-> {dest}", flush=True)
+    return dest
 
 
 def pinned_peak(gib: int = 4, reps: int = 5) -> float:

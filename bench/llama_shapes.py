@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 LLAMA2_7B = dict(vocab=32000, hidden=4096, inter=11008, layers=32)
 # Qwen2.5-32B: 40 query heads over 8 KV heads (GQA), q/k/v biases, untied lm_head; 65.5 GB in bf16
@@ -108,6 +109,15 @@ def write_checkpoint(out: Path, scale: float = 1.0, layers: int | None = None, d
             {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config(**dims, arch=arch), indent=1))  # type: ignore[arg-type]
     return sum(sizes)
+
+
+def stored_hf(work: Path, model: str, layers: int | None = None) -> tuple[Path, Any]:
+    """saved_checkpoint's store: the ``hf`` variant's directory and its manifest."""
+    from sllmfs.store.format import load_manifest
+
+    _, store = saved_checkpoint(work, model, layers)
+    vdir = next(store.glob("models/*/variants/hf"))
+    return vdir, load_manifest(vdir)
 
 
 def saved_checkpoint(work: Path, model: str, layers: int | None = None) -> tuple[Path, Path]:

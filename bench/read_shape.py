@@ -17,23 +17,20 @@ reads the stored files of a model, page cache dropped before each, order rotatin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from gpu_first_cold import fastsafetensors_reader  # noqa: E402
-from limits import drop_caches, measured  # noqa: E402
+from limits import cold_rounds, write_result  # noqa: E402
 
 MODEL = "bench/read-shape"
 KiB, MiB = 1 << 10, 1 << 20
@@ -57,14 +54,11 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
-    from llama_shapes import saved_checkpoint
+    from llama_shapes import stored_hf
 
-    from sllmfs.store.format import load_manifest
-
-    _, store = saved_checkpoint(args.workdir, MODEL, args.layers)
-    vdir = next(store.glob("models/*/variants/hf"))
-    files = [str(vdir / p.file) for p in load_manifest(vdir).partitions]
-    total = sum(Path(f).stat().st_size for f in files)
+    vdir, manifest = stored_hf(args.workdir, MODEL, args.layers)
+    files = [str(vdir / p.file) for p in manifest.partitions]
+    total = sum(p.size for p in manifest.partitions)
     exe = build()
 
     def shape(threads: int, stride: int, length: int, direct: bool) -> float:
@@ -76,30 +70,17 @@ def main() -> int:
     peer = fastsafetensors_reader(vdir, args.device, total) if args.device != "cpu" else None
     if peer is not None:
         readers.append(("fastsafetensors", peer))
-    runs: dict[str, list[float]] = {name: [] for name, _ in readers}
-    for rep in range(args.reps):
-        turn = rep % len(readers)
-        for name, fn in readers[turn:] + readers[:turn]:
-            if not drop_caches():
-                raise SystemExit("bench: cannot drop the page cache (need root): a cold read cannot be measured")
-            runs[name].append(measured(name, fn()))
-            print(f"#{rep + 1} {name:<48}{runs[name][-1]:>8.2f} GB/s", flush=True)
+    runs = cold_rounds(readers, args.reps)
     med = {k: statistics.median(v) for k, v in runs.items()}
     ours, theirs = med["512 KiB at 512 KiB strides (ours)"], med["516 KiB at 512 KiB strides (fastsafetensors')"]
     ratios = {"516 KiB / 512 KiB requests": theirs / ours,
               "516 KiB requests / buffered 64 MiB": theirs / med["buffered 64 MiB"]}
     if "fastsafetensors" in med:
         ratios["fastsafetensors / its request shape in plain threads"] = med["fastsafetensors"] / theirs
-    for k, v in ratios.items():
-        print(f"{k:<56}{v:>6.2f}x", flush=True)
-    out: dict[str, Any] = {"bench": "read-shape", "host": platform.node(), "device": args.device, "bytes": total,
-                           "files": len(files), "gbps": runs, "median_gbps": med, "ratios": ratios,
-                           "shapes": {k: list(v) for k, v in SHAPES.items()},
-                           "command": "python bench/read_shape.py " + " ".join(sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / f"read-shape-{time.strftime('%Y%m%d-%H%M')}.json"
-    dest.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"-> {dest}", flush=True)
+    write_result(args.out, "read-shape", ratios,
+                 {"bench": "read-shape", "host": platform.node(), "device": args.device, "bytes": total,
+                  "files": len(files), "gbps": runs, "median_gbps": med,
+                  "shapes": {k: list(v) for k, v in SHAPES.items()}})
     return 0
 
 
