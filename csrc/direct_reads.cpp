@@ -52,7 +52,7 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
   cbs_.resize(steps);  // one control block per step: the kernel answers each by its index
   uint64_t submitted = 0, hashed = 0;
   bool ended = false;   // an error or a short read: nothing after it counts
-  bool resume = false;  // an aligned short read mid-range: the rest goes through read_direct
+  bool resume = false;  // an aligned short read, an interrupted step or no room to queue: the rest via read_direct
   while (!ended && hashed < steps) {
     while (submitted < steps && in_flight_ < depth_) {
       const uint64_t at = submitted * kDirectStep, left = len - at;
@@ -72,8 +72,13 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN && in_flight_ > 0) break;  // the queue is full: wait for one to land first
-      if ((errno == EINVAL || errno == EOPNOTSUPP) && submitted == 0)  // no AIO for this file: one at a time
-        return read_direct(fd, dst, len, offset, hash);
+      if (submitted == 0 && (errno == EINVAL || errno == EOPNOTSUPP || errno == EAGAIN))
+        return read_direct(fd, dst, len, offset, hash);  // no AIO for this file (or now): one at a time
+      if (errno == EAGAIN) {  // nothing in flight and every landed step hashed: the rest one at a time
+        resume = true;
+        ended = true;
+        break;
+      }
       r.err = errno;
       ended = true;
       break;
@@ -90,6 +95,11 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
     // Hash what landed, in file order, while the later reads are still at the disk.
     while (hashed < submitted && results_[hashed] != kPending) {
       const int64_t res = results_[hashed];
+      if (res == -EINTR) {  // interrupted before it read: this step and the rest one at a time
+        resume = true;
+        ended = true;
+        break;
+      }
       if (res < 0) {
         r.err = static_cast<int>(-res);
         ended = true;

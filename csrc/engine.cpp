@@ -336,11 +336,12 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
   constexpr uint64_t kFileStep = 256 << 10;  // the fill's read size: each read is hashed while in L2
   const SegmentDesc& sd = job.segs[b.seg];
   if (!st.hash) st.hash = std::make_unique<Xxh3>();
-  if (sd.direct && cfg_.read_depth > 1 && !st.reads && !st.unqueued) {
+  Lane& lane = st.lane;
+  if (sd.direct && cfg_.read_depth > 1 && !lane.reads && !lane.unqueued) {
     try {
-      st.reads = std::make_unique<DirectReads>(cfg_.read_depth);
+      lane.reads = std::make_unique<DirectReads>(cfg_.read_depth);
     } catch (const std::exception&) {
-      st.unqueued = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time, as depth 1
+      lane.unqueued = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time, as depth 1
     }
   }
   const Unit* units = job.plan.units.data();
@@ -360,7 +361,7 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       uint8_t* slot = st.lane.slots[st.lane.cur] + st.fill;
       auto t = Clock::now();
       HashedRead r = !sd.direct ? read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash)
-                     : st.reads ? st.reads->read(sd.fd, slot, k, at, *st.hash)
+                     : lane.reads ? lane.reads->read(sd.fd, slot, k, at, *st.hash)
                                 : read_direct(sd.fd, slot, k, at, *st.hash);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       if (r.err != 0 || r.done != k)

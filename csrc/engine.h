@@ -150,6 +150,10 @@ class Engine {
     std::vector<uint8_t*> allocs;  // ...what the target allocated, freed as such
     std::vector<void*> events;
     size_t cur = 0;
+    // its stager's AIO context, made at its first O_DIRECT block when read_depth > 1 and kept with the
+    // lane: io_destroy waits out an RCU grace period (~33 ms), too long to pay on every copy's path
+    std::unique_ptr<DirectReads> reads;
+    bool unqueued = false;  // the kernel refused it one (fs.aio-max-nr): read_direct instead
   };
   // One staging thread during one copy: its lane, its stream, how full its current slot is.
   struct Stager {
@@ -160,8 +164,6 @@ class Engine {
     double alloc = 0;            // seconds spent growing the ring
     uint64_t fill_ns = 0, wait_ns = 0;  // filling slots, waiting on their last copies (CopyStats)
     std::unique_ptr<Xxh3> hash;  // made on its first file block
-    std::unique_ptr<DirectReads> reads;  // made on its first O_DIRECT block, when read_depth > 1
-    bool unqueued = false;               // the kernel refused it an AIO context: read_direct instead
   };
   struct Job;
   struct RelayRun;

@@ -255,7 +255,7 @@ class Lease:
         # name -> the stored name whose bytes it has, for a loader that shares one tensor between them (as the
         # checkpoint did): the aligned layout's aliases (stored once) and the safetensors layout's tied pairs
         # (store.format.TIED: stored twice, checked equal)
-        self.shares: dict[str, str] = {**self._aliases, **self.metadata.get(TIED, {})}
+        self.shares: dict[str, str] = _roots({**self._aliases, **self.metadata.get(TIED, {})})
         self._fill_held = bool(reply.get("fill_after_copy"))  # the sidecar fills after a GPU copy (gpu_first)
         self.released = False
 
@@ -490,3 +490,18 @@ def warm(model: str, variant: str = HF_VARIANT, *, socket: str | None = None,
             if deadline is not None and time.monotonic() >= deadline:
                 raise SidecarError(f"model {model!r} [{variant}] not warm after {timeout} s")
             time.sleep(0.05)
+
+
+def _roots(shares: dict[str, str]) -> dict[str, str]:
+    """Each name -> the stored name at the end of its chain (an alias of a tied name, in a hand-made
+    aligned manifest, names a name that itself shares). The manifest checks rule out cycles; the bound
+    keeps a bad one from hanging."""
+    out = {}
+    for name, target in shares.items():
+        for _ in range(len(shares)):
+            if target not in shares:
+                break
+            target = shares[target]
+        out[name] = target
+    return out
+

@@ -47,28 +47,39 @@ def _default_storage() -> Path:
     return Path.home() / ".local" / "share" / "sllmfs"
 
 
-def cgroup_dir() -> Path | None:
-    """This process's cgroup v2 directory (where a pod's CPU and memory limits are), or None without one."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_dirs(root: Path = CGROUP_ROOT, proc: Path = Path("/proc/self/cgroup")) -> list[Path]:
+    """This process's cgroup v2 directory and its ancestors below the root (a limit set on any of them
+    binds us: a pod's on its own level, a node's slice above); [] without cgroup v2 (v1 limits are not
+    read)."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(proc) as f:
             path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
     except (OSError, StopIteration):
-        return None
-    d = Path("/sys/fs/cgroup") / path.lstrip("/")
-    return d if d.is_dir() else None
+        return []
+    if not (root / "cgroup.controllers").exists():
+        return []  # a v1 (or hybrid) mount there: not the v2 tree
+    d, out = root / path.lstrip("/"), []
+    while d != root and root in d.parents:
+        if d.is_dir():
+            out.append(d)
+        d = d.parent
+    return out
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity, bounded by its cgroup's CPU quota (a pod's limit),
+    """CPUs this process may run on: its affinity, bounded by its cgroups' CPU quotas (a pod's limit),
     not the host's count (os.cpu_count() says 128 in a pod allowed 4)."""
     n = len(os.sched_getaffinity(0))
-    d = cgroup_dir()
-    try:
-        quota, period = (d / "cpu.max").read_text().split() if d else ("max", "")
-        if quota != "max":
-            n = min(n, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass  # no CPU quota here: the affinity stands
+    for d in cgroup_dirs():
+        try:
+            quota, period = (d / "cpu.max").read_text().split()
+            if quota != "max":
+                n = min(n, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):
+            pass  # no CPU quota on this level
     return n
 
 

@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import trio
 
-from sllmfs.core.config import cgroup_dir, usable_cpus
+from sllmfs.core.config import cgroup_dirs, usable_cpus
 from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
@@ -141,14 +141,14 @@ def room() -> int:
             key, _, value = line.partition(":")
             info[key] = int(value.split()[0]) * 1024
     free = info.get("MemAvailable", 0) - int(info.get("MemTotal", 0) * RESERVE)
-    d = cgroup_dir()
-    try:
-        limit = (d / "memory.max").read_text().strip() if d else "max"
-        if d and limit != "max":
-            used = int((d / "memory.current").read_text())
-            free = min(free, int(int(limit) * (1 - RESERVE)) - used)
-    except (OSError, ValueError):
-        pass  # no memory limit here: the host's figure stands
+    for d in cgroup_dirs():  # memfd pages are charged to each level: the tightest one binds
+        try:
+            limit = (d / "memory.max").read_text().strip()
+            if limit != "max":
+                used = int((d / "memory.current").read_text())
+                free = min(free, int(int(limit) * (1 - RESERVE)) - used)
+        except (OSError, ValueError):
+            pass  # no memory limit on this level
     return free
 
 

@@ -40,13 +40,19 @@ def _device_for(name: str, device_map: DeviceMap) -> torch.device:
     """sllm-store style maps: {"": 0}, {"model.layers.0": 0, "lm_head": "cpu"}; the longest prefix wins."""
     if not isinstance(device_map, dict):
         return _as_device(device_map)
+    dev = _map_entry(name, device_map)
+    if dev is None:
+        raise BadInput(f"device_map places no device for tensor {name!r}; add a \"\" entry for the rest")
+    return _as_device(dev)
+
+
+def _map_entry(name: str, device_map: dict[str, Any]) -> Any | None:
+    """The device the longest prefix of ``name`` in ``device_map`` gives, or None where none matches."""
     best, dev = -1, None
     for prefix, d in device_map.items():
         if (prefix == "" or name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
             best, dev = len(prefix), d
-    if dev is None:
-        raise BadInput(f"device_map places no device for tensor {name!r}; add a \"\" entry for the rest")
-    return _as_device(dev)
+    return dev
 
 
 def _as_device(d: Any) -> torch.device:
@@ -92,8 +98,11 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
     """
     gpu_first = sidecar_copies() and _any_gpu(device_map)
     with connect(socket) as client, client.acquire(model, variant, gpu_first=gpu_first) as lease:
-        # tied names: one tensor, as in the checkpoint, where both go to one device (else each its own copy)
-        shared = {n: t for n, t in lease.shares.items() if _device_for(n, device_map) == _device_for(t, device_map)}
+        # tied names: one tensor, as in the checkpoint, where both go to one device or the map places only
+        # the stored name (the tie follows it); else each its own copy
+        shared = {n: t for n, t in lease.shares.items()
+                  if isinstance(device_map, dict) and _map_entry(n, device_map) is None
+                  or _device_for(n, device_map) == _device_for(t, device_map)}
         placed = [(name, _device_for(name, device_map)) for name in lease.entries if name not in shared]
         mirrored = None if dtype is not None else _mirrored(lease, placed, timeout)
         if mirrored is None:

@@ -62,6 +62,7 @@ class _Pull:
     started: float
     variant: str = names.HF_VARIANT  # what the first asker wants: streamed into the tier as it downloads
     feed: PullFeed | None = None
+    off_element_ok: bool = True  # the first asker reads tensors off their element size (else: stored only)
     done: bool = False
     finished: float = 0.0
     bytes: int = 0
@@ -169,22 +170,22 @@ class Cache:
         if self.settings.registration_required and model not in self.registry:
             raise NotFound(f"model {model!r} is not registered; this sidecar runs with --registration-required")
         res = self.tier.get(model, variant)
-        if res is not None:
-            _check_off_element(model, variant, res.manifest, off_element_ok)
         again = partial(self.resident, model, variant, gpu_first=gpu_first, off_element_ok=off_element_ok)
         if res is not None and res.source == "origin" and res.state == "filling":
+            _check_off_element(model, variant, res.manifest, off_element_ok)
             self.counters.hits += 1  # coming from the origin now: the lease follows the download
             return res
         ident = self.identity(model, variant)  # one stat: notices `sllmfs save --force` and `rm`
         if res is not None and res.identity == ident and res.error:  # its fill is failing right now
             raise Corrupt(refusal(res.model, res.variant, res.error))
         if res is not None and res.identity == ident and res.state != "failed":
+            _check_off_element(model, variant, res.manifest, off_element_ok)
             self.counters.hits += 1
             return res
         if res is not None:
             self.tier.drop(res, why="store changed" if res.identity != ident else "failed")
         if ident is None and self.origin is not None and not self.store.has(model):
-            self._pull(model, variant)  # a miss on disk too: Pulling until the download streams into memory
+            self._pull(model, variant, off_element_ok)  # a miss on disk too: Pulling until it streams into memory
             ident = self.identity(model, variant)
         if ident is None:
             info = await trio.to_thread.run_sync(self.store.get, model)  # raises NotFound naming the model
@@ -399,7 +400,7 @@ class Cache:
         for gone in set(self._origin_copy) - stored:
             del self._origin_copy[gone]
 
-    def _pull(self, model: str, variant: str = names.HF_VARIANT) -> None:
+    def _pull(self, model: str, variant: str = names.HF_VARIANT, off_element_ok: bool = True) -> None:
         """Bring ``model`` from the origin in the background; the caller's reply says Pulling (the
         client asks again) rather than wait out a download. Returns once it is in the store; a
         failed pull (not in the origin, damaged copy) is its error, told to everyone who asks for a while."""
@@ -408,7 +409,7 @@ class Cache:
         if state is not None and state.done and (state.error is None or now - state.finished > ORIGIN_MISS_S):
             state = None  # an old failure, or a pull whose model has gone again (evicted, rm): pull anew
         if state is None:
-            state = self._pulls[model] = _Pull(started=now, variant=variant)
+            state = self._pulls[model] = _Pull(started=now, variant=variant, off_element_ok=off_element_ok)
             self.start_soon(self._run_pull, model, state)
         if state.error is not None:
             raise state.error
@@ -453,6 +454,8 @@ class Cache:
         tier so the pull's verified ranges land there as they arrive (None: the pull only stores)."""
         manifest = plan.manifests.get(state.variant)
         if manifest is None or self.tier.get(model, state.variant) is not None:
+            return None
+        if manifest.off_element and not state.off_element_ok:  # its asker will be refused: no memory for it
             return None
         try:
             res = self.tier.reserve(model, state.variant, manifest, None)

@@ -149,6 +149,9 @@ def test_load_dict_shares_tied_weights_stored_twice(tmp_path: Path, bin_dir: Pat
         out = load_dict("org/tied", socket=str(sd.socket))
         assert out.keys() == ref.keys() and all(torch.equal(out[k], v) for k, v in ref.items())
         assert out["lm_head.weight"].data_ptr() == out["model.embed_tokens.weight"].data_ptr()
+        # a map that places only the stored name: the tied name follows it (as an alias always did)
+        out = load_dict("org/tied", device_map={"model": "cpu"}, socket=str(sd.socket))
+        assert out["lm_head.weight"].data_ptr() == out["model.embed_tokens.weight"].data_ptr()
         d = json.loads((vdir / "manifest.json").read_text())
         d["metadata"]["tied"] = {"lm_head.weight": "model.norm.weight"}  # another tensor's bytes
         os.chmod(vdir / "manifest.json", 0o644)
