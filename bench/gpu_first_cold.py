@@ -9,9 +9,11 @@ row), every stored partition of the model:
   aligned 512 KiB reads straight into the pinned slot, each 4 MiB window checked), into a buffer on
   ``--device`` (``cpu``: the host target on a machine without a GPU), one read in flight per stager: what
   the sidecar does for a cold model (runs 20-25);
-- ring O_DIRECT depth 2 / 4: each stager keeps that many reads in flight (Linux AIO, run 26);
+- ring O_DIRECT depth 4: each stager keeps that many reads in flight (Linux AIO, run 26);
 - ring O_DIRECT 2 stagers x depth 8, window blocks: 16 reads in flight within an 8 MiB front (the shape of
   fastsafetensors' queue: 16 threads taking 512 KiB blocks in file order);
+- ring O_DIRECT depth 1, 516 KiB requests: each read asks 4 KiB past its 512 KiB step (fastsafetensors'
+  requests, strace; run 27);
 - fastsafetensors (no GDS, 16 threads, 16 MiB bounce buffers) on the same files, where it is installed and
   the device is a GPU: the peer in the same run;
 - the disk's read, O_DIRECT in 512 KiB blocks and buffered 64 MiB, the same threads; the best of them is
@@ -106,18 +108,19 @@ def main() -> int:
         addrs = [h.ctypes.data for h in host]
     pieces = np.array([[i, 0, a, p.size] for i, (a, p) in enumerate(zip(addrs, manifest.partitions, strict=True))
                        if p.size], dtype=np.uint64)
-    def make(threads: int, depth: int, file_block: int = 0) -> CopyEngine:
+    def make(threads: int, depth: int, file_block: int = 0, overlap: int = 0) -> CopyEngine:
         e = CopyEngine(target="cuda" if cuda else "host", device=0 if not cuda else (int(args.device[5:] or 0)),
                        mode="stage", threads=threads, slot_bytes=CHUNK_SIZE, file_block_bytes=file_block,
-                       read_depth=depth)
+                       read_depth=depth, read_overlap=overlap)
         e.prepare_ring()
         return e
 
-    # (threads, read depth, file block): the sidecar's today (64 MiB blocks, 16 stagers over 1 GiB of the file,
-    # one read each), more in flight per stager, and fastsafetensors' queue shape (16 reads in an 8 MiB front)
-    shapes = {"ring O_DIRECT depth 1": (args.threads, 1, 0), "ring O_DIRECT depth 2": (args.threads, 2, 0),
-              "ring O_DIRECT depth 4": (args.threads, 4, 0),
-              "ring O_DIRECT 2 stagers x depth 8, window blocks": (2, 8, NARROW)}
+    # (threads, read depth, file block, overlap): the sidecar's today (64 MiB blocks, 16 stagers over 1 GiB of
+    # the file, one 512 KiB read each), more in flight per stager (run 26), fastsafetensors' queue shape (16
+    # reads in an 8 MiB front) and its requests (516 KiB at 512 KiB strides, run 27)
+    shapes = {"ring O_DIRECT depth 1": (args.threads, 1, 0, 0), "ring O_DIRECT depth 4": (args.threads, 4, 0, 0),
+              "ring O_DIRECT 2 stagers x depth 8, window blocks": (2, 8, NARROW, 0),
+              "ring O_DIRECT depth 1, 516 KiB requests": (args.threads, 1, 0, 4096)}
     engines = {name: make(*shape) for name, shape in shapes.items()}
     dfds = [os.open(f, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT) for f in files]  # as the sidecar opens cold files
     direct = [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE) for fd, p in zip(dfds, manifest.partitions,

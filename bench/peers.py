@@ -639,7 +639,8 @@ class Bench:
         """A running sidecar; yields None when its FUSE view is mounted, else why not."""
         why = fuse_missing() if fuse else "not asked for"
         args = [*SIDECAR_ARGS, *(["--copy-direct"] if self.args.copy_direct else []),
-                *(["--copy-read-depth", str(self.args.copy_read_depth)] if self.args.copy_read_depth else [])]
+                *(["--copy-read-depth", str(self.args.copy_read_depth)] if self.args.copy_read_depth else []),
+                *(["--copy-read-overlap", str(self.args.copy_read_overlap)] if self.args.copy_read_overlap else [])]
         extra = [*args, *(["--mount", str(self.mount)] if why is None else [])]
         try:
             proc = start_sidecar(self.store, self.sock, self.logs / "sidecar.log", extra)
@@ -1186,6 +1187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=3, help="--part cold-pairs: alternated pairs")
     ap.add_argument("--copy-read-depth", type=int, default=0, help="the sidecar's O_DIRECT reads in flight per copy "
                     "thread (sllmfs start --copy-read-depth; NOTES-cold run 26; 0: its default)")
+    ap.add_argument("--copy-read-overlap", type=int, default=0, help="bytes each of the sidecar's O_DIRECT reads asks "
+                    "past its 512 KiB step (sllmfs start --copy-read-overlap; NOTES-cold run 27; 0: its default)")
     ap.add_argument("--copy-direct", action="store_true", help="the sidecar's GPU-first copies of uncached files "
                     "read O_DIRECT (sllmfs start --copy-direct; NOTES-cold run 22: its A/B is two cold-pairs runs)")
     ap.add_argument("--flat-mb", type=float, default=1000, help="size of the tensor-count checkpoints in MB")

@@ -23,7 +23,8 @@ long io_getevents(aio_context_t ctx, long min, long max, io_event* ev) {
 
 }  // namespace
 
-DirectReads::DirectReads(int depth) : depth_(depth), cbs_(depth), events_(depth) {
+DirectReads::DirectReads(int depth, uint64_t overlap)
+    : depth_(depth), overlap_(overlap), cbs_(depth), events_(depth) {
   if (depth < 1) throw std::invalid_argument("read depth must be at least 1");
   if (io_setup(static_cast<unsigned>(depth), &ctx_) != 0)
     throw std::runtime_error(std::string("io_setup: ") + std::strerror(errno));
@@ -61,7 +62,7 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
       cb.aio_lio_opcode = IOCB_CMD_PREAD;
       cb.aio_fildes = static_cast<uint32_t>(fd);
       cb.aio_buf = reinterpret_cast<uint64_t>(dst + at);
-      cb.aio_nbytes = left < kDirectStep ? (left + kDirectAlign - 1) / kDirectAlign * kDirectAlign : kDirectStep;
+      cb.aio_nbytes = direct_request(left, overlap_);
       cb.aio_offset = static_cast<int64_t>(offset + at);
       cb.aio_data = submitted;
       iocb* one = &cb;
@@ -73,7 +74,7 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
       if (errno == EINTR) continue;
       if (errno == EAGAIN && in_flight_ > 0) break;  // the queue is full: wait for one to land first
       if (submitted == 0 && (errno == EINVAL || errno == EOPNOTSUPP || errno == EAGAIN))
-        return read_direct(fd, dst, len, offset, hash);  // no AIO for this file (or now): one at a time
+        return read_direct(fd, dst, len, offset, hash, overlap_);  // no AIO for this file (or now): one at a time
       if (errno == EAGAIN) {  // nothing in flight and every landed step hashed: the rest one at a time
         resume = true;
         ended = true;
@@ -119,7 +120,7 @@ HashedRead DirectReads::read(int fd, uint8_t* dst, uint64_t len, uint64_t offset
   }
   drain();
   if (resume && r.done < len) {
-    const HashedRead rest = read_direct(fd, dst + r.done, len - r.done, offset + r.done, hash);
+    const HashedRead rest = read_direct(fd, dst + r.done, len - r.done, offset + r.done, hash, overlap_);
     r.done += rest.done;
     r.err = rest.err;
   }

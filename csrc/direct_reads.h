@@ -15,7 +15,7 @@ namespace sllm {
 // needs no library). One per stager thread; depth 1 is read_direct's synchronous loop.
 class DirectReads {
  public:
-  explicit DirectReads(int depth);
+  explicit DirectReads(int depth, uint64_t overlap = 0);
   ~DirectReads();
   DirectReads(const DirectReads&) = delete;
   DirectReads& operator=(const DirectReads&) = delete;
@@ -29,6 +29,7 @@ class DirectReads {
 
   aio_context_t ctx_ = 0;
   int depth_;
+  uint64_t overlap_;  // read_direct's: each read but the last asks this much of the next step too
   int in_flight_ = 0;
   std::vector<iocb> cbs_;         // one per step of the current read
   std::vector<io_event> events_;

@@ -339,7 +339,7 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
   Lane& lane = st.lane;
   if (sd.direct && cfg_.read_depth > 1 && !lane.reads && !lane.unqueued) {
     try {
-      lane.reads = std::make_unique<DirectReads>(cfg_.read_depth);
+      lane.reads = std::make_unique<DirectReads>(cfg_.read_depth, cfg_.read_overlap);
     } catch (const std::exception&) {
       lane.unqueued = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time, as depth 1
     }
@@ -362,7 +362,7 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       auto t = Clock::now();
       HashedRead r = !sd.direct ? read_cached_then_disk(sd.fd, slot, k, at, kFileStep, *st.hash)
                      : lane.reads ? lane.reads->read(sd.fd, slot, k, at, *st.hash)
-                                : read_direct(sd.fd, slot, k, at, *st.hash);
+                                : read_direct(sd.fd, slot, k, at, *st.hash, cfg_.read_overlap);
       st.fill_ns += static_cast<uint64_t>(since(t) * 1e9);
       if (r.err != 0 || r.done != k)
         throw EngineError(ErrorKind::Io, "reading " + segment_name(sd, b.seg) + " (" + range_text(at, k) + "): " +

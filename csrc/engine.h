@@ -45,6 +45,8 @@ struct EngineConfig {
   uint64_t file_block_bytes = 0;
   // O_DIRECT reads each stager keeps in flight on a file source (1: one at a time, read_direct)
   int read_depth = 1;
+  // bytes each O_DIRECT read but a range's last asks past its 512 KiB step (fastsafetensors asks 4 KiB: run 27)
+  uint64_t read_overlap = 0;
   uint64_t slot_bytes = 8ull << 20;
   int slots_per_thread = 3;
   double poll_seconds = 100e-6;

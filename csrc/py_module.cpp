@@ -90,16 +90,17 @@ struct EngineObject {
 int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   static const char* kw[] = {"target", "device", "mode", "streams", "threads", "register_threads",
                              "chunk_bytes", "slot_bytes", "slots_per_thread", "cudart", "cudart_fallback",
-                             "file_block_bytes", "read_depth", nullptr};
+                             "file_block_bytes", "read_depth", "read_overlap", nullptr};
   const char* target = "host";
   const char* mode = "hybrid";
   const char* cudart = "";
   const char* fallback = "";
   sllm::EngineConfig cfg;
   unsigned long long chunk = cfg.chunk_bytes, slot = cfg.slot_bytes, file_block = cfg.file_block_bytes;
-  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKissKi", const_cast<char**>(kw), &target, &cfg.device, &mode,
+  unsigned long long overlap = cfg.read_overlap;
+  if (!PyArg_ParseTupleAndKeywords(args, kwds, "|sisiiiKKissKiK", const_cast<char**>(kw), &target, &cfg.device, &mode,
                                    &cfg.streams, &cfg.stage_threads, &cfg.register_threads, &chunk, &slot,
-                                   &cfg.slots_per_thread, &cudart, &fallback, &file_block, &cfg.read_depth))
+                                   &cfg.slots_per_thread, &cudart, &fallback, &file_block, &cfg.read_depth, &overlap))
     return -1;
   std::string t(target), m(mode);
   if (t != "host" && t != "cuda") {
@@ -113,6 +114,11 @@ int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   cfg.chunk_bytes = chunk;
   cfg.slot_bytes = slot;
   cfg.file_block_bytes = file_block;
+  if (overlap % sllm::kDirectAlign || overlap > (1u << 20)) {
+    PyErr_SetString(PyExc_ValueError, "read_overlap must be a multiple of 4096, at most 1 MiB");
+    return -1;
+  }
+  cfg.read_overlap = overlap;
   if (cfg.read_depth < 1 || cfg.read_depth > 64) {
     PyErr_SetString(PyExc_ValueError, "read_depth must be 1-64");
     return -1;

@@ -106,11 +106,11 @@ HashedRead read_cached_then_disk(int fd, uint8_t* dst, uint64_t len, uint64_t of
   return r;
 }
 
-HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3& hash) {
+HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3& hash, uint64_t overlap) {
   HashedRead r;
   while (r.done < len) {
     const uint64_t left = len - r.done;
-    const uint64_t want = left < kDirectStep ? (left + kDirectAlign - 1) / kDirectAlign * kDirectAlign : kDirectStep;
+    const uint64_t want = direct_request(left, overlap);
     const ssize_t got = pread(fd, dst + r.done, static_cast<size_t>(want), static_cast<off_t>(offset + r.done));
     if (got < 0) {
       if (errno == EINTR) continue;
@@ -118,7 +118,8 @@ HashedRead read_direct(int fd, uint8_t* dst, uint64_t len, uint64_t offset, Xxh3
       break;
     }
     if (got == 0) break;  // the file's end
-    const uint64_t kept = static_cast<uint64_t>(got) < left ? static_cast<uint64_t>(got) : left;
+    const uint64_t step = left < kDirectStep ? left : kDirectStep;  // what this read is for (not its overlap)
+    const uint64_t kept = static_cast<uint64_t>(got) < step ? static_cast<uint64_t>(got) : step;
     hash.update(dst + r.done, kept);
     r.done += kept;
     if (static_cast<uint64_t>(got) % kDirectAlign != 0) break;  // an unaligned short read: the file's end

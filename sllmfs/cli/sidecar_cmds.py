@@ -46,6 +46,9 @@ def start(
         "past it (O_DIRECT, 512 KiB reads)." + _default("on with 8 or more CPUs")),
     copy_read_depth: Optional[int] = typer.Option(
         None, "--copy-read-depth", help="O_DIRECT reads each copy thread keeps in flight (1-64)." + _default(1)),
+    copy_read_overlap: Optional[str] = typer.Option(
+        None, "--copy-read-overlap", help="Bytes each of those reads asks past its 512 KiB step, e.g. 4KiB "
+        "(4 KiB units, at most 1MiB)." + _default(0)),
     fill_read_size: Optional[str] = typer.Option(None, "--fill-read-size", help="Each fill read, e.g. 512KiB "
                                                  "(4 KiB units; 0: one read per --chunk-size)." + _default("0")),
     mem_pool_size: Optional[str] = typer.Option(None, "--mem-pool-size", help="Memory tier budget, e.g. 64GB."
@@ -85,6 +88,7 @@ def start(
     settings = load_settings(storage_path=storage_path, socket=socket, mount=mount, num_thread=num_thread,
                              chunk_size=chunk_size, fill_direct=fill_direct, fill_read_size=fill_read_size,
                              copy_direct=copy_direct, copy_read_depth=copy_read_depth,
+                             copy_read_overlap=copy_read_overlap,
                              mem_pool_size=mem_pool_size, disk_size=disk_size,
                              registration_required=registration_required, log_level=log_level,
                              metrics_port=metrics_port, gpu_warmup=gpu_warmup, prefault=prefault, origin=origin,
@@ -93,6 +97,8 @@ def start(
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
     if not 1 <= settings.copy_read_depth <= 64:
         raise BadInput(f"--copy-read-depth {settings.copy_read_depth} must be 1-64")
+    if settings.copy_read_overlap % 4096 or settings.copy_read_overlap > 1 << 20:
+        raise BadInput(f"--copy-read-overlap {settings.copy_read_overlap} must be a multiple of 4 KiB, at most 1MiB")
     if settings.fill_read_size % 4096:
         raise BadInput(f"--fill-read-size {settings.fill_read_size} must be a multiple of 4 KiB (O_DIRECT's unit)")
     if settings.origin:  # a bad URL is refused here, not at the first miss

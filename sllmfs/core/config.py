@@ -104,6 +104,7 @@ class Settings:
     copy_direct: bool = field(default_factory=lambda: usable_cpus() >= COPY_DIRECT_CPUS)
     # those O_DIRECT reads each copy thread keeps in flight (bench/NOTES-cold.md run 26)
     copy_read_depth: int = 1
+    copy_read_overlap: int = 0  # bytes each of them asks past its 512 KiB step (NOTES-cold.md run 27)
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
     registration_required: bool = False
@@ -122,7 +123,7 @@ class Settings:
         self.socket = self.socket or str(_default_runtime_dir() / "sllmfs.sock")
 
 
-_SIZES = {"chunk_size", "fill_read_size", "mem_pool_size", "disk_size"}
+_SIZES = {"chunk_size", "fill_read_size", "mem_pool_size", "disk_size", "copy_read_overlap"}
 
 
 def config_file() -> Path:

@@ -88,12 +88,14 @@ class CopyEngine:
 
     CopyEngine(target="cuda", device=0, streams=4, chunk_bytes=64 MiB, mode="auto",
                threads=None, register_threads=None, slot_bytes=2 MiB, slots_per_thread=3,
-               file_block_bytes=0, read_depth=1)
+               file_block_bytes=0, read_depth=1, read_overlap=0)
 
     ``file_block_bytes``: how much of a file source one stager claims at a time (a multiple of its checksum
     window; 0: ``chunk_bytes``). ``read_depth``: O_DIRECT reads each stager keeps in flight on a file source
-    opened O_DIRECT (Linux AIO; 1: one at a time). ``threads`` are staging threads (memcpy into the pinned ring; default
-    min(12, cores - 2)); ``register_threads`` pin blocks in place and copy from
+    opened O_DIRECT (Linux AIO; 1: one at a time); ``read_overlap``: bytes each of those reads but a window's
+    last asks past its 512 KiB step (a multiple of 4096: fastsafetensors' 516 KiB requests, NOTES-cold run
+    27). ``threads`` are staging threads (memcpy into the pinned ring; default
+    min(12, usable CPUs - 2)); ``register_threads`` pin blocks in place and copy from
     them (default 8; 1 in hybrid). ``mode="auto"`` picks per copy: "register"
     when every segment is hugetlb-backed, else "stage". The engine
     keeps its ring and its in-place registrations between copies; call
@@ -114,6 +116,7 @@ class CopyEngine:
         slots_per_thread: int = 3,
         file_block_bytes: int = 0,
         read_depth: int = 1,
+        read_overlap: int = 0,
     ) -> None:
         if target not in ("cuda", "host"):
             raise ValueError("target must be 'cuda' or 'host'")
@@ -146,6 +149,7 @@ class CopyEngine:
                 cudart_fallback=fallback,
                 file_block_bytes=file_block_bytes,
                 read_depth=read_depth,
+                read_overlap=read_overlap,
             )
         except EngineError as e:
             raise translate(e, CudaUnavailable if target == "cuda" else CudaError) from None

@@ -82,7 +82,8 @@ class Cache:
         self.mount_in_use: Counter[str] = Counter()  # models read through the mount now (the FUSE view counts)
         self.refused: dict[tuple[str, str], tuple[Identity, str]] = {}
         self.fills: set[Fill] = set()
-        self.gpu = GpuCopier(stage_threads=settings.num_thread, read_depth=settings.copy_read_depth)
+        self.gpu = GpuCopier(stage_threads=settings.num_thread, read_depth=settings.copy_read_depth,
+                             read_overlap=settings.copy_read_overlap)
         self.held = HeldFills(self._start_held)  # fills waiting for their GPU-first copy
         self.origin = origin_url.parse(settings.origin, settings.origin_endpoint or None) if settings.origin else None
         self._origin_copy: dict[str, tuple[float, bool]] = {}  # model -> (checked at, held): status asks often

@@ -69,12 +69,13 @@ class RelayCost:
 
 
 class GpuCopier:
-    def __init__(self, stage_threads: int | None = None, read_depth: int = 1) -> None:
+    def __init__(self, stage_threads: int | None = None, read_depth: int = 1, read_overlap: int = 0) -> None:
         # the stagers read stored files for GPU-first copies (gpufirst.py): the fill's kind of work, so
         # the fill's thread count, each slot one checksum window (checked before its H2D; 4 MiB slots ran
         # 1.3x InstantTensor where 1 MiB ones ran 0.8-0.9x: NOTES-cold run 15)
         self._stage_threads = stage_threads
         self._read_depth = read_depth  # O_DIRECT reads each stager keeps in flight (--copy-read-depth)
+        self._read_overlap = read_overlap  # and how far past its step each asks (--copy-read-overlap)
         self._engines: dict[str, Any] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._make = threading.Lock()
@@ -110,7 +111,8 @@ class GpuCopier:
         from sllmfs.engine.copy_engine import CopyEngine, CopyError
 
         engine = CopyEngine(target="cuda", device=device, mode="auto", threads=self._stage_threads,
-                            slot_bytes=CHUNK_SIZE, read_depth=self._read_depth)
+                            slot_bytes=CHUNK_SIZE, read_depth=self._read_depth,
+                            read_overlap=self._read_overlap)
         try:
             ring_s = engine.prepare_ring()
         except CopyError as e:  # pinned memory refused: copies grow the ring as they go (and may fail then)

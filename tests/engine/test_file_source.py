@@ -60,6 +60,35 @@ def test_file_copy_matches_source(files, slot_bytes, file_block, depth):
     assert stats["bytes"] == stats["staged_bytes"] == int(pieces[:, 3].sum())
 
 
+@pytest.mark.parametrize("depth", [1, 3], ids=["depth1", "depth3"])
+@pytest.mark.parametrize("overlap", [4096, 12288])
+@pytest.mark.parametrize("slot_bytes", [WINDOW // 4, 3 * WINDOW // 2])
+def test_overlapping_direct_reads_match_source(tmp_path, slot_bytes, overlap, depth):
+    """Reads that ask past their step (fastsafetensors' 516 KiB at 512 KiB strides) land the extra bytes
+    where the next read puts them again: the same bytes arrive, each window still checked, and a file
+    whose last window ends off a 4 KiB boundary reads to its end."""
+    rng = np.random.default_rng(overlap + depth)
+    datas = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 * MiB + 123, 3 * MiB + 4096 + 7)]
+    opened = [stored(tmp_path, d, f"o{i}", direct=True) for i, d in enumerate(datas)]
+    try:
+        segs = [ce.FileSegment.of(fd, d.nbytes, ds, WINDOW) for (fd, ds), d in zip(opened, datas, strict=True)]
+        dst = make_dst(32 * MiB)
+        pieces, expect = tensor_pieces(datas, rng, dst.ctypes.data)
+        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes,
+                           read_depth=depth, read_overlap=overlap) as eng:
+            eng.copy(segs, pieces)
+        assert np.array_equal(dst[: expect.size], expect) and (dst[expect.size:] == 0xAB).all()
+    finally:
+        for fd, _ in opened:
+            os.close(fd)
+
+
+def test_read_overlap_and_depth_are_checked() -> None:
+    for bad in ({"read_overlap": 100}, {"read_overlap": 2 << 20}, {"read_depth": 0}):
+        with pytest.raises(ValueError, match="read_overlap must be|read_depth must be"):
+            ce.CopyEngine(target="host", threads=1, **bad)
+
+
 def test_file_and_mapped_segments_in_one_copy(files):
     datas, segs = files
     mem = np.arange(3 * MiB, dtype=np.uint32).view(np.uint8)[: 3 * MiB - 5]  # leaves a stager's slot unaligned
