@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
 from sllmfs.cli.progress import human, out
 from sllmfs.core.errors import BadInput
 from sllmfs.core.names import HF_VARIANT
+from sllmfs.core.scratch import scratch_dir
 
 PROMPT = "sllmfs makes cold starts"
 
@@ -33,7 +33,7 @@ def load_transformers(model: str, *, adapter: str | None, precision: str | None,
 
     from sllmfs.client.client import connect
 
-    with tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
+    with scratch_dir("sllmfs-meta-") as tmp:
         t0 = time.perf_counter()
         with connect(socket) as c:  # config and tokenizer files, fetched once for both
             meta = fetch_files(c, model, HF_VARIANT, Path(tmp))

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from sllmfs.client.client import Client, connect
 from sllmfs.client.transfer import copy_into, sidecar_copies
 from sllmfs.core import names
 from sllmfs.core.errors import BadInput
+from sllmfs.core.scratch import scratch_dir
 from sllmfs.engine.ipc import large_pool_bytes, reserve_segment
 from sllmfs.integrations.torch import DeviceMap, _device_for
 from sllmfs.store.save import save_model as save_checkpoint
@@ -28,7 +28,7 @@ from sllmfs.store.store import open_store
 def save_model(model: Any, name: str, *, tokenizer: Any = None, storage_path: str | None = None,
                force: bool = False) -> None:
     """Save a transformers model (and its tokenizer) into the store as ``name``."""
-    with tempfile.TemporaryDirectory(prefix="sllmfs-save-") as tmp:
+    with scratch_dir("sllmfs-save-") as tmp:
         model.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -80,7 +80,7 @@ def load_model(name: str, device_map: DeviceMap = "cuda", torch_dtype: torch.dty
     names.check_model_name(name)
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     t0 = time.perf_counter()
-    with connect(socket) as client, tempfile.TemporaryDirectory(prefix="sllmfs-meta-") as tmp:
+    with connect(socket) as client, scratch_dir("sllmfs-meta-") as tmp:
         config = AutoConfig.from_pretrained(files_dir or fetch_files(client, name, names.HF_VARIANT, Path(tmp)))
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed
             model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None))
@@ -112,7 +112,7 @@ def load_lora(model: Any, base: str, adapter_name: str, *, socket: str | None = 
     from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 
     variant = names.adapter_variant(adapter_name)
-    with connect(socket) as client, tempfile.TemporaryDirectory(prefix="sllmfs-lora-") as tmp:
+    with connect(socket) as client, scratch_dir("sllmfs-lora-") as tmp:
         cfg = LoraConfig.from_pretrained(str(fetch_files(client, base, variant, Path(tmp))))
         peft_model = PeftModel(model, cfg)
         with client.acquire(base, variant) as lease:

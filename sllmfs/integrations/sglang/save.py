@@ -21,13 +21,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sllmfs.core.errors import BadInput, SllmfsError
+from sllmfs.core.scratch import scratch_dir
 from sllmfs.integrations.common.ahead import stored_for_rank_state
 from sllmfs.integrations.common.variants import RankVariant
 from sllmfs.integrations.sglang import LOAD_FORMAT, variants
@@ -142,7 +142,7 @@ def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | N
     """Run SGLang once on ``model`` with ``tp_size`` ranks (unless a complete set is stored already);
     report what the store holds. ``command``: the engine's process (tests give a stand-in);
     ``say``: each stored key as soon as it is known."""
-    with tempfile.TemporaryDirectory(prefix="sllmfs-save-") as tmp:
+    with scratch_dir("sllmfs-save-") as tmp:
         return _save_rank_variants(store, model, tp_size, engine_args(
             store, model, tp_size, config_dir=Path(tmp) / "config", dtype=dtype, quantization=quantization,
             extra=extra), version, command, say)

@@ -10,12 +10,12 @@ that layout is then a fast-path start. Nothing here imports vLLM at import time.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sllmfs.core.errors import BadInput, SllmfsError
+from sllmfs.core.scratch import scratch_dir
 from sllmfs.integrations.common import variants
 from sllmfs.integrations.common.ahead import stored_for_rank_state
 from sllmfs.integrations.vllm import LOAD_FORMAT, VLLM
@@ -65,7 +65,7 @@ def save_rank_variants(store: Store, model: str, tp_size: int, *, dtype: str | N
     """Run vLLM once on ``model`` with ``tp_size`` ranks; return its per-rank variant keys.
 
     Ranks already stored for this layout are loaded by the fast path and kept as they are."""
-    with tempfile.TemporaryDirectory(prefix="sllmfs-save-") as tmp:
+    with scratch_dir("sllmfs-save-") as tmp:
         kwargs = engine_args(store, model, tp_size, config_dir=Path(tmp) / "config", dtype=dtype,
                              quantization=quantization)
         return _run(store, model, tp_size, kwargs, engine_factory, version)
