@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sllmfs.core import cgroup
 from sllmfs.core.errors import BadInput
 
 COPY_DIRECT_CPUS = 8  # from this many CPUs on, GPU-first copies of uncached files read O_DIRECT (below)
@@ -47,40 +48,12 @@ def _default_storage() -> Path:
     return Path.home() / ".local" / "share" / "sllmfs"
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cgroup_dirs(root: Path = CGROUP_ROOT, proc: Path = Path("/proc/self/cgroup")) -> list[Path]:
-    """This process's cgroup v2 directory and its ancestors below the root (a limit set on any of them
-    binds us: a pod's on its own level, a node's slice above); [] without cgroup v2 (v1 limits are not
-    read)."""
-    try:
-        with open(proc) as f:
-            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
-    except (OSError, StopIteration):
-        return []
-    if not (root / "cgroup.controllers").exists():
-        return []  # a v1 (or hybrid) mount there: not the v2 tree
-    d, out = root / path.lstrip("/"), []
-    while d != root and root in d.parents:
-        if d.is_dir():
-            out.append(d)
-        d = d.parent
-    return out
-
-
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity, bounded by its cgroups' CPU quotas (a pod's limit),
     not the host's count (os.cpu_count() says 128 in a pod allowed 4)."""
     n = len(os.sched_getaffinity(0))
-    for d in cgroup_dirs():
-        try:
-            quota, period = (d / "cpu.max").read_text().split()
-            if quota != "max":
-                n = min(n, max(1, -(-int(quota) // int(period))))
-        except (OSError, ValueError):
-            pass  # no CPU quota on this level
-    return n
+    quota = cgroup.cpu_limit()
+    return n if quota is None else min(n, quota)
 
 
 @dataclass

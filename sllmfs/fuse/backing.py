@@ -31,7 +31,8 @@ from typing import Protocol
 import numpy as np
 import trio
 
-from sllmfs.core.config import cgroup_dirs, usable_cpus
+from sllmfs.core import cgroup
+from sllmfs.core.config import usable_cpus
 from sllmfs.core.pages import shmem_thp, thp_file_counts
 from sllmfs.fuse import kernel
 from sllmfs.fuse.synth import SynthFile
@@ -141,14 +142,8 @@ def room() -> int:
             key, _, value = line.partition(":")
             info[key] = int(value.split()[0]) * 1024
     free = info.get("MemAvailable", 0) - int(info.get("MemTotal", 0) * RESERVE)
-    for d in cgroup_dirs():  # memfd pages are charged to each level: the tightest one binds
-        try:
-            limit = (d / "memory.max").read_text().strip()
-            if limit != "max":
-                used = int((d / "memory.current").read_text())
-                free = min(free, int(int(limit) * (1 - RESERVE)) - used)
-        except (OSError, ValueError):
-            pass  # no memory limit on this level
+    for limit, used in cgroup.memory_limits():  # memfd pages are charged to each level: the tightest binds
+        free = min(free, int(limit * (1 - RESERVE)) - used)
     return free
 
 

@@ -21,34 +21,3 @@ def test_usable_cpus_follow_the_affinity_not_the_host() -> None:
     from sllmfs.core.config import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
-
-
-def test_the_cgroup_directories_are_where_the_limits_are() -> None:
-    """usable_cpus and the mount's backings read cpu.max and memory.max on this process's cgroup v2
-    directory and every ancestor below the root; a v1 or hybrid mount gives none, and both fall back
-    to the host's figures."""
-    from sllmfs.core.config import CGROUP_ROOT, cgroup_dirs
-    from sllmfs.fuse.backing import room
-
-    dirs = cgroup_dirs()
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        assert all(d.is_dir() and CGROUP_ROOT in d.parents for d in dirs)
-        assert all(a.parent == b for a, b in zip(dirs, dirs[1:], strict=False))  # from ours up, in order
-    else:
-        assert dirs == []
-    assert room() > 0
-
-
-def test_cgroup_dirs_walk_from_ours_up_to_the_root(tmp_path) -> None:
-    from sllmfs.core.config import cgroup_dirs
-
-    root, proc = tmp_path / "cgroup", tmp_path / "self-cgroup"
-    (root / "kubepods" / "pod1").mkdir(parents=True)
-    proc.write_text("0::/kubepods/pod1\n")
-    assert cgroup_dirs(root, proc) == []  # no cgroup.controllers: a v1 mount, whose limits are not read
-    (root / "cgroup.controllers").write_text("cpu memory\n")
-    assert cgroup_dirs(root, proc) == [root / "kubepods" / "pod1", root / "kubepods"]
-    proc.write_text("0::/\n")
-    assert cgroup_dirs(root, proc) == []  # the root cgroup sets no limits
-    proc.write_text("12:memory:/x\n")
-    assert cgroup_dirs(root, proc) == []  # no v2 line at all
