@@ -622,3 +622,33 @@ def test_a_pull_interrupted_while_it_commits_resumes(stored: Store, origin: Orig
     result = run_pull(Store(fresh.root), plan_pull(client, origin, MODEL), client)
     assert result.published and result.bytes_fetched == 0 and result.bytes_resumed == result.bytes_total
     assert _snapshot(fresh, MODEL) == _snapshot(stored, MODEL)
+
+
+def test_an_old_clients_pull_stores_a_model_it_cannot_read_without_memory(origin: Origin, env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    """A client older than HELLO_OFF_ELEMENT asking for a model whose tensors sit off their element size
+    (a .bin checkpoint stored as safetensors files) starts its pull, which stores the model but reserves
+    no memory for it (that client will be refused it); the refusal is one line, and the sidecar serves on."""
+    from sllmfs.protocol import wire
+    from tests.support.sidecar import raw_hello
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    torch.save({"flags": torch.tensor([True, False, True, True, False, True, False]),
+                "w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, src / "pytorch_model.bin")
+    local = Store(tmp_path / "local")
+    assert save_model(local, "org/oddbin", src).off_element
+    push_model(local, "org/oddbin", origin)
+    node = tmp_path / "node"
+    with sidecar(tmp_path, "--origin", str(origin), env=env, store=node) as sd, raw_hello(sd.socket) as old:
+        wire.send(old, {"op": "acquire", "model": "org/oddbin"})
+        assert wire.recv(old)[0]["kind"] == "Pulling"
+        _committed(Store(node), "org/oddbin")
+        with sd.connect() as c:
+            m = _status_of(c, "org/oddbin")
+            assert m["tier"] == "disk" and m["variants"] == [] and c.status()["memory"]["used"] == 0, m
+        wire.send(old, {"op": "acquire", "model": "org/oddbin"})
+        reply = wire.recv(old)[0]
+        assert reply["ok"] is False and "off their element size" in reply["error"], reply
+        with sd.connect() as c, c.acquire("org/oddbin") as lease:  # a current client is served
+            assert torch.equal(lease.tensors(timeout=30)["w"], torch.arange(12, dtype=torch.float32).reshape(3, 4))
