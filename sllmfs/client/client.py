@@ -504,4 +504,3 @@ def _roots(shares: dict[str, str]) -> dict[str, str]:
             target = shares[target]
         out[name] = target
     return out
-

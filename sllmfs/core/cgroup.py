@@ -40,10 +40,9 @@ def _levels(base: Path, rel: str) -> list[Path]:
 
 
 def _v1_base(root: Path, ctrl: str) -> Path | None:
-    for name in (ctrl, "cpu,cpuacct" if ctrl == "cpu" else ctrl):
-        if (root / name).is_dir():
-            return root / name
-    return None
+    """Where the v1 hierarchy of ``ctrl`` is mounted (cpu may be mounted only as "cpu,cpuacct")."""
+    names = [ctrl, "cpu,cpuacct"] if ctrl == "cpu" else [ctrl]
+    return next((root / n for n in names if (root / n).is_dir()), None)
 
 
 def _read(path: Path) -> str | None:

@@ -101,7 +101,7 @@ def load_dict(model: str, device_map: DeviceMap = "cpu", variant: str = HF_VARIA
         # tied names: one tensor, as in the checkpoint, where both go to one device or the map places only
         # the stored name (the tie follows it); else each its own copy
         shared = {n: t for n, t in lease.shares.items()
-                  if isinstance(device_map, dict) and _map_entry(n, device_map) is None
+                  if (isinstance(device_map, dict) and _map_entry(n, device_map) is None)
                   or _device_for(n, device_map) == _device_for(t, device_map)}
         placed = [(name, _device_for(name, device_map)) for name in lease.entries if name not in shared]
         mirrored = None if dtype is not None else _mirrored(lease, placed, timeout)
