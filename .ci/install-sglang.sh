@@ -42,6 +42,9 @@ COMMON=(
   # imported at module level by sglang.srt.utils and found missing in a fresh venv
   "orjson==3.13.0" "requests==2.34.2" "urllib3==2.8.0" "certifi==2026.10.19.post1"
   "ipython==9.18.1" "traitlets==5.16.1"
+  # shadows the main environment's: transformers 5.25 pulls kernels 0.19, whose LayerRepository wants a
+  # revision that SGLang's pinned transformers (5.12.1, 5.19.0) does not pass, so `import sglang` failed
+  "kernels==0.14.1"
 )
 case "$SGLANG_VERSION" in
   0.5.17)
