@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,8 +31,16 @@ PROBE = "import time; t = time.perf_counter(); import {m}; print(time.perf_count
 TOP = 12  # modules listed by how much more of their own import time the pointed runs spent
 
 
-def _one(module: str, env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Seconds to import ``module`` in a fresh interpreter, and each module's own seconds (-X importtime)."""
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _one(module: str, env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
+    """Seconds to import ``module`` in a fresh interpreter, the CPU seconds the interpreter used (user + sys:
+    an import whose wall time swings while its CPU time does not is waiting, not working), and each module's
+    own seconds (-X importtime)."""
+    cpu0 = _children_cpu()
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", PROBE.format(m=module)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode or not proc.stdout.strip():
@@ -42,7 +51,7 @@ def _one(module: str, env: dict[str, str]) -> tuple[float, dict[str, float]]:
         if len(parts) == 3 and parts[0].strip().isdigit():
             name = parts[2].strip()
             own[name] = own.get(name, 0.0) + int(parts[0]) / 1e6
-    return float(proc.stdout.strip().splitlines()[-1]), own
+    return float(proc.stdout.strip().splitlines()[-1]), _children_cpu() - cpu0, own
 
 
 def _slower_modules(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, float]]:
@@ -53,6 +62,13 @@ def _slower_modules(runs: dict[str, list[dict[str, float]]]) -> list[tuple[str, 
     names = {n for rs in runs.values() for r in rs for n in r}
     diff = [(n, med("kernel dirs pointed", n) - med("as is", n)) for n in names]
     return [(n, round(d, 4)) for n, d in sorted(diff, key=lambda x: -x[1])[:TOP]]
+
+
+def _heaviest(runs: list[dict[str, float]]) -> list[tuple[str, float]]:
+    """The modules with the most own import time (medians over the rounds)."""
+    names = {n for r in runs for n in r}
+    med = [(n, statistics.median(r.get(n, 0.0) for r in runs)) for n in names]
+    return [(n, round(s, 3)) for n, s in sorted(med, key=lambda x: -x[1])[:TOP]]
 
 
 def main() -> int:
@@ -72,18 +88,22 @@ def main() -> int:
         pointed[CACHE_VARS[kind][0]] = str(root / kind)
     _one(args.module, plain)  # the first import reads the files from disk: not counted
     got: dict[str, list[float]] = {"as is": [], "kernel dirs pointed": []}
+    cpu: dict[str, list[float]] = {"as is": [], "kernel dirs pointed": []}
     own: dict[str, list[dict[str, float]]] = {"as is": [], "kernel dirs pointed": []}
     for i in range(args.rounds):  # which goes first alternates: an order effect is not a cost
         for kind, env in ((("as is", plain), ("kernel dirs pointed", pointed))[:: 1 if i % 2 == 0 else -1]):
-            seconds, modules = _one(args.module, env)
+            seconds, cpu_s, modules = _one(args.module, env)
             got[kind].append(seconds)
+            cpu[kind].append(round(cpu_s, 3))
             own[kind].append(modules)
     files = {k: sum(1 for p in (root / k).rglob("*") if p.is_file()) for k in kinds}  # what the imports wrote
     out = {"command": " ".join(["python3", *sys.argv]),
            "module": args.module, "dirs": str(root), "kinds": kinds, "files_written": files, "seconds": got,
+           "cpu_s": cpu, "cpu_note": "user + sys of the whole interpreter (its start and exit included)",
            "median_s": {k: statistics.median(v) for k, v in got.items()}}
     out["added_s"] = out["median_s"]["kernel dirs pointed"] - out["median_s"]["as is"]
     out["slower_modules_s"] = _slower_modules(own)  # where the added seconds went, module by module
+    out["heaviest_modules_s"] = _heaviest(own["as is"])  # where an import's seconds go at all
     print(json.dumps(out))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
