@@ -45,7 +45,7 @@ def start(
         None, "--copy-direct/--no-copy-direct", help="GPU-first copies of files the page cache lacks read them "
         "past it (O_DIRECT, 512 KiB reads)." + _default("on with 8 or more CPUs")),
     copy_read_depth: Optional[int] = typer.Option(
-        None, "--copy-read-depth", help="O_DIRECT reads each copy thread keeps in flight (1-64)." + _default(1)),
+        None, "--copy-read-depth", help="O_DIRECT reads each copy thread keeps in flight (1-64)." + _default(4)),
     copy_read_overlap: Optional[str] = typer.Option(
         None, "--copy-read-overlap", help="Bytes each of those reads asks past its 512 KiB step, e.g. 4KiB "
         "(4 KiB units, at most 1MiB)." + _default(0)),

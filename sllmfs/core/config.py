@@ -75,8 +75,9 @@ class Settings:
     # (cold pairs 0.75x fastsafetensors against 0.66x buffered, NOTES-cold run 22); on a 2-core VM 0.87x
     # (each stager's hash and copy leave no read in flight, where readahead keeps a buffered one busy)
     copy_direct: bool = field(default_factory=lambda: usable_cpus() >= COPY_DIRECT_CPUS)
-    # those O_DIRECT reads each copy thread keeps in flight (bench/NOTES-cold.md run 26)
-    copy_read_depth: int = 1
+    # those O_DIRECT reads each copy thread keeps in flight: 4 read 1.05x and 1.06x depth 1 on the H200
+    # (bench/NOTES-cold.md runs 26, 27: faster in 5 of their 6 reps)
+    copy_read_depth: int = 4
     copy_read_overlap: int = 0  # bytes each of them asks past its 512 KiB step (NOTES-cold.md run 27)
     mem_pool_size: int = 0  # 0: half of the machine's memory
     disk_size: int = 0  # 0: no bound
