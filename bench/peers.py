@@ -1040,7 +1040,7 @@ def run_base(group: str, ck: Ckpt, loader: str, placement: str) -> dict[str, Any
 
 
 def run_line(r: dict[str, Any]) -> str:
-    head = f"{r['group']:<6}{r['case']:<12}{r['loader']:<22}{r['placement']:<6}"
+    head = f"{r['group']:<6} {r['case']:<12}{r['loader']:<22}{r['placement']:<6}"
     if "skipped" in r:
         return f"{head} skipped: {r['skipped']}"
     if "error" in r:
