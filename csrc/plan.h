@@ -27,6 +27,11 @@ struct SegmentDesc {
   uint64_t window = 0;
   std::string name;  // what errors call it (the partition's file name); "" = "segment <index>"
   bool direct = false;  // fd was opened O_DIRECT: aligned reads straight into the slot (set from its flags)
+  // Optional, with a file source: every byte read is also copied to tee + its offset (the memory tier's
+  // segment of this file: one disk read fills both), and teed[w] = 1 once window w was copied whole and
+  // matched its digest. Bytes there are nobody's until the caller publishes those windows.
+  uint8_t* tee = nullptr;
+  uint8_t* teed = nullptr;
 
   bool is_file() const { return fd >= 0; }
 };

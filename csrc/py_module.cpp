@@ -163,19 +163,26 @@ bool need_engine(EngineObject* self) {
 }
 
 // Each segment: (base, length, ready, chunk_size) for a mapping, or
-// (0, length, 0, 0, fd, digests address, window, name) for a file source (csrc/plan.h).
+// (0, length, 0, 0, fd, digests address, window, name[, tee address, teed address]) for a file source
+// (csrc/plan.h).
 bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
   PyObject* seq = PySequence_Fast(obj, "segments must be a sequence of (base, length, ready, chunk_size)");
   if (!seq) return false;
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
-    unsigned long long base, len, ready, chunk, digests = 0, window = 0;
+    unsigned long long base, len, ready, chunk, digests = 0, window = 0, tee = 0, teed = 0;
     int fd = -1;
     const char* name = "";
-    bool ok = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 8
-                  ? PyArg_ParseTuple(item, "KKKKiKKs", &base, &len, &ready, &chunk, &fd, &digests, &window, &name)
-                  : PyArg_ParseTuple(item, "KKKK", &base, &len, &ready, &chunk);
+    const Py_ssize_t size = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : 0;
+    bool ok = size == 10 ? PyArg_ParseTuple(item, "KKKKiKKsKK", &base, &len, &ready, &chunk, &fd, &digests, &window,
+                                            &name, &tee, &teed)
+              : size == 8 ? PyArg_ParseTuple(item, "KKKKiKKs", &base, &len, &ready, &chunk, &fd, &digests, &window, &name)
+                          : PyArg_ParseTuple(item, "KKKK", &base, &len, &ready, &chunk);
+    if (ok && (tee == 0) != (teed == 0)) {
+      PyErr_SetString(PyExc_ValueError, "a file segment's tee and teed addresses come together");
+      ok = false;
+    }
     if (!ok) {
       Py_DECREF(seq);
       return false;
@@ -185,6 +192,8 @@ bool parse_segments(PyObject* obj, std::vector<sllm::SegmentDesc>* out) {
     d.digests = reinterpret_cast<const uint64_t*>(digests);
     d.window = window;
     d.name = name;
+    d.tee = reinterpret_cast<uint8_t*>(tee);
+    d.teed = reinterpret_cast<uint8_t*>(teed);
     if (fd >= 0) {
       const int flags = fcntl(fd, F_GETFL);
       d.direct = flags >= 0 && (flags & O_DIRECT) != 0;

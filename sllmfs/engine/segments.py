@@ -62,24 +62,34 @@ class FileSegment:
     stagers read it through the page cache into their pinned ring, each ``window`` bytes checked against
     ``digests`` (the manifest's xxh3_64 per window, uint64) before they move on (csrc/plan.h).
     ``fd`` stays open, and ``digests`` alive, until the copy returns. ``name``: what its errors call it
-    (the file's name; "" = "segment <index>")."""
+    (the file's name; "" = "segment <index>"). ``tee``: the address of ``length`` writable bytes that get a
+    copy of every byte read (the memory tier's segment for this file: one disk read fills both); ``teed``
+    then says, per window, which were copied there whole and matched their digest (1) once the copy returns."""
 
     fd: int
     length: int
     digests: np.ndarray
     window: int
     name: str = ""
+    tee: int = 0
+    teed: np.ndarray | None = None
 
     @classmethod
-    def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int, name: str = "") -> FileSegment:
+    def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int, name: str = "",
+           tee: int = 0) -> FileSegment:
         need = -(-length // window) if window > 0 else -1
         if need != len(hex_digests):
             raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, "
                             f"got {len(hex_digests)}")
-        return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window, name)
+        teed = np.zeros(max(need, 1), dtype=np.uint8) if tee else None
+        return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window, name, tee, teed)
 
     def as_tuple(self) -> tuple[int | str, ...]:
-        return (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window, self.name)
+        row: tuple[int | str, ...] = (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window,
+                                      self.name)
+        if self.teed is None:
+            return row
+        return (*row, self.tee, int(self.teed.ctypes.data))
 
 
 MappedSegment = Segment | tuple[int, int, int, int]  # (base, length, ready, chunk_size), as the native side takes

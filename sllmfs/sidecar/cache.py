@@ -273,17 +273,19 @@ class Cache:
             self.fills.discard(fill)
         tl = res.timeline
         tl.fill_end = time.monotonic()
-        self._finish(res, fill.error, fill.stop, time.perf_counter() - t0,
+        self._finish(res, fill.error, fill.stop, time.perf_counter() - t0, adopted=fill.adopted,
                      detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}"
+                            f" from_the_gpu_copy={fill.adopted}"
                             f" native_reads={fill.hashed is not None}"
                             f" blanks={tl.from_blanks}/{tl.partitions} alloc_s={tl.alloc_s:.3f}"
                             f" first_ready_s={max(0.0, tl.first_ready - tl.fill_start):.3f}"
                             f" acquire_to_end_s={tl.fill_end - tl.reserved:.3f}")
 
     def _finish(self, res: Resident, error: str | None, stopped: bool, seconds: float,
-                cause: FailCause = FailCause.INTERNAL, detail: str = "") -> None:
+                cause: FailCause = FailCause.INTERNAL, detail: str = "", adopted: int = 0) -> None:
         """A fill or a streamed pull ended: ready (and pinned for GPU copies), or failed and refused.
-        ``cause``: a pull's (a fill's own threads recorded theirs as they failed)."""
+        ``cause``: a pull's (a fill's own threads recorded theirs as they failed); ``adopted``: bytes a
+        GPU-first copy wrote in (not the fill's: left out of its rate)."""
         self.counters.bytes_filled += res.filled
         if error or stopped:
             res.state = "failed"
@@ -307,7 +309,7 @@ class Cache:
             res.state = "ready"
             self.counters.fills += 1
             log.info("filled model=%s variant=%s bytes=%d seconds=%.3f rate=%.2fGB/s%s%s", res.model, res.variant,
-                     res.filled, seconds, res.filled / seconds / 1e9 if seconds else 0,
+                     res.filled, seconds, (res.filled - adopted) / seconds / 1e9 if seconds else 0,
                      " (streamed from the origin)" if res.source == "origin" else "", detail)
             if self.gpu.active and not res.gpu_pinned and self._nursery is not None:
                 self._nursery.start_soon(self._pin, res)

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sllmfs.core.errors import Corrupt
 from sllmfs.protocol.messages import FailCause, Readiness
 from sllmfs.sidecar.memtier import Resident
@@ -62,6 +64,7 @@ class Fill:
         self.error: str | None = None
         self.cached_bytes = 0  # copied from the page cache, checked as they landed
         self.handovers = 0  # pieces whose page cache ran out partway: the rest read waiting, checked after
+        self.adopted = 0  # published from a GPU-first copy's tee (adopt), not read by this fill
         self._lock = threading.Lock()
         step = round_chunk(chunk_size)
         self._jobs = [(i, off, min(step, p.size - off))
@@ -135,7 +138,8 @@ class Fill:
             part, off, n = job
             view = memoryview(self.res.segments[part].mm)
             try:
-                self._piece(part, view, off, off + n)
+                for lo, hi in self._unready(part, off, off + n):  # a GPU-first copy may have filled some
+                    self._piece(part, view, lo, hi)
             except ReadFailed as e:  # EIO from a failing disk: this fill fails, the daemon goes on
                 self._fail(part, e.at, f"{self.res.manifest.partitions[part].file}: {e.error.strerror or e.error}",
                            FailCause.READ)
@@ -143,6 +147,35 @@ class Fill:
                 self._fail(part, off, f"{self.res.manifest.partitions[part].file}: {e.strerror or e}", FailCause.READ)
             finally:
                 view.release()
+
+    def _unready(self, part: int, off: int, end: int) -> list[tuple[int, int]]:
+        """The runs of [off, end) (window-aligned) whose windows are not READY yet."""
+        ready, base = self.res.ready.mm, self.res.chunk_base[part]
+        runs: list[tuple[int, int]] = []
+        for w in range(off, end, CHUNK_SIZE):
+            if ready[base + w // CHUNK_SIZE] == Readiness.READY:
+                continue
+            hi = min(w + CHUNK_SIZE, end)
+            if runs and runs[-1][1] == w:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((w, hi))
+        return runs
+
+    def adopt(self, teed: list[np.ndarray]) -> int:
+        """Publish the windows a GPU-first copy wrote into the segments and verified on its way (its tee:
+        ``teed[part][k]`` is 1), so this fill reads only the rest. Bytes published."""
+        ready = self.res.ready.mm
+        before = self.res.filled
+        for part, flags in enumerate(teed):
+            if flags is None:
+                continue
+            base = self.res.chunk_base[part]
+            for k in np.flatnonzero(flags).tolist():
+                if ready[base + k] == Readiness.PENDING:  # never published twice (nor a FAILED one)
+                    self._settle(part, k, True)
+        self.adopted += self.res.filled - before
+        return self.res.filled - before
 
     def _piece(self, part: int, view: memoryview, off: int, end: int) -> None:
         at, check = self._from_cache(part, view, off, end)

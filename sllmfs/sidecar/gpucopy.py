@@ -139,11 +139,14 @@ class GpuCopier:
                 for i, s in enumerate(res.segments)]
 
     def copy(self, res: Resident, blocks: list[dict[str, Any]], pieces: list[list[int]],
-             timeout: float, files: list[int] | None = None) -> tuple[dict[str, Any], Callable[[], None]]:
+             timeout: float, files: list[int] | None = None, tee: bool = False
+             ) -> tuple[dict[str, Any], Callable[[], None]]:
         """Worker thread: copy ``pieces`` (partition, offset, block, block offset, nbytes).
 
         From the resident's segments, or with ``files`` (its open partition files, the tier not filled:
-        gpufirst.py) from those, each window checked against the manifest on its way through the ring.
+        gpufirst.py) from those, each window checked against the manifest on its way through the ring;
+        ``tee``: each window read also lands in the resident's segments, and ``stats["teed"]`` lists per
+        partition which windows did, verified (the caller publishes them: Fill.adopt).
         Returns the stats and a closer for the opened handles: every byte has
         landed, so the caller replies first and closes after (~36 us a handle).
         """
@@ -155,7 +158,7 @@ class GpuCopier:
         bus = buses.pop()
         asked = time.monotonic()
         engine, lock = self._engine(bus)
-        segs = self._segments(res) if files is None else self._files(res, files)
+        segs = self._segments(res) if files is None else self._files(res, files, tee)
         self._want(bus, +1)
         try:
             with lock:
@@ -179,6 +182,8 @@ class GpuCopier:
                 self._account(stats, peers, busy)
             stats.update(copy_asked_at=asked, copy_started_at=started, copy_ended_at=time.monotonic(),
                          source="tier" if files is None else "files")
+            if files is not None and tee:
+                stats["teed"] = [s.teed for s in segs]
             stats.update({f"tier_{k}": v for k, v in res.timeline.as_dict().items()})  # the fill it streamed behind
             if stats["relay_peers"]:
                 log.info("relay into=%s direct=%d relayed=%d peers=%s", bus, stats["direct_bytes"],
@@ -194,11 +199,13 @@ class GpuCopier:
         return stats, close
 
     @staticmethod
-    def _files(res: Resident, fds: list[int]) -> list[Any]:
-        from sllmfs.engine.copy_engine import FileSegment
+    def _files(res: Resident, fds: list[int], tee: bool) -> list[Any]:
+        from sllmfs.engine.copy_engine import FileSegment, address_of
 
-        return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE, p.file)
-                for fd, p in zip(fds, res.manifest.partitions, strict=True)]
+        # the tier's readiness windows are the manifest's checksum windows (CHUNK_SIZE): teed[k] is window k
+        return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE, p.file,
+                               tee=address_of(seg.mm) if tee and p.size else 0)
+                for fd, p, seg in zip(fds, res.manifest.partitions, res.segments, strict=True)]
 
     def busy(self) -> bool:
         """Whether a load is bound for any GPU now (copying or waiting to). Read without the lock (the

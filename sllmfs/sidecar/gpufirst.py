@@ -1,5 +1,6 @@
 """GPU first: a tier-empty load is copied from the stored files straight to the GPU, and the memory tier
-is filled after that copy, not during it.
+is filled after that copy, not during it (except what that copy read past the page cache: it lands in the
+tier too, see FileCopy, and the fill reads only the rest).
 
 Filling the tier on the load's path moves each byte through host memory three times (page cache read,
 tier written, DMA read); the copy engine reading the files into its pinned ring moves it once, and
@@ -34,6 +35,18 @@ HOLD_LIMIT_S = 2.0
 class _Held:
     fill: Fill
     copies: int = 0  # GPU copies reading the stored files now
+    teed: bool = False  # a copy was given the tee already
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """A GPU copy from a held fill's files. ``tee``: it also writes what it reads into the tier's segments
+    (its O_DIRECT reads leave nothing in the page cache for the fill to find). Only the first copy of a
+    fill tees: a second one writing a window the first published could put bytes it has not checked yet
+    under a reader, and the fill is held until both end anyway."""
+
+    fill: Fill
+    tee: bool
 
 
 class HeldFills:
@@ -49,14 +62,16 @@ class HeldFills:
     def holds(self, res: Resident) -> bool:
         return id(res) in self._held
 
-    def begin_copy(self, res: Resident) -> Fill | None:
+    def begin_copy(self, res: Resident) -> FileCopy | None:
         """A GPU copy of ``res`` starts: the held fill whose open files it reads, or None (the fill runs:
         copy from the tier)."""
         held = self._held.get(id(res))
         if held is None:
             return None
+        tee = held.fill.copy_direct and not held.teed and held.copies == 0
         held.copies += 1
-        return held.fill
+        held.teed |= tee
+        return FileCopy(held.fill, tee)
 
     def end_copy(self, res: Resident) -> None:
         held = self._held.get(id(res))

@@ -207,21 +207,24 @@ class Ops:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
             raise BadInput("load_ipc 'timeout' must be a number of seconds in (0, 3600]")
         t0 = time.perf_counter()
-        fill = self.cache.held.begin_copy(res)  # tier empty, fill held: copy from the stored files
+        files = self.cache.held.begin_copy(res)  # tier empty, fill held: copy from the stored files
         try:
             stats, close = await trio.to_thread.run_sync(self.cache.gpu.copy, res, blocks, pieces, float(timeout),
-                                                         fill.fds() if fill else None)
+                                                         files.fill.fds() if files else None, bool(files and files.tee))
+            teed = stats.pop("teed", None)
+            if files is not None and teed is not None:  # before the fill starts: it reads only the rest
+                stats["teed_bytes"] = files.fill.adopt(teed)
         finally:
-            if fill is not None:
+            if files is not None:
                 self.cache.held.end_copy(res)  # the last copy from the files starts the tier's fill
             self.cache.reblank()  # blanks wait while copies run (tier.blank_room): room left now becomes blanks
         stats["wall_s"] = time.perf_counter() - t0
         self.cache.start_soon(trio.to_thread.run_sync, close)  # off the client's clock: the reply goes first
         log.info("gpu copy model=%s variant=%s pid=%d bytes=%d seconds=%.3f (wall %.3f) rate=%.2fGB/s opens=%d "
-                 "source=%s stage_fill_s=%.3f stage_wait_s=%.3f", res.model, res.variant, conn.pid,
+                 "source=%s stage_fill_s=%.3f stage_wait_s=%.3f teed_bytes=%d", res.model, res.variant, conn.pid,
                  stats.get("bytes", 0), stats.get("seconds", 0.0), stats["wall_s"], stats.get("gbps", 0.0),
                  stats.get("ipc_opens", 0), stats.get("source", "tier"), stats.get("stage_fill_seconds", 0.0),
-                 stats.get("stage_wait_seconds", 0.0))
+                 stats.get("stage_wait_seconds", 0.0), stats.get("teed_bytes", 0))
         return {"ok": True, **{k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))}}, []
 
     async def op_status(self, conn: Conn, msg: dict[str, Any]) -> Reply:

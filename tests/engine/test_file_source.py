@@ -202,3 +202,42 @@ def test_an_o_direct_source_needs_aligned_slots(tmp_path):
                          np.array([[0, 0, dst.ctypes.data, data.nbytes]], np.uint64))
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("direct,depth", [(False, 1), (True, 1), (True, 4)],
+                         ids=["buffered", "O_DIRECT", "O_DIRECT-depth4"])
+@pytest.mark.parametrize("slot_bytes", [WINDOW // 4, WINDOW])
+def test_tee_gets_every_window_read_and_flags_only_verified_ones(tmp_path, slot_bytes, direct, depth):
+    """A file source with a tee (the memory tier's segment): every window the copy reads lands there too,
+    and ``teed`` flags a window only once it matched its digest; windows no piece touches are not read."""
+    data = np.random.default_rng(5).integers(0, 256, 6 * MiB + 4096 + 321, dtype=np.uint8)
+    fd, digests = stored(tmp_path, data, "teed", direct=direct)
+    try:
+        tier = np.full(data.nbytes, 0xCD, dtype=np.uint8)
+        seg = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier.ctypes.data)
+        assert seg.teed is not None and len(seg.teed) == 7
+        dst = make_dst(data.nbytes)
+        # windows 0-1 whole, a piece inside window 3, and the file's unaligned tail (window 6)
+        pieces = np.array([[0, 0, dst.ctypes.data, 2 * MiB],
+                           [0, 3 * MiB + 100, dst.ctypes.data + 3 * MiB + 100, 1000],
+                           [0, 6 * MiB, dst.ctypes.data + 6 * MiB, data.nbytes - 6 * MiB]], np.uint64)
+        with ce.CopyEngine(target="host", threads=2, chunk_bytes=2 * MiB, slot_bytes=slot_bytes,
+                           read_depth=depth) as eng:
+            eng.copy([seg], pieces)
+            assert seg.teed.tolist() == [1, 1, 0, 1, 0, 0, 1]
+            for k in (0, 1, 3, 6):  # whole windows, even where only part of one was asked for
+                lo, hi = k * MiB, min((k + 1) * MiB, data.nbytes)
+                assert np.array_equal(tier[lo:hi], data[lo:hi])
+            assert (tier[2 * MiB: 3 * MiB] == 0xCD).all() and (tier[4 * MiB: 6 * MiB] == 0xCD).all()
+
+            with open(tmp_path / "teed", "r+b") as f:  # window 4 changes after its digest was taken
+                f.seek(4 * MiB + 9)
+                f.write(bytes([data[4 * MiB + 9] ^ 0xFF]))
+            seg2 = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier.ctypes.data)
+            assert seg2.teed is not None
+            with pytest.raises(ce.SourceCorrupt, match="checksum window 4"):
+                eng.copy([seg2], np.array([[0, 4 * MiB, dst.ctypes.data, MiB]], np.uint64))
+            assert seg2.teed[4] == 0  # its bytes may be in the tee, but nobody is told they are good
+    finally:
+        os.close(fd)
+

@@ -163,3 +163,12 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
         # the sample finds (almost) nothing cached: its one-page probes of the skip check above may be
         how = r"\(O_DIRECT\)" if copy_direct else r"\(through the page cache\)"
         assert re.search(r"page_cache_share=0\.[01]\d: copy from the files " + how, sd.log())
+        # past the page cache the copy's reads also fill the tier (its tee): the fill reads nothing again
+        total = sum(f.stat().st_size for f in (sd.store / "models").rglob("*.safetensors"))
+        wait_log(sd, "filled model=org/m")
+        teed = int(re.findall(r"gpu copy model=org/m .* teed_bytes=(\d+)", sd.log())[-1])
+        adopted = int(re.findall(r"filled model=org/m .* from_the_gpu_copy=(\d+)", sd.log())[-1])
+        assert teed == adopted == (total if copy_direct else 0)
+        with sd.connect() as c, c.acquire("org/m", gpu_first=True) as lease:  # a hit: from the tier's bytes
+            stats, got = copy_all(lease)
+            assert got == expected and stats["source"] == "tier"
