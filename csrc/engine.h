@@ -29,6 +29,9 @@ enum class Mode { Register, Stage, Hybrid };
 constexpr uint8_t kChunkPending = 0;
 constexpr uint8_t kChunkReady = 1;
 constexpr uint8_t kChunkFailed = 2;
+// The bounds of EngineConfig's read_depth and read_overlap (the module exports them: the CLI checks with these)
+constexpr int kMaxReadDepth = 64;
+constexpr uint64_t kMaxReadOverlap = 1ull << 20;
 
 struct EngineConfig {
   bool cuda = false;
@@ -43,9 +46,11 @@ struct EngineConfig {
   // a file source's block, a multiple of its checksum window (0: chunk_bytes). One window each (a front 64 MiB
   // wide, as fastsafetensors' threads read) was 0.91x the 64 MiB blocks on the H200 (NOTES-cold run 24)
   uint64_t file_block_bytes = 0;
-  // O_DIRECT reads each stager keeps in flight on a file source (1: one at a time, read_direct)
+  // O_DIRECT reads each stager keeps in flight on a file source (1: one at a time, read_direct; at most
+  // kMaxReadDepth)
   int read_depth = 1;
-  // bytes each O_DIRECT read but a range's last asks past its 512 KiB step (fastsafetensors asks 4 KiB: run 27)
+  // bytes each O_DIRECT read but a range's last asks past its 512 KiB step (fastsafetensors asks 4 KiB: run 27;
+  // a multiple of kDirectAlign, at most kMaxReadOverlap)
   uint64_t read_overlap = 0;
   uint64_t slot_bytes = 8ull << 20;
   int slots_per_thread = 3;

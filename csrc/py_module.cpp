@@ -114,13 +114,15 @@ int engine_init(EngineObject* self, PyObject* args, PyObject* kwds) {
   cfg.chunk_bytes = chunk;
   cfg.slot_bytes = slot;
   cfg.file_block_bytes = file_block;
-  if (overlap % sllm::kDirectAlign || overlap > (1u << 20)) {
-    PyErr_SetString(PyExc_ValueError, "read_overlap must be a multiple of 4096, at most 1 MiB");
+  if (overlap % sllm::kDirectAlign || overlap > sllm::kMaxReadOverlap) {
+    PyErr_Format(PyExc_ValueError, "read_overlap must be a multiple of %llu, at most %llu",
+                 static_cast<unsigned long long>(sllm::kDirectAlign),
+                 static_cast<unsigned long long>(sllm::kMaxReadOverlap));
     return -1;
   }
   cfg.read_overlap = overlap;
-  if (cfg.read_depth < 1 || cfg.read_depth > 64) {
-    PyErr_SetString(PyExc_ValueError, "read_depth must be 1-64");
+  if (cfg.read_depth < 1 || cfg.read_depth > sllm::kMaxReadDepth) {
+    PyErr_Format(PyExc_ValueError, "read_depth must be 1-%d", sllm::kMaxReadDepth);
     return -1;
   }
   delete self->engine;
@@ -614,7 +616,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     return nullptr;
   }
   Py_INCREF(g_error);
-  if (PyModule_AddIntConstant(m, "CHUNK_PENDING", sllm::kChunkPending) < 0 ||
+  if (PyModule_AddIntConstant(m, "READ_DEPTH_MAX", sllm::kMaxReadDepth) < 0 ||
+      PyModule_AddIntConstant(m, "READ_OVERLAP_MAX", static_cast<long>(sllm::kMaxReadOverlap)) < 0 ||
+      PyModule_AddIntConstant(m, "READ_ALIGN", static_cast<long>(sllm::kDirectAlign)) < 0 ||
+      PyModule_AddIntConstant(m, "CHUNK_PENDING", sllm::kChunkPending) < 0 ||
       PyModule_AddIntConstant(m, "CHUNK_READY", sllm::kChunkReady) < 0 ||
       PyModule_AddIntConstant(m, "CHUNK_FAILED", sllm::kChunkFailed) < 0) {
     Py_DECREF(m);

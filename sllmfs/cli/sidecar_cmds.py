@@ -95,10 +95,7 @@ def start(
                              origin_endpoint=origin_endpoint, origin_kernels=origin_kernels)
     if settings.num_thread < 1:
         raise BadInput(f"--num-thread {settings.num_thread} must be at least 1")
-    if not 1 <= settings.copy_read_depth <= 64:
-        raise BadInput(f"--copy-read-depth {settings.copy_read_depth} must be 1-64")
-    if settings.copy_read_overlap % 4096 or settings.copy_read_overlap > 1 << 20:
-        raise BadInput(f"--copy-read-overlap {settings.copy_read_overlap} must be a multiple of 4 KiB, at most 1MiB")
+    _check_copy_reads(settings.copy_read_depth, settings.copy_read_overlap)
     if settings.fill_read_size % 4096:
         raise BadInput(f"--fill-read-size {settings.fill_read_size} must be a multiple of 4 KiB (O_DIRECT's unit)")
     if settings.origin:  # a bad URL is refused here, not at the first miss
@@ -106,6 +103,17 @@ def start(
 
         parse(settings.origin, settings.origin_endpoint)
     run(settings)
+
+
+def _check_copy_reads(depth: int, overlap: int) -> None:
+    """One line at start for a read shape the copy engine would refuse later (it is built lazily)."""
+    from sllmfs.engine.native import READ_ALIGN, READ_DEPTH_MAX, READ_OVERLAP_MAX
+
+    if not 1 <= depth <= READ_DEPTH_MAX:
+        raise BadInput(f"--copy-read-depth {depth} must be 1-{READ_DEPTH_MAX}")
+    if overlap % READ_ALIGN or overlap > READ_OVERLAP_MAX:
+        raise BadInput(f"--copy-read-overlap {overlap} must be a multiple of {READ_ALIGN >> 10} KiB, "
+                       f"at most {READ_OVERLAP_MAX >> 20} MiB")
 
 
 @app.command(help="Show tiers, models, leases and hit rates.")

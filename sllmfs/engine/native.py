@@ -21,6 +21,10 @@ from sllmfs.engine.errors import (
 
 lib: Any = importlib.import_module("sllmfs._native")
 EngineError: type[Exception] = lib.EngineError
+# the bounds of CopyEngine's read_depth and read_overlap, as the engine checks them (csrc/engine.h)
+READ_DEPTH_MAX: int = lib.READ_DEPTH_MAX
+READ_OVERLAP_MAX: int = lib.READ_OVERLAP_MAX
+READ_ALIGN: int = lib.READ_ALIGN
 
 # EngineError(kind, message): the kinds csrc/py_module.cpp's kind_name() sends
 _KINDS: dict[str, type[CopyError]] = {

@@ -50,8 +50,9 @@ def test_a_read_size_off_the_block_is_one_line(tmp_path: Path) -> None:
     assert p.stderr.strip().splitlines()[-1].count("--fill-read-size 1000 must be a multiple of 4 KiB") == 1
 
 
-@pytest.mark.parametrize("flag,value,says", [("--copy-read-depth", "0", "must be 1-64"),
-                                             ("--copy-read-overlap", "1000", "must be a multiple of 4 KiB")])
+@pytest.mark.parametrize("flag,value,says", [
+    ("--copy-read-depth", "0", "must be 1-64"),
+    ("--copy-read-overlap", "1000", "must be a multiple of 4 KiB, at most 1 MiB")])
 def test_a_bad_copy_read_shape_is_one_line(tmp_path: Path, flag: str, value: str, says: str) -> None:
     p = subprocess.run([sys.executable, "-m", "sllmfs", "start", "--storage-path", str(tmp_path / "s"),
                         "--socket", str(tmp_path / "s.sock"), flag, value], capture_output=True, text=True, timeout=60)
