@@ -367,18 +367,20 @@ void Engine::stage_file_block(Job& job, const Block& b, Stager& st) {
       if (r.err != 0 || r.done != k)
         throw EngineError(ErrorKind::Io, "reading " + segment_name(sd, b.seg) + " (" + range_text(at, k) + "): " +
                                              (r.err ? std::strerror(r.err) : "the file ends early"));
-      if (sd.tee) std::memcpy(sd.tee + at, slot, k);  // the tier's copy: published by the caller, once teed
       if (at + k == whi && st.hash->digest() != sd.digests[w])
         throw EngineError(ErrorKind::Corrupt, segment_name(sd, b.seg) + ": checksum window " + std::to_string(w) +
                                                   " (" + range_text(wlo, whi - wlo) +
                                                   ") differs from its manifest digest");
-      if (sd.teed && at + k == whi) sd.teed[w] = 1;
       for (size_t u = b.u0; u < b.u1; ++u) {  // the units' bytes in [at, at + k), in file order
         const Unit& unit = units[u];
         if (unit.off >= at + k) break;
         const uint64_t x0 = std::max(unit.off, at), x1 = std::min(unit.off + unit.n, at + k);
         if (x0 < x1) target_->copy(job.dst(unit) + (x0 - unit.off), slot + (x0 - at), x1 - x0, st.stream);
       }
+      // the tier's copy, once the GPU's is queued (the slot stays until next_slot waits on its event); the
+      // caller publishes a window only once it is flagged here, whole and verified
+      if (sd.tee) std::memcpy(sd.tee + at, slot, k);
+      if (sd.teed && at + k == whi) sd.teed[w] = 1;
       st.fill += k;
       at += k;
     }

@@ -62,7 +62,7 @@ class FileSegment:
     stagers read it through the page cache into their pinned ring, each ``window`` bytes checked against
     ``digests`` (the manifest's xxh3_64 per window, uint64) before they move on (csrc/plan.h).
     ``fd`` stays open, and ``digests`` alive, until the copy returns. ``name``: what its errors call it
-    (the file's name; "" = "segment <index>"). ``tee``: the address of ``length`` writable bytes that get a
+    (the file's name; "" = "segment <index>"). ``tee``: ``length`` writable bytes that get a
     copy of every byte read (the memory tier's segment for this file: one disk read fills both); ``teed``
     then says, per window, which were copied there whole and matched their digest (1) once the copy returns."""
 
@@ -71,25 +71,34 @@ class FileSegment:
     digests: np.ndarray
     window: int
     name: str = ""
-    tee: int = 0
+    tee: np.ndarray | None = None  # uint8, ``length`` bytes: held here, so its mapping cannot close meanwhile
     teed: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tee is None:
+            return
+        windows = -(-self.length // self.window) if self.window > 0 else 0
+        for what, arr, size in (("tee", self.tee, self.length), ("teed", self.teed, windows)):
+            if arr is None or arr.dtype != np.uint8 or not arr.flags.c_contiguous or not arr.flags.writeable \
+                    or arr.size < size:
+                raise BadPieces(f"a file segment's {what} must be {size} writable contiguous bytes")
 
     @classmethod
     def of(cls, fd: int, length: int, hex_digests: Sequence[str], window: int, name: str = "",
-           tee: int = 0) -> FileSegment:
+           tee: np.ndarray | None = None) -> FileSegment:
         need = -(-length // window) if window > 0 else -1
         if need != len(hex_digests):
             raise BadPieces(f"a {length}-byte file in {window}-byte windows needs {need} digests, "
                             f"got {len(hex_digests)}")
-        teed = np.zeros(max(need, 1), dtype=np.uint8) if tee else None
+        teed = np.zeros(max(need, 1), dtype=np.uint8) if tee is not None else None
         return cls(fd, length, np.array([int(h, 16) for h in hex_digests], dtype=np.uint64), window, name, tee, teed)
 
     def as_tuple(self) -> tuple[int | str, ...]:
         row: tuple[int | str, ...] = (0, self.length, 0, 0, self.fd, int(self.digests.ctypes.data), self.window,
                                       self.name)
-        if self.teed is None:
+        if self.tee is None or self.teed is None:
             return row
-        return (*row, self.tee, int(self.teed.ctypes.data))
+        return (*row, int(self.tee.ctypes.data), int(self.teed.ctypes.data))
 
 
 MappedSegment = Segment | tuple[int, int, int, int]  # (base, length, ready, chunk_size), as the native side takes

@@ -65,6 +65,7 @@ class Fill:
         self.cached_bytes = 0  # copied from the page cache, checked as they landed
         self.handovers = 0  # pieces whose page cache ran out partway: the rest read waiting, checked after
         self.adopted = 0  # published from a GPU-first copy's tee (adopt), not read by this fill
+        self.read_bytes = 0  # what this fill read (the windows nobody published before it got there)
         self._lock = threading.Lock()
         step = round_chunk(chunk_size)
         self._jobs = [(i, off, min(step, p.size - off))
@@ -139,6 +140,8 @@ class Fill:
             view = memoryview(self.res.segments[part].mm)
             try:
                 for lo, hi in self._unready(part, off, off + n):  # a GPU-first copy may have filled some
+                    with self._lock:
+                        self.read_bytes += hi - lo
                     self._piece(part, view, lo, hi)
             except ReadFailed as e:  # EIO from a failing disk: this fill fails, the daemon goes on
                 self._fail(part, e.at, f"{self.res.manifest.partitions[part].file}: {e.error.strerror or e.error}",
@@ -313,8 +316,8 @@ class Fill:
         p = self.res.manifest.partitions[part]
         base = self.res.chunk_base[part]
         ready = self.res.ready.mm
-        if ready[base + k] == Readiness.FAILED:  # failed already (a short read): stays failed
-            return
+        if ready[base + k] in (Readiness.FAILED, Readiness.READY):  # failed (a short read): stays failed;
+            return  # READY (published from a GPU copy's tee): counted once, and its bytes are never rewritten
         if not ok:
             self._fail(part, k * CHUNK_SIZE, f"{p.file} window {k} fails its {self.res.manifest.checksum} checksum",
                        FailCause.DAMAGED)

@@ -200,11 +200,11 @@ class GpuCopier:
 
     @staticmethod
     def _files(res: Resident, fds: list[int], tee: bool) -> list[Any]:
-        from sllmfs.engine.copy_engine import FileSegment, address_of
+        from sllmfs.engine.copy_engine import FileSegment
 
         # the tier's readiness windows are the manifest's checksum windows (CHUNK_SIZE): teed[k] is window k
         return [FileSegment.of(fd, p.size, p.chunks, CHUNK_SIZE, p.file,
-                               tee=address_of(seg.mm) if tee and p.size else 0)
+                               tee=np.frombuffer(seg.mm, np.uint8, p.size) if tee and p.size else None)
                 for fd, p, seg in zip(fds, res.manifest.partitions, res.segments, strict=True)]
 
     def busy(self) -> bool:

@@ -214,7 +214,7 @@ def test_tee_gets_every_window_read_and_flags_only_verified_ones(tmp_path, slot_
     fd, digests = stored(tmp_path, data, "teed", direct=direct)
     try:
         tier = np.full(data.nbytes, 0xCD, dtype=np.uint8)
-        seg = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier.ctypes.data)
+        seg = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier)
         assert seg.teed is not None and len(seg.teed) == 7
         dst = make_dst(data.nbytes)
         # windows 0-1 whole, a piece inside window 3, and the file's unaligned tail (window 6)
@@ -233,7 +233,7 @@ def test_tee_gets_every_window_read_and_flags_only_verified_ones(tmp_path, slot_
             with open(tmp_path / "teed", "r+b") as f:  # window 4 changes after its digest was taken
                 f.seek(4 * MiB + 9)
                 f.write(bytes([data[4 * MiB + 9] ^ 0xFF]))
-            seg2 = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier.ctypes.data)
+            seg2 = ce.FileSegment.of(fd, data.nbytes, digests, WINDOW, tee=tier)
             assert seg2.teed is not None
             with pytest.raises(ce.SourceCorrupt, match="checksum window 4"):
                 eng.copy([seg2], np.array([[0, 4 * MiB, dst.ctypes.data, MiB]], np.uint64))
@@ -241,3 +241,12 @@ def test_tee_gets_every_window_read_and_flags_only_verified_ones(tmp_path, slot_
     finally:
         os.close(fd)
 
+
+
+def test_a_tee_too_short_is_refused_before_the_copy() -> None:
+    digests = ["0" * 16] * 3
+    with pytest.raises(ce.BadPieces, match="tee must be 3000000 writable contiguous bytes"):
+        ce.FileSegment.of(0, 3_000_000, digests, WINDOW, tee=np.zeros(4096, np.uint8))
+    with pytest.raises(ce.BadPieces, match="teed must be 3"):
+        ce.FileSegment(0, 3_000_000, np.zeros(3, np.uint64), WINDOW, tee=np.zeros(3_000_000, np.uint8),
+                       teed=np.zeros(2, np.uint8))

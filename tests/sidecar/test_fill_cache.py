@@ -462,3 +462,45 @@ def test_smaller_page_cache_reads_fill_the_same_bytes_and_refuse_a_flip(tmp_path
         fill = Fill(res, vdir, 8 * MIB)
         _run(fill)
         assert fill.error is not None and _readiness(res)[2] == F
+
+
+@pytest.mark.parametrize("nbytes", [MIB, MIB - 40_960], ids=["whole-windows", "short-last-window"])
+def test_windows_a_gpu_copy_published_are_neither_read_nor_counted_again(tmp_path: Path, nbytes: int) -> None:
+    """Fill.adopt publishes the windows a GPU-first copy teed into the segment (with gaps, the short last one
+    included); the fill then reads only the rest: a store byte changed under a published window is never
+    read back into it, and a window already FAILED is not published."""
+    import numpy as np
+
+    with _resident(tmp_path, seed=23, nbytes=nbytes) as (res, vdir, want):
+        size = len(want)
+        nwin = -(-size // CHUNK_SIZE)
+        res.segments[0].mm[:size] = want  # what the copy's tee wrote: every window's bytes
+        teed = np.zeros(nwin, np.uint8)
+        teed[[0, 2, 3, nwin - 1]] = 1  # the copy read windows 0, 2, 3 and the last
+        data = vdir / res.manifest.partitions[0].file
+        with open(data, "r+b") as f:  # the store's copy of window 2 changes after the copy read it
+            f.seek(2 * CHUNK_SIZE + 5)
+            f.write(bytes([want[2 * CHUNK_SIZE + 5] ^ 0xFF]))
+        fill = Fill(res, vdir, 8 * MIB)
+        published = fill.adopt([teed])
+        last = size - (nwin - 1) * CHUNK_SIZE
+        assert published == fill.adopted == 3 * CHUNK_SIZE + last
+        assert fill.adopt([teed]) == 0  # twice: nothing more
+        _run(fill)
+        assert fill.error is None  # window 2 was not read again
+        assert fill.read_bytes == size - published
+        assert bytes(res.segments[0].mm[:size]) == want
+        assert _readiness(res) == [R] * nwin and res.filled == size
+
+
+def test_a_failed_window_is_not_published_by_a_gpu_copy(tmp_path: Path) -> None:
+    import numpy as np
+
+    with _resident(tmp_path, seed=29) as (res, vdir, _want):
+        fill = Fill(res, vdir, 8 * MIB)
+        try:
+            res.ready.mm[res.chunk_base[0] + 1] = Readiness.FAILED
+            assert fill.adopt([np.ones(6, np.uint8)]) == 5 * CHUNK_SIZE
+            assert _readiness(res)[1] == Readiness.FAILED
+        finally:
+            fill.close()

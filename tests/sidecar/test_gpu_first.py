@@ -167,8 +167,10 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
         total = sum(f.stat().st_size for f in (sd.store / "models").rglob("*.safetensors"))
         wait_log(sd, "filled model=org/m")
         teed = int(re.findall(r"gpu copy model=org/m .* teed_bytes=(\d+)", sd.log())[-1])
-        adopted = int(re.findall(r"filled model=org/m .* from_the_gpu_copy=(\d+)", sd.log())[-1])
+        adopted, read = map(int, re.findall(r"filled model=org/m .* from_the_gpu_copy=(\d+) read=(\d+)",
+                                            sd.log())[-1])
         assert teed == adopted == (total if copy_direct else 0)
+        assert read == (0 if copy_direct else total)  # the fill read only what the copy did not publish
         with sd.connect() as c, c.acquire("org/m", gpu_first=True) as lease:  # a hit: from the tier's bytes
             stats, got = copy_all(lease)
             assert got == expected and stats["source"] == "tier"
