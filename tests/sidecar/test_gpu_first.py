@@ -111,8 +111,29 @@ def test_views_taken_without_waiting_ask_for_the_held_fill(tmp_path: Path, fake_
                 assert got == expected
 
 
-def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: dict[str, str]) -> None:
-    with sidecar(tmp_path, env=fake_env) as sd:
+def uncache(store: Path) -> None:
+    """Drop the stored files from the page cache (skips the test where the filesystem keeps them: tmpfs)."""
+    for data in (store / "models").rglob("*.safetensors"):
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            page = bytearray(4096)
+            try:
+                cached = os.preadv(fd, [page], 0, os.RWF_NOWAIT) > 0
+            except OSError:
+                cached = False
+        finally:
+            os.close(fd)
+        if cached:
+            pytest.skip("this filesystem keeps the files in memory (tmpfs): cannot make them uncached")
+
+
+@pytest.mark.parametrize("cold", [False, True], ids=["page-cache", "O_DIRECT-tee"])
+def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: dict[str, str], cold: bool) -> None:
+    """Cold, the copy tees what it reads into the tier: the damaged window is never published, the windows
+    it did verify are not enough, and the fill refuses the model all the same."""
+    with sidecar(tmp_path, env={**fake_env, "SLLMFS_COPY_DIRECT": "1"}) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
         make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20)
         data = next((sd.store / "models").rglob("*.safetensors"))
@@ -121,6 +142,8 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             b = f.read(1)
             f.seek((4 << 20) + 5)
             f.write(bytes([b[0] ^ 0xFF]))
+        if cold:
+            uncache(sd.store)
         with sd.connect() as c:
             with c.acquire("org/m", gpu_first=True) as lease:
                 why = (r"org/m.* failed verification: copying its stored files: model.safetensors: checksum window 1 "
@@ -131,6 +154,7 @@ def test_a_damaged_file_fails_the_copy_and_the_model(tmp_path: Path, fake_env: d
             with pytest.raises(Corrupt):  # refused until saved again, as a failed fill's model is
                 c.acquire("org/m", gpu_first=True)
             assert c.status()["pid"] > 0  # serving everyone else
+        assert ("copy from the files (O_DIRECT)" in sd.log()) is cold
 
 
 @pytest.mark.parametrize("copy_direct", [False, True], ids=["buffered", "O_DIRECT"])
@@ -141,20 +165,7 @@ def test_from_disk_too_the_copy_reads_the_files(tmp_path: Path, fake_env: dict[s
     with sidecar(tmp_path, env=env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")
         expected = {n: digest(v) for n, v in make_model(sd.store, "org/m", tensors=4, nbytes=2 << 20).items()}
-        for data in (sd.store / "models").rglob("*.safetensors"):
-            fd = os.open(data, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                page = bytearray(4096)
-                try:
-                    cached = os.preadv(fd, [page], 0, os.RWF_NOWAIT) > 0
-                except OSError:
-                    cached = False
-            finally:
-                os.close(fd)
-            if cached:
-                pytest.skip("this filesystem keeps the files in memory (tmpfs): cannot make them uncached")
+        uncache(sd.store)
         with sd.connect() as c, c.acquire("org/m", gpu_first=True) as lease:
             assert lease._fill_held
             stats, got = copy_all(lease)
