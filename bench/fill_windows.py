@@ -1,0 +1,144 @@
+"""A cold fill, as a reader of the mount sees it: does publishing each window as it lands (sidecar/fill.py)
+let an in-order reader through the mount keep up with the disk? (#20: cold through the mount >= 0.9x the
+disk; NOTES-mount.md: readers waited for whole 32-64 MiB pieces.)
+
+One store, one model (``--size-gb``), rounds alternating between sidecars started from this tree and, with
+``--other TREE``, from another (a `git worktree` of an earlier commit: its native modules copied in). Each
+round: the model evicted, the page cache dropped, then `cat`-like 16 MiB reads of every file through the
+mount in order (GB/s, against the disk's buffered read of the same files in the same run), and the sidecar's
+own `filled` line (its rate and first_ready_s). Needs root (drop_caches) and FUSE.
+
+    python bench/fill_windows.py --work /var/tmp/sllmfs-fw [--size-gb 1.5] [--rounds 3] [--other /tmp/wt-old]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_mount_direct import build  # noqa: E402
+
+READ = 16 << 20
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(paths: list[Path]) -> float:
+    """GB/s of reading ``paths`` in order, 16 MiB at a time (cat's shape, one reader)."""
+    total, t0 = 0, time.perf_counter()
+    buf = bytearray(READ)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while (n := f.readinto(buf)):
+                total += n
+    return total / (time.perf_counter() - t0) / 1e9
+
+
+class Side:
+    def __init__(self, tree: Path, store: Path, work: Path, tag: str):
+        self.sock, self.mnt, self.log = work / f"{tag}.sock", work / f"mnt-{tag}", work / f"sidecar-{tag}.log"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        self.cmd = [sys.executable, "-m", "sllmfs"]
+        self.env = env
+        self.proc = subprocess.Popen([*self.cmd, "start", "--storage-path", str(store), "--socket", str(self.sock),
+                                      "--mount", str(self.mnt), "--mem-pool-size", "8GB"], env=env,
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not (self.mnt / ".sllmfs.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"fill_windows: the sidecar ({tag}) did not come up:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def evict(self, model: str) -> None:
+        subprocess.run([*self.cmd, "evict", "--model", model, "--socket", str(self.sock)], env=self.env,
+                       capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30  # the mount's backings of the evicted copy go too
+        while '"mount_files": 0' not in self._status() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _status(self) -> str:
+        p = subprocess.run([*self.cmd, "status", "--json", "--socket", str(self.sock)], env=self.env,
+                           capture_output=True, text=True, timeout=60)
+        return p.stdout
+
+    def last_fill(self) -> dict[str, float]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = re.findall(r"filled model=\S+ variant=hf bytes=\d+ seconds=([\d.]+) rate=([\d.]+)GB/s.*"
+                           r"first_ready_s=([\d.]+)", self.log.read_text())
+            if m and len(m) > self.seen:
+                self.seen = len(m)
+                s, r, f = m[-1]
+                return {"fill_s": float(s), "fill_gbps": float(r), "first_ready_s": float(f)}
+            time.sleep(0.2)
+        raise SystemExit(f"fill_windows: no fill finished in {self.log}")
+
+    seen = 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/sllmfs-fw"))
+    ap.add_argument("--size-gb", type=float, default=1.5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--other", type=Path, default=None, help="another sllmfs tree to run beside this one")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    store, model = build(args.work, args.size_gb)
+    trees = {"this": HERE.parent, **({"other": args.other} if args.other else {})}
+    stored = sorted((store / "models").rglob("*.safetensors"))
+    got: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+    disk: list[float] = []
+    for r in range(args.rounds):
+        drop_caches()
+        disk.append(read_all(stored))  # the limit, each round
+        for tag in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            side = Side(trees[tag], store, args.work, tag)
+            try:
+                side.evict(model)
+                drop_caches()
+                files = sorted((side.mnt / model).glob("*.safetensors"))
+                gbps = read_all(files)
+                row = {"mount_gbps": gbps, **side.last_fill()}
+            finally:
+                side.stop()
+            got[tag].append(row)
+            print(f"#{r} {tag:<6} through the mount {row['mount_gbps']:.2f} GB/s, fill {row['fill_gbps']:.2f} "
+                  f"GB/s, first window {row['first_ready_s']:.3f} s; disk {disk[-1]:.2f} GB/s", flush=True)
+    limit = statistics.median(disk)
+    summary = {tag: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for tag, rows in got.items()}
+    for tag, med in summary.items():
+        print(f"{tag:<6} through the mount / the disk: {med['mount_gbps'] / limit:.2f}x "
+              f"({med['mount_gbps']:.2f} / {limit:.2f} GB/s), fill {med['fill_gbps']:.2f} GB/s, "
+              f"first window {med['first_ready_s']:.3f} s")
+    out = {"command": " ".join(["python3", *sys.argv]), "bytes": sum(p.stat().st_size for p in stored),
+           "disk_gbps": disk, "rounds": got, "median": summary, "trees": {k: str(v) for k, v in trees.items()}}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"fill-windows-vm-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json").write_text(
+            json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
