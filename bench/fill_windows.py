@@ -1,6 +1,6 @@
-"""A cold fill, as a reader of the mount sees it: does publishing each window as it lands (sidecar/fill.py)
-let an in-order reader through the mount keep up with the disk? (#20: cold through the mount >= 0.9x the
-disk; NOTES-mount.md: readers waited for whole 32-64 MiB pieces.)
+"""A cold fill, as a reader of the mount sees it (#20: cold through the mount >= 0.9x the disk): an in-order
+reader through the mount against the disk's read of the same files and the fill's own rate, and an A/B of two
+sllmfs trees (NOTES-mount.md 2026-12-03 evening: publishing a cold fill's windows one at a time, tried here).
 
 One store, one model (``--size-gb``), rounds alternating between sidecars started from this tree and, with
 ``--other TREE``, from another (a `git worktree` of an earlier commit: its native modules copied in). Each
