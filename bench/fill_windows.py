@@ -3,7 +3,8 @@ reader through the mount against the disk's read of the same files and the fill'
 sllmfs trees (NOTES-mount.md 2026-12-03 evening: publishing a cold fill's windows one at a time, tried here).
 
 One store, one model (``--size-gb``), rounds alternating between sidecars started from this tree and, with
-``--other TREE``, from another (a `git worktree` of an earlier commit: its native modules copied in). Each
+``--other TREE``, from another (a `git worktree` of an earlier commit: its native modules copied in), or with
+``--other-args``, this tree with other sidecar options (``--fill-direct``). Each
 round: the model evicted, the page cache dropped, then `cat`-like 16 MiB reads of every file through the
 mount in order (GB/s, against the disk's buffered read of the same files in the same run), and the sidecar's
 own `filled` line (its rate and first_ready_s). Needs root (drop_caches) and FUSE.
@@ -49,14 +50,14 @@ def read_all(paths: list[Path]) -> float:
 
 
 class Side:
-    def __init__(self, tree: Path, store: Path, work: Path, tag: str):
+    def __init__(self, tree: Path, store: Path, work: Path, tag: str, extra: list[str]):
         self.sock, self.mnt, self.log = work / f"{tag}.sock", work / f"mnt-{tag}", work / f"sidecar-{tag}.log"
         self.mnt.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(tree)}
         self.cmd = [sys.executable, "-m", "sllmfs"]
         self.env = env
         self.proc = subprocess.Popen([*self.cmd, "start", "--storage-path", str(store), "--socket", str(self.sock),
-                                      "--mount", str(self.mnt), "--mem-pool-size", "8GB"], env=env,
+                                      "--mount", str(self.mnt), "--mem-pool-size", "8GB", *extra], env=env,
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not (self.mnt / ".sllmfs.json").exists():
@@ -101,11 +102,15 @@ def main() -> int:
     ap.add_argument("--size-gb", type=float, default=1.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--other", type=Path, default=None, help="another sllmfs tree to run beside this one")
+    ap.add_argument("--other-args", default="", help="sidecar options for the other side (its tree: --other, "
+                    "else this one), e.g. '--fill-direct'")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     store, model = build(args.work, args.size_gb)
-    trees = {"this": HERE.parent, **({"other": args.other} if args.other else {})}
+    trees = {"this": (HERE.parent, [])}
+    if args.other or args.other_args:
+        trees["other"] = (args.other or HERE.parent, args.other_args.split())
     stored = sorted((store / "models").rglob("*.safetensors"))
     got: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     disk: list[float] = []
@@ -113,7 +118,7 @@ def main() -> int:
         drop_caches()
         disk.append(read_all(stored))  # the limit, each round
         for tag in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-            side = Side(trees[tag], store, args.work, tag)
+            side = Side(trees[tag][0], store, args.work, tag, trees[tag][1])
             try:
                 side.evict(model)
                 drop_caches()
@@ -132,7 +137,8 @@ def main() -> int:
               f"({med['mount_gbps']:.2f} / {limit:.2f} GB/s), fill {med['fill_gbps']:.2f} GB/s, "
               f"first window {med['first_ready_s']:.3f} s")
     out = {"command": " ".join(["python3", *sys.argv]), "bytes": sum(p.stat().st_size for p in stored),
-           "disk_gbps": disk, "rounds": got, "median": summary, "trees": {k: str(v) for k, v in trees.items()}}
+           "disk_gbps": disk, "rounds": got, "median": summary,
+           "trees": {k: [str(t), a] for k, (t, a) in trees.items()}}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"fill-windows-vm-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json").write_text(

@@ -10,6 +10,11 @@
 
 namespace sllm {
 
+// The bounds of a read depth and overlap (EngineConfig's, the fill's; the module exports them: the CLI checks
+// with these)
+constexpr int kMaxReadDepth = 64;
+constexpr uint64_t kMaxReadOverlap = 1ull << 20;
+
 // Linux AIO: a read of a file opened O_DIRECT is queued to the disk and io_submit returns at once, so a
 // stager's next request waits at the disk while it hashes the last (io_uring would do the same; this
 // needs no library). One per stager thread; depth 1 is read_direct's synchronous loop.

@@ -29,9 +29,6 @@ enum class Mode { Register, Stage, Hybrid };
 constexpr uint8_t kChunkPending = 0;
 constexpr uint8_t kChunkReady = 1;
 constexpr uint8_t kChunkFailed = 2;
-// The bounds of EngineConfig's read_depth and read_overlap (the module exports them: the CLI checks with these)
-constexpr int kMaxReadDepth = 64;
-constexpr uint64_t kMaxReadOverlap = 1ull << 20;
 
 struct EngineConfig {
   bool cuda = false;

@@ -8,15 +8,25 @@
 //   read or error: ``done`` bytes landed, ``digest`` is the xxh3_64 of those ``done`` bytes, ``errno``
 //   the error that stopped it (0: none, the read came up short or ``dst`` is full).
 //
+// read_direct(fd_direct, fd, dst, offset, depth) -> (done, digest, errno): the same for a window read
+//   past the page cache: O_DIRECT reads of kDirectStep on ``fd_direct`` (``depth`` of them in flight,
+//   Linux AIO, as the copy engine's stagers read; each hashed in file order as it lands) straight into
+//   ``dst`` (4 KiB-aligned, as ``offset``), and the window's unaligned tail, if any (the file's end), by a
+//   plain read of ``fd``, so nothing lands past ``dst``. ``errno`` EINVAL: this file refuses O_DIRECT.
+//
 // Why native: in Python each read and each hash update is a trip through the GIL; with 16 fill
 // threads those trips, not the copy, bounded the fill (bench/NOTES-cold.md run 11: 256 KiB reads
 // ran at 0.34 of the copy, 1 MiB ones at 0.70-0.80). Here a window is one trip.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdint>
+#include <memory>
 #include <new>
 
+#include "direct_reads.h"
 #include "xxh3.h"
 
 namespace {
@@ -57,10 +67,79 @@ PyObject* mod_read(PyObject*, PyObject* args) {
   return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
 }
 
+// One AIO context per fill thread and depth, kept: io_setup/io_destroy cost ~33 ms (NOTES-cold run 26's review).
+sllm::HashedRead direct_window(int fd_direct, int fd, uint8_t* dst, uint64_t len, uint64_t offset, int depth,
+                               sllm::Xxh3& hash) {
+  thread_local std::unique_ptr<sllm::DirectReads> reads;
+  thread_local int reads_depth = 0;
+  thread_local bool no_aio = false;
+  const uint64_t aligned = len / sllm::kDirectAlign * sllm::kDirectAlign;
+  sllm::HashedRead r;
+  if (aligned > 0) {
+    if (depth > 1 && !no_aio && (!reads || reads_depth != depth)) {
+      try {
+        reads = std::make_unique<sllm::DirectReads>(depth);
+        reads_depth = depth;
+      } catch (const std::exception&) {
+        reads.reset();
+        no_aio = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time
+      }
+    }
+    r = reads && depth > 1 ? reads->read(fd_direct, dst, aligned, offset, hash)
+                           : sllm::read_direct(fd_direct, dst, aligned, offset, hash);
+    if (r.err != 0 || r.done < aligned) return r;
+  }
+  while (r.done < len) {  // the unaligned tail: buffered, into dst's own bytes only
+    const ssize_t got = pread(fd, dst + r.done, static_cast<size_t>(len - r.done), static_cast<off_t>(offset + r.done));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      r.err = errno;
+      break;
+    }
+    if (got == 0) break;
+    hash.update(dst + r.done, static_cast<uint64_t>(got));
+    r.done += static_cast<uint64_t>(got);
+  }
+  return r;
+}
+
+PyObject* mod_read_direct(PyObject*, PyObject* args) {
+  int fd_direct = -1, fd = -1, depth = 1;
+  Py_buffer dst;
+  long long offset = 0;
+  if (!PyArg_ParseTuple(args, "iiw*Li", &fd_direct, &fd, &dst, &offset, &depth)) return nullptr;
+  const auto at = reinterpret_cast<uintptr_t>(dst.buf);
+  if (!sllm::xxh3_bound() || offset < 0 || depth < 1 || depth > sllm::kMaxReadDepth || at % sllm::kDirectAlign ||
+      static_cast<uint64_t>(offset) % sllm::kDirectAlign) {
+    PyBuffer_Release(&dst);
+    PyErr_SetString(PyExc_ValueError, sllm::xxh3_bound() ? "dst and offset must be 4 KiB-aligned, depth in range"
+                                                         : "bind() first");
+    return nullptr;
+  }
+  sllm::HashedRead got;
+  uint64_t digest = 0;
+  bool no_memory = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    sllm::Xxh3 hash;
+    got = direct_window(fd_direct, fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
+                        static_cast<uint64_t>(offset), depth, hash);
+    digest = hash.digest();
+  } catch (const std::bad_alloc&) {
+    no_memory = true;
+  }
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(&dst);
+  if (no_memory) return PyErr_NoMemory();
+  return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
+}
+
 PyMethodDef methods[] = {
     {"bind", mod_bind, METH_VARARGS, "bind(path) -> bool: use the xxh3 of the library at path"},
     {"read", mod_read, METH_VARARGS,
      "read(fd, dst, offset, step, flags) -> (done, xxh3_64 of those bytes, errno)"},
+    {"read_direct", mod_read_direct, METH_VARARGS,
+     "read_direct(fd_direct, fd, dst, offset, depth) -> (done, xxh3_64 of those bytes, errno)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hashread", "hashed reads for the fill", -1, methods,
@@ -68,4 +147,11 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hashread", "hashed reads for the 
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__hashread() { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__hashread() {
+  PyObject* m = PyModule_Create(&module);
+  if (m && PyModule_AddIntConstant(m, "DIRECT_STEP", static_cast<long>(sllm::kDirectStep)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

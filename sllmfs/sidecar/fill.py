@@ -40,6 +40,8 @@ from sllmfs.store.format import CHUNK_SIZE
 from sllmfs.store.reader import Partitions, ReadFailed, WindowCheck, read_full, window_matches, window_ok
 
 CACHED_READ = 1 << 20  # a read from the page cache, in Python: fewer trips through the GIL (NOTES-cold run 11)
+# O_DIRECT reads a fill thread keeps in flight where it reads natively (the copy engine's default since runs 26-27)
+DIRECT_DEPTH = 4
 HASHED_READ = 256 << 10  # the same, in the native call: smaller keeps it in L2 for its hash (run 12)
 
 
@@ -58,6 +60,10 @@ class Fill:
         self.res = res
         self._read_size = read_size
         self.hashed = hashed_read.read if self.native_reads else None
+        # past the page cache, a window per native call: 512 KiB reads queued, hashed as they land (its reads'
+        # size is the native one: a --fill-read-size of another size reads the Python way)
+        self.hashed_direct = hashed_read.read_direct if self.native_reads and read_size in (
+            0, hashed_read.DIRECT_STEP) else None
         self._buffered_only: set[int] = set()  # partitions whose O_DIRECT reads were refused
         self._waiting_only: set[int] = set()  # partitions whose filesystem refuses reads that do not wait
         self.stop = False
@@ -181,6 +187,10 @@ class Fill:
         return self.res.filled - before
 
     def _piece(self, part: int, view: memoryview, off: int, end: int) -> None:
+        if self.hashed_direct is not None and self._reads_direct(part):
+            off = self._direct_windows(part, view, off, end)
+            if off == end:
+                return  # else this file refused O_DIRECT reads: the rest the buffered way
         at, check = self._from_cache(part, view, off, end)
         if at == end:
             return
@@ -196,6 +206,25 @@ class Fill:
         else:  # the native reads ran out inside a window (no check fed): hash that window whole
             at -= at % CHUNK_SIZE
         self._verify(part, view, at, end - at)
+
+    def _direct_windows(self, part: int, view: memoryview, off: int, end: int) -> int:
+        """Read, check and publish the windows of [off, end) past the page cache, each as it lands. Where
+        this stopped: ``end``, or where the file refused O_DIRECT reads (the caller reads the rest buffered)."""
+        assert self.hashed_direct is not None and self._direct is not None
+        p = self.res.manifest.partitions[part]
+        for w in range(off, end, CHUNK_SIZE):
+            wend = min(w + CHUNK_SIZE, end)
+            got = self.hashed_direct(self._direct.fd(part), self._files.fd(part), view[w:wend], w, DIRECT_DEPTH)
+            if got.errno == errno.EINVAL and got.done == 0:
+                self._buffered_only.add(part)  # opened O_DIRECT but refuses such reads: buffered from here on
+                return w
+            if got.errno:
+                raise ReadFailed(w + got.done, OSError(got.errno, os.strerror(got.errno)))
+            if got.done < wend - w:
+                self._fail(part, w + got.done, f"{p.file} is shorter than its manifest", FailCause.DAMAGED)
+                return end
+            self._settle(part, w // CHUNK_SIZE, window_matches(p, w // CHUNK_SIZE, got.digest))
+        return end
 
     def _reads_direct(self, part: int) -> bool:
         """O_DIRECT was asked for and this partition's filesystem does it."""

@@ -26,36 +26,44 @@ class Hashed(NamedTuple):
     errno: int  # what stopped the reads early (0: a short read, or the buffer is full)
 
 
-def _bind() -> Callable[[int, memoryview, int, int, int], Hashed] | None:
+ReadFn = Callable[[int, memoryview, int, int, int], Hashed]
+DirectFn = Callable[[int, int, memoryview, int, int], Hashed]
+
+
+def _bind() -> tuple[ReadFn | None, DirectFn | None, int]:
     try:
         import xxhash._xxhash as ext  # the library python xxhash itself hashes with
 
         import sllmfs._hashread as native
     except ImportError:
-        return None
+        return None, None, 0
     try:
         if not native.bind(ext.__file__):
             log.info("xxhash's library exposes no xxh3: the fill hashes in Python")
-            return None
+            return None, None, 0
     except (TypeError, AttributeError):  # an xxhash without a library file (__file__ None or missing)
-        return None
+        return None, None, 0
 
     def read(fd: int, dst: memoryview, offset: int, step: int, flags: int = 0) -> Hashed:
         done, value, err = native.read(fd, dst, offset, step, flags)
+        return Hashed(done, hex_digest(value), err)
+
+    def direct(fd_direct: int, fd: int, dst: memoryview, offset: int, depth: int) -> Hashed:
+        done, value, err = native.read_direct(fd_direct, fd, dst, offset, depth)
         return Hashed(done, hex_digest(value), err)
 
     try:
         agrees = _agrees(read)
     except OSError as e:  # no memfd for the check (EMFILE, a sandbox): not proven, so not used
         log.info("cannot check the native xxh3 (%s): the fill hashes in Python", e.strerror)
-        return None
+        return None, None, 0
     if not agrees:
         log.warning("native xxh3 disagrees with python xxhash %s: the fill hashes in Python", xxhash.VERSION)
-        return None
-    return read
+        return None, None, 0
+    return read, direct, int(native.DIRECT_STEP)
 
 
-def _agrees(read: Callable[[int, memoryview, int, int, int], Hashed]) -> bool:
+def _agrees(read: ReadFn) -> bool:
     """Digests of reads in odd steps across xxh3's block sizes equal python xxhash's."""
     data = os.urandom((1 << 20) + 4099)
     fd = os.memfd_create("sllmfs-hash-check", os.MFD_CLOEXEC)
@@ -70,4 +78,8 @@ def _agrees(read: Callable[[int, memoryview, int, int, int], Hashed]) -> bool:
         os.close(fd)
 
 
-read = _bind()
+# read(fd, dst, offset, step, flags): a window from the page cache; read_direct(fd_direct, fd, dst, offset,
+# depth): a window past it, ``depth`` O_DIRECT reads in flight; each hashed as its reads land
+# (csrc/hashread.cpp). Both None where the native module does not bind or agree.
+# DIRECT_STEP: the size of read_direct's O_DIRECT reads (0 where it is None)
+read, read_direct, DIRECT_STEP = _bind()

@@ -11,13 +11,16 @@ import pytest
 from sllmfs.core.errors import Corrupt
 from tests.support.sidecar import make_model, sidecar
 
-# 12 KiB reads within 4 MiB pieces, past the page cache; tensors of 100,096 bytes leave every
+# Past the page cache: 12 KiB reads within 4 MiB pieces (the Python reads), or the native queued reads
+# (512 KiB, 4 in flight, a window per call) within 8 MiB pieces; tensors of 100,096 bytes leave every
 # partition file with a tail that is not a whole 4 KiB block (read buffered).
-SHAPE = ("--fill-direct", "--fill-read-size", "12KiB", "--chunk-size", "4MiB")
+SHAPES = {"python-12KiB": ("--fill-direct", "--fill-read-size", "12KiB", "--chunk-size", "4MiB"),
+          "native-queued": ("--fill-direct", "--chunk-size", "8MiB")}
 
 
-def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path) -> None:
-    with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
+@pytest.mark.parametrize("shape", SHAPES)
+def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path, shape: str) -> None:
+    with sidecar(tmp_path, *SHAPES[shape]) as sd, sd.connect() as c:
         want = make_model(sd.store, "org/m", tensors=40, nbytes=100_096, seed=3)
         sizes = [p.stat().st_size for p in (sd.store / "models").rglob("*.safetensors")]
         assert any(n % 4096 for n in sizes)
@@ -26,15 +29,18 @@ def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path) -> None:
         assert got == want
 
 
-def test_direct_fill_still_refuses_a_flipped_byte(tmp_path: Path) -> None:
-    with sidecar(tmp_path, *SHAPE) as sd, sd.connect() as c:
+@pytest.mark.parametrize("where", ["tail", "block"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_direct_fill_still_refuses_a_flipped_byte(tmp_path: Path, shape: str, where: str) -> None:
+    with sidecar(tmp_path, *SHAPES[shape]) as sd, sd.connect() as c:
         make_model(sd.store, "org/bad", tensors=8, nbytes=100_096, seed=4)
         data = next((sd.store / "models").rglob("model.safetensors"))
         size = data.stat().st_size
-        with open(data, "r+b") as f:  # in the buffered tail, past the last whole block
-            f.seek(size - 3)
+        at = size - 3 if where == "tail" else 4096 * 3 + 11  # the buffered tail past the last whole block, or not
+        with open(data, "r+b") as f:
+            f.seek(at)
             b = f.read(1)
-            f.seek(size - 3)
+            f.seek(at)
             f.write(bytes([b[0] ^ 0x40]))
         lease = c.acquire("org/bad")
         with pytest.raises(Corrupt, match="org/bad"):

@@ -4,6 +4,7 @@ stops where the page cache or the file runs out, and names the error that stoppe
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 
@@ -70,3 +71,38 @@ def test_a_read_only_buffer_is_refused() -> None:
     assert hashed_read.read is not None
     with pytest.raises(TypeError):
         hashed_read.read(0, memoryview(b"abc"), 0, 4096, 0)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+@pytest.mark.parametrize("size", [4 * MIB, 3 * MIB + 5000, 4096 + 7], ids=["whole", "unaligned-tail", "tiny"])
+def test_direct_window_reads_land_the_bytes_and_never_past_the_buffer(tmp_path: Path, depth: int, size: int) -> None:
+    """read_direct: O_DIRECT reads (queued at depth > 1) of the aligned part, the file's unaligned tail read
+    buffered, so the buffer (exactly the window, as the tier's exact-size segments are) is never overrun."""
+    assert hashed_read.read_direct is not None and hashed_read.DIRECT_STEP == 512 << 10
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    try:
+        fd_direct = os.open(tmp_path / "f", os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:  # the window at the start of a mapping: past its end, its last page's rest and a guard page
+        room = (size + 4095) // 4096 * 4096
+        with mmap.mmap(-1, room + 4096) as m:
+            m[room:] = b"\xee" * 4096
+            dst = memoryview(m)[:size]
+            got = hashed_read.read_direct(fd_direct, fd, dst, 0, depth)
+            assert got == hashed_read.Hashed(size, _hex(data), 0)
+            assert bytes(dst) == data and m[room:] == b"\xee" * 4096
+            assert m[size:room] == bytes(room - size)  # nothing landed past the window in its last page
+            dst.release()
+    finally:
+        os.close(fd)
+        os.close(fd_direct)
+
+
+def test_direct_reads_are_refused_off_the_block() -> None:
+    assert hashed_read.read_direct is not None
+    buf = memoryview(bytearray(8192))[1:4097]  # not 4 KiB-aligned
+    with pytest.raises(ValueError, match="4 KiB-aligned"):
+        hashed_read.read_direct(0, 0, buf, 0, 1)
