@@ -38,6 +38,27 @@ PyObject* mod_bind(PyObject*, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+// Runs read(hash) without the GIL, releases dst (every read has landed by then), and answers
+// (done, digest, errno).
+template <typename Read>
+PyObject* hashed_call(Py_buffer* dst, Read&& read) {
+  sllm::HashedRead got;
+  uint64_t digest = 0;
+  bool no_memory = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    sllm::Xxh3 hash;
+    got = read(hash);
+    digest = hash.digest();
+  } catch (const std::bad_alloc&) {
+    no_memory = true;
+  }
+  Py_END_ALLOW_THREADS
+  PyBuffer_Release(dst);
+  if (no_memory) return PyErr_NoMemory();
+  return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
+}
+
 PyObject* mod_read(PyObject*, PyObject* args) {
   int fd = -1, flags = 0;
   Py_buffer dst;
@@ -49,22 +70,10 @@ PyObject* mod_read(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, sllm::xxh3_bound() ? "step must be > 0, offset >= 0" : "bind() first");
     return nullptr;
   }
-  sllm::HashedRead got;
-  uint64_t digest = 0;
-  bool no_memory = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    sllm::Xxh3 hash;
-    got = sllm::read_hashed(fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
-                            static_cast<uint64_t>(offset), static_cast<uint64_t>(step), flags, hash);
-    digest = hash.digest();
-  } catch (const std::bad_alloc&) {
-    no_memory = true;
-  }
-  Py_END_ALLOW_THREADS
-  PyBuffer_Release(&dst);
-  if (no_memory) return PyErr_NoMemory();
-  return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
+  return hashed_call(&dst, [&](sllm::Xxh3& hash) {
+    return sllm::read_hashed(fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
+                             static_cast<uint64_t>(offset), static_cast<uint64_t>(step), flags, hash);
+  });
 }
 
 // One AIO context per fill thread and depth, kept: io_setup/io_destroy cost ~33 ms (NOTES-cold run 26's review).
@@ -116,22 +125,10 @@ PyObject* mod_read_direct(PyObject*, PyObject* args) {
                                                          : "bind() first");
     return nullptr;
   }
-  sllm::HashedRead got;
-  uint64_t digest = 0;
-  bool no_memory = false;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    sllm::Xxh3 hash;
-    got = direct_window(fd_direct, fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
-                        static_cast<uint64_t>(offset), depth, hash);
-    digest = hash.digest();
-  } catch (const std::bad_alloc&) {
-    no_memory = true;
-  }
-  Py_END_ALLOW_THREADS
-  PyBuffer_Release(&dst);
-  if (no_memory) return PyErr_NoMemory();
-  return Py_BuildValue("nKi", static_cast<Py_ssize_t>(got.done), static_cast<unsigned long long>(digest), got.err);
+  return hashed_call(&dst, [&](sllm::Xxh3& hash) {
+    return direct_window(fd_direct, fd, static_cast<uint8_t*>(dst.buf), static_cast<uint64_t>(dst.len),
+                         static_cast<uint64_t>(offset), depth, hash);
+  });
 }
 
 PyMethodDef methods[] = {
