@@ -12,7 +12,8 @@
 //   past the page cache: O_DIRECT reads of kDirectStep on ``fd_direct`` (``depth`` of them in flight,
 //   Linux AIO, as the copy engine's stagers read; each hashed in file order as it lands) straight into
 //   ``dst`` (4 KiB-aligned, as ``offset``), and the window's unaligned tail, if any (the file's end), by a
-//   plain read of ``fd``, so nothing lands past ``dst``. ``errno`` EINVAL: this file refuses O_DIRECT.
+//   plain read of ``fd``, so nothing lands past ``dst``. ``errno`` EINVAL: an O_DIRECT read was refused
+//   (the caller reads the window again the buffered way).
 //
 // Why native: in Python each read and each hash update is a trip through the GIL; with 16 fill
 // threads those trips, not the copy, bounded the fill (bench/NOTES-cold.md run 11: 256 KiB reads
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <new>
+#include <stdexcept>
 
 #include "direct_reads.h"
 #include "xxh3.h"
@@ -81,17 +83,19 @@ sllm::HashedRead direct_window(int fd_direct, int fd, uint8_t* dst, uint64_t len
                                sllm::Xxh3& hash) {
   thread_local std::unique_ptr<sllm::DirectReads> reads;
   thread_local int reads_depth = 0;
-  thread_local bool no_aio = false;
+  thread_local int no_aio_for = 0;  // windows to read one at a time before asking for a context again
+  constexpr int kRetryAfter = 256;    // 1 GiB of windows
   const uint64_t aligned = len / sllm::kDirectAlign * sllm::kDirectAlign;
   sllm::HashedRead r;
   if (aligned > 0) {
-    if (depth > 1 && !no_aio && (!reads || reads_depth != depth)) {
+    if (no_aio_for > 0) --no_aio_for;
+    if (depth > 1 && no_aio_for == 0 && (!reads || reads_depth != depth)) {
       try {
         reads = std::make_unique<sllm::DirectReads>(depth);
         reads_depth = depth;
-      } catch (const std::exception&) {
+      } catch (const std::runtime_error&) {  // io_setup refused (fs.aio-max-nr reached, for now)
         reads.reset();
-        no_aio = true;  // no AIO context to be had (fs.aio-max-nr reached): one read at a time
+        no_aio_for = kRetryAfter;  // one read at a time meanwhile
       }
     }
     r = reads && depth > 1 ? reads->read(fd_direct, dst, aligned, offset, hash)

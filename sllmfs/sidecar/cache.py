@@ -276,7 +276,7 @@ class Cache:
         self._finish(res, fill.error, fill.stop, time.perf_counter() - t0, adopted=fill.adopted,
                      detail=f" from_page_cache={fill.cached_bytes} handovers={fill.handovers}"
                             f" from_the_gpu_copy={fill.adopted} read={fill.read_bytes}"
-                            f" native_reads={fill.hashed is not None}"
+                            f" native_reads={fill.hashed is not None} direct_native={fill.hashed_direct is not None}"
                             f" blanks={tl.from_blanks}/{tl.partitions} alloc_s={tl.alloc_s:.3f}"
                             f" first_ready_s={max(0.0, tl.first_ready - tl.fill_start):.3f}"
                             f" acquire_to_end_s={tl.fill_end - tl.reserved:.3f}")

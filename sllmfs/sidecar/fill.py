@@ -15,8 +15,10 @@ From the first byte the page cache lacks, the rest of the piece is read the disk
 way: ``direct`` reads past the page cache (O_DIRECT: aligned, the file's unaligned
 tail buffered; a filesystem without it reads buffered) and ``read_size`` splits it
 into reads of that size (0: one); its windows are checksummed after the read (the
-disk, not the checksum, bounds that path). With ``direct`` the page-cache path is left
-out (the point of O_DIRECT is not to touch it) except on a filesystem without O_DIRECT.
+disk, not the checksum, bounds that path), except O_DIRECT reads of the native size
+(``read_size`` 0 or 512 KiB): a window per native call, 512 KiB reads queued, each
+hashed as it lands and the window published at once. With ``direct`` the page-cache path
+is left out (the point of O_DIRECT is not to touch it) except on a filesystem without O_DIRECT.
 
 An error reading fails the window holding the byte it hit (a window already READY was
 verified and stays so) and the fill as a whole, with one line.
@@ -215,8 +217,8 @@ class Fill:
         for w in range(off, end, CHUNK_SIZE):
             wend = min(w + CHUNK_SIZE, end)
             got = self.hashed_direct(self._direct.fd(part), self._files.fd(part), view[w:wend], w, DIRECT_DEPTH)
-            if got.errno == errno.EINVAL and got.done == 0:
-                self._buffered_only.add(part)  # opened O_DIRECT but refuses such reads: buffered from here on
+            if got.errno == errno.EINVAL:  # opened O_DIRECT but refuses such reads: this window on, buffered
+                self._buffered_only.add(part)
                 return w
             if got.errno:
                 raise ReadFailed(w + got.done, OSError(got.errno, os.strerror(got.errno)))

@@ -504,3 +504,36 @@ def test_a_failed_window_is_not_published_by_a_gpu_copy(tmp_path: Path) -> None:
             assert _readiness(res)[1] == Readiness.FAILED
         finally:
             fill.close()
+
+
+@pytest.mark.skipif(hashed_read.read_direct is None, reason="the native module did not bind")
+def test_a_file_refusing_o_direct_partway_is_read_buffered_from_that_window(tmp_path: Path) -> None:
+    """The native direct path answers EINVAL in window 1, after part of it landed: that window on is read the
+    buffered way, every window READY once, the bytes exact."""
+    with _resident(tmp_path, seed=31) as (res, vdir, want):
+        calls: list[int] = []
+
+        class Refusing(Fill):
+            def __init__(self, *args: object, **kw: object) -> None:
+                super().__init__(*args, **kw)  # type: ignore[arg-type]
+                real = self.hashed_direct
+                assert real is not None
+
+                def direct(fd_direct: int, fd: int, dst: memoryview, off: int, depth: int) -> hashed_read.Hashed:
+                    calls.append(off)
+                    if off == CHUNK_SIZE:  # half of it landed, then the refusal
+                        got = real(fd_direct, fd, dst[:CHUNK_SIZE // 2], off, depth)
+                        return got._replace(errno=errno.EINVAL)
+                    return real(fd_direct, fd, dst, off, depth)
+
+                self.hashed_direct = direct
+
+        fill = Refusing(res, vdir, 8 * MIB, direct=True)
+        if not fill._reads_direct(0):
+            fill.close()
+            pytest.skip("this filesystem refuses O_DIRECT")
+        _run(fill)
+        assert fill.error is None
+        assert calls[:2] == [0, CHUNK_SIZE] and all(c < CHUNK_SIZE * 2 for c in calls)  # buffered from window 1
+        assert bytes(res.segments[0].mm[:len(want)]) == want
+        assert _readiness(res) == [R] * 6 and res.filled == len(want)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sllmfs.core.errors import Corrupt
-from tests.support.sidecar import make_model, sidecar
+from tests.support.sidecar import make_model, sidecar, wait_log
 
 # Past the page cache: 12 KiB reads within 4 MiB pieces (the Python reads), or the native queued reads
 # (512 KiB, 4 in flight, a window per call) within 8 MiB pieces; tensors of 100,096 bytes leave every
@@ -21,12 +21,15 @@ SHAPES = {"python-12KiB": ("--fill-direct", "--fill-read-size", "12KiB", "--chun
 @pytest.mark.parametrize("shape", SHAPES)
 def test_direct_small_reads_fill_the_same_bytes(tmp_path: Path, shape: str) -> None:
     with sidecar(tmp_path, *SHAPES[shape]) as sd, sd.connect() as c:
-        want = make_model(sd.store, "org/m", tensors=40, nbytes=100_096, seed=3)
+        # 160 tensors of 100,096 bytes: 16 MB, four windows and two pieces past the first
+        want = make_model(sd.store, "org/m", tensors=160, nbytes=100_096, seed=3)
         sizes = [p.stat().st_size for p in (sd.store / "models").rglob("*.safetensors")]
-        assert any(n % 4096 for n in sizes)
+        assert any(n % 4096 for n in sizes) and max(sizes) > 3 * (4 << 20)
         with c.acquire("org/m") as lease:
             got = {k: v.tobytes() for k, v in lease.numpy().items()}
         assert got == want
+        wait_log(sd, "filled model=org/m")
+        assert f"direct_native={shape == 'native-queued'}" in sd.log()
 
 
 @pytest.mark.parametrize("where", ["tail", "block"])

@@ -106,3 +106,29 @@ def test_direct_reads_are_refused_off_the_block() -> None:
     buf = memoryview(bytearray(8192))[1:4097]  # not 4 KiB-aligned
     with pytest.raises(ValueError, match="4 KiB-aligned"):
         hashed_read.read_direct(0, 0, buf, 0, 1)
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_direct_windows_at_any_aligned_offset_and_past_the_end(tmp_path: Path, depth: int) -> None:
+    assert hashed_read.read_direct is not None
+    data = os.urandom(21 * MIB + 999)
+    (tmp_path / "f").write_bytes(data)
+    try:
+        fd_direct = os.open(tmp_path / "f", os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with mmap.mmap(-1, 4 * MIB) as m:
+            for at in (4 * MIB, 8 * MIB, 20 * MIB):  # the last window runs past the file's end
+                dst = memoryview(m)
+                got = hashed_read.read_direct(fd_direct, fd, dst, at, depth)
+                want = data[at:at + 4 * MIB]
+                assert got == hashed_read.Hashed(len(want), _hex(want), 0)
+                assert bytes(dst[:len(want)]) == want
+                dst.release()
+            with pytest.raises(ValueError, match="4 KiB-aligned"):
+                hashed_read.read_direct(fd_direct, fd, memoryview(m), 4097, depth)
+    finally:
+        os.close(fd)
+        os.close(fd_direct)
