@@ -53,7 +53,8 @@ class Side:
     def __init__(self, tree: Path, store: Path, work: Path, tag: str, extra: list[str]):
         self.sock, self.mnt, self.log = work / f"{tag}.sock", work / f"mnt-{tag}", work / f"sidecar-{tag}.log"
         self.mnt.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        # the tree first, the rest kept (on the GPU machine trio and pyfuse3 come in through PYTHONPATH)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(tree), os.environ.get("PYTHONPATH")) if x)}
         self.cmd = [sys.executable, "-m", "sllmfs"]
         self.env = env
         self.proc = subprocess.Popen([*self.cmd, "start", "--storage-path", str(store), "--socket", str(self.sock),

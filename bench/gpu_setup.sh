@@ -1,7 +1,5 @@
 # Source on the GPU machine from the repo root: sets up SGLang, FUSE and sllmfs there.
 #   source bench/gpu_setup.sh [HUGEPAGES]     (HUGEPAGES: 2 MiB pages to reserve, default 8192 = 16 GiB)
-# NO_SGLANG=1 leaves the SGLang site out, and with it trio: enough for the copy engine's benches, not for
-# anything that starts the sidecar (a call lost to that on 2026-12-03: "No module named 'trio'").
 # The machine has no package registry: SGLang and FUSE come from the carried .gpu/ folder
 # (../shared/gpu/README.md), our native extension is compiled here, our other deps are in its image.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
