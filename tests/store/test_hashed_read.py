@@ -3,9 +3,11 @@ stops where the page cache or the file runs out, and names the error that stoppe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,22 @@ def test_a_read_only_buffer_is_refused() -> None:
         hashed_read.read(0, memoryview(b"abc"), 0, 4096, 0)
 
 
+@contextlib.contextmanager
+def _both_opens(path: Path, data: bytes) -> Iterator[tuple[int, int]]:
+    """``data`` written to ``path``, opened O_DIRECT and buffered (skips where the filesystem refuses O_DIRECT)."""
+    path.write_bytes(data)
+    try:
+        fd_direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd_direct, fd
+    finally:
+        os.close(fd)
+        os.close(fd_direct)
+
+
 @pytest.mark.parametrize("depth", [1, 4])
 @pytest.mark.parametrize("size", [4 * MIB, 3 * MIB + 5000, 4096 + 7], ids=["whole", "unaligned-tail", "tiny"])
 def test_direct_window_reads_land_the_bytes_and_never_past_the_buffer(tmp_path: Path, depth: int, size: int) -> None:
@@ -80,13 +98,8 @@ def test_direct_window_reads_land_the_bytes_and_never_past_the_buffer(tmp_path: 
     buffered, so the buffer (exactly the window, as the tier's exact-size segments are) is never overrun."""
     assert hashed_read.read_direct is not None and hashed_read.DIRECT_STEP == 512 << 10
     data = os.urandom(size)
-    (tmp_path / "f").write_bytes(data)
-    try:
-        fd_direct = os.open(tmp_path / "f", os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:  # the window at the start of a mapping: past its end, its last page's rest and a guard page
+    # the window at the start of a mapping: past its end, its last page's rest and a guard page
+    with _both_opens(tmp_path / "f", data) as (fd_direct, fd):
         room = (size + 4095) // 4096 * 4096
         with mmap.mmap(-1, room + 4096) as m:
             m[room:] = b"\xee" * 4096
@@ -96,9 +109,6 @@ def test_direct_window_reads_land_the_bytes_and_never_past_the_buffer(tmp_path: 
             assert bytes(dst) == data and m[room:] == b"\xee" * 4096
             assert m[size:room] == bytes(room - size)  # nothing landed past the window in its last page
             dst.release()
-    finally:
-        os.close(fd)
-        os.close(fd_direct)
 
 
 def test_direct_reads_are_refused_off_the_block() -> None:
@@ -112,13 +122,7 @@ def test_direct_reads_are_refused_off_the_block() -> None:
 def test_direct_windows_at_any_aligned_offset_and_past_the_end(tmp_path: Path, depth: int) -> None:
     assert hashed_read.read_direct is not None
     data = os.urandom(21 * MIB + 999)
-    (tmp_path / "f").write_bytes(data)
-    try:
-        fd_direct = os.open(tmp_path / "f", os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        pytest.skip(f"this filesystem refuses O_DIRECT ({e})")
-    fd = os.open(tmp_path / "f", os.O_RDONLY)
-    try:
+    with _both_opens(tmp_path / "f", data) as (fd_direct, fd):
         with mmap.mmap(-1, 4 * MIB) as m:
             for at in (4 * MIB, 8 * MIB, 20 * MIB):  # the last window runs past the file's end
                 dst = memoryview(m)
@@ -129,6 +133,3 @@ def test_direct_windows_at_any_aligned_offset_and_past_the_end(tmp_path: Path, d
                 dst.release()
             with pytest.raises(ValueError, match="4 KiB-aligned"):
                 hashed_read.read_direct(fd_direct, fd, memoryview(m), 4097, depth)
-    finally:
-        os.close(fd)
-        os.close(fd_direct)
