@@ -16,9 +16,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from limits import write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +52,8 @@ def main() -> int:
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    files = args.files or sorted(RESULTS.glob("coldstart-pairs-*.json"))
+    files = args.files or sorted(f for f in RESULTS.glob("coldstart-pairs-*.json")
+                                 if not f.name.startswith("coldstart-pairs-summary-"))  # this script's own
     rows = []
     for f in files:
         for d, m in pairs_of(f):
@@ -68,12 +72,11 @@ def main() -> int:
           f"{med['engine_s']:+.2f} s, scheduler's clock {med['scheduler_s']:+.2f} s; goal >= {need:.2f} s "
           f"(default load - 0.3): {med['launch_s'] / need:.2f}x / {med['engine_s'] / need:.2f}x / "
           f"{med['scheduler_s'] / need:.2f}x")
-    out = {"command": " ".join(["python3", *sys.argv]), "files": [f.name for f in files], "pairs": rows,
-           "goal_sooner_s": need, "median_sooner_s": med, "vs_goal": {k: v / need for k, v in med.items()}}
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"coldstart-pairs-summary-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json").write_text(
-            json.dumps(out, indent=1) + "\n")
+        write_result(args.out, "coldstart-pairs-summary", {f"sooner on the {k[:-2]} clock / goal": v / need
+                                                           for k, v in med.items()},
+                     {"files": [f.name for f in files], "pairs": rows, "goal_sooner_s": need,
+                      "median_sooner_s": med})
     return 0
 
 

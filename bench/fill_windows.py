@@ -15,7 +15,6 @@ own `filled` line (its rate and first_ready_s). Needs root (drop_caches) and FUS
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -29,54 +28,32 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_mount_direct import build  # noqa: E402
+from limits import drop_caches, measured, read_files, start_sidecar, stop, write_result  # noqa: E402
 
-READ = 16 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def read_all(paths: list[Path]) -> float:
-    """GB/s of reading ``paths`` in order, 16 MiB at a time (cat's shape, one reader)."""
-    total, t0 = 0, time.perf_counter()
-    buf = bytearray(READ)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while (n := f.readinto(buf)):
-                total += n
-    return total / (time.perf_counter() - t0) / 1e9
+READ = 16 << 20  # cat's shape: one reader, in order
 
 
 class Side:
+    """A sidecar with its mount, started from ``tree`` with ``extra`` options."""
+
     def __init__(self, tree: Path, store: Path, work: Path, tag: str, extra: list[str]):
         self.sock, self.mnt, self.log = work / f"{tag}.sock", work / f"mnt-{tag}", work / f"sidecar-{tag}.log"
-        self.mnt.mkdir(parents=True, exist_ok=True)
         # the tree first, the rest kept (on the GPU machine trio and pyfuse3 come in through PYTHONPATH)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(tree), os.environ.get("PYTHONPATH")) if x)}
-        self.cmd = [sys.executable, "-m", "sllmfs"]
-        self.env = env
-        self.proc = subprocess.Popen([*self.cmd, "start", "--storage-path", str(store), "--socket", str(self.sock),
-                                      "--mount", str(self.mnt), "--mem-pool-size", "8GB", *extra], env=env,
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not (self.mnt / ".sllmfs.json").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"fill_windows: the sidecar ({tag}) did not come up:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        self.env = {**os.environ,
+                    "PYTHONPATH": os.pathsep.join(x for x in (str(tree), os.environ.get("PYTHONPATH")) if x)}
+        self.proc = start_sidecar(store, self.sock, self.log, ["--mount", str(self.mnt), "--mem-pool-size", "8GB",
+                                                               *extra], env=self.env)
+        self.seen = 0
+
+    def _cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "sllmfs", *args, "--socket", str(self.sock)], env=self.env,
+                              capture_output=True, text=True, timeout=60).stdout
 
     def evict(self, model: str) -> None:
-        subprocess.run([*self.cmd, "evict", "--model", model, "--socket", str(self.sock)], env=self.env,
-                       capture_output=True, timeout=60)
+        self._cli("evict", "--model", model)
         deadline = time.monotonic() + 30  # the mount's backings of the evicted copy go too
-        while '"mount_files": 0' not in self._status() and time.monotonic() < deadline:
+        while '"mount_files": 0' not in self._cli("status", "--json") and time.monotonic() < deadline:
             time.sleep(0.2)
-
-    def _status(self) -> str:
-        p = subprocess.run([*self.cmd, "status", "--json", "--socket", str(self.sock)], env=self.env,
-                           capture_output=True, text=True, timeout=60)
-        return p.stdout
 
     def last_fill(self) -> dict[str, float]:
         deadline = time.monotonic() + 60
@@ -90,11 +67,8 @@ class Side:
             time.sleep(0.2)
         raise SystemExit(f"fill_windows: no fill finished in {self.log}")
 
-    seen = 0
-
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        stop(self.proc)
 
 
 def main() -> int:
@@ -116,15 +90,16 @@ def main() -> int:
     got: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     disk: list[float] = []
     for r in range(args.rounds):
-        drop_caches()
-        disk.append(read_all(stored))  # the limit, each round
+        if not drop_caches():
+            raise SystemExit("fill_windows: cannot drop the page cache (needs root)")
+        disk.append(measured("the disk's read", read_files(stored, 1, READ, direct=False)))  # the limit, each round
         for tag in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
             side = Side(trees[tag][0], store, args.work, tag, trees[tag][1])
             try:
                 side.evict(model)
                 drop_caches()
                 files = sorted((side.mnt / model).glob("*.safetensors"))
-                gbps = read_all(files)
+                gbps = read_files(files, 1, READ, direct=False)
                 row = {"mount_gbps": gbps, **side.last_fill()}
             finally:
                 side.stop()
@@ -133,17 +108,17 @@ def main() -> int:
                   f"GB/s, first window {row['first_ready_s']:.3f} s; disk {disk[-1]:.2f} GB/s", flush=True)
     limit = statistics.median(disk)
     summary = {tag: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for tag, rows in got.items()}
-    for tag, med in summary.items():
-        print(f"{tag:<6} through the mount / the disk: {med['mount_gbps'] / limit:.2f}x "
-              f"({med['mount_gbps']:.2f} / {limit:.2f} GB/s), fill {med['fill_gbps']:.2f} GB/s, "
-              f"first window {med['first_ready_s']:.3f} s")
-    out = {"command": " ".join(["python3", *sys.argv]), "bytes": sum(p.stat().st_size for p in stored),
-           "disk_gbps": disk, "rounds": got, "median": summary,
-           "trees": {k: [str(t), a] for k, (t, a) in trees.items()}}
+    ratios = {f"{tag} through the mount / the disk ({med['mount_gbps']:.2f} / {limit:.2f} GB/s)":
+              med["mount_gbps"] / limit for tag, med in summary.items()}
+    if "other" in summary:
+        ratios["other's fill / this one's"] = summary["other"]["fill_gbps"] / summary["this"]["fill_gbps"]
+    record = {"bytes": sum(p.stat().st_size for p in stored), "disk_gbps": disk, "rounds": got, "median": summary,
+              "trees": {k: [str(t), a] for k, (t, a) in trees.items()}}
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"fill-windows-vm-{time.strftime('%Y%m%d-%H%M', time.gmtime())}.json").write_text(
-            json.dumps(out, indent=1) + "\n")
+        write_result(args.out, "fill-windows", ratios, record)
+    else:
+        for k, v in ratios.items():
+            print(f"{k}  {v:.2f}x")
     return 0
 
 

@@ -176,9 +176,11 @@ def timed_threads(worker: Callable[[], None], threads: int) -> float:
 
 
 def start_sidecar(store: Path, sock: Path, log: Path, extra_args: list[str] | tuple[str, ...] = (),
-                  timeout: float = 120.0, program: tuple[str, ...] = ("-m", "sllmfs")) -> subprocess.Popen[bytes]:
+                  timeout: float = 120.0, program: tuple[str, ...] = ("-m", "sllmfs"),
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`sllmfs start` in the background; returns once its socket (and its mount, with --mount) is up.
-    ``program``: what python runs instead of `-m sllmfs` (a bench's variant of the daemon)."""
+    ``program``: what python runs instead of `-m sllmfs` (a bench's variant of the daemon); ``env``: its
+    environment (default: this process's)."""
     extra = list(extra_args)
     mount = Path(extra[extra.index("--mount") + 1]) if "--mount" in extra else None
     if mount is not None:
@@ -186,7 +188,7 @@ def start_sidecar(store: Path, sock: Path, log: Path, extra_args: list[str] | tu
     _remove_stale_socket(sock)
     with open(log, "w") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, *program, "start", "--storage-path", str(store),
-                                 "--socket", str(sock), *extra], stdout=out, stderr=subprocess.STDOUT)
+                                 "--socket", str(sock), *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     # the mount's marker file shows once the FUSE view answers, which is after the socket listens
     while not (sock.exists() and (mount is None or (mount / ".sllmfs.json").exists())):
