@@ -36,12 +36,12 @@ READ = 16 << 20  # cat's shape: one reader, in order
 class Side:
     """A sidecar with its mount, started from ``tree`` with ``extra`` options."""
 
-    def __init__(self, tree: Path, store: Path, work: Path, tag: str, extra: list[str]):
+    def __init__(self, tree: Path, store: Path, work: Path, tag: str, extra: list[str], pool: int):
         self.sock, self.mnt, self.log = work / f"{tag}.sock", work / f"mnt-{tag}", work / f"sidecar-{tag}.log"
         # the tree first, the rest kept (on the GPU machine trio and pyfuse3 come in through PYTHONPATH)
         self.env = {**os.environ,
                     "PYTHONPATH": os.pathsep.join(x for x in (str(tree), os.environ.get("PYTHONPATH")) if x)}
-        self.proc = start_sidecar(store, self.sock, self.log, ["--mount", str(self.mnt), "--mem-pool-size", "8GB",
+        self.proc = start_sidecar(store, self.sock, self.log, ["--mount", str(self.mnt), "--mem-pool-size", str(pool),
                                                                *extra], env=self.env)
         self.seen = 0
 
@@ -65,7 +65,8 @@ class Side:
                 s, r, f = m[-1]
                 return {"fill_s": float(s), "fill_gbps": float(r), "first_ready_s": float(f)}
             time.sleep(0.2)
-        raise SystemExit(f"fill_windows: no fill finished in {self.log}")
+        tail = "".join(self.log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"fill_windows: no fill finished in {self.log}; its last lines:\n{tail}")
 
     def stop(self) -> None:
         stop(self.proc)
@@ -87,6 +88,7 @@ def main() -> int:
     if args.other or args.other_args:
         trees["other"] = (args.other or HERE.parent, args.other_args.split())
     stored = sorted((store / "models").rglob("*.safetensors"))
+    pool = 2 * sum(p.stat().st_size for p in stored) + (1 << 30)  # the model is resident with room to spare
     got: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
     disk: list[float] = []
     for r in range(args.rounds):
@@ -94,7 +96,7 @@ def main() -> int:
             raise SystemExit("fill_windows: cannot drop the page cache (needs root)")
         disk.append(measured("the disk's read", read_files(stored, 1, READ, direct=False)))  # the limit, each round
         for tag in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-            side = Side(trees[tag][0], store, args.work, tag, trees[tag][1])
+            side = Side(trees[tag][0], store, args.work, tag, trees[tag][1], pool)
             try:
                 side.evict(model)
                 drop_caches()
