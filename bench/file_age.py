@@ -13,7 +13,6 @@ store, the order the files were written in is.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -27,19 +26,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from gpu_first_cold import fastsafetensors_reader  # noqa: E402
-from limits import cold_rounds, read_files, write_result  # noqa: E402
+from limits import cold_read_args, cold_rounds, read_files, write_result  # noqa: E402
 from llama_shapes import saved_checkpoint  # noqa: E402
 
 MODEL = "bench/file-age"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sllmfs-file-age"))
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap = cold_read_args(__doc__, "/tmp/sllmfs-file-age", layers=32, reps=3)
     args = ap.parse_args()
     src, store = saved_checkpoint(args.workdir, MODEL, args.layers)
     copy = args.workdir / "copy"

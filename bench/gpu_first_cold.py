@@ -24,7 +24,6 @@ row), every stored partition of the model:
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from limits import cold_rounds, drop_caches, read_files, write_result  # noqa: E402
+from limits import cold_read_args, cold_rounds, drop_caches, read_files, write_result  # noqa: E402
 
 MODEL = "bench/gpu-first-cold"
 
@@ -78,13 +77,8 @@ def fastsafetensors_reader(folder: Path, device: str, total: int) -> Callable[[]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sllmfs-gpu-first-cold"))
-    ap.add_argument("--layers", type=int, default=8)
+    ap = cold_read_args(__doc__, "/tmp/sllmfs-gpu-first-cold", layers=8, reps=2)
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 4))
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     from llama_shapes import stored_hf
 

@@ -6,6 +6,7 @@ bandwidth, dropping the page cache, running a command, and starting/stopping `sl
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -45,6 +46,17 @@ def measured(what: str, gbps: float) -> float:
         raise SystemExit(f"bench: could not measure {what} (got {gbps!r}); not reporting ratios against it")
     return gbps
 
+
+
+def cold_read_args(doc: str, workdir: str, layers: int, reps: int) -> argparse.ArgumentParser:
+    """The options every cold-read bench of one stored model shares (its own added after)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path(workdir))
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return ap
 
 def drop_caches() -> bool:
     try:

@@ -16,7 +16,6 @@ reads the stored files of a model, page cache dropped before each, order rotatin
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from gpu_first_cold import fastsafetensors_reader  # noqa: E402
-from limits import cold_rounds, write_result  # noqa: E402
+from limits import cold_read_args, cold_rounds, write_result  # noqa: E402
 
 MODEL = "bench/read-shape"
 KiB, MiB = 1 << 10, 1 << 20
@@ -47,12 +46,7 @@ def build() -> Path:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/sllmfs-read-shape"))
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap = cold_read_args(__doc__, "/tmp/sllmfs-read-shape", layers=16, reps=3)
     args = ap.parse_args()
     from llama_shapes import stored_hf
 
