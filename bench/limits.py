@@ -47,7 +47,6 @@ def measured(what: str, gbps: float) -> float:
     return gbps
 
 
-
 def cold_read_args(doc: str, workdir: str, layers: int, reps: int) -> argparse.ArgumentParser:
     """The options every cold-read bench of one stored model shares (its own added after)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -96,14 +95,15 @@ def write_result(out_dir: Path, name: str, ratios: dict[str, float], record: dic
     return dest
 
 
-def pinned_peak(gib: int = 4, reps: int = 5) -> float:
-    """Best-case H2D: a cudaHostAlloc buffer copied to the GPU, median of reps."""
+def pinned_peak(gib: int = 4, reps: int = 5, *, d2h: bool = False) -> float:
+    """Best-case H2D (``d2h``: the other way): a cudaHostAlloc buffer copied to the GPU, median of reps."""
     import torch
 
     n = gib << 30
-    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    src.fill_(7)
-    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    host.fill_(7)
+    gpu = torch.empty(n, dtype=torch.uint8, device="cuda")
+    src, dst = (gpu, host) if d2h else (host, gpu)
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
     times = []
@@ -114,7 +114,7 @@ def pinned_peak(gib: int = 4, reps: int = 5) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
-    return measured("the pinned H2D peak", n / sorted(times)[len(times) // 2] / 1e9)
+    return measured(f"the pinned {'D2H' if d2h else 'H2D'} peak", n / sorted(times)[len(times) // 2] / 1e9)
 
 
 # the buffered one last: callers expect the file in the page cache afterwards. 512 KiB is fastsafetensors'

@@ -47,11 +47,6 @@ def _log(variant: RankVariant) -> logging.Logger:
     return logging.getLogger(f"sllmfs.integrations.{variant.framework.name}")
 
 
-def snapshot(state: dict[str, Any]) -> dict[str, Any]:
-    """CPU copies of a (filtered) state dict: the only GPU work write-back does."""
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
-
-
 def _bytes(t: Any) -> memoryview:
     import torch
 
@@ -74,7 +69,7 @@ def hf_identity(storage_path: str | None, model: str) -> Identity | None:
 def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[str, Any], *,
                      replace: bool = False, metadata: dict[str, Any] | None = None,
                      base: Identity | None = None) -> Manifest | None:
-    """Write ``state`` (CPU tensors; consumed) as variant ``variant.key`` of ``model``.
+    """Write ``state`` (CPU tensors, e.g. snapshot's; consumed) as variant ``variant.key`` of ``model``.
 
     ``base``: the hf version the state was made from; if the model was replaced since (its hf
     identity differs), nothing is committed: that state belongs to weights no longer stored.

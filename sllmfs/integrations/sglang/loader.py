@@ -37,6 +37,7 @@ from sllmfs.core.names import HF_VARIANT
 from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.common import options, overlap, writeback
 from sllmfs.integrations.common.locate import Located
+from sllmfs.integrations.common.snapshot import snapshot
 from sllmfs.integrations.common.source import Lease, WeightSource, weights_as_filled
 from sllmfs.integrations.common.state import rank_state
 from sllmfs.integrations.common.variants import layout_problem
@@ -187,7 +188,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
         metadata = {overlap.PLAN_KEY: overlap.make_plan(self._candidates, model, state)} if self._candidates else None
         self._candidates = None  # holds the build's tensors
         wb = writeback.WriteBack(located.storage_path, located.model, want,
-                                 writeback.snapshot(state),  # GPU → host now, before SGLang goes on
+                                 snapshot(state),  # GPU → host now, before SGLang goes on
                                  replace=replace, metadata=metadata, base=self._base,
                                  socket=None if self.extra.get("sllm_storage_path") else located.socket)
         self.write_back = wb

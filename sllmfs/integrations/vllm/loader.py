@@ -30,6 +30,7 @@ from sllmfs.engine.copy_engine import CopyError
 from sllmfs.integrations.common import options, variants, writeback
 from sllmfs.integrations.common.copy import copy_into
 from sllmfs.integrations.common.locate import Located
+from sllmfs.integrations.common.snapshot import snapshot
 from sllmfs.integrations.common.source import weights_as_filled
 from sllmfs.integrations.common.state import rank_state, state_problem
 from sllmfs.integrations.common.variants import RankVariant, layout_problem
@@ -182,7 +183,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
     def _write_back(self, located: Located, want: RankVariant, model: nn.Module, replace: bool,
                     base: Identity | None) -> None:
         wb = writeback.WriteBack(located.storage_path, located.model, want,
-                                 writeback.snapshot(rank_state(model)),  # device → host now, before vLLM goes on
+                                 snapshot(rank_state(model)),  # device → host now, before vLLM goes on
                                  replace=replace, base=base,
                                  socket=None if self.extra.get("sllm_storage_path") else located.socket)
         self.write_back = wb

@@ -13,6 +13,7 @@ from sllmfs.core import names
 from sllmfs.core.errors import BadInput, FormatVersionError, NotFound
 from sllmfs.integrations.common import writeback
 from sllmfs.integrations.common.locate import locate
+from sllmfs.integrations.common.snapshot import snapshot
 from sllmfs.integrations.common.source import StoreSource
 from sllmfs.integrations.sglang import variants
 from sllmfs.protocol.marker import MARKER_NAME
@@ -144,7 +145,7 @@ def test_write_rank_state_round_trip(stored_llama: Store) -> None:
     v = variants.make(tp_size=2, tp_rank=1, dtype="bfloat16", quant="fp8", sglang_version="0.5.17")
     state = _rank_state()
     expected = {k: t.clone() for k, t in state.items()}
-    m = writeback.write_rank_state(stored_llama, "org/llama", v, writeback.snapshot(state))
+    m = writeback.write_rank_state(stored_llama, "org/llama", v, snapshot(state))
     assert m is not None and m.variant == v.key
     info = stored_llama.get("org/llama")
     assert v.key in info.variants and "hf" in info.variants

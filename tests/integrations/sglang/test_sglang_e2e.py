@@ -110,6 +110,7 @@ def store_other_release(store: Any, config: Any, model_config: Any, release: str
     import dataclasses
 
     from sllmfs.integrations.common import writeback
+    from sllmfs.integrations.common.snapshot import snapshot
     from sllmfs.integrations.common.state import rank_state
     from sllmfs.integrations.sglang.loader import current_variant
 
@@ -117,7 +118,7 @@ def store_other_release(store: Any, config: Any, model_config: Any, release: str
         model = SllmTinyForCausalLM(config).to(model_config.dtype)
     other = dataclasses.replace(current_variant(model_config), version=release)
     zeros = {name: torch.zeros_like(t) for name, t in rank_state(model).items()}
-    writeback.write_rank_state(store, "org/tiny", other, writeback.snapshot(zeros))
+    writeback.write_rank_state(store, "org/tiny", other, snapshot(zeros))
     return other.key
 
 

@@ -29,6 +29,7 @@ from sllmfs.core.errors import BadInput, Corrupt, NotFound  # noqa: E402
 from sllmfs.integrations.common import writeback  # noqa: E402
 from sllmfs.integrations.common.copy import copy_into  # noqa: E402
 from sllmfs.integrations.common.locate import Located  # noqa: E402
+from sllmfs.integrations.common.snapshot import snapshot  # noqa: E402
 from sllmfs.integrations.common.source import StoreSource  # noqa: E402
 from sllmfs.integrations.sglang import variants  # noqa: E402
 from sllmfs.integrations.sglang.loader import SllmModelLoader, load_any_tp, rank_state  # noqa: E402
@@ -170,7 +171,7 @@ def test_background_write_back(store: Store) -> None:
 
 
 def _store_rank_state(store: Store, want: variants.RankVariant, state: dict[str, torch.Tensor]) -> None:
-    writeback.write_rank_state(store, MODEL, want, writeback.snapshot(state), replace=True)
+    writeback.write_rank_state(store, MODEL, want, snapshot(state), replace=True)
 
 
 def test_variant_for_another_layout_falls_back(store: Store, caplog: pytest.LogCaptureFixture) -> None:
@@ -180,7 +181,7 @@ def test_variant_for_another_layout_falls_back(store: Store, caplog: pytest.LogC
         load_any_tp(m, lease, CPU)
     state = rank_state(m)
     # stored under this process's key but recorded for another layout (e.g. copied by hand)
-    writeback.write_rank_state(store, MODEL, other, writeback.snapshot(state))
+    writeback.write_rank_state(store, MODEL, other, snapshot(state))
     vdir = store.get(MODEL).variant_dir(other.key)
     os.rename(vdir, vdir.with_name(WANT.key))
     model, replace = _loader(store)._fast_path(_source(store), WANT, new_model, CPU)

@@ -24,6 +24,7 @@ require_sglang()
 
 from sllmfs.integrations.common import overlap, writeback  # noqa: E402
 from sllmfs.integrations.common.locate import Located  # noqa: E402
+from sllmfs.integrations.common.snapshot import snapshot  # noqa: E402
 from sllmfs.integrations.common.source import StoreSource  # noqa: E402
 from sllmfs.integrations.sglang import variants  # noqa: E402
 from sllmfs.integrations.sglang.fastpath import AFTER, BESIDE, rank_state  # noqa: E402
@@ -193,7 +194,7 @@ def test_variant_without_plan_copies_after_the_build(store: Store) -> None:
     m = PlannedLM()
     with _source(store).open("hf") as lease:
         load_any_tp(m, lease, CPU)
-    writeback.write_rank_state(store, MODEL, WANT, writeback.snapshot(rank_state(m)))  # an older sllmfs
+    writeback.write_rank_state(store, MODEL, WANT, snapshot(rank_state(m)))  # an older sllmfs
     loader = _loader()
     model, _ = loader._fast_path(_source(store), WANT, PlannedLM, CPU)
     assert model is not None and loader.copy_ran == AFTER

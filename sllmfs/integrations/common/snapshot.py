@@ -1,0 +1,87 @@
+"""A rank's state copied off the GPU for write-back: the first start's load phase waits for it.
+
+A ``.to("cpu")`` per tensor faults in fresh 4 KiB pages, one thread, while the driver stages each copy
+through its own buffer: on the H200 the sync write-back's log put ~10 s between the end of the hf reads
+and the first byte written for 13.48 GB (bench/results/coldstart-logs-h200-20261203-1403), five times the
+default loader's whole load. Instead: one host buffer for the whole state, 2 MiB pages asked for, faulted
+in by several threads at once (the kernel zeroes each page in the thread that touches it), registered with
+CUDA so that each tensor's copy runs at the link's speed, and unregistered once the copies are done (the
+writer needs ordinary memory only). bench/snapshot_d2h.py measures it against the per-tensor copy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+ALIGN = 256  # each tensor's bytes start here: every dtype's view of its slice is aligned
+PAGE = 4096
+FAULT_THREADS = 16
+
+
+def _host_buffer(size: int, threads: int) -> np.ndarray:
+    """``size`` bytes of private anonymous memory, every page faulted in (by ``threads`` threads)."""
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)  # where THP is `madvise`: 512x fewer faults
+        except OSError:
+            pass
+    buf = np.frombuffer(mm, dtype=np.uint8)  # holds the mapping for as long as a view of it lives
+    parts = max(1, min(threads, size // (64 << 20)))
+    step = -(-size // parts)
+
+    def touch(k: int) -> None:
+        buf[k * step:(k + 1) * step:PAGE] = 0  # numpy lets go of the GIL here: the faults run in parallel
+
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(touch, range(parts)))
+    return buf
+
+
+def _register(buf: np.ndarray) -> bool:
+    import torch
+
+    cudart = torch.cuda.cudart()
+    portable = 1  # cudaHostRegisterPortable: pinned for every device's context, whichever GPU holds the state
+    return int(cudart.cudaHostRegister(buf.ctypes.data, buf.nbytes, portable)) == 0
+
+
+def _unregister(buf: np.ndarray) -> None:
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
+
+
+def snapshot(state: dict[str, Any], *, pin: bool = True, threads: int = FAULT_THREADS) -> dict[str, Any]:
+    """CPU copies of a (filtered) state dict, in one buffer: the only GPU work write-back does.
+    ``pin``: register the buffer for the copies (they fall back to pageable copies where that fails)."""
+    import torch
+
+    places, total = [], 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        places.append((name, t, total, n))
+        total += -(-n // ALIGN) * ALIGN
+    if not total:
+        return {name: torch.empty(t.shape, dtype=t.dtype) for name, t in state.items()}
+    buf = _host_buffer(total, min(threads, os.cpu_count() or 1))
+    whole = torch.from_numpy(buf)
+    devices = {t.device for t in state.values() if t.is_cuda}
+    pinned = pin and bool(devices) and _register(buf)
+    out: dict[str, Any] = {}
+    try:
+        for name, t, off, n in places:
+            dst = whole[off:off + n].view(t.dtype).view(t.shape)
+            dst.copy_(t.detach(), non_blocking=pinned)  # pageable: each copy waits for itself
+            out[name] = dst
+    finally:
+        if pinned:
+            for d in devices:  # every copy landed (or failed) before the pages are let go
+                torch.cuda.synchronize(d)
+            _unregister(buf)
+    return out
