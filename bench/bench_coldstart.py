@@ -384,8 +384,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/sllmfs-coldstart")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--src", default=None, help="reuse a checkpoint folder")
-    ap.add_argument("--part", choices=["default", "sllm", "kernels", "pairs", "all"], default="all",
-                    help="kernels: fresh machines whose kernel caches come from the store, next to a warm one; "
+    ap.add_argument("--part", choices=["default", "sllm", "first", "kernels", "pairs", "all"], default="all",
+                    help="first: one sllm first start with the default (background) write-back, then the default "
+                         "loader; kernels: fresh machines whose kernel caches come from the store, next to a warm one; "
                          "pairs: warm-machine starts, default and sllm hit alternating (is sllm ready sooner?)")
     ap.add_argument("--pairs", type=int, default=3, help="--part pairs: default/sllm pairs after the first start")
     ap.add_argument("--with-mount-default", action="store_true",
@@ -437,6 +438,14 @@ def main() -> None:
             side.cli("evict", "--model", "bench/llama-7b")
             drop_caches()
             keep("sllm_cold_warm_machine", start("sllm cold (tier empty, no page cache)", view, "sllm", warm, logs))
+        finally:
+            side.stop()
+    if a.part == "first":  # a user's first start as they get it: write-back in the background (the default)
+        _, side, view = served(src, work, logs, "sidecar.log")
+        try:
+            keep("sllm_first_start_default_write_back", start("sllm first (any-TP, write-back default)", view,
+                                                              "sllm", work / "home-sllm", logs))
+            keep("default_warm_machine", start("default, warm machine", str(src), "auto", work / "home-sllm", logs))
         finally:
             side.stop()
     if a.part == "pairs":

@@ -11,12 +11,16 @@ writer needs ordinary memory only). bench/snapshot_d2h.py measures it against th
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("sllmfs.integrations.snapshot")
 
 ALIGN = 256  # each tensor's bytes start here: every dtype's view of its slice is aligned
 PAGE = 4096
@@ -69,7 +73,9 @@ def snapshot(state: dict[str, Any], *, pin: bool = True, threads: int = FAULT_TH
         total += -(-n // ALIGN) * ALIGN
     if not total:
         return {name: torch.empty(t.shape, dtype=t.dtype) for name, t in state.items()}
+    t0 = time.perf_counter()
     buf = _host_buffer(total, min(threads, os.cpu_count() or 1))
+    t_faulted = time.perf_counter()
     whole = torch.from_numpy(buf)
     devices = {t.device for t in state.values() if t.is_cuda}
     pinned = pin and bool(devices) and _register(buf)
@@ -84,4 +90,7 @@ def snapshot(state: dict[str, Any], *, pin: bool = True, threads: int = FAULT_TH
             for d in devices:  # every copy landed (or failed) before the pages are let go
                 torch.cuda.synchronize(d)
             _unregister(buf)
+    done = time.perf_counter()
+    log.info("sllmfs: copied the rank state off the GPU for write-back: %.2f GB in %.2f s (pages %.2f, copies %.2f, "
+             "%s)", total / 1e9, done - t0, t_faulted - t0, done - t_faulted, "pinned" if pinned else "pageable")
     return out
