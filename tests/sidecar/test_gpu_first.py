@@ -90,6 +90,25 @@ def test_a_held_fill_starts_for_a_reader_or_after_the_limit(tmp_path: Path, fake
                 assert "fill released model=org/b variant=hf (no GPU copy asked within 2 s)" in log
 
 
+def test_a_loader_reading_cpu_views_is_not_held(tmp_path: Path, fake_env: dict[str, str]) -> None:
+    """The frameworks' any-TP path reads the hf variant as CPU views: its lease says so (gpu_first=False) and
+    the fill starts at the acquire, beside the model's build; a lease the sidecar copies to a GPU is held."""
+    from sllmfs.integrations.common.source import SidecarSource, weights_as_filled
+
+    with sidecar(tmp_path, env=fake_env) as sd:
+        wait_log(sd, f"gpu copy engine ready device={GPU0}")
+        expected = make_model(sd.store, "org/cpu", tensors=3)
+        make_model(sd.store, "org/gpu", tensors=3, seed=1)
+        source = SidecarSource("org/cpu", str(sd.socket))
+        with source.open("hf", gpu_first=False) as lease:
+            assert "filled model=org/cpu" in wait_log(sd, "filled model=org/cpu")  # nobody asked for it
+            assert {n: t.numpy().tobytes() for n, t in weights_as_filled(lease)} == expected
+        with SidecarSource("org/gpu", str(sd.socket)).open("hf"):
+            assert "gpu first model=org/gpu" in wait_log(sd, "gpu first model=org/gpu")
+        log = sd.log()
+        assert "gpu first model=org/cpu" not in log and "fill released model=org/cpu" not in log
+
+
 @pytest.mark.parametrize("view", ["buffers", "tensors", "numpy"])
 def test_views_taken_without_waiting_ask_for_the_held_fill(tmp_path: Path, fake_env: dict[str, str],
                                                           view: str) -> None:

@@ -33,7 +33,8 @@ class Lease(Protocol):
 class WeightSource(Protocol):
     model: str
 
-    def open(self, variant: str) -> AbstractContextManager[Lease]: ...
+    # gpu_first: the sidecar will copy this lease to a GPU next (False: the loader reads CPU views)
+    def open(self, variant: str, *, gpu_first: bool = True) -> AbstractContextManager[Lease]: ...
 
 
 class SidecarSource:
@@ -57,14 +58,16 @@ class SidecarSource:
                 ) from None
         return self._client
 
-    def open(self, variant: str) -> AbstractContextManager[Lease]:
+    def open(self, variant: str, *, gpu_first: bool = True) -> AbstractContextManager[Lease]:
         # no wait here: the copy engine starts on the first chunks while the sidecar fills the rest;
         # tensors() waits for all of them (and raises Corrupt on a failed checksum)
         from sllmfs.client.transfer import sidecar_copies
 
-        # the frameworks load into GPU tensors: on a miss the sidecar copies from its files first
+        # a lease copied to the GPU: on a miss the sidecar copies from its files first and fills after.
+        # One read through CPU views (the any-TP path) says so: the fill starts at once, beside the model's
+        # build, instead of being held for a copy that never comes
         lease: AbstractContextManager[Lease] = self._connect().acquire(self.model, variant,
-                                                                        gpu_first=sidecar_copies())
+                                                                        gpu_first=gpu_first and sidecar_copies())
         return lease
 
 
@@ -147,7 +150,7 @@ class StoreSource:
         self.store = Store(storage_path, create=False, cleanup=False)
 
     @contextmanager
-    def open(self, variant: str) -> Iterator[Lease]:
+    def open(self, variant: str, *, gpu_first: bool = True) -> Iterator[Lease]:
         info = self.store.get(self.model)
         if variant not in info.variants:
             raise NotFound(f"model {self.model!r} has no variant {variant!r}")

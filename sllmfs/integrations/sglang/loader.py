@@ -169,7 +169,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
         # a start that writes back also logs the build's allocations, for the next start's overlap
         allocations = overlap.AllocationLog(target) if self.write_back_mode != writeback.OFF else None
         try:
-            with source.open(HF_VARIANT) as lease:
+            with source.open(HF_VARIANT, gpu_first=False) as lease:  # read as CPU views
                 with allocations or nullcontext():
                     model = new_model()
                 self._candidates = overlap.candidates(model, allocations) if allocations else None

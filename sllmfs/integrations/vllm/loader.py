@@ -103,7 +103,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
                            "--load-format sllm does not serve those yet, use the default loader")
         source = self.source_factory(self._locate(model_config))
         try:
-            with source.open(HF_VARIANT) as lease:
+            with source.open(HF_VARIANT, gpu_first=False) as lease:  # read as CPU views
                 loaded = model.load_weights(_hf_weights(lease))  # type: ignore[operator]  # vLLM models define it
         except NotFound:
             raise NotFound(f"model {source.model!r} has no hf variant in the sllmfs store; "

@@ -199,10 +199,10 @@ def test_variant_with_other_shapes_falls_back(store: Store, caplog: pytest.LogCa
 
 def test_corrupt_per_rank_variant_falls_back(store: Store) -> None:
     class Damaged(StoreSource):
-        def open(self, variant: str):  # type: ignore[no-untyped-def]
+        def open(self, variant: str, *, gpu_first: bool = True):  # type: ignore[no-untyped-def]
             if variant.startswith("sglang."):
                 raise Corrupt(f"checksum mismatch in {variant}")
-            return super().open(variant)
+            return super().open(variant, gpu_first=gpu_first)
 
     _store_rank_state(store, WANT, rank_state(_loader(store)._any_tp_path(_source(store), WANT, new_model, CPU)))
     model, replace = _loader(store)._fast_path(Damaged(MODEL, str(store.root)), WANT, new_model, CPU)
