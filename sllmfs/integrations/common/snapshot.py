@@ -48,11 +48,32 @@ def _host_buffer(size: int, threads: int) -> np.ndarray:
 
 
 def _register(buf: np.ndarray) -> bool:
+    """Pin ``buf`` for the copies; False where CUDA refuses (e.g. a memlock limit): the copies go pageable."""
     import torch
 
-    cudart = torch.cuda.cudart()
     portable = 1  # cudaHostRegisterPortable: pinned for every device's context, whichever GPU holds the state
-    return int(cudart.cudaHostRegister(buf.ctypes.data, buf.nbytes, portable)) == 0
+    try:
+        if int(torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, buf.nbytes, portable)) == 0:
+            return True
+    except (RuntimeError, AttributeError) as e:  # no runtime binding in this torch build
+        log.debug("sllmfs: cannot pin the write-back buffer (%s): pageable copies", e)
+        return False
+    _forget_last_error()
+    log.info("sllmfs: CUDA would not pin the write-back buffer (a memlock limit?): pageable copies")
+    return False
+
+
+def _forget_last_error() -> None:
+    """A refused registration stays the runtime's last error for this thread, which torch's next kernel-launch
+    check would report as its own: read it back (the runtime torch loaded, so the same error state)."""
+    import ctypes
+
+    from sllmfs.engine.cudart import torch_cudart
+
+    try:
+        ctypes.CDLL(torch_cudart()).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
 
 
 def _unregister(buf: np.ndarray) -> None:
