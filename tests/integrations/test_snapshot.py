@@ -59,3 +59,39 @@ def test_an_empty_state_and_one_of_empty_tensors():
     assert snapshot({}) == {}
     snap = snapshot({"a": torch.empty(0), "b": torch.empty(2, 0, dtype=torch.bfloat16)})
     assert snap["a"].shape == (0,) and snap["b"].shape == (2, 0) and snap["b"].dtype == torch.bfloat16
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU machine)")
+
+
+def _not_registered(t: torch.Tensor) -> bool:
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+    return cuda.cuMemHostUnregister(t.untyped_storage().data_ptr()) == 713  # CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED
+
+
+@needs_cuda
+def test_a_gpu_state_is_copied_pinned_and_the_pin_let_go():
+    state = {name: t.cuda() for name, t in _state().items()}
+    snap = snapshot(state)
+    for name, t in state.items():
+        assert snap[name].device.type == "cpu" and torch.equal(snap[name], t.cpu()), name
+    assert _not_registered(snap["big"])
+
+
+@needs_cuda
+def test_a_refused_pin_copies_pageable_and_leaves_no_error_behind(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture):
+    from sllmfs.integrations.common import snapshot as snap_mod
+
+    monkeypatch.setattr(snap_mod._Pin, "PORTABLE", 0x40000000)  # no such flag: the driver refuses it
+    state = {name: t.cuda() for name, t in _state().items()}
+    snap = snapshot(state)
+    assert "would not pin" in caplog.text and "pageable" in caplog.text
+    for name, t in state.items():
+        assert torch.equal(snap[name], t.cpu()), name
+    x = torch.ones(1 << 20, device="cuda").t().contiguous() * 2  # kernels launched after it are not blamed
+    torch.cuda.synchronize()
+    assert float(x.sum()) == 2 * (1 << 20)

@@ -90,10 +90,13 @@ def test_a_held_fill_starts_for_a_reader_or_after_the_limit(tmp_path: Path, fake
                 assert "fill released model=org/b variant=hf (no GPU copy asked within 2 s)" in log
 
 
-def test_a_loader_reading_cpu_views_is_not_held(tmp_path: Path, fake_env: dict[str, str]) -> None:
+def test_a_loader_reading_cpu_views_is_not_held(tmp_path: Path, fake_env: dict[str, str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The frameworks' any-TP path reads the hf variant as CPU views: its lease says so (gpu_first=False) and
     the fill starts at the acquire, beside the model's build; a lease the sidecar copies to a GPU is held."""
     from sllmfs.integrations.common.source import SidecarSource, weights_as_filled
+
+    monkeypatch.delenv("SLLMFS_GPU_COPY", raising=False)  # the sidecar copies to GPUs (its default)
 
     with sidecar(tmp_path, env=fake_env) as sd:
         wait_log(sd, f"gpu copy engine ready device={GPU0}")

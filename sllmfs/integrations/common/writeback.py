@@ -83,7 +83,7 @@ def write_rank_state(store: Any, model: str, variant: RankVariant, state: dict[s
         writer.metadata = {"kind": fw.state_kind, fw.name: variant.layout(), **(metadata or {})}
         try:
             for name in list(state):
-                t = state.pop(name)  # free host memory as we go
+                t = state.pop(name)  # a tensor of its own frees its memory here (snapshot's one buffer: after the last)
                 writer.add_bytes(name, dtypes.from_torch(t.dtype).code, list(t.shape), _bytes(t))
             manifest = writer.finish()
         except BaseException:

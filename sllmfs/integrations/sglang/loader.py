@@ -104,7 +104,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
 
     def download_model(self, model_config: ModelConfig) -> None:
         located = self._locate(model_config)
-        with self.source_factory(located).open(HF_VARIANT):
+        with self.source_factory(located).open(HF_VARIANT, gpu_first=False):
             pass  # present and resident: nothing to download
 
     # -- loading ----------------------------------------------------------------

@@ -92,7 +92,7 @@ class SllmModelLoader(BaseModelLoader, options.LoaderSettings):
         return options.located(self.extra, model_config.model)
 
     def download_model(self, model_config: ModelConfig) -> None:
-        with self.source_factory(self._locate(model_config)).open(HF_VARIANT):
+        with self.source_factory(self._locate(model_config)).open(HF_VARIANT, gpu_first=False):
             pass  # present and resident: nothing to download
 
     # -- any-TP path: vLLM calls this between building and post-processing the model --
