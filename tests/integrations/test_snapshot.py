@@ -4,6 +4,7 @@ one host buffer that outlives the call, whatever the dtype, shape or layout of t
 from __future__ import annotations
 
 import gc
+import logging
 
 import pytest
 
@@ -86,6 +87,7 @@ def test_a_refused_pin_copies_pageable_and_leaves_no_error_behind(monkeypatch: p
                                                                    caplog: pytest.LogCaptureFixture):
     from sllmfs.integrations.common import snapshot as snap_mod
 
+    caplog.set_level(logging.INFO, logger=snap_mod.log.name)
     monkeypatch.setattr(snap_mod._Pin, "PORTABLE", 0x40000000)  # no such flag: the driver refuses it
     state = {name: t.cuda() for name, t in _state().items()}
     snap = snapshot(state)
