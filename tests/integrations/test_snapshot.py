@@ -97,3 +97,18 @@ def test_a_refused_pin_copies_pageable_and_leaves_no_error_behind(monkeypatch: p
     x = torch.ones(1 << 20, device="cuda").t().contiguous() * 2  # kernels launched after it are not blamed
     torch.cuda.synchronize()
     assert float(x.sum()) == 2 * (1 << 20)
+
+
+def test_without_a_driver_nothing_is_pinned_and_nothing_to_release(caplog: pytest.LogCaptureFixture):
+    import ctypes.util
+
+    import numpy as np
+
+    from sllmfs.integrations.common.snapshot import _Pin
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this host has a CUDA driver")
+    caplog.set_level(logging.INFO, logger="sllmfs.integrations.snapshot")
+    pin = _Pin(np.zeros(1 << 16, dtype=np.uint8))
+    assert pin.done is False and "no driver API here" in caplog.text
+    pin.release()  # nothing registered: nothing to undo
