@@ -43,6 +43,16 @@ def pairs_of(path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     return out
 
 
+def interval(values: list[float], draws: int = 10000, level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval of the median (resampled with a fixed seed): how far the pairs so far pin it."""
+    import random
+
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    cut = int(draws * (1 - level) / 2)
+    return meds[cut], meds[draws - 1 - cut]
+
+
 def ready(r: dict[str, Any]) -> float:  # launch to engine ready (the first token minus its generate)
     return float(r["first_token_wall_s"]) - float(r["first_generate_s"])
 
@@ -68,6 +78,10 @@ def main() -> int:
     for r in rows:
         print(f"{r['run']:<48} sooner: launch {r['launch_s']:+6.2f} s  engine {r['engine_s']:+6.2f} s  "
               f"scheduler {r['scheduler_s']:+6.2f} s  load {r['load_default_s']:.2f} / {r['load_sllm_s']:.2f} s")
+    spread = {k: interval([r[k] for r in rows]) for k in med}
+    for k, (lo, hi) in spread.items():
+        print(f"  {k[:-2]:<9} clock: median {med[k]:+.2f} s, 90% bootstrap interval of the median {lo:+.2f} .. "
+              f"{hi:+.2f} s (goal {need:.2f} s{': inside it' if lo <= need <= hi else ''})")
     print(f"median of {len(rows)} pairs, sllm ready sooner: from launch {med['launch_s']:+.2f} s, engine "
           f"{med['engine_s']:+.2f} s, scheduler's clock {med['scheduler_s']:+.2f} s; goal >= {need:.2f} s "
           f"(default load - 0.3): {med['launch_s'] / need:.2f}x / {med['engine_s'] / need:.2f}x / "
@@ -76,7 +90,7 @@ def main() -> int:
         write_result(args.out, "coldstart-pairs-summary", {f"sooner on the {k[:-2]} clock / goal": v / need
                                                            for k, v in med.items()},
                      {"files": [f.name for f in files], "pairs": rows, "goal_sooner_s": need,
-                      "median_sooner_s": med})
+                      "median_sooner_s": med, "median_interval_90_s": spread})
     return 0
 
 
